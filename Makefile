@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test docs bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# torch is installed on its own, pinned, before anything that depends on it: that CPU build is local.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) install -q -e ".[docs]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m ppinfer.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 -q tests
+
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W -b html docs docs/_build/html
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_classic_pf.py --quick
+
+lint: $(VENV)/.installed-test
+	$(PY) -m ruff check ppinfer semantics models tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) docs/_build

@@ -1,0 +1,45 @@
+"""The ppinfer exception hierarchy.
+
+Every error that ppinfer raises on bad input is a :class:`PPInferError`, so ``except PPInferError``
+catches them all; each subclass also derives from the built-in type a Python user would expect
+(``ValueError`` for bad values, ``RuntimeError`` for inference that cannot proceed).
+"""
+
+from __future__ import annotations
+
+
+class PPInferError(Exception):
+    """Base class of every error raised by ppinfer."""
+
+
+class ConfigError(PPInferError, ValueError):
+    """An algorithm or function was given invalid settings (e.g. ``num_particles < 1``)."""
+
+
+class ModelError(PPInferError, ValueError):
+    """The program is ill-formed: invalid distribution parameters, shapes, or missing choices."""
+
+
+class DataError(PPInferError, ValueError):
+    """Data passed to a program is invalid (NaN, wrong shape or dtype)."""
+
+
+class EnumerationError(PPInferError, ValueError):
+    """Exact enumeration is impossible: a continuous choice, or too many branches."""
+
+
+class InferenceError(PPInferError, RuntimeError):
+    """Inference ran but could not produce a meaningful result."""
+
+
+class ZeroEvidenceError(InferenceError):
+    """Every particle has weight zero (log weight −inf): the observations or constraints are
+    impossible under every sampled execution."""
+
+
+class CheckpointError(PPInferError, ValueError):
+    """A model checkpoint folder is missing, corrupt, unsafe (pickle) or does not match its config."""
+
+
+class TokenizerError(PPInferError, ValueError):
+    """A tokenizer file is missing or invalid, or text cannot be encoded."""
