@@ -1,0 +1,232 @@
+"""Read Hugging Face checkpoint folders (``config.json`` + safetensors) into transformer params.
+
+Only safetensors are read, with a small parser of the format (an 8-byte header length, a JSON
+header, raw little-endian data) so that bf16 works without torch and every malformed file gets a
+:class:`CheckpointError` naming it. Pickle-based ``.bin``/``.pt`` files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ppinfer.errors import CheckpointError
+from ppinfer.lm.config import TransformerConfig, config_from_hf
+from ppinfer.lm.transformer import Params
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
+    """The :class:`TransformerConfig` and the raw dict of ``path/config.json``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        hf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON: {error}") from None
+    return config_from_hf(hf), hf
+
+
+def load_params(path: str | Path, config: TransformerConfig, dtype=jnp.float32) -> Params:
+    """Read every safetensors file of ``path`` into the params pytree of ``config``, cast to dtype.
+
+    Raises :class:`CheckpointError` for missing/truncated files, missing tensors and wrong shapes.
+    """
+    tensors = read_safetensors_folder(Path(path))
+    strip = _prefix_stripper(tensors)
+    named = {strip(name): array for name, array in tensors.items()}
+    build = _gpt2_params if config.arch == "gpt2" else _llama_params
+    params = build(config, _Getter(named, path))
+    return _cast(params, dtype)
+
+
+def read_safetensors_folder(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of the folder's ``model.safetensors`` or of the shards its index lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{path} only has pickle weights ({', '.join(pickles)}); ppinfer never unpickles "
+                "(it can run arbitrary code). Convert them to safetensors, e.g. "
+                "model.save_pretrained(folder, safe_serialization=True) in transformers."
+            )
+        raise CheckpointError(f"{path} has no *.safetensors weights")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"safetensors shard {file} listed in the index is missing")
+        tensors.update(read_safetensors(file))
+    return tensors
+
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file, as (memory-mapped) numpy arrays."""
+    data = np.memmap(file, dtype=np.uint8, mode="r") if file.stat().st_size else np.zeros(0)
+    if data.size < 8:
+        raise CheckpointError(f"{file} is truncated: no safetensors header")
+    (header_size,) = struct.unpack("<Q", data[:8].tobytes())
+    if 8 + header_size > data.size:
+        raise CheckpointError(f"{file} is truncated: header of {header_size} bytes does not fit")
+    try:
+        header = json.loads(data[8 : 8 + header_size].tobytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file} has a corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    body = data[8 + header_size :]
+    return {name: _tensor(file, name, entry, body) for name, entry in header.items()}
+
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _tensor(file: Path, name: str, entry: dict, body: np.ndarray) -> np.ndarray:
+    try:
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        shape = tuple(entry["shape"])
+        start, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{file}: bad header entry for tensor {name!r}") from None
+    if end > body.size:
+        raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of file")
+    if end - start != dtype.itemsize * int(np.prod(shape)):
+        raise CheckpointError(f"{file}: tensor {name!r} byte size does not match shape {shape}")
+    return body[start:end].view(dtype).reshape(shape)
+
+
+def _prefix_stripper(tensors: dict[str, np.ndarray]) -> Callable[[str], str]:
+    # Hub checkpoints name GPT-2 tensors with or without the "transformer." prefix.
+    if any(name.startswith("transformer.") for name in tensors):
+        return lambda name: name.removeprefix("transformer.")
+    return lambda name: name
+
+
+class _Getter:
+    """Fetches named tensors, checking they exist and have the shape the config implies."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], path: str | Path):
+        self.tensors = tensors
+        self.path = path
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.tensors:
+            raise CheckpointError(f"checkpoint {self.path} lacks tensor {name!r}")
+        array = self.tensors[name]
+        if array.shape != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {self.path} has shape {array.shape}, config implies {shape}"
+            )
+        return array
+
+    def layers(self, template: str, shape: tuple[int, ...], num_layers: int) -> np.ndarray:
+        return np.stack([self(template.format(i), shape) for i in range(num_layers)])
+
+
+def _gpt2_params(config: TransformerConfig, get: _Getter) -> Params:
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
+    qkv_w = get.layers("h.{}.attn.c_attn.weight", (d, 3 * d), n)
+    qkv_b = get.layers("h.{}.attn.c_attn.bias", (3 * d,), n)
+    q_w, k_w, v_w = np.split(qkv_w, 3, axis=-1)
+    q_b, k_b, v_b = np.split(qkv_b, 3, axis=-1)
+
+    def norm(name):
+        return {
+            "scale": get.layers(f"h.{{}}.{name}.weight", (d,), n),
+            "bias": get.layers(f"h.{{}}.{name}.bias", (d,), n),
+        }
+
+    def conv1d(name, shape):  # GPT-2's Conv1D stores [in, out] already
+        return {
+            "w": get.layers(f"h.{{}}.{name}.weight", shape, n),
+            "b": get.layers(f"h.{{}}.{name}.bias", (shape[1],), n),
+        }
+
+    params = {
+        "embed": get("wte.weight", (config.vocab_size, d)),
+        "pos_embed": get("wpe.weight", (config.max_position_embeddings, d)),
+        "final_norm": {"scale": get("ln_f.weight", (d,)), "bias": get("ln_f.bias", (d,))},
+        "layers": {
+            "attn_norm": norm("ln_1"),
+            "mlp_norm": norm("ln_2"),
+            "q": {"w": q_w, "b": q_b},
+            "k": {"w": k_w, "b": k_b},
+            "v": {"w": v_w, "b": v_b},
+            "o": conv1d("attn.c_proj", (d, d)),
+            "up": conv1d("mlp.c_fc", (d, f)),
+            "down": conv1d("mlp.c_proj", (f, d)),
+        },
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T
+    return params
+
+
+def _llama_params(config: TransformerConfig, get: _Getter) -> Params:
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
+    q_out = config.num_heads * config.head_dim
+    kv_out = config.num_kv_heads * config.head_dim
+    prefix = "model.layers.{}."
+
+    def linear(name, out_features, in_features, bias):
+        # torch Linear stores [out, in]; the JAX side multiplies x @ w with w: [in, out].
+        w = get.layers(prefix + name + ".weight", (out_features, in_features), n)
+        p = {"w": np.swapaxes(w, 1, 2)}
+        if bias:
+            p["b"] = get.layers(prefix + name + ".bias", (out_features,), n)
+        return p
+
+    params = {
+        "embed": get("model.embed_tokens.weight", (config.vocab_size, d)),
+        "final_norm": {"scale": get("model.norm.weight", (d,))},
+        "layers": {
+            "attn_norm": {"scale": get.layers(prefix + "input_layernorm.weight", (d,), n)},
+            "mlp_norm": {"scale": get.layers(prefix + "post_attention_layernorm.weight", (d,), n)},
+            "q": linear("self_attn.q_proj", q_out, d, config.qkv_bias),
+            "k": linear("self_attn.k_proj", kv_out, d, config.qkv_bias),
+            "v": linear("self_attn.v_proj", kv_out, d, config.qkv_bias),
+            "o": linear("self_attn.o_proj", d, q_out, config.o_bias),
+            "gate": linear("mlp.gate_proj", f, d, config.mlp_bias),
+            "up": linear("mlp.up_proj", f, d, config.mlp_bias),
+            "down": linear("mlp.down_proj", d, f, config.mlp_bias),
+        },
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T
+    return params
+
+
+def _cast(params: Params, dtype) -> Params:
+    if isinstance(params, dict):
+        return {key: _cast(value, dtype) for key, value in params.items()}
+    return jnp.asarray(np.asarray(params, dtype=np.float32), dtype=dtype)

@@ -1,0 +1,201 @@
+"""A loaded language model: params, config and tokenizer, with the step interface of the LM layer.
+
+Every language model of ``ppinfer.lm`` (this transformer, :class:`~ppinfer.lm.ngram.NGramLM`)
+offers the same methods, so a token-level program does not care which one it runs:
+
+- ``prefill(prompt) -> (logits f32[Lp, V], prompt_cache)`` — once, shared by all particles;
+- ``init_particle_cache(prompt_cache, num_particles, max_new_tokens) -> particle_cache`` (leading
+  particle axis on every leaf: resampling is ``jax.tree.map(lambda x: x[ancestors], cache)``);
+- ``step(prompt_cache, particle_cache, token) -> (logits f32[V], particle_cache)`` for ONE
+  particle, pure, to be ``jax.vmap``-ped over the particle cache and tokens;
+- ``decode(prompt_cache, particle_cache, tokens, active=None)`` — the batched, jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ppinfer.errors import CheckpointError
+from ppinfer.lm.checkpoint import load_params, read_config
+from ppinfer.lm.config import TransformerConfig
+from ppinfer.lm.tokenizer import Tokenizer
+from ppinfer.lm.transformer import (
+    ParticleCache,
+    Params,
+    PromptCache,
+    decode,
+    init_particle_cache,
+    lm_step,
+    prefill,
+)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default_lm"
+
+
+class Generation(NamedTuple):
+    """Sampled continuations: tokens i32[N, T] and lengths i32[N] (EOS included, then padding)."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LanguageModel:
+    """A transformer checkpoint in JAX: ``params`` pytree, static ``config``, ``tokenizer``."""
+
+    params: Params
+    config: TransformerConfig
+    tokenizer: Tokenizer | None = None
+
+    @property
+    def eos_id(self) -> int | None:
+        """End-of-sequence token id (config first, then the tokenizer's special tokens)."""
+        if self.config.eos_token_id is not None:
+            return self.config.eos_token_id
+        return self.tokenizer.eos_id if self.tokenizer else None
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def encode(self, prompt: str | Sequence[int]) -> jax.Array:
+        """Prompt ids i32[Lp] from text (through the tokenizer) or from ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise CheckpointError("this model has no tokenizer: pass token ids")
+            prompt = self.tokenizer.encode(prompt)
+        return jnp.asarray(prompt, jnp.int32)
+
+    def prefill(
+        self, prompt: str | Sequence[int], length: jax.Array | None = None
+    ) -> tuple[jax.Array, PromptCache]:
+        """See :func:`ppinfer.lm.transformer.prefill`."""
+        return prefill(self.params, self.config, self.encode(prompt), length)
+
+    def init_particle_cache(
+        self, prompt_cache: PromptCache, num_particles: int, max_new_tokens: int
+    ) -> ParticleCache:
+        """An empty :class:`ParticleCache` for N particles (the prompt lives in prompt_cache)."""
+        del prompt_cache
+        return init_particle_cache(self.config, num_particles, max_new_tokens, self.dtype)
+
+    def step(
+        self, prompt_cache: PromptCache, particle_cache: ParticleCache, token: jax.Array
+    ) -> tuple[jax.Array, ParticleCache]:
+        """One particle, one token: :func:`ppinfer.lm.transformer.lm_step`."""
+        return lm_step(self.params, self.config, prompt_cache, particle_cache, token)
+
+    def decode(
+        self,
+        prompt_cache: PromptCache,
+        particle_cache: ParticleCache,
+        tokens: jax.Array,
+        active: jax.Array | None = None,
+    ) -> tuple[jax.Array, ParticleCache]:
+        """All particles, one token: :func:`ppinfer.lm.transformer.decode` (donates the cache)."""
+        return decode(self.params, self.config, prompt_cache, particle_cache, tokens, active)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        key: jax.Array | int = 0,
+        num_particles: int = 1,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+    ) -> Generation:
+        """Sample ``num_particles`` continuations (greedy when ``temperature == 0``), stopping
+        each at EOS. One jitted scan; no Python loop over tokens."""
+        key = jax.random.key(key) if isinstance(key, int) else key
+        eos = -1 if self.eos_id is None else self.eos_id
+        return _generate(
+            self.params, self.config, self.encode(prompt), key,
+            num_particles, max_new_tokens, float(temperature), eos,
+        )
+
+    def complete(self, prompt: str, **kwargs) -> list[str]:
+        """Text of :meth:`generate`'s continuations, each cut before its EOS."""
+        tokens, lengths = jax.device_get(self.generate(prompt, **kwargs))
+        eos = self.eos_id
+        return [
+            self.tokenizer.decode([t for t in row[:n] if t != eos])
+            for row, n in zip(tokens, lengths, strict=True)
+        ]
+
+
+def load(path: str | Path, dtype=jnp.float32) -> LanguageModel:
+    """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
+    ``model.safetensors.index.json``, ``tokenizer.json``) as a :class:`LanguageModel` in ``dtype``
+    (``jnp.float32`` or ``jnp.bfloat16``).
+
+    Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
+    weights, truncated files, missing tensors or wrong shapes; the tokenizer is optional.
+    """
+    path = Path(path)
+    config, _ = read_config(path)
+    params = load_params(path, config, dtype)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(
+            path / "tokenizer.json", eos_id=config.eos_token_id, bos_id=config.bos_token_id
+        )
+    if config.eos_token_id is None and (path / "generation_config.json").is_file():
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+        if eos is not None:
+            config = dataclasses.replace(config, eos_token_id=eos[0] if isinstance(eos, list) else eos)
+    return LanguageModel(params=params, config=config, tokenizer=tokenizer)
+
+
+@functools.cache
+def load_default(dtype=jnp.float32) -> LanguageModel:
+    """The small GPT-2 trained by ``models/train_default_lm.py`` and committed in
+    ``models/default_lm`` (cached: loaded once per process)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise CheckpointError(
+            f"the default model folder {DEFAULT_MODEL_DIR} is missing: ppinfer must be installed "
+            "from a checkout of the repository (pip install -e .), which holds models/default_lm"
+        )
+    return load(DEFAULT_MODEL_DIR, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
+def _generate(
+    params: Params,
+    config: TransformerConfig,
+    prompt: jax.Array,
+    key: jax.Array,
+    num_particles: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_id: int,
+) -> Generation:
+    logits, prompt_cache = prefill(params, config, prompt)
+    logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
+    cache = init_particle_cache(
+        config, num_particles, max_new_tokens, params["embed"].dtype
+    )
+    step = jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))
+
+    def body(carry, key):
+        logits, cache, done = carry
+        if temperature == 0.0:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            token = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+        token = jnp.where(done, max(eos_id, 0), token)
+        logits, cache = step(params, config, prompt_cache, cache, token)
+        return (logits, cache, done | (token == eos_id)), (token, done)
+
+    done = jnp.zeros((num_particles,), bool)
+    _, (tokens, was_done) = jax.lax.scan(
+        body, (logits, cache, done), jax.random.split(key, max_new_tokens)
+    )
+    lengths = jnp.sum(~was_done, axis=0).astype(jnp.int32)
+    return Generation(tokens=tokens.T, lengths=lengths)
