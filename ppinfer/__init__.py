@@ -1,0 +1,59 @@
+"""ppinfer: probabilistic-programming inference in JAX.
+
+Write a program with the primitives (NumPyro's ``sample``/``factor``/``deterministic``/``plate`` plus
+``observe``, ``condition``, ``stop``), then ``infer(program, *args, algorithm=SMC(256), key=0)``.
+"""
+
+from ppinfer.algorithms import SMC, Enumerate, Importance
+from ppinfer.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EnumerationError,
+    InferenceError,
+    ModelError,
+    PPInferError,
+    TokenizerError,
+    ZeroEvidenceError,
+)
+from ppinfer.infer import infer
+from ppinfer.population import Population, collapse, ess, log_evidence, normalize, spawn
+from ppinfer.primitives import condition, deterministic, factor, observe, plate, sample, stop
+from ppinfer.program import SequentialProgram, sequential
+from ppinfer.resample import resample
+from ppinfer.result import Result
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "infer",
+    "SMC",
+    "Importance",
+    "Enumerate",
+    "Result",
+    "SequentialProgram",
+    "sequential",
+    "sample",
+    "observe",
+    "condition",
+    "factor",
+    "deterministic",
+    "plate",
+    "stop",
+    "Population",
+    "spawn",
+    "resample",
+    "ess",
+    "normalize",
+    "log_evidence",
+    "collapse",
+    "PPInferError",
+    "ConfigError",
+    "ModelError",
+    "DataError",
+    "EnumerationError",
+    "InferenceError",
+    "ZeroEvidenceError",
+    "CheckpointError",
+    "TokenizerError",
+]

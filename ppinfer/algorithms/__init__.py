@@ -1,0 +1,7 @@
+"""Inference algorithms: each a composition of the building blocks, selectable in ``infer``."""
+
+from ppinfer.algorithms.enumerate import Enumerate
+from ppinfer.algorithms.importance import Importance
+from ppinfer.algorithms.smc import SMC
+
+__all__ = ["Enumerate", "Importance", "SMC"]

@@ -1,0 +1,80 @@
+"""Importance sampling: N independent weighted runs.
+
+Composition: ``spawn(N)`` then one :func:`~ppinfer.weighted.simulate` per particle. Each particle's
+log weight is ``−log N + log p(x, y)/q(x)`` (likelihood weighting when ``q`` is the prior), so
+``logsumexp(log_weights)`` is the log of the unbiased estimate ``Ẑ = mean(p/q)``. On a sequential
+program this is SMC that never resamples (sequential importance sampling).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ppinfer import checks
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.algorithms.smc import SMC, run_smc
+from ppinfer.population import log_evidence
+from ppinfer.program import is_sequential
+from ppinfer.result import Result
+from ppinfer.weighted import simulate
+
+__all__ = ["Importance"]
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Importance sampling with ``num_particles`` particles.
+
+    Args:
+        num_particles: N ≥ 1.
+        proposal: a program with the model's arguments that samples some of its latent sites
+            (a NumPyro guide); default: the prior. For a sequential program, the per-step proposal
+            ``proposal(state, t, *args)`` as in :class:`~ppinfer.SMC`.
+    """
+
+    num_particles: int = 1000
+    proposal: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+
+    name = "Importance"
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        if is_sequential(program):
+            smc = SMC(self.num_particles, ess_threshold=0.0, proposal=self.proposal)
+            return run_smc(key, program, args, smc, self.name)
+        t0 = time.perf_counter()
+        dyn, static_key, rebuild = split_args(args)
+        n, proposal = self.num_particles, self.proposal
+
+        def build():
+            def compiled(key, dyn):
+                run = lambda k: simulate(k, program, rebuild(dyn), proposal=proposal)
+                weighted, info = jax.vmap(run)(jax.random.split(key, n))
+                log_weights = weighted.log_weight - jnp.log(n)
+                nan_sites = {k: jnp.any(v) for k, v in info.nan_sites.items()}
+                return weighted.choices, log_weights, log_evidence(log_weights), nan_sites
+
+            return compiled
+
+        fn, new = cached_jit(("importance", program, proposal, n, static_key), build)
+        if new:
+            _, latent = checks.dry_run(program, args, proposal, "running the program once")
+            checks.require_latent(latent)
+        samples, log_weights, log_z, nan_sites = jax.block_until_ready(fn(key, dyn))
+        checks.raise_on_nan_sites(nan_sites, self.name)
+        checks.raise_if_dead(float(log_z), "", n)
+        return Result(
+            samples=samples,
+            log_weights=log_weights,
+            log_evidence=float(log_z),
+            algorithm=self.name,
+            wall_time=time.perf_counter() - t0,
+        )

@@ -1,0 +1,195 @@
+"""Sequential Monte Carlo for sequential programs.
+
+SMC is a composition of the blocks (as monad-bayes' ``smc``):
+
+    start (spawn N + init)  →  repeat T times: advance → [resample if ESS < threshold · N]
+
+Every block is valid, so SMC's output measure is valid: ``E[Ẑ] = Z`` and the weighted particles
+estimate the posterior consistently. The loop is one ``lax.scan`` compiled with ``jax.jit``; no
+resampling happens after the last step (it would only add variance).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppinfer import checks
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.errors import ConfigError
+from ppinfer.population import Population, ess, log_evidence
+from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.resample import check_scheme, resample
+from ppinfer.result import Result
+from ppinfer.sequential import Sequential, advance, match_state, start
+
+__all__ = ["SMC", "run_smc", "trace_genealogy", "sample_names"]
+
+
+@dataclass(frozen=True)
+class SMC:
+    """Sequential Monte Carlo for a :class:`~ppinfer.SequentialProgram`.
+
+    Args:
+        num_particles: N ≥ 1.
+        resampling: ``"systematic"`` (default), ``"stratified"``, ``"multinomial"`` or ``"residual"``.
+        ess_threshold: resample after a step when ``ESS < ess_threshold · N``; 1.0 resamples after
+            every step, 0.0 never (sequential importance sampling).
+        proposal: ``proposal(state, t, *args)`` proposing some of the step's latent sites (default:
+            the program's own prior: the bootstrap filter). Weighted by ``log p − log q``.
+        init_proposal: the same for ``init``: ``init_proposal(*args)``.
+    """
+
+    num_particles: int = 1000
+    resampling: str = "systematic"
+    ess_threshold: float = 0.5
+    proposal: Callable[..., Any] | None = None
+    init_proposal: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        check_scheme(self.resampling)
+        checks.check_probability("ess_threshold", self.ess_threshold)
+
+    name = "SMC"
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        if not is_sequential(program):
+            raise ConfigError(
+                "SMC needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
+                "for a static program use Importance or Enumerate"
+            )
+        return run_smc(key, program, args, self, self.name)
+
+
+def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, name: str) -> Result:
+    """Run SMC (checks, compiled run, genealogy) and build the :class:`Result`."""
+    t0 = time.perf_counter()
+    num_steps = program.steps_for(args)
+    dyn, static_key, rebuild = split_args(args)
+    settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
+    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, static_key)
+
+    def build():
+        def compiled(key, dyn):
+            return _smc(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal)
+
+        return compiled
+
+    fn, new = cached_jit(cache_key, build)
+    if new:
+        _dry_run(program, args, cfg)
+    out = jax.block_until_ready(fn(key, dyn))
+    checks.raise_on_nan_sites(out["nan_sites"], "SMC")
+    log_z = float(out["log_evidence"])
+    if not np.isfinite(log_z):
+        history = np.asarray(out["log_evidence_history"])
+        dead = np.flatnonzero(~np.isfinite(history))
+        where = "after init" if not np.isfinite(float(out["log_evidence_init"])) else (
+            f"after step {int(dead[0])}" if dead.size else "at the end"
+        )
+        checks.raise_if_dead(log_z, where, cfg.num_particles)
+    return Result(
+        samples=out["samples"],
+        log_weights=out["log_weights"],
+        log_evidence=log_z,
+        algorithm=name,
+        ess=out["ess"],
+        resampled=out["resampled"],
+        log_evidence_history=out["log_evidence_history"],
+        ancestors=out["ancestors"],
+        state=out["state"],
+        wall_time=time.perf_counter() - t0,
+        extras={"active": out["active"]},
+    )
+
+
+def _smc(key, program, args, n, num_steps, scheme, threshold, proposal, init_proposal):
+    k_init, k_loop = jax.random.split(key)
+    seq, init_info = start(k_init, program, args, n, init_proposal)
+    log_z_init = log_evidence(seq.population.log_weights)
+    always = threshold >= 1.0
+
+    def body(seq: Sequential, key_t):
+        k_adv, k_res = jax.random.split(key_t)
+        active = ~seq.population.particles.done
+        seq, info = advance(k_adv, seq, program, args, proposal)
+        pop = seq.population
+        ess_t = ess(pop.log_weights)
+        do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
+        pop, ancestors = jax.lax.cond(
+            do,
+            lambda p: resample(k_res, p, scheme),
+            lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
+            pop,
+        )
+        record = (info.choices, active, ancestors, ess_t, do, log_evidence(pop.log_weights), info.nan_sites)
+        return Sequential(pop, seq.t), record
+
+    seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(
+        body, seq, jax.random.split(k_loop, num_steps)
+    )
+    trajectories, init_index = trace_genealogy(ancestors, {"choices": choices, "active": active})
+    init_choices = jax.tree.map(lambda x: x[init_index], init_info.choices)
+    nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
+    return {
+        "samples": sample_names(init_choices, trajectories["choices"]),
+        "active": trajectories["active"],
+        "log_weights": seq.population.log_weights,
+        "log_evidence": log_evidence(seq.population.log_weights),
+        "log_evidence_init": log_z_init,
+        "log_evidence_history": log_z_h,
+        "ess": ess_h,
+        "resampled": resampled,
+        "ancestors": ancestors,
+        "state": seq.population.particles.state,
+        "nan_sites": nan_sites,
+    }
+
+
+def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]:
+    """Trace each final particle back through resampling.
+
+    Args:
+        ancestors: ``i32[T, N]``; ``ancestors[t, i]`` is the pre-resampling index that particle ``i``
+            was copied from after step ``t`` (the identity when step ``t`` did not resample).
+        history: a pytree of per-step values ``[T, N, …]`` indexed by pre-resampling particle.
+
+    Returns ``(trajectories, init_index)``: ``trajectories`` has leaves ``[N, T, …]`` (final particle
+    ``i``'s own history) and ``init_index: i32[N]`` is the index of each final particle's ancestor
+    after ``init``."""
+    n = ancestors.shape[1]
+
+    def back(idx, xs):
+        anc_t, hist_t = xs
+        idx = anc_t[idx]
+        return idx, jax.tree.map(lambda h: h[idx], hist_t)
+
+    init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+def sample_names(init_choices: dict, step_choices: dict) -> dict:
+    """Merge init and step site values: an init site named like a step site becomes ``init/<name>``."""
+    merged = {(f"init/{k}" if k in step_choices else k): v for k, v in init_choices.items()}
+    merged.update(step_choices)
+    return merged
+
+
+def _dry_run(program: SequentialProgram, args: tuple, cfg: SMC) -> None:
+    """Run init and the first step once eagerly, one particle, to report model errors clearly."""
+    init_w, init_latent = checks.dry_run(program.init, args, cfg.init_proposal, "running init once")
+    state = jax.tree.map(jnp.asarray, init_w.value)
+    t0 = jnp.zeros((), jnp.int32)
+    step = lambda s: program.step(s, t0, *args)
+    prop = None if cfg.proposal is None else (lambda s: cfg.proposal(s, t0, *args))
+    step_w, step_latent = checks.dry_run(step, (state,), prop, "running step 0 once")
+    checks.require_latent(init_latent + step_latent)
+    batched = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+    match_state(batched(step_w.value), batched(state))

@@ -1,0 +1,109 @@
+"""Host-side checks that turn bad programs and bad settings into clear ``ppinfer`` errors.
+
+A program is run once eagerly (one particle, NumPyro's argument validation on) before it is compiled,
+so invalid distribution parameters, out-of-support observations and shape errors are reported with
+the site they happened at, instead of as NaN weights or a traceback from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions.distribution import validation_enabled
+from numpyro.primitives import Messenger
+
+from ppinfer.errors import ConfigError, DataError, ModelError, PPInferError, ZeroEvidenceError
+
+__all__ = [
+    "check_num_particles",
+    "check_probability",
+    "dry_run",
+    "require_latent",
+    "raise_on_nan_sites",
+    "raise_if_dead",
+]
+
+
+def check_num_particles(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ConfigError(f"num_particles must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+def check_probability(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}") from e
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
+def dry_run(
+    fn: Callable[..., Any], args: tuple, proposal: Callable[..., Any] | None, what: str
+) -> tuple[Any, list[str]]:
+    """Run ``fn(*args)`` once eagerly (one particle, NumPyro's argument validation on) under
+    ``proposal``; return its :class:`~ppinfer.weighted.Weighted` and the names of its latent sites.
+
+    Invalid parameters, out-of-support data, shape errors and NaN log densities become
+    :class:`ModelError`/:class:`DataError` naming the site."""
+    from ppinfer.weighted import simulate
+
+    key = jax.random.PRNGKey(0)
+    tracker = _last_site()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            with validation_enabled(), tracker:
+                weighted, info = simulate(key, fn, args, proposal=proposal)
+                trace = handlers.trace(handlers.seed(fn, key)).get_trace(*args)
+        except PPInferError:
+            raise
+        except UserWarning as w:
+            kind = DataError if "support" in str(w).lower() else ModelError
+            raise kind(f"{what}: {w} (at or after site {tracker.last!r})") from None
+        except (ValueError, TypeError, IndexError, AssertionError) as e:
+            where = "before any site" if tracker.last is None else f"after site {tracker.last!r}"
+            raise ModelError(f"{what} failed {where}: {type(e).__name__}: {e}") from e
+    raise_on_nan_sites(info.nan_sites, what)
+    latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    return weighted, latent
+
+
+def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
+    bad = sorted(name for name, flag in nan_sites.items() if bool(np.any(np.asarray(flag))))
+    if bad:
+        raise ModelError(
+            f"{what}: the log density at site(s) {bad} was NaN — invalid distribution parameters "
+            "(e.g. a negative scale) or data outside the support"
+        )
+
+
+def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
+    if not np.isfinite(log_evidence) and log_evidence < 0:
+        raise ZeroEvidenceError(
+            f"all {num_particles} particles have weight zero (log weight -inf) {where}: every "
+            "sampled execution violates a constraint or has zero likelihood. Check the "
+            "observations and conditions, or use a proposal that respects the constraints."
+        )
+
+
+def require_latent(latent: list[str]) -> None:
+    if not latent:
+        raise ModelError("the program makes no random choice (no latent sample site): nothing to infer")
+
+
+class _last_site(Messenger):
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def postprocess_message(self, msg):
+        if msg.get("name") is not None:
+            self.last = msg["name"]

@@ -1,0 +1,80 @@
+"""Population: N weighted particles.
+
+Meaning: the unnormalised measure ``Σ_i exp(log_weights[i]) · δ(particles[i])``. Its total mass
+``Σ_i exp(log_weights[i])`` is the evidence estimate Ẑ, so ``log_evidence = logsumexp(log_weights)``
+(the convention of monad-bayes' ``Population``: spawning N particles gives each ``−log N``).
+
+Validity of each block (checked in ``semantics``): a randomised transformation ``T`` is valid when
+``E[⟦T(pop)⟧] = ⟦pop⟧`` as unnormalised measures. :func:`spawn` and :func:`collapse` are valid
+(``spawn`` deterministically so); :func:`normalize` is not — it preserves only the normalised
+measure, and must not be used where Ẑ matters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+__all__ = ["Population", "spawn", "ess", "normalize", "log_evidence", "collapse", "gather"]
+
+
+class Population(NamedTuple):
+    """Weighted particles.
+
+    Attributes:
+        particles: a pytree whose every leaf has leading axis ``N``.
+        log_weights: ``f32[N]``, unnormalised; ``logsumexp(log_weights)`` is ``log Ẑ`` so far.
+    """
+
+    particles: Any
+    log_weights: jax.Array
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_weights.shape[0]
+
+
+def spawn(particles: Any, num_particles: int, log_weight: jax.Array | float = 0.0) -> Population:
+    """``num_particles`` copies of one weighted particle (leaves without the particle axis), each with
+    log weight ``log_weight − log N``. Deterministic and valid: the measure is unchanged."""
+    n = int(num_particles)
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), particles)
+    log_weights = jnp.full((n,), jnp.asarray(log_weight, jnp.float32) - jnp.log(n))
+    return Population(copies, log_weights)
+
+
+def ess(log_weights: jax.Array) -> jax.Array:
+    """``f32[]``: the effective sample size ``(Σ w)² / Σ w²`` of ``log_weights: f32[N]``; 0 when
+    every weight is zero."""
+    lse = logsumexp(log_weights)
+    safe = jnp.where(jnp.isfinite(lse), log_weights - lse, -jnp.inf)
+    value = jnp.exp(-logsumexp(2.0 * safe))
+    return jnp.where(jnp.isfinite(lse), value, 0.0)
+
+
+def normalize(log_weights: jax.Array) -> jax.Array:
+    """``f32[N]``: log weights shifted to ``logsumexp = 0`` (log-probabilities). Preserves the
+    normalised measure only (not valid for Ẑ). All −inf stays all −inf."""
+    lse = logsumexp(log_weights)
+    return jnp.where(jnp.isfinite(lse), log_weights - lse, log_weights)
+
+
+def log_evidence(log_weights: jax.Array) -> jax.Array:
+    """``f32[]``: ``log Ẑ = logsumexp(log_weights)``, the log total mass of the population."""
+    return logsumexp(log_weights)
+
+
+def collapse(key: jax.Array, pop: Population) -> tuple[Any, jax.Array]:
+    """Collapse a population into one weighted particle: pick particle ``i`` with probability
+    ``∝ exp(log_weights[i])`` and give it the total mass ``log Ẑ``. Returns ``(particle, log_weight)``.
+    Valid: ``E[exp(log Ẑ) δ(x_I)] = Σ_i exp(w_i) δ(x_i)``."""
+    i = jax.random.categorical(key, normalize(pop.log_weights))
+    return jax.tree.map(lambda x: x[i], pop.particles), log_evidence(pop.log_weights)
+
+
+def gather(particles: Any, ancestors: jax.Array) -> Any:
+    """Particles indexed by ``ancestors: i32[M]`` along the particle axis (every leaf)."""
+    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), particles)

@@ -1,0 +1,79 @@
+"""Effect primitives of the ppinfer DSL.
+
+A ppinfer program is a plain Python function that calls these primitives. ``sample``, ``factor``,
+``deterministic`` and ``plate`` *are* NumPyro's primitives, so every NumPyro model is a ppinfer program
+and NumPyro's handlers (``seed``, ``trace``, ``condition``, ``substitute``, ``mask``, ``scale``…) apply.
+ppinfer adds three effects NumPyro lacks:
+
+- :func:`observe` — an explicit observation: ``observe(name, d, value)`` multiplies the program's
+  weight by the likelihood ``d.prob(value)`` (a ``sample`` site with ``obs=value``).
+- :func:`condition` — a hard constraint: weight × 1 if the predicate holds, × 0 (log weight −inf)
+  otherwise.
+- :func:`stop` — in the ``step`` of a sequential program, ends this particle after the current step.
+
+Weights are in log space throughout: every effect adds to the particle's log weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.primitives import Messenger, apply_stack, deterministic, factor, plate, sample
+
+from ppinfer.errors import DataError
+
+__all__ = ["sample", "factor", "deterministic", "plate", "observe", "condition", "stop"]
+
+STOP_MESSAGE = "ppinfer_stop"
+
+
+def observe(name: str, fn: Any, value: Any) -> Any:
+    """Observe ``value`` from distribution ``fn``: adds ``fn.log_prob(value)`` (summed) to the log
+    weight and returns ``value``.
+
+    A concrete ``value`` containing NaN raises :class:`~ppinfer.errors.DataError` (NaN data would
+    otherwise turn every weight into NaN silently).
+    """
+    if not isinstance(value, jax.core.Tracer) and value is not None:
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+            raise DataError(f"observe({name!r}): the observed value contains NaN")
+    return sample(name, fn, obs=value)
+
+
+def condition(name: str, predicate: Any) -> None:
+    """Hard constraint: keep executions where ``predicate`` (a boolean array, all elements must hold)
+    is true; executions where it is false get log weight −inf and are dropped at resampling."""
+    ok = jnp.all(jnp.asarray(predicate, dtype=bool))
+    factor(name, jnp.where(ok, 0.0, -jnp.inf))
+
+
+def stop(when: Any = True) -> None:
+    """End this particle after the current step of a sequential program (when ``when`` is true).
+
+    A stopped particle keeps its state and weight for the remaining steps. Outside a sequential
+    engine the call has no effect."""
+    apply_stack(
+        {
+            "type": STOP_MESSAGE,
+            "fn": lambda x: x,
+            "args": (jnp.asarray(when, dtype=bool),),
+            "kwargs": {},
+            "value": None,
+        }
+    )
+
+
+class collect_stops(Messenger):
+    """Handler that records the OR of every :func:`stop` flag raised while it is active."""
+
+    def __init__(self, fn=None):
+        super().__init__(fn)
+        self.stopped = jnp.asarray(False)
+
+    def process_message(self, msg):
+        if msg["type"] == STOP_MESSAGE:
+            self.stopped = jnp.logical_or(self.stopped, msg["args"][0])

@@ -1,0 +1,60 @@
+"""Program forms understood by :func:`ppinfer.infer`.
+
+- A **static program** is any Python callable using the primitives (a NumPyro model).
+- A **sequential program** (:class:`SequentialProgram`) is an ``init`` program and a ``step`` program,
+  each written for ONE particle: ``state = init(*args)`` then ``state = step(state, t, *args)`` for
+  ``t = 0 … num_steps − 1``. The engine vmaps them over particles, suspends the population after every
+  step (the :class:`~ppinfer.sequential.Sequential` representation), and lets a step end its particle
+  with :func:`~ppinfer.primitives.stop`. State-space models and token-level LM programs take this form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ppinfer.errors import ModelError
+
+__all__ = ["SequentialProgram", "sequential", "is_sequential"]
+
+
+@dataclass(frozen=True, eq=False)
+class SequentialProgram:
+    """A program suspended at each step boundary.
+
+    Attributes:
+        init: ``init(*args) -> state``; may sample and observe.
+        step: ``step(state, t, *args) -> state``; ``t`` is an ``i32`` scalar (traced under jit), and
+            the returned state must have the structure, shapes and dtypes of ``init``'s.
+        num_steps: the number of steps, an ``int`` or a function ``num_steps(*args) -> int``
+            (e.g. ``lambda ys: len(ys)``), evaluated on the host before compilation.
+    """
+
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    num_steps: int | Callable[..., int]
+
+    def steps_for(self, args: tuple) -> int:
+        """The number of steps for these arguments (an ``int`` ≥ 1)."""
+        n = self.num_steps(*args) if callable(self.num_steps) else self.num_steps
+        try:
+            n = int(n)
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"num_steps must be an int, got {n!r}") from e
+        if n < 1:
+            raise ModelError(f"a sequential program needs num_steps >= 1, got {n}")
+        return n
+
+
+def sequential(
+    init: Callable[..., Any], step: Callable[..., Any], num_steps: int | Callable[..., int]
+) -> SequentialProgram:
+    """Build a :class:`SequentialProgram` from its ``init`` and ``step`` functions."""
+    if not callable(init) or not callable(step):
+        raise ModelError("sequential(init, step, num_steps): init and step must be callables")
+    return SequentialProgram(init, step, num_steps)
+
+
+def is_sequential(program: Any) -> bool:
+    return isinstance(program, SequentialProgram)

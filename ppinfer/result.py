@@ -1,0 +1,136 @@
+"""The result of :func:`ppinfer.infer`: weighted particles per site and diagnostics.
+
+Meaning: the weighted empirical measure ``Σ_i exp(log_weights[i]) · δ(particle_i)``, whose total mass
+is the evidence estimate Ẑ (``log_evidence``); for :class:`~ppinfer.Enumerate` it is the exact
+unnormalised posterior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppinfer.population import ess as _ess
+from ppinfer.population import normalize
+from ppinfer.resample import resample as _resample
+from ppinfer.population import Population
+
+__all__ = ["Result"]
+
+
+@dataclass
+class Result:
+    """Weighted particles and what the algorithm recorded.
+
+    Attributes:
+        samples: site name → ``[N, …]`` values. For a sequential program, a step site ``x`` is the
+            particle's whole trajectory ``[N, T, …]`` (traced back through resampling); an ``init``
+            site keeps its name, or becomes ``"init/x"`` if a step site has the same name.
+        log_weights: ``f32[N]``, unnormalised: ``logsumexp(log_weights) = log_evidence``.
+        log_evidence: ``log Ẑ``, the log of an unbiased estimate of the evidence ``Z`` (exact for
+            Enumerate).
+        algorithm: the algorithm's name.
+        ess: ``f32[T]``, the ESS after each step's reweighting, before resampling (sequential only).
+        resampled: ``bool[T]``, whether the population was resampled after each step.
+        log_evidence_history: ``f32[T]``, ``log Ẑ`` after each step.
+        ancestors: ``i32[T, N]``, the ancestor of each particle at each resampling (identity when
+            not resampled): the genealogy.
+        state: the final state pytree ``[N, …]`` of a sequential program.
+        wall_time: seconds spent in the run, compilation included.
+    """
+
+    samples: dict[str, jax.Array]
+    log_weights: jax.Array
+    log_evidence: float
+    algorithm: str
+    ess: jax.Array | None = None
+    resampled: jax.Array | None = None
+    log_evidence_history: jax.Array | None = None
+    ancestors: jax.Array | None = None
+    state: Any = None
+    wall_time: float = float("nan")
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.log_weights.shape[0])
+
+    @property
+    def weights(self) -> jax.Array:
+        """``f32[N]`` normalised weights (sum to 1)."""
+        return jnp.exp(normalize(self.log_weights))
+
+    @property
+    def final_ess(self) -> float:
+        """The ESS of the final weights."""
+        return float(_ess(self.log_weights))
+
+    def expectation(self, fn: Callable[[dict[str, jax.Array]], Any]) -> Any:
+        """``Σ_i w_i fn(particle_i)`` under the normalised weights; ``fn`` takes one particle's sample
+        dict and returns a pytree of arrays."""
+        values = jax.vmap(fn)(self.samples)
+        w = self.weights
+        return jax.tree.map(lambda v: jnp.tensordot(w, v.astype(w.dtype), axes=1), values)
+
+    def mean(self, name: str) -> jax.Array:
+        """Posterior mean of site ``name`` (shape of one particle's value)."""
+        return self.expectation(lambda s: s[name])
+
+    def var(self, name: str) -> jax.Array:
+        """Posterior variance of site ``name``."""
+        m = self.mean(name)
+        return self.expectation(lambda s: (s[name] - m) ** 2)
+
+    def std(self, name: str) -> jax.Array:
+        return jnp.sqrt(self.var(name))
+
+    def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
+        """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
+        replacement ∝ weight (multinomial)."""
+        n = self.num_particles if num_samples is None else int(num_samples)
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        idx = jax.random.categorical(key, normalize(self.log_weights), shape=(n,))
+        return jax.tree.map(lambda x: x[idx], self.samples)
+
+    def resampled_samples(self, key: int | jax.Array = 0) -> dict[str, jax.Array]:
+        """N equally weighted draws by systematic resampling (lower variance than :meth:`sample`)."""
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        pop, _ = _resample(key, Population(self.samples, self.log_weights), "systematic")
+        return pop.particles
+
+    def to_arviz(self, key: int | jax.Array = 0):
+        """An ``arviz.InferenceData`` whose ``posterior`` holds N equally weighted draws (systematic
+        resampling of the particles; one chain), and ``sample_stats`` the log weights."""
+        import arviz as az
+
+        draws = self.resampled_samples(key)
+        posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
+        stats = {"log_weight": np.asarray(self.log_weights)[None]}
+        return az.from_dict(posterior=posterior, sample_stats=stats)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"Result({self.algorithm}, N={self.num_particles}, "
+            f"log_evidence={float(self.log_evidence):.4f}, final ESS={self.final_ess:.1f})"
+        ]
+        if self.resampled is not None:
+            n_res = int(np.sum(np.asarray(self.resampled)))
+            lines.append(
+                f"  steps={len(self.resampled)}, resampled {n_res} times, "
+                f"min ESS={float(np.min(np.asarray(self.ess))):.1f}"
+            )
+        for name, value in self.samples.items():
+            shape = tuple(value.shape[1:])
+            if not jnp.issubdtype(value.dtype, jnp.number) and value.dtype != jnp.bool_:
+                continue
+            if shape == ():
+                m, s = float(self.mean(name)), float(self.std(name))
+                lines.append(f"  {name}: mean={m:.4g} sd={s:.4g}")
+            else:
+                lines.append(f"  {name}: shape={shape}")
+        return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Sequential: a population of a sequential program suspended between two steps.
+
+Meaning: the measure of the rest of the program, started from each particle's state and weighted by
+its log weight. Blocks:
+
+- :func:`start` runs ``init`` for N particles (a spawn followed by one weighted run each).
+- :func:`advance` runs one ``step`` for every live particle, adding the step's *incremental* log
+  weight ``log p/q`` (observations and factors of the step, plus ``log p − log q`` of the choices a
+  proposal made) to ``log_weights``. Stopped particles keep their state and weight.
+- :func:`finish` advances until every step has run.
+
+All three are valid (``E[⟦advance(s)⟧] = ⟦s⟧``): each run is a :func:`ppinfer.weighted.simulate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ppinfer.errors import ModelError
+from ppinfer.population import Population
+from ppinfer.program import SequentialProgram
+from ppinfer.weighted import simulate
+
+__all__ = ["Particle", "Sequential", "StepInfo", "start", "advance", "finish", "match_state"]
+
+
+class Particle(NamedTuple):
+    """The per-particle state the engine carries: the program's ``state`` pytree and ``done``."""
+
+    state: Any
+    done: jax.Array
+
+
+class Sequential(NamedTuple):
+    """A suspended population: ``population.particles`` is a :class:`Particle` with leading axis N;
+    ``t: i32[]`` is the number of steps taken so far."""
+
+    population: Population
+    t: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """What one step produced, per particle (leading axis N, before any resampling).
+
+    Attributes:
+        choices: latent and deterministic site values of the step, name → ``[N, …]``.
+        log_increments: ``f32[N]`` incremental log weights (0 for particles already stopped).
+        nan_sites: site name → ``bool[]``, whether any particle's log density there was NaN.
+    """
+
+    choices: dict[str, jax.Array]
+    log_increments: jax.Array
+    nan_sites: dict[str, jax.Array]
+
+
+def start(
+    key: jax.Array,
+    program: SequentialProgram,
+    args: tuple,
+    num_particles: int,
+    proposal: Callable[..., Any] | None = None,
+) -> tuple[Sequential, StepInfo]:
+    """Run ``init`` for ``num_particles`` particles; each weight is ``−log N + log p/q``."""
+    keys = jax.random.split(key, num_particles)
+    run = jax.vmap(lambda k: simulate(k, program.init, args, proposal=proposal))
+    weighted, info = run(keys)
+    state = jax.tree.map(jnp.asarray, weighted.value)
+    done = info.stopped
+    log_weights = weighted.log_weight - jnp.log(num_particles)
+    pop = Population(Particle(state, done), log_weights)
+    step_info = StepInfo(weighted.choices, weighted.log_weight, _any(info.nan_sites))
+    return Sequential(pop, jnp.zeros((), jnp.int32)), step_info
+
+
+def advance(
+    key: jax.Array,
+    seq: Sequential,
+    program: SequentialProgram,
+    args: tuple,
+    proposal: Callable[..., Any] | None = None,
+) -> tuple[Sequential, StepInfo]:
+    """Run step ``seq.t`` for every particle (vmapped); see the module docstring."""
+    particles: Particle = seq.population.particles
+    n = seq.population.num_particles
+    t = seq.t
+
+    def one(k, state):
+        step = lambda s: program.step(s, t, *args)
+        prop = None if proposal is None else (lambda s: proposal(s, t, *args))
+        return simulate(k, step, (state,), proposal=prop)
+
+    weighted, info = jax.vmap(one)(jax.random.split(key, n), particles.state)
+    new_state = match_state(weighted.value, particles.state)
+    done = particles.done
+    keep = lambda new, old: jnp.where(_expand(done, new), old, new)
+    state = jax.tree.map(keep, new_state, particles.state)
+    increments = jnp.where(done, 0.0, weighted.log_weight)
+    nan_sites = {name: jnp.any(flag & ~done) for name, flag in info.nan_sites.items()}
+    pop = Population(Particle(state, done | info.stopped), seq.population.log_weights + increments)
+    return Sequential(pop, t + 1), StepInfo(weighted.choices, increments, nan_sites)
+
+
+def finish(
+    key: jax.Array,
+    seq: Sequential,
+    program: SequentialProgram,
+    args: tuple,
+    num_steps: int,
+    proposal: Callable[..., Any] | None = None,
+) -> Sequential:
+    """Advance ``seq`` until ``num_steps`` steps have run (a ``lax.fori_loop``)."""
+
+    def body(i, s):
+        return advance(jax.random.fold_in(key, i), s, program, args, proposal)[0]
+
+    return jax.lax.fori_loop(seq.t, num_steps, body, seq)
+
+
+def match_state(new: Any, old: Any) -> Any:
+    """Check that ``step`` returned a state shaped like ``init``'s and cast it to the carried dtypes
+    (so weakly typed Python scalars in ``init`` do not break the scan carry)."""
+    new_leaves, new_def = jax.tree.flatten(new)
+    old_leaves, old_def = jax.tree.flatten(old)
+    if new_def != old_def:
+        raise ModelError(
+            f"step returned a state with structure {new_def}, but init returned {old_def}"
+        )
+    for a, b in zip(new_leaves, old_leaves, strict=True):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ModelError(
+                f"step returned a state leaf of shape {jnp.shape(a)[1:]}, "
+                f"but init returned shape {jnp.shape(b)[1:]}"
+            )
+    return jax.tree.unflatten(old_def, [jnp.asarray(a).astype(b.dtype) for a, b in zip(new_leaves, old_leaves, strict=True)])
+
+
+def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (jnp.ndim(like) - 1))
+
+
+def _any(flags: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: jnp.any(flag) for name, flag in flags.items()}

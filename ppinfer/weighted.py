@@ -1,0 +1,127 @@
+"""Weighted: one run of a program with its accumulated log weight.
+
+Meaning: the one-point measure ``exp(log_weight) · δ(choices)``. Running a program under a proposal
+is *valid* (``E_q[⟦run⟧] = ⟦program⟧``) because every latent choice drawn from ``q`` is paid for with
+``log p − log q``:
+
+    log_weight = Σ_observed log p(y | …)                  (observations, factors, conditions)
+               + Σ_{x proposed by q} [log p(x | …) − log q(x | …)]
+
+Latent choices that the proposal does not make are drawn from the program's own prior and contribute
+nothing (their ``p/q`` is 1). Without a proposal this is likelihood weighting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro import handlers
+
+from ppinfer.errors import ModelError
+from ppinfer.primitives import collect_stops
+
+__all__ = ["Weighted", "RunInfo", "simulate", "weight_from_traces", "choices_of", "site_log_prob"]
+
+
+class Weighted(NamedTuple):
+    """One weighted run.
+
+    Attributes:
+        value: the program's return value (a pytree).
+        choices: latent ``sample`` sites and ``deterministic`` sites, name → value.
+        log_weight: ``f32[]``, as in the module docstring (log p/q of the latent choices plus log
+            likelihood of the observations).
+    """
+
+    value: Any
+    choices: dict[str, Any]
+    log_weight: jax.Array
+
+
+class RunInfo(NamedTuple):
+    """Diagnostics of one run: ``nan_sites`` maps each weighted site to whether its log density was
+    NaN (invalid parameters or data); ``stopped`` is the OR of the run's ``stop`` flags."""
+
+    nan_sites: dict[str, jax.Array]
+    stopped: jax.Array
+
+
+def simulate(
+    key: jax.Array,
+    fn: Callable[..., Any],
+    args: tuple = (),
+    kwargs: dict | None = None,
+    proposal: Callable[..., Any] | None = None,
+) -> tuple[Weighted, RunInfo]:
+    """Run ``fn(*args, **kwargs)`` once, its latent choices drawn from ``proposal`` (called with the
+    same arguments) where it makes them and from ``fn``'s prior elsewhere. Pure and vmap/jit-able."""
+    kwargs = kwargs or {}
+    k_p, k_q = jax.random.split(key)
+    q_trace = None
+    data = {}
+    if proposal is not None:
+        q_trace = handlers.trace(handlers.seed(proposal, k_q)).get_trace(*args, **kwargs)
+        data = {name: site["value"] for name, site in q_trace.items() if _is_latent(site)}
+    stops = collect_stops()
+    with handlers.trace() as p_trace, handlers.seed(rng_seed=k_p), handlers.substitute(data=data):
+        with stops:
+            value = fn(*args, **kwargs)
+    log_weight, nan_sites = weight_from_traces(p_trace, q_trace)
+    return Weighted(value, choices_of(p_trace), log_weight), RunInfo(nan_sites, stops.stopped)
+
+
+def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.Array, dict]:
+    """The log weight of a program trace ``p_trace`` whose latent values were proposed by
+    ``q_trace`` (``None``: all drawn from the prior). See the module docstring for the formula.
+
+    Raises :class:`ModelError` if the proposal makes a choice the program does not have, or proposes
+    an observed site."""
+    q_latent = {} if q_trace is None else {n: s for n, s in q_trace.items() if _is_latent(s)}
+    for name in q_latent:
+        if name not in p_trace:
+            raise ModelError(f"the proposal samples site {name!r}, which the program does not have")
+        if not _is_latent(p_trace[name]):
+            raise ModelError(f"the proposal samples site {name!r}, which the program observes")
+    log_weight = jnp.zeros((), dtype=jnp.result_type(float))
+    nan_sites = {}
+    for name, site in p_trace.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            lp = site_log_prob(site)
+        elif name in q_latent:
+            lp = site_log_prob(site) - site_log_prob(q_latent[name])
+        else:
+            continue
+        nan_sites[name] = jnp.isnan(lp)
+        log_weight = log_weight + lp
+    return log_weight, nan_sites
+
+
+def site_log_prob(site: dict) -> jax.Array:
+    """``f32[]``: the log density of a trace site's value, masked and scaled as NumPyro does."""
+    fn, value = site["fn"], site["value"]
+    intermediates = site.get("intermediates")
+    lp = fn.log_prob(value, intermediates) if intermediates else fn.log_prob(value)
+    mask = site.get("mask")
+    if mask is not None:
+        lp = jnp.where(mask, lp, 0.0)
+    lp = jnp.sum(lp)
+    scale = site.get("scale")
+    return lp if scale is None else scale * lp
+
+
+def choices_of(trace: dict) -> dict[str, Any]:
+    """Latent sample sites and deterministic sites of a trace, name → value."""
+    return {
+        name: site["value"]
+        for name, site in trace.items()
+        if _is_latent(site) or site["type"] == "deterministic"
+    }
+
+
+def _is_latent(site: dict) -> bool:
+    return site["type"] == "sample" and not site["is_observed"]
