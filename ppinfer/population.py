@@ -18,7 +18,16 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-__all__ = ["Population", "spawn", "ess", "normalize", "log_evidence", "collapse", "gather"]
+__all__ = [
+    "Population",
+    "spawn",
+    "ess",
+    "normalize",
+    "log_evidence",
+    "collapse",
+    "collapse_from_uniform",
+    "gather",
+]
 
 
 class Population(NamedTuple):
@@ -42,7 +51,7 @@ def spawn(particles: Any, num_particles: int, log_weight: jax.Array | float = 0.
     log weight ``log_weight − log N``. Deterministic and valid: the measure is unchanged."""
     n = int(num_particles)
     copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), particles)
-    log_weights = jnp.full((n,), jnp.asarray(log_weight, jnp.float32) - jnp.log(n))
+    log_weights = jnp.full((n,), jnp.asarray(log_weight, jnp.result_type(float)) - jnp.log(n))
     return Population(copies, log_weights)
 
 
@@ -71,7 +80,14 @@ def collapse(key: jax.Array, pop: Population) -> tuple[Any, jax.Array]:
     """Collapse a population into one weighted particle: pick particle ``i`` with probability
     ``∝ exp(log_weights[i])`` and give it the total mass ``log Ẑ``. Returns ``(particle, log_weight)``.
     Valid: ``E[exp(log Ẑ) δ(x_I)] = Σ_i exp(w_i) δ(x_i)``."""
-    i = jax.random.categorical(key, normalize(pop.log_weights))
+    return collapse_from_uniform(jax.random.uniform(key, (1,), pop.log_weights.dtype), pop)
+
+
+def collapse_from_uniform(u: jax.Array, pop: Population) -> tuple[Any, jax.Array]:
+    """:func:`collapse` given its uniform draw ``u: f32[1]`` (inverse CDF), for exact enumeration."""
+    from ppinfer.resample import ancestors_from_uniforms
+
+    i = ancestors_from_uniforms("multinomial", u, pop.log_weights)[0]
     return jax.tree.map(lambda x: x[i], pop.particles), log_evidence(pop.log_weights)
 
 

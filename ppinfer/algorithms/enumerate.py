@@ -41,12 +41,14 @@ class Branch(NamedTuple):
         log_prob: log probability of drawing this branch's latent choices when sampling.
         log_weight: the execution's log weight (log p/q of proposed choices + log likelihood).
         value: the program's return value.
+        stopped: whether the program called :func:`~ppinfer.stop` (for sequential steps).
     """
 
     choices: dict[str, np.ndarray]
     log_prob: float
     log_weight: float
     value: Any
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Enumerate:
         log_masses = jnp.asarray([b.log_prob + b.log_weight for b in branches])
         extras = {}
         if is_sequential(program):
-            samples, extras["active"] = _as_trajectories(
+            samples, extras["active"], extras["site_kinds"] = _as_trajectories(
                 [b.choices for b in branches], program.steps_for(args)
             )
         else:
@@ -119,13 +121,15 @@ def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
     num_steps = program.steps_for(args)
 
     def unrolled():
-        with handlers.scope(prefix="init", divider="/"), collect_stops() as stops:
+        stops = collect_stops()
+        with handlers.scope(prefix="init", divider="/"), stops:
             state = program.init(*args)
         state = jax.tree.map(jnp.asarray, state)
         for t in range(num_steps):
             if bool(stops.stopped):
                 break
-            with handlers.scope(prefix=str(t), divider="/"), collect_stops() as stops:
+            stops = collect_stops()
+            with handlers.scope(prefix=str(t), divider="/"), stops:
                 state = program.step(state, jnp.asarray(t, jnp.int32), *args)
         return state
 
@@ -162,11 +166,13 @@ def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
             proposal(*args, **kwargs)
         q_values = {n: s["value"] for n, s in q_trace.items() if _latent(s)}
         log_prob += sum(float(site_log_prob(s)) for s in q_trace.values() if _latent(s))
+    stops = collect_stops()
     with (
         handlers.trace() as p_trace,
         handlers.seed(rng_seed=0),
         handlers.substitute(data=q_values),
         _fix_choices(prefix, "p", frozenset(q_values)),
+        stops,
     ):
         value = fn(*args, **kwargs)
     log_prob += sum(
@@ -174,7 +180,7 @@ def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
     )
     log_weight = float(weight_from_traces(p_trace, q_trace)[0])
     choices = {k: np.asarray(v) for k, v in choices_of(p_trace).items()}
-    return Branch(choices, log_prob, log_weight, value)
+    return Branch(choices, log_prob, log_weight, value, bool(stops.stopped))
 
 
 def _support(name: str, fn) -> list:
@@ -207,7 +213,7 @@ def _stack(dicts: list[dict]) -> dict:
     return {n: jnp.asarray(np.stack([d[n] for d in dicts])) for n in names}
 
 
-def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Array]:
+def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Array, dict]:
     """Per-branch ``init/x`` and ``<t>/x`` values → samples named as
     :func:`ppinfer.algorithms.smc.sample_names`, step sites as trajectories ``[B, T, …]``; steps a
     branch did not reach (its particle stopped) are zero-filled and marked inactive."""
@@ -228,4 +234,5 @@ def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Arr
     }
     active = np.array([[any(k.startswith(f"{t}/") for k in c) for t in range(num_steps)]
                        for c in choices])
-    return sample_names(init, steps), jnp.asarray(active)
+    samples, kinds = sample_names(init, steps)
+    return samples, jnp.asarray(active), kinds

@@ -78,7 +78,7 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
 
     def build():
         def compiled(key, dyn):
-            return _smc(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal)
+            return smc_run(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal)
 
         return compiled
 
@@ -106,11 +106,14 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         ancestors=out["ancestors"],
         state=out["state"],
         wall_time=time.perf_counter() - t0,
-        extras={"active": out["active"]},
+        extras={"active": out["active"], "site_kinds": out["site_kinds"]},
     )
 
 
-def _smc(key, program, args, n, num_steps, scheme, threshold, proposal, init_proposal):
+def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, init_proposal=None):
+    """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
+    ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
+    genealogy-traced ``samples``, the final ``state`` and per-site NaN flags ``nan_sites``."""
     k_init, k_loop = jax.random.split(key)
     seq, init_info = start(k_init, program, args, n, init_proposal)
     log_z_init = log_evidence(seq.population.log_weights)
@@ -138,8 +141,10 @@ def _smc(key, program, args, n, num_steps, scheme, threshold, proposal, init_pro
     trajectories, init_index = trace_genealogy(ancestors, {"choices": choices, "active": active})
     init_choices = jax.tree.map(lambda x: x[init_index], init_info.choices)
     nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
+    samples, site_kinds = sample_names(init_choices, trajectories["choices"])
     return {
-        "samples": sample_names(init_choices, trajectories["choices"]),
+        "samples": samples,
+        "site_kinds": site_kinds,
         "active": trajectories["active"],
         "log_weights": seq.population.log_weights,
         "log_evidence": log_evidence(seq.population.log_weights),
@@ -175,11 +180,16 @@ def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
 
 
-def sample_names(init_choices: dict, step_choices: dict) -> dict:
-    """Merge init and step site values: an init site named like a step site becomes ``init/<name>``."""
-    merged = {(f"init/{k}" if k in step_choices else k): v for k, v in init_choices.items()}
-    merged.update(step_choices)
-    return merged
+def sample_names(init_choices: dict, step_choices: dict) -> tuple[dict, dict]:
+    """Merge init and step site values: an init site named like a step site becomes ``init/<name>``.
+    Returns ``(samples, site_kinds)`` with ``site_kinds[name] = ("init" | "step", site name)``."""
+    samples, kinds = {}, {}
+    for k, v in init_choices.items():
+        name = f"init/{k}" if k in step_choices else k
+        samples[name], kinds[name] = v, ("init", k)
+    for k, v in step_choices.items():
+        samples[k], kinds[k] = v, ("step", k)
+    return samples, kinds
 
 
 def _dry_run(program: SequentialProgram, args: tuple, cfg: SMC) -> None:

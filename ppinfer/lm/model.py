@@ -28,8 +28,8 @@ from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig
 from ppinfer.lm.tokenizer import Tokenizer
 from ppinfer.lm.transformer import (
-    ParticleCache,
     Params,
+    ParticleCache,
     PromptCache,
     decode,
     init_particle_cache,
@@ -116,8 +116,14 @@ class LanguageModel:
         key = jax.random.key(key) if isinstance(key, int) else key
         eos = -1 if self.eos_id is None else self.eos_id
         return _generate(
-            self.params, self.config, self.encode(prompt), key,
-            num_particles, max_new_tokens, float(temperature), eos,
+            self.params,
+            self.config,
+            self.encode(prompt),
+            key,
+            num_particles,
+            max_new_tokens,
+            float(temperature),
+            eos,
         )
 
     def complete(self, prompt: str, **kwargs) -> list[str]:
@@ -149,7 +155,9 @@ def load(path: str | Path, dtype=jnp.float32) -> LanguageModel:
     if config.eos_token_id is None and (path / "generation_config.json").is_file():
         eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
         if eos is not None:
-            config = dataclasses.replace(config, eos_token_id=eos[0] if isinstance(eos, list) else eos)
+            config = dataclasses.replace(
+                config, eos_token_id=eos[0] if isinstance(eos, list) else eos
+            )
     return LanguageModel(params=params, config=config, tokenizer=tokenizer)
 
 
@@ -178,9 +186,7 @@ def _generate(
 ) -> Generation:
     logits, prompt_cache = prefill(params, config, prompt)
     logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
-    cache = init_particle_cache(
-        config, num_particles, max_new_tokens, params["embed"].dtype
-    )
+    cache = init_particle_cache(config, num_particles, max_new_tokens, params["embed"].dtype)
     step = jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))
 
     def body(carry, key):

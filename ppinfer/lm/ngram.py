@@ -40,8 +40,10 @@ class NGramLM:
         probs = np.asarray(probs, dtype=np.float64)
         vocab = probs.shape[-1]
         if any(size != vocab for size in probs.shape) or not 0 <= bos_id < vocab:
-            raise ModelError(f"an n-gram table must have shape (V,)*n with 0 <= bos_id < V, "
-                             f"got {probs.shape} and bos_id={bos_id}")
+            raise ModelError(
+                f"an n-gram table must have shape (V,)*n with 0 <= bos_id < V, "
+                f"got {probs.shape} and bos_id={bos_id}"
+            )
         if (probs < 0).any() or not np.allclose(probs.sum(-1), 1.0, atol=1e-6):
             raise ModelError("n-gram probabilities must be non-negative and sum to one")
         with np.errstate(divide="ignore"):
@@ -96,9 +98,7 @@ class NGramLM:
             prompt_cache, particle_cache, tokens
         )
         if active is not None:
-            cache = NGramCache(
-                jnp.where(active[:, None], cache.context, particle_cache.context)
-            )
+            cache = NGramCache(jnp.where(active[:, None], cache.context, particle_cache.context))
         return logits, cache
 
     def _next(self, context: jax.Array) -> jax.Array:

@@ -103,7 +103,9 @@ class Tokenizer:
 
 def _piece_decoder(spec: dict):
     """Maps a vocabulary string to its bytes for the tokenizer's encoding of bytes."""
-    if _mentions(spec.get("decoder"), "ByteLevel") or _mentions(spec.get("pre_tokenizer"), "ByteLevel"):
+    if _mentions(spec.get("decoder"), "ByteLevel") or _mentions(
+        spec.get("pre_tokenizer"), "ByteLevel"
+    ):
         alphabet = {char: byte for byte, char in _gpt2_byte_alphabet().items()}
 
         def byte_level(piece: str) -> bytes:

@@ -6,7 +6,8 @@ layers run under one ``lax.scan`` (compile time independent of depth)::
     embed: [V, D]            pos_embed: [P, D] (gpt2)         lm_head: [D, V] (untied only)
     final_norm: {scale: [D], bias: [D] (gpt2)}
     layers: {attn_norm, mlp_norm: {scale: [Lyr, D], bias: [Lyr, D] (gpt2)},
-             q: {w: [Lyr, D, H*hd], b?}, k, v: {w: [Lyr, D, Hkv*hd], b?}, o: {w: [Lyr, H*hd, D], b?},
+             q: {w: [Lyr, D, H*hd], b?}, k, v: {w: [Lyr, D, Hkv*hd], b?},
+             o: {w: [Lyr, H*hd, D], b?},
              up: {w: [Lyr, D, F], b?}, gate: {w: [Lyr, D, F]} (llama), down: {w: [Lyr, F, D], b?}}
 
 Caching for sequential Monte Carlo: the prompt is run once by :func:`prefill` into a

@@ -1,0 +1,1 @@
+"""The ppinfer model zoo: programs with known answers, and the embedded default language model."""

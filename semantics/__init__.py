@@ -1,0 +1,50 @@
+"""Reference semantics and the validity harness of ppinfer.
+
+- :func:`denote`: the exact unnormalised measure of a finite discrete program.
+- :mod:`semantics.blocks`: each building block's validity criterion ``E[⟦T(p)⟧] = ⟦p⟧`` as an exact
+  check (resampling, spawn, collapse, proposals, and SMC composed from them).
+- :mod:`semantics.stats`: statistical checks (unbiasedness of Ẑ, posterior means) with stated
+  false-failure rates.
+- :mod:`semantics.exact`: exact answers for the model zoo (forward algorithm, Kalman filter).
+"""
+
+from semantics.blocks import (
+    check_collapse,
+    check_proposal,
+    check_resample,
+    check_smc,
+    check_spawn,
+    exact_smc,
+    resample_outcomes,
+)
+from semantics.denote import denote, measure_of
+from semantics.exact import hmm_forward, kalman_filter
+from semantics.measure import Measure, outcome_key
+from semantics.stats import (
+    CLTCheck,
+    check_mean,
+    check_unbiased_evidence,
+    importance_log_evidence_replicates,
+    smc_log_evidence_replicates,
+)
+
+__all__ = [
+    "denote",
+    "measure_of",
+    "Measure",
+    "outcome_key",
+    "resample_outcomes",
+    "check_resample",
+    "check_spawn",
+    "check_collapse",
+    "check_proposal",
+    "exact_smc",
+    "check_smc",
+    "hmm_forward",
+    "kalman_filter",
+    "CLTCheck",
+    "check_mean",
+    "check_unbiased_evidence",
+    "smc_log_evidence_replicates",
+    "importance_log_evidence_replicates",
+]
