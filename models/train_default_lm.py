@@ -4,7 +4,7 @@ A small GPT-2 (byte-level BPE, 2048 tokens, digits split one per token) trained 
 on text every machine has: a seeded subset of this Python's standard library sources, and the
 synthetic step-by-step arithmetic corpus of ``models/arith_corpus.py``. Nothing is downloaded.
 
-    python models/train_default_lm.py            # full run (≈15 min on 2 CPU cores)
+    python models/train_default_lm.py            # full run (≈15 min on 2 shared CPU cores)
     python models/train_default_lm.py --steps 20 --out /tmp/lm   # smoke test
 
 The run is seeded; ``training_manifest.json`` records the corpus file list and its SHA-256, the
@@ -66,12 +66,13 @@ MAX_FILE_BYTES = 40_000
 NUM_ARITH_TRAIN = 80_000
 ARITH_SIZES = (2, 3, 4, 5)
 EVAL_PER_SIZE = 100
+HELDOUT_LABELS = {"stdlib": "stdlib (held-out files)", "arithmetic": "arithmetic (unseen problems)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "default_lm")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
@@ -389,7 +390,10 @@ def model_card(manifest: dict, samples: list[str], code_samples: list[str]) -> s
         f"| {size} | {acc['greedy'][size]:.2f} | {acc['sampled'][size]:.2f} |"
         for size in acc["greedy"]
     )
-    held = manifest["heldout"]
+    heldout_rows = "\n".join(
+        f"| {HELDOUT_LABELS[name]} | {m['loss']:.3f} | {m['bits_per_byte']:.3f} |"
+        for name, m in manifest["heldout"].items()
+    )
     hf = manifest["hf_config"]
     code = "\n\n".join(f"```python\ndef {s}\n```" for s in code_samples)
     arith = "\n".join(f"    {s}" for s in samples)
@@ -419,8 +423,7 @@ knows some Python-stdlib-flavoured code and a step-by-step arithmetic format.
 
 | corpus | loss (nats/token) | bits per byte |
 |---|---|---|
-| stdlib (held-out files) | {held["stdlib"]["loss"]:.3f} | {held["stdlib"]["bits_per_byte"]:.3f} |
-| arithmetic (unseen problems) | {held["arithmetic"]["loss"]:.3f} | {held["arithmetic"]["bits_per_byte"]:.3f} |
+{heldout_rows}
 
 Arithmetic accuracy ({EVAL_PER_SIZE} unseen problems per size; prompt `<|endoftext|>Q: … = ?`,
 up to 64 new tokens, answer parsed after `A:`):

@@ -111,19 +111,24 @@ def lm_step(
     """
     position = prompt_cache.length + particle_cache.length
     x = _embed(params, config, token[None], position[None])
-    prompt_mask = jnp.arange(prompt_cache.k.shape[1]) < prompt_cache.length
-    own_mask = jnp.arange(particle_cache.k.shape[1]) < particle_cache.length
-    # Own token last: the cached prefix is read as-is and the new keys are written once, after
-    # all layers, so the cache is updated in place instead of rebuilt by the scan.
+    prompt_len, max_new = prompt_cache.k.shape[1], particle_cache.k.shape[1]
+    prompt_mask = jnp.arange(prompt_len) < prompt_cache.length
+    own_mask = jnp.arange(max_new) < particle_cache.length
     mask = jnp.concatenate([prompt_mask, own_mask, jnp.ones((1,), bool)])
 
     def layer_fn(x, inputs):
         layer, prompt_k, prompt_v, own_k, own_v = inputs
         q, k, v = _qkv(config, layer, x, position[None])
-        keys = jnp.concatenate([prompt_k, own_k, k])
-        values = jnp.concatenate([prompt_v, own_v, v])
-        probs = _softmax(jnp.where(mask, _scores(config, q, keys), _NEG))
-        out = _weighted_values(config, probs, values)
+        # Scores and values are taken from the three parts separately: concatenating the keys
+        # would broadcast the shared prompt cache to every particle under vmap. The new token's
+        # keys are written once, after all layers, so the cache is updated in place.
+        scores = [_scores(config, q, prompt_k), _scores(config, q, own_k), _scores(config, q, k)]
+        probs = _softmax(jnp.where(mask, jnp.concatenate(scores, axis=-1), _NEG))
+        out = (
+            _weighted_values(config, probs[..., :prompt_len], prompt_v)
+            + _weighted_values(config, probs[..., prompt_len:-1], own_v)
+            + _weighted_values(config, probs[..., -1:], v)
+        )
         return _finish_block(config, layer, x, out), (k[0], v[0])
 
     inputs = (params["layers"], prompt_cache.k, prompt_cache.v, particle_cache.k, particle_cache.v)
