@@ -75,6 +75,7 @@ def smc_log_evidence_replicates(
 ) -> np.ndarray:
     """``f32[R]``: ``log Ẑ`` of ``R`` independent SMC runs (the real compiled core, vmapped)."""
     num_steps = program.steps_for(args)
+    args = _as_jax(args)
 
     @jax.jit
     def run(keys):
@@ -95,6 +96,7 @@ def importance_log_evidence_replicates(
     proposal: Callable[..., Any] | None = None,
 ) -> np.ndarray:
     """``f32[R]``: ``log Ẑ`` of ``R`` independent importance-sampling runs of a static program."""
+    args = _as_jax(args)
 
     @jax.jit
     def run(keys):
@@ -106,3 +108,8 @@ def importance_log_evidence_replicates(
         return jax.vmap(one)(keys)
 
     return np.asarray(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))
+
+
+def _as_jax(args: tuple) -> tuple:
+    """numpy arrays → jax arrays, so programs may index data with traced step numbers."""
+    return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)

@@ -27,6 +27,7 @@ def test_load_default():
     assert lm.config.model_type == "gpt2" and lm.config.vocab_size == lm.tokenizer.vocab_size
     assert lm.eos_id == lm.tokenizer.eos_id == lm.tokenizer.encode("<|endoftext|>")[0]
     assert lm.tokenizer.decode(lm.tokenizer.encode("x = 12 + 345")) == "x = 12 + 345"
+    assert len(lm.vocab_bytes) == lm.config.vocab_size and lm.vocab_bytes[1] == b"!"
 
 
 def test_greedy_arithmetic_is_well_formed():

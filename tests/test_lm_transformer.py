@@ -172,6 +172,7 @@ def test_bf16_loads_and_runs_close_to_fp32(pair, tmp_path):
 def test_generate_stops_at_eos(pair):
     _, lm = pair
     assert isinstance(lm, LanguageModel) and lm.eos_id == 0
+    assert len(lm.vocab_bytes) == VOCAB and lm.vocab_bytes[0] == b"<|endoftext|>"
     out = lm.generate(PROMPT, key=3, num_particles=5, max_new_tokens=12)
     assert out.tokens.shape == (5, 12) and out.lengths.shape == (5,)
     for row, length in zip(np.asarray(out.tokens), np.asarray(out.lengths), strict=True):

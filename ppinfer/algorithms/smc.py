@@ -95,8 +95,9 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
             f"after step {int(dead[0])}" if dead.size else "at the end"
         )
         checks.raise_if_dead(log_z, where, cfg.num_particles)
+    samples, site_kinds = sample_names(out["init_choices"], out["trajectories"])
     return Result(
-        samples=out["samples"],
+        samples=samples,
         log_weights=out["log_weights"],
         log_evidence=log_z,
         algorithm=name,
@@ -106,14 +107,15 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         ancestors=out["ancestors"],
         state=out["state"],
         wall_time=time.perf_counter() - t0,
-        extras={"active": out["active"], "site_kinds": out["site_kinds"]},
+        extras={"active": out["active"], "site_kinds": site_kinds},
     )
 
 
 def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, init_proposal=None):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
-    genealogy-traced ``samples``, the final ``state`` and per-site NaN flags ``nan_sites``."""
+    genealogy-traced ``init_choices`` ``[N, …]`` and step ``trajectories`` ``[N, T, …]``, ``active:
+    bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``."""
     k_init, k_loop = jax.random.split(key)
     seq, init_info = start(k_init, program, args, n, init_proposal)
     log_z_init = log_evidence(seq.population.log_weights)
@@ -141,10 +143,9 @@ def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, 
     trajectories, init_index = trace_genealogy(ancestors, {"choices": choices, "active": active})
     init_choices = jax.tree.map(lambda x: x[init_index], init_info.choices)
     nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
-    samples, site_kinds = sample_names(init_choices, trajectories["choices"])
     return {
-        "samples": samples,
-        "site_kinds": site_kinds,
+        "init_choices": init_choices,
+        "trajectories": trajectories["choices"],
         "active": trajectories["active"],
         "log_weights": seq.population.log_weights,
         "log_evidence": log_evidence(seq.population.log_weights),

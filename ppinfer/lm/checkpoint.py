@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.typing import DTypeLike
 
 from ppinfer.errors import CheckpointError
 from ppinfer.lm.config import TransformerConfig, config_from_hf
@@ -39,7 +40,9 @@ def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
     return config_from_hf(hf), hf
 
 
-def load_params(path: str | Path, config: TransformerConfig, dtype=jnp.float32) -> Params:
+def load_params(
+    path: str | Path, config: TransformerConfig, dtype: DTypeLike = jnp.float32
+) -> Params:
     """Read every safetensors file of ``path`` into the params pytree of ``config``, cast to dtype.
 
     Raises :class:`CheckpointError` for missing/truncated files, missing tensors and wrong shapes.
@@ -226,7 +229,7 @@ def _llama_params(config: TransformerConfig, get: _Getter) -> Params:
     return params
 
 
-def _cast(params: Params, dtype) -> Params:
+def _cast(params: Params, dtype: DTypeLike) -> Params:
     if isinstance(params, dict):
         return {key: _cast(value, dtype) for key, value in params.items()}
     return jnp.asarray(np.asarray(params, dtype=np.float32), dtype=dtype)

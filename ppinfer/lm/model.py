@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ppinfer.errors import CheckpointError
 from ppinfer.lm.checkpoint import load_params, read_config
@@ -63,7 +64,14 @@ class LanguageModel:
         return self.tokenizer.eos_id if self.tokenizer else None
 
     @property
-    def dtype(self):
+    def vocab_bytes(self) -> list[bytes]:
+        """Bytes of every token id the logits cover (``config.vocab_size`` entries): ids past the
+        tokenizer's vocabulary (embedding padding, as in Qwen2) map to ``b""``."""
+        table = self.tokenizer.vocab_bytes
+        return table[: self.config.vocab_size] + [b""] * (self.config.vocab_size - len(table))
+
+    @property
+    def dtype(self) -> jnp.dtype:
         return self.params["embed"].dtype
 
     def encode(self, prompt: str | Sequence[int]) -> jax.Array:
@@ -136,7 +144,7 @@ class LanguageModel:
         ]
 
 
-def load(path: str | Path, dtype=jnp.float32) -> LanguageModel:
+def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
     ``model.safetensors.index.json``, ``tokenizer.json``) as a :class:`LanguageModel` in ``dtype``
     (``jnp.float32`` or ``jnp.bfloat16``).
@@ -162,7 +170,7 @@ def load(path: str | Path, dtype=jnp.float32) -> LanguageModel:
 
 
 @functools.cache
-def load_default(dtype=jnp.float32) -> LanguageModel:
+def load_default(dtype: DTypeLike = jnp.float32) -> LanguageModel:
     """The small GPT-2 trained by ``models/train_default_lm.py`` and committed in
     ``models/default_lm`` (cached: loaded once per process)."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from ppinfer.lm.config import TransformerConfig
 
@@ -58,7 +59,10 @@ class ParticleCache(NamedTuple):
 
 
 def init_particle_cache(
-    config: TransformerConfig, num_particles: int, max_new_tokens: int, dtype=jnp.float32
+    config: TransformerConfig,
+    num_particles: int,
+    max_new_tokens: int,
+    dtype: DTypeLike = jnp.float32,
 ) -> ParticleCache:
     """An empty cache for ``num_particles`` particles of at most ``max_new_tokens`` new tokens."""
     shape = (num_particles, config.num_layers, max_new_tokens, config.num_kv_heads, config.head_dim)
