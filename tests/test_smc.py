@@ -90,7 +90,8 @@ def test_step_proposal_is_weighted_correctly():
     boot = pp.infer(model, ys, algorithm=pp.SMC(500), key=0)
     opt = pp.infer(model, ys, algorithm=pp.SMC(500, proposal=proposal), key=0)
     assert float(jnp.mean(opt.ess)) > 2 * float(jnp.mean(boot.ess))
-    assert opt.log_evidence == pytest.approx(log_z, abs=0.05)
+    # sd of log Ẑ: 0.075 with this proposal, 0.61 bootstrap (400 seeds); 4-sigma bound.
+    assert opt.log_evidence == pytest.approx(log_z, abs=0.3)
 
 
 def test_stop_freezes_particles():
