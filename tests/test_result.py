@@ -1,0 +1,50 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ppinfer as pp
+from models.classic import lgssm, simulate_lgssm, sprinkler
+
+
+@pytest.fixture(scope="module")
+def result():
+    ys = simulate_lgssm(0, 12, 0.9, 0.5, 1.0, 1.0)
+    return pp.infer(lgssm(0.9, 0.5, 1.0, 1.0), ys, algorithm=pp.SMC(256), key=0)
+
+
+def test_weights_and_ess(result):
+    np.testing.assert_allclose(float(result.weights.sum()), 1.0, rtol=1e-5)
+    assert 1.0 <= result.final_ess <= 256.0
+
+
+def test_sample_and_resampled_samples(result):
+    draws = result.sample(100, key=1)
+    assert draws["x"].shape == (100, 12)
+    eq = result.resampled_samples(key=1)
+    assert eq["x"].shape == (256, 12)
+    # Draws only come from particles with positive weight.
+    pos = {tuple(np.asarray(v).round(5)) for v, w in zip(result.samples["x"], result.weights, strict=True) if w > 0}
+    assert all(tuple(np.asarray(v).round(5)) in pos for v in draws["x"][:10])
+
+
+def test_mean_var_expectation(result):
+    m = result.mean("x")
+    assert m.shape == (12,)
+    w = np.asarray(result.weights)
+    np.testing.assert_allclose(m, (w[:, None] * np.asarray(result.samples["x"])).sum(0), rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(result.var("x")) >= 0)
+    e = result.expectation(lambda s: {"last": s["x"][-1], "sq": s["x"] ** 2})
+    np.testing.assert_allclose(e["last"], m[-1], rtol=1e-5)
+
+
+def test_to_arviz(result):
+    idata = result.to_arviz()
+    assert idata.posterior["x"].shape[:2] == (1, 256)
+    assert "log_weight" in idata.sample_stats
+
+
+def test_repr_is_readable(result):
+    text = repr(result)
+    assert "SMC" in text and "log_evidence" in text and "resampled" in text
+    text = repr(pp.infer(sprinkler(), algorithm=pp.Enumerate()))
+    assert "rain: mean=" in text

@@ -1,0 +1,151 @@
+"""Validity of the composed algorithms: exact (enumerating SMC's own randomness) and statistical."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import ppinfer as pp
+from models.classic import discrete_hmm, lgssm, simulate_hmm, simulate_lgssm, sprinkler
+from ppinfer.resample import SCHEMES
+from semantics import (
+    check_mean,
+    check_smc,
+    check_unbiased_evidence,
+    denote,
+    exact_smc,
+    hmm_forward,
+    importance_log_evidence_replicates,
+    kalman_filter,
+    measure_of,
+    smc_log_evidence_replicates,
+)
+
+HMM2 = dict(init_probs=[0.6, 0.4], transition=[[0.7, 0.3], [0.2, 0.8]], means=[-1.0, 1.0], scale=1.0)
+
+
+def hmm2():
+    return discrete_hmm(**{k: np.asarray(v, np.float64) if k != "scale" else v for k, v in HMM2.items()})
+
+
+def sprinkler_steps():
+    """The sprinkler network as a two-step sequential program: step 0 samples rain, step 1 the
+    sprinkler and observes the wet grass."""
+
+    def init():
+        return jnp.zeros((), jnp.int32)
+
+    def step(rain, t):
+        first = t == 0
+        x = pp.sample("x", dist.Bernoulli(jnp.where(first, 0.2, jnp.where(rain == 1, 0.01, 0.4))))
+        p_wet = jnp.where(rain == 1, jnp.where(x == 1, 0.99, 0.8), jnp.where(x == 1, 0.9, 0.0))
+        pp.observe("wet", dist.Bernoulli(jnp.where(first, 1.0, p_wet)), 1)
+        return jnp.where(first, x, rain).astype(jnp.int32)
+
+    return pp.sequential(init, step, 2)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("threshold", [1.0, 0.9])
+def test_smc_exact_expected_measure_hmm(x64, scheme, threshold):
+    # monad-bayes' check: SMC with N=2, T=2; its expected output measure equals ⟦program⟧ (Z incl.).
+    ys = np.array([0.5, -0.3])
+    assert check_smc(hmm2(), (ys,), 2, scheme=scheme, ess_threshold=threshold) < 1e-12
+
+
+@pytest.mark.parametrize("scheme", ["multinomial", "systematic"])
+def test_smc_exact_expected_measure_sprinkler(x64, scheme):
+    assert check_smc(sprinkler_steps(), (), 2, scheme=scheme) < 1e-12
+
+
+def test_smc_exact_with_proposal_and_stop(x64):
+    def init():
+        return jnp.zeros((), jnp.int32)
+
+    def step(n, t):
+        b = pp.sample("b", dist.Categorical(jnp.array([0.5, 0.3, 0.2])))
+        pp.observe("y", dist.Normal(b.astype(float), 1.0), 0.7)
+        pp.stop(b == 2)
+        return n + b
+
+    q = lambda n, t: pp.sample("b", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
+    prog = pp.sequential(init, step, 2)
+    assert check_smc(prog, (), 2, scheme="stratified", proposal=q) < 1e-12
+
+
+def test_a_wrong_resampler_breaks_smc_exactly(x64):
+    ys = np.array([0.5, -0.3])
+    greedy = lambda scheme, u, lw: jnp.full(lw.shape, jnp.argmax(lw), dtype=jnp.int32)
+    got = exact_smc(hmm2(), (ys,), 2, ancestors_fn=greedy)
+    assert got.max_abs_diff(denote(hmm2(), ys)) > 1e-3
+
+
+def test_enumerate_matches_denote(x64):
+    r = pp.infer(sprinkler(), algorithm=pp.Enumerate())
+    assert measure_of(r).max_abs_diff(denote(sprinkler())) < 1e-12
+    ys = np.array([0.5, -0.3, 0.1])
+    r = pp.infer(hmm2(), ys, algorithm=pp.Enumerate())
+    assert measure_of(r).max_abs_diff(denote(hmm2(), ys)) < 1e-12
+
+
+# Statistical checks: R vmapped replications, CLT bound at false-failure rate 1e-3 (fixed seeds).
+
+HMM3 = dict(
+    init_probs=[0.5, 0.3, 0.2],
+    transition=[[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]],
+    means=[-2.0, 0.0, 2.0],
+    scale=1.0,
+)
+
+
+def hmm3_exact(ys):
+    ll = np.stack([-0.5 * (ys - m) ** 2 - 0.5 * np.log(2 * np.pi) for m in HMM3["means"]], 1)
+    return hmm_forward(HMM3["init_probs"], HMM3["transition"], ll)[0]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_smc_evidence_unbiased_hmm(scheme):
+    ys = simulate_hmm(4, 10, **HMM3)
+    log_z = hmm3_exact(ys.astype(np.float64))
+    lz = smc_log_evidence_replicates(discrete_hmm(**HMM3), (ys,), 2000, 32, resampling=scheme)
+    assert check_unbiased_evidence(lz, log_z, false_failure_rate=1e-3)
+
+
+def test_smc_evidence_unbiased_lgssm():
+    lg = dict(a=0.9, q=0.5, c=1.0, r=1.0)
+    ys = simulate_lgssm(5, 10, **lg)
+    log_z = kalman_filter(0.9, 0.5, 1.0, 1.0, 0.0, 1.0, ys)[0]
+    lz = smc_log_evidence_replicates(lgssm(**lg), (ys,), 2000, 32)
+    assert check_unbiased_evidence(lz, log_z)
+
+
+def test_importance_evidence_unbiased_hmm_and_lgssm():
+    ys = simulate_hmm(4, 6, **HMM3)
+    lz = smc_log_evidence_replicates(discrete_hmm(**HMM3), (ys,), 2000, 64, ess_threshold=0.0)
+    assert check_unbiased_evidence(lz, hmm3_exact(ys.astype(np.float64)))
+    lg = dict(a=0.9, q=0.5, c=1.0, r=1.0)
+    ys = simulate_lgssm(5, 6, **lg)
+    lz = smc_log_evidence_replicates(lgssm(**lg), (ys,), 2000, 64, ess_threshold=0.0)
+    assert check_unbiased_evidence(lz, kalman_filter(0.9, 0.5, 1.0, 1.0, 0.0, 1.0, ys)[0])
+
+
+def test_static_importance_evidence_unbiased():
+    def model(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, 0.5), y)
+
+    log_z = float(dist.Normal(0.0, np.sqrt(1.25)).log_prob(1.3))
+    lz = importance_log_evidence_replicates(model, (1.3,), 2000, 8)
+    assert check_unbiased_evidence(lz, log_z)
+
+
+def test_the_statistical_check_has_power():
+    # log Ẑ is biased low (Jensen): testing E[log Ẑ] = log Z must fail where E[Ẑ] = Z passes.
+    ys = simulate_hmm(4, 10, **HMM3)
+    log_z = hmm3_exact(ys.astype(np.float64))
+    lz = smc_log_evidence_replicates(discrete_hmm(**HMM3), (ys,), 2000, 8)
+    assert check_unbiased_evidence(lz, log_z)
+    assert not check_mean(lz, log_z)
+    # And a biased estimator (Ẑ scaled by 1.1) is caught.
+    assert not check_unbiased_evidence(lz + np.log(1.1), log_z)
