@@ -4,7 +4,7 @@
 - A **sequential program** (:class:`SequentialProgram`) is an ``init`` program and a ``step`` program,
   each written for ONE particle: ``state = init(*args)`` then ``state = step(state, t, *args)`` for
   ``t = 0 … num_steps − 1``. The engine vmaps them over particles, suspends the population after every
-  step (the :class:`~ppinfer.sequential.Sequential` representation), and lets a step end its particle
+  step (the :class:`~ppinfer.suspended.Sequential` representation), and lets a step end its particle
   with :func:`~ppinfer.primitives.stop`. State-space models and token-level LM programs take this form.
 """
 

@@ -55,18 +55,24 @@ def simulate(
     args: tuple = (),
     kwargs: dict | None = None,
     proposal: Callable[..., Any] | None = None,
+    particle: jax.Array | None = None,
 ) -> tuple[Weighted, RunInfo]:
     """Run ``fn(*args, **kwargs)`` once, its latent choices drawn from ``proposal`` (called with the
-    same arguments) where it makes them and from ``fn``'s prior elsewhere. Pure and vmap/jit-able."""
+    same arguments) where it makes them and from ``fn``'s prior elsewhere. Pure and vmap/jit-able.
+    ``key`` seeds the run: site ``i`` draws with ``fold_in(key, i)``, or, when ``particle: i32[]`` is
+    given, ``fold_in(fold_in(key, i), particle)`` — so a population vmapped over ``particle`` with one
+    shared ``key`` derives each particle's keys with one hash per site (the shared part is computed
+    once, not per particle)."""
     kwargs = kwargs or {}
-    k_p, k_q = jax.random.split(key)
+    k_p, k_q = (key, None) if proposal is None else jax.random.split(key)
     q_trace = None
     data = {}
     if proposal is not None:
-        q_trace = handlers.trace(handlers.seed(proposal, k_q)).get_trace(*args, **kwargs)
+        with handlers.trace() as q_trace, seed(rng_seed=k_q, particle=particle):
+            proposal(*args, **kwargs)
         data = {name: site["value"] for name, site in q_trace.items() if _is_latent(site)}
     stops = collect_stops()
-    with handlers.trace() as p_trace, handlers.seed(rng_seed=k_p), handlers.substitute(data=data):
+    with handlers.trace() as p_trace, seed(rng_seed=k_p, particle=particle), handlers.substitute(data=data):
         with stops:
             value = fn(*args, **kwargs)
     log_weight, nan_sites = weight_from_traces(p_trace, q_trace)
@@ -121,6 +127,28 @@ def choices_of(trace: dict) -> dict[str, Any]:
         for name, site in trace.items()
         if _is_latent(site) or site["type"] == "deterministic"
     }
+
+
+class seed(handlers.seed):
+    """NumPyro's ``seed`` handler, deriving the i-th site's key as ``fold_in(key, i)`` (then folding in
+    ``particle`` if given): one hash per random site and particle instead of a split's two — this is
+    on the hot path of every particle's step."""
+
+    def __init__(self, fn=None, rng_seed=None, particle=None):
+        super().__init__(fn, rng_seed)
+        self._count = 0
+        self._particle = particle
+
+    def process_message(self, msg):
+        if msg["type"] in self.hide_types or msg["type"] not in ("sample", "prng_key", "plate", "control_flow"):
+            return
+        if msg["kwargs"]["rng_key"] is not None or msg["value"] is not None:
+            return
+        key = jax.random.fold_in(self.rng_key, self._count)
+        if self._particle is not None:
+            key = jax.random.fold_in(key, self._particle)
+        msg["kwargs"]["rng_key"] = key
+        self._count += 1
 
 
 def _is_latent(site: dict) -> bool:

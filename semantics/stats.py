@@ -101,8 +101,8 @@ def importance_log_evidence_replicates(
     @jax.jit
     def run(keys):
         def one(k):
-            ks = jax.random.split(k, num_particles)
-            w, _ = jax.vmap(lambda kk: simulate(kk, program, args, proposal=proposal))(ks)
+            run = lambda i: simulate(k, program, args, proposal=proposal, particle=i)
+            w, _ = jax.vmap(run)(jnp.arange(num_particles))
             return jax.scipy.special.logsumexp(w.log_weight) - jnp.log(num_particles)
 
         return jax.vmap(one)(keys)

@@ -56,8 +56,8 @@ class Importance:
 
         def build():
             def compiled(key, dyn):
-                run = lambda k: simulate(k, program, rebuild(dyn), proposal=proposal)
-                weighted, info = jax.vmap(run)(jax.random.split(key, n))
+                run = lambda i: simulate(key, program, rebuild(dyn), proposal=proposal, particle=i)
+                weighted, info = jax.vmap(run)(jnp.arange(n))
                 log_weights = weighted.log_weight - jnp.log(n)
                 nan_sites = {k: jnp.any(v) for k, v in info.nan_sites.items()}
                 return weighted.choices, log_weights, log_evidence(log_weights), nan_sites

@@ -27,7 +27,7 @@ from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample
 from ppinfer.result import Result
-from ppinfer.sequential import Sequential, advance, match_state, start
+from ppinfer.suspended import Sequential, advance, match_state, start
 
 __all__ = ["SMC", "run_smc", "trace_genealogy", "sample_names"]
 

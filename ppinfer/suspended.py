@@ -65,9 +65,8 @@ def start(
     proposal: Callable[..., Any] | None = None,
 ) -> tuple[Sequential, StepInfo]:
     """Run ``init`` for ``num_particles`` particles; each weight is ``−log N + log p/q``."""
-    keys = jax.random.split(key, num_particles)
-    run = jax.vmap(lambda k: simulate(k, program.init, args, proposal=proposal))
-    weighted, info = run(keys)
+    run = jax.vmap(lambda i: simulate(key, program.init, args, proposal=proposal, particle=i))
+    weighted, info = run(jnp.arange(num_particles))
     state = jax.tree.map(jnp.asarray, weighted.value)
     done = info.stopped
     log_weights = weighted.log_weight - jnp.log(num_particles)
@@ -88,12 +87,12 @@ def advance(
     n = seq.population.num_particles
     t = seq.t
 
-    def one(k, state):
+    def one(i, state):
         step = lambda s: program.step(s, t, *args)
         prop = None if proposal is None else (lambda s: proposal(s, t, *args))
-        return simulate(k, step, (state,), proposal=prop)
+        return simulate(key, step, (state,), proposal=prop, particle=i)
 
-    weighted, info = jax.vmap(one)(jax.random.split(key, n), particles.state)
+    weighted, info = jax.vmap(one)(jnp.arange(n), particles.state)
     new_state = match_state(weighted.value, particles.state)
     done = particles.done
     keep = lambda new, old: jnp.where(_expand(done, new), old, new)
