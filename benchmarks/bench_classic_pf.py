@@ -59,7 +59,9 @@ def handwritten_filter(n: int):
                 idx = jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"), n - 1)
                 return x[idx], jnp.full((n,), -jnp.log(n))
 
-            x, log_w = jax.lax.cond((ess < 0.5 * n) & (t < t_max - 1), resample, lambda a: a, (x, log_w))
+            x, log_w = jax.lax.cond(
+                (ess < 0.5 * n) & (t < t_max - 1), resample, lambda a: a, (x, log_w)
+            )
             return (x, log_w, log_z), None
 
         init = (jnp.zeros(n), jnp.full((n,), -jnp.log(n)), jnp.zeros(()))
@@ -105,11 +107,15 @@ def main() -> None:
     # Interleave the two so that machine noise hits both alike.
     t_pp, t_hand = [], []
     for i in range(reps):
-        t_pp.append(median_time(lambda s: pp.infer(model, ys, algorithm=algorithm, key=s + i), 1))
-        t_hand.append(median_time(lambda s: hand(jax.random.PRNGKey(s + i), ys_dev).block_until_ready(), 1))
+        t_pp.append(median_time(lambda s, i=i: pp.infer(model, ys, algorithm=algorithm, key=s + i), 1))
+        t_hand.append(
+            median_time(lambda s, i=i: hand(jax.random.PRNGKey(s + i), ys_dev).block_until_ready(), 1)
+        )
     time_pp, time_hand = statistics.median(t_pp), statistics.median(t_hand)
 
-    log_z_pp = np.array([pp.infer(model, ys, algorithm=algorithm, key=1000 + s).log_evidence for s in range(seeds)])
+    log_z_pp = np.array(
+        [pp.infer(model, ys, algorithm=algorithm, key=1000 + s).log_evidence for s in range(seeds)]
+    )
     log_z_hand = np.array([float(hand(jax.random.PRNGKey(1000 + s), ys_dev)) for s in range(seeds)])
 
     rows = [
@@ -125,8 +131,13 @@ def main() -> None:
 
         def run_particles(seed):
             np.random.seed(seed)
-            pf = particles.SMC(fk=ssm.Bootstrap(ssm=lg, data=ys.astype(np.float64)), N=n,
-                               resampling="systematic", ESSrmin=0.5, store_history=False)
+            pf = particles.SMC(
+                fk=ssm.Bootstrap(ssm=lg, data=ys.astype(np.float64)),
+                N=n,
+                resampling="systematic",
+                ESSrmin=0.5,
+                store_history=False,
+            )
             pf.run()
             return pf.logLt
 
@@ -138,11 +149,16 @@ def main() -> None:
 
     print(f"LGSSM bootstrap filter, T={t_max}, N={n}, device={jax.devices()[0].platform}")
     print(f"exact log Z (Kalman) = {log_z_exact:.4f}")
-    print(f"{'implementation':<24}{'median s':>10}{'compile s':>11}{'vs hand':>9}{'logZ err':>10}{'logZ sd':>9}")
+    print(
+        f"{'implementation':<24}{'median s':>10}{'compile s':>11}{'vs hand':>9}{'logZ err':>10}{'logZ sd':>9}"
+    )
     for name, t, c, lz in rows:
-        print(f"{name:<24}{t:>10.4f}{c:>11.2f}{t / time_hand:>9.2f}{lz.mean() - log_z_exact:>10.4f}{lz.std():>9.4f}")
+        err = lz.mean() - log_z_exact
+        print(f"{name:<24}{t:>10.4f}{c:>11.2f}{t / time_hand:>9.2f}{err:>10.4f}{lz.std():>9.4f}")
     err, sd = log_z_pp.mean() - log_z_exact, log_z_pp.std()
-    print(f"RESULT ratio_vs_handwritten={time_pp / time_hand:.3f} logz_mean_err={err:.4f} logz_sd={sd:.4f}")
+    print(
+        f"RESULT ratio_vs_handwritten={time_pp / time_hand:.3f} logz_mean_err={err:.4f} logz_sd={sd:.4f}"
+    )
 
 
 if __name__ == "__main__":

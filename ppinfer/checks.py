@@ -96,7 +96,9 @@ def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
 
 def require_latent(latent: list[str]) -> None:
     if not latent:
-        raise ModelError("the program makes no random choice (no latent sample site): nothing to infer")
+        raise ModelError(
+            "the program makes no random choice (no latent sample site): nothing to infer"
+        )
 
 
 class _last_site(Messenger):

@@ -39,14 +39,20 @@ def run_lgssm(num_particles: int = 2000, num_steps: int = 100):
     result = pp.infer(lgssm(**LG), ys, algorithm=pp.SMC(num_particles), key=0)
     elapsed = time.perf_counter() - t0
     print(f"== Linear-Gaussian SSM: T={num_steps}, N={num_particles} (bootstrap SMC) ==")
-    print(f"log Z: SMC {result.log_evidence:.3f}   exact (Kalman) {log_z:.3f}   "
-          f"error {result.log_evidence - log_z:+.3f}")
+    print(
+        f"log Z: SMC {result.log_evidence:.3f}   exact (Kalman) {log_z:.3f}   "
+        f"error {result.log_evidence - log_z:+.3f}"
+    )
     last = float(result.mean("x")[-1]), float(result.std("x")[-1])
-    print(f"x_T posterior: SMC mean {last[0]:.3f} sd {last[1]:.3f}   "
-          f"exact mean {means[-1]:.3f} sd {np.sqrt(variances[-1]):.3f}")
-    print(f"ESS: mean {float(np.mean(result.ess)):.0f}, min {float(np.min(result.ess)):.0f}; "
-          f"resampled {int(np.sum(result.resampled))} of {num_steps} steps; "
-          f"{elapsed:.2f} s (compilation included)")
+    print(
+        f"x_T posterior: SMC mean {last[0]:.3f} sd {last[1]:.3f}   "
+        f"exact mean {means[-1]:.3f} sd {np.sqrt(variances[-1]):.3f}"
+    )
+    print(
+        f"ESS: mean {float(np.mean(result.ess)):.0f}, min {float(np.min(result.ess)):.0f}; "
+        f"resampled {int(np.sum(result.resampled))} of {num_steps} steps; "
+        f"{elapsed:.2f} s (compilation included)"
+    )
     return ys, result, means
 
 
@@ -60,9 +66,15 @@ def run_hmm(num_particles: int = 2000, num_steps: int = 50):
     smc_filter = np.array([w[last == k].sum() for k in range(3)])
     print(f"\n== Hidden Markov model: 3 states, T={num_steps}, N={num_particles} ==")
     print(f"log Z: SMC {result.log_evidence:.3f}   exact (forward algorithm) {log_z:.3f}")
-    print("p(x_T | y): SMC " + " ".join(f"{p:.3f}" for p in smc_filter)
-          + "   exact " + " ".join(f"{p:.3f}" for p in filt[-1]))
-    print(f"ESS: mean {float(np.mean(result.ess)):.0f}; resampled {int(np.sum(result.resampled))} times")
+    print(
+        "p(x_T | y): SMC "
+        + " ".join(f"{p:.3f}" for p in smc_filter)
+        + "   exact "
+        + " ".join(f"{p:.3f}" for p in filt[-1])
+    )
+    print(
+        f"ESS: mean {float(np.mean(result.ess)):.0f}; resampled {int(np.sum(result.resampled))} times"
+    )
     print(result)
     return result
 
@@ -84,7 +96,9 @@ def plot(ys, lg_result, kalman_means, hmm_result, path: Path) -> None:
     ax = axes[1]
     ax.plot(np.asarray(lg_result.ess), label="LGSSM")
     ax.plot(np.asarray(hmm_result.ess), label="HMM")
-    ax.axhline(0.5 * lg_result.num_particles, color="k", lw=0.8, ls=":", label="resampling threshold")
+    ax.axhline(
+        0.5 * lg_result.num_particles, color="k", lw=0.8, ls=":", label="resampling threshold"
+    )
     ax.set_title("ESS after each step (before resampling)")
     ax.set_xlabel("t")
     ax.legend(fontsize=8)

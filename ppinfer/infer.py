@@ -40,7 +40,9 @@ def infer(program: Any, *args: Any, algorithm: Algorithm | None = None, key: Any
     if algorithm is None:
         algorithm = SMC(1000) if is_sequential(program) else Importance(1000)
     if not hasattr(algorithm, "run"):
-        raise ConfigError(f"algorithm must be an inference algorithm (e.g. SMC(...)), got {algorithm!r}")
+        raise ConfigError(
+            f"algorithm must be an inference algorithm (e.g. SMC(...)), got {algorithm!r}"
+        )
     check_data(args)
     return algorithm.run(_as_key(key), program, args)
 

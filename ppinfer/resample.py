@@ -30,7 +30,9 @@ __all__ = ["SCHEMES", "resample", "ancestors_from_uniforms", "uniforms_shape"]
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 
 
-def resample(key: jax.Array, pop: Population, scheme: str = "systematic") -> tuple[Population, jax.Array]:
+def resample(
+    key: jax.Array, pop: Population, scheme: str = "systematic"
+) -> tuple[Population, jax.Array]:
     """Resample ``pop`` with ``scheme``; see the module docstring. Returns ``(pop', ancestors)``."""
     check_scheme(scheme)
     n = pop.num_particles

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppinfer.population import Population, normalize
 from ppinfer.population import ess as _ess
-from ppinfer.population import normalize
 from ppinfer.resample import resample as _resample
-from ppinfer.population import Population
 
 __all__ = ["Result"]
 
@@ -89,7 +88,9 @@ class Result:
     def std(self, name: str) -> jax.Array:
         return jnp.sqrt(self.var(name))
 
-    def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
+    def sample(
+        self, num_samples: int | None = None, key: int | jax.Array = 0
+    ) -> dict[str, jax.Array]:
         """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
         replacement ∝ weight (multinomial)."""
         n = self.num_particles if num_samples is None else int(num_samples)

@@ -134,7 +134,10 @@ def match_state(new: Any, old: Any) -> Any:
                 f"step returned a state leaf of shape {jnp.shape(a)[1:]}, "
                 f"but init returned shape {jnp.shape(b)[1:]}"
             )
-    return jax.tree.unflatten(old_def, [jnp.asarray(a).astype(b.dtype) for a, b in zip(new_leaves, old_leaves, strict=True)])
+    return jax.tree.unflatten(
+        old_def,
+        [jnp.asarray(a).astype(b.dtype) for a, b in zip(new_leaves, old_leaves, strict=True)],
+    )
 
 
 def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:

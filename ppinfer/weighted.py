@@ -72,7 +72,11 @@ def simulate(
             proposal(*args, **kwargs)
         data = {name: site["value"] for name, site in q_trace.items() if _is_latent(site)}
     stops = collect_stops()
-    with handlers.trace() as p_trace, seed(rng_seed=k_p, particle=particle), handlers.substitute(data=data):
+    with (
+        handlers.trace() as p_trace,
+        seed(rng_seed=k_p, particle=particle),
+        handlers.substitute(data=data),
+    ):
         with stops:
             value = fn(*args, **kwargs)
     log_weight, nan_sites = weight_from_traces(p_trace, q_trace)
@@ -140,7 +144,12 @@ class seed(handlers.seed):
         self._particle = particle
 
     def process_message(self, msg):
-        if msg["type"] in self.hide_types or msg["type"] not in ("sample", "prng_key", "plate", "control_flow"):
+        if msg["type"] in self.hide_types or msg["type"] not in (
+            "sample",
+            "prng_key",
+            "plate",
+            "control_flow",
+        ):
             return
         if msg["kwargs"]["rng_key"] is not None or msg["value"] is not None:
             return

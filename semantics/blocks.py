@@ -85,7 +85,9 @@ def check_resample(
     lw = np.asarray(log_weights, np.float64)
     before = Measure.from_log(enumerate(lw))
     new_w = math.exp(new_log_weight_fn(lw))
-    after = Measure((a_i, p * new_w) for p, a in resample_outcomes(scheme, lw, ancestors_fn) for a_i in a)
+    after = Measure(
+        (a_i, p * new_w) for p, a in resample_outcomes(scheme, lw, ancestors_fn) for a_i in a
+    )
     return before.max_abs_diff(after)
 
 
@@ -93,7 +95,10 @@ def check_spawn(num_particles: int, log_weight: float = -0.7) -> float:
     """``⟦spawn(x, N, w)⟧ = exp(w) δ(x)`` (deterministic)."""
     with jax.enable_x64(True):
         pop = spawn(jnp.asarray(3.0), num_particles, log_weight)
-        after = Measure((float(x), math.exp(float(w))) for x, w in zip(pop.particles, pop.log_weights, strict=True))
+        after = Measure(
+            (float(x), math.exp(float(w)))
+            for x, w in zip(pop.particles, pop.log_weights, strict=True)
+        )
     return after.max_abs_diff(Measure([(3.0, math.exp(log_weight))]))
 
 
@@ -144,12 +149,18 @@ def exact_smc(
             )
             pops.append((prob, parts))
         for t in range(num_steps):
-            pops = [out for prob, parts in pops for out in _advance_exact(prob, parts, program, args, t, proposal)]
+            pops = [
+                out
+                for prob, parts in pops
+                for out in _advance_exact(prob, parts, program, args, t, proposal)
+            ]
             if t < num_steps - 1:
                 pops = [
                     out
                     for prob, parts in pops
-                    for out in _maybe_resample_exact(prob, parts, n, scheme, ess_threshold, ancestors_fn)
+                    for out in _maybe_resample_exact(
+                        prob, parts, n, scheme, ess_threshold, ancestors_fn
+                    )
                 ]
         items = []
         for prob, parts in pops:
@@ -170,11 +181,15 @@ def _advance_exact(prob, parts, program, args, t, proposal):
             per_particle.append([(1.0, (state, lw, choices, done))])
             continue
         step = lambda s: program.step(s, jnp.asarray(t, jnp.int32), *args)
-        prop = None if proposal is None else (lambda s: proposal(s, jnp.asarray(t, jnp.int32), *args))
+        prop = (
+            None if proposal is None else (lambda s: proposal(s, jnp.asarray(t, jnp.int32), *args))
+        )
         outs = []
         for b in enumerate_runs(step, (state,), proposal=prop):
             new_choices = {**choices, **_prefixed(str(t), b.choices)}
-            outs.append((math.exp(b.log_prob), (b.value, lw + b.log_weight, new_choices, b.stopped)))
+            outs.append(
+                (math.exp(b.log_prob), (b.value, lw + b.log_weight, new_choices, b.stopped))
+            )
         per_particle.append(outs)
     for combo in itertools.product(*per_particle):
         yield prob * math.prod(p for p, _ in combo), tuple(part for _, part in combo)
@@ -187,9 +202,7 @@ def _maybe_resample_exact(prob, parts, n, scheme, threshold, ancestors_fn):
         return
     new_lw = logsumexp(lw) - math.log(n)
     for p, ancestors in resample_outcomes(scheme, lw, ancestors_fn):
-        yield prob * p, tuple(
-            (parts[a][0], new_lw, parts[a][2], parts[a][3]) for a in ancestors
-        )
+        yield prob * p, tuple((parts[a][0], new_lw, parts[a][2], parts[a][3]) for a in ancestors)
 
 
 def _prefixed(prefix: str, choices: dict) -> dict:
@@ -198,5 +211,7 @@ def _prefixed(prefix: str, choices: dict) -> dict:
 
 def _cells(cuts: np.ndarray) -> list[tuple[float, float]]:
     """``(midpoint, length)`` of the cells that ``cuts`` split ``[0, 1)`` into."""
-    points = np.unique(np.clip(np.concatenate([[0.0, 1.0], np.asarray(cuts, np.float64)]), 0.0, 1.0))
+    points = np.unique(
+        np.clip(np.concatenate([[0.0, 1.0], np.asarray(cuts, np.float64)]), 0.0, 1.0)
+    )
     return [((a + b) / 2, b - a) for a, b in zip(points[:-1], points[1:], strict=True) if b - a > 0]

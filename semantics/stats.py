@@ -54,10 +54,19 @@ def check_mean(samples: Any, expected: float, false_failure_rate: float = 1e-3) 
     stderr = float(np.std(x, ddof=1) / np.sqrt(x.size))
     est = float(np.mean(x))
     z = (est - expected) / stderr if stderr > 0 else (0.0 if est == expected else np.inf)
-    return CLTCheck(est, float(expected), stderr, float(z), float(norm.ppf(1 - false_failure_rate / 2)), false_failure_rate)
+    return CLTCheck(
+        est,
+        float(expected),
+        stderr,
+        float(z),
+        float(norm.ppf(1 - false_failure_rate / 2)),
+        false_failure_rate,
+    )
 
 
-def check_unbiased_evidence(log_z_hats: Any, log_z: float, false_failure_rate: float = 1e-3) -> CLTCheck:
+def check_unbiased_evidence(
+    log_z_hats: Any, log_z: float, false_failure_rate: float = 1e-3
+) -> CLTCheck:
     """``E[Ẑ] = Z``, tested on ``Ẑ/Z = exp(log Ẑ − log Z)`` (not on ``log Ẑ``, which is biased low)."""
     ratios = np.exp(np.asarray(log_z_hats, np.float64) - log_z)
     return check_mean(ratios, 1.0, false_failure_rate)

@@ -14,7 +14,9 @@ def test_sprinkler_exact_posterior():
     # P(rain | wet) by hand: joint masses 0.2·0.01·0.99 + 0.2·0.99·0.8 over the evidence.
     z = 0.8 * 0.4 * 0.9 + 0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99
     assert np.exp(r.log_evidence) == pytest.approx(z, rel=1e-5)
-    assert float(r.mean("rain")) == pytest.approx((0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99) / z, rel=1e-5)
+    assert float(r.mean("rain")) == pytest.approx(
+        (0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99) / z, rel=1e-5
+    )
 
 
 def test_control_flow_depending_on_choices():

@@ -1,4 +1,3 @@
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,7 +22,11 @@ def test_sample_and_resampled_samples(result):
     eq = result.resampled_samples(key=1)
     assert eq["x"].shape == (256, 12)
     # Draws only come from particles with positive weight.
-    pos = {tuple(np.asarray(v).round(5)) for v, w in zip(result.samples["x"], result.weights, strict=True) if w > 0}
+    pos = {
+        tuple(np.asarray(v).round(5))
+        for v, w in zip(result.samples["x"], result.weights, strict=True)
+        if w > 0
+    }
     assert all(tuple(np.asarray(v).round(5)) in pos for v in draws["x"][:10])
 
 
@@ -31,7 +34,9 @@ def test_mean_var_expectation(result):
     m = result.mean("x")
     assert m.shape == (12,)
     w = np.asarray(result.weights)
-    np.testing.assert_allclose(m, (w[:, None] * np.asarray(result.samples["x"])).sum(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        m, (w[:, None] * np.asarray(result.samples["x"])).sum(0), rtol=1e-4, atol=1e-5
+    )
     assert np.all(np.asarray(result.var("x")) >= 0)
     e = result.expectation(lambda s: {"last": s["x"][-1], "sq": s["x"] ** 2})
     np.testing.assert_allclose(e["last"], m[-1], rtol=1e-5)

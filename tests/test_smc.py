@@ -19,9 +19,7 @@ LG = dict(a=0.9, q=0.5, c=1.0, r=1.0)
 
 
 def hmm_exact(ys):
-    ll = np.stack(
-        [-0.5 * (ys - m) ** 2 - 0.5 * np.log(2 * np.pi) for m in HMM["means"]], axis=1
-    )
+    ll = np.stack([-0.5 * (ys - m) ** 2 - 0.5 * np.log(2 * np.pi) for m in HMM["means"]], axis=1)
     return hmm_forward(HMM["init_probs"], HMM["transition"], ll)
 
 

@@ -33,7 +33,8 @@ def test_proposal_weight_is_log_p_over_q():
     w, _ = simulate(jax.random.PRNGKey(1), model, (0.7,), proposal=guide)
     z = w.choices["z"]
     expected = (
-        dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 0.5).log_prob(0.7)
+        dist.Normal(0.0, 1.0).log_prob(z)
+        + dist.Normal(z, 0.5).log_prob(0.7)
         - dist.Normal(1.0, 0.3).log_prob(z)
     )
     np.testing.assert_allclose(w.log_weight, expected, rtol=1e-5)

@@ -35,11 +35,17 @@ print(result)
 print("P(stormy) by step:", np.round(np.asarray(result.mean("x")), 3))
 
 # ... and the exact answer: log Z and the filtering distribution of the last step.
-log_lik = np.stack([-0.5 * ((ys - m) / 2.0) ** 2 - np.log(2.0 * np.sqrt(2 * np.pi)) for m in means], 1)
+log_lik = np.stack(
+    [-0.5 * ((ys - m) / 2.0) ** 2 - np.log(2.0 * np.sqrt(2 * np.pi)) for m in means], 1
+)
 log_z, filtering = hmm_forward(np.asarray(init_probs), np.asarray(transition), log_lik)
 print(f"log Z: SMC {result.log_evidence:.4f}, exact {log_z:.4f}")
-print(f"P(stormy at the last step): SMC {float(result.mean('x')[-1]):.3f}, exact {filtering[-1, 1]:.3f}")
+print(
+    f"P(stormy at the last step): SMC {float(result.mean('x')[-1]):.3f}, exact {filtering[-1, 1]:.3f}"
+)
 
 # Exact enumeration of the same program (2^8 executions) agrees too.
 exact = pp.infer(program, ys, algorithm=pp.Enumerate())
-print(f"Enumerate: log Z {exact.log_evidence:.4f}, P(stormy) by step {np.round(np.asarray(exact.mean('x')), 3)}")
+print(
+    f"Enumerate: log Z {exact.log_evidence:.4f}, P(stormy) by step {np.round(np.asarray(exact.mean('x')), 3)}"
+)

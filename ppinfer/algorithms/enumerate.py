@@ -194,7 +194,7 @@ def _support(name: str, fn) -> list:
     if not batch:
         return [support[i] for i in range(k)]
     size = int(np.prod(batch))
-    flat = support.reshape((k, size) + support.shape[1 + len(batch):])
+    flat = support.reshape((k, size) + support.shape[1 + len(batch) :])
     if k**size > 1_000_000:
         raise EnumerationError(f"site {name!r} has {k}^{size} joint values: too many to enumerate")
     pos = np.arange(size)
@@ -226,13 +226,18 @@ def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Arr
                 like.setdefault(k.split("/", 1)[1], v)
     init = _stack([{k[5:]: v for k, v in c.items() if k.startswith("init/")} for c in choices])
     steps = {
-        name: jnp.asarray(np.stack([
-            np.stack([c.get(f"{t}/{name}", np.zeros_like(ref)) for t in range(num_steps)])
-            for c in choices
-        ]))
+        name: jnp.asarray(
+            np.stack(
+                [
+                    np.stack([c.get(f"{t}/{name}", np.zeros_like(ref)) for t in range(num_steps)])
+                    for c in choices
+                ]
+            )
+        )
         for name, ref in like.items()
     }
-    active = np.array([[any(k.startswith(f"{t}/") for k in c) for t in range(num_steps)]
-                       for c in choices])
+    active = np.array(
+        [[any(k.startswith(f"{t}/") for k in c) for t in range(num_steps)] for c in choices]
+    )
     samples, kinds = sample_names(init, steps)
     return samples, jnp.asarray(active), kinds

@@ -23,7 +23,7 @@ import numpy as np
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer.errors import ConfigError
-from ppinfer.population import Population, ess, log_evidence
+from ppinfer.population import ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample
 from ppinfer.result import Result
@@ -91,8 +91,10 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     if not np.isfinite(log_z):
         history = np.asarray(out["log_evidence_history"])
         dead = np.flatnonzero(~np.isfinite(history))
-        where = "after init" if not np.isfinite(float(out["log_evidence_init"])) else (
-            f"after step {int(dead[0])}" if dead.size else "at the end"
+        where = (
+            "after init"
+            if not np.isfinite(float(out["log_evidence_init"]))
+            else (f"after step {int(dead[0])}" if dead.size else "at the end")
         )
         checks.raise_if_dead(log_z, where, cfg.num_particles)
     samples, site_kinds = sample_names(out["init_choices"], out["trajectories"])
@@ -134,7 +136,15 @@ def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, 
             lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
             pop,
         )
-        record = (info.choices, active, ancestors, ess_t, do, log_evidence(pop.log_weights), info.nan_sites)
+        record = (
+            info.choices,
+            active,
+            ancestors,
+            ess_t,
+            do,
+            log_evidence(pop.log_weights),
+            info.nan_sites,
+        )
         return Sequential(pop, seq.t), record
 
     seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(
