@@ -35,7 +35,7 @@ def main() -> None:
             err = semantics.check_resample(scheme, weights)
             print(f"{scheme:>12} resampling: max |E[measure after] - measure before| = {err:.1e}")
         err = semantics.check_resample("multinomial", weights, ancestors_fn=keep_the_best)
-        print(f"{'keep-best':>12} resampling: max |E[measure after] - measure before| = {err:.1e}  <- invalid")
+        print(f"{'keep-best':>12} resampling: max |E[after] - before| = {err:.1e}  <- invalid")
 
         hmm = discrete_hmm(
             np.array([0.6, 0.4]), np.array([[0.7, 0.3], [0.2, 0.8]]), np.array([-1.0, 1.0]), 1.0
