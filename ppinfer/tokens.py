@@ -1,0 +1,224 @@
+"""Token-level language-model programs: LLM generation as a sequential program.
+
+A token-level program is a :class:`~ppinfer.SequentialProgram` whose particle state holds one or
+more LM :class:`Context` s (the generated tokens, the particle's KV cache and the next-token
+log-probabilities). Its ``step`` samples a token and weights it, written for ONE particle::
+
+    p = tokens.prompt(lm, "def ", max_new_tokens=32)      # run the prompt once, shared
+
+    def init(p):
+        return tokens.Context.start(p)
+
+    def step(ctx, t, p):
+        tok = pp.sample("tok", ctx.next_token())           # the LM is the prior over tokens
+        pp.condition("no_e", ~has_e[tok])                   # constraints, potentials, twists…
+        pp.stop(tok == p.eos_id)                            # end the particle at EOS
+        return ctx.extend(p, tok)                           # feed the token to the LM
+
+    result = pp.infer(pp.sequential(init, step, 32), p, algorithm=pp.SMC(64))
+
+Because the whole LM context is particle state, resampling gathers the KV caches with the
+particles. The prompt's keys and values (:class:`LMPrompt`) are computed once and shared by every
+particle; they and the LM's parameters are traced arguments of the compiled program, not constants.
+
+Target semantics at the length limit: the posterior is over sequences of at most ``num_steps``
+tokens; a particle still running at the limit is kept as it is (the target is the *truncated*
+process). To condition on finishing instead, call ``pp.condition("finished", stopped | (t < T−1))``
+in the step (see :func:`require_eos`).
+
+Weights: sampling ``tok`` from ``ctx.next_token()`` without a proposal adds nothing (it is the
+prior); a proposal ``q`` for ``"tok"`` adds ``log p(tok) − log q(tok)``; ``condition``/``factor``/
+``observe`` add their log factors; :func:`twist` adds ``ψ_t − ψ_{t−1}`` so that twists telescope and
+the final target is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from ppinfer.errors import ConfigError, ModelError
+from ppinfer.primitives import condition, factor
+
+__all__ = [
+    "LMPrompt",
+    "Context",
+    "prompt",
+    "masked_next_token",
+    "twist",
+    "require_eos",
+    "text_predicate",
+    "texts",
+]
+
+
+@jax.tree_util.register_pytree_node_class
+class LMPrompt:
+    """A language model with its prompt run once (shared by all particles; no particle axis).
+
+    Pytree: the model's arrays, ``prompt_cache`` and ``first_logp: f32[V]`` (log-probabilities of
+    the first new token) are traced; the model's structure, ``max_new_tokens`` and ``eos_id`` are
+    static. Works with :class:`ppinfer.lm.LanguageModel` and :class:`ppinfer.lm.NGramLM` (anything
+    with ``prefill``, ``init_particle_cache`` and a one-particle ``step``).
+    """
+
+    def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos_id: int | None):
+        self.lm, self.prompt_cache, self.first_logp = lm, prompt_cache, first_logp
+        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+
+    def tree_flatten(self):
+        field = _array_field(self.lm)
+        children = (getattr(self.lm, field), self.prompt_cache, self.first_logp)
+        return children, (_Template(self.lm), field, self.max_new_tokens, self.eos_id)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        template, field, max_new_tokens, eos_id = aux
+        arrays, prompt_cache, first_logp = children
+        lm = dataclasses.replace(template.lm, **{field: arrays})
+        return cls(lm, prompt_cache, first_logp, max_new_tokens, eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.first_logp.shape[-1])
+
+    def step(self, cache: Any, token: jax.Array) -> tuple[jax.Array, Any]:
+        """Feed ``token: i32[]`` to one particle's ``cache``; returns next-token log-probs f32[V]."""
+        logits, cache = self.lm.step(self.prompt_cache, cache, token)
+        return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
+
+
+def prompt(lm: Any, text: str | Sequence[int], max_new_tokens: int) -> LMPrompt:
+    """Run ``text`` (a string, or token ids) through ``lm`` once and return the shared
+    :class:`LMPrompt` for programs generating at most ``max_new_tokens`` tokens."""
+    if int(max_new_tokens) < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = lm.encode(text) if isinstance(text, str) else jnp.asarray(text, jnp.int32)
+    if ids.ndim != 1 or ids.shape[0] < 1:
+        raise ModelError("the prompt must be at least one token (prefix it with BOS/EOS if empty)")
+    logits, prompt_cache = lm.prefill(ids)
+    eos = getattr(lm, "eos_id", None)
+    first = jax.nn.log_softmax(logits[-1].astype(jnp.float32))
+    return LMPrompt(lm, prompt_cache, first, int(max_new_tokens), eos)
+
+
+class Context(NamedTuple):
+    """One particle's LM context (a pytree; a population adds a leading particle axis).
+
+    Attributes:
+        tokens: ``i32[T]`` generated tokens (``T = max_new_tokens``), valid up to ``length``.
+        length: ``i32[]`` number of generated tokens.
+        cache: the particle's own KV cache (one particle).
+        logp: ``f32[V]`` log-probabilities of the next token given the prompt and ``tokens``.
+    """
+
+    tokens: jax.Array
+    length: jax.Array
+    cache: Any
+    logp: jax.Array
+
+    @staticmethod
+    def start(p: LMPrompt) -> Context:
+        """The empty context right after the prompt."""
+        cache = jax.tree.map(lambda x: x[0], p.lm.init_particle_cache(p.prompt_cache, 1, p.max_new_tokens))
+        tokens = jnp.zeros((p.max_new_tokens,), jnp.int32)
+        return Context(tokens, jnp.zeros((), jnp.int32), cache, p.first_logp)
+
+    def next_token(self, temperature: float | jax.Array = 1.0) -> dist.Categorical:
+        """The LM's distribution of the next token (tempered by ``temperature``)."""
+        return dist.Categorical(logits=_finite(self.logp / temperature))
+
+    def extend(self, p: LMPrompt, token: jax.Array) -> Context:
+        """Append ``token`` and run the LM one step (one forward pass for this particle)."""
+        token = jnp.asarray(token, jnp.int32)
+        logp, cache = p.step(self.cache, token)
+        tokens = self.tokens.at[jnp.minimum(self.length, self.tokens.shape[0] - 1)].set(token)
+        return Context(tokens, self.length + 1, cache, logp)
+
+
+def masked_next_token(ctx: Context, mask: jax.Array, temperature: float = 1.0) -> dist.Categorical:
+    """The LM's next-token distribution restricted to ``mask: bool[V]`` and renormalised — the
+    *locally constrained* proposal. Used as a proposal for a site sampled from ``ctx.next_token()``
+    and conditioned on ``mask[tok]``, its weight ``p/q`` is exactly the allowed mass
+    ``log Σ_{v ∈ mask} p(v)``. If nothing is allowed it falls back to the unmasked LM (the target's
+    condition then gives the particle weight zero)."""
+    logits = _finite(ctx.logp / temperature)
+    masked = jnp.where(mask, logits, _IMPOSSIBLE)
+    return dist.Categorical(logits=jnp.where(jnp.any(mask), masked, logits))
+
+
+def twist(name: str, value: jax.Array, previous: jax.Array, final: jax.Array | bool = False) -> jax.Array:
+    """Apply a twist ``ψ_t = value`` and remove the previous one: adds ``ψ_t − ψ_{t−1}`` to the log
+    weight (``−ψ_{t−1}`` when ``final``, so the twists telescope to zero and the target is
+    unchanged). Returns the twist to carry in the state (0 after the final step)."""
+    current = jnp.where(final, 0.0, value)
+    factor(name, current - previous)
+    return current
+
+
+def require_eos(name: str, finished: jax.Array, t: jax.Array, num_steps: int) -> None:
+    """Condition on the sequence having finished by the last step (instead of the truncated
+    target): weight zero for a particle still running at step ``num_steps − 1``."""
+    condition(name, finished | (t < num_steps - 1))
+
+
+def text_predicate(
+    predicate: Callable[[str], bool], decode: Callable[[Sequence[int]], str], tokens: jax.Array, length: jax.Array
+) -> jax.Array:
+    """``bool[]``: ``predicate(text)`` of the decoded prefix ``tokens[:length]``, evaluated on the
+    host. Under the engine's ``vmap`` the callback receives the whole batch at once (one host call per
+    step, not one per particle)."""
+
+    def host(toks, lens):
+        toks, lens = np.asarray(toks), np.asarray(lens)
+        flat_t, flat_l = toks.reshape(-1, toks.shape[-1]), lens.reshape(-1)
+        out = np.array([bool(predicate(decode(list(row[:n])))) for row, n in zip(flat_t, flat_l, strict=True)])
+        return out.reshape(lens.shape)
+
+    shape = jax.ShapeDtypeStruct(jnp.shape(length), jnp.bool_)
+    return jax.pure_callback(host, shape, tokens, length, vmap_method="expand_dims")
+
+
+def texts(contexts: Context, tokenizer: Any, eos_id: int | None = None) -> list[str]:
+    """Decoded text of every particle's context (``contexts`` with a leading particle axis), cut at
+    its length and without EOS."""
+    toks, lens = jax.device_get((contexts.tokens, contexts.length))
+    return [
+        tokenizer.decode([int(t) for t in row[:n] if eos_id is None or t != eos_id])
+        for row, n in zip(toks, lens, strict=True)
+    ]
+
+
+# A logit of −1e30 has probability exactly 0 after normalisation yet passes NumPyro's validation
+# (which rejects −inf logits), and sums of a few of them stay finite.
+_IMPOSSIBLE = -1e30
+
+
+def _finite(logits: jax.Array) -> jax.Array:
+    return jnp.maximum(logits, _IMPOSSIBLE)
+
+
+class _Template:
+    """Static stand-in for a model inside a pytree's aux data (compared by identity)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __hash__(self):
+        return id(self.lm)
+
+    def __eq__(self, other):
+        return isinstance(other, _Template) and other.lm is self.lm
+
+
+def _array_field(lm) -> str:
+    for field in ("params", "log_probs"):
+        if hasattr(lm, field):
+            return field
+    raise ModelError(f"{type(lm).__name__} is not a supported language model (no params/log_probs)")
