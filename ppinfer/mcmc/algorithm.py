@@ -1,0 +1,190 @@
+"""``MCMC(kernel, num_samples, num_warmup, num_chains)``: an :func:`ppinfer.infer` algorithm.
+
+Runs ``num_chains`` independent chains (``vmap``) of the kernel built by a factory (e.g.
+:class:`~ppinfer.mcmc.NUTS`, :class:`~ppinfer.mcmc.SingleSiteMH`), each a ``lax.scan`` of
+``num_warmup`` discarded transitions followed by ``num_samples`` recorded ones. The
+:class:`MCMCResult` holds the ``C·S`` draws with equal weights; ``to_arviz()`` keeps the
+``(chain, draw)`` dimensions so R-hat and ESS are computed per chain by ArviZ.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppinfer import checks
+from ppinfer._compile import split_args
+from ppinfer.errors import ConfigError
+from ppinfer.program import is_sequential
+from ppinfer.result import Result
+from ppinfer.traced import latent_sites
+
+__all__ = ["MCMC", "MCMCResult", "run_chains"]
+
+
+@dataclass(frozen=True)
+class MCMC:
+    """Markov chain Monte Carlo for a static program.
+
+    Args:
+        kernel: a kernel factory with ``build(program, num_warmup, sites) -> Kernel``
+            (``NUTS()``, ``HMC()``, ``SingleSiteMH()``, ``Regenerate(...)``, ``ProgrammableMH(...)``,
+            ``IndependenceMH(...)``).
+        num_samples: recorded draws per chain, ≥ 1.
+        num_warmup: discarded transitions per chain before recording (adaptation for NUTS/HMC), ≥ 0.
+        num_chains: independent chains, ≥ 1 (vmapped).
+        thinning: keep every ``thinning``-th transition, ≥ 1.
+        progress_bar: show a tqdm bar (the run is then compiled in chunks of transitions).
+    """
+
+    kernel: Any
+    num_samples: int = 1000
+    num_warmup: int = 500
+    num_chains: int = 1
+    thinning: int = 1
+    progress_bar: bool = False
+
+    name = "MCMC"
+
+    def __post_init__(self):
+        if not hasattr(self.kernel, "build"):
+            raise ConfigError(f"MCMC(kernel): expected a kernel factory such as NUTS(), got {self.kernel!r}")
+        for what, v, low in (
+            ("num_samples", self.num_samples, 1),
+            ("num_warmup", self.num_warmup, 0),
+            ("num_chains", self.num_chains, 1),
+            ("thinning", self.thinning, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+                raise ConfigError(f"{what} must be an integer >= {low}, got {v!r}")
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
+        if is_sequential(program):
+            raise ConfigError(
+                "MCMC needs a static program; for a sequential program use SMC, ResampleMoveSMC or PMMH"
+            )
+        t0 = time.perf_counter()
+        draws, infos = run_chains(key, program, args, self)
+        n = self.num_chains * self.num_samples
+        samples = {k: jnp.reshape(v, (n, *v.shape[2:])) for k, v in draws.items()}
+        return MCMCResult(
+            samples=samples,
+            log_weights=jnp.full((n,), -math.log(n)),
+            log_evidence=float("nan"),
+            algorithm=f"{self.name}({type(self.kernel).__name__})",
+            wall_time=time.perf_counter() - t0,
+            extras={"num_chains": self.num_chains, "info": infos},
+        )
+
+
+class MCMCResult(Result):
+    """A :class:`~ppinfer.Result` of equally weighted MCMC draws (``log_weights = −log N``). MCMC gives
+    no evidence estimate: ``log_evidence`` is NaN. ``extras["num_chains"]`` chains of equal length are
+    stored chain-major; ``extras["info"]`` holds the kernel's per-draw info ``[C, S, …]``."""
+
+    def chains(self) -> dict[str, jax.Array]:
+        """Site name → ``[C, S, …]`` draws."""
+        c = self.extras["num_chains"]
+        return {k: jnp.reshape(v, (c, -1, *v.shape[1:])) for k, v in self.samples.items()}
+
+    def to_arviz(self, key: int | jax.Array = 0):
+        """An ``arviz.InferenceData`` with ``(chain, draw)`` dimensions (no resampling needed)."""
+        import arviz as az
+
+        return az.from_dict(posterior={k: np.asarray(v) for k, v in self.chains().items()})
+
+
+def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MCMC) -> tuple[dict, Any]:
+    """Compile and run ``cfg.num_chains`` chains; returns ``(draws, infos)``, leaves ``[C, S, …]``."""
+    dyn, static_key, rebuild = split_args(args)
+    settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning)
+    cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
+    holder: dict = {}
+
+    def build():
+        kernel = cfg.kernel.build(program, cfg.num_warmup, holder["sites"])
+        return _compiled(kernel, rebuild, cfg.thinning)
+
+    if cache_key not in _FACTORIES:
+        checks.dry_run(program, args, None, "running the program once")
+        sites = latent_sites(program, args)
+        checks.require_latent(list(sites))
+        holder["sites"] = sites
+    if cache_key not in _FACTORIES:
+        _FACTORIES[cache_key] = build()
+        if len(_FACTORIES) > 16:
+            _FACTORIES.popitem(last=False)
+    init_fn, chunk_fn = _FACTORIES[cache_key]
+    k_init, k_run = jax.random.split(key)
+    state = init_fn(jax.random.split(k_init, cfg.num_chains), dyn)
+    run_keys = jax.random.split(k_run, cfg.num_chains)
+    total = cfg.num_warmup + cfg.num_samples * cfg.thinning
+    size = max(1, math.ceil(total / 20)) if cfg.progress_bar else total
+    bar = _progress(total) if cfg.progress_bar else None
+    draws, infos = [], []
+    done = 0
+    while done < total:
+        length = min(size, total - done)
+        keys = _chunk_keys(run_keys, done, length)
+        state, (pos, info) = chunk_fn(state, keys, dyn)
+        record = (np.arange(done, done + length) >= cfg.num_warmup) & (
+            (np.arange(done, done + length) - cfg.num_warmup) % cfg.thinning == 0
+        )
+        if record.any():
+            draws.append(_take(pos, np.flatnonzero(record)))
+            infos.append(_take(info, np.flatnonzero(record)))
+        done += length
+        if bar is not None:
+            bar.update(length)
+    if bar is not None:
+        bar.close()
+    cat = lambda *xs: jnp.concatenate(xs, axis=1)
+    return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
+
+
+_FACTORIES: OrderedDict = OrderedDict()
+
+
+def _compiled(kernel, rebuild, thinning):
+    @jax.jit
+    def init_fn(keys, dyn):
+        args = rebuild(dyn)
+        return jax.vmap(lambda k: kernel.init(k, args))(keys)
+
+    @jax.jit
+    def chunk_fn(state, keys, dyn):
+        args = rebuild(dyn)
+
+        def chain(s, ks):
+            def body(s, k):
+                s, info = kernel.step(k, s, args)
+                return s, (kernel.position(s, args), info)
+
+            return jax.lax.scan(body, s, ks)
+
+        state, (pos, info) = jax.vmap(chain)(state, keys)
+        return state, (pos, info)
+
+    return init_fn, chunk_fn
+
+
+def _chunk_keys(run_keys: jax.Array, offset: int, length: int) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, offset), length))(run_keys)
+
+
+def _take(tree: Any, idx: np.ndarray) -> Any:
+    return jax.tree.map(lambda x: x[:, idx], tree)
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="MCMC")

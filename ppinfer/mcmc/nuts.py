@@ -1,0 +1,120 @@
+"""NUTS and HMC over a program's continuous latent sites: NumPyro's own kernels, not a rewrite.
+
+The program is handed to ``numpyro.infer.NUTS``/``HMC`` as a model: NumPyro derives the potential
+``U(u) = −log p(T(u), y) − log |det J_T(u)|`` on the unconstrained space, adapts the step size and
+(diagonal or dense) mass matrix during the first ``num_warmup`` steps, and maps draws back to the
+constrained space (deterministic sites included). The wrapper makes the kernel a pure
+``step(key, state, args)`` by swapping the key NumPyro carries in its state.
+
+Every latent site must be continuous: a discrete site raises :class:`~ppinfer.errors.ModelError`
+(use :class:`~ppinfer.mcmc.SingleSiteMH` or marginalise it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpyro.infer as ninfer
+
+from ppinfer.errors import ConfigError, ModelError
+from ppinfer.mcmc.base import Kernel
+
+__all__ = ["NUTS", "HMC", "numpyro_kernel"]
+
+
+@dataclass(frozen=True)
+class NUTS:
+    """No-U-Turn sampler (NumPyro's). ``init_strategy`` is a ``numpyro.infer.init_to_*``; the
+    other options are passed to ``numpyro.infer.NUTS``."""
+
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 10
+    dense_mass: bool = False
+    step_size: float = 1.0
+    init_strategy: Callable = ninfer.init_to_uniform
+    options: tuple = field(default=())
+
+    def __post_init__(self):
+        if not 0.0 < self.target_accept_prob < 1.0:
+            raise ConfigError(f"target_accept_prob must be in (0, 1), got {self.target_accept_prob}")
+        if int(self.max_tree_depth) < 1:
+            raise ConfigError(f"max_tree_depth must be >= 1, got {self.max_tree_depth}")
+
+    def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
+        check_continuous(sites, "NUTS")
+        nk = ninfer.NUTS(
+            program,
+            target_accept_prob=self.target_accept_prob,
+            max_tree_depth=self.max_tree_depth,
+            dense_mass=self.dense_mass,
+            step_size=self.step_size,
+            init_strategy=self.init_strategy,
+            **dict(self.options),
+        )
+        return numpyro_kernel(nk, num_warmup)
+
+
+@dataclass(frozen=True)
+class HMC:
+    """Hamiltonian Monte Carlo with a fixed trajectory length (NumPyro's, with adaptation)."""
+
+    num_steps: int = 10
+    target_accept_prob: float = 0.8
+    dense_mass: bool = False
+    step_size: float = 1.0
+    init_strategy: Callable = ninfer.init_to_uniform
+
+    def __post_init__(self):
+        if int(self.num_steps) < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+
+    def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
+        check_continuous(sites, "HMC")
+        nk = ninfer.HMC(
+            program,
+            num_steps=self.num_steps,
+            target_accept_prob=self.target_accept_prob,
+            dense_mass=self.dense_mass,
+            step_size=self.step_size,
+            init_strategy=self.init_strategy,
+        )
+        return numpyro_kernel(nk, num_warmup)
+
+
+def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
+    """Wrap a NumPyro ``MCMCKernel`` built on a model as a pure :class:`~ppinfer.mcmc.Kernel`; its
+    state is NumPyro's (``HMCState``: unconstrained ``z``, adaptation state), its info
+    ``(accept_prob, diverging, num_steps)``."""
+
+    def init(key, args):
+        return nk.init(key, int(num_warmup), model_args=tuple(args))
+
+    def step(key, state, args):
+        state = nk.sample(state._replace(rng_key=key), tuple(args), {})
+        return state, {
+            "accept_prob": state.accept_prob,
+            "diverging": state.diverging,
+            "num_steps": state.num_steps,
+        }
+
+    def position(state, args):
+        return nk.postprocess_fn(tuple(args), {})(state.z)
+
+    return Kernel(init, step, position)
+
+
+def check_continuous(sites: dict | None, what: str) -> None:
+    """Raise :class:`ModelError` unless ``sites`` (name → distribution) are all continuous and there
+    is at least one."""
+    if sites is None:
+        return
+    if not sites:
+        raise ModelError(f"{what} needs at least one continuous latent site; the program has none")
+    discrete = sorted(n for n, d in sites.items() if d.support.is_discrete)
+    if discrete:
+        raise ModelError(
+            f"{what} moves continuous sites only, but site(s) {discrete} are discrete: marginalise "
+            "them or use an MH kernel (SingleSiteMH, Regenerate)"
+        )

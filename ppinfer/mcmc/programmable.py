@@ -1,0 +1,57 @@
+"""Programmable MH: the proposal is a DSL program that reads the current choices.
+
+``proposal(choices, *args)`` samples new values for some latent sites ``S`` of the model (sites named
+as in the model). The kernel runs it forward (``x'_S ~ q(· | x)``), updates the trace, and runs it
+in reverse — assessing the old values ``x_S`` under ``q(· | x')`` — so
+
+    log_alpha = [log p(x', y) − log p(x, y)] + log q(x_S | x') − log q(x'_S | x).
+
+:class:`IndependenceMH` is the special case where the proposal ignores the current choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from ppinfer.errors import ConfigError, ModelError
+from ppinfer.mcmc.base import Kernel, mh_kernel
+from ppinfer.traced import Trace, assess, generate, update
+
+__all__ = ["ProgrammableMH", "programmable_kernel", "programmable_propose"]
+
+
+@dataclass(frozen=True)
+class ProgrammableMH:
+    """MH with a custom proposal program ``proposal(choices, *args)`` (see the module docstring)."""
+
+    proposal: Callable[..., Any]
+
+    def __post_init__(self):
+        if not callable(self.proposal):
+            raise ConfigError("ProgrammableMH(proposal): proposal must be a callable program")
+
+    def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
+        return programmable_kernel(program, self.proposal)
+
+
+def programmable_kernel(program: Callable[..., Any], proposal: Callable[..., Any]) -> Kernel:
+    """The MH :class:`~ppinfer.mcmc.Kernel` with proposal program ``proposal(choices, *args)``."""
+    return mh_kernel(
+        program, lambda key, trace, args: programmable_propose(key, trace, args, program, proposal)
+    )
+
+
+def programmable_propose(
+    key: jax.Array, trace: Trace, args: tuple, program: Callable[..., Any], proposal: Callable[..., Any]
+) -> tuple[Trace, jax.Array]:
+    """The proposal step: ``(new_trace, log_alpha)`` as in the module docstring."""
+    forward, _ = generate(key, proposal, (trace.choices, *args))
+    if not forward.choices:
+        raise ModelError("the MH proposal program samples no site")
+    new, log_ratio, discard = update(program, args, trace, forward.choices)
+    reverse = assess(proposal, (new.choices, *args), discard)
+    return new, log_ratio + reverse.log_prior - forward.log_prior
