@@ -169,7 +169,10 @@ def require_eos(name: str, finished: jax.Array, t: jax.Array, num_steps: int) ->
 
 
 def text_predicate(
-    predicate: Callable[[str], bool], decode: Callable[[Sequence[int]], str], tokens: jax.Array, length: jax.Array
+    predicate: Callable[[str], bool],
+    decode: Callable[[Sequence[int]], str],
+    tokens: jax.Array,
+    length: jax.Array,
 ) -> jax.Array:
     """``bool[]``: ``predicate(text)`` of the decoded prefix ``tokens[:length]``, evaluated on the
     host. Under the engine's ``vmap`` the callback receives the whole batch at once (one host call per
@@ -178,7 +181,9 @@ def text_predicate(
     def host(toks, lens):
         toks, lens = np.asarray(toks), np.asarray(lens)
         flat_t, flat_l = toks.reshape(-1, toks.shape[-1]), lens.reshape(-1)
-        out = np.array([bool(predicate(decode(list(row[:n])))) for row, n in zip(flat_t, flat_l, strict=True)])
+        out = np.array(
+            [bool(predicate(decode(list(row[:n])))) for row, n in zip(flat_t, flat_l, strict=True)]
+        )
         return out.reshape(lens.shape)
 
     shape = jax.ShapeDtypeStruct(jnp.shape(length), jnp.bool_)
