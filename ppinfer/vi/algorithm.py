@@ -1,0 +1,255 @@
+"""``VI``: fit a guide by stochastic optimisation of an objective, then sample from it.
+
+``infer(model, *args, algorithm=VI(objective, guide, optax.adam(1e-2), num_steps=1000), key=0)``
+maximises the objective with ``optax`` in jitted chunks of ``chunk_size`` steps (one ``lax.scan``
+each; the Python loop runs once per chunk, to report progress and stop on a non-finite objective).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro import handlers
+
+from ppinfer import checks
+from ppinfer._compile import split_args
+from ppinfer.algorithms.smc import SMC, run_smc
+from ppinfer.errors import ConfigError, InferenceError
+from ppinfer.program import is_sequential
+from ppinfer.result import Result
+from ppinfer.vi.density import sample_particles
+from ppinfer.vi.estimators import Estimators, check_estimators
+from ppinfer.vi.objectives import Objective
+from ppinfer.vi.params import ParamSpec, bind_params, constrain, find_params, unconstrain
+from ppinfer.vi.vsmc import VSMC
+
+__all__ = ["VI", "FitState", "fit"]
+
+WEIGHTINGS = ("importance", "equal")
+
+
+@dataclass(frozen=True, eq=False)
+class VI:
+    """Variational inference: maximise ``objective`` over the ``param`` sites of ``guide``.
+
+    Args:
+        objective: an :class:`~ppinfer.vi.Objective` (``elbo``, ``iwelbo``, ``renyi``, ``rws``…) for
+            a static program, or :class:`~ppinfer.vi.VSMC` for a sequential one (``guide`` is then
+            the SMC proposal ``guide(state, t, *args)``).
+        guide: a program with the model's arguments (NumPyro guides and autoguides work).
+        optimizer: an ``optax.GradientTransformation``; it *minimises* ``−objective`` over the
+            unconstrained parameters.
+        num_steps: optimisation steps ≥ 1.
+        num_particles: N draws in the returned :class:`~ppinfer.Result`.
+        estimators: per-site gradient estimators (``None``: reparam where possible, else reinforce).
+        baseline_decay: the score-function baseline is an exponential moving average (this decay,
+            bias-corrected) of the objective's past values: independent of the current draw, so the
+            gradient stays unbiased.
+        weighting: ``"importance"``: the Result's ``log_weights`` are ``log p(x, y) − log q(x) −
+            log N`` of the N guide draws, so ``log_evidence`` is the importance-sampling estimate
+            ``log Ẑ`` (``E[Ẑ] = Z``) with the fitted guide as proposal; ``"equal"``: the same draws
+            and ``log_evidence`` with equal weights ``log Ẑ − log N`` (plain draws from the guide).
+            For a sequential program the Result is an SMC run (N particles) with the fitted proposal.
+        progress: print the objective after every chunk (to stderr).
+        chunk_size: optimisation steps per compiled chunk.
+        init_params: optional *constrained* initial values, name → array, overriding the programs'.
+
+    The Result's ``extras``: ``params`` (fitted, constrained), ``objective_trace: f32[num_steps]``
+    (the objective's monitored value at each step), ``objective`` (its name), ``weighting``.
+    """
+
+    objective: Objective | VSMC
+    guide: Callable[..., Any]
+    optimizer: optax.GradientTransformation
+    num_steps: int
+    num_particles: int = 1000
+    estimators: Estimators = None
+    baseline_decay: float = 0.9
+    weighting: str = "importance"
+    progress: bool = False
+    chunk_size: int = 500
+    init_params: dict[str, Any] | None = None
+    name = "VI"
+
+    def __post_init__(self):
+        n = self.num_steps
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ConfigError(f"VI needs num_steps >= 1, got {n!r}")
+        checks.check_num_particles(self.num_particles)
+        checks.check_num_particles(self.chunk_size)
+        checks.check_probability("baseline_decay", self.baseline_decay)
+        check_estimators(self.estimators)
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not callable(self.guide):
+            raise ConfigError(f"guide must be a program (a callable), got {self.guide!r}")
+        if not hasattr(self.optimizer, "update"):
+            raise ConfigError(f"optimizer must be an optax GradientTransformation, got {self.optimizer!r}")
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        t0 = time.perf_counter()
+        sequential = is_sequential(program)
+        if sequential != isinstance(self.objective, VSMC):
+            raise ConfigError(
+                "use the VSMC objective with a sequential program, and a particle objective "
+                "(elbo, iwelbo, …) with a static one"
+            )
+        k_init, k_fit, k_draw = jax.random.split(key, 3)
+        spec = _param_spec(k_init, program, self.guide, self.objective, args, self.init_params)
+        if not spec.init:
+            raise ConfigError("the guide has no numpyro.param site: nothing to optimise")
+        u, trace = fit(
+            k_fit, program, self.guide, self.objective, self.optimizer, spec, args, self.num_steps,
+            self.estimators, self.baseline_decay, self.chunk_size, self.progress,
+        )  # fmt: skip
+        params = constrain(u, spec.constraints)
+        if sequential:
+            smc = SMC(
+                self.num_particles,
+                resampling="systematic",
+                proposal=bind_params(self.guide, params),
+                init_proposal=_bound(self.objective.init_proposal, params),
+            )
+            result = run_smc(k_draw, program, args, smc, self.name)
+        else:
+            result = self._draw(k_draw, program, params, args)
+        result.wall_time = time.perf_counter() - t0
+        result.extras.update(
+            params=params,
+            objective_trace=trace,
+            objective=self.objective.name,
+            weighting="smc" if sequential else self.weighting,
+        )
+        return result
+
+    def _draw(self, key: jax.Array, model: Any, params: dict, args: tuple) -> Result:
+        n, full = self.num_particles, self.objective.full_coverage
+        draw = jax.jit(
+            lambda key, params: sample_particles(
+                key, model, self.guide, params, args, n, fixed_samples=True, full_coverage=full
+            )
+        )
+        ps = draw(key, params)
+        log_w = ps.log_weight - math.log(n)
+        log_z = jax.scipy.special.logsumexp(log_w)
+        checks.raise_if_dead(float(log_z), "under the fitted guide", n)
+        if self.weighting == "equal":
+            log_w = jnp.full_like(log_w, log_z - math.log(n))
+        return Result(samples=ps.choices, log_weights=log_w, log_evidence=float(log_z), algorithm=self.name)
+
+
+class FitState(NamedTuple):
+    """The optimisation loop's carry: unconstrained ``params``, optax state, the baseline's moving
+    average ``baseline_sum: f32[]`` (bias-corrected by ``1 − decay^count``), ``count: i32[]`` of
+    finite steps and ``step: i32[]``."""
+
+    params: dict[str, jax.Array]
+    opt_state: Any
+    baseline_sum: jax.Array
+    count: jax.Array
+    step: jax.Array
+
+
+def fit(
+    key: jax.Array,
+    model: Any,
+    guide: Callable[..., Any],
+    objective: Objective | VSMC,
+    optimizer: optax.GradientTransformation,
+    spec: ParamSpec,
+    args: tuple,
+    num_steps: int,
+    estimators: Estimators = None,
+    baseline_decay: float = 0.9,
+    chunk_size: int = 500,
+    progress: bool = False,
+) -> tuple[dict[str, jax.Array], np.ndarray]:
+    """Maximise ``objective`` from ``spec.init``; step ``i`` draws with ``fold_in(key, i)``. Returns
+    the fitted *unconstrained* params and the objective trace ``f32[num_steps]``.
+
+    Raises :class:`InferenceError` at the first step whose objective or gradient is not finite (the
+    parameters of the last finite step are not returned: the run stops)."""
+    dyn, _, rebuild = split_args(args)
+    chunk = min(chunk_size, num_steps)
+
+    def step(state: FitState, dyn) -> tuple[FitState, tuple]:
+        k = jax.random.fold_in(key, state.step)
+        baseline = jnp.where(
+            state.count > 0, state.baseline_sum / (1 - baseline_decay ** state.count.astype(float)), 0.0
+        )
+
+        def loss(u):
+            surr, mon = objective.surrogate(
+                k, model, guide, constrain(u, spec.constraints), rebuild(dyn), estimators, baseline
+            )
+            return -surr, (mon, jax.lax.stop_gradient(surr))
+
+        (_, (mon, value)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        finite = jnp.isfinite(value) & jnp.isfinite(mon)
+        finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        ok = finite & (state.step < num_steps)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = FitState(
+            optax.apply_updates(state.params, updates),
+            opt_state,
+            baseline_decay * state.baseline_sum + (1 - baseline_decay) * value,
+            state.count + 1,
+            state.step,
+        )
+        keep = lambda a, b: jnp.where(ok, a, b)
+        state = jax.tree.map(keep, new, state)._replace(step=state.step + 1)
+        return state, (mon, finite)
+
+    @jax.jit
+    def run_chunk(state, dyn):
+        return jax.lax.scan(lambda s, _: step(s, dyn), state, None, length=chunk)
+
+    zero = jnp.zeros((), jnp.int32)
+    state = FitState(spec.init, optimizer.init(spec.init), jnp.zeros(()), zero, zero)
+    traces = []
+    for start in range(0, num_steps, chunk):
+        state, (mon, finite) = run_chunk(state, dyn)
+        mon, finite = np.asarray(mon), np.asarray(finite)
+        bad = np.flatnonzero(~finite[: num_steps - start])
+        if bad.size:
+            raise InferenceError(
+                f"the objective or its gradient was not finite (NaN/inf) at optimisation step "
+                f"{start + int(bad[0])}: value {mon[bad[0]]}; lower the learning rate or check the "
+                "model and guide for invalid parameters"
+            )
+        traces.append(mon[: num_steps - start])
+        if progress:
+            done = min(start + chunk, num_steps)
+            print(f"VI step {done}/{num_steps}: {objective.name} = {mon[-1]:.4f}", file=sys.stderr)
+    return state.params, np.concatenate(traces)
+
+
+def _param_spec(key, program, guide, objective, args, init_params) -> ParamSpec:
+    if is_sequential(program):
+        with handlers.seed(rng_seed=key):
+            state = jax.tree.map(jnp.asarray, program.init(*args))
+        t0 = jnp.zeros((), jnp.int32)
+        runs = [(lambda: guide(state, t0, *args), ())]
+        if objective.init_proposal is not None:
+            runs.append((objective.init_proposal, args))
+    else:
+        runs = [(guide, args), (program, args)]
+    spec = find_params(key, runs)
+    for name, value in (init_params or {}).items():
+        if name not in spec.init:
+            raise ConfigError(f"init_params names {name!r}, which is not a param site")
+        spec.init[name] = unconstrain(value, spec.constraints[name])
+    return spec
+
+
+def _bound(fn, params):
+    return None if fn is None else bind_params(fn, params)
