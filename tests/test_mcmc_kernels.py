@@ -1,0 +1,193 @@
+"""Traced representation, MH kernels (exact invariance by enumeration, Geweke tests), NUTS and the
+MCMC algorithm."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import ppinfer as pp
+from models.classic import sprinkler
+from ppinfer.errors import ConfigError, ModelError
+from ppinfer.mcmc import (
+    MCMC,
+    NUTS,
+    IndependenceMH,
+    MHState,
+    ProgrammableMH,
+    Regenerate,
+    SingleSiteMH,
+    mh_kernel,
+)
+from ppinfer.traced import assess, generate, regenerate, update
+from semantics.mcmc import check_invariance, check_joint_invariance
+
+
+def discrete_model():
+    a = pp.sample("a", dist.Categorical(probs=jnp.array([0.2, 0.5, 0.3])))
+    b = pp.sample("b", dist.Bernoulli(jnp.where(a == 1, 0.8, 0.3)))
+    pp.observe("y", dist.Normal(a + b, 1.0), 1.7)
+
+
+def neighbour_proposal(choices):
+    # Asymmetric: the reverse-proposal term matters.
+    probs = jnp.where(choices["a"] == 0, jnp.array([0.1, 0.6, 0.3]), jnp.array([0.5, 0.2, 0.3]))
+    pp.sample("a", dist.Categorical(probs=probs))
+
+
+def normal_model(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+    s = pp.sample("s", dist.LogNormal(0.0, 0.5))
+    with pp.plate("data", 5):
+        pp.observe("y", dist.Normal(mu, s), y)
+
+
+def rw_proposal(choices, y):
+    pp.sample("mu", dist.Normal(choices["mu"], 0.5))
+    pp.sample("s", dist.LogNormal(jnp.log(choices["s"]), 0.3))
+
+
+def without_reverse(program, proposal):
+    """A deliberately wrong MH proposal step: it drops the reverse-proposal term."""
+
+    def propose(key, trace, args):
+        forward, _ = generate(key, proposal, (trace.choices, *args))
+        new, log_ratio, _ = update(program, args, trace, forward.choices)
+        return new, log_ratio - forward.log_prior
+
+    return propose
+
+
+def test_traced_weights(x64):
+    y = jnp.array([0.3, -0.2, 1.0, 0.5, 0.1])
+    key = jax.random.PRNGKey(0)
+    tr, w = generate(key, normal_model, (y,))
+    # No constraints: the weight is the likelihood.
+    assert float(w) == pytest.approx(float(tr.log_likelihood))
+    tr2, w2 = generate(key, normal_model, (y,), {"mu": 0.4})
+    assert float(w2) == pytest.approx(float(tr2.log_likelihood + tr2.log_probs["mu"]))
+    expected = dist.Normal(0, 1).log_prob(0.4) + dist.LogNormal(0, 0.5).log_prob(tr2.choices["s"])
+    expected += jnp.sum(dist.Normal(0.4, tr2.choices["s"]).log_prob(y))
+    assert float(assess(normal_model, (y,), tr2.choices).score) == pytest.approx(float(expected))
+    new, w3, discard = update(normal_model, (y,), tr, {"mu": 1.5})
+    assert float(w3) == pytest.approx(float(new.score - tr.score))
+    assert float(discard["mu"]) == float(tr.choices["mu"])
+    new, w4 = regenerate(jax.random.PRNGKey(1), normal_model, (y,), tr, ["mu"])
+    assert float(new.choices["s"]) == float(tr.choices["s"])
+    # Regenerating mu from its prior: the MH ratio is the ratio of every other site's density.
+    assert float(w4) == pytest.approx(float(new.log_likelihood - tr.log_likelihood))
+    with pytest.raises(ModelError, match="not latent"):
+        update(normal_model, (y,), tr, {"nope": 1.0})
+    with pytest.raises(ModelError, match="no value"):
+        assess(normal_model, (y,), {"mu": 0.0})
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [SingleSiteMH(), Regenerate(("a",)), Regenerate(("a", "b")), ProgrammableMH(neighbour_proposal)],
+    ids=["single-site", "regenerate-a", "regenerate-block", "programmable"],
+)
+def test_exact_invariance(x64, factory):
+    kernel = factory.build(discrete_model, 0, {"a": None, "b": None})
+    assert check_invariance(discrete_model, (), kernel) < 1e-12
+
+
+def test_exact_invariance_sprinkler_and_independence(x64):
+    model = sprinkler(True)
+    assert check_invariance(model, (), SingleSiteMH().build(model, 0, {"rain": 0, "sprinkler": 0})) < 1e-12
+
+    def independent():
+        pp.sample("rain", dist.Bernoulli(0.7))
+        pp.sample("sprinkler", dist.Bernoulli(0.4))
+
+    assert check_invariance(model, (), IndependenceMH(independent).build(model)) < 1e-12
+
+
+def test_exact_check_catches_missing_reverse_term(x64):
+    wrong = mh_kernel(discrete_model, without_reverse(discrete_model, neighbour_proposal))
+    assert check_invariance(discrete_model, (), wrong) > 1e-3
+
+
+def geweke_stats():
+    return {
+        "mu": lambda c, y: c["mu"],
+        "log_s": lambda c, y: jnp.log(c["s"]),
+        "mu*ybar": lambda c, y: c["mu"] * jnp.mean(y),
+        "mu^2": lambda c, y: c["mu"] ** 2,
+    }
+
+
+def test_geweke_valid_kernels_pass():
+    # Family-wise false-failure rate 1e-3 per kernel (Bonferroni over 4 statistics).
+    for factory in (ProgrammableMH(rw_proposal), SingleSiteMH()):
+        kernel = factory.build(normal_model, 0, {"mu": 0, "s": 0})
+        out = check_joint_invariance(normal_model, "y", kernel, geweke_stats(), 3000, 5, key=1)
+        assert all(out.values()), out
+
+
+def test_geweke_catches_missing_reverse_term():
+    wrong = mh_kernel(normal_model, without_reverse(normal_model, rw_proposal))
+    out = check_joint_invariance(normal_model, "y", wrong, geweke_stats(), 3000, 5, key=1)
+    assert not all(out.values())
+
+
+def test_kernel_is_pure_jit_vmap():
+    y = jnp.array([0.3, -0.2, 1.0, 0.5, 0.1])
+    kernel = ProgrammableMH(rw_proposal).build(normal_model)
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    states = jax.vmap(lambda k: kernel.init(k, (y,)))(keys)
+    step = jax.jit(jax.vmap(functools.partial(kernel.step, args=(y,))))
+    s1, info = step(keys, states)
+    s2, _ = step(keys, states)
+    assert isinstance(s1, MHState) and info.accepted.shape == (8,)
+    np.testing.assert_array_equal(s1.trace.choices["mu"], s2.trace.choices["mu"])
+
+
+def conjugate(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+    with pp.plate("data", y.shape[0]):
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+def test_nuts_and_mh_recover_conjugate_posterior():
+    y = np.random.default_rng(0).normal(0.7, 1.0, 10).astype(np.float32)
+    post_mean, post_sd = y.sum() / 11, 1 / np.sqrt(11)
+    for factory, n in ((NUTS(), 300), (SingleSiteMH(), 1500)):
+        r = pp.infer(conjugate, y, algorithm=MCMC(factory, n, 200, num_chains=2), key=0)
+        idata = r.to_arviz()
+        assert dict(idata.posterior.sizes) == {"chain": 2, "draw": n}
+        import arviz as az
+
+        summary = az.summary(idata, var_names=["mu"])
+        assert float(summary["r_hat"].iloc[0]) < 1.05
+        mcse = float(summary["mcse_mean"].iloc[0])
+        # 4·MCSE (+ a small floor for the MCSE estimate's own error): ~1e-4 false-failure rate.
+        assert abs(float(r.mean("mu")) - post_mean) < 4 * mcse + 0.02
+        assert float(r.std("mu")) == pytest.approx(post_sd, rel=0.15)
+        assert np.isnan(r.log_evidence) and r.samples["mu"].shape == (2 * n,)
+
+
+def test_mcmc_errors():
+    y = jnp.ones(3)
+    with pytest.raises(ConfigError):
+        MCMC(NUTS(), num_samples=0)
+    with pytest.raises(ConfigError):
+        MCMC(NUTS(), num_chains=0)
+    with pytest.raises(ConfigError):
+        MCMC("nuts")
+    with pytest.raises(ModelError, match="discrete"):
+        pp.infer(discrete_model, algorithm=MCMC(NUTS(), 10, 10))
+
+    def no_latent(y):
+        pp.observe("y", dist.Normal(0.0, 1.0), y)
+
+    with pytest.raises(ModelError, match="no random choice"):
+        pp.infer(no_latent, y, algorithm=MCMC(NUTS(), 10, 10))
+    with pytest.raises(ModelError, match="not latent"):
+        pp.infer(conjugate, y, algorithm=MCMC(Regenerate(("sigma",)), 10, 10))
+    seq = pp.sequential(lambda: 0.0, lambda s, t: s, 2)
+    with pytest.raises(ConfigError, match="static program"):
+        pp.infer(seq, algorithm=MCMC(NUTS(), 10, 10))
