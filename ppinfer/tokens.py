@@ -173,21 +173,26 @@ def text_predicate(
     decode: Callable[[Sequence[int]], str],
     tokens: jax.Array,
     length: jax.Array,
+    when: jax.Array | bool = True,
 ) -> jax.Array:
     """``bool[]``: ``predicate(text)`` of the decoded prefix ``tokens[:length]``, evaluated on the
-    host. Under the engine's ``vmap`` the callback receives the whole batch at once (one host call per
-    step, not one per particle)."""
+    host where ``when`` holds (True elsewhere, without decoding). Under the engine's ``vmap`` the
+    callback receives the whole batch at once: one host call per step, not one per particle."""
 
-    def host(toks, lens):
-        toks, lens = np.asarray(toks), np.asarray(lens)
-        flat_t, flat_l = toks.reshape(-1, toks.shape[-1]), lens.reshape(-1)
-        out = np.array(
-            [bool(predicate(decode(list(row[:n])))) for row, n in zip(flat_t, flat_l, strict=True)]
-        )
-        return out.reshape(lens.shape)
+    def host(toks, lens, whens):
+        toks, lens, whens = np.asarray(toks), np.asarray(lens), np.asarray(whens)
+        shape = np.broadcast_shapes(lens.shape, whens.shape)
+        flat_t = np.broadcast_to(toks, shape + toks.shape[-1:]).reshape(-1, toks.shape[-1])
+        flat_l, flat_w = np.broadcast_to(lens, shape).reshape(-1), np.broadcast_to(whens, shape).reshape(-1)
+        out = [
+            bool(predicate(decode([int(t) for t in row[:n]]))) if w else True
+            for row, n, w in zip(flat_t, flat_l, flat_w, strict=True)
+        ]
+        return np.array(out, bool).reshape(shape)
 
-    shape = jax.ShapeDtypeStruct(jnp.shape(length), jnp.bool_)
-    return jax.pure_callback(host, shape, tokens, length, vmap_method="expand_dims")
+    when = jnp.asarray(when, jnp.bool_)
+    shape = jax.ShapeDtypeStruct(jnp.broadcast_shapes(jnp.shape(length), jnp.shape(when)), jnp.bool_)
+    return jax.pure_callback(host, shape, tokens, length, when, vmap_method="expand_dims")
 
 
 def texts(contexts: Context, tokenizer: Any, eos_id: int | None = None) -> list[str]:
