@@ -11,6 +11,7 @@ from ppinfer.vi.density import Particles, log_density_ratio, sample_particles
 from ppinfer.vi.estimators import ENUMERATE, REINFORCE, REPARAM, choose_estimator
 from ppinfer.vi.objectives import Objective, elbo, expectation, iwelbo, renyi, rws, wake_p, wake_q
 from ppinfer.vi.params import ParamSpec, bind_params, constrain, find_params, unconstrain
+from ppinfer.vi.proposals import affine_gaussian_proposal
 from ppinfer.vi.vsmc import VSMC
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "constrain",
     "unconstrain",
     "bind_params",
+    "affine_gaussian_proposal",
 ]

@@ -86,11 +86,9 @@ def log_density_ratio(
     zero = jnp.zeros((), jnp.result_type(float))
     log_p = sum((site_log_prob(s) for s in p_trace.values() if s["type"] == "sample"), zero)
     log_q = sum((site_log_prob(s) for s in q_latent.values()), zero)
-    by = lambda est: sum(
-        (site_log_prob(s) for n, s in q_latent.items() if chooser.chosen[n] == est), zero
-    )
-    score, log_q_enum = (zero, zero) if fixed_samples else (by(REINFORCE), by(ENUMERATE))
-    return Particles(log_p - log_q, log_p, log_q, score, log_q_enum, choices_of(p_trace))
+    by = lambda est: sum((site_log_prob(s) for n, s in q_latent.items() if chooser.chosen[n] == est), zero)
+    score = zero if fixed_samples else by(REINFORCE)
+    return Particles(log_p - log_q, log_p, log_q, score, by(ENUMERATE), choices_of(p_trace))
 
 
 def sample_particles(

@@ -69,13 +69,10 @@ def choose_estimator(name: str, fn: Any, estimators: Estimators) -> str:
         return REPARAM if getattr(fn, "has_rsample", False) else REINFORCE
     if chosen == REPARAM and not getattr(fn, "has_rsample", False):
         raise ConfigError(
-            f"site {name!r}: {type(fn).__name__} is not reparameterisable; use 'reinforce' "
-            "or 'enumerate'"
+            f"site {name!r}: {type(fn).__name__} is not reparameterisable; use 'reinforce' or 'enumerate'"
         )
     if chosen == ENUMERATE and not getattr(fn, "has_enumerate_support", False):
-        raise EnumerationError(
-            f"site {name!r}: {type(fn).__name__} has no finite support to enumerate"
-        )
+        raise EnumerationError(f"site {name!r}: {type(fn).__name__} has no finite support to enumerate")
     return chosen
 
 

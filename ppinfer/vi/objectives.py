@@ -86,14 +86,15 @@ class Objective:
         """``(surrogate, monitored)``: ``jax.grad`` of ``surrogate: f32[]`` (in ``params``, the
         constrained values) is an unbiased estimate of ``∇L`` (of ``E[∇F]`` when
         ``fixed_samples``); its value equals the estimate ``F`` (its conditional mean over
-        enumerated sites). ``baseline`` is the score-function control variate ``b`` (must not
+        enumerated sites; with ``fixed_samples`` the enumerated sites' probabilities are held
+        fixed too). ``baseline`` is the score-function control variate ``b`` (must not
         depend on this draw). ``monitored: f32[]`` is the :attr:`monitor` figure."""
         k = self.num_particles
         draw = lambda fixed: sample_particles(
             key, model, guide, params, args, k, estimators, fixed, self.fixed_samples,
             self.full_coverage,
         )  # fmt: skip
-        supports = {} if self.fixed_samples else _enumerated(key, guide, params, args, estimators)
+        supports = _enumerated(key, guide, params, args, estimators)
 
         def estimate(fixed):
             ps = draw(fixed)
@@ -108,7 +109,7 @@ class Objective:
             return surr, mon
         configs = _configs(supports, k)
         surr, mon, log_q = jax.vmap(estimate)(configs)
-        q = jnp.exp(log_q)
+        q = sg(jnp.exp(log_q)) if self.fixed_samples else jnp.exp(log_q)
         return jnp.sum(q * surr), jnp.sum(sg(q) * mon)
 
 
@@ -189,9 +190,7 @@ def _enumerated(key, guide, params, args, estimators) -> dict[str, np.ndarray]:
     chooser = choose_and_detach(estimators)
     with chooser, handlers.seed(rng_seed=key), handlers.substitute(data=params):
         guide(*args)
-    return {
-        n: enumerate_values(n, chooser.fns[n]) for n, e in chooser.chosen.items() if e == ENUMERATE
-    }
+    return {n: enumerate_values(n, chooser.fns[n]) for n, e in chooser.chosen.items() if e == ENUMERATE}
 
 
 def _configs(supports: dict[str, np.ndarray], k: int) -> dict[str, jax.Array]:
