@@ -54,6 +54,7 @@ __all__ = [
     "twist",
     "require_eos",
     "text_predicate",
+    "score_tokens",
     "texts",
 ]
 
@@ -193,6 +194,18 @@ def text_predicate(
     when = jnp.asarray(when, jnp.bool_)
     shape = jax.ShapeDtypeStruct(jnp.broadcast_shapes(jnp.shape(length), jnp.shape(when)), jnp.bool_)
     return jax.pure_callback(host, shape, tokens, length, when, vmap_method="expand_dims")
+
+
+def score_tokens(ctx: Context, p: LMPrompt, tokens: jax.Array) -> tuple[jax.Array, Context]:
+    """``log p(tokens | context)`` by teacher forcing ``tokens: i32[K]`` through the LM (K forward
+    passes, one ``lax.scan``), and the extended context. Used for suffix conditioning (infilling)
+    and for scorer LMs; the context needs room for K more tokens."""
+
+    def body(c, tok):
+        return c.extend(p, tok), c.logp[tok]
+
+    ctx, log_probs = jax.lax.scan(body, ctx, jnp.asarray(tokens, jnp.int32))
+    return jnp.sum(log_probs), ctx
 
 
 def texts(contexts: Context, tokenizer: Any, eos_id: int | None = None) -> list[str]:

@@ -45,3 +45,18 @@ def test_demo_runs(tmp_path, monkeypatch, capsys):
     demo.main()
     assert (tmp_path / "out" / "demo.png").exists()
     assert "exact (Kalman)" in capsys.readouterr().out
+
+
+def test_regex_constraint_example(capsys):
+    load(ROOT / "examples" / "regex_constraint.py").main(num_particles=16, max_new_tokens=12)
+    assert "locally constrained SMC" in capsys.readouterr().out
+
+
+def test_infill_suffix_example(capsys):
+    load(ROOT / "examples" / "infill_suffix.py").main(num_particles=8, max_steps_tokens=8)
+    assert "conditioned on the answer" in capsys.readouterr().out
+
+
+def test_critic_potential_example(capsys):
+    load(ROOT / "examples" / "critic_potential.py").main(num_particles=8, max_new_tokens=6)
+    assert "twist= True" in capsys.readouterr().out

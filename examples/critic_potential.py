@@ -1,0 +1,68 @@
+"""A critic on prefixes: a user function of the decoded text, used as a twist.
+
+Target: the LM's continuations of ``"<|endoftext|>import"`` reweighted by a final reward
+``exp(−1.5 · #words)`` on the text (short import lines). The same function on every prefix serves as
+a twist (a critic that guesses the final reward early): ``tokens.twist`` applies it and removes the
+previous one, so the target is unchanged while weak particles are resampled away sooner.
+"""
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax  # noqa: E402
+
+import ppinfer as pp  # noqa: E402
+from ppinfer import tokens as tk  # noqa: E402
+from ppinfer.lm import load_default  # noqa: E402
+
+
+def reward(text: str) -> float:
+    return -1.5 * len(text.split())
+
+
+def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
+    lm = load_default()
+    p = tk.prompt(lm, "<|endoftext|>import", max_new_tokens)
+
+    def score(ctx):
+        def host(toks, lens):
+            toks, lens = np.asarray(toks), np.asarray(lens)
+            flat_t, flat_l = toks.reshape(-1, toks.shape[-1]), lens.reshape(-1)
+            vals = [reward(lm.tokenizer.decode([int(t) for t in r[:n]])) for r, n in zip(flat_t, flat_l)]
+            return np.asarray(vals, np.float32).reshape(lens.shape)
+
+        out = jax.ShapeDtypeStruct(jnp.shape(ctx.length), jnp.float32)
+        return jax.pure_callback(host, out, ctx.tokens, ctx.length, vmap_method="expand_dims")
+
+    def init(p):
+        return tk.Context.start(p), jnp.zeros(())
+
+    def step(state, t, p, use_twist):
+        ctx, psi = state
+        tok = pp.sample("tok", ctx.next_token())
+        done = (tok == p.eos_id) | (t == max_new_tokens - 1)
+        ctx = ctx.extend(p, tok)
+        value = score(ctx)
+        pp.factor("reward", jnp.where(done, value, 0.0))
+        if use_twist:
+            psi = tk.twist("critic", value, psi, final=done)
+        pp.stop(tok == p.eos_id)
+        return ctx, psi
+
+    for use_twist in (False, True):
+        program = pp.sequential(init, lambda s, t, p: step(s, t, p, use_twist), max_new_tokens)
+        r = pp.infer(program, p, algorithm=pp.SMC(num_particles), key=0)
+        texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
+        mean_words = float(np.sum(np.asarray(r.weights) * np.array([len(t.split()) for t in texts])))
+        print(
+            f"twist={use_twist!s:>5}: log Ẑ {r.log_evidence:6.2f}  mean ESS {float(np.mean(r.ess)):5.1f}  "
+            f"E[#words] {mean_words:.2f}  e.g. 'import{texts[int(np.argmax(np.asarray(r.weights)))]}'"
+        )
+
+
+if __name__ == "__main__":
+    main()
