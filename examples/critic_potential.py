@@ -7,14 +7,13 @@ previous one, so the target is unchanged while weak particles are resampled away
 """
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import jax  # noqa: E402
-
 import ppinfer as pp  # noqa: E402
 from ppinfer import tokens as tk  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
@@ -29,14 +28,7 @@ def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
     p = tk.prompt(lm, "<|endoftext|>import", max_new_tokens)
 
     def score(ctx):
-        def host(toks, lens):
-            toks, lens = np.asarray(toks), np.asarray(lens)
-            flat_t, flat_l = toks.reshape(-1, toks.shape[-1]), lens.reshape(-1)
-            vals = [reward(lm.tokenizer.decode([int(t) for t in r[:n]])) for r, n in zip(flat_t, flat_l)]
-            return np.asarray(vals, np.float32).reshape(lens.shape)
-
-        out = jax.ShapeDtypeStruct(jnp.shape(ctx.length), jnp.float32)
-        return jax.pure_callback(host, out, ctx.tokens, ctx.length, vmap_method="expand_dims")
+        return tk.text_value(reward, lm.tokenizer.decode, ctx.tokens, ctx.length)
 
     def init(p):
         return tk.Context.start(p), jnp.zeros(())
@@ -54,7 +46,7 @@ def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
         return ctx, psi
 
     for use_twist in (False, True):
-        program = pp.sequential(init, lambda s, t, p: step(s, t, p, use_twist), max_new_tokens)
+        program = pp.sequential(init, partial(step, use_twist=use_twist), max_new_tokens)
         r = pp.infer(program, p, algorithm=pp.SMC(num_particles), key=0)
         texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
         mean_words = float(np.sum(np.asarray(r.weights) * np.array([len(t.split()) for t in texts])))

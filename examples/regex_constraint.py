@@ -30,7 +30,9 @@ def main(num_particles: int = 64, max_new_tokens: int = 20) -> None:
         texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
         alive = np.asarray(r.weights) > 0
         valid = all(
-            re.fullmatch(PYTHON_DEF_PATTERN, t) and parses_as_def(t) for t, a in zip(texts, alive) if a
+            re.fullmatch(PYTHON_DEF_PATTERN, t) and parses_as_def(t)
+            for t, a in zip(texts, alive, strict=True)
+            if a
         )
         top = texts[int(np.argmax(np.asarray(r.weights)))]
         print(

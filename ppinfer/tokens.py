@@ -54,6 +54,7 @@ __all__ = [
     "twist",
     "require_eos",
     "text_predicate",
+    "text_value",
     "score_tokens",
     "texts",
 ]
@@ -169,6 +170,37 @@ def require_eos(name: str, finished: jax.Array, t: jax.Array, num_steps: int) ->
     condition(name, finished | (t < num_steps - 1))
 
 
+def text_value(
+    fn: Callable[[str], Any],
+    decode: Callable[[Sequence[int]], str],
+    tokens: jax.Array,
+    length: jax.Array,
+    when: jax.Array | bool = True,
+    default: Any = 0.0,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+    """``fn(text)`` of the decoded prefix ``tokens[:length]`` as a ``dtype`` scalar, evaluated on the
+    host where ``when`` holds (``default`` elsewhere, without decoding). Under the engine's ``vmap``
+    the callback receives the whole batch at once: one host call per step, not one per particle.
+    For critics, scorers and rewards written in Python."""
+
+    def host(toks, lens, whens):
+        toks, lens, whens = np.asarray(toks), np.asarray(lens), np.asarray(whens)
+        shape = np.broadcast_shapes(lens.shape, whens.shape)
+        flat_t = np.broadcast_to(toks, shape + toks.shape[-1:]).reshape(-1, toks.shape[-1])
+        flat_l = np.broadcast_to(lens, shape).reshape(-1)
+        flat_w = np.broadcast_to(whens, shape).reshape(-1)
+        out = [
+            fn(decode([int(t) for t in row[:n]])) if w else default
+            for row, n, w in zip(flat_t, flat_l, flat_w, strict=True)
+        ]
+        return np.asarray(out, dtype).reshape(shape)
+
+    when = jnp.asarray(when, jnp.bool_)
+    shape = jax.ShapeDtypeStruct(jnp.broadcast_shapes(jnp.shape(length), jnp.shape(when)), dtype)
+    return jax.pure_callback(host, shape, tokens, length, when, vmap_method="expand_dims")
+
+
 def text_predicate(
     predicate: Callable[[str], bool],
     decode: Callable[[Sequence[int]], str],
@@ -176,24 +208,9 @@ def text_predicate(
     length: jax.Array,
     when: jax.Array | bool = True,
 ) -> jax.Array:
-    """``bool[]``: ``predicate(text)`` of the decoded prefix ``tokens[:length]``, evaluated on the
-    host where ``when`` holds (True elsewhere, without decoding). Under the engine's ``vmap`` the
-    callback receives the whole batch at once: one host call per step, not one per particle."""
-
-    def host(toks, lens, whens):
-        toks, lens, whens = np.asarray(toks), np.asarray(lens), np.asarray(whens)
-        shape = np.broadcast_shapes(lens.shape, whens.shape)
-        flat_t = np.broadcast_to(toks, shape + toks.shape[-1:]).reshape(-1, toks.shape[-1])
-        flat_l, flat_w = np.broadcast_to(lens, shape).reshape(-1), np.broadcast_to(whens, shape).reshape(-1)
-        out = [
-            bool(predicate(decode([int(t) for t in row[:n]]))) if w else True
-            for row, n, w in zip(flat_t, flat_l, flat_w, strict=True)
-        ]
-        return np.array(out, bool).reshape(shape)
-
-    when = jnp.asarray(when, jnp.bool_)
-    shape = jax.ShapeDtypeStruct(jnp.broadcast_shapes(jnp.shape(length), jnp.shape(when)), jnp.bool_)
-    return jax.pure_callback(host, shape, tokens, length, when, vmap_method="expand_dims")
+    """``bool[]``: ``predicate(text)`` of the decoded prefix where ``when`` holds (True elsewhere);
+    see :func:`text_value`."""
+    return text_value(lambda text: bool(predicate(text)), decode, tokens, length, when, True, jnp.bool_)
 
 
 def score_tokens(ctx: Context, p: LMPrompt, tokens: jax.Array) -> tuple[jax.Array, Context]:
