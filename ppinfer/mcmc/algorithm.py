@@ -19,6 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import split_args
@@ -114,8 +117,9 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
         return _compiled(kernel, rebuild, cfg.thinning)
 
     if cache_key not in _FACTORIES:
-        checks.dry_run(program, args, None, "running the program once")
-        sites = latent_sites(program, args)
+        checked = _improper_at_init(program)
+        checks.dry_run(checked, args, None, "running the program once")
+        sites = latent_sites(checked, args)
         checks.require_latent(list(sites))
         holder["sites"] = sites
     if cache_key not in _FACTORIES:
@@ -174,6 +178,18 @@ def _compiled(kernel, rebuild, thinning):
         return state, (pos, info)
 
     return init_fn, chunk_fn
+
+
+def _improper_at_init(program: Callable[..., Any]) -> Callable[..., Any]:
+    """``program`` with its improper-prior sites (``ImproperUniform``, which cannot be sampled) set
+    by ``init_to_uniform``, so the host-side checks can run it once."""
+
+    def value(site):
+        if site["type"] == "sample" and isinstance(site["fn"], dist.ImproperUniform):
+            return init_to_uniform(site)
+        return None
+
+    return lambda *args: handlers.substitute(handlers.seed(program, 0), substitute_fn=value)(*args)
 
 
 def _chunk_keys(run_keys: jax.Array, offset: int, length: int) -> jax.Array:
