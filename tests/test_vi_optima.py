@@ -56,8 +56,8 @@ def beta_guide(flips):
 
 def test_beta_guide_recovers_beta_posterior():
     model = beta_bernoulli(2.0, 2.0)
-    opt = optax.adam(optax.exponential_decay(0.1, 1000, 0.01))
-    r = pp.infer(model, FLIPS, algorithm=VI(elbo(8), beta_guide, opt, 1000, num_particles=2000), key=1)
+    opt = optax.adam(optax.exponential_decay(0.1, 600, 0.01))
+    r = pp.infer(model, FLIPS, algorithm=VI(elbo(8), beta_guide, opt, 600, num_particles=2000), key=1)
     a, b = float(r.extras["params"]["a"]), float(r.extras["params"]["b"])
     # Exact posterior Beta(2 + 7, 2 + 3) = Beta(9, 5); measured error ≈ 2 %.
     assert a == pytest.approx(2.0 + HEADS, rel=0.1)
@@ -74,11 +74,11 @@ def test_iwelbo_increases_to_log_evidence():
     spec = find_params(jax.random.PRNGKey(0), [(beta_guide, (FLIPS,))])
     params = constrain(spec.init, spec.constraints)
     means, errs = [], []
-    for k in (1, 8, 64, 256):
+    for k in (1, 16, 256):
         obj = iwelbo(k)
         vals = jax.jit(
             jax.vmap(lambda key, obj=obj: obj.surrogate(key, model, beta_guide, params, (FLIPS,))[1])
-        )(jax.random.split(jax.random.PRNGKey(k), 200))
+        )(jax.random.split(jax.random.PRNGKey(k), 150))
         means.append(float(np.mean(vals)))
         errs.append(float(np.std(vals) / np.sqrt(len(vals))))
     for i in range(1, len(means)):
