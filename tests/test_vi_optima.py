@@ -37,7 +37,7 @@ def test_full_rank_gaussian_guide_recovers_conjugate_posterior():
     tril = np.asarray(p["auto_scale_tril"])
     cov = tril @ tril.T
     assert abs(COV[0, 1] / np.sqrt(COV[0, 0] * COV[1, 1])) > 0.8  # the test needs correlation
-    # Tolerance: SGD noise at the final learning rate (measured errors ≈ 0.01 / 0.003).
+    # Tolerance: SGD noise at the final learning rate (measured max errors 0.011 / 0.008).
     np.testing.assert_allclose(loc, MEAN, atol=0.05)
     np.testing.assert_allclose(cov, COV, atol=0.02)
     assert r.extras["objective_trace"].shape == (1500,)
@@ -59,7 +59,7 @@ def test_beta_guide_recovers_beta_posterior():
     opt = optax.adam(optax.exponential_decay(0.1, 600, 0.01))
     r = pp.infer(model, FLIPS, algorithm=VI(elbo(8), beta_guide, opt, 600, num_particles=2000), key=1)
     a, b = float(r.extras["params"]["a"]), float(r.extras["params"]["b"])
-    # Exact posterior Beta(2 + 7, 2 + 3) = Beta(9, 5); measured error ≈ 2 %.
+    # Exact posterior Beta(2 + 7, 2 + 3) = Beta(9, 5); measured fit Beta(8.58, 4.86): errors 5 % / 3 %.
     assert a == pytest.approx(2.0 + HEADS, rel=0.1)
     assert b == pytest.approx(2.0 + TAILS, rel=0.1)
     # The fitted guide is (nearly) the posterior: the IS evidence estimate is accurate.
