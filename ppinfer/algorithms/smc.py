@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -23,13 +24,13 @@ import numpy as np
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer.errors import ConfigError
-from ppinfer.population import ess, log_evidence
+from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample
 from ppinfer.result import Result
 from ppinfer.suspended import Sequential, advance, match_state, start
 
-__all__ = ["SMC", "run_smc", "trace_genealogy", "sample_names"]
+__all__ = ["SMC", "run_smc", "smc_run", "particle_sharding", "trace_genealogy", "sample_names"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class SMC:
         proposal: ``proposal(state, t, *args)`` proposing some of the step's latent sites (default:
             the program's own prior: the bootstrap filter). Weighted by ``log p − log q``.
         init_proposal: the same for ``init``: ``init_proposal(*args)``.
+        devices: shard the particle axis over these devices (an int takes the first ``devices`` of
+            ``jax.devices()``); ``N`` must be a multiple of their number. Weights, ESS, log Ẑ and
+            resampling stay global (ancestors may cross devices: XLA inserts the collectives), so
+            the result equals the unsharded run with the same key.
     """
 
     num_particles: int = 1000
@@ -51,11 +56,14 @@ class SMC:
     ess_threshold: float = 0.5
     proposal: Callable[..., Any] | None = None
     init_proposal: Callable[..., Any] | None = None
+    devices: int | tuple | None = None
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
         check_scheme(self.resampling)
         checks.check_probability("ess_threshold", self.ess_threshold)
+        if self.devices is not None:
+            particle_sharding(self.devices, self.num_particles)
 
     name = "SMC"
 
@@ -74,11 +82,12 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     num_steps = program.steps_for(args)
     dyn, static_key, rebuild = split_args(args)
     settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
-    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, static_key)
+    sharding = None if cfg.devices is None else particle_sharding(cfg.devices, cfg.num_particles)
+    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, static_key)
 
     def build():
         def compiled(key, dyn):
-            return smc_run(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal)
+            return smc_run(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal, sharding)
 
         return compiled
 
@@ -113,13 +122,22 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     )
 
 
-def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, init_proposal=None):
+def smc_run(
+    key, program, args, n, num_steps, scheme, threshold, proposal=None, init_proposal=None, sharding=None
+):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
     genealogy-traced ``init_choices`` ``[N, …]`` and step ``trajectories`` ``[N, T, …]``, ``active:
-    bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``."""
+    bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``. With ``sharding`` (a
+    ``NamedSharding`` of the particle axis) the population is kept sharded across devices."""
+    shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
+    # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
+    # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
+    # exactly as on one device; the particles themselves move only where an ancestor crosses devices.
+    replicate = (lambda x: x) if sharding is None else partial(_constrain, _replicated(sharding))
     k_init, k_loop = jax.random.split(key)
     seq, init_info = start(k_init, program, args, n, init_proposal)
+    seq = Sequential(shard(seq.population), seq.t)
     log_z_init = log_evidence(seq.population.log_weights)
     always = threshold >= 1.0
 
@@ -127,7 +145,7 @@ def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, 
         k_adv, k_res = jax.random.split(key_t)
         active = ~seq.population.particles.done
         seq, info = advance(k_adv, seq, program, args, proposal)
-        pop = seq.population
+        pop = Population(seq.population.particles, replicate(seq.population.log_weights))
         ess_t = ess(pop.log_weights)
         do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
         pop, ancestors = jax.lax.cond(
@@ -145,7 +163,7 @@ def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, 
             log_evidence(pop.log_weights),
             info.nan_sites,
         )
-        return Sequential(pop, seq.t), record
+        return Sequential(shard(pop), seq.t), record
 
     seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(
         body, seq, jax.random.split(k_loop, num_steps)
@@ -167,6 +185,31 @@ def smc_run(key, program, args, n, num_steps, scheme, threshold, proposal=None, 
         "state": seq.population.particles.state,
         "nan_sites": nan_sites,
     }
+
+
+def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.NamedSharding:
+    """A ``NamedSharding`` splitting the particle axis over ``devices`` (an int: the first that many
+    of ``jax.devices()``)."""
+    available = jax.devices()
+    if isinstance(devices, int | np.integer):
+        if not 1 <= devices <= len(available):
+            raise ConfigError(f"devices={devices}, but {len(available)} device(s) are available")
+        devices = available[: int(devices)]
+    devices = tuple(devices)
+    if num_particles % len(devices):
+        raise ConfigError(
+            f"num_particles={num_particles} must be a multiple of the number of devices ({len(devices)})"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("particles",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
+
+
+def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _constrain(sharding, tree):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
 def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]:
