@@ -62,13 +62,16 @@ class Problem:
         return f"{self.question} {worked} A: {answer}"
 
 
+MAX_OPERAND = 19
+
+
 def random_problem(rng: random.Random, size: int) -> Problem:
-    """A problem of ``size`` operands; a right-hand factor of ``*`` is a single digit ≥ 2 so that
-    products stay short."""
+    """A problem of ``size`` operands in 0..19; a right-hand factor of ``*`` is a single digit
+    ≥ 2. Small operands keep the one-step facts few enough for a tiny model to learn them."""
     operators = tuple(rng.choice(OPERATORS) for _ in range(size - 1))
-    operands = [rng.randint(0, 99)]
+    operands = [rng.randint(0, MAX_OPERAND)]
     for op in operators:
-        operands.append(rng.randint(2, 9) if op == "*" else rng.randint(0, 99))
+        operands.append(rng.randint(2, 9) if op == "*" else rng.randint(0, MAX_OPERAND))
     return Problem(tuple(operands), operators)
 
 

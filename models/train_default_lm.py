@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--arith-fraction", type=float, default=0.625)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -103,7 +104,7 @@ def main() -> None:
     heldout = {name: evaluate_loss(model, held, vocab_bytes) for name, (_, held) in streams.items()}
     accuracy, samples = evaluate_arithmetic(model, eval_problems)
     code_samples = model.complete(
-        "def ", key=jax.random.key(1), num_particles=3, max_new_tokens=48, temperature=0.8
+        EOS + "def ", key=jax.random.key(1), num_particles=3, max_new_tokens=48, temperature=0.8
     )
     manifest = {
         "seed": SEED,
@@ -113,14 +114,14 @@ def main() -> None:
         "stdlib_files_heldout": file_list["heldout"],
         "corpus_sha256": corpus_hash(stdlib_train, stdlib_eval, arith_train, arith_eval),
         "tokens": {
-            name: {"train": int(tr.size), "heldout": int(ho.size)}
-            for name, (tr, ho) in streams.items()
+            name: {"train": int(tr.size), "heldout": int(ho.size)} for name, (tr, ho) in streams.items()
         },
         "hf_config": HF_CONFIG,
         "steps": args.steps,
         "batch": args.batch,
         "context": CONTEXT,
         "lr": args.lr,
+        "arith_fraction": args.arith_fraction,
         "num_parameters": num_parameters(params),
         "train_seconds": train_seconds,
         "total_seconds": time.time() - started,
@@ -135,10 +136,7 @@ def main() -> None:
     (args.out / "README.md").write_text(model_card(manifest, samples, code_samples))
     print(
         json.dumps(
-            {
-                k: manifest[k]
-                for k in ("num_parameters", "train_seconds", "heldout", "arithmetic_accuracy")
-            },
+            {k: manifest[k] for k in ("num_parameters", "train_seconds", "heldout", "arithmetic_accuracy")},
             indent=1,
         )
     )
@@ -163,20 +161,16 @@ def stdlib_corpus() -> tuple[list[str], list[str], dict[str, list[str]]]:
 
 
 def arithmetic_corpus():
-    """Training and held-out problem texts, disjoint by expression, and the accuracy problems."""
-    train = problems(SEED, NUM_ARITH_TRAIN, ARITH_SIZES)
-    seen = {p.expression for p in train}
-    heldout = [p for p in problems(SEED + 1, 3000, ARITH_SIZES) if p.expression not in seen]
-    rng = random.Random(SEED + 2)
+    """Training texts, held-out texts and the accuracy problems; held-out expressions (loss and
+    accuracy sets) never occur as training problems."""
     accuracy_set = []
     for size in ARITH_SIZES:
-        pool = [
-            p
-            for p in problems(SEED + 3 + size, 20 * EVAL_PER_SIZE, (size,))
-            if p.expression not in seen
-        ]
-        accuracy_set += rng.sample(pool, EVAL_PER_SIZE)
-    return [p.text for p in train], [p.text for p in heldout[:2000]], accuracy_set
+        distinct = {p.expression: p for p in problems(SEED + 3 + size, 20 * EVAL_PER_SIZE, (size,))}
+        accuracy_set += random.Random(SEED + 2).sample(sorted(distinct.values(), key=str), EVAL_PER_SIZE)
+    heldout = problems(SEED + 1, 2000, ARITH_SIZES)
+    excluded = {p.expression for p in accuracy_set + heldout}
+    train = [p for p in problems(SEED, NUM_ARITH_TRAIN, ARITH_SIZES) if p.expression not in excluded]
+    return [p.text for p in train], [p.text for p in heldout], accuracy_set
 
 
 def train_tokenizer(texts: list[str]) -> tokenizers.Tokenizer:
@@ -231,13 +225,11 @@ def init_params(config, key) -> dict:
 
 
 def train(config, streams, args):
-    """AdamW with warm-up and cosine decay on random windows, half from each corpus."""
+    """AdamW with warm-up and cosine decay on random windows from both corpora."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, min(100, args.steps // 10), args.steps, args.lr / 20
     )
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.05)
-    )
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.05))
     params = init_params(config, jax.random.key(SEED))
     opt_state = optimizer.init(params)
 
@@ -252,12 +244,11 @@ def train(config, streams, args):
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(SEED)
-    train_streams = [train for train, _ in streams.values()]
+    stdlib, arith = streams["stdlib"][0], streams["arithmetic"][0]
+    num_arith = round(args.batch * args.arith_fraction)
     started, losses = time.time(), []
     for step in range(args.steps):
-        batch = np.concatenate(
-            [windows(rng, stream, args.batch // len(train_streams)) for stream in train_streams]
-        )
+        batch = np.concatenate([windows(rng, stdlib, args.batch - num_arith), windows(rng, arith, num_arith)])
         params, opt_state, loss = update(params, opt_state, batch)
         losses.append(loss)
         if step % 100 == 0 or step == args.steps - 1:
@@ -313,8 +304,7 @@ def evaluate_loss(model, stream: np.ndarray, vocab_bytes: list[bytes]) -> dict[s
         ).sum(),
     )
     total = sum(
-        float(nll(model.params, inputs[i : i + 32], targets[i : i + 32]))
-        for i in range(0, count, 32)
+        float(nll(model.params, inputs[i : i + 32], targets[i : i + 32])) for i in range(0, count, 32)
     )
     num_bytes = sum(len(vocab_bytes[t]) for t in targets.ravel())
     return {"loss": total / targets.size, "bits_per_byte": total / num_bytes / math.log(2)}
@@ -363,9 +353,7 @@ def complete_batch(params, config, prompts, lengths, keys, max_new_tokens, tempe
             logits, cache = lm_step(params, config, prompt_cache, cache, token)
             return (logits, cache), token
 
-        _, tokens = jax.lax.scan(
-            body, (logits[length - 1], cache), jax.random.split(key, max_new_tokens)
-        )
+        _, tokens = jax.lax.scan(body, (logits[length - 1], cache), jax.random.split(key, max_new_tokens))
         return tokens
 
     return jax.vmap(one)(prompts, lengths, keys)
@@ -387,8 +375,7 @@ def num_parameters(params) -> int:
 def model_card(manifest: dict, samples: list[str], code_samples: list[str]) -> str:
     acc = manifest["arithmetic_accuracy"]
     rows = "\n".join(
-        f"| {size} | {acc['greedy'][size]:.2f} | {acc['sampled'][size]:.2f} |"
-        for size in acc["greedy"]
+        f"| {size} | {acc['greedy'][size]:.2f} | {acc['sampled'][size]:.2f} |" for size in acc["greedy"]
     )
     heldout_rows = "\n".join(
         f"| {HELDOUT_LABELS[name]} | {m['loss']:.3f} | {m['bits_per_byte']:.3f} |"
@@ -409,7 +396,8 @@ knows some Python-stdlib-flavoured code and a step-by-step arithmetic format.
 - Tokenizer: byte-level BPE, {hf["vocab_size"]} tokens, digits split one per token;
   `<|endoftext|>` (id 0) is EOS and separates documents (prefix a prompt with it).
 - Training: {manifest["steps"]} steps × {manifest["batch"]} windows of {manifest["context"]} tokens
-  (half stdlib, half arithmetic), AdamW, peak lr {manifest["lr"]}, cosine decay;
+  ({manifest["arith_fraction"]:.0%} arithmetic, the rest stdlib), AdamW,
+  peak lr {manifest["lr"]}, cosine decay;
   **{manifest["train_seconds"] / 60:.1f} min** of training ({manifest["total_seconds"] / 60:.1f} min
   in all with data, tokenizer and evaluation) on 2 CPU cores; final train loss
   {manifest["final_train_loss"]:.3f}.
@@ -438,7 +426,7 @@ Greedy arithmetic:
 
 {arith}
 
-Code, prompt `def `, temperature 0.8:
+Code, prompt `<|endoftext|>def `, temperature 0.8:
 
 {code}
 
