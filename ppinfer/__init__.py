@@ -4,7 +4,10 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 ``observe``, ``condition``, ``stop``), then ``infer(program, *args, algorithm=SMC(256), key=0)``.
 """
 
+from ppinfer import mcmc, vi
 from ppinfer.algorithms import SMC, Enumerate, Importance
+from ppinfer.algorithms.resample_move import ResampleMoveSMC
+from ppinfer.algorithms.tempered import DataAnnealedSMC, TemperedSMC
 from ppinfer.errors import (
     CheckpointError,
     ConfigError,
@@ -17,11 +20,13 @@ from ppinfer.errors import (
     ZeroEvidenceError,
 )
 from ppinfer.infer import infer
+from ppinfer.mcmc import HMC, MCMC, NUTS, IndependenceMH, ProgrammableMH, Regenerate, SingleSiteMH
 from ppinfer.population import Population, collapse, ess, log_evidence, normalize, spawn
 from ppinfer.primitives import condition, deterministic, factor, observe, plate, sample, stop
 from ppinfer.program import SequentialProgram, sequential
 from ppinfer.resample import resample
 from ppinfer.result import Result
+from ppinfer.vi import VI
 
 __version__ = "0.1.0"
 
@@ -30,6 +35,19 @@ __all__ = [
     "SMC",
     "Importance",
     "Enumerate",
+    "ResampleMoveSMC",
+    "TemperedSMC",
+    "DataAnnealedSMC",
+    "MCMC",
+    "NUTS",
+    "HMC",
+    "SingleSiteMH",
+    "Regenerate",
+    "ProgrammableMH",
+    "IndependenceMH",
+    "VI",
+    "mcmc",
+    "vi",
     "Result",
     "SequentialProgram",
     "sequential",

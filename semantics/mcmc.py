@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.primitives import Messenger
 
-from ppinfer.algorithms.enumerate import _support, enumerate_runs
+from ppinfer.algorithms.enumerate import enumerate_runs, support_values
 from ppinfer.mcmc.base import Kernel, MHState
 from ppinfer.traced import assess, generate, latent_sites
 from semantics.denote import denote
@@ -158,6 +158,6 @@ class _fix_drawn(Messenger):
         i = self.count
         self.count += 1
         if i not in self.prefix:
-            raise _Branching(i, _support(msg["name"], msg["fn"]))
+            raise _Branching(i, support_values(msg["name"], msg["fn"]))
         msg["value"] = jnp.asarray(self.prefix[i])
         self.log_probs.append(float(jnp.sum(msg["fn"].log_prob(msg["value"]))))

@@ -30,7 +30,7 @@ from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
 from ppinfer.weighted import choices_of, site_log_prob, weight_from_traces
 
-__all__ = ["Enumerate", "Branch", "enumerate_runs", "unroll"]
+__all__ = ["Enumerate", "Branch", "enumerate_runs", "unroll", "support_values"]
 
 
 class Branch(NamedTuple):
@@ -155,7 +155,7 @@ class _fix_choices(Messenger):
         if key in self.prefix:
             msg["value"] = self.prefix[key]
         else:
-            raise _Branching(key, _support(msg["name"], msg["fn"]))
+            raise _Branching(key, support_values(msg["name"], msg["fn"]))
 
 
 def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
@@ -183,7 +183,9 @@ def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
     return Branch(choices, log_prob, log_weight, value, bool(stops.stopped))
 
 
-def _support(name: str, fn) -> list:
+def support_values(name: str, fn) -> list:
+    """Every value of site ``name``'s distribution ``fn`` (the joint values of its batch elements);
+    :class:`EnumerationError` if the support is not finite or too large."""
     if not getattr(fn, "has_enumerate_support", False):
         raise EnumerationError(
             f"site {name!r} has distribution {type(fn).__name__} without finite support: "

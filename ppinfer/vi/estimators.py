@@ -80,10 +80,10 @@ def enumerate_values(name: str, fn: Any) -> np.ndarray:
     """All values of a finite site, stacked on a leading axis ``[M, *value_shape]`` (the joint
     values of a batched site). The support depends only on shapes, so it is computed eagerly even
     while tracing under ``jit``."""
-    from ppinfer.algorithms.enumerate import _support
+    from ppinfer.algorithms.enumerate import support_values
 
     with jax.ensure_compile_time_eval():
-        return np.stack([np.asarray(v) for v in _support(name, fn)])
+        return np.stack([np.asarray(v) for v in support_values(name, fn)])
 
 
 class choose_and_detach(Messenger):
