@@ -50,10 +50,7 @@ def main() -> None:
     print(f"default LM, prompt {len(prompt)} tokens, {steps} decode steps, median of {RUNS} runs")
     print(f"{'N':>5} {'compile s':>10} {'ppinfer tok/s':>14} {'torch tok/s':>12} {'ratio':>7}")
     for n, compile_s, jax_tps, torch_tps in rows:
-        print(
-            f"{n:>5} {compile_s:>10.2f} {jax_tps:>14.0f} {torch_tps:>12.0f} "
-            f"{jax_tps / torch_tps:>7.2f}"
-        )
+        print(f"{n:>5} {compile_s:>10.2f} {jax_tps:>14.0f} {torch_tps:>12.0f} {jax_tps / torch_tps:>7.2f}")
     n64 = next(row for row in rows if row[0] == 64)
     print(f"RESULT decode_tok_s_n64={n64[2]:.0f} ratio_vs_torch_n64={n64[2] / n64[3]:.3f}")
 

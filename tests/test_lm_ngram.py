@@ -50,9 +50,7 @@ def test_sequence_probability_is_exact(trigram):
         logits, cache = lm.decode(prompt_cache, cache, tokens)
     np.testing.assert_allclose(jnp.exp(total).sum(), 1.0, rtol=1e-5)
     a, b, c = sequences[7]
-    np.testing.assert_allclose(
-        np.exp(total[7]), probs[0, 1, a] * probs[1, a, b] * probs[a, b, c], rtol=1e-5
-    )
+    np.testing.assert_allclose(np.exp(total[7]), probs[0, 1, a] * probs[1, a, b] * probs[a, b, c], rtol=1e-5)
 
 
 def test_inactive_particles_keep_context(trigram):

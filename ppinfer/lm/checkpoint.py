@@ -40,9 +40,7 @@ def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
     return config_from_hf(hf), hf
 
 
-def load_params(
-    path: str | Path, config: TransformerConfig, dtype: DTypeLike = jnp.float32
-) -> Params:
+def load_params(path: str | Path, config: TransformerConfig, dtype: DTypeLike = jnp.float32) -> Params:
     """Read every safetensors file of ``path`` into the params pytree of ``config``, cast to dtype.
 
     Raises :class:`CheckpointError` for missing/truncated files, missing tensors and wrong shapes.

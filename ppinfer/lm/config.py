@@ -73,8 +73,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     except KeyError as missing:
         raise CheckpointError(f"config.json of a {model_type} model lacks {missing}") from None
     raise CheckpointError(
-        f"unknown model_type {model_type!r} in config.json; supported: gpt2, "
-        + ", ".join(LLAMA_FAMILY)
+        f"unknown model_type {model_type!r} in config.json; supported: gpt2, " + ", ".join(LLAMA_FAMILY)
     )
 
 
@@ -88,9 +87,7 @@ def _gpt2_config(hf: dict[str, Any]) -> TransformerConfig:
         if hf.get(key, not bad) == bad:
             raise CheckpointError(f"gpt2 config option {key}={bad} is not supported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(
-            f"gpt2 activation_function {hf['activation_function']!r} is not supported"
-        )
+        raise CheckpointError(f"gpt2 activation_function {hf['activation_function']!r} is not supported")
     hidden = hf["n_embd"]
     heads = hf["n_head"]
     return TransformerConfig(

@@ -163,9 +163,7 @@ def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
     if config.eos_token_id is None and (path / "generation_config.json").is_file():
         eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
         if eos is not None:
-            config = dataclasses.replace(
-                config, eos_token_id=eos[0] if isinstance(eos, list) else eos
-            )
+            config = dataclasses.replace(config, eos_token_id=eos[0] if isinstance(eos, list) else eos)
     return LanguageModel(params=params, config=config, tokenizer=tokenizer)
 
 
@@ -208,8 +206,6 @@ def _generate(
         return (logits, cache, done | (token == eos_id)), (token, done)
 
     done = jnp.zeros((num_particles,), bool)
-    _, (tokens, was_done) = jax.lax.scan(
-        body, (logits, cache, done), jax.random.split(key, max_new_tokens)
-    )
+    _, (tokens, was_done) = jax.lax.scan(body, (logits, cache, done), jax.random.split(key, max_new_tokens))
     lengths = jnp.sum(~was_done, axis=0).astype(jnp.int32)
     return Generation(tokens=tokens.T, lengths=lengths)

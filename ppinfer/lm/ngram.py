@@ -63,9 +63,7 @@ class NGramLM:
         context (the initial context of every particle)."""
         prompt = jnp.asarray(prompt, jnp.int32)
         padded = jnp.concatenate([jnp.full((self.order - 1,), self.bos_id, jnp.int32), prompt])
-        windows = jnp.stack(
-            [padded[i + 1 : i + 1 + prompt.shape[0]] for i in range(self.order - 1)], axis=-1
-        )
+        windows = jnp.stack([padded[i + 1 : i + 1 + prompt.shape[0]] for i in range(self.order - 1)], axis=-1)
         logits = jax.vmap(self._next)(windows)
         return logits, NGramCache(context=padded[padded.shape[0] - (self.order - 1) :])
 
@@ -94,9 +92,7 @@ class NGramLM:
         active: jax.Array | None = None,
     ) -> tuple[jax.Array, NGramCache]:
         """All particles: logits f32[N, V]; inactive particles keep their context."""
-        logits, cache = jax.vmap(self.step, in_axes=(None, 0, 0))(
-            prompt_cache, particle_cache, tokens
-        )
+        logits, cache = jax.vmap(self.step, in_axes=(None, 0, 0))(prompt_cache, particle_cache, tokens)
         if active is not None:
             cache = NGramCache(jnp.where(active[:, None], cache.context, particle_cache.context))
         return logits, cache

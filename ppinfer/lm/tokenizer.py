@@ -46,9 +46,7 @@ class Tokenizer:
         self.bos_id = bos_id if bos_id is not None else self._find(BOS_CANDIDATES)
 
     @classmethod
-    def from_file(
-        cls, path: str | Path, eos_id: int | None = None, bos_id: int | None = None
-    ) -> Tokenizer:
+    def from_file(cls, path: str | Path, eos_id: int | None = None, bos_id: int | None = None) -> Tokenizer:
         """Read a ``tokenizer.json``; raises :class:`TokenizerError` if absent or invalid."""
         path = Path(path)
         if not path.is_file():
@@ -73,9 +71,7 @@ class Tokenizer:
     def decode_bytes(self, ids: Sequence[int], skip_special: bool = True) -> bytes:
         """The exact bytes of a token sequence (any prefix works, even mid-character)."""
         table = self.vocab_bytes
-        return b"".join(
-            table[i] for i in map(int, ids) if not (skip_special and i in self.special_ids)
-        )
+        return b"".join(table[i] for i in map(int, ids) if not (skip_special and i in self.special_ids))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of a token sequence; a split UTF-8 character becomes U+FFFD instead of failing."""
@@ -103,9 +99,7 @@ class Tokenizer:
 
 def _piece_decoder(spec: dict):
     """Maps a vocabulary string to its bytes for the tokenizer's encoding of bytes."""
-    if _mentions(spec.get("decoder"), "ByteLevel") or _mentions(
-        spec.get("pre_tokenizer"), "ByteLevel"
-    ):
+    if _mentions(spec.get("decoder"), "ByteLevel") or _mentions(spec.get("pre_tokenizer"), "ByteLevel"):
         alphabet = {char: byte for byte, char in _gpt2_byte_alphabet().items()}
 
         def byte_level(piece: str) -> bytes:

@@ -164,9 +164,7 @@ def decode(
     step = jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))
     logits, new_cache = step(params, config, prompt_cache, particle_cache, tokens)
     if active is not None:
-        new_cache = new_cache._replace(
-            length=jnp.where(active, new_cache.length, particle_cache.length)
-        )
+        new_cache = new_cache._replace(length=jnp.where(active, new_cache.length, particle_cache.length))
     return logits, new_cache
 
 
