@@ -6,6 +6,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 
 from ppinfer import mcmc, vi
 from ppinfer.algorithms import SMC, Enumerate, Importance
+from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
 from ppinfer.algorithms.tempered import DataAnnealedSMC, TemperedSMC
 from ppinfer.errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "Importance",
     "Enumerate",
     "ResampleMoveSMC",
+    "PMMH",
     "TemperedSMC",
     "DataAnnealedSMC",
     "MCMC",
