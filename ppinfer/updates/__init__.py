@@ -13,6 +13,7 @@ from ppinfer.updates.ibis import (
     Posterior,
     UpdateInfo,
     capacity_for,
+    constrained_samples,
     history_data,
     init_state,
     run_stream,
@@ -36,4 +37,5 @@ __all__ = [
     "update_state",
     "run_stream",
     "capacity_for",
+    "constrained_samples",
 ]

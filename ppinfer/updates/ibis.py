@@ -68,6 +68,7 @@ __all__ = [
     "update_state",
     "run_stream",
     "capacity_for",
+    "constrained_samples",
 ]
 
 
@@ -323,12 +324,13 @@ class Posterior(Result):
         )
 
 
-def init_state(key: jax.Array, program: Callable[..., Any], batch: tuple, num_particles: int) -> IBISState:
-    """N particles from the prior (``generate`` with ``fold_in(k_init, i)``), log weights ``−log N``,
+def init_state(key: jax.Array, program: Callable[..., Any], args: tuple, num_particles: int) -> IBISState:
+    """N particles from the prior of ``program(*args)`` (``generate`` with ``fold_in(k_init, i)``;
+    ``args`` one batch's program arguments: the prior must not depend on them), log weights ``−log N``,
     ``step = 0`` and no data (``data = None``; the :class:`DataModel` fills it). Pure."""
     k_init, k_next = jax.random.split(key)
-    transforms = _transforms(program, batch)
-    draw = lambda i: generate(jax.random.fold_in(k_init, i), program, batch)[0].choices
+    transforms = _transforms(program, args)
+    draw = lambda i: generate(jax.random.fold_in(k_init, i), program, args)[0].choices
     x = jax.vmap(draw)(jnp.arange(num_particles))
     flat = jax.vmap(lambda d: ravel_pytree(unconstrain(transforms, d))[0])(x)
     lw = jnp.full((num_particles,), -jnp.log(num_particles), flat.dtype)
@@ -390,7 +392,7 @@ def run_stream(
     replicated validity checks). Returns the final state and the per-update infos ``[T]``."""
     first = jax.tree.map(lambda b: b[0], batches)
     num_batches = jax.tree.leaves(batches)[0].shape[0]
-    state = init_state(key, program, first, config.num_particles)
+    state = init_state(key, program, _batch_args(config, first), config.num_particles)
     dm = _data_model(config, program, num_batches)
     state = state._replace(data=dm.empty(first))
 
@@ -425,7 +427,9 @@ def _compiled(config: IBIS, program, what: str, signature) -> Callable:
 
     def build():
         if what == "init":
-            return lambda key, batch: init_state(key, program, batch, config.num_particles)
+            return lambda key, batch: init_state(
+                key, program, _batch_args(config, batch), config.num_particles
+            )
         if what == "samples":
             return lambda particles, data: constrained_samples(program, particles, _prior_args(config, data))
 
@@ -440,6 +444,13 @@ def _compiled(config: IBIS, program, what: str, signature) -> Callable:
 
     fn, _ = cached_jit(("ibis", what, program, config, signature), build)
     return fn
+
+
+def _batch_args(config: IBIS, batch: tuple) -> tuple:
+    """The program's arguments for one batch alone: the batch, or its statistics."""
+    if config.sufficient_statistics is None:
+        return batch
+    return _as_tuple(config.sufficient_statistics(*batch))
 
 
 def _prior_args(config: IBIS, data):
@@ -493,10 +504,7 @@ def _check_batch(batch: tuple, state: IBISState, cfg: IBIS) -> None:
 def _dry_run(program, cfg: IBIS, state: IBISState, batch: tuple) -> None:
     """Run the program once eagerly on this batch (or its statistics) with argument validation, so
     out-of-support data is a DataError naming the site rather than a silent −inf."""
-    args = batch
-    if cfg.sufficient_statistics is not None:
-        args = _as_tuple(cfg.sufficient_statistics(*batch))
-    checks.dry_run(program, args, None, "running the program on the new batch")
+    checks.dry_run(program, _batch_args(cfg, batch), None, "running the program on the new batch")
 
 
 def _grow(data, capacity: int):
