@@ -1,0 +1,936 @@
+"""Step-level reasoning programs and inference-time scaling as inference (after Puri et al. 2025,
+"A Probabilistic Inference Approach to Inference-Time Scaling of LLMs using Particle-Based Monte
+Carlo Methods").
+
+Reasoning is a state-space model whose state is the LM context (the steps so far). One step of the
+program generates one **chunk** of tokens from the LM, ending at a step delimiter token (e.g. ``"."``
+closing ``" Step: 5*3=15."``), at EOS (the end of the answer ``" A: 32"``), or after ``max_chunk``
+tokens — an inner ``lax.while_loop`` over tokens inside ONE SMC step, vmapped over particles. The
+program ends at EOS or after ``max_steps`` chunks.
+
+A **reward** is a Python function ``reward(question, solution) -> float in [0, 1]`` evaluated on the
+host from the decoded text, batched over particles (one host call per step): a process reward model
+(PRM) scores a partial solution, an outcome reward model (ORM) a finished one. Offline rewards for
+the synthetic arithmetic task of the embedded model: :func:`arithmetic_prm` (every completed step
+``a op b=c`` holds and the answer is the last step's result), :func:`arithmetic_orm` (the answer is
+correct) and :func:`noisy` (a verifier wrong at a set rate).
+
+A reward ``r`` becomes a log potential ``φ(r) = logit(clip(r, ε, 1 − ε)) / τ``; clipping keeps a
+rejected particle's weight positive (tiny), so a population is never all dead.
+
+Algorithms (``infer(program, *args, algorithm=...)`` with ``program = reasoning_program(...)``,
+``args = question_args(...)``), all reporting the same compute accounting in ``Result.extras``:
+``generated_tokens`` (tokens the LM generated, over every particle ever alive) and ``reward_calls``
+(reward evaluations, during generation and at selection):
+
+- :class:`ParticleFilter` — Puri et al.'s filter: after each step the weights are
+  ``softmax_i φ(r_t^i)`` (the PRM score of the partial solution *replaces* the weight) and the
+  population is resampled every step; answer by weighted vote or argmax.
+- :class:`FeynmanKacFilter` — the same potentials as a proper Feynman–Kac model: the incremental
+  weight at step t is ``G_t = exp(φ(r_t) − φ(r_{t−1}))`` (``φ(r_0) = 0``), so the weights telescope
+  and the target is ``p_LM(x) · exp(φ(r(x)))`` for the final reward ``r(x)``; resampling when the
+  ESS falls below a threshold; ``log_evidence`` is an unbiased (in ``exp``) estimate of
+  ``Z = E_LM[exp φ(r(x))]``.
+- :class:`BeamSearch` — step-level beam search: keep the ``N / expand`` particles with the best
+  current PRM score, copy each ``expand`` times.
+- :class:`BestOfN` — N independent samples, the one with the highest outcome reward.
+- :class:`MajorityVote` — self-consistency: N samples, answer with the largest (reward-weighted)
+  vote.
+- :class:`Sampling` — plain sampling: one answer from N samples (the first).
+
+The step-level algorithms are compositions of the core blocks: :func:`ppinfer.suspended.start`,
+:func:`ppinfer.suspended.advance` and :func:`ppinfer.resample.resample`, in :func:`step_loop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.primitives import prng_key
+
+from ppinfer import checks
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.errors import ConfigError, ModelError
+from ppinfer.population import Population, ess, log_evidence
+from ppinfer.primitives import deterministic, factor, stop
+from ppinfer.program import SequentialProgram
+from ppinfer.resample import check_scheme, resample
+from ppinfer.result import Result
+from ppinfer.suspended import Sequential, advance, start
+from ppinfer.tokens import Context, LMPrompt
+
+__all__ = [
+    "Reward",
+    "StepSpec",
+    "ReasoningState",
+    "ReasoningArgs",
+    "ReasoningProgram",
+    "reasoning_program",
+    "question_args",
+    "generate_chunk",
+    "reward_values",
+    "potential",
+    "step_loop",
+    "StepLoopOutput",
+    "arithmetic_prm",
+    "arithmetic_orm",
+    "expected_answer",
+    "parse_answer",
+    "noisy",
+    "NoisyReward",
+    "ParticleFilter",
+    "FeynmanKacFilter",
+    "BeamSearch",
+    "BestOfN",
+    "MajorityVote",
+    "Sampling",
+]
+
+Reward = Callable[[str, str], float]
+"""``reward(question, solution) -> float in [0, 1]``: ``solution`` is the generated text so far."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards (host side)
+# --------------------------------------------------------------------------------------------------
+
+_STEP = re.compile(r"\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.\s*")
+_QUESTION = re.compile(r"Q:\s*([0-9+\-*\s]+?)\s*=\s*\?")
+
+
+def arithmetic_prm(question: str, solution: str) -> float:
+    """Exact process reward for the arithmetic format ``" Step: a op b=c. … A: c"``: 1.0 when every
+    *completed* step (one ending with ``"."``) is well formed and its arithmetic holds and, once an
+    answer ``"A: x"`` is present, at least one step precedes it and ``x`` is the last step's result;
+    0.0 otherwise. An unfinished trailing step is not judged yet. ``question`` is not used (the check
+    is local: it does not test that the steps reduce the question's expression)."""
+    del question
+    body, marker, answer = solution.partition("A:")
+    pieces = body.split("Step:")
+    if pieces[0].strip():
+        return 0.0
+    last = None
+    for k, piece in enumerate(pieces[1:]):
+        closed = piece.rstrip().endswith(".")
+        if not closed:
+            if marker or k < len(pieces) - 2:
+                return 0.0
+            continue
+        match = _STEP.fullmatch(piece)
+        if match is None:
+            return 0.0
+        a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+        if _apply(a, op, b) != c:
+            return 0.0
+        last = c
+    if marker:
+        value = parse_answer(solution)
+        if last is None or value is None or value != last:
+            return 0.0
+    return 1.0
+
+
+def arithmetic_orm(question: str, solution: str) -> float:
+    """Exact outcome reward: 1.0 when the answer after ``"A:"`` equals the value of the question's
+    expression (``*`` before ``+``/``-``, left to right), 0.0 otherwise (no answer, or a question
+    that is not ``"Q: <expression> = ?"``)."""
+    truth = expected_answer(question)
+    return float(truth is not None and parse_answer(solution) == truth)
+
+
+def expected_answer(question: str) -> int | None:
+    """The value of the expression in ``"Q: 17+5*3 = ?"`` (``*`` first, then ``+``/``-`` left to
+    right, as in ``models/arith_corpus.py``), or None when the question does not parse."""
+    match = _QUESTION.search(question)
+    if match is None:
+        return None
+    parts = re.findall(r"\d+|[+\-*]", match[1])
+    if len(parts) % 2 == 0 or any(p.isdigit() != (i % 2 == 0) for i, p in enumerate(parts)):
+        return None
+    values, ops = [int(p) for p in parts[::2]], parts[1::2]
+    for kinds in (("*",), ("+", "-")):
+        i = 0
+        while i < len(ops):
+            if ops[i] in kinds:
+                values[i : i + 2] = [_apply(values[i], ops[i], values[i + 1])]
+                del ops[i]
+            else:
+                i += 1
+    return values[0]
+
+
+def parse_answer(solution: str) -> int | None:
+    """The integer after ``"A:"`` in a solution, or None when it is missing or malformed."""
+    _, marker, rest = solution.partition("A:")
+    token = rest.strip().split(" ")[0] if marker else ""
+    try:
+        return int(token)
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyReward:
+    """A deliberately imperfect verifier: ``reward``'s score flipped (``r → 1 − r``) with
+    probability ``rate``. The flip is a deterministic, seeded hash of ``(seed, question, solution)``:
+    the same text always gets the same score (like a fixed imperfect model) and different texts
+    flip independently at rate ``rate``."""
+
+    reward: Reward
+    rate: float
+    seed: int = 0
+
+    def flips(self, question: str, solution: str) -> bool:
+        """Whether the score of this text is flipped."""
+        digest = hashlib.blake2b(f"{self.seed}\x00{question}\x00{solution}".encode(), digest_size=8)
+        return int.from_bytes(digest.digest(), "little") / 2.0**64 < self.rate
+
+    def __call__(self, question: str, solution: str) -> float:
+        r = float(self.reward(question, solution))
+        return 1.0 - r if self.flips(question, solution) else r
+
+
+def noisy(reward: Reward, rate: float, seed: int = 0) -> NoisyReward:
+    """``reward`` flipped at rate ``rate`` (see :class:`NoisyReward`)."""
+    checks.check_probability("rate", rate)
+    if not callable(reward):
+        raise ConfigError(f"reward must be a callable (question, solution) -> float, got {reward!r}")
+    return NoisyReward(reward, float(rate), int(seed))
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a * b if op == "*" else a + b if op == "+" else a - b
+
+
+# --------------------------------------------------------------------------------------------------
+# The step-level program
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a reasoning step is, and the process reward.
+
+    Attributes:
+        decode: ``decode(ids) -> str`` (the tokenizer's; EOS is removed before decoding).
+        delimiters: token ids that end a step (the delimiter is part of the step).
+        eos_id: the token that ends the solution.
+        max_chunk: most tokens in one step (a step is cut there if no delimiter came).
+        max_steps: most steps; the context holds ``max_steps · max_chunk`` generated tokens.
+        prm: the process reward ``prm(question, solution) -> [0, 1]`` (None: no PRM).
+        temperature: the LM's sampling temperature; the program's prior is the LM at this
+            temperature (no importance correction: temperature defines the base model).
+        clip: ε of the potential ``φ(r) = logit(clip(r, ε, 1 − ε)) / τ``.
+    """
+
+    decode: Callable[[Sequence[int]], str]
+    delimiters: tuple[int, ...]
+    eos_id: int
+    max_chunk: int = 16
+    max_steps: int = 6
+    prm: Reward | None = None
+    temperature: float = 1.0
+    clip: float = 1e-3
+
+    def __post_init__(self):
+        if not callable(self.decode):
+            raise ConfigError("decode must be a callable ids -> str")
+        if len(self.delimiters) < 1:
+            raise ConfigError("at least one step delimiter token id is needed")
+        for name in ("max_chunk", "max_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prm is not None and not callable(self.prm):
+            raise ConfigError(f"prm must be a callable (question, solution) -> float, got {self.prm!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.clip < 0.5:
+            raise ConfigError(f"clip must be in (0, 0.5), got {self.clip}")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.max_chunk) * int(self.max_steps)
+
+
+class ReasoningState(NamedTuple):
+    """One particle's state (a population adds a leading axis N to every leaf).
+
+    Attributes:
+        ctx: the LM :class:`~ppinfer.tokens.Context` (the steps so far, as tokens).
+        num_steps: ``i32[]`` completed steps.
+        finished: ``bool[]`` the solution ended (EOS, or the context is full).
+        score: ``f32[]`` the PRM score ``r_t`` of the solution so far (1 before any step, and in a
+            program without PRM).
+        potential: ``f32[]`` ``φ(r_t)`` (0 before any step): the Feynman–Kac twist carried so that
+            the next step's incremental weight is ``φ(r_{t+1}) − φ(r_t)``.
+    """
+
+    ctx: Context
+    num_steps: jax.Array
+    finished: jax.Array
+    score: jax.Array
+    potential: jax.Array
+
+
+class ReasoningArgs(NamedTuple):
+    """The program's arguments for one question.
+
+    Attributes:
+        prompt: the :class:`~ppinfer.tokens.LMPrompt` (the question run once through the LM).
+        question: ``i32[Lq]`` the question's token ids (right-padded), given to rewards as text.
+        question_length: ``i32[]`` real tokens in ``question``.
+    """
+
+    prompt: LMPrompt
+    question: jax.Array
+    question_length: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReasoningProgram(SequentialProgram):
+    """A step-level reasoning program: a :class:`~ppinfer.SequentialProgram` (its own target is the
+    Feynman–Kac one, ``weighting="fk"``, so ``pp.SMC`` runs it too) plus its :class:`StepSpec`, from
+    which the algorithms of this module build the variant they need."""
+
+    spec: StepSpec = None
+    weighting: str = "fk"
+    tau: float = 1.0
+
+
+WEIGHTINGS = ("plain", "fk")
+
+
+def reasoning_program(spec: StepSpec, weighting: str = "fk", tau: float = 1.0) -> ReasoningProgram:
+    """The step-level program of ``spec`` (cached: the same arguments give the same object, so
+    compiled code is reused). ``init(args)`` is the empty solution; ``step(state, t, args)``
+    generates one chunk from the LM and then, by ``weighting``:
+
+    - ``"plain"``: no reward call, no weight (the LM prior; used by sampling, BoN, vote);
+    - ``"fk"``: calls the PRM on the solution so far, stores ``r_t`` and ``φ(r_t)`` in the state and
+      adds the incremental log weight ``φ(r_t) − φ(r_{t−1})`` (``φ(r_0) = 0``), so the weights
+      telescope to ``φ(r_final)``. Puri et al.'s filter and beam search run this program too but
+      select on the stored scores and ignore the cumulative weights.
+
+    Each step records the deterministic site ``"chunk_tokens"`` (``i32[]``, tokens generated)."""
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    if weighting != "plain" and spec.prm is None:
+        raise ConfigError(f"weighting={weighting!r} needs a process reward (StepSpec(prm=...))")
+    if not tau > 0:
+        raise ConfigError(f"tau must be > 0, got {tau}")
+    if weighting == "plain":  # one program for every reward: it never calls one
+        spec, tau = dataclasses.replace(spec, prm=None), 1.0
+    return _program(spec, weighting, float(tau))
+
+
+@functools.lru_cache(maxsize=64)
+def _program(spec: StepSpec, weighting: str, tau: float) -> ReasoningProgram:
+    delimiters = tuple(int(d) for d in spec.delimiters)
+
+    def init(args: ReasoningArgs) -> ReasoningState:
+        one = jnp.ones((), jnp.float32)
+        return ReasoningState(
+            Context.start(args.prompt), jnp.zeros((), jnp.int32), jnp.zeros((), bool), one, 0.0 * one
+        )
+
+    def step(state: ReasoningState, t: jax.Array, args: ReasoningArgs) -> ReasoningState:
+        p = args.prompt
+        active = ~state.finished
+        ctx, ended = generate_chunk(
+            prng_key(), state.ctx, p, delimiters, spec.eos_id, spec.max_chunk, active, spec.temperature
+        )
+        deterministic("chunk_tokens", ctx.length - state.ctx.length)
+        finished = state.finished | ended | (ctx.length >= ctx.tokens.shape[0])
+        score, phi = state.score, state.potential
+        if weighting != "plain":
+            r = reward_values(
+                spec.prm, spec.decode, spec.eos_id, args.question, args.question_length, ctx, active
+            )
+            score = jnp.where(active, r, state.score)
+            phi = jnp.where(active, potential(score, spec.clip, tau), state.potential)
+            factor("potential", phi - state.potential)
+        stop(finished)
+        return ReasoningState(ctx, state.num_steps + active.astype(jnp.int32), finished, score, phi)
+
+    return ReasoningProgram(init, step, spec.max_steps, spec, weighting, tau)
+
+
+def question_args(lm: Any, spec: StepSpec, question: str, pad_to: int | None = None) -> ReasoningArgs:
+    """Run ``question`` (text; prefix it with BOS/EOS as the model was trained) through ``lm`` once.
+    With ``pad_to`` the prompt is right-padded to that many tokens so that questions of different
+    lengths share one compiled program (needs an LM whose ``prefill`` takes ``length``, as the
+    transformer's does)."""
+    ids = np.asarray(lm.encode(question), np.int32)
+    n = int(ids.shape[0])
+    if n < 1:
+        raise ModelError("the question must be at least one token")
+    if pad_to is not None and n > pad_to:
+        raise ConfigError(f"the question has {n} tokens, more than pad_to={pad_to}")
+    width = n if pad_to is None else int(pad_to)
+    padded = jnp.asarray(np.pad(ids, (0, width - n)), jnp.int32)
+    if pad_to is None:
+        logits, cache = lm.prefill(padded)
+    else:
+        logits, cache = lm.prefill(padded, jnp.asarray(n, jnp.int32))
+    first = jax.nn.log_softmax(logits[n - 1].astype(jnp.float32))
+    p = LMPrompt(lm, cache, first, spec.max_new_tokens, spec.eos_id)
+    return ReasoningArgs(p, padded, jnp.asarray(n, jnp.int32))
+
+
+def generate_chunk(
+    key: jax.Array,
+    ctx: Context,
+    p: LMPrompt,
+    delimiters: tuple[int, ...],
+    eos_id: int,
+    max_chunk: int,
+    active: jax.Array | bool = True,
+    temperature: float = 1.0,
+) -> tuple[Context, jax.Array]:
+    """Sample one step for ONE particle: tokens from the LM (at ``temperature``) until a delimiter
+    or EOS (included) or ``max_chunk`` tokens or a full context; nothing when ``active`` is False.
+    A ``lax.while_loop`` over tokens (vmapped, it runs until every particle's chunk is done).
+    Returns the extended context and ``ended: bool[]``, whether the chunk ended with EOS."""
+    delims = jnp.asarray(delimiters, jnp.int32)
+    capacity = ctx.tokens.shape[0]
+
+    def cond(carry):
+        i, c, done = carry
+        return ~done & (i < max_chunk) & (c.length < capacity)
+
+    def body(carry):
+        i, c, _ = carry
+        logits = jnp.maximum(c.logp / temperature, -1e30)
+        tok = jax.random.categorical(jax.random.fold_in(key, i), logits).astype(jnp.int32)
+        return i + 1, c.extend(p, tok), jnp.any(tok == delims) | (tok == eos_id)
+
+    start_done = ~jnp.asarray(active, bool)
+    i, ctx, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), ctx, start_done))
+    last = ctx.tokens[jnp.maximum(ctx.length - 1, 0)]
+    return ctx, (i > 0) & (last == eos_id)
+
+
+def reward_values(
+    reward: Reward,
+    decode: Callable[[Sequence[int]], str],
+    eos_id: int,
+    question: jax.Array,
+    question_length: jax.Array,
+    ctx: Context,
+    when: jax.Array | bool = True,
+) -> jax.Array:
+    """``f32[]``: ``reward(question_text, solution_text)`` of ONE particle, computed on the host where
+    ``when`` holds (1.0 elsewhere, without a call). Under ``vmap`` the host receives the whole batch:
+    one call per step. A value outside [0, 1] is clipped into it and NaN counts as 0 (rewards are
+    checked eagerly before a run; see :func:`check_reward`)."""
+
+    def host(q, qlen, toks, lens, whens):
+        q, qlen, toks, lens, whens = (np.asarray(x) for x in (q, qlen, toks, lens, whens))
+        shape = np.broadcast_shapes(qlen.shape, lens.shape, whens.shape, q.shape[:-1], toks.shape[:-1])
+        flat = lambda x, tail: np.broadcast_to(x, shape + tail).reshape((-1, *tail))
+        qs, qls = flat(q, q.shape[-1:]), flat(qlen, ())
+        ts, ls, ws = flat(toks, toks.shape[-1:]), flat(lens, ()), flat(whens, ())
+        out = np.ones(ws.shape, np.float32)
+        for j in np.flatnonzero(ws):
+            question_text = decode([int(x) for x in qs[j][: qls[j]]])
+            solution = decode([int(x) for x in ts[j][: ls[j]] if x != eos_id])
+            out[j] = _as_score(reward(question_text, solution))
+        return out.reshape(shape)
+
+    when = jnp.asarray(when, bool)
+    shape = jax.ShapeDtypeStruct(
+        jnp.broadcast_shapes(jnp.shape(question_length), jnp.shape(ctx.length), jnp.shape(when)),
+        jnp.float32,
+    )
+    return jax.pure_callback(
+        host, shape, question, question_length, ctx.tokens, ctx.length, when, vmap_method="expand_dims"
+    )
+
+
+def potential(r: jax.Array, clip: float, tau: float) -> jax.Array:
+    """``φ(r) = logit(clip(r, ε, 1 − ε)) / τ``, the log potential of a reward ``r ∈ [0, 1]``."""
+    r = jnp.clip(r, clip, 1.0 - clip)
+    return (jnp.log(r) - jnp.log1p(-r)) / tau
+
+
+def check_reward(reward: Reward, name: str) -> None:
+    """Call ``reward`` once on an empty solution and raise :class:`ModelError` unless it returns a
+    number in [0, 1] (errors inside the compiled run's host callback would surface as JAX errors)."""
+    try:
+        value = float(reward("Q: 1+1 = ?", ""))
+    except Exception as e:
+        raise ModelError(f"the {name} failed on an empty solution: {type(e).__name__}: {e}") from e
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"the {name} must return a score in [0, 1], got {value}")
+
+
+def _as_score(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(v) else min(max(v, 0.0), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step loop: start → repeat [select → advance] until every particle finished or max_steps
+# --------------------------------------------------------------------------------------------------
+
+Selection = Callable[[jax.Array, Population], tuple[Population, jax.Array, jax.Array]]
+"""``select(key, pop) -> (pop', resampled: bool[], ess: f32[])``: the population between two steps
+(``pop.particles`` a :class:`~ppinfer.suspended.Particle` of :class:`ReasoningState`)."""
+
+
+class StepLoopOutput(NamedTuple):
+    """What :func:`step_loop` returns.
+
+    Attributes:
+        population: the final population (``particles.state`` a :class:`ReasoningState` ``[N, …]``;
+            ``log_weights: f32[N]`` the cumulative log weights the program added, ``−log N`` at
+            the start, carried through the selections).
+        num_steps: ``i32[]`` steps run.
+        generated_tokens: ``i32[]`` tokens generated by particles alive at each step, summed over
+            steps and particles (every particle ever alive, including those resampled away).
+        reward_calls: ``i32[]`` process-reward evaluations (one per alive particle per step when the
+            program is scored).
+        ess: ``f32[T]`` the ESS that each selection saw (T = max_steps; 0 where no step ran).
+        resampled: ``bool[T]`` whether the population was selected/resampled before step t.
+    """
+
+    population: Population
+    num_steps: jax.Array
+    generated_tokens: jax.Array
+    reward_calls: jax.Array
+    ess: jax.Array
+    resampled: jax.Array
+
+
+def step_loop(
+    key: jax.Array, program: ReasoningProgram, args: tuple, num_particles: int, select: Selection
+) -> StepLoopOutput:
+    """The pure core of every step-level algorithm (jit/vmap-able): :func:`~ppinfer.suspended.start`
+    ``N`` particles, then a ``lax.while_loop`` of ``select`` (from the second step on) and
+    :func:`~ppinfer.suspended.advance`, until every particle finished or ``max_steps`` steps ran.
+    Selecting *before* a step rather than after it is the same filter, without a useless
+    resampling after the last step. Valid whenever ``select`` is (resampling is; beam search's
+    top-k is not, by design)."""
+    num_steps = program.steps_for(args)
+    scored = program.weighting != "plain"
+    k_init, k_loop = jax.random.split(key)
+    seq, _ = start(k_init, program, args, num_particles)
+    zero = jnp.zeros((), jnp.int32)
+    history = (jnp.zeros((num_steps,), jnp.float32), jnp.zeros((num_steps,), bool))
+
+    def cond(carry):
+        seq = carry[0]
+        return (seq.t < num_steps) & jnp.any(~seq.population.particles.done)
+
+    def body(carry):
+        seq, tokens, calls, (ess_h, res_h) = carry
+        k_sel, k_adv = jax.random.split(jax.random.fold_in(k_loop, seq.t))
+        pop, did, ess_t = jax.lax.cond(
+            seq.t > 0,
+            lambda p: select(k_sel, p),
+            lambda p: (p, jnp.zeros((), bool), ess(p.log_weights)),
+            seq.population,
+        )
+        active = ~pop.particles.done
+        new, info = advance(k_adv, Sequential(pop, seq.t), program, args)
+        tokens = tokens + jnp.sum(jnp.where(active, info.choices["chunk_tokens"], 0))
+        calls = calls + (jnp.sum(active) if scored else 0)
+        history = (ess_h.at[seq.t].set(ess_t), res_h.at[seq.t].set(did))
+        return new, tokens, calls, history
+
+    seq, tokens, calls, (ess_h, res_h) = jax.lax.while_loop(cond, body, (seq, zero, zero, history))
+    return StepLoopOutput(seq.population, seq.t, tokens, calls, ess_h, res_h)
+
+
+def adaptive_resampling(threshold: float, scheme: str) -> Selection:
+    """Resample (``scheme``) when ``ESS < threshold · N`` (always when ``threshold ≥ 1``). Valid: the
+    expected measure, Ẑ included, is unchanged."""
+
+    def select(key, pop):
+        n = pop.num_particles
+        e = ess(pop.log_weights)
+        do = (e < threshold * n) | (threshold >= 1.0)
+        new, _ = jax.lax.cond(
+            do, lambda p: resample(key, p, scheme), lambda p: (p, jnp.arange(n, dtype=jnp.int32)), pop
+        )
+        return new, do, e
+
+    return select
+
+
+def score_resampling(scheme: str) -> Selection:
+    """Puri et al.'s selection: weights ``softmax_i φ(r^i)`` from each particle's current potential
+    (``state.potential``), NOT the cumulative weights; resample every time."""
+
+    def select(key, pop):
+        n = pop.num_particles
+        weighted = Population(pop.particles, pop.particles.state.potential - jnp.log(n))
+        new, _ = resample(key, weighted, scheme)
+        return Population(new.particles, pop.log_weights), jnp.ones((), bool), ess(weighted.log_weights)
+
+    return select
+
+
+def beam_selection(keep: int) -> Selection:
+    """Step-level beam search: the ``keep`` particles with the highest current PRM score
+    (``state.score``; ties to the lower index), their copies spread evenly over the ``N`` slots
+    (``N / keep`` each when it divides). Deterministic; not a valid (measure-preserving) block —
+    search, not inference."""
+
+    def select(key, pop):
+        del key
+        n = pop.num_particles
+        _, best = jax.lax.top_k(pop.particles.state.score, keep)
+        ancestors = best[jnp.arange(n) * keep // n]
+        particles = jax.tree.map(lambda x: x[ancestors], pop.particles)
+        return Population(particles, pop.log_weights), jnp.ones((), bool), ess(pop.log_weights)
+
+    return select
+
+
+def no_selection() -> Selection:
+    """Independent samples: the population is left as it is."""
+
+    def select(key, pop):
+        del key
+        return pop, jnp.zeros((), bool), ess(pop.log_weights)
+
+    return select
+
+
+# --------------------------------------------------------------------------------------------------
+# Algorithms
+# --------------------------------------------------------------------------------------------------
+
+ANSWER_RULES = ("vote", "argmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParticleFilter:
+    """Particle filtering as in Puri et al. (2025): ``N`` particles advance one step each; the PRM
+    scores every partial solution; before the next step the population is resampled with
+    probabilities ``softmax_i(φ(r_t^i))``, ``φ(r) = logit(clip(r)) / tau``. Final answer by
+    ``answer="vote"`` (``Σ`` normalised weights per distinct answer) or ``"argmax"`` (the particle
+    with the highest final score). ``Result.log_weights`` are ``φ(r_final) − log N`` (weights of the
+    final selection, not an evidence estimate: ``log_evidence`` is NaN)."""
+
+    num_particles: int = 16
+    tau: float = 1.0
+    answer: str = "vote"
+    resampling: str = "multinomial"
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "ParticleFilter"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        _check_answer_rule(self.answer)
+        check_scheme(self.resampling)
+        _check_tau(self.tau)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        prog = reasoning_program(_spec_of(program), "fk", self.tau)
+        settings = (_SETTINGS[0], self.resampling, _SETTINGS[2])
+        out, info = _compiled_loop(key, prog, args, self.num_particles, "score", settings=settings)
+        state = out.population.particles.state
+        log_weights = state.potential - jnp.log(self.num_particles)
+        return _finish(self, info, out, log_weights, float("nan"), self.answer, state.potential, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeynmanKacFilter:
+    """The same potentials as a proper Feynman–Kac model: the program multiplies the weight at step
+    ``t`` by ``G_t = exp(φ(r_t) − φ(r_{t−1}))`` (``φ(r_0) = 0``), so the cumulative weight of a
+    finished particle is ``exp(φ(r_final)) / N`` and the target is ``p_LM(x) · exp φ(r(x))``;
+    resampling (``resampling``) when ``ESS < ess_threshold · N``. ``log_evidence`` is the log of an
+    unbiased estimate of ``Z = E_LM[exp φ(r(x))]``; ``Result.log_weights`` are the cumulative log
+    weights. Answer by weighted vote or argmax weight."""
+
+    num_particles: int = 16
+    tau: float = 1.0
+    ess_threshold: float = 0.5
+    answer: str = "vote"
+    resampling: str = "systematic"
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "FeynmanKacFilter"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        checks.check_probability("ess_threshold", self.ess_threshold)
+        _check_answer_rule(self.answer)
+        check_scheme(self.resampling)
+        _check_tau(self.tau)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        prog = reasoning_program(_spec_of(program), "fk", self.tau)
+        settings = (self.resampling, *_SETTINGS[1:])
+        out, info = _compiled_loop(
+            key, prog, args, self.num_particles, "adaptive", self.ess_threshold, settings
+        )
+        lw = out.population.log_weights
+        log_z = float(log_evidence(lw))
+        checks.raise_if_dead(log_z, "at the end", self.num_particles)
+        return _finish(self, info, out, lw, log_z, self.answer, lw, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearch:
+    """Step-level beam search with the PRM: after each step keep the ``max(1, N // expand)``
+    particles with the best current score and copy each about ``expand`` times to refill the ``N``
+    slots. Answer: the final particle with the highest score (ties: lowest index).
+    ``Result.log_weights`` are ``φ(r_final) − log N``; ``log_evidence`` is NaN."""
+
+    num_particles: int = 16
+    expand: int = 4
+    tau: float = 1.0
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "BeamSearch"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        if int(self.expand) < 1:
+            raise ConfigError(f"expand must be >= 1, got {self.expand}")
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        prog = reasoning_program(_spec_of(program), "fk", self.tau)
+        settings = (*_SETTINGS[:2], int(self.expand))
+        out, info = _compiled_loop(key, prog, args, self.num_particles, "beam", settings=settings)
+        state = out.population.particles.state
+        log_weights = state.potential - jnp.log(self.num_particles)
+        return _finish(self, info, out, log_weights, float("nan"), "argmax", state.score, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfN:
+    """Best-of-N: ``N`` independent samples from the LM, then ``outcome(question, solution)`` on
+    each (N reward calls); the answer is the highest-scoring sample's (ties: the first).
+    ``Result.log_weights`` are ``−log N`` (independent prior samples, Ẑ = 1: ``log_evidence`` 0)."""
+
+    num_particles: int = 16
+    outcome: Reward = arithmetic_orm
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "BestOfN"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        _check_callable("outcome", self.outcome)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        check_reward(self.outcome, "outcome reward")
+        return _sampled(self, key, program, args, self.outcome, "argmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class MajorityVote:
+    """Self-consistency: ``N`` independent samples; the answer with the largest total vote, each
+    sample voting with weight ``reward(question, solution)`` (N reward calls), or 1 when ``reward``
+    is None (plain majority vote, no reward call). ``Result.log_weights`` are ``−log N``."""
+
+    num_particles: int = 16
+    reward: Reward | None = None
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "MajorityVote"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        if self.reward is not None:
+            _check_callable("reward", self.reward)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        if self.reward is not None:
+            check_reward(self.reward, "vote reward")
+        return _sampled(self, key, program, args, self.reward, "vote")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Plain sampling: ``N`` independent samples; the answer is the first sample's (the accuracy of
+    one sample, whatever ``N``). ``Result.log_weights`` are ``−log N``."""
+
+    num_particles: int = 1
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "Sampling"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        return _sampled(self, key, program, args, None, "first")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _spec_of(program: Any) -> StepSpec:
+    if not isinstance(program, ReasoningProgram) or program.spec is None:
+        raise ConfigError(
+            "reasoning algorithms run a step-level program: pass reasoning_program(StepSpec(...))"
+        )
+    return program.spec
+
+
+def _check_answer_rule(rule: str) -> None:
+    if rule not in ANSWER_RULES:
+        raise ConfigError(f"unknown answer rule {rule!r}; choose one of {ANSWER_RULES}")
+
+
+def _check_tau(tau: float) -> None:
+    if not tau > 0:
+        raise ConfigError(f"tau must be > 0, got {tau}")
+
+
+def _check_callable(name: str, fn: Any) -> None:
+    if not callable(fn):
+        raise ConfigError(f"{name} must be a callable (question, solution) -> float, got {fn!r}")
+
+
+SELECTIONS = ("none", "adaptive", "score", "beam")
+
+
+def switch_selection(kind: jax.Array, threshold: jax.Array, n: int, settings: tuple) -> Selection:
+    """The selection ``SELECTIONS[kind]`` (``kind: i32[]`` and the adaptive ``threshold: f32[]`` are
+    traced, so every step-level algorithm with the same program and N shares one compiled loop);
+    ``settings = (adaptive scheme, score scheme, beam expand)`` are static."""
+    adaptive_scheme, score_scheme, expand = settings
+    branches = (
+        no_selection(),
+        adaptive_resampling(threshold, adaptive_scheme),
+        score_resampling(score_scheme),
+        beam_selection(max(1, n // int(expand))),
+    )
+
+    def select(key, pop):
+        return jax.lax.switch(kind, [lambda k, p, b=b: b(k, p) for b in branches], key, pop)
+
+    return select
+
+
+class _RunInfo(NamedTuple):
+    t0: float
+    args: tuple
+    spec: StepSpec
+
+
+_SETTINGS = ("systematic", "multinomial", 4)
+
+
+def _compiled_loop(
+    key: jax.Array,
+    program: ReasoningProgram,
+    args: tuple,
+    n: int,
+    kind: str,
+    threshold: float = 1.0,
+    settings: tuple = _SETTINGS,
+) -> tuple[StepLoopOutput, _RunInfo]:
+    t0 = time.perf_counter()
+    if program.weighting != "plain":
+        check_reward(program.spec.prm, "process reward")
+    if len(args) != 1 or not isinstance(args[0], ReasoningArgs):
+        raise ConfigError("a reasoning program takes one argument: question_args(lm, spec, question)")
+    dyn, static_key, rebuild = split_args(args)
+
+    def build():
+        def loop(key, kind, threshold, dyn):
+            select = switch_selection(kind, threshold, n, settings)
+            return step_loop(key, program, rebuild(dyn), n, select)
+
+        return loop
+
+    fn, _ = cached_jit(("reasoning", program, n, settings, static_key), build)
+    index = jnp.asarray(SELECTIONS.index(kind), jnp.int32)
+    out = jax.block_until_ready(fn(key, index, jnp.asarray(threshold, jnp.float32), dyn))
+    return out, _RunInfo(t0, args, program.spec)
+
+
+def _sampled(alg: Any, key: jax.Array, program: Any, args: tuple, reward: Reward | None, rule: str):
+    prog = reasoning_program(_spec_of(program), "plain")
+    out, info = _compiled_loop(key, prog, args, alg.num_particles, "none")
+    lw = out.population.log_weights
+    if reward is None:
+        return _finish(alg, info, out, lw, 0.0, rule, jnp.zeros_like(lw), 0)
+    question, solutions = _texts(info, out)
+    scores = np.asarray([_as_score(reward(question, s)) for s in solutions], np.float32)
+    votes = np.log(scores) if rule == "vote" else scores
+    return _finish(alg, info, out, lw, 0.0, rule, votes, len(solutions))
+
+
+def _texts(info: _RunInfo, out: StepLoopOutput) -> tuple[str, list[str]]:
+    spec, a = info.spec, info.args[0]
+    q, qlen = jax.device_get((a.question, a.question_length))
+    ctx = out.population.particles.state.ctx
+    toks, lens = jax.device_get((ctx.tokens, ctx.length))
+    solutions = [
+        spec.decode([int(t) for t in row[:n] if t != spec.eos_id]) for row, n in zip(toks, lens, strict=True)
+    ]
+    return spec.decode([int(t) for t in q[: int(qlen)]]), solutions
+
+
+def _finish(alg, info, out, log_weights, log_z, rule, values, extra_calls) -> Result:
+    """Decode, pick the answer by ``rule`` from ``values: f[N]`` (log vote weights for "vote",
+    scores for "argmax"), and build the Result with the compute accounting."""
+    question, solutions = _texts(info, out)
+    answers = [alg.answer_parser(s) for s in solutions]
+    values = np.asarray(values, np.float64)
+    if rule == "vote":
+        answer, tally = weighted_vote(answers, values)
+    elif rule == "argmax":
+        answer, tally = answers[int(np.argmax(values))], {}
+    else:
+        answer, tally = answers[0], {}
+    state = out.population.particles.state
+    return Result(
+        samples={"tokens": state.ctx.tokens, "length": state.ctx.length, "score": state.score},
+        log_weights=log_weights,
+        log_evidence=log_z,
+        algorithm=alg.name,
+        ess=out.ess,
+        resampled=out.resampled,
+        state=state,
+        wall_time=time.perf_counter() - info.t0,
+        extras={
+            "answer": answer,
+            "answers": answers,
+            "solutions": solutions,
+            "question": question,
+            "votes": tally,
+            "num_steps": int(out.num_steps),
+            "generated_tokens": int(out.generated_tokens),
+            "reward_calls": int(out.reward_calls) + int(extra_calls),
+        },
+    )
+
+
+def weighted_vote(answers: Sequence[Any], log_votes: Any) -> tuple[Any, dict]:
+    """The answer with the largest total vote ``Σ exp(log_votes[i])`` over the samples giving it
+    (``None`` answers do not vote; ties: the answer seen first). Returns ``(answer, tally)``."""
+    lv = np.asarray(log_votes, np.float64)
+    finite = lv[np.isfinite(lv)]
+    shift = finite.max() if finite.size else 0.0
+    tally: dict = {}
+    for a, v in zip(answers, np.exp(lv - shift), strict=True):
+        if a is not None:
+            tally[a] = tally.get(a, 0.0) + float(v)
+    if not tally:
+        return None, tally
+    return max(tally, key=tally.get), tally
