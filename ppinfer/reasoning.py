@@ -871,7 +871,8 @@ def _sampled(alg: Any, key: jax.Array, program: Any, args: tuple, reward: Reward
         return _finish(alg, info, out, lw, 0.0, rule, jnp.zeros_like(lw), 0)
     question, solutions = _texts(info, out)
     scores = np.asarray([_as_score(reward(question, s)) for s in solutions], np.float32)
-    votes = np.log(scores) if rule == "vote" else scores
+    with np.errstate(divide="ignore"):
+        votes = np.log(scores) if rule == "vote" else scores
     return _finish(alg, info, out, lw, 0.0, rule, votes, len(solutions))
 
 
