@@ -14,7 +14,6 @@ Prints a table and ends with ``RESULT ratio_vs_handwritten=<x> logz_mean_err=<x>
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,9 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import interleaved_medians  # noqa: E402
 
 import ppinfer as pp  # noqa: E402
 from models.classic import lgssm, simulate_lgssm  # noqa: E402
@@ -59,9 +61,7 @@ def handwritten_filter(n: int):
                 idx = jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"), n - 1)
                 return x[idx], jnp.full((n,), -jnp.log(n))
 
-            x, log_w = jax.lax.cond(
-                (ess < 0.5 * n) & (t < t_max - 1), resample, lambda a: a, (x, log_w)
-            )
+            x, log_w = jax.lax.cond((ess < 0.5 * n) & (t < t_max - 1), resample, lambda a: a, (x, log_w))
             return (x, log_w, log_z), None
 
         init = (jnp.zeros(n), jnp.full((n,), -jnp.log(n)), jnp.zeros(()))
@@ -70,15 +70,6 @@ def handwritten_filter(n: int):
         return log_z
 
     return run
-
-
-def median_time(fn, reps: int) -> float:
-    times = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -104,14 +95,14 @@ def main() -> None:
     hand(jax.random.PRNGKey(0), ys_dev).block_until_ready()
     compile_hand = time.perf_counter() - t0
 
-    # Interleave the two so that machine noise hits both alike.
-    t_pp, t_hand = [], []
-    for i in range(reps):
-        t_pp.append(median_time(lambda s, i=i: pp.infer(model, ys, algorithm=algorithm, key=s + i), 1))
-        t_hand.append(
-            median_time(lambda s, i=i: hand(jax.random.PRNGKey(s + i), ys_dev).block_until_ready(), 1)
-        )
-    time_pp, time_hand = statistics.median(t_pp), statistics.median(t_hand)
+    medians = interleaved_medians(
+        {
+            "pp": lambda s: pp.infer(model, ys, algorithm=algorithm, key=s),
+            "hand": lambda s: hand(jax.random.PRNGKey(s), ys_dev).block_until_ready(),
+        },
+        reps,
+    )
+    time_pp, time_hand = medians["pp"], medians["hand"]
 
     log_z_pp = np.array(
         [pp.infer(model, ys, algorithm=algorithm, key=1000 + s).log_evidence for s in range(seeds)]
@@ -141,7 +132,7 @@ def main() -> None:
             pf.run()
             return pf.logLt
 
-        time_particles = median_time(run_particles, max(3, reps // 2))
+        time_particles = interleaved_medians({"particles": run_particles}, max(3, reps // 2))["particles"]
         log_z_particles = np.array([run_particles(1000 + s) for s in range(min(seeds, 10))])
         rows.append(("particles (numpy)", time_particles, float("nan"), log_z_particles))
     except ImportError:
@@ -156,9 +147,7 @@ def main() -> None:
         err = lz.mean() - log_z_exact
         print(f"{name:<24}{t:>10.4f}{c:>11.2f}{t / time_hand:>9.2f}{err:>10.4f}{lz.std():>9.4f}")
     err, sd = log_z_pp.mean() - log_z_exact, log_z_pp.std()
-    print(
-        f"RESULT ratio_vs_handwritten={time_pp / time_hand:.3f} logz_mean_err={err:.4f} logz_sd={sd:.4f}"
-    )
+    print(f"RESULT ratio_vs_handwritten={time_pp / time_hand:.3f} logz_mean_err={err:.4f} logz_sd={sd:.4f}")
 
 
 if __name__ == "__main__":

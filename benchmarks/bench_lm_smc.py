@@ -11,7 +11,6 @@ Ends with ``RESULT smc_over_plain=<x>`` (SMC time ÷ plain sampling time).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import interleaved_medians  # noqa: E402
 
 import ppinfer as pp  # noqa: E402
 from ppinfer import tokens as tk  # noqa: E402
@@ -50,15 +52,6 @@ def constrained_program(lm, max_new_tokens: int):
     return pp.sequential(init, step, max_new_tokens), (p, automaton), proposal
 
 
-def median_time(fn, reps: int) -> float:
-    times = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 60 s)")
@@ -86,11 +79,8 @@ def main() -> None:
     t0 = time.perf_counter()
     plain(0)
     compile_plain = time.perf_counter() - t0
-    t_smc, t_plain = [], []
-    for i in range(reps):  # interleaved, so machine noise hits both alike
-        t_smc.append(median_time(lambda s, i=i: smc(100 + i), 1))
-        t_plain.append(median_time(lambda s, i=i: plain(100 + i), 1))
-    time_smc, time_plain = statistics.median(t_smc), statistics.median(t_plain)
+    medians = interleaved_medians({"smc": smc, "plain": plain}, reps)
+    time_smc, time_plain = medians["smc"], medians["plain"]
 
     texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_id)
     ok = all("e" not in t.lower() for t, w in zip(texts, np.asarray(result.weights), strict=True) if w > 0)

@@ -21,6 +21,7 @@ from ppinfer.errors import ConfigError, DataError, ModelError, PPInferError, Zer
 
 __all__ = [
     "check_num_particles",
+    "check_int",
     "check_probability",
     "dry_run",
     "require_latent",
@@ -33,6 +34,13 @@ def check_num_particles(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ConfigError(f"num_particles must be an integer >= 1, got {n!r}")
     return int(n)
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int, or :class:`ConfigError` unless it is an integer ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_probability(name: str, value: Any) -> float:

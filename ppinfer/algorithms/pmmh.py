@@ -74,8 +74,7 @@ class PMMH:
             ("num_warmup", self.num_warmup, 0),
             ("num_chains", self.num_chains, 1),
         ):
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
-                raise ConfigError(f"{what} must be an integer >= {low}, got {v!r}")
+            checks.check_int(what, v, low)
         if not float(self.step_size) > 0:
             raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
 

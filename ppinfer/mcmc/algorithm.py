@@ -66,8 +66,7 @@ class MCMC:
             ("num_chains", self.num_chains, 1),
             ("thinning", self.thinning, 1),
         ):
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
-                raise ConfigError(f"{what} must be an integer >= {low}, got {v!r}")
+            checks.check_int(what, v, low)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
         if is_sequential(program):
