@@ -365,12 +365,15 @@ def _program(spec: StepSpec, weighting: str, tau: float) -> ReasoningProgram:
     return ReasoningProgram(init, step, spec.max_steps, spec, weighting, tau)
 
 
-def question_args(lm: Any, spec: StepSpec, question: str, pad_to: int | None = None) -> ReasoningArgs:
-    """Run ``question`` (text; prefix it with BOS/EOS as the model was trained) through ``lm`` once.
+def question_args(
+    lm: Any, spec: StepSpec, question: str | Sequence[int], pad_to: int | None = None
+) -> ReasoningArgs:
+    """Run ``question`` (text, or token ids; prefix it with BOS/EOS as the model was trained) through
+    ``lm`` once.
     With ``pad_to`` the prompt is right-padded to that many tokens so that questions of different
     lengths share one compiled program (needs an LM whose ``prefill`` takes ``length``, as the
     transformer's does)."""
-    ids = np.asarray(lm.encode(question), np.int32)
+    ids = np.asarray(lm.encode(question) if isinstance(question, str) else question, np.int32)
     n = int(ids.shape[0])
     if n < 1:
         raise ModelError("the question must be at least one token")
@@ -463,11 +466,15 @@ def potential(r: jax.Array, clip: float, tau: float) -> jax.Array:
     return (jnp.log(r) - jnp.log1p(-r)) / tau
 
 
+PROBE_QUESTION = "Q: 1+1 = ?"
+
+
 def check_reward(reward: Reward, name: str) -> None:
-    """Call ``reward`` once on an empty solution and raise :class:`ModelError` unless it returns a
-    number in [0, 1] (errors inside the compiled run's host callback would surface as JAX errors)."""
+    """Call ``reward`` once (on :data:`PROBE_QUESTION` and an empty solution) and raise
+    :class:`ModelError` unless it returns a number in [0, 1] (errors inside the compiled run's host
+    callback would surface as JAX errors)."""
     try:
-        value = float(reward("Q: 1+1 = ?", ""))
+        value = float(reward(PROBE_QUESTION, ""))
     except Exception as e:
         raise ModelError(f"the {name} failed on an empty solution: {type(e).__name__}: {e}") from e
     if not 0.0 <= value <= 1.0:
