@@ -1,0 +1,205 @@
+"""Step-level reasoning programs: chunking, and every algorithm on the embedded model with tiny sizes,
+its compute accounting checked exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ppinfer as pp
+from ppinfer import reasoning as rs
+from ppinfer import tokens as tk
+from ppinfer.errors import ConfigError
+from ppinfer.lm import NGramLM, load_default
+
+EOS, A, B, DOT = 0, 1, 2, 3  # a 4-token character vocabulary for the n-gram tests
+CHARS = {A: "a", B: "b", DOT: "."}
+
+
+def decode(ids):
+    return "".join(CHARS.get(int(i), "") for i in ids)
+
+
+def bigram(next_probs):
+    """A bigram LM from ``next_probs[prev] = probabilities of the next token``."""
+    return NGramLM.from_probs(np.asarray(next_probs, np.float64), bos_id=EOS)
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def run_chunks(lm, max_chunk, num=64, key=0):
+    p = tk.prompt(lm, [EOS], max_new_tokens=3 * max_chunk)
+    ctx = tk.Context.start(p)
+
+    def one(k):
+        c, ended = rs.generate_chunk(k, ctx, p, (DOT,), EOS, max_chunk)
+        return c.tokens, c.length, ended
+
+    return jax.device_get(jax.vmap(one)(jax.random.split(jax.random.PRNGKey(key), num)))
+
+
+def test_chunk_stops_at_delimiter_or_max_length():
+    lm = bigram(np.full((4, 4), 0.25))
+    toks, lens, ended = run_chunks(lm, max_chunk=5)
+    assert lens.min() >= 1 and lens.max() <= 5
+    for row, n, e in zip(toks, lens, ended, strict=True):
+        chunk = list(row[:n])
+        # no delimiter or EOS inside the chunk; a chunk shorter than the limit ends with one
+        assert not ({DOT, EOS} & set(chunk[:-1]))
+        assert n == 5 or chunk[-1] in (DOT, EOS)
+        assert e == (chunk[-1] == EOS)
+    assert (lens == 5).any() and (lens < 5).any()
+
+
+def test_chunk_deterministic_lengths():
+    always_a = np.zeros((4, 4))
+    always_a[:, A] = 1.0
+    _, lens, _ = run_chunks(bigram(always_a), max_chunk=4)
+    assert (lens == 4).all()  # never a delimiter: cut at max_chunk
+    a_then_dot = np.zeros((4, 4))
+    a_then_dot[:, A] = 1.0
+    a_then_dot[A] = [0, 0, 0, 1.0]
+    toks, lens, ended = run_chunks(bigram(a_then_dot), max_chunk=6)
+    assert (lens == 2).all() and (toks[:, :2] == [A, DOT]).all() and not ended.any()
+
+
+# --------------------------------------------------------------------------- n-gram accounting
+
+
+class Counter:
+    """A reward that counts its calls in a run (not the eager probe of check_reward)."""
+
+    def __init__(self, fn=lambda q, s: 0.5 + 0.4 * (s.count("a") % 2)):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, question, solution):
+        if question != rs.PROBE_QUESTION:
+            self.calls += 1
+        return self.fn(question, solution)
+
+
+ALGORITHMS = [
+    lambda n: rs.ParticleFilter(n),
+    lambda n: rs.ParticleFilter(n, answer="argmax", resampling="systematic"),
+    lambda n: rs.FeynmanKacFilter(n),
+    lambda n: rs.FeynmanKacFilter(n, ess_threshold=1.0),
+    lambda n: rs.BeamSearch(n, expand=2),
+    lambda n: rs.BestOfN(n, outcome=Counter()),
+    lambda n: rs.MajorityVote(n),
+    lambda n: rs.MajorityVote(n, reward=Counter()),
+    lambda n: rs.Sampling(n),
+]
+
+
+@pytest.fixture(scope="module")
+def fixed_lengths():
+    """No delimiter and no EOS: every chunk has exactly max_chunk tokens."""
+    probs = np.zeros((4, 4))
+    probs[:, [A, B]] = 0.5
+    prm = Counter()
+    spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=prm)
+    return rs.reasoning_program(spec), rs.question_args(bigram(probs), spec, [EOS]), prm
+
+
+@pytest.mark.parametrize("make", ALGORITHMS)
+def test_accounting_exact_with_fixed_chunk_lengths(fixed_lengths, make):
+    """N · K · S tokens whatever resampling does; the PRM is called once per particle and step."""
+    program, args, prm = fixed_lengths
+    n, k, s = 5, 3, 4
+    alg = make(n)
+    before = prm.calls
+    r = pp.infer(program, args, algorithm=alg, key=1)
+    prm_calls = prm.calls - before
+    outcome = getattr(alg, "outcome", None) or getattr(alg, "reward", None)
+    assert r.extras["generated_tokens"] == n * k * s
+    assert r.extras["num_steps"] == s
+    assert r.extras["reward_calls"] == prm_calls + (outcome.calls if outcome else 0)
+    scored = isinstance(alg, rs.ParticleFilter | rs.FeynmanKacFilter | rs.BeamSearch)
+    assert prm_calls == (n * s if scored else 0)
+    assert (outcome.calls if outcome else 0) == (0 if scored else (n if outcome else 0))
+    assert all(len(t) == k * s for t in r.extras["solutions"])
+
+
+def test_accounting_stops_at_eos():
+    """Each particle says "a" then EOS: one step of 2 tokens, then the loop ends early."""
+    probs = np.zeros((4, 4))
+    probs[EOS, A] = 1.0
+    probs[A, EOS] = probs[B, EOS] = probs[DOT, EOS] = 1.0
+    prm = Counter()
+    spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=4, max_steps=5, prm=prm)
+    r = pp.infer(rs.reasoning_program(spec), rs.question_args(bigram(probs), spec, [EOS]),
+                 algorithm=rs.FeynmanKacFilter(6), key=0)
+    assert r.extras["generated_tokens"] == 12 and r.extras["reward_calls"] == prm.calls == 6
+    assert r.extras["num_steps"] == 1 and r.extras["solutions"] == ["a"] * 6
+    assert bool(jnp.all(r.state.finished))
+
+
+# --------------------------------------------------------------------------- the embedded model
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    lm = load_default()
+    prm = Counter(rs.arithmetic_prm)
+    spec = rs.StepSpec(
+        decode=lm.tokenizer.decode, delimiters=tuple(lm.tokenizer.encode(".")), eos_id=lm.eos_id,
+        max_chunk=8, max_steps=3, prm=prm,
+    )
+    args = rs.question_args(lm, spec, "<|endoftext|>Q: 7+2 = ?", pad_to=16)
+    return rs.reasoning_program(spec), args, prm
+
+
+@pytest.mark.parametrize("make", ALGORITHMS)
+def test_algorithms_on_embedded_model(embedded, make):
+    program, args, prm = embedded
+    alg = make(3)
+    before = prm.calls
+    r = pp.infer(program, args, algorithm=alg, key=2)
+    ex = r.extras
+    outcome = getattr(alg, "outcome", None) or getattr(alg, "reward", None)
+    outcome_calls = outcome.calls if outcome else 0
+    assert ex["reward_calls"] == prm.calls - before + outcome_calls
+    assert ex["question"] == "Q: 7+2 = ?"
+    assert len(ex["solutions"]) == 3 and ex["answer"] in ex["answers"] + [None]
+    assert 1 <= ex["num_steps"] <= 3 and 3 <= ex["generated_tokens"] <= 3 * 8 * 3
+    if isinstance(alg, rs.Sampling | rs.BestOfN | rs.MajorityVote):
+        # no resampling: every generated token is in a final solution
+        assert ex["generated_tokens"] == int(jnp.sum(r.samples["length"]))
+    if isinstance(alg, rs.FeynmanKacFilter):
+        assert np.isfinite(r.log_evidence)
+
+
+def test_perfect_verifier_pf_returns_an_accepted_solution(embedded):
+    """PF with the exact PRM and argmax never returns a solution the PRM rejects when an accepted
+    one exists among the final particles; with a small τ the resampling keeps only accepted steps."""
+    program, args, _ = embedded
+    for key in range(3):
+        r = pp.infer(program, args, algorithm=rs.ParticleFilter(4, tau=0.05, answer="argmax"), key=key)
+        q, sols = r.extras["question"], r.extras["solutions"]
+        accepted = [rs.arithmetic_prm(q, s) == 1.0 for s in sols]
+        best = int(np.argmax(np.asarray(r.samples["score"])))
+        assert accepted[best] or not any(accepted)
+        assert r.extras["answer"] == r.extras["answers"][best]
+
+
+def test_errors(embedded):
+    program, args, _ = embedded
+    with pytest.raises(ConfigError):
+        rs.ParticleFilter(0)
+    with pytest.raises(ConfigError):
+        rs.ParticleFilter(4, answer="median")
+    with pytest.raises(ConfigError):
+        rs.FeynmanKacFilter(4, tau=0.0)
+    with pytest.raises(ConfigError):
+        rs.BeamSearch(4, expand=0)
+    with pytest.raises(ConfigError):
+        rs.StepSpec(decode=decode, delimiters=(), eos_id=EOS)
+    with pytest.raises(ConfigError):
+        rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=0)
+    with pytest.raises(ConfigError):
+        rs.reasoning_program(rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS))  # fk needs a PRM
+    with pytest.raises(ConfigError, match="step-level program"):
+        pp.infer(pp.sequential(lambda: 0, lambda s, t: s, 1), algorithm=rs.ParticleFilter(2))
+    with pytest.raises(ConfigError, match="one argument"):
+        pp.infer(program, args, args, algorithm=rs.Sampling(2))
