@@ -1,0 +1,160 @@
+"""Saving, loading and resuming an IBIS posterior; clear errors for bad batches and bad files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import ppinfer as pp
+from models.classic import beta_bernoulli
+from ppinfer.errors import CheckpointError, DataError
+from ppinfer.updates import IBIS, load, program_identity, save
+
+ROOT = Path(__file__).resolve().parents[1]
+T, B = 6, 8
+CFG = dict(num_particles=64, num_moves=2, ess_threshold=0.8)
+
+# The worker runs the same stream as `stream()` below (the program comes from models.classic, so its
+# identity is the same in both processes), saving after every batch, and kills itself with SIGKILL
+# once `kill_after` batches are saved.
+WORKER = f"""
+import os, signal, sys
+import numpy as np
+import ppinfer as pp
+from models.classic import beta_bernoulli
+from ppinfer.updates import IBIS, save
+
+path, kill_after = sys.argv[1], int(sys.argv[2])
+flips = np.random.default_rng(11).binomial(1, 0.3, ({T}, {B})).astype(np.int32)
+post = pp.infer(beta_bernoulli(2.0, 3.0), flips[0], algorithm=IBIS(**{CFG!r}), key=5)
+save(post, path)
+for batch in flips[1:]:
+    post = post.update(batch)
+    save(post, path)
+    if post.step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+FLIPS = np.random.default_rng(11).binomial(1, 0.3, (T, B)).astype(np.int32)
+PROGRAM = beta_bernoulli(2.0, 3.0)  # one object: the compiled updates are cached per program
+
+
+def stream(num_batches=T):
+    post = pp.infer(PROGRAM, FLIPS[0], algorithm=IBIS(**CFG), key=5)
+    for batch in FLIPS[1:num_batches]:
+        post = post.update(batch)
+    return post
+
+
+def assert_identical(a, b):
+    for x, y in zip(
+        (a.ibis.particles, a.ibis.log_weights, a.ibis.key, a.log_evidence_history, a.ess, a.resampled),
+        (b.ibis.particles, b.ibis.log_weights, b.ibis.key, b.log_evidence_history, b.ess, b.resampled),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.step == b.step and a.log_evidence == b.log_evidence
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    # A worker process runs the stream, saving after every batch, and is killed by SIGKILL after
+    # the 3rd; this process resumes from the file and must end bit-identical to the
+    # uninterrupted stream.
+    path = tmp_path / "posterior.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, "-c", WORKER, str(path), "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr
+    resumed = load(path, PROGRAM)
+    assert resumed.step == 3
+    for batch in FLIPS[3:]:
+        resumed = resumed.update(batch)
+    assert_identical(resumed, stream())
+
+
+def test_save_load_roundtrip_in_process(tmp_path):
+    path = tmp_path / "p.safetensors"
+    mid = stream(2)
+    save(mid, path)
+    resumed = load(path, PROGRAM)
+    assert_identical(resumed, mid)
+    for batch in FLIPS[2:]:
+        resumed = resumed.update(batch)
+    assert_identical(resumed, stream())
+
+
+def test_load_errors(tmp_path):
+    path = tmp_path / "p.safetensors"
+    save(stream(2), path)
+    with pytest.raises(CheckpointError, match="holds a posterior of program"):
+        load(path, beta_bernoulli(1.0, 1.0))
+    with pytest.raises(CheckpointError, match="settings"):
+        load(path, beta_bernoulli(2.0, 3.0), IBIS(**{**CFG, "num_moves": 3}))
+    with pytest.raises(CheckpointError, match="settings"):
+        load(path, beta_bernoulli(2.0, 3.0), IBIS(**CFG, version="v2"))
+    with pytest.raises(CheckpointError, match="no saved posterior"):
+        load(tmp_path / "missing", beta_bernoulli(2.0, 3.0))
+    raw = path.read_bytes()
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load(truncated, beta_bernoulli(2.0, 3.0))
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load(garbage, beta_bernoulli(2.0, 3.0))
+    flipped = bytearray(raw)
+    flipped[-5] ^= 0xFF  # inside the last array's bytes
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load(corrupt, beta_bernoulli(2.0, 3.0))
+
+
+def test_statistics_posterior_needs_its_algorithm_to_load(tmp_path):
+    stats = lambda y: (jnp.float32(y.shape[0]), jnp.sum(y))
+
+    def model(n, s):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.factor("y", s * mu - 0.5 * n * mu**2)
+
+    cfg = IBIS(num_particles=32, num_moves=1, sufficient_statistics=stats)
+    post = pp.infer(model, np.ones(4, np.float32), algorithm=cfg, key=0)
+    save(post, tmp_path / "s")
+    with pytest.raises(CheckpointError, match="pass algorithm"):
+        load(tmp_path / "s", model)
+    again = load(tmp_path / "s", model, cfg).update(np.ones(4, np.float32))
+    assert again.step == 2
+
+
+def normal_model(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+    with pp.plate("data", y.shape[0]):
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+def test_bad_batches_are_clear_errors():
+    post = stream(2)
+    with pytest.raises(DataError, match="NaN"):
+        post.update(np.array([0.0, np.nan, 1.0, 2.0, 0, 0, 0, 0], np.float32))
+    with pytest.raises(DataError, match="shapes"):
+        post.update(np.zeros(B + 1, np.int32))
+    with pytest.raises(DataError):
+        post.update(np.full(B, 2, np.int32))  # outside the Bernoulli's support
+    assert post.update(FLIPS[2]).step == 3  # the failed updates changed nothing
+
+
+def test_program_identity_is_stable_and_distinguishes_closures():
+    assert program_identity(beta_bernoulli(2.0, 3.0)) == program_identity(beta_bernoulli(2.0, 3.0))
+    assert program_identity(beta_bernoulli(2.0, 3.0)) != program_identity(beta_bernoulli(2.0, 4.0))
+    assert program_identity(normal_model, "v1") != program_identity(normal_model, "v2")
