@@ -35,7 +35,7 @@ Params = dict
 class PromptCache(NamedTuple):
     """Keys and values of the shared prompt.
 
-    k, v: [Lyr, Lp, Hkv, hd] in the params' dtype; ``length: i32[]`` is the number of real prompt
+    k, v: [Lyr, Hkv, Lp, hd] in the params' dtype; ``length: i32[]`` is the number of real prompt
     tokens (positions ``>= length`` are padding, masked out), so prompts padded to a bucket size
     reuse one compiled function.
     """
@@ -48,9 +48,10 @@ class PromptCache(NamedTuple):
 class ParticleCache(NamedTuple):
     """Keys and values of the tokens a particle generated after the prompt.
 
-    For one particle: k, v: [Lyr, T, Hkv, hd] and ``length: i32[]`` (tokens stored, ``<= T``).
-    A batch adds a leading particle axis N to every leaf (k, v: [N, Lyr, T, Hkv, hd], length:
-    i32[N]); T is the fixed maximum number of new tokens.
+    For one particle: k, v: [Lyr, Hkv, T, hd] and ``length: i32[]`` (tokens stored, ``<= T``).
+    A batch adds a leading particle axis N to every leaf (k, v: [N, Lyr, Hkv, T, hd], length:
+    i32[N]); T is the fixed maximum number of new tokens. Heads come before positions so that
+    attention contracts the cache in its stored layout, without a transposed copy per step.
     """
 
     k: jax.Array
@@ -65,7 +66,7 @@ def init_particle_cache(
     dtype: DTypeLike = jnp.float32,
 ) -> ParticleCache:
     """An empty cache for ``num_particles`` particles of at most ``max_new_tokens`` new tokens."""
-    shape = (num_particles, config.num_layers, max_new_tokens, config.num_kv_heads, config.head_dim)
+    shape = (num_particles, config.num_layers, config.num_kv_heads, max_new_tokens, config.head_dim)
     return ParticleCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -115,7 +116,7 @@ def lm_step(
     """
     position = prompt_cache.length + particle_cache.length
     x = _embed(params, config, token[None], position[None])
-    prompt_len, max_new = prompt_cache.k.shape[1], particle_cache.k.shape[1]
+    prompt_len, max_new = prompt_cache.k.shape[2], particle_cache.k.shape[2]
     prompt_mask = jnp.arange(prompt_len) < prompt_cache.length
     own_mask = jnp.arange(max_new) < particle_cache.length
     mask = jnp.concatenate([prompt_mask, own_mask, jnp.ones((1,), bool)])
@@ -133,14 +134,14 @@ def lm_step(
             + _weighted_values(config, probs[..., prompt_len:-1], own_v)
             + _weighted_values(config, probs[..., -1:], v)
         )
-        return _finish_block(config, layer, x, out), (k[0], v[0])
+        return _finish_block(config, layer, x, out), (k[:, 0], v[:, 0])
 
     inputs = (params["layers"], prompt_cache.k, prompt_cache.v, particle_cache.k, particle_cache.v)
     x, (k, v) = jax.lax.scan(layer_fn, x, inputs)
     slot = particle_cache.length
     new_cache = ParticleCache(
-        k=particle_cache.k.at[:, slot].set(k, mode="drop"),
-        v=particle_cache.v.at[:, slot].set(v, mode="drop"),
+        k=particle_cache.k.at[:, :, slot].set(k, mode="drop"),
+        v=particle_cache.v.at[:, :, slot].set(v, mode="drop"),
         length=particle_cache.length + 1,
     )
     return _logits(params, config, x)[0], new_cache
@@ -184,7 +185,7 @@ def _embed(params: Params, config: TransformerConfig, tokens, positions):
 
 
 def _qkv(config: TransformerConfig, layer, x, positions):
-    """q: [L, H, hd], k, v: [L, Hkv, hd] for hidden states x: [L, D]."""
+    """q: [L, H, hd], k, v: [Hkv, L, hd] for hidden states x: [L, D]."""
     h = _norm(config, layer["attn_norm"], x)
     q = _dense(layer["q"], h).reshape(x.shape[0], config.num_heads, config.head_dim)
     k = _dense(layer["k"], h).reshape(x.shape[0], config.num_kv_heads, config.head_dim)
@@ -192,13 +193,13 @@ def _qkv(config: TransformerConfig, layer, x, positions):
     if config.arch == "llama":
         cos, sin = _rope_angles(config, positions)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    return q, k, v
+    return q, jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
 
 
 def _scores(config: TransformerConfig, q, k):
     """Attention logits f32[Hkv, G, Lq, Lk]; query heads are grouped onto their shared kv head."""
     q = q.reshape(q.shape[0], config.num_kv_heads, config.group_size, config.head_dim)
-    scores = jnp.einsum("qkgd,skd->kgqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("qkgd,ksd->kgqs", q, k, preferred_element_type=jnp.float32)
     return scores / jnp.sqrt(jnp.float32(config.head_dim))
 
 
@@ -207,7 +208,7 @@ def _softmax(scores):
 
 
 def _weighted_values(config: TransformerConfig, probs, v):
-    out = jnp.einsum("kgqs,skd->qkgd", probs.astype(v.dtype), v)
+    out = jnp.einsum("kgqs,ksd->qkgd", probs.astype(v.dtype), v)
     return out.reshape(out.shape[0], config.num_heads * config.head_dim)
 
 
