@@ -278,17 +278,20 @@ class Posterior(Result):
             "log_evidence_history": self.log_evidence_history,
             "acceptance_rate": self.extras.get("acceptance_rate"),
         }
-        new = {
-            "ess": info.ess,
-            "resampled": info.resampled,
-            "log_evidence_history": logsumexp(state.log_weights),
-            "acceptance_rate": info.acceptance_rate,
-        }
-        hist = {k: jnp.append(hist[k], new[k]) for k in hist}
+        new = jax.device_get(
+            {
+                "ess": info.ess,
+                "resampled": info.resampled,
+                "log_evidence_history": logsumexp(state.log_weights),
+                "acceptance_rate": info.acceptance_rate,
+            }
+        )
+        # Host-side numpy: appending to a device array would compile a new concatenation per length.
+        hist = {k: np.append(np.asarray(hist[k]), new[k]) for k in hist}
         return Posterior(
             samples=samples,
             log_weights=state.log_weights,
-            log_evidence=float(logsumexp(state.log_weights)),
+            log_evidence=log_z,
             algorithm="IBIS",
             ess=hist["ess"],
             resampled=hist["resampled"],
@@ -305,7 +308,7 @@ class Posterior(Result):
         """A posterior from a state and its per-update histories (``ess``, ``resampled``,
         ``log_evidence_history``, ``acceptance_rate``; empty when ``None``)."""
         history = history or {}
-        get = lambda k, dt: jnp.asarray(history.get(k, np.zeros((0,), dt)))
+        get = lambda k, dt: np.asarray(history.get(k, np.zeros((0,), dt)))
         samples = {}
         if state.data is not None:
             samples = _compiled(config, program, "samples", None)(state.particles, state.data)
