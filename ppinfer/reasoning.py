@@ -299,8 +299,10 @@ class ReasoningArgs(NamedTuple):
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReasoningProgram(SequentialProgram):
     """A step-level reasoning program: a :class:`~ppinfer.SequentialProgram` (its own target is the
-    Feynman–Kac one, ``weighting="fk"``, so ``pp.SMC`` runs it too) plus its :class:`StepSpec`, from
-    which the algorithms of this module build the variant they need."""
+    Feynman–Kac one of ``weighting="fk"``) plus its :class:`StepSpec`, from which the algorithms of
+    this module build the variant they need. Its chunk is drawn with a ``numpyro.prng_key`` inside
+    the step (no latent ``sample`` site: the extended KV cache is the step's product), so the core
+    ``pp.SMC``, which requires a latent site, refuses it: :class:`FeynmanKacFilter` is that SMC."""
 
     spec: StepSpec = None
     weighting: str = "fk"
@@ -591,17 +593,17 @@ def score_resampling(scheme: str) -> Selection:
     return select
 
 
-def beam_selection(keep: int) -> Selection:
+def beam_selection(keep: int | jax.Array) -> Selection:
     """Step-level beam search: the ``keep`` particles with the highest current PRM score
-    (``state.score``; ties to the lower index), their copies spread evenly over the ``N`` slots
-    (``N / keep`` each when it divides). Deterministic; not a valid (measure-preserving) block —
-    search, not inference."""
+    (``state.score``; ties to the lower index; ``keep`` may be traced), their copies spread evenly
+    over the ``N`` slots (``N / keep`` each when it divides). Deterministic; not a valid
+    (measure-preserving) block — search, not inference."""
 
     def select(key, pop):
         del key
         n = pop.num_particles
-        _, best = jax.lax.top_k(pop.particles.state.score, keep)
-        ancestors = best[jnp.arange(n) * keep // n]
+        _, ranked = jax.lax.top_k(pop.particles.state.score, n)
+        ancestors = ranked[jnp.arange(n) * keep // n]
         particles = jax.tree.map(lambda x: x[ancestors], pop.particles)
         return Population(particles, pop.log_weights), jnp.ones((), bool), ess(pop.log_weights)
 
@@ -650,8 +652,8 @@ class ParticleFilter:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         prog = reasoning_program(_spec_of(program), "fk", self.tau)
-        settings = (_SETTINGS[0], self.resampling, _SETTINGS[2])
-        out, info = _compiled_loop(key, prog, args, self.num_particles, "score", settings=settings)
+        schemes = (_SCHEMES[0], self.resampling)
+        out, info = _compiled_loop(key, prog, args, self.num_particles, "score", schemes=schemes)
         state = out.population.particles.state
         log_weights = state.potential - jnp.log(self.num_particles)
         return _finish(self, info, out, log_weights, float("nan"), self.answer, state.potential, 0)
@@ -684,9 +686,9 @@ class FeynmanKacFilter:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         prog = reasoning_program(_spec_of(program), "fk", self.tau)
-        settings = (self.resampling, *_SETTINGS[1:])
+        schemes = (self.resampling, _SCHEMES[1])
         out, info = _compiled_loop(
-            key, prog, args, self.num_particles, "adaptive", self.ess_threshold, settings
+            key, prog, args, self.num_particles, "adaptive", threshold=self.ess_threshold, schemes=schemes
         )
         lw = out.population.log_weights
         log_z = float(log_evidence(lw))
@@ -715,8 +717,8 @@ class BeamSearch:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         prog = reasoning_program(_spec_of(program), "fk", self.tau)
-        settings = (*_SETTINGS[:2], int(self.expand))
-        out, info = _compiled_loop(key, prog, args, self.num_particles, "beam", settings=settings)
+        keep = max(1, self.num_particles // int(self.expand))
+        out, info = _compiled_loop(key, prog, args, self.num_particles, "beam", keep=keep)
         state = out.population.particles.state
         log_weights = state.potential - jnp.log(self.num_particles)
         return _finish(self, info, out, log_weights, float("nan"), "argmax", state.score, 0)
@@ -814,16 +816,16 @@ def _check_callable(name: str, fn: Any) -> None:
 SELECTIONS = ("none", "adaptive", "score", "beam")
 
 
-def switch_selection(kind: jax.Array, threshold: jax.Array, n: int, settings: tuple) -> Selection:
-    """The selection ``SELECTIONS[kind]`` (``kind: i32[]`` and the adaptive ``threshold: f32[]`` are
-    traced, so every step-level algorithm with the same program and N shares one compiled loop);
-    ``settings = (adaptive scheme, score scheme, beam expand)`` are static."""
-    adaptive_scheme, score_scheme, expand = settings
+def switch_selection(kind: jax.Array, threshold: jax.Array, keep: jax.Array, schemes: tuple) -> Selection:
+    """The selection ``SELECTIONS[kind]``: ``kind: i32[]``, the adaptive ``threshold: f32[]`` and
+    the beam's ``keep: i32[]`` are traced, so every step-level algorithm with the same program and N
+    shares one compiled loop; ``schemes = (adaptive scheme, score scheme)`` are static."""
+    adaptive_scheme, score_scheme = schemes
     branches = (
         no_selection(),
         adaptive_resampling(threshold, adaptive_scheme),
         score_resampling(score_scheme),
-        beam_selection(max(1, n // int(expand))),
+        beam_selection(keep),
     )
 
     def select(key, pop):
@@ -838,7 +840,7 @@ class _RunInfo(NamedTuple):
     spec: StepSpec
 
 
-_SETTINGS = ("systematic", "multinomial", 4)
+_SCHEMES = ("systematic", "multinomial")
 
 
 def _compiled_loop(
@@ -848,7 +850,8 @@ def _compiled_loop(
     n: int,
     kind: str,
     threshold: float = 1.0,
-    settings: tuple = _SETTINGS,
+    keep: int = 1,
+    schemes: tuple = _SCHEMES,
 ) -> tuple[StepLoopOutput, _RunInfo]:
     t0 = time.perf_counter()
     if program.weighting != "plain":
@@ -858,15 +861,18 @@ def _compiled_loop(
     dyn, static_key, rebuild = split_args(args)
 
     def build():
-        def loop(key, kind, threshold, dyn):
-            select = switch_selection(kind, threshold, n, settings)
-            return step_loop(key, program, rebuild(dyn), n, select)
+        def loop(key, kind, threshold, keep, dyn):
+            return step_loop(key, program, rebuild(dyn), n, switch_selection(kind, threshold, keep, schemes))
 
         return loop
 
-    fn, _ = cached_jit(("reasoning", program, n, settings, static_key), build)
-    index = jnp.asarray(SELECTIONS.index(kind), jnp.int32)
-    out = jax.block_until_ready(fn(key, index, jnp.asarray(threshold, jnp.float32), dyn))
+    fn, _ = cached_jit(("reasoning", program, n, schemes, static_key), build)
+    traced = (
+        jnp.asarray(SELECTIONS.index(kind), jnp.int32),
+        jnp.asarray(threshold, jnp.float32),
+        jnp.asarray(keep, jnp.int32),
+    )
+    out = jax.block_until_ready(fn(key, *traced, dyn))
     return out, _RunInfo(t0, args, program.spec)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ppinfer as pp
+import ppinfer.suspended
 from ppinfer import reasoning as rs
 from ppinfer import tokens as tk
 from ppinfer.errors import ConfigError
@@ -36,7 +37,7 @@ def run_chunks(lm, max_chunk, num=64, key=0):
         c, ended = rs.generate_chunk(k, ctx, p, (DOT,), EOS, max_chunk)
         return c.tokens, c.length, ended
 
-    return jax.device_get(jax.vmap(one)(jax.random.split(jax.random.PRNGKey(key), num)))
+    return jax.device_get(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(key), num)))
 
 
 def test_chunk_stops_at_delimiter_or_max_length():
@@ -150,7 +151,7 @@ def embedded():
     return rs.reasoning_program(spec), args, prm
 
 
-@pytest.mark.parametrize("make", ALGORITHMS)
+@pytest.mark.parametrize("make", ALGORITHMS[:1] + ALGORITHMS[2:])  # one resampling scheme: one compile
 def test_algorithms_on_embedded_model(embedded, make):
     program, args, prm = embedded
     alg = make(3)
@@ -172,15 +173,24 @@ def test_algorithms_on_embedded_model(embedded, make):
 
 def test_perfect_verifier_pf_returns_an_accepted_solution(embedded):
     """PF with the exact PRM and argmax never returns a solution the PRM rejects when an accepted
-    one exists among the final particles; with a small τ the resampling keeps only accepted steps."""
+    one exists among the final particles."""
     program, args, _ = embedded
     for key in range(3):
-        r = pp.infer(program, args, algorithm=rs.ParticleFilter(4, tau=0.05, answer="argmax"), key=key)
+        r = pp.infer(program, args, algorithm=rs.ParticleFilter(3, answer="argmax"), key=key)
         q, sols = r.extras["question"], r.extras["solutions"]
         accepted = [rs.arithmetic_prm(q, s) == 1.0 for s in sols]
         best = int(np.argmax(np.asarray(r.samples["score"])))
         assert accepted[best] or not any(accepted)
         assert r.extras["answer"] == r.extras["answers"][best]
+
+
+def test_beam_selection_keeps_the_best():
+    score = jnp.array([0.1, 0.9, 0.5, 0.9, 0.0, 0.7])
+    state = rs.ReasoningState(None, None, None, score, None)
+    pop = pp.Population(pp.suspended.Particle(state, jnp.zeros(6, bool)), jnp.zeros(6))
+    for keep, expected in [(1, [1] * 6), (2, [1, 1, 1, 3, 3, 3]), (3, [1, 1, 3, 3, 5, 5])]:
+        new, did, _ = rs.beam_selection(keep)(jax.random.PRNGKey(0), pop)
+        assert bool(did) and np.allclose(new.particles.state.score, score[np.array(expected)])
 
 
 def test_errors(embedded):
