@@ -42,6 +42,7 @@ from ppinfer.lm import load_default  # noqa: E402
 HELDOUT_SEED = 2026
 NOISE_RATE = 0.2
 PAD_TO = 24
+TARGETS = (0.25, 0.5, 0.75)
 
 
 def algorithms(n: int, prm, orm) -> dict:
@@ -115,6 +116,11 @@ def main() -> None:
         row = " ".join(f"{x:<6.2f}" for x in values)
         print(f"{v:8} {a:10} {row} {np.mean(tokens[v, a]):>10.0f} {np.mean(calls[v, a]):>11.1f}")
 
+    print("\nscaling rate: smallest budget reaching an accuracy (— never, within the budgets)")
+    print(f"{'verifier':8} {'algorithm':10} " + " ".join(f"acc>={t:<5}" for t in TARGETS))
+    for (v, a), values in acc.items():
+        print(f"{v:8} {a:10} " + " ".join(f"{budget_to_reach(values, budgets, t):<10}" for t in TARGETS))
+
     plot(acc, budgets, Path(ROOT / "out" / "reasoning_scaling.png"))
     print(f"plot: out/reasoning_scaling.png; wall time {time.perf_counter() - t_start:.0f} s")
     print(
@@ -122,6 +128,12 @@ def main() -> None:
         f"best_of_n_acc_at_max={acc['exact', 'bon_orm'][-1]:.3f} "
         f"beam_acc_at_max={acc['exact', 'beam'][-1]:.3f}"
     )
+
+
+def budget_to_reach(values: np.ndarray, budgets: tuple, target: float) -> str:
+    """The smallest budget whose accuracy is at least ``target`` ("—" if none)."""
+    reached = [n for n, x in zip(budgets, values, strict=True) if x >= target - 1e-9]
+    return str(reached[0]) if reached else "—"
 
 
 def plot(acc: dict, budgets: tuple, path: Path) -> None:
