@@ -2,10 +2,20 @@
 
 - :class:`IBIS` / :class:`Posterior`: the particle representation (Chopin 2002),
   ``posterior = infer(program, *batch_1, algorithm=IBIS(...))`` then ``posterior.update(*batch_2)``.
+- :func:`to_parametric` / :class:`ParametricPosterior`: a moment-matched Gaussian as the next prior,
+  with the divergence each refit introduces reported (an approximation).
 - :func:`save` / :func:`load`: a posterior state in one safetensors file (no pickle), resumable
   bit for bit.
 """
 
+from ppinfer.updates.gaussian import (
+    Gaussian,
+    ParametricPosterior,
+    fit_gaussian,
+    gaussian_prior_program,
+    projection_kl,
+    to_parametric,
+)
 from ppinfer.updates.ibis import (
     IBIS,
     DataModel,
@@ -23,6 +33,12 @@ from ppinfer.updates.ibis import (
 from ppinfer.updates.store import load, program_identity, save
 
 __all__ = [
+    "Gaussian",
+    "ParametricPosterior",
+    "fit_gaussian",
+    "gaussian_prior_program",
+    "projection_kl",
+    "to_parametric",
     "save",
     "load",
     "program_identity",

@@ -225,8 +225,8 @@ class IBIS:
 @dataclass(repr=False)
 class Posterior(Result):
     """The IBIS posterior after ``t`` batches: a :class:`~ppinfer.Result` (samples of the latent
-    sites ``[N, …]``, ``log_weights``, ``log_evidence = log Ẑ_{1:t}``; ``ess``, ``resampled``,
-    ``log_evidence_history`` are per update ``[t]``) that can absorb more data.
+    and deterministic sites ``[N, …]``, ``log_weights``, ``log_evidence = log Ẑ_{1:t}``; ``ess``,
+    ``resampled``, ``log_evidence_history`` are per update ``[t]``) that can absorb more data.
 
     Attributes:
         program: the static program.
@@ -311,7 +311,7 @@ class Posterior(Result):
         get = lambda k, dt: np.asarray(history.get(k, np.zeros((0,), dt)))
         samples = {}
         if state.data is not None:
-            samples = _compiled(config, program, "samples", None)(state.particles, state.data)
+            samples = _compiled(config, program, "samples", None)(state.particles, state.data, state.step)
         return cls(
             samples=samples,
             log_weights=state.log_weights,
@@ -412,11 +412,17 @@ def capacity_for(num_batches: int) -> int:
     return max(MIN_CAPACITY, 1 << max(int(num_batches) - 1, 0).bit_length())
 
 
-def constrained_samples(program, particles, prior_args) -> dict:
-    """Site name → ``[N, …]`` constrained values of ``particles: f32[N, d]``."""
-    transforms = _transforms(program, prior_args)
-    unravel = _unraveler(program, prior_args, transforms)
-    return jax.vmap(lambda v: constrain(transforms, unravel(v))[0])(particles)
+def constrained_samples(program, particles, args) -> dict:
+    """Site name → ``[N, …]``: the latent sites of ``particles: f32[N, d]`` (constrained) and the
+    program's ``deterministic`` sites, evaluated on ``args`` (the latest batch, or the statistics)."""
+    transforms = _transforms(program, args)
+    unravel = _unraveler(program, args, transforms)
+
+    def one(v):
+        x, _ = constrain(transforms, unravel(v))
+        return {**x, **assess(program, args, x).deterministics}
+
+    return jax.vmap(one)(particles)
 
 
 def _data_model(config: IBIS, program, capacity: int) -> DataModel:
@@ -434,7 +440,9 @@ def _compiled(config: IBIS, program, what: str, signature) -> Callable:
                 key, program, _batch_args(config, batch), config.num_particles
             )
         if what == "samples":
-            return lambda particles, data: constrained_samples(program, particles, _prior_args(config, data))
+            return lambda particles, data, step: constrained_samples(
+                program, particles, _prior_args(config, data, step)
+            )
 
         def update(state, batch):
             capacity = jax.tree.leaves(state.data)[0].shape[0] if config.sufficient_statistics is None else 0
@@ -456,12 +464,11 @@ def _batch_args(config: IBIS, batch: tuple) -> tuple:
     return _as_tuple(config.sufficient_statistics(*batch))
 
 
-def _prior_args(config: IBIS, data):
-    """Arguments on which the prior is evaluated: the statistics, or the history buffer's first batch
-    (the prior must not depend on them)."""
+def _prior_args(config: IBIS, data, step):
+    """The program's arguments after ``step`` batches: the statistics, or the latest batch."""
     if config.sufficient_statistics is not None:
         return data
-    return jax.tree.map(lambda b: b[0], data)
+    return jax.tree.map(lambda b: b[step - 1], data)
 
 
 def _transforms(program, args) -> dict:
