@@ -213,3 +213,16 @@ def test_errors(embedded):
         pp.infer(pp.sequential(lambda: 0, lambda s, t: s, 1), algorithm=rs.ParticleFilter(2))
     with pytest.raises(ConfigError, match="one argument"):
         pp.infer(program, args, args, algorithm=rs.Sampling(2))
+
+
+def test_reward_failing_during_the_run_is_a_model_error(fixed_lengths):
+    program, args, _ = fixed_lengths
+
+    def fragile(question, solution):
+        if "b" in solution:
+            raise KeyError("no b please")
+        return 0.5
+
+    spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=fragile)
+    with pytest.raises(pp.ModelError, match="no b please"):
+        pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=0)
