@@ -226,3 +226,19 @@ def test_reward_failing_during_the_run_is_a_model_error(fixed_lengths):
     spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=fragile)
     with pytest.raises(pp.ModelError, match="no b please"):
         pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=0)
+
+
+def test_particle_filter_weights_are_softmax_of_potentials(fixed_lengths):
+    """Puri et al.'s weights: softmax_i(logit(clip(r_i)) / τ) of the final scores."""
+    program, args, _ = fixed_lengths
+    r = pp.infer(program, args, algorithm=rs.ParticleFilter(5, answer="argmax"), key=3)
+    score = np.clip(np.asarray(r.samples["score"], np.float64), 1e-3, 1 - 1e-3)
+    logits = np.log(score / (1 - score))
+    assert np.allclose(r.weights, np.exp(logits) / np.exp(logits).sum(), atol=1e-5)
+    assert r.extras["answer"] == r.extras["answers"][int(np.argmax(logits))]
+
+
+def test_question_too_long_for_padding(embedded):
+    program, _, _ = embedded
+    with pytest.raises(ConfigError, match="pad_to"):
+        rs.question_args(load_default(), program.spec, "<|endoftext|>Q: 1+2+3+4+5+6+7+8 = ?", pad_to=4)
