@@ -31,6 +31,13 @@ SCRIPT = textwrap.dedent(
         assert np.array_equal(np.asarray(a.samples["x"]), np.asarray(b.samples["x"])), scheme
         assert int(np.sum(a.resampled)) > 0
 
+    # Island resampling: ancestors stay on their device.
+    island = pp.SMC(2048, devices=4, local_resampling=True, ess_threshold=1.0)
+    c = pp.infer(model, ys, algorithm=island, key=3)
+    anc = np.asarray(c.ancestors)
+    assert np.all(anc // 512 == np.arange(2048) // 512)
+    assert np.isfinite(c.log_evidence)
+
     # A token-level program: the per-particle LM caches are gathered across devices.
     lm = NGramLM.from_probs(np.full((5, 5), 0.2))
     p = tk.prompt(lm, [0], 6)
@@ -62,3 +69,5 @@ def test_sharded_smc_is_bit_identical():
 def test_device_settings_are_checked():
     with pytest.raises(pp.ConfigError, match="device"):
         pp.SMC(64, devices=1000)
+    with pytest.raises(pp.ConfigError, match="local_resampling"):
+        pp.SMC(64, local_resampling=True)

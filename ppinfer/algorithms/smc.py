@@ -26,7 +26,7 @@ from ppinfer._compile import cached_jit, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
-from ppinfer.resample import check_scheme, resample
+from ppinfer.resample import check_scheme, resample, resample_groups
 from ppinfer.result import Result
 from ppinfer.suspended import Sequential, advance, match_state, start
 
@@ -49,6 +49,9 @@ class SMC:
             ``jax.devices()``); ``N`` must be a multiple of their number. Weights, ESS, log Ẑ and
             resampling stay global (ancestors may cross devices: XLA inserts the collectives), so
             the result equals the unsharded run with the same key.
+        local_resampling: with ``devices``, resample within each device's particles only (island
+            resampling, :func:`~ppinfer.resample.resample_groups`): no particle crosses devices and
+            only the N weights are exchanged (for the ESS); still valid (``E[Ẑ] = Z``) but noisier.
     """
 
     num_particles: int = 1000
@@ -57,6 +60,7 @@ class SMC:
     proposal: Callable[..., Any] | None = None
     init_proposal: Callable[..., Any] | None = None
     devices: int | tuple | None = None
+    local_resampling: bool = False
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
@@ -64,6 +68,8 @@ class SMC:
         checks.check_probability("ess_threshold", self.ess_threshold)
         if self.devices is not None:
             particle_sharding(self.devices, self.num_particles)
+        elif self.local_resampling:
+            raise ConfigError("local_resampling needs devices=... (one resampling group per device)")
 
     name = "SMC"
 
@@ -83,11 +89,14 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     dyn, static_key, rebuild = split_args(args)
     settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
     sharding = None if cfg.devices is None else particle_sharding(cfg.devices, cfg.num_particles)
-    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, static_key)
+    groups = sharding.mesh.size if cfg.local_resampling else 1
+    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, groups, static_key)
 
     def build():
         def compiled(key, dyn):
-            return smc_run(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal, sharding)
+            return smc_run(
+                key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal, sharding, groups
+            )
 
         return compiled
 
@@ -123,18 +132,31 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
 
 
 def smc_run(
-    key, program, args, n, num_steps, scheme, threshold, proposal=None, init_proposal=None, sharding=None
+    key,
+    program,
+    args,
+    n,
+    num_steps,
+    scheme,
+    threshold,
+    proposal=None,
+    init_proposal=None,
+    sharding=None,
+    num_groups=1,
 ):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
     genealogy-traced ``init_choices`` ``[N, …]`` and step ``trajectories`` ``[N, T, …]``, ``active:
     bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``. With ``sharding`` (a
-    ``NamedSharding`` of the particle axis) the population is kept sharded across devices."""
+    ``NamedSharding`` of the particle axis) the population is kept sharded across devices; with
+    ``num_groups > 1`` resampling is done within contiguous groups (one per device)."""
     shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
     # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
     # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
     # exactly as on one device; the particles themselves move only where an ancestor crosses devices.
-    replicate = (lambda x: x) if sharding is None else partial(_constrain, _replicated(sharding))
+    replicate = (
+        (lambda x: x) if sharding is None or num_groups > 1 else partial(_constrain, _replicated(sharding))
+    )
     k_init, k_loop = jax.random.split(key)
     seq, init_info = start(k_init, program, args, n, init_proposal)
     seq = Sequential(shard(seq.population), seq.t)
@@ -150,7 +172,7 @@ def smc_run(
         do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
         pop, ancestors = jax.lax.cond(
             do,
-            lambda p: resample(k_res, p, scheme),
+            _resampler(k_res, scheme, num_groups, sharding),
             lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
             pop,
         )
@@ -202,6 +224,23 @@ def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.
         )
     mesh = jax.sharding.Mesh(np.array(devices), ("particles",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
+
+
+def _resampler(key, scheme, num_groups, sharding):
+    """``pop -> (pop, ancestors)``: global resampling, or island resampling within ``num_groups``
+    groups — per device with ``shard_map`` when sharded (no particle leaves its device)."""
+    if num_groups == 1:
+        return lambda pop: resample(key, pop, scheme)
+    if sharding is None:
+        return lambda pop: resample_groups(key, pop, scheme, num_groups)
+    spec = jax.sharding.PartitionSpec("particles")
+
+    def local(pop):
+        i = jax.lax.axis_index("particles")
+        new, ancestors = resample(jax.random.fold_in(key, i), pop, scheme)
+        return new, ancestors + i * pop.num_particles
+
+    return jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec,), out_specs=(spec, spec))
 
 
 def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
