@@ -21,21 +21,21 @@ SCRIPT = textwrap.dedent(
     from models.classic import lgssm, simulate_lgssm
 
     assert len(jax.devices()) == 4
-    ys = simulate_lgssm(0, 40, 0.9, 0.5, 1.0, 1.0)
+    ys = simulate_lgssm(0, 25, 0.9, 0.5, 1.0, 1.0)
     model = lgssm(0.9, 0.5, 1.0, 1.0)
-    for scheme in ("systematic", "multinomial", "residual"):
-        a = pp.infer(model, ys, algorithm=pp.SMC(2048, resampling=scheme), key=3)
-        b = pp.infer(model, ys, algorithm=pp.SMC(2048, resampling=scheme, devices=4), key=3)
+    for scheme in ("systematic", "residual"):
+        a = pp.infer(model, ys, algorithm=pp.SMC(1024, resampling=scheme), key=3)
+        b = pp.infer(model, ys, algorithm=pp.SMC(1024, resampling=scheme, devices=4), key=3)
         assert b.log_weights.sharding.num_devices == 4
         assert np.array_equal(np.asarray(a.log_weights), np.asarray(b.log_weights)), scheme
         assert np.array_equal(np.asarray(a.samples["x"]), np.asarray(b.samples["x"])), scheme
         assert int(np.sum(a.resampled)) > 0
 
     # Island resampling: ancestors stay on their device.
-    island = pp.SMC(2048, devices=4, local_resampling=True, ess_threshold=1.0)
+    island = pp.SMC(1024, devices=4, local_resampling=True, ess_threshold=1.0)
     c = pp.infer(model, ys, algorithm=island, key=3)
     anc = np.asarray(c.ancestors)
-    assert np.all(anc // 512 == np.arange(2048) // 512)
+    assert np.all(anc // 256 == np.arange(1024) // 256)
     assert np.isfinite(c.log_evidence)
 
     # A token-level program: the per-particle LM caches are gathered across devices.
