@@ -2,7 +2,9 @@
 posterior, and the accumulated evidence Ẑ_{1:T} = Π_t Ẑ(t | 1:t−1) is unbiased for p(y_{1:T}).
 
 Replicated checks run R independent IBIS streams (``run_stream``, vmapped and jitted, fixed seeds)
-and compare averages with the exact values by CLT bounds, false-failure rate 1e-3 each.
+and compare averages with the exact values by CLT bounds, false-failure rate 1e-3 each. The
+interactive path (``infer`` then ``Posterior.update``) is checked against the exact posterior in
+``test_updates_gaussian.py``, next to the parametric representation.
 """
 
 import jax
@@ -110,18 +112,3 @@ def _final_moments(key, program, data, cfg, site):
     x = constrained_samples(program, state.particles, prior_args)[site]
     w = jax.nn.softmax(state.log_weights)
     return jax.scipy.special.logsumexp(state.log_weights), jnp.sum(w * x), jnp.sum(w * x**2)
-
-
-def test_posterior_update_path_matches_exact():
-    # One stream through infer + Posterior.update. The estimate's sd is below sd_post/√(N/5)
-    # (inefficiency ≤ 5 from resampling and correlated moves), so the bound 0.25·sd_post is
-    # ≥ 5 of its sds: false-failure rate < 1e-6.
-    post = pp.infer(beta_bernoulli(A, BETA), FLIPS[0], algorithm=IBIS(2000), key=1)
-    for batch in FLIPS[1:]:
-        post = post.update(batch)
-    sd = np.sqrt(BB_M2 - BB_MEAN**2)
-    assert post.step == T and post.log_evidence_history.shape == (T,)
-    assert abs(float(post.mean("p")) - BB_MEAN) < 0.25 * sd
-    assert abs(float(post.std("p")) - sd) < 0.25 * sd
-    assert np.isclose(post.log_evidence_increments.sum(), post.log_evidence, atol=1e-4)
-    assert abs(post.log_evidence - BB_LOG_Z) < 0.1
