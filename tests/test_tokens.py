@@ -56,6 +56,11 @@ def locally_constrained(ctx, t, p):
 N_TV = 40_000
 
 
+def tempered(ctx, t, p):
+    """A tempered-LM proposal (temperature 1.6): weighted by p/q like any proposal."""
+    pp.sample("tok", ctx.next_token(temperature=1.6))
+
+
 def sequence_measure(result) -> Measure:
     """Normalised measure over generated token sequences (up to each particle's stop)."""
     toks = np.asarray(result.samples["tok"])
@@ -70,7 +75,9 @@ def exact():
     return sequence_measure(result), result.log_evidence
 
 
-@pytest.mark.parametrize("proposal", [None, locally_constrained], ids=["bootstrap", "constrained"])
+@pytest.mark.parametrize(
+    "proposal", [None, locally_constrained, tempered], ids=["bootstrap", "constrained", "tempered"]
+)
 def test_smc_matches_exact_posterior(exact, proposal):
     measure, _ = exact
     prog = pp.sequential(init, no_repeat_step, T)
@@ -78,7 +85,9 @@ def test_smc_matches_exact_posterior(exact, proposal):
     assert sequence_measure(r).tv(measure) < 0.02
 
 
-@pytest.mark.parametrize("proposal", [None, locally_constrained], ids=["bootstrap", "constrained"])
+@pytest.mark.parametrize(
+    "proposal", [None, locally_constrained, tempered], ids=["bootstrap", "constrained", "tempered"]
+)
 def test_evidence_unbiased(exact, proposal):
     _, log_z = exact
     prog = pp.sequential(init, no_repeat_step, T)
