@@ -12,7 +12,7 @@ import pytest
 
 import ppinfer as pp
 from models.classic import beta_bernoulli
-from ppinfer.errors import CheckpointError, DataError
+from ppinfer.errors import CheckpointError, ConfigError, DataError, ModelError, ZeroEvidenceError
 from ppinfer.updates import IBIS, load, program_identity, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +158,27 @@ def test_program_identity_is_stable_and_distinguishes_closures():
     assert program_identity(beta_bernoulli(2.0, 3.0)) == program_identity(beta_bernoulli(2.0, 3.0))
     assert program_identity(beta_bernoulli(2.0, 3.0)) != program_identity(beta_bernoulli(2.0, 4.0))
     assert program_identity(normal_model, "v1") != program_identity(normal_model, "v2")
+
+
+def test_config_and_model_errors():
+    with pytest.raises(ConfigError):
+        IBIS(num_moves=0)
+    with pytest.raises(ConfigError):
+        IBIS(ess_threshold=1.5)
+    with pytest.raises(ConfigError, match="static program"):
+        pp.infer(pp.sequential(lambda: 0.0, lambda s, t: s, 2), algorithm=IBIS(8))
+
+    def discrete(y):
+        pp.sample("k", dist.Bernoulli(0.5))
+
+    with pytest.raises(ModelError, match="discrete"):
+        pp.infer(discrete, np.zeros(2, np.float32), algorithm=IBIS(8))
+
+
+def test_impossible_batch_is_zero_evidence():
+    def model(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.condition("near", jnp.abs(mu - y) < 0.01)
+
+    with pytest.raises(ZeroEvidenceError):
+        pp.infer(model, np.float32(50.0), algorithm=IBIS(32, num_moves=1), key=0)
