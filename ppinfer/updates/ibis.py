@@ -21,11 +21,15 @@ much that costs depends on how the data so far is kept (a :class:`DataModel`):
 - :func:`history_data` (default): every batch is kept (a buffer of ``2^⌈log₂ t⌉`` batches, so the
   compiled update is rebuilt only when the buffer doubles) and ``π_t`` is re-scored over all of
   them: a move costs ``O(N · num_moves · t · |y|)`` and memory grows ``O(t · |y|)``. Fine for
-  hundreds of batches; it grows without bound.
+  hundreds of batches; it grows without bound (the minimum buffer is ``MIN_CAPACITY`` batches).
 - :func:`statistics_data`: the program takes running *sufficient statistics* ``S_t`` as its
   arguments (``program(*S_t)``, its log likelihood exactly ``log p(y_{1:t} | θ)``), updated by
   ``S_t = combine(S_{t−1}, statistics(*y_t))``. A move costs ``O(N · num_moves)`` and memory
   ``O(|S|)``, both independent of ``t``; the reweight is ``ℓ(θ; S_t) − ℓ(θ; S_{t−1})``.
+
+On the host, each update also runs the program once eagerly on the new batch with argument
+validation (milliseconds), so out-of-support data is a ``DataError`` rather than a silent −inf; and
+the per-update diagnostics (``ess``, ``log_evidence_history``…) grow by one scalar each.
 
 Requirements: the latent sites are continuous with fixed supports, and the prior does not depend on
 the data (the program's arguments).
@@ -218,8 +222,7 @@ class IBIS:
         batch = _as_batch(args)
         fn = _compiled(self, program, "init", _batch_signature(batch))
         state = fn(jnp.asarray(key), batch)
-        empty = Posterior.empty(program, self, state)
-        return empty.update(*args)
+        return Posterior.from_state(program, self, state).update(*args)
 
 
 @dataclass(repr=False)
@@ -304,7 +307,9 @@ class Posterior(Result):
         )
 
     @classmethod
-    def empty(cls, program: Any, config: IBIS, state: IBISState, history: dict | None = None) -> Posterior:
+    def from_state(
+        cls, program: Any, config: IBIS, state: IBISState, history: dict | None = None
+    ) -> Posterior:
         """A posterior from a state and its per-update histories (``ess``, ``resampled``,
         ``log_evidence_history``, ``acceptance_rate``; empty when ``None``)."""
         history = history or {}

@@ -110,7 +110,7 @@ def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -
         data=data,
     )
     history = {k: arrays[f"history/{k}"] for k in _HISTORY}
-    return Posterior.empty(program, algorithm, state, history)
+    return Posterior.from_state(program, algorithm, state, history)
 
 
 def program_identity(program: Any, version: str = "") -> str:
