@@ -192,9 +192,7 @@ class ParametricPosterior:
         return jax.vmap(lambda u: constrain(transforms, unravel(u))[0])(v)
 
 
-def to_parametric(
-    posterior: Posterior, batch: tuple, algorithm: IBIS | None = None
-) -> ParametricPosterior:
+def to_parametric(posterior: Posterior, batch: tuple, algorithm: IBIS | None = None) -> ParametricPosterior:
     """Switch a one-batch particle posterior (``posterior.step == 1``, ``batch`` its data) to the
     Gaussian representation; ``algorithm`` runs each later round (default: the posterior's)."""
     if posterior.step != 1:
