@@ -11,7 +11,8 @@ arrive one at a time and after each one we show
    styles, when each text picks its own style ``z_j ~ Categorical(w)`` (``w ~ Dirichlet(1, 1, 1)``),
    against the exact posterior mean of ``w`` by enumerating every assignment ``z_{1:t}``.
 
-Runs in seconds on CPU: ``python examples/updates_lm_style.py``.
+Runs in seconds on CPU: ``python examples/updates_lm_style.py [plot.png]`` (with a file name, also
+plots both posteriors against the number of texts).
 """
 
 import itertools
@@ -86,7 +87,7 @@ def exact_mixture_mean(log_liks: np.ndarray) -> np.ndarray:
     return w @ np.asarray(means)
 
 
-def main(num_particles: int = 1000) -> None:
+def main(num_particles: int = 1000, plot: str | None = None) -> None:
     lm = load_default()
     log_liks = text_log_likelihoods(lm, STREAM)  # [K, J]
     names = list(STYLES)
@@ -97,6 +98,7 @@ def main(num_particles: int = 1000) -> None:
     prior = jnp.zeros(len(STYLES))  # uniform, as logits
     logits, log_z = prior, 0.0
     mixture_post = None
+    history = {"style": [], "style_exact": [], "w": [], "w_exact": []}
     print("\nafter each text: P(style | texts) sequential [batch]   |   IBIS E[w] [exact]")
     for t in range(len(STREAM)):
         batch = jnp.asarray(log_liks[:, t : t + 1].T)
@@ -115,11 +117,38 @@ def main(num_particles: int = 1000) -> None:
             mixture_post = mixture_post.update(text_ll)
         w_ibis = np.asarray(mixture_post.mean("w"))
         w_exact = exact_mixture_mean(log_liks[:, : t + 1])
+        for name, value in zip(history, (seq, exact, w_ibis, w_exact), strict=True):
+            history[name].append(value)
         fmt = lambda v: " ".join(f"{x:.3f}" for x in v)
         print(f"  t={t + 1}: {fmt(seq)} [{fmt(exact)}]   |   {fmt(w_ibis)} [{fmt(w_exact)}]")
     print(f"\nlog p(stream | one style) = {log_z:.3f} (sum of the per-text increments)")
     ess = mixture_post.final_ess
     print(f"IBIS mixture model: log Ẑ = {mixture_post.log_evidence:.3f}, final ESS {ess:.0f}")
+    if plot:
+        _plot(history, names, plot)
+
+
+def _plot(history: dict, names: list[str], path: str) -> None:
+    """Both posteriors against the number of texts seen (lines: sequential; markers: exact)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+    t = np.arange(1, len(history["style"]) + 1)
+    titles = ("P(style wrote every text | texts)", "E[w | texts]: IBIS (lines), exact (x)")
+    pairs = (("style", "style_exact"), ("w", "w_exact"))
+    for ax, (seq, exact), title in zip(axes, pairs, titles, strict=True):
+        for k, name in enumerate(names):
+            line = ax.plot(t, np.asarray(history[seq])[:, k], label=name)[0]
+            ax.plot(t, np.asarray(history[exact])[:, k], "x", color=line.get_color())
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("texts seen")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot written to {path}")
 
 
 def _posterior_logits(result, num_styles: int) -> jax.Array:
@@ -133,4 +162,4 @@ def _posterior_logits(result, num_styles: int) -> jax.Array:
 
 
 if __name__ == "__main__":
-    main()
+    main(plot=sys.argv[1] if len(sys.argv) > 1 else None)
