@@ -31,6 +31,15 @@ SCRIPT = textwrap.dedent(
         assert np.array_equal(np.asarray(a.samples["x"]), np.asarray(b.samples["x"])), scheme
         assert int(np.sum(a.resampled)) > 0
 
+    # Many independent runs, the batch axis sharded over the devices.
+    from ppinfer.algorithms.smc import smc_batch
+
+    datasets = np.stack([simulate_lgssm(s, 10, 0.9, 0.5, 1.0, 1.0) for s in range(8)])
+    many = smc_batch(jax.random.PRNGKey(1), model, (datasets,), pp.SMC(128), devices=4)
+    alone = smc_batch(jax.random.PRNGKey(1), model, (datasets,), pp.SMC(128))
+    assert many["log_evidence"].sharding.num_devices == 4
+    assert np.array_equal(np.asarray(many["log_evidence"]), np.asarray(alone["log_evidence"]))
+
     # Island resampling: ancestors stay on their device.
     island = pp.SMC(1024, devices=4, local_resampling=True, ess_threshold=1.0)
     c = pp.infer(model, ys, algorithm=island, key=3)

@@ -30,7 +30,7 @@ from ppinfer.resample import check_scheme, resample, resample_groups
 from ppinfer.result import Result
 from ppinfer.suspended import Sequential, advance, match_state, start
 
-__all__ = ["SMC", "run_smc", "smc_run", "particle_sharding", "trace_genealogy", "sample_names"]
+__all__ = ["SMC", "run_smc", "smc_run", "smc_batch", "particle_sharding", "trace_genealogy", "sample_names"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,49 @@ def smc_run(
         "state": seq.population.particles.state,
         "nan_sites": nan_sites,
     }
+
+
+def smc_batch(
+    key: jax.Array,
+    program: SequentialProgram,
+    batched_args: tuple,
+    cfg: SMC,
+    devices: int | tuple | None = None,
+) -> dict:
+    """Many independent SMC runs in one compiled program: run ``b`` uses slice ``b`` of every array in
+    ``batched_args`` (leading axis B, e.g. one dataset or one prompt per run; other arguments are
+    shared) and key ``split(key, B)[b]``. The runs are vmapped, and with ``devices`` the batch axis
+    is sharded over them (B must be a multiple of their number). Returns :func:`smc_run`'s dict
+    with a leading batch axis (``log_evidence: f32[B]``, ``log_weights: f32[B, N]``, …)."""
+    leaves = [x for x in jax.tree.leaves(batched_args) if isinstance(x, jax.Array | np.ndarray)]
+    if not leaves:
+        raise ConfigError("smc_batch needs at least one array argument with a leading batch axis")
+    b = leaves[0].shape[0]
+    axes = jax.tree.map(lambda x: 0 if isinstance(x, jax.Array | np.ndarray) else None, batched_args)
+    num_steps = program.steps_for(jax.tree.map(lambda x, a: x[0] if a == 0 else x, batched_args, axes))
+
+    def one(k, args):
+        return smc_run(
+            k,
+            program,
+            args,
+            cfg.num_particles,
+            num_steps,
+            cfg.resampling,
+            cfg.ess_threshold,
+            cfg.proposal,
+            cfg.init_proposal,
+        )
+
+    keys = jax.random.split(key, b)
+    run = jax.jit(jax.vmap(one, in_axes=(0, axes)))
+    if devices is not None:
+        sharding = particle_sharding(devices, b)
+        keys = jax.device_put(keys, sharding)
+        batched_args = jax.tree.map(
+            lambda x, a: jax.device_put(jnp.asarray(x), sharding) if a == 0 else x, batched_args, axes
+        )
+    return run(keys, batched_args)
 
 
 def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.NamedSharding:
