@@ -35,7 +35,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_classic_pf.py --quick
 
 lint: $(VENV)/.installed-test
-	$(PY) -m ruff check ppinfer semantics models tests benchmarks examples
+	$(PY) -m ruff check ppinfer semantics models tests benchmarks examples docs/conf.py docs/tutorials
 
 clean:
 	rm -rf $(VENV) docs/_build

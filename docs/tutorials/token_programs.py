@@ -41,6 +41,7 @@ print(result)
 
 texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_id)
 weights = np.asarray(result.weights)
-print(f"log Z = {result.log_evidence:.2f}: P(the LM writes such a header unaided) ≈ {np.exp(result.log_evidence):.1e}")
+z = np.exp(result.log_evidence)
+print(f"log Z = {result.log_evidence:.2f}: P(the LM writes such a header unaided) ≈ {z:.1e}")
 for text, w in sorted(zip(texts, weights, strict=True), key=lambda kv: -kv[1])[:3]:
     print(f"{w:.3f}  def{text}   matches: {bool(re.fullmatch(pattern, text))}")
