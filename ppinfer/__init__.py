@@ -4,7 +4,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 ``observe``, ``condition``, ``stop``), then ``infer(program, *args, algorithm=SMC(256), key=0)``.
 """
 
-from ppinfer import mcmc, vi
+from ppinfer import mcmc, updates, vi
 from ppinfer.algorithms import SMC, Enumerate, Importance
 from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
@@ -27,6 +27,7 @@ from ppinfer.primitives import condition, deterministic, factor, observe, plate,
 from ppinfer.program import SequentialProgram, sequential
 from ppinfer.resample import resample
 from ppinfer.result import Result
+from ppinfer.updates import IBIS
 from ppinfer.vi import VI
 
 __version__ = "0.1.0"
@@ -48,7 +49,9 @@ __all__ = [
     "ProgrammableMH",
     "IndependenceMH",
     "VI",
+    "IBIS",
     "mcmc",
+    "updates",
     "vi",
     "Result",
     "SequentialProgram",
