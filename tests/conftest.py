@@ -7,3 +7,24 @@ def x64():
     """Run the test with 64-bit floats (exact checks compare measures to ~1e-12)."""
     with jax.enable_x64(True):
         yield
+
+
+def run_on_forced_devices(script: str, num_devices: int = 4, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh Python with ``num_devices`` forced CPU devices (the flag must be set
+    before JAX starts); fail with its stderr if it fails; return its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        PYTHONPATH=str(root),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout

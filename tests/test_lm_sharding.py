@@ -1,16 +1,11 @@
 """Tensor-parallel LM: weights sharded over 4 forced CPU devices give the unsharded logits."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import run_on_forced_devices
 
 import ppinfer as pp
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -44,12 +39,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_tensor_parallel_logits_match():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "TP OK" in out.stdout
+    assert "TP OK" in run_on_forced_devices(SCRIPT)
 
 
 def test_indivisible_heads_are_a_config_error():

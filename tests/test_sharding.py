@@ -1,16 +1,11 @@
 """Particle-sharded SMC equals unsharded SMC with the same key (4 forced CPU devices)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import run_on_forced_devices
 
 import ppinfer as pp
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -67,12 +62,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_smc_is_bit_identical():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SHARDED OK" in out.stdout
+    assert "SHARDED OK" in run_on_forced_devices(SCRIPT)
 
 
 def test_device_settings_are_checked():
