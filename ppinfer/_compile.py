@@ -49,6 +49,11 @@ def cached_jit(key: Hashable, build: Callable[[], Callable]) -> tuple[Callable, 
     return fn, True
 
 
+def forget(key: Hashable) -> None:
+    """Drop ``key`` from the cache (e.g. when the program failed its checks after compilation)."""
+    _CACHE.pop(key, None)
+
+
 def check_data(args: Any) -> None:
     """Raise :class:`DataError` if a floating-point array or scalar argument contains NaN."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:

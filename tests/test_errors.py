@@ -148,3 +148,15 @@ def test_single_impossible_particle_is_dropped():
     w = np.asarray(r.weights)
     assert np.any(w == 0) and np.all(np.asarray(r.samples["x"])[w > 0] > -0.5)
     assert np.isfinite(r.log_evidence)
+
+
+def test_a_failed_check_is_repeated_on_the_next_call():
+    # Out-of-support data is only caught by the check run (the compiled run would return a finite,
+    # meaningless weight), so the second call must run the check again.
+    def m():
+        p = pp.sample("p", dist.Beta(1.0, 1.0))
+        pp.observe("flip", dist.Bernoulli(p), 2)
+
+    for _ in range(2):
+        with pytest.raises(pp.DataError, match="support"):
+            pp.infer(m, algorithm=pp.Importance(10))

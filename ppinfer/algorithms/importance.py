@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
+from ppinfer._compile import cached_jit, forget, split_args
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.population import log_evidence
 from ppinfer.program import is_sequential
@@ -64,10 +64,15 @@ class Importance:
 
             return compiled
 
-        fn, new = cached_jit(("importance", program, proposal, n, static_key), build)
+        cache_key = ("importance", program, proposal, n, static_key)
+        fn, new = cached_jit(cache_key, build)
         if new:
-            _, latent = checks.dry_run(program, args, proposal, "running the program once")
-            checks.require_latent(latent)
+            try:
+                _, latent = checks.dry_run(program, args, proposal, "running the program once")
+                checks.require_latent(latent)
+            except Exception:
+                forget(cache_key)  # a program that failed its checks must be checked again next time
+                raise
         samples, log_weights, log_z, nan_sites = jax.block_until_ready(fn(key, dyn))
         checks.raise_on_nan_sites(nan_sites, self.name)
         checks.raise_if_dead(float(log_z), "", n)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
+from ppinfer._compile import cached_jit, forget, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
@@ -102,7 +102,11 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
 
     fn, new = cached_jit(cache_key, build)
     if new:
-        _dry_run(program, args, cfg)
+        try:
+            _dry_run(program, args, cfg)
+        except Exception:
+            forget(cache_key)  # a program that failed its checks must be checked again next time
+            raise
     out = jax.block_until_ready(fn(key, dyn))
     checks.raise_on_nan_sites(out["nan_sites"], "SMC")
     log_z = float(out["log_evidence"])
