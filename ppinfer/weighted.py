@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions.batch_util import promote_batch_shape
 
 from ppinfer.errors import ModelError
 from ppinfer.primitives import collect_stops
@@ -154,10 +156,78 @@ class seed(handlers.seed):
         if msg["kwargs"]["rng_key"] is not None or msg["value"] is not None:
             return
         key = jax.random.fold_in(self.rng_key, self._count)
-        if self._particle is not None:
-            key = jax.random.fold_in(key, self._particle)
-        msg["kwargs"]["rng_key"] = key
         self._count += 1
+        if self._particle is None:
+            msg["kwargs"]["rng_key"] = key
+        elif msg["type"] == "sample" and type(msg["fn"]) in _BATCHABLE and not msg["args"]:
+            msg["value"] = particle_draw(key, self._particle, msg["fn"], msg["kwargs"]["sample_shape"])
+        else:
+            msg["kwargs"]["rng_key"] = jax.random.fold_in(key, self._particle)
+
+
+# Distributions whose ``sample`` reads only their parameters and ``batch_shape``, so that a copy with
+# every parameter given a leading particle axis (and the batch shape promoted) draws N independent
+# values in one call. Anything else (composite, transformed, expanded or masked distributions, user
+# subclasses) takes the per-particle-key path, which is always correct.
+_BATCHABLE = frozenset(
+    {
+        dist.Normal,
+        dist.Cauchy,
+        dist.Laplace,
+        dist.Gumbel,
+        dist.Uniform,
+        dist.Exponential,
+        dist.Gamma,
+        dist.Poisson,
+        dist.BernoulliProbs,
+        dist.BernoulliLogits,
+        dist.CategoricalProbs,
+        dist.CategoricalLogits,
+        dist.MultivariateNormal,
+    }
+)
+
+
+def particle_draw(site_key: jax.Array, particle: jax.Array, fn: dist.Distribution, sample_shape=()):
+    """One particle's draw from ``fn`` at a site whose shared key is ``site_key``: by definition
+    ``fn.sample(fold_in(site_key, particle), sample_shape)``. Under ``vmap`` over ``particle`` with a
+    shared ``site_key`` (how every population runs a one-particle program) the whole population's
+    draws are made in ONE call, ``fn_N.sample(site_key)`` with the particle axis as a batch axis — the
+    random stream differs from the per-particle-key one but is equally valid: the N draws are
+    independent, each from its particle's ``fn``. This saves one PRNG hash per particle and site (the
+    per-particle key derivation), the dominant cost of a cheap step. Other batching patterns (e.g. a
+    batched ``site_key`` when many runs are vmapped) fall back to per-particle keys."""
+    leaves, treedef = jax.tree.flatten(fn)
+    event = tuple(sample_shape) + tuple(fn.batch_shape) + tuple(fn.event_shape)
+
+    def one(key, i, *leaves):
+        d = jax.tree.unflatten(treedef, leaves)
+        return d.sample(jax.random.fold_in(key, i), sample_shape)
+
+    draw = jax.custom_batching.custom_vmap(one)
+
+    @draw.def_vmap
+    def _rule(axis_size, in_batched, key, i, *leaves):
+        key_batched, i_batched, *leaf_batched = in_batched
+        if key_batched or not i_batched:
+            axes = [0 if b else None for b in in_batched]
+            return jax.vmap(one, in_axes=axes)(key, i, *leaves), True
+        if not any(leaf_batched):
+            d = jax.tree.unflatten(treedef, leaves)
+            return d.sample(key, (axis_size,) + tuple(sample_shape)), True
+        full = [
+            x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+            for x, b in zip(leaves, leaf_batched, strict=True)
+        ]
+        d = promote_batch_shape(jax.tree.unflatten(treedef, full))
+        if tuple(d.batch_shape) != (axis_size,) + tuple(fn.batch_shape):
+            return jax.vmap(one, in_axes=[None, 0] + [0] * len(full))(key, i, *full), True
+        out = d.sample(key, sample_shape)
+        out = jnp.moveaxis(out, len(tuple(sample_shape)), 0)
+        assert out.shape == (axis_size,) + event, (out.shape, event)
+        return out, True
+
+    return draw(site_key, particle, *leaves)
 
 
 def _is_latent(site: dict) -> bool:
