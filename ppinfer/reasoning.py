@@ -103,6 +103,13 @@ __all__ = [
     "BestOfN",
     "MajorityVote",
     "Sampling",
+    "ParticleGibbs",
+    "PinnedState",
+    "pinned_program",
+    "pin",
+    "conditional_resampling",
+    "conditional_sweep",
+    "selection_logits",
 ]
 
 Reward = Callable[[str, str], float]
@@ -346,34 +353,58 @@ def reasoning_program(spec: StepSpec, weighting: str = "fk", tau: float = 1.0) -
 
 @functools.lru_cache(maxsize=64)
 def _program(spec: StepSpec, weighting: str, tau: float) -> ReasoningProgram:
-    delimiters = tuple(int(d) for d in spec.delimiters)
-
     def init(args: ReasoningArgs) -> ReasoningState:
-        one = jnp.ones((), jnp.float32)
-        return ReasoningState(
-            Context.start(args.prompt), jnp.zeros((), jnp.int32), jnp.zeros((), bool), one, 0.0 * one
-        )
+        return _initial_state(args)
 
     def step(state: ReasoningState, t: jax.Array, args: ReasoningArgs) -> ReasoningState:
-        p = args.prompt
-        active = ~state.finished
-        ctx, ended = generate_chunk(
-            prng_key(), state.ctx, p, delimiters, spec.eos_id, spec.max_chunk, active, spec.temperature
-        )
-        deterministic("chunk_tokens", ctx.length - state.ctx.length)
-        finished = state.finished | ended | (ctx.length >= ctx.tokens.shape[0])
-        score, phi = state.score, state.potential
-        if weighting != "plain":
-            r = reward_values(
-                spec.prm, spec.decode, spec.eos_id, args.question, args.question_length, ctx, active
-            )
-            score = jnp.where(active, r, state.score)
-            phi = jnp.where(active, potential(score, spec.clip, tau), state.potential)
-            factor("potential", phi - state.potential)
-        stop(finished)
-        return ReasoningState(ctx, state.num_steps + active.astype(jnp.int32), finished, score, phi)
+        return _reasoning_step(spec, weighting, tau, state, args)
 
     return ReasoningProgram(init, step, spec.max_steps, spec, weighting, tau)
+
+
+def _initial_state(args: ReasoningArgs) -> ReasoningState:
+    one = jnp.ones((), jnp.float32)
+    zero_steps, unfinished = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+    return ReasoningState(Context.start(args.prompt), zero_steps, unfinished, one, 0.0 * one)
+
+
+def _reasoning_step(
+    spec: StepSpec,
+    weighting: str,
+    tau: float,
+    state: ReasoningState,
+    args: ReasoningArgs,
+    reference: jax.Array | None = None,
+    forced: jax.Array | bool = False,
+) -> ReasoningState:
+    """One step of the program (see :func:`reasoning_program`); with ``forced`` the chunk's tokens
+    are ``reference``'s instead of sampled ones (the pinned particle of :class:`ParticleGibbs`)."""
+    p = args.prompt
+    active = ~state.finished
+    ctx, ended = generate_chunk(
+        prng_key(),
+        state.ctx,
+        p,
+        tuple(int(d) for d in spec.delimiters),
+        spec.eos_id,
+        spec.max_chunk,
+        active,
+        spec.temperature,
+        reference,
+        forced,
+    )
+    deterministic("chunk_tokens", ctx.length - state.ctx.length)
+    finished = state.finished | ended | (ctx.length >= ctx.tokens.shape[0])
+    score, phi = state.score, state.potential
+    if weighting != "plain":
+        r = reward_values(
+            spec.prm, spec.decode, spec.eos_id, args.question, args.question_length, ctx, active
+        )
+        score = jnp.where(active, r, state.score)
+        phi = jnp.where(active, potential(score, spec.clip, tau), state.potential)
+        factor("potential", phi - state.potential)
+    stop(finished)
+    return ReasoningState(ctx, state.num_steps + active.astype(jnp.int32), finished, score, phi)
 
 
 def question_args(
@@ -410,10 +441,15 @@ def generate_chunk(
     max_chunk: int,
     active: jax.Array | bool = True,
     temperature: float = 1.0,
+    reference: jax.Array | None = None,
+    forced: jax.Array | bool = False,
 ) -> tuple[Context, jax.Array]:
     """Sample one step for ONE particle: tokens from the LM (at ``temperature``) until a delimiter
     or EOS (included) or ``max_chunk`` tokens or a full context; nothing when ``active`` is False.
     A ``lax.while_loop`` over tokens (vmapped, it runs until every particle's chunk is done).
+    With ``forced`` (``bool[]``) the tokens are not sampled but read from ``reference: i32[T]`` at
+    the context's positions (teacher forcing): the same stopping rule then reproduces exactly the
+    chunk that ``reference`` was generated with.
     Returns the extended context and ``ended: bool[]``, whether the chunk ended with EOS."""
     delims = jnp.asarray(delimiters, jnp.int32)
     capacity = ctx.tokens.shape[0]
@@ -426,6 +462,8 @@ def generate_chunk(
         i, c, _ = carry
         logits = jnp.maximum(c.logp / temperature, -1e30)
         tok = jax.random.categorical(jax.random.fold_in(key, i), logits).astype(jnp.int32)
+        if reference is not None:
+            tok = jnp.where(forced, reference[jnp.minimum(c.length, capacity - 1)], tok)
         return i + 1, c.extend(p, tok), jnp.any(tok == delims) | (tok == eos_id)
 
     start_done = ~jnp.asarray(active, bool)
@@ -541,18 +579,26 @@ class StepLoopOutput(NamedTuple):
 
 
 def step_loop(
-    key: jax.Array, program: ReasoningProgram, args: tuple, num_particles: int, select: Selection
+    key: jax.Array,
+    program: ReasoningProgram,
+    args: tuple,
+    num_particles: int,
+    select: Selection,
+    prepare: Callable[[Population], Population] | None = None,
 ) -> StepLoopOutput:
     """The pure core of every step-level algorithm (jit/vmap-able): :func:`~ppinfer.suspended.start`
     ``N`` particles, then a ``lax.while_loop`` of ``select`` (from the second step on) and
     :func:`~ppinfer.suspended.advance`, until every particle finished or ``max_steps`` steps ran.
     Selecting *before* a step rather than after it is the same filter, without a useless
     resampling after the last step. Valid whenever ``select`` is (resampling is; beam search's
-    top-k is not, by design)."""
+    top-k is not, by design). ``prepare`` (optional) maps the started population before the first
+    step (:class:`ParticleGibbs` pins its reference there)."""
     num_steps = program.steps_for(args)
     scored = program.weighting != "plain"
     k_init, k_loop = jax.random.split(key)
     seq, _ = start(k_init, program, args, num_particles)
+    if prepare is not None:
+        seq = Sequential(prepare(seq.population), seq.t)
     zero = jnp.zeros((), jnp.int32)
     history = (jnp.zeros((num_steps,), jnp.float32), jnp.zeros((num_steps,), bool))
 
@@ -802,6 +848,250 @@ class Sampling:
 
 
 # --------------------------------------------------------------------------------------------------
+# Particle Gibbs: conditional SMC sweeps around a reference trajectory
+# --------------------------------------------------------------------------------------------------
+
+
+class PinnedState(NamedTuple):
+    """A particle of the conditional filter of :class:`ParticleGibbs`.
+
+    Attributes:
+        reasoning: the :class:`ReasoningState`.
+        pinned: ``bool[]`` this particle is the reference: its chunks are teacher-forced from the
+            reference's tokens instead of sampled.
+    """
+
+    reasoning: ReasoningState
+    pinned: jax.Array
+
+
+def pinned_program(spec: StepSpec, tau: float = 1.0) -> ReasoningProgram:
+    """The ``"fk"`` program of ``spec`` (see :func:`reasoning_program`) with a pinnable particle:
+    ``init(args, reference)`` and ``step(state, t, args, reference)`` take ``reference: i32[T]``
+    (``T = spec.max_new_tokens``, the reference's generated tokens, zero-padded) and carry a
+    :class:`PinnedState`. An unpinned particle is the ordinary program; a pinned one reads its
+    tokens from ``reference`` (:func:`generate_chunk` with ``forced``), so, with the same stopping
+    rule, it reproduces the reference's chunks, PRM scores, potentials and incremental weights
+    exactly (for a reward that is a deterministic function of the text). Cached like
+    :func:`reasoning_program`."""
+    if spec.prm is None:
+        raise ConfigError("particle Gibbs needs a process reward (StepSpec(prm=...))")
+    _check_tau(tau)
+    return _pinned_program(spec, float(tau))
+
+
+@functools.lru_cache(maxsize=32)
+def _pinned_program(spec: StepSpec, tau: float) -> ReasoningProgram:
+    def init(args: ReasoningArgs, reference: jax.Array) -> PinnedState:
+        del reference
+        return PinnedState(_initial_state(args), jnp.zeros((), bool))
+
+    def step(state: PinnedState, t: jax.Array, args: ReasoningArgs, reference: jax.Array) -> PinnedState:
+        new = _reasoning_step(spec, "fk", tau, state.reasoning, args, reference, state.pinned)
+        return PinnedState(new, state.pinned)
+
+    return ReasoningProgram(init, step, spec.max_steps, spec, "fk", tau)
+
+
+def pin(pop: Population, has_reference: jax.Array | bool) -> Population:
+    """Mark slot 0 of a population of :class:`PinnedState` as the reference when
+    ``has_reference`` (``bool[]``, may be traced) and every other slot as free."""
+    flags = (jnp.arange(pop.num_particles) == 0) & jnp.asarray(has_reference, bool)
+    state = pop.particles.state._replace(pinned=flags)
+    return Population(pop.particles._replace(state=state), pop.log_weights)
+
+
+PG_WEIGHTS = ("fk", "puri")
+
+
+def selection_logits(pop: Population, weights: str) -> jax.Array:
+    """``f32[N]`` the log selection weights of a population of :class:`PinnedState`: the cumulative
+    log weights (``"fk"``) or the current potentials ``φ(r_t)`` (``"puri"``)."""
+    return pop.log_weights if weights == "fk" else pop.particles.state.reasoning.potential
+
+
+def conditional_resampling(has_reference: jax.Array | bool, weights: str = "fk") -> Selection:
+    """Conditional multinomial resampling, the selection of conditional SMC: when ``has_reference``
+    (``bool[]``), slot 0 keeps its own particle (the reference's ancestor is the reference) and the
+    other ``N − 1`` ancestors are drawn i.i.d. from all ``N`` particles with probabilities
+    ``∝ exp(selection_logits(pop, weights))``; without a reference all ``N`` are drawn (plain
+    multinomial resampling). With ``weights="fk"`` the log weights then all become
+    ``logsumexp(log_weights) − log N`` (as :func:`~ppinfer.resample.resample`); with ``"puri"``
+    the cumulative weights are carried unchanged (ignored, as in :func:`score_resampling`). Slot 0
+    is re-pinned (:func:`pin`). With the reference's trajectory fixed this is the conditional
+    multinomial kernel of Andrieu, Doucet & Holenstein (2010)."""
+    check_weights(weights)
+
+    def select(key, pop):
+        n = pop.num_particles
+        logits = selection_logits(pop, weights)
+        ancestors = jax.random.categorical(key, logits, shape=(n,)).astype(jnp.int32)
+        ancestors = jnp.where((jnp.arange(n) == 0) & has_reference, 0, ancestors)
+        particles = jax.tree.map(lambda x: x[ancestors], pop.particles)
+        if weights == "fk":
+            log_weights = jnp.full_like(pop.log_weights, log_evidence(pop.log_weights) - jnp.log(n))
+        else:
+            log_weights = pop.log_weights
+        return pin(Population(particles, log_weights), has_reference), jnp.ones((), bool), ess(logits)
+
+    return select
+
+
+def conditional_sweep(
+    key: jax.Array,
+    program: ReasoningProgram,
+    args: tuple,
+    num_particles: int,
+    reference: jax.Array,
+    has_reference: jax.Array | bool,
+    weights: str = "fk",
+) -> tuple[StepLoopOutput, jax.Array]:
+    """One sweep of conditional SMC (pure; jit/vmap-able): :func:`step_loop` of ``program`` (from
+    :func:`pinned_program`) on ``args = (ReasoningArgs,)`` with ``num_particles`` particles, slot 0
+    pinned to ``reference: i32[T]`` when ``has_reference: bool[]``, and
+    :func:`conditional_resampling` before every step. Returns the loop's output (particles are
+    :class:`PinnedState`; ``generated_tokens`` counts the pinned particle's forced tokens too) and
+    the index ``i32[]`` of the next reference, drawn ``∝ exp selection_logits`` of the final
+    population. With ``weights="fk"``, a reference distributed as
+    ``π(x) ∝ p_LM(x) · exp φ(r_final(x))`` gives a next reference distributed as ``π`` (the
+    particle Gibbs kernel is π-invariant; ``tests/test_reasoning_gibbs.py`` checks it exactly)."""
+    k_run, k_ref = jax.random.split(key)
+    out = step_loop(
+        k_run,
+        program,
+        (args[0], reference),
+        num_particles,
+        conditional_resampling(has_reference, weights),
+        prepare=lambda pop: pin(pop, has_reference),
+    )
+    return out, jax.random.categorical(k_ref, selection_logits(out.population, weights))
+
+
+def check_weights(weights: str) -> None:
+    if weights not in PG_WEIGHTS:
+        raise ConfigError(f"unknown particle Gibbs weights {weights!r}; choose one of {PG_WEIGHTS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParticleGibbs:
+    """Particle Gibbs iterations (Andrieu, Doucet & Holenstein 2010; Puri et al. 2025, Alg. 2):
+    ``num_iterations`` sweeps of a filter with ``num_particles`` particles and multinomial
+    resampling before every step. The first sweep is unconditional; at the end of each sweep a
+    reference trajectory is drawn from the final particles with probability
+    ``∝ exp(selection_logits)``; every later sweep is *conditional* SMC: slot 0 is pinned to the
+    reference (its tokens teacher-forced, its ancestor itself at every resampling, see
+    :func:`conditional_resampling`) and the other ``N − 1`` particles are generated afresh and
+    may resample from it.
+
+    ``weights="fk"`` (default): the incremental weights ``φ(r_t) − φ(r_{t−1})`` of
+    :class:`FeynmanKacFilter`, so the chain of references is a valid MCMC chain (a
+    π-invariant kernel) for ``π(x) ∝ p_LM(x) · exp φ(r_final(x))``. ``weights="puri"``: Puri et
+    al.'s selection ``softmax_i φ(r_t^i)`` (their PF with a reference; its implied target also
+    counts the potential of an early-finished solution once per later selection).
+
+    Answer from the final sweep: ``"vote"`` (``Σ`` normalised selection weights per distinct
+    answer) or ``"argmax"`` (highest final PRM score; ties: highest weight, then lowest index).
+    ``Result.log_weights``: the final sweep's ``selection_logits`` (``f32[N]``, for ``"puri"``
+    minus ``log N``); ``log_evidence`` is NaN (conditional SMC gives no evidence estimate).
+
+    Compute accounting in ``Result.extras``, summed over sweeps: ``generated_tokens`` (sampled
+    tokens: ``N`` particles in the first sweep, ``N − 1`` in later ones), ``forced_tokens`` (the
+    reference's teacher-forced tokens: LM forward passes without sampling, one reference length
+    per conditional sweep), ``reward_calls`` (PRM calls, the pinned particle's included). Also
+    ``references`` (the reference text drawn after each sweep), ``sweeps`` (each sweep's final
+    solutions; ``sweeps[m][0]`` is the pinned particle for ``m ≥ 1``) and ``reference_index``.
+    A budget of ``num_particles · num_iterations`` trajectories."""
+
+    num_particles: int = 8
+    num_iterations: int = 4
+    tau: float = 1.0
+    weights: str = "fk"
+    answer: str = "vote"
+    answer_parser: Callable[[str], Any] = parse_answer
+
+    name = "ParticleGibbs"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        checks.check_int("num_iterations", self.num_iterations, 1)
+        if self.num_iterations > 1 and self.num_particles < 2:
+            raise ConfigError("particle Gibbs with more than one iteration needs num_particles >= 2")
+        check_weights(self.weights)
+        _check_answer_rule(self.answer)
+        _check_tau(self.tau)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        spec = _spec_of(program)
+        prog = pinned_program(spec, self.tau)
+        if len(args) != 1 or not isinstance(args[0], ReasoningArgs):
+            raise ConfigError("a reasoning program takes one argument: question_args(lm, spec, question)")
+        t0 = time.perf_counter()
+        check_reward(spec.prm, "process reward")
+        n, weights = self.num_particles, self.weights
+        dyn, static_key, rebuild = split_args(args)
+
+        def build():
+            def sweep(key, has_reference, reference, dyn):
+                return conditional_sweep(key, prog, rebuild(dyn), n, reference, has_reference, weights)
+
+            return sweep
+
+        fn, _ = cached_jit(("reasoning-pg", prog, n, weights, static_key), build)
+        reference = jnp.zeros((spec.max_new_tokens,), jnp.int32)
+        reference_length = 0
+        generated = forced = calls = 0
+        references, sweeps = [], []
+        info = _RunInfo(t0, args, spec)
+        for m in range(self.num_iterations):
+            _HOST_ERRORS.clear()
+            k_m = jax.random.fold_in(key, m)
+            out, index = jax.block_until_ready(fn(k_m, jnp.asarray(m > 0), reference, dyn))
+            _raise_host_errors()
+            forced += reference_length if m > 0 else 0
+            generated += int(out.generated_tokens) - (reference_length if m > 0 else 0)
+            calls += int(out.reward_calls)
+            plain = _unpinned(out)
+            _, solutions = _texts(info, plain)
+            index = int(index)
+            ctx = plain.population.particles.state.ctx
+            reference, reference_length = ctx.tokens[index], int(ctx.length[index])
+            sweeps.append(solutions)
+            references.append(solutions[index])
+        logits = selection_logits(out.population, weights)
+        state = plain.population.particles.state
+        log_weights = logits if weights == "fk" else logits - jnp.log(n)
+        if self.answer == "vote":
+            rule, values = "vote", logits
+        else:
+            order = np.lexsort((-np.arange(n), np.asarray(logits), np.asarray(state.score)))
+            rule, values = "argmax", (np.arange(n) == order[-1]).astype(np.float64)
+        result = _finish(self, info, plain, log_weights, float("nan"), rule, values, 0)
+        result.extras.update(
+            generated_tokens=generated,
+            forced_tokens=forced,
+            reward_calls=calls,
+            references=references,
+            sweeps=sweeps,
+            reference_index=index,
+        )
+        return result
+
+
+def _unpinned(out: StepLoopOutput) -> StepLoopOutput:
+    """``out`` with the particles' :class:`PinnedState` replaced by their :class:`ReasoningState`."""
+    particles = out.population.particles
+    pop = Population(particles._replace(state=particles.state.reasoning), out.population.log_weights)
+    return out._replace(population=pop)
+
+
+def _raise_host_errors() -> None:
+    if _HOST_ERRORS:
+        first, count = _HOST_ERRORS[0], len(_HOST_ERRORS)
+        _HOST_ERRORS.clear()
+        raise ModelError(f"the process reward failed {count} time(s) during the run; first: {first}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
@@ -890,10 +1180,7 @@ def _compiled_loop(
     )
     _HOST_ERRORS.clear()
     out = jax.block_until_ready(fn(key, *traced, dyn))
-    if _HOST_ERRORS:
-        first, count = _HOST_ERRORS[0], len(_HOST_ERRORS)
-        _HOST_ERRORS.clear()
-        raise ModelError(f"the process reward failed {count} time(s) during the run; first: {first}")
+    _raise_host_errors()
     return out, _RunInfo(t0, args, program.spec)
 
 
