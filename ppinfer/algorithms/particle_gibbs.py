@@ -1,0 +1,582 @@
+"""Particle Gibbs: conditional SMC over a sequential program's trajectory, and Gibbs updates of its
+static parameters (Andrieu, Doucet & Holenstein 2010; ancestor sampling: Lindsten, Jordan & Schön 2014).
+
+**Target.** The *trajectory* ``x = (x_init, x_0, …, x_{T−1})`` of a sequential program is the latent
+choices of ``init`` and of every step; its smoothing posterior is
+
+    π(x) = p(x | y) ∝ p(x, y) = Π_{init, t} p(x_t | s_{t−1}) · p(y_t | x_t, s_{t−1})
+
+(``s_t`` the program's state after step ``t``, a deterministic function of the choices so far).
+
+**Conditional SMC kernel** ``csmc_step(key, ref) -> (ref', info)``, with N particles:
+
+1. run ``init`` for N particles; slot 0 runs it with the reference's init choices substituted;
+2. for ``t = 0 … T−1``: draw the ancestors of slots ``1 … N−1`` i.i.d. ∝ the current weights
+   (multinomial resampling at every step); slot 0 keeps ancestor 0 — or, with ancestor sampling,
+   draws it ∝ ``w_i · p(x*_t, y_t | s_i)``; run step ``t`` for every slot, slot 0 with the
+   reference's step-``t`` choices substituted; each particle's weight becomes the step's
+   *incremental* log weight ``log p(y_t | x_t, s_{t−1})`` (observations, factors and conditions of
+   the step: the bootstrap proposal, so the latent choices contribute nothing);
+3. draw ``k`` ∝ the final weights and return particle ``k``'s trajectory, traced back through the
+   ancestors (``k = 0`` returns the reference's own lineage).
+
+**Validity.** For every ``N ≥ 1`` the kernel leaves ``π`` invariant (it is a Gibbs sampler on the
+extended target of all particles, ancestors and the index ``k``, whose marginal of the selected
+trajectory is ``π``); for ``N ≥ 2`` it moves, and it is ergodic under mild conditions. Unlike
+independent SMC draws (whose law is only asymptotically ``π`` as N → ∞), this holds for small N.
+Checked in ``tests/test_particle_gibbs.py``: on a finite HMM, chains started from exact posterior
+draws stay exactly posterior-distributed after one step (chi-square test), while a kernel that drops
+the reference does not.
+
+**Path degeneracy.** Plain CSMC (no ancestor sampling, no backward pass) rarely changes the early
+part of the trajectory: the resampled lineages coalesce, usually into the reference's own, so
+``x_0`` is updated with probability that decays with ``T/N`` (``info.changed`` shows it per step).
+*Ancestor sampling* fixes this at the cost of one more step evaluation per particle: slot 0's ancestor
+is redrawn ∝ ``w_{t−1}^i · γ_T(x^i_{0:t−1}, x*_{t:T}) / γ_{t−1}(x^i_{0:t−1})``. The kernel computes that
+ratio as ``p(x*_t, y_t | s^i_{t−1})`` (the step's full joint density of the reference's step-``t``
+choices, run from particle ``i``'s state), which is exact when the state a step returns does not
+depend on the ancestor's state once its choices are fixed — a Markov state-space program whose state
+is the latest latent value (``return x``). The kernel checks this at every step (``info.non_markov``)
+and :class:`ParticleGibbs` raises :class:`~ppinfer.errors.ModelError` when it fails; ancestor
+sampling does not support programs that :func:`~ppinfer.stop`.
+
+**Static parameters.** :class:`ParticleGibbs` with ``prior`` treats parameters as PMMH does (a prior
+program over ``θ``; ``init(θ, *args)``, ``step(state, t, θ, *args)``) and alternates the CSMC kernel
+given ``θ`` with random-walk Metropolis–Hastings on ``θ`` given the trajectory, on ``θ``'s
+unconstrained space with the exact log target ``log p(θ) + log|J| + log p(x, y | θ)`` (the trajectory
+re-scored under the proposed θ). Both updates leave ``p(θ, x | y)`` invariant, so their cycle does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from jax.scipy.special import logsumexp
+from numpyro import handlers
+
+from ppinfer import checks
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.algorithms.rescore import log_joint
+from ppinfer.algorithms.smc import sample_names
+from ppinfer.errors import ConfigError, ModelError, ZeroEvidenceError
+from ppinfer.mcmc.algorithm import MCMCResult
+from ppinfer.mcmc.base import Kernel
+from ppinfer.population import Population, ess, gather
+from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.resample import ancestors_from_uniforms
+from ppinfer.suspended import Particle, Sequential, advance, match_state, start
+from ppinfer.traced import assess
+from ppinfer.weighted import simulate
+
+__all__ = [
+    "ParticleGibbs",
+    "Trajectory",
+    "CSMCInfo",
+    "Sites",
+    "csmc",
+    "csmc_step",
+    "initial_trajectory",
+    "check_program",
+]
+
+
+class Trajectory(NamedTuple):
+    """One particle's whole history: the state of the CSMC kernel (the reference).
+
+    Attributes:
+        init: ``init``'s latent and deterministic site values, name → value.
+        steps: each step's latent and deterministic site values, name → ``[T, …]`` (values at steps
+            where the particle had already stopped are meaningless).
+        active: ``bool[T]``, whether step ``t`` ran (``False`` after a :func:`~ppinfer.stop`).
+    """
+
+    init: dict[str, jax.Array]
+    steps: dict[str, jax.Array]
+    active: jax.Array
+
+
+class CSMCInfo(NamedTuple):
+    """What one conditional SMC sweep did.
+
+    Attributes:
+        log_weights: ``f32[N]`` the last step's incremental log weights (log-likelihood of its
+            observations), from which the new reference was drawn.
+        index: ``i32[]`` the final particle chosen as the new reference (slot 0 holds the old one).
+        changed: ``bool[T]``, whether the new reference's latent choices at step ``t`` differ from
+            the old reference's (path degeneracy shows as ``False`` at early steps).
+        ess: ``f32[T]`` ESS of each step's incremental weights.
+        log_evidence: ``f32[]`` ``Σ log mean exp(weights)`` over init and the steps. Its ``exp`` is
+            an unbiased estimate of ``Z = p(y)`` only for the unconditional
+            :func:`initial_trajectory`; with a pinned reference it is a diagnostic.
+        nan_sites: site name → ``bool[]``, whether any live particle's log density there was NaN.
+        non_markov: ``bool[]`` (ancestor sampling) whether some step's returned state depended on the
+            ancestor's state, or some particle stopped: then the ancestor-sampling weights are wrong.
+    """
+
+    log_weights: jax.Array
+    index: jax.Array
+    changed: jax.Array
+    ess: jax.Array
+    log_evidence: jax.Array
+    nan_sites: dict[str, jax.Array]
+    non_markov: jax.Array
+
+
+class Sites(NamedTuple):
+    """The latent site names of ``init`` and of a step (static; from :func:`check_program`)."""
+
+    init_latent: tuple[str, ...]
+    step_latent: tuple[str, ...]
+
+
+def csmc_step(
+    key: jax.Array,
+    ref: Trajectory,
+    program: SequentialProgram,
+    args: tuple,
+    num_particles: int,
+    num_steps: int,
+    sites: Sites,
+    ancestor_sampling: bool = False,
+) -> tuple[Trajectory, CSMCInfo]:
+    """One conditional SMC transition from reference ``ref`` (module docstring): pure, jit/vmap-able.
+    Leaves the smoothing posterior ``p(x | y)`` of ``program(*args)`` invariant for any
+    ``num_particles ≥ 1`` (moves for ≥ 2)."""
+    return _sweep(key, program, args, num_particles, num_steps, sites, ref, True, ancestor_sampling)
+
+
+def initial_trajectory(
+    key: jax.Array,
+    program: SequentialProgram,
+    args: tuple,
+    num_particles: int,
+    num_steps: int,
+    sites: Sites,
+) -> tuple[Trajectory, CSMCInfo]:
+    """A starting reference: one *unconditional* bootstrap SMC run (multinomial resampling at every
+    step) and one trajectory drawn ∝ its final weights. Its law is only approximately ``p(x | y)``
+    (exact as N → ∞); ``info.log_evidence`` is an unbiased ``log Ẑ`` (``−inf``: every particle died)."""
+    ref = _placeholder(program, args, num_steps)
+    return _sweep(key, program, args, num_particles, num_steps, sites, ref, False, False)
+
+
+def check_program(program: SequentialProgram, args: tuple, what: str = "ParticleGibbs") -> Sites:
+    """Run ``init`` and step 0 once eagerly (clear :class:`~ppinfer.errors.ModelError` on a bad
+    program) and return their latent site names."""
+    init_w, init_latent = checks.dry_run(program.init, args, None, f"{what}: running init once")
+    state = jax.tree.map(jnp.asarray, init_w.value)
+    t0 = jnp.zeros((), jnp.int32)
+    step_w, step_latent = checks.dry_run(
+        lambda s: program.step(s, t0, *args), (state,), None, f"{what}: running step 0 once"
+    )
+    if not step_latent:
+        raise ModelError(
+            f"{what}: the program's step makes no random choice (no latent sample site): "
+            "there is no trajectory for conditional SMC to update"
+        )
+    batched = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+    match_state(batched(step_w.value), batched(state))
+    return Sites(tuple(init_latent), tuple(step_latent))
+
+
+def csmc(
+    program: SequentialProgram, args: tuple, num_particles: int, ancestor_sampling: bool = False
+) -> Kernel:
+    """The conditional SMC :class:`~ppinfer.mcmc.Kernel` of ``program(*args)`` (checked once here):
+    ``init(key, args)`` → :func:`initial_trajectory`'s reference, ``step(key, ref, args)`` →
+    :func:`csmc_step` (``functools.partial(step, args=args)`` is the BlackJAX form
+    ``kernel(key, state) -> (state, info)``), ``position(ref, args)`` → site values named as in
+    SMC results (step sites ``[T, …]``)."""
+    if not is_sequential(program):
+        raise ConfigError("csmc needs a sequential program (ppinfer.sequential(init, step, num_steps))")
+    n = _check_num_particles(num_particles)
+    num_steps = program.steps_for(args)
+    sites = check_program(program, args, "csmc")
+    return Kernel(
+        init=lambda key, a: initial_trajectory(key, program, a, n, num_steps, sites)[0],
+        step=lambda key, ref, a: csmc_step(key, ref, program, a, n, num_steps, sites, ancestor_sampling),
+        position=lambda ref, a: sample_names(ref.init, ref.steps)[0],
+    )
+
+
+@dataclass(frozen=True)
+class ParticleGibbs:
+    """Particle Gibbs for a :class:`~ppinfer.SequentialProgram` (module docstring).
+
+    Without ``prior`` the chains run the CSMC kernel over the trajectory. With ``prior`` (a static
+    program sampling continuous parameters θ, as for :class:`~ppinfer.PMMH`) the program's
+    ``init(theta, *args)`` and ``step(state, t, theta, *args)`` take ``theta`` (site name → value)
+    first, and each sweep is one CSMC update given θ followed by ``theta_moves`` random-walk MH
+    updates of θ given the trajectory.
+
+    Args:
+        num_particles: CSMC particles, ≥ 2.
+        num_samples, num_warmup, num_chains: recorded sweeps, discarded sweeps (step-size adaptation)
+            and vmapped chains, as in :class:`~ppinfer.MCMC`.
+        prior: the prior program over θ, or ``None``.
+        ancestor_sampling: redraw the reference's ancestor at every step (needs a Markov program,
+            module docstring); mixes the early steps far better.
+        theta_moves: MH updates of θ per sweep, ≥ 1.
+        step_size: initial random-walk scale of θ in the unconstrained space, adapted during warm-up
+            towards ``target_accept`` and then frozen.
+
+    The result's ``extras``: ``acceptance_rate: f[C]`` (θ moves), ``update_rate: f[C, T]`` (fraction
+    of sweeps in which step ``t``'s choices changed).
+    """
+
+    num_particles: int = 20
+    num_samples: int = 1000
+    num_warmup: int = 300
+    num_chains: int = 4
+    prior: Callable[..., Any] | None = None
+    ancestor_sampling: bool = False
+    theta_moves: int = 1
+    step_size: float = 0.2
+    target_accept: float = 0.3
+
+    name = "ParticleGibbs"
+
+    def __post_init__(self):
+        _check_num_particles(self.num_particles)
+        for what, v, low in (
+            ("num_samples", self.num_samples, 1),
+            ("num_warmup", self.num_warmup, 0),
+            ("num_chains", self.num_chains, 1),
+            ("theta_moves", self.theta_moves, 1),
+        ):
+            checks.check_int(what, v, low)
+        if not float(self.step_size) > 0:
+            raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
+        if not 0.0 < float(self.target_accept) < 1.0:
+            raise ConfigError(f"target_accept must be in (0, 1), got {self.target_accept!r}")
+        if self.prior is not None and not callable(self.prior):
+            raise ConfigError(f"prior must be a program (a callable) or None, got {self.prior!r}")
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
+        if not is_sequential(program):
+            raise ConfigError(
+                "ParticleGibbs needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
+                "for a static program use MCMC"
+            )
+        t0 = time.perf_counter()
+        args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+        space = None if self.prior is None else _parameter_space(self.prior, args)
+        if space is None:
+            num_steps = program.steps_for(args)
+            sites = check_program(program, args)
+        else:
+            num_steps = program.steps_for((None, *args))
+            sites = check_program(program, (space.to_theta(space.u0), *args))
+            clash = sorted(set(space.names) & (set(sites.init_latent) | set(sites.step_latent)))
+            if clash:
+                raise ModelError(f"ParticleGibbs: parameter site(s) {clash} are also sites of the program")
+        dyn, static_key, rebuild = split_args(args)
+        settings = (self.num_particles, self.num_samples, self.num_warmup, self.num_chains)
+        settings += (self.ancestor_sampling, self.theta_moves, float(self.step_size))
+        settings += (float(self.target_accept), num_steps, sites)
+        cache_key = ("particle_gibbs", program, self.prior, settings, static_key)
+
+        def build():
+            def chains(keys, dyn):
+                one = lambda k: _chain(self, k, program, rebuild(dyn), num_steps, sites, space)
+                return jax.vmap(one)(keys)
+
+            return chains
+
+        fn, _ = cached_jit(cache_key, build)
+        out = jax.block_until_ready(fn(jax.random.split(key, self.num_chains), dyn))
+        checks.raise_on_nan_sites(out["nan_sites"], self.name)
+        if not np.all(np.isfinite(np.asarray(out["initial_log_evidence"]))):
+            raise ZeroEvidenceError(
+                f"ParticleGibbs: the initial SMC run ({self.num_particles} particles) of some chain "
+                "gave every particle weight zero, so no starting trajectory was found; check the "
+                "observations and constraints, or use more particles"
+            )
+        if bool(np.any(np.asarray(out["non_markov"]))):
+            raise ModelError(
+                "ParticleGibbs(ancestor_sampling=True) needs a Markov program: the state a step "
+                "returns must be determined by that step's own choices (e.g. `return x`), and no "
+                "particle may stop; here some step's state depended on its ancestor's state or a "
+                "particle stopped. Use ancestor_sampling=False."
+            )
+        n = self.num_chains * self.num_samples
+        samples = {k: jnp.reshape(v, (n, *v.shape[2:])) for k, v in out["draws"].items()}
+        return MCMCResult(
+            samples=samples,
+            log_weights=jnp.full((n,), -jnp.log(n)),
+            log_evidence=float("nan"),
+            algorithm=self.name,
+            wall_time=time.perf_counter() - t0,
+            extras={
+                "num_chains": self.num_chains,
+                "acceptance_rate": np.asarray(out["acceptance_rate"]),
+                "update_rate": np.asarray(out["update_rate"]),
+            },
+        )
+
+
+class _Space(NamedTuple):
+    """θ's unconstrained space: ``to_theta(u)``, ``log_prior(u, args)`` (log-Jacobian included),
+    ``draw(key, args) -> u`` (a prior draw), a template point ``u0`` and the parameter names."""
+
+    to_theta: Callable
+    log_prior: Callable
+    draw: Callable
+    u0: jax.Array
+    names: tuple[str, ...]
+
+
+def _chain(cfg: ParticleGibbs, key, program, args, num_steps, sites, space):
+    """One chain, one ``lax.scan`` (so the sweep is compiled once): sweep 0 draws the starting
+    reference by unconditional SMC given θ₀ (a prior draw); sweeps ``1 … num_warmup`` adapt the θ
+    step size; the last ``num_samples`` sweeps are recorded."""
+    n = cfg.num_particles
+    k_theta, k_run = jax.random.split(key)
+    u = jnp.zeros((0,)) if space is None else space.draw(k_theta, args)
+    full_args = (lambda u: args) if space is None else (lambda u: (space.to_theta(u), *args))
+    ref = _placeholder(program, full_args(u), num_steps)
+    total = 1 + cfg.num_warmup + cfg.num_samples
+
+    def log_target(u, ref):
+        lj, _ = log_joint(
+            program,
+            full_args(u),
+            {k: ref.init[k] for k in sites.init_latent},
+            {k: ref.steps[k] for k in sites.step_latent},
+            ref.active,
+            jnp.asarray(num_steps - 1, jnp.int32),
+        )
+        lp = space.log_prior(u, args) + lj
+        return jnp.where(jnp.isnan(lp), -jnp.inf, lp)
+
+    def theta_update(key, u, ref, log_step):
+        lp = log_target(u, ref)
+
+        def move(carry, k):
+            u, lp, rate = carry
+            k_prop, k_acc = jax.random.split(k)
+            u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape, u.dtype)
+            lp_new = log_target(u_new, ref)
+            log_alpha = jnp.where(jnp.isnan(lp_new), -jnp.inf, lp_new - lp)
+            accept = jnp.log(jax.random.uniform(k_acc, dtype=lp.dtype)) < log_alpha
+            rate = rate + jnp.exp(jnp.minimum(log_alpha, 0.0)) / cfg.theta_moves
+            return (jnp.where(accept, u_new, u), jnp.where(accept, lp_new, lp), rate), accept
+
+        (u, _, rate), accepted = jax.lax.scan(
+            move, (u, lp, jnp.zeros(())), jax.random.split(key, cfg.theta_moves)
+        )
+        return u, rate, jnp.mean(accepted.astype(jnp.float32))
+
+    def sweep(carry, inp):
+        u, ref, log_step = carry
+        k, i = inp
+        k_csmc, k_theta = jax.random.split(k)
+        ref, info = _sweep(
+            k_csmc, program, full_args(u), n, num_steps, sites, ref, i > 0, cfg.ancestor_sampling
+        )
+        accepted = jnp.zeros(())
+        if space is not None:
+            u, rate, accepted = theta_update(k_theta, u, ref, log_step)
+            warm = i <= cfg.num_warmup
+            log_step = jnp.where(warm, log_step + (rate - cfg.target_accept) / jnp.sqrt(i + 1.0), log_step)
+        theta = {} if space is None else space.to_theta(u)
+        draw = {**theta, **sample_names(ref.init, ref.steps)[0]}
+        record = (draw, info.changed, accepted, info.nan_sites, info.non_markov, info.log_evidence)
+        return (u, ref, log_step), record
+
+    carry = (u, ref, jnp.log(jnp.asarray(cfg.step_size, jnp.float32)))
+    xs = (jax.random.split(k_run, total), jnp.arange(total))
+    _, (draws, changed, accepted, nan, non_markov, log_z) = jax.lax.scan(sweep, carry, xs)
+    kept = slice(1 + cfg.num_warmup, None)
+    return {
+        "draws": jax.tree.map(lambda x: x[kept], draws),
+        "update_rate": jnp.mean(changed[kept].astype(jnp.float32), axis=0),
+        "acceptance_rate": jnp.mean(accepted[kept]),
+        "nan_sites": {k: jnp.any(v) for k, v in nan.items()},
+        "non_markov": jnp.any(non_markov),
+        "initial_log_evidence": log_z[0],
+    }
+
+
+def _placeholder(program: SequentialProgram, args: tuple, num_steps: int) -> Trajectory:
+    """A zero trajectory with the program's site structure (for the unpinned first sweep)."""
+
+    def shapes():
+        key = jax.random.PRNGKey(0)
+        init, _ = simulate(key, program.init, args)
+        step, _ = simulate(key, lambda s: program.step(s, jnp.zeros((), jnp.int32), *args), (init.value,))
+        return init.choices, step.choices
+
+    init, step = jax.eval_shape(shapes)
+    zeros = lambda s, lead=(): jnp.zeros(lead + s.shape, s.dtype)
+    return Trajectory(
+        jax.tree.map(zeros, init),
+        jax.tree.map(lambda s: zeros(s, (num_steps,)), step),
+        jnp.zeros((num_steps,), bool),
+    )
+
+
+def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling):
+    """The CSMC sweep when ``pin: bool[]`` is true; when false, slot 0 is free like the others and
+    this is one unconditional bootstrap SMC run (``ref`` only gives the structure)."""
+    pin = jnp.asarray(pin)
+    k_init, k_ref0, k_loop, k_pick = jax.random.split(key, 4)
+    seq, init_info = start(k_init, program, args, n)
+    particles: Particle = seq.population.particles
+    fixed = handlers.substitute(program.init, data={k: ref.init[k] for k in sites.init_latent})
+    w0, run0 = simulate(k_ref0, fixed, args)
+    particles = Particle(
+        _pin_first(particles.state, _cast_like(w0.value, _first(particles.state)), pin),
+        _pin_first(particles.done, run0.stopped, pin),
+    )
+    init_choices = _pin_first(init_info.choices, w0.choices, pin)
+    log_w = _pin_first(init_info.log_increments, w0.log_weight, pin)
+    init_nan = _merge_nan(init_info.nan_sites, run0.nan_sites, pin)
+    log_z0 = logsumexp(log_w) - jnp.log(n)
+
+    def body(carry, xs):
+        particles, log_w, log_z = carry
+        t, key_t, ref_t = xs
+        k_res, k_as, k_adv, k_ref = jax.random.split(key_t, 4)
+        u = jax.random.uniform(k_res, (n,), log_w.dtype)
+        ancestors = ancestors_from_uniforms("multinomial", u, log_w)
+        step_t = lambda s: program.step(s, t, *args)
+        b, non_markov = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        if ancestor_sampling:
+            b, non_markov = _ancestor(k_as, step_t, particles, log_w, ref_t)
+        ancestors = _pin_first(ancestors, b, pin)
+        parents = gather(particles, ancestors)
+        equal = Population(parents, jnp.zeros(n, log_w.dtype))
+        seq, info = advance(k_adv, Sequential(equal, t), program, args)
+        new = seq.population.particles
+        p0 = _first(parents)
+        w0, run0 = simulate(k_ref, handlers.substitute(step_t, data=ref_t), (p0.state,))
+        state0 = jax.tree.map(
+            lambda a, old: jnp.where(p0.done, old, a), _cast_like(w0.value, p0.state), p0.state
+        )
+        new = Particle(
+            _pin_first(new.state, state0, pin), _pin_first(new.done, p0.done | run0.stopped, pin)
+        )
+        inc = _pin_first(info.log_increments, jnp.where(p0.done, 0.0, w0.log_weight), pin)
+        choices = _pin_first(info.choices, w0.choices, pin)
+        nan = _merge_nan(info.nan_sites, run0.nan_sites, pin & ~p0.done)
+        log_z = log_z + logsumexp(inc) - jnp.log(n)
+        record = (choices, ~parents.done, ancestors, ess(inc), nan, non_markov & pin)
+        return (new, inc, log_z), record
+
+    ref_steps = {k: ref.steps[k] for k in sites.step_latent}
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), jax.random.split(k_loop, num_steps), ref_steps)
+    (_, log_w, log_z), (choices, active, ancestors, ess_h, nan_h, non_markov) = jax.lax.scan(
+        body, (particles, log_w, log_z0), xs
+    )
+    index = ancestors_from_uniforms(
+        "multinomial", jax.random.uniform(k_pick, (1,), log_w.dtype), log_w
+    )[0]
+
+    def back(idx, rec):
+        choices_t, active_t, anc_t = rec
+        return anc_t[idx], (jax.tree.map(lambda c: c[idx], choices_t), active_t[idx])
+
+    idx0, (steps, active_path) = jax.lax.scan(back, index, (choices, active, ancestors), reverse=True)
+    new_ref = Trajectory(jax.tree.map(lambda c: c[idx0], init_choices), steps, active_path)
+    changed = _changed(new_ref, ref, sites) | ~pin
+    nan_sites = {**init_nan, **{k: jnp.any(v) for k, v in nan_h.items()}}
+    info = CSMCInfo(log_w, index, changed, ess_h, log_z, nan_sites, jnp.any(non_markov))
+    return new_ref, info
+
+
+def _ancestor(key, step_t, particles: Particle, log_w, ref_t):
+    """Ancestor sampling: slot 0's ancestor ∝ ``w_i · p(x*_t, y_t | s_i)`` and whether that weight
+    is wrong for this program (a step's state depended on the ancestor's, or a particle stopped)."""
+
+    def score(state):
+        tr = assess(step_t, (state,), ref_t)
+        return tr.score, tr.value
+
+    scores, states = jax.vmap(score)(particles.state)
+    logits = log_w + jnp.where(particles.done, -jnp.inf, scores)
+    b = ancestors_from_uniforms("multinomial", jax.random.uniform(key, (1,), log_w.dtype), logits)[0]
+    non_markov = jnp.any(particles.done)
+    for s in jax.tree.leaves(states):
+        non_markov = non_markov | jnp.any(jnp.asarray(s) != jnp.asarray(s)[:1])
+    return b, non_markov
+
+
+def _changed(new: Trajectory, old: Trajectory, sites: Sites) -> jax.Array:
+    """``bool[T]``: whether step ``t``'s latent choices differ (on steps either trajectory ran)."""
+    t = old.active.shape[0]
+    diff = jnp.zeros((t,), bool)
+    for k in sites.step_latent:
+        d = new.steps[k] != old.steps[k]
+        diff = diff | jnp.any(d.reshape(t, -1), axis=1)
+    return diff & (new.active | old.active)
+
+
+def _parameter_space(prior: Callable[..., Any], args: tuple) -> _Space:
+    """θ's sites, their support bijections and the unconstrained-space functions (as PMMH)."""
+    tr = handlers.trace(handlers.seed(prior, 0)).get_trace(*args)
+    sites = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
+    if not sites:
+        raise ConfigError("the ParticleGibbs prior samples no parameter")
+    for name, site in sites.items():
+        if site["fn"].support.is_discrete:
+            raise ConfigError(f"ParticleGibbs parameters must be continuous; site {name!r} is discrete")
+    bijections = {n: dist.biject_to(s["fn"].support) for n, s in sites.items()}
+    u0, unravel = ravel_pytree({n: bijections[n].inv(s["value"]) for n, s in sites.items()})
+
+    def to_theta(u):
+        return {n: bijections[n](v) for n, v in unravel(u).items()}
+
+    def log_prior(u, args):
+        parts = unravel(u)
+        theta = {n: bijections[n](v) for n, v in parts.items()}
+        with handlers.trace() as trace, handlers.substitute(data=theta), handlers.seed(rng_seed=0):
+            prior(*args)
+        total = jnp.zeros(())
+        for n, v in parts.items():
+            total = total + jnp.sum(trace[n]["fn"].log_prob(theta[n]))
+            total = total + jnp.sum(bijections[n].log_abs_det_jacobian(v, theta[n]))
+        return total
+
+    def draw(key, args):
+        t = handlers.trace(handlers.seed(prior, key)).get_trace(*args)
+        return ravel_pytree({n: bijections[n].inv(t[n]["value"]) for n in sites})[0]
+
+    return _Space(to_theta, log_prior, draw, u0, tuple(sites))
+
+
+def _check_num_particles(n: Any) -> int:
+    n = checks.check_num_particles(n)
+    if n < 2:
+        raise ConfigError(
+            f"particle Gibbs needs num_particles >= 2, got {n}: with one particle the conditional "
+            "SMC kernel can only return its reference"
+        )
+    return n
+
+
+def _first(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _pin_first(tree, value, pin):
+    """``tree`` (leading axis N) with element 0 replaced by ``value`` where ``pin`` holds."""
+    return jax.tree.map(
+        lambda x, v: x.at[0].set(jnp.where(pin, jnp.asarray(v).astype(x.dtype), x[0])), tree, value
+    )
+
+
+def _cast_like(new, old):
+    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.asarray(b).dtype), new, old)
+
+
+def _merge_nan(nan: dict, extra: dict, live: jax.Array) -> dict:
+    return {k: nan.get(k, False) | (extra.get(k, False) & live) for k in {**nan, **extra}}
