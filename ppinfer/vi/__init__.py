@@ -6,7 +6,7 @@ densities (:func:`log_density_ratio`, :class:`Particles`), with a gradient estim
 sampled site (:mod:`ppinfer.vi.estimators`); :class:`VI` optimises one with ``optax``.
 """
 
-from ppinfer.vi.algorithm import VI, FitState, fit
+from ppinfer.vi.algorithm import VI, FitState, StepInfo, build_step, fit, init_fit_state
 from ppinfer.vi.density import Particles, log_density_ratio, sample_particles
 from ppinfer.vi.estimators import ENUMERATE, REINFORCE, REPARAM, choose_estimator
 from ppinfer.vi.objectives import Objective, elbo, expectation, iwelbo, renyi, rws, wake_p, wake_q
@@ -18,6 +18,9 @@ __all__ = [
     "VI",
     "fit",
     "FitState",
+    "StepInfo",
+    "build_step",
+    "init_fit_state",
     "Objective",
     "expectation",
     "elbo",

@@ -32,7 +32,7 @@ from ppinfer.vi.objectives import Objective
 from ppinfer.vi.params import ParamSpec, bind_params, constrain, find_params, unconstrain
 from ppinfer.vi.vsmc import VSMC
 
-__all__ = ["VI", "FitState", "fit"]
+__all__ = ["VI", "FitState", "StepInfo", "build_step", "fit", "init_fit_state"]
 
 WEIGHTINGS = ("importance", "equal")
 
@@ -159,6 +159,66 @@ class FitState(NamedTuple):
     step: jax.Array
 
 
+class StepInfo(NamedTuple):
+    """What one optimisation step reports: the objective's monitored value ``objective: f32[]`` at
+    the step's parameters (before the update) and ``finite: bool[]`` (objective and gradient
+    finite)."""
+
+    objective: jax.Array
+    finite: jax.Array
+
+
+def init_fit_state(params: dict[str, jax.Array], optimizer: optax.GradientTransformation) -> FitState:
+    """The :class:`FitState` at unconstrained ``params`` (step 0, no baseline yet)."""
+    zero = jnp.zeros((), jnp.int32)
+    return FitState(params, optimizer.init(params), jnp.zeros(()), zero, zero)
+
+
+def build_step(
+    model: Any,
+    guide: Callable[..., Any],
+    objective: Objective | VSMC,
+    optimizer: optax.GradientTransformation,
+    constraints: dict[str, Any],
+    estimators: Estimators = None,
+    baseline_decay: float = 0.9,
+) -> Callable[[jax.Array, FitState, tuple], tuple[FitState, StepInfo]]:
+    """One optimisation step ``step(key, state, args) -> (state, info)`` (pure; jit/scan it):
+    draws the objective's surrogate with ``key`` at ``constrain(state.params)`` and applies
+    ``optimizer``'s update for ``−∇surrogate`` (an unbiased estimate of ``−∇objective``; the
+    score-function baseline is the bias-corrected moving average of past values, independent of
+    this draw). The step is taken even when ``info.finite`` is false (the parameters are then not
+    finite either): the caller stops at the first such step, as :func:`fit` does."""
+
+    def step(key: jax.Array, state: FitState, args: tuple) -> tuple[FitState, StepInfo]:
+        baseline = jnp.where(
+            state.count > 0, state.baseline_sum / (1 - baseline_decay ** state.count.astype(float)), 0.0
+        )
+
+        def loss(u):
+            surr, mon = objective.surrogate(
+                key, model, guide, constrain(u, constraints), args, estimators, baseline
+            )
+            return -surr, (mon, jax.lax.stop_gradient(surr))
+
+        (_, (mon, value)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        # One fused reduction: the sum of all gradient entries is finite iff each is (barring an
+        # overflow of the sum, itself a divergence worth stopping on).
+        grad_sum = sum((jnp.sum(g) for g in jax.tree.leaves(grads)), jnp.zeros(()))
+        finite = jnp.isfinite(value) & jnp.isfinite(mon) & jnp.isfinite(grad_sum)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = FitState(
+            optax.apply_updates(state.params, updates),
+            opt_state,
+            baseline_decay * state.baseline_sum + (1 - baseline_decay) * value,
+            state.count + 1,
+            state.step + 1,
+        )
+        return new, StepInfo(mon, finite)
+
+    return step
+
+
 def fit(
     key: jax.Array,
     model: Any,
@@ -173,62 +233,43 @@ def fit(
     chunk_size: int = 500,
     progress: bool = False,
 ) -> tuple[dict[str, jax.Array], np.ndarray]:
-    """Maximise ``objective`` from ``spec.init``; step ``i`` draws with ``fold_in(key, i)``. Returns
-    the fitted *unconstrained* params and the objective trace ``f32[num_steps]``.
+    """Maximise ``objective`` from ``spec.init`` with :func:`build_step`; step ``i`` draws with
+    ``fold_in(key, i)``. Returns the fitted *unconstrained* params and the objective trace
+    ``f32[num_steps]``. The steps run in compiled loops of at most ``chunk_size`` steps (one
+    compilation: the last, shorter chunk reuses it with a smaller trip count).
 
     Raises :class:`InferenceError` at the first step whose objective or gradient is not finite (the
-    parameters of the last finite step are not returned: the run stops)."""
+    run stops; no parameters are returned)."""
     dyn, _, rebuild = split_args(args)
     chunk = min(chunk_size, num_steps)
-
-    def step(state: FitState, dyn) -> tuple[FitState, tuple]:
-        k = jax.random.fold_in(key, state.step)
-        baseline = jnp.where(
-            state.count > 0, state.baseline_sum / (1 - baseline_decay ** state.count.astype(float)), 0.0
-        )
-
-        def loss(u):
-            surr, mon = objective.surrogate(
-                k, model, guide, constrain(u, spec.constraints), rebuild(dyn), estimators, baseline
-            )
-            return -surr, (mon, jax.lax.stop_gradient(surr))
-
-        (_, (mon, value)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-        finite = jnp.isfinite(value) & jnp.isfinite(mon)
-        finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        ok = finite & (state.step < num_steps)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = FitState(
-            optax.apply_updates(state.params, updates),
-            opt_state,
-            baseline_decay * state.baseline_sum + (1 - baseline_decay) * value,
-            state.count + 1,
-            state.step,
-        )
-        keep = lambda a, b: jnp.where(ok, a, b)
-        state = jax.tree.map(keep, new, state)._replace(step=state.step + 1)
-        return state, (mon, finite)
+    step = build_step(model, guide, objective, optimizer, spec.constraints, estimators, baseline_decay)
 
     @jax.jit
-    def run_chunk(state, dyn):
-        return jax.lax.scan(lambda s, _: step(s, dyn), state, None, length=chunk)
+    def run_chunk(state, dyn, length):
+        def body(i, carry):
+            s, mon, finite = carry
+            s, info = step(jax.random.fold_in(key, s.step), s, rebuild(dyn))
+            return s, mon.at[i].set(info.objective), finite.at[i].set(info.finite)
 
-    zero = jnp.zeros((), jnp.int32)
-    state = FitState(spec.init, optimizer.init(spec.init), jnp.zeros(()), zero, zero)
+        init = (state, jnp.zeros(chunk, jnp.result_type(float)), jnp.ones(chunk, bool))
+        return jax.lax.fori_loop(0, length, body, init)
+
+    state = init_fit_state(spec.init, optimizer)
     traces = []
     for start in range(0, num_steps, chunk):
-        state, (mon, finite) = run_chunk(state, dyn)
-        mon, finite = np.asarray(mon), np.asarray(finite)
-        bad = np.flatnonzero(~finite[: num_steps - start])
+        length = min(chunk, num_steps - start)
+        state, mon, finite = run_chunk(state, dyn, jnp.asarray(length, jnp.int32))
+        mon, finite = np.asarray(mon)[:length], np.asarray(finite)[:length]
+        bad = np.flatnonzero(~finite)
         if bad.size:
             raise InferenceError(
                 f"the objective or its gradient was not finite (NaN/inf) at optimisation step "
                 f"{start + int(bad[0])}: value {mon[bad[0]]}; lower the learning rate or check the "
                 "model and guide for invalid parameters"
             )
-        traces.append(mon[: num_steps - start])
+        traces.append(mon)
         if progress:
-            done = min(start + chunk, num_steps)
+            done = start + length
             print(f"VI step {done}/{num_steps}: {objective.name} = {mon[-1]:.4f}", file=sys.stderr)
     return state.params, np.concatenate(traces)
 
