@@ -1,30 +1,56 @@
 """Inference-time scaling as inference: accuracy vs budget on held-out synthetic arithmetic.
 
 Every algorithm of :mod:`ppinfer.reasoning` runs on the embedded default LM for held-out problems of
-graded difficulty (2, 3 and 4 operands, drawn with seed 2026; training used seeds 0, 1 and 3–7), at
-budgets of 1, 2, 4, … 32 particles/samples, once with the exact verifiers (arithmetic PRM, gold-answer
-ORM) and once with noisy ones (each score flipped at rate 0.2). A problem counts as solved when the
-algorithm's answer equals the true value. Prints a table (accuracy per budget, and the mean generated
-tokens and reward calls at the largest budget), writes ``out/reasoning_scaling.png`` and ends with a
-``RESULT`` line.
+graded difficulty (2, 3 and 4 operands, equally many of each), at budgets of 1, 2, 4, … 64
+trajectories, once with the exact verifiers (arithmetic PRM; gold-answer ORM) and once with noisy
+ones (each score flipped at rate 0.2). A problem counts as solved when the algorithm's answer equals
+the true value. Prints the accuracy table (each entry ± its binomial standard error
+``sqrt(p(1−p)/n)``), the scaling rates, the compute accounting; writes ``out/reasoning_scaling.png``
+and ends with a ``RESULT`` line.
 
-Algorithms: ``sampling`` (one sample), ``vote`` (majority vote of N samples), ``vote_prm`` (votes
-weighted by the PRM's score of each full solution), ``bon_orm`` (best-of-N with the ORM: with the exact
-ORM this is an oracle, pass@N), ``bon_prm`` (best-of-N scored by the PRM of the full solution),
-``pf`` (Puri et al.'s particle filter, weighted vote), ``pf_argmax``, ``fk`` (the Feynman–Kac filter,
-ESS-adaptive resampling, weighted vote) and ``beam`` (step-level beam search, expand 4).
+Held-out problems: ``models.arith_corpus.problems(2026 + size, …)``. The default LM's training
+(``models/train_default_lm.py``, ``SEED = 0``) drew its problems with seeds 0 (training), 1 (held-out
+loss), 2 (choice of the accuracy set) and 5–8 (accuracy set); on top of the unused seed, any
+expression that also occurs among the 80 000 training problems is dropped (2-operand expressions
+often do), as are duplicates.
 
-    .venv/bin/python benchmarks/bench_reasoning_scaling.py            # 12 problems, budgets 1…32
-    .venv/bin/python benchmarks/bench_reasoning_scaling.py --quick    # 3 problems, budgets 1, 4
+Algorithms (budget ``B`` = trajectories; the compute accounting of each is in the table):
 
-``--quick`` cannot finish in much under a minute on the shared 2-core CPU: most of its time is the
-compilation of the step loop (one per program variant and particle count, ~5–8 s each; host
-callbacks keep them out of JAX's persistent cache).
+- ``sampling``: one sample's answer; ``vote``: majority vote of B samples; ``vote_prm``: votes
+  weighted by the PRM score of each full solution; ``bon_prm``: best-of-B scored by the PRM of the
+  full solution (the verifier the filters use: this is the ``bon`` of the RESULT line);
+  ``bon_orm``: best-of-B with the ORM — with the exact ORM an oracle (pass@B), an upper bound.
+  These five are computed from ONE pool of 64 samples per problem: a particle's trajectory depends
+  only on the key and its index, not on N (``tests/test_reasoning_gibbs.py`` checks it), so the
+  first B samples of the pool are exactly what ``BestOfN(B)``/``MajorityVote(B)`` with that key
+  draw; their answers are picked with the same rules (``rs.weighted_vote``, first argmax) and
+  their token and reward counts are those the classes report.
+- ``pf`` (Puri et al.'s particle filter, weighted vote), ``pf_argmax`` (the same run: the same
+  particles, answer of the highest-scored particle), ``fk`` (Feynman–Kac filter, ESS-adaptive,
+  weighted vote), ``beam`` (step-level beam search, expand 4), ``pg`` (particle Gibbs, Feynman–Kac
+  weights, N·M = B: ``M = min(4, B/2)`` sweeps of ``N = B/M`` particles, ``M = 1`` for B ≤ 2).
+
+Scaling rate, as Puri et al. report it: the budget a method needs to reach a target accuracy, the
+accuracy curve interpolated linearly in log2(budget) between grid points, the first crossing.
+A method that never reaches the target within 64 is *censored*: its budget is reported as "> 64"
+and a ratio involving it as a lower bound. The RESULT line's ``budget_ratio_beam_over_pf`` is
+beam's budget / PF's budget to reach the target ``a* = PF's accuracy at budget 4`` (exact verifier);
+censored, it is 64 / PF's budget (a lower bound, flagged in the printout).
+
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py                 # 8 problems per size
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py --per-size 4
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py --quick         # 1 problem, budget 4
+
+Most of a small run is compilation (one step loop per program variant and particle count, ~5–8 s
+each on an idle core, several times that on a shared one; host callbacks keep them out of JAX's
+persistent cache). The exact and the noisy verifier share compiled loops: the PRM is one
+:class:`Switch` object whose current verifier is chosen between runs (it is called from the host).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +59,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models"))
 
 import ppinfer as pp  # noqa: E402
 from models.arith_corpus import problems  # noqa: E402
@@ -40,39 +67,96 @@ from ppinfer import reasoning as rs  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
 
 HELDOUT_SEED = 2026
+TRAIN_SEED, NUM_TRAIN, TRAIN_SIZES = 0, 80_000, (2, 3, 4, 5)  # as models/train_default_lm.py
+SIZES = (2, 3, 4)
 NOISE_RATE = 0.2
 PAD_TO = 24
-TARGETS = (0.25, 0.5, 0.75)
+BUDGETS = (1, 2, 4, 8, 16, 32, 64)
+POOLED = ("sampling", "vote", "vote_prm", "bon_prm", "bon_orm")
+STEPWISE = ("pf", "pf_argmax", "fk", "beam", "pg")
+NAMES = POOLED + STEPWISE
+FIXED_TARGETS = (0.25, 0.5)
 
 
-def algorithms(n: int, prm, orm) -> dict:
-    """The algorithms at budget ``n`` with the process reward ``prm`` and outcome reward ``orm``."""
+class Switch:
+    """A reward that delegates to ``self.current`` (set between runs), so that runs with different
+    verifiers share one compiled step loop (the reward is called from the host)."""
+
+    def __init__(self, current):
+        self.current = current
+
+    def __call__(self, question: str, solution: str) -> float:
+        return self.current(question, solution)
+
+
+def held_out_problems(per_size: int) -> list:
+    """``per_size`` problems of each size in SIZES, none of whose expressions was trained on."""
+    seen = {p.expression for p in problems(TRAIN_SEED, NUM_TRAIN, TRAIN_SIZES)}
+    chosen = []
+    for size in SIZES:
+        fresh = []
+        for p in problems(HELDOUT_SEED + size, 50 * per_size, (size,)):
+            if p.expression not in seen:
+                seen.add(p.expression)
+                fresh.append(p)
+            if len(fresh) == per_size:
+                break
+        chosen += fresh
+    return chosen
+
+
+def pg_shape(budget: int) -> tuple[int, int]:
+    """(particles, sweeps) of particle Gibbs at ``budget`` = particles · sweeps."""
+    sweeps = 1 if budget <= 2 else min(4, budget // 2)
+    return budget // sweeps, sweeps
+
+
+def stepwise_algorithms(n: int) -> dict:
+    particles, sweeps = pg_shape(n)
     return {
-        "sampling": rs.Sampling(n),
-        "vote": rs.MajorityVote(n),
-        "vote_prm": rs.MajorityVote(n, reward=prm),
-        "bon_orm": rs.BestOfN(n, outcome=orm),
-        "bon_prm": rs.BestOfN(n, outcome=prm),
         "pf": rs.ParticleFilter(n, answer="vote"),
-        "pf_argmax": rs.ParticleFilter(n, answer="argmax"),
         "fk": rs.FeynmanKacFilter(n, answer="vote"),
         "beam": rs.BeamSearch(n, expand=4),
+        "pg": rs.ParticleGibbs(particles, sweeps, answer="vote"),
+    }
+
+
+def pooled(pool: dict, n: int, prm, orm) -> dict:
+    """The sample-based methods on the first ``n`` samples of the pool: {name: (answer, tokens,
+    reward_calls)} with the rules and accounting of Sampling / MajorityVote / BestOfN."""
+    q, sols, answers = pool["question"], pool["solutions"][:n], pool["answers"][:n]
+    tokens = int(np.sum(pool["lengths"][:n]))
+    prm_scores = np.asarray([prm(q, s) for s in sols], np.float64)
+    orm_scores = np.asarray([orm(q, s) for s in sols], np.float64)
+    with np.errstate(divide="ignore"):
+        log_prm = np.log(prm_scores)
+    return {
+        "sampling": (answers[0], int(pool["lengths"][0]) if n else 0, 0),
+        "vote": (rs.weighted_vote(answers, np.zeros(n))[0], tokens, 0),
+        "vote_prm": (rs.weighted_vote(answers, log_prm)[0], tokens, n),
+        "bon_prm": (answers[int(np.argmax(prm_scores))], tokens, n),
+        "bon_orm": (answers[int(np.argmax(orm_scores))], tokens, n),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 problems, budgets 1 and 4")
-    parser.add_argument("--per-size", type=int, default=4, help="problems per size (full run)")
+    parser.add_argument("--quick", action="store_true", help="1 problem (size 3), budget 4")
+    parser.add_argument("--per-size", type=int, default=8, help="problems per size (full run)")
+    parser.add_argument("--out", default=str(ROOT / "out" / "reasoning_scaling.png"))
     args = parser.parse_args()
     t_start = time.perf_counter()
 
-    per_size, budgets = (1, (1, 4)) if args.quick else (args.per_size, (1, 2, 4, 8, 16, 32))
-    sizes = (2, 3, 4)
-    held_out = [p for size in sizes for p in problems(HELDOUT_SEED + size, per_size, (size,))]
+    if args.quick:
+        budgets = (4,)
+        held_out = [p for p in held_out_problems(1) if p.size == 3]
+    else:
+        budgets = BUDGETS
+        held_out = held_out_problems(args.per_size)
+    num = len(held_out)
 
     lm = load_default()
-    delimiter = lm.tokenizer.encode(".")
+    prm, orm = Switch(rs.arithmetic_prm), Switch(rs.arithmetic_orm)
     verifiers = {
         "exact": (rs.arithmetic_prm, rs.arithmetic_orm),
         "noisy": (
@@ -80,84 +164,169 @@ def main() -> None:
             rs.noisy(rs.arithmetic_orm, NOISE_RATE, seed=2),
         ),
     }
-    names = list(algorithms(1, *verifiers["exact"]))
-    correct = {(v, a): np.zeros((len(budgets), len(held_out))) for v in verifiers for a in names}
-    tokens = {(v, a): [] for v in verifiers for a in names}
-    calls = {(v, a): [] for v in verifiers for a in names}
+    spec = rs.StepSpec(
+        decode=lm.tokenizer.decode,
+        delimiters=tuple(lm.tokenizer.encode(".")),
+        eos_id=lm.eos_id,
+        max_chunk=12,
+        max_steps=5,
+        prm=prm,
+    )
+    program = rs.reasoning_program(spec)
+    shape = (len(budgets), num)
+    correct = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
+    tokens = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
+    calls = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
 
-    for v, (prm, orm) in verifiers.items():
-        spec = rs.StepSpec(
-            decode=lm.tokenizer.decode,
-            delimiters=tuple(delimiter),
-            eos_id=lm.eos_id,
-            max_chunk=16,
-            max_steps=6,
-            prm=prm,
-        )
-        program = rs.reasoning_program(spec)
-        for j, problem in enumerate(held_out):
-            q_args = rs.question_args(lm, spec, "<|endoftext|>" + problem.question, pad_to=PAD_TO)
-            truth = problem.solve()[1]
+    for j, problem in enumerate(held_out):
+        q_args = rs.question_args(lm, spec, "<|endoftext|>" + problem.question, pad_to=PAD_TO)
+        truth = problem.solve()[1]
+        pool_run = pp.infer(program, q_args, algorithm=rs.Sampling(max(budgets)), key=1000 * j + 999)
+        pool = dict(pool_run.extras, lengths=np.asarray(pool_run.samples["length"]))
+        for v, (prm_v, orm_v) in verifiers.items():
+            prm.current, orm.current = prm_v, orm_v
             for b, n in enumerate(budgets):
-                for name, alg in algorithms(n, prm, orm).items():
-                    result = pp.infer(program, q_args, algorithm=alg, key=1000 * j + n)
-                    correct[v, name][b, j] = result.extras["answer"] == truth
-                    if n == budgets[-1]:
-                        tokens[v, name].append(result.extras["generated_tokens"])
-                        calls[v, name].append(result.extras["reward_calls"])
-            print(f"  [{v}] problem {j + 1}/{len(held_out)} done ({time.perf_counter() - t_start:.0f} s)")
+                results = {}
+                for name, alg in stepwise_algorithms(n).items():
+                    r = pp.infer(program, q_args, algorithm=alg, key=1000 * j + n)
+                    ex = r.extras
+                    results[name] = (ex["answer"], ex["generated_tokens"], ex["reward_calls"])
+                    if name == "pf":
+                        results["pf_argmax"] = pf_argmax(r)
+                results.update(pooled(pool, n, prm_v, orm_v))
+                for name, (answer, tok, cal) in results.items():
+                    correct[v, name][b, j] = answer == truth
+                    tokens[v, name][b, j], calls[v, name][b, j] = tok, cal
+        elapsed = time.perf_counter() - t_start
+        print(f"  problem {j + 1}/{num} (size {problem.size}) done ({elapsed:.0f} s)", flush=True)
 
     acc = {k: c.mean(axis=1) for k, c in correct.items()}
-    header = f"{'verifier':8} {'algorithm':10} " + " ".join(f"N={n:<4}" for n in budgets)
-    header += f" {'tokens@max':>10} {'rewards@max':>11}"
-    print(f"\naccuracy on {len(held_out)} held-out problems (sizes {sizes}, seed {HELDOUT_SEED})")
-    print(header)
-    for (v, a), values in acc.items():
-        row = " ".join(f"{x:<6.2f}" for x in values)
-        print(f"{v:8} {a:10} {row} {np.mean(tokens[v, a]):>10.0f} {np.mean(calls[v, a]):>11.1f}")
+    report(acc, tokens, calls, budgets, held_out)
+    plot(acc, num, budgets, Path(args.out))
+    print(f"plot: {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}")
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
+    result_line(acc, budgets)
 
-    print("\nscaling rate: smallest budget reaching an accuracy (— never, within the budgets)")
-    print(f"{'verifier':8} {'algorithm':10} " + " ".join(f"acc>={t:<5}" for t in TARGETS))
-    for (v, a), values in acc.items():
-        print(f"{v:8} {a:10} " + " ".join(f"{budget_to_reach(values, budgets, t):<10}" for t in TARGETS))
 
-    plot(acc, budgets, Path(ROOT / "out" / "reasoning_scaling.png"))
-    print(f"plot: out/reasoning_scaling.png; wall time {time.perf_counter() - t_start:.0f} s")
+def pf_argmax(r) -> tuple:
+    """``pf_argmax`` from the PF run: the answer of the particle with the highest final score (ties:
+    the lowest index) — exactly ``ParticleFilter(answer="argmax")`` with the same key."""
+    best = int(np.argmax(np.asarray(r.samples["score"])))
+    return r.extras["answers"][best], r.extras["generated_tokens"], r.extras["reward_calls"]
+
+
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def budget_to_reach(values, budgets, target: float) -> float:
+    """The first budget at which the accuracy curve, linear in log2(budget) between grid points,
+    reaches ``target``; ``inf`` if it never does (censored)."""
+    values, logs = np.asarray(values, np.float64), np.log2(np.asarray(budgets, np.float64))
+    if values[0] >= target - 1e-12:
+        return float(budgets[0])
+    for i in range(1, len(values)):
+        if values[i] >= target - 1e-12:
+            lo, hi = values[i - 1], values[i]
+            frac = (target - lo) / (hi - lo)
+            return float(2.0 ** (logs[i - 1] + frac * (logs[i] - logs[i - 1])))
+    return math.inf
+
+
+def fmt_budget(b: float) -> str:
+    return f"> {BUDGETS[-1]}" if math.isinf(b) else f"{b:.1f}"
+
+
+def report(acc, tokens, calls, budgets, held_out) -> None:
+    num = len(held_out)
+    sizes = sorted({p.size for p in held_out})
+    counts = ", ".join(f"{sum(p.size == s for p in held_out)} of size {s}" for s in sizes)
+    print(f"\naccuracy on {num} held-out problems ({counts}; seeds {HELDOUT_SEED}+size) ± binomial SE")
+    head = f"{'verifier':8} {'algorithm':10} " + " ".join(f"{'B=' + str(n):>10}" for n in budgets)
+    print(head + f" {'tokens@max':>10} {'rewards@max':>11}")
+    for (v, a), values in acc.items():
+        cells = " ".join(f"{x:5.2f}±{standard_error(x, num):4.2f}" for x in values)
+        print(f"{v:8} {a:10} {cells} {tokens[v, a][-1].mean():>10.0f} {calls[v, a][-1].mean():>11.1f}")
+
+    if len(budgets) < 3:
+        return
+    print("\nscaling rate: budget needed to reach a target accuracy (log2-linear interpolation; "
+          "> 64 = never reached: censored)")
+    for v in ("exact", "noisy"):
+        a_star = acc[v, "pf"][budgets.index(4)]
+        targets = (a_star, *FIXED_TARGETS)
+        print(f"[{v}] targets: PF's accuracy at B=4 ({a_star:.2f}), " + ", ".join(map(str, FIXED_TARGETS)))
+        print(f"{'algorithm':10} " + " ".join(f"{'acc>=' + format(t, '.2f'):>10}" for t in targets)
+              + f" {'ratio/PF @a*':>13}")
+        pf_budget = budget_to_reach(acc[v, "pf"], budgets, a_star)
+        for a in NAMES:
+            needed = [budget_to_reach(acc[v, a], budgets, t) for t in targets]
+            ratio = needed[0] / pf_budget
+            ratio_s = f"≥ {BUDGETS[-1] / pf_budget:.1f}" if math.isinf(ratio) else f"{ratio:.2f}"
+            print(f"{a:10} " + " ".join(f"{fmt_budget(b):>10}" for b in needed) + f" {ratio_s:>13}")
+
+
+def result_line(acc, budgets) -> None:
+    if 16 in budgets:
+        i16 = budgets.index(16)
+        pf16, bon16, beam16 = (acc["exact", k][i16] for k in ("pf", "bon_prm", "beam"))
+    else:  # --quick: the largest budget run stands in
+        pf16, bon16, beam16 = (acc["exact", k][-1] for k in ("pf", "bon_prm", "beam"))
+    if 4 in budgets and len(budgets) >= 3:
+        a_star = acc["exact", "pf"][budgets.index(4)]
+        pf_b = budget_to_reach(acc["exact", "pf"], budgets, a_star)
+        beam_b = budget_to_reach(acc["exact", "beam"], budgets, a_star)
+        censored = math.isinf(beam_b)
+        ratio = (budgets[-1] if censored else beam_b) / pf_b
+        print(
+            f"budget ratio beam/PF to reach a* = PF's exact-verifier accuracy at B=4 ({a_star:.3f}): "
+            f"PF {pf_b:.1f}, beam {fmt_budget(beam_b)}"
+            + (" (censored: the ratio is a lower bound)" if censored else "")
+        )
+    else:
+        ratio = float("nan")
     print(
-        f"RESULT pf_acc_at_max={acc['exact', 'pf'][-1]:.3f} "
-        f"best_of_n_acc_at_max={acc['exact', 'bon_orm'][-1]:.3f} "
-        f"beam_acc_at_max={acc['exact', 'beam'][-1]:.3f}"
+        f"RESULT pf_acc_at_16={pf16:.3f} bon_acc_at_16={bon16:.3f} beam_acc_at_16={beam16:.3f} "
+        f"budget_ratio_beam_over_pf={ratio:.2f}"
     )
 
 
-def budget_to_reach(values: np.ndarray, budgets: tuple, target: float) -> str:
-    """The smallest budget whose accuracy is at least ``target`` ("—" if none)."""
-    reached = [n for n, x in zip(budgets, values, strict=True) if x >= target - 1e-9]
-    return str(reached[0]) if reached else "—"
+STYLE = {
+    "sampling": ("0.6", ":"), "vote": ("tab:olive", "--"), "vote_prm": ("tab:green", "--"),
+    "bon_prm": ("tab:orange", "-"), "bon_orm": ("0.3", ":"), "pf": ("tab:blue", "-"),
+    "pf_argmax": ("tab:cyan", "-."), "fk": ("tab:purple", "-"), "beam": ("tab:red", "-"),
+    "pg": ("tab:brown", "-"),
+}
 
 
-def plot(acc: dict, budgets: tuple, path: Path) -> None:
-    """Accuracy vs budget, one panel per verifier."""
+def plot(acc: dict, num: int, budgets: tuple, path: Path) -> None:
+    """Accuracy vs budget with ±1 standard error bars, one panel per verifier."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    verifiers = sorted({v for v, _ in acc})
-    fig, axes = plt.subplots(1, len(verifiers), figsize=(6 * len(verifiers), 4.2), sharey=True)
-    for ax, v in zip(np.atleast_1d(axes), verifiers, strict=True):
-        for (vv, a), values in acc.items():
-            if vv == v:
-                ax.plot(budgets, values, marker="o", label=a)
+    verifiers = ("exact", "noisy")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    for ax, v in zip(axes, verifiers, strict=True):
+        for a in NAMES:
+            values = acc[v, a]
+            err = [standard_error(x, num) for x in values]
+            color, line = STYLE[a]
+            label = a + (" (oracle)" if a == "bon_orm" and v == "exact" else "")
+            ax.errorbar(budgets, values, yerr=err, color=color, linestyle=line, marker="o", ms=3,
+                        capsize=2, label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("budget (particles / samples)")
-        ax.set_title(f"{v} verifier")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("budget (trajectories: particles × sweeps / samples)")
+        ax.set_title(f"{v} verifier ({num} held-out problems)")
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("accuracy")
-    np.atleast_1d(axes)[-1].legend(fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

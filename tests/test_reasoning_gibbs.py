@@ -223,3 +223,26 @@ def test_errors():
     spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS)
     with pytest.raises(ConfigError, match="process reward"):
         rs.pinned_program(spec)
+
+
+# --------------------------------------------------------------------------- what the benchmark relies on
+
+
+def test_samples_do_not_depend_on_the_particle_count():
+    """A particle's trajectory depends on the key and its index only: the first n samples of
+    Sampling(m) are Sampling(n)'s (the benchmark computes best-of-n and votes from one pool of 64)."""
+    program, args = setup(PROBS, lambda q, s: 0.5, max_chunk=3, max_steps=3)
+    small = pp.infer(program, args, algorithm=rs.Sampling(4), key=5).extras["solutions"]
+    large = pp.infer(program, args, algorithm=rs.Sampling(9), key=5).extras["solutions"]
+    assert small == large[:4] and len(set(large)) > 1
+
+
+def test_particle_filter_answer_rules_share_the_particles():
+    """ParticleFilter(answer="vote") and ("argmax") with the same key run the same particles (the
+    benchmark reads pf_argmax off the pf run)."""
+    program, args = setup(PROBS, prm, max_chunk=3, max_steps=3)
+    vote = pp.infer(program, args, algorithm=rs.ParticleFilter(6), key=2)
+    best = pp.infer(program, args, algorithm=rs.ParticleFilter(6, answer="argmax"), key=2)
+    assert vote.extras["solutions"] == best.extras["solutions"]
+    top = int(np.argmax(np.asarray(vote.samples["score"])))
+    assert best.extras["answer"] == vote.extras["answers"][top]
