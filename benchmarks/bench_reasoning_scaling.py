@@ -10,9 +10,10 @@ and ends with a ``RESULT`` line.
 
 Held-out problems: ``models.arith_corpus.problems(2026 + size, …)``. The default LM's training
 (``models/train_default_lm.py``, ``SEED = 0``) drew its problems with seeds 0 (training), 1 (held-out
-loss), 2 (choice of the accuracy set) and 5–8 (accuracy set); on top of the unused seed, any
-expression that also occurs among the 80 000 training problems is dropped (2-operand expressions
-often do), as are duplicates.
+loss), 2 (choice of the accuracy set) and 5–8 (accuracy set). On top of the unused seed, a 3- or
+4-operand expression that occurs among the 80 000 training problems is dropped, as are duplicates;
+2-operand problems cannot be unseen (all 810 such expressions occur in training) and are held out
+by seed only.
 
 Algorithms (budget ``B`` = trajectories; the compute accounting of each is in the table):
 
@@ -50,6 +51,7 @@ persistent cache). The exact and the noisy verifier share compiled loops: the PR
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -76,6 +78,7 @@ POOLED = ("sampling", "vote", "vote_prm", "bon_prm", "bon_orm")
 STEPWISE = ("pf", "pf_argmax", "fk", "beam", "pg")
 NAMES = POOLED + STEPWISE
 FIXED_TARGETS = (0.25, 0.5)
+DEFAULT_OUT = str(ROOT / "out" / "reasoning_scaling.png")
 
 
 class Switch:
@@ -90,19 +93,22 @@ class Switch:
 
 
 def held_out_problems(per_size: int) -> list:
-    """``per_size`` problems of each size in SIZES, none of whose expressions was trained on."""
-    seen = {p.expression for p in problems(TRAIN_SEED, NUM_TRAIN, TRAIN_SIZES)}
-    chosen = []
+    """``per_size`` distinct problems of each size in SIZES, interleaved by size (2, 3, 4, 2, 3, 4,
+    …) so that any prefix of the run stays graded. From size 3 on, no expression was trained on;
+    every 2-operand expression occurs in the training set (the space, 810 expressions, is
+    exhausted by 80 000 training problems), so size 2 is held out by seed only."""
+    trained = {p.expression for p in problems(TRAIN_SEED, NUM_TRAIN, TRAIN_SIZES)}
+    seen, by_size = set(), []
     for size in SIZES:
         fresh = []
         for p in problems(HELDOUT_SEED + size, 50 * per_size, (size,)):
-            if p.expression not in seen:
+            if p.expression not in seen and (size == 2 or p.expression not in trained):
                 seen.add(p.expression)
                 fresh.append(p)
             if len(fresh) == per_size:
                 break
-        chosen += fresh
-    return chosen
+        by_size.append(fresh)
+    return [p for group in zip(*by_size, strict=True) for p in group]
 
 
 def pg_shape(budget: int) -> tuple[int, int]:
@@ -142,19 +148,45 @@ def pooled(pool: dict, n: int, prm, orm) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 problem (size 3), budget 4")
-    parser.add_argument("--per-size", type=int, default=8, help="problems per size (full run)")
-    parser.add_argument("--out", default=str(ROOT / "out" / "reasoning_scaling.png"))
+    parser.add_argument("--per-size", type=int, default=4, help="problems per size (full run)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the plot; the per-problem log is its .jsonl")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the problems already in the .jsonl log, run the rest"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only report the problems already in the .jsonl log"
+    )
     args = parser.parse_args()
     t_start = time.perf_counter()
-
+    budgets = (4,) if args.quick else BUDGETS
     if args.quick:
-        budgets = (4,)
         held_out = [p for p in held_out_problems(1) if p.size == 3]
+        if args.out == DEFAULT_OUT:
+            args.out = str(ROOT / "out" / "reasoning_scaling_quick.png")
     else:
-        budgets = BUDGETS
         held_out = held_out_problems(args.per_size)
-    num = len(held_out)
+    log = Path(args.out).with_suffix(".jsonl")
+    done = load_log(log, budgets) if (args.resume or args.report) else {}
+    if not (args.resume or args.report):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+    if not args.report:
+        run(held_out, budgets, done, log, t_start)
+        done = load_log(log, budgets)
+    records = [done[p.expression] for p in held_out if p.expression in done]
+    if not records:
+        print("no finished problem to report")
+        return
+    acc, tokens, calls = tables(records, budgets)
+    report(acc, tokens, calls, budgets, [r["size"] for r in records])
+    plot(acc, len(records), budgets, Path(args.out))
+    shown = Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out
+    print(f"plot: {shown}; per-problem log: {log.name}; wall time {time.perf_counter() - t_start:.0f} s")
+    result_line(acc, budgets)
 
+
+def run(held_out: list, budgets: tuple, done: dict, log: Path, t_start: float) -> None:
+    """Run every algorithm on the problems not in ``done``; append one JSON line per problem."""
     lm = load_default()
     prm, orm = Switch(rs.arithmetic_prm), Switch(rs.arithmetic_orm)
     verifiers = {
@@ -173,19 +205,19 @@ def main() -> None:
         prm=prm,
     )
     program = rs.reasoning_program(spec)
-    shape = (len(budgets), num)
-    correct = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
-    tokens = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
-    calls = {(v, a): np.zeros(shape) for v in verifiers for a in NAMES}
-
     for j, problem in enumerate(held_out):
+        if problem.expression in done:
+            continue
         q_args = rs.question_args(lm, spec, "<|endoftext|>" + problem.question, pad_to=PAD_TO)
         truth = problem.solve()[1]
         pool_run = pp.infer(program, q_args, algorithm=rs.Sampling(max(budgets)), key=1000 * j + 999)
         pool = dict(pool_run.extras, lengths=np.asarray(pool_run.samples["length"]))
+        record = {"expression": problem.expression, "size": problem.size, "truth": truth,
+                  "budgets": list(budgets), "results": {}}
         for v, (prm_v, orm_v) in verifiers.items():
             prm.current, orm.current = prm_v, orm_v
-            for b, n in enumerate(budgets):
+            rows = {name: [] for name in NAMES}
+            for n in budgets:
                 results = {}
                 for name, alg in stepwise_algorithms(n).items():
                     r = pp.infer(program, q_args, algorithm=alg, key=1000 * j + n)
@@ -195,17 +227,31 @@ def main() -> None:
                         results["pf_argmax"] = pf_argmax(r)
                 results.update(pooled(pool, n, prm_v, orm_v))
                 for name, (answer, tok, cal) in results.items():
-                    correct[v, name][b, j] = answer == truth
-                    tokens[v, name][b, j], calls[v, name][b, j] = tok, cal
+                    rows[name].append([int(answer == truth), int(tok), int(cal)])
+            record["results"][v] = rows
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
         elapsed = time.perf_counter() - t_start
-        print(f"  problem {j + 1}/{num} (size {problem.size}) done ({elapsed:.0f} s)", flush=True)
+        print(f"  problem {j + 1}/{len(held_out)} (size {problem.size}) done ({elapsed:.0f} s)", flush=True)
 
-    acc = {k: c.mean(axis=1) for k, c in correct.items()}
-    report(acc, tokens, calls, budgets, held_out)
-    plot(acc, num, budgets, Path(args.out))
-    print(f"plot: {Path(args.out).relative_to(ROOT) if Path(args.out).is_relative_to(ROOT) else args.out}")
-    print(f"wall time {time.perf_counter() - t_start:.0f} s")
-    result_line(acc, budgets)
+
+def load_log(log: Path, budgets: tuple) -> dict:
+    """{expression: record} of the problems in the log run with these budgets."""
+    if not log.exists():
+        return {}
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {r["expression"]: r for r in records if tuple(r["budgets"]) == tuple(budgets)}
+
+
+def tables(records: list, budgets: tuple) -> tuple[dict, dict, dict]:
+    """Accuracy ``f[B]`` and per-problem tokens and reward calls ``f[B, P]`` per (verifier, name)."""
+    acc, tokens, calls = {}, {}, {}
+    for v in ("exact", "noisy"):
+        for name in NAMES:
+            rows = np.asarray([r["results"][v][name] for r in records], np.float64)  # [P, B, 3]
+            acc[v, name] = rows[:, :, 0].mean(axis=0)
+            tokens[v, name], calls[v, name] = rows[:, :, 1].T, rows[:, :, 2].T
+    return acc, tokens, calls
 
 
 def pf_argmax(r) -> tuple:
@@ -237,10 +283,9 @@ def fmt_budget(b: float) -> str:
     return f"> {BUDGETS[-1]}" if math.isinf(b) else f"{b:.1f}"
 
 
-def report(acc, tokens, calls, budgets, held_out) -> None:
-    num = len(held_out)
-    sizes = sorted({p.size for p in held_out})
-    counts = ", ".join(f"{sum(p.size == s for p in held_out)} of size {s}" for s in sizes)
+def report(acc, tokens, calls, budgets, sizes_run) -> None:
+    num = len(sizes_run)
+    counts = ", ".join(f"{sizes_run.count(s)} of size {s}" for s in sorted(set(sizes_run)))
     print(f"\naccuracy on {num} held-out problems ({counts}; seeds {HELDOUT_SEED}+size) ± binomial SE")
     head = f"{'verifier':8} {'algorithm':10} " + " ".join(f"{'B=' + str(n):>10}" for n in budgets)
     print(head + f" {'tokens@max':>10} {'rewards@max':>11}")
