@@ -60,3 +60,10 @@ def test_infill_suffix_example(capsys):
 def test_critic_potential_example(capsys):
     load(ROOT / "examples" / "critic_potential.py").main(num_particles=8, max_new_tokens=6)
     assert "twist= True" in capsys.readouterr().out
+
+
+def test_learned_token_twist_example(capsys):
+    load(ROOT / "examples" / "learned_token_twist.py").main(
+        num_particles=8, max_new_tokens=8, num_iterations=2, num_runs=2
+    )
+    assert "learned twist" in capsys.readouterr().out
