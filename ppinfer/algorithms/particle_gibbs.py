@@ -312,7 +312,7 @@ class ParticleGibbs:
         return MCMCResult(
             samples=samples,
             log_weights=jnp.full((n,), -jnp.log(n)),
-            log_evidence=float("nan"),
+            log_evidence=None,
             algorithm=self.name,
             wall_time=time.perf_counter() - t0,
             extras={
