@@ -1,5 +1,6 @@
-"""Inference-time scaling on one arithmetic question: particle filtering with an exact process reward
-model against best-of-N, majority vote and beam search, on the embedded model (a few seconds).
+"""Inference-time scaling on one arithmetic question: particle filtering and particle Gibbs with an
+exact process reward model against best-of-N, majority vote and beam search, on the embedded model
+(a few seconds).
 
     .venv/bin/python examples/reasoning_arithmetic.py
 """
@@ -32,6 +33,7 @@ def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> None:
         rs.BeamSearch(num_particles),
         rs.ParticleFilter(num_particles),
         rs.FeynmanKacFilter(num_particles),
+        rs.ParticleGibbs(max(2, num_particles // 4), num_iterations=4),  # same budget: N/4 × 4 sweeps
     ):
         r = pp.infer(program, args, algorithm=alg, key=0)
         ex = r.extras

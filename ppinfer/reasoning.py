@@ -31,6 +31,10 @@ Algorithms (``infer(program, *args, algorithm=...)`` with ``program = reasoning_
   and the target is ``p_LM(x) · exp(φ(r(x)))`` for the final reward ``r(x)``; resampling when the
   ESS falls below a threshold; ``log_evidence`` is an unbiased (in ``exp``) estimate of
   ``Z = E_LM[exp φ(r(x))]``.
+- :class:`ParticleGibbs` — particle Gibbs iterations: conditional SMC sweeps, each keeping a
+  reference trajectory pinned in slot 0 (teacher-forced, :func:`generate_chunk` with ``forced``)
+  and drawing the next reference from the final weights; with Feynman–Kac weights the chain of
+  references leaves ``p_LM(x) · exp φ(r(x)) / Z`` invariant.
 - :class:`BeamSearch` — step-level beam search: keep the ``N / expand`` particles with the best
   current PRM score, copy each ``expand`` times.
 - :class:`BestOfN` — N independent samples, the one with the highest outcome reward.
