@@ -119,9 +119,12 @@ def test_twisted_smc_is_valid(fitted):
 def test_training_lowers_the_loss_and_the_variance_of_log_z(fitted):
     twist, info = fitted
     assert info.loss_trace.shape == (30,) and info.seconds > 0
-    # The trace is out of sample (each iteration's fresh rollouts, before its updates).
+    # The trace is out of sample (each iteration's fresh rollouts, before its updates); measured:
+    # ≈ 84 over the first 3 iterations, ≈ 0.05 over the last 5 (with rare spikes to ≈ 1.3).
     assert np.mean(info.loss_trace[-5:]) < 0.25 * np.mean(info.loss_trace[:3])
-    # Same N, 2000 runs each: the learned twist and its proposal vs the locally constrained sampler.
+    # Same N, 2000 runs each: the learned twist and its proposal vs the locally constrained sampler
+    # (which loses every particle in 8% of its runs). Measured variance ratio ≈ 70 (69–73 over three
+    # seed pairs); the bound asks for 2.
     off, on = runs(twist.off(), 1)[0], runs(twist, 2)[0]
     assert np.all(np.isfinite(on))
     assert np.var(on) < 0.5 * np.var(off[np.isfinite(off)])
