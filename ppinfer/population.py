@@ -55,13 +55,13 @@ def spawn(particles: Any, num_particles: int, log_weight: jax.Array | float = 0.
     return Population(copies, log_weights)
 
 
-def ess(log_weights: jax.Array) -> jax.Array:
+def ess(log_weights: jax.Array, lse: jax.Array | None = None) -> jax.Array:
     """``f32[]``: the effective sample size ``(Σ w)² / Σ w²`` of ``log_weights: f32[N]``; 0 when
-    every weight is zero."""
-    lse = logsumexp(log_weights)
-    safe = jnp.where(jnp.isfinite(lse), log_weights - lse, -jnp.inf)
-    value = jnp.exp(-logsumexp(2.0 * safe))
-    return jnp.where(jnp.isfinite(lse), value, 0.0)
+    every weight is zero. ``lse`` may pass ``logsumexp(log_weights)`` if the caller has it."""
+    lse = logsumexp(log_weights) if lse is None else lse
+    alive = jnp.isfinite(lse)
+    normalized = jnp.exp(log_weights - jnp.where(alive, lse, 0.0))  # each ≤ 1: no overflow
+    return jnp.where(alive, 1.0 / jnp.sum(normalized * normalized), 0.0)
 
 
 def normalize(log_weights: jax.Array) -> jax.Array:
@@ -92,5 +92,7 @@ def collapse_from_uniform(u: jax.Array, pop: Population) -> tuple[Any, jax.Array
 
 
 def gather(particles: Any, ancestors: jax.Array) -> Any:
-    """Particles indexed by ``ancestors: i32[M]`` along the particle axis (every leaf)."""
-    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), particles)
+    """Particles indexed by ``ancestors: i32[M]`` along the particle axis (every leaf). Ancestors
+    are in range by construction; ``mode="clip"`` clamps the M indices instead of masking every
+    element of the (possibly large: KV caches) gathered leaves."""
+    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0, mode="clip"), particles)

@@ -30,13 +30,17 @@ __all__ = ["SCHEMES", "resample", "resample_groups", "ancestors_from_uniforms", 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 
 
-def resample(key: jax.Array, pop: Population, scheme: str = "systematic") -> tuple[Population, jax.Array]:
-    """Resample ``pop`` with ``scheme``; see the module docstring. Returns ``(pop', ancestors)``."""
+def resample(
+    key: jax.Array, pop: Population, scheme: str = "systematic", lse: jax.Array | None = None
+) -> tuple[Population, jax.Array]:
+    """Resample ``pop`` with ``scheme``; see the module docstring. Returns ``(pop', ancestors)``.
+    ``lse`` may pass ``logsumexp(pop.log_weights)`` when the caller has it already."""
     check_scheme(scheme)
     n = pop.num_particles
+    lse = logsumexp(pop.log_weights) if lse is None else lse
     uniforms = jax.random.uniform(key, uniforms_shape(scheme, n), dtype=pop.log_weights.dtype)
-    ancestors = ancestors_from_uniforms(scheme, uniforms, pop.log_weights)
-    new_log_weights = jnp.full_like(pop.log_weights, logsumexp(pop.log_weights) - jnp.log(n))
+    ancestors = ancestors_from_uniforms(scheme, uniforms, pop.log_weights, lse)
+    new_log_weights = jnp.full_like(pop.log_weights, lse - jnp.log(n))
     return Population(gather(pop.particles, ancestors), new_log_weights), ancestors
 
 
@@ -70,14 +74,17 @@ def uniforms_shape(scheme: str, n: int) -> tuple[int, ...]:
     return (1,) if scheme == "systematic" else (n,)
 
 
-def ancestors_from_uniforms(scheme: str, uniforms: jax.Array, log_weights: jax.Array) -> jax.Array:
-    """``i32[N]`` ancestors for ``log_weights: f32[N]`` given ``uniforms`` of ``uniforms_shape``.
+def ancestors_from_uniforms(
+    scheme: str, uniforms: jax.Array, log_weights: jax.Array, lse: jax.Array | None = None
+) -> jax.Array:
+    """``i32[N]`` ancestors for ``log_weights: f32[N]`` given ``uniforms`` of ``uniforms_shape``
+    (``lse``: ``logsumexp(log_weights)`` if the caller has it).
 
     If every weight is zero the population is dead: ancestors are the identity (the caller reports
     the error; no NaN is produced)."""
     check_scheme(scheme)
     n = log_weights.shape[0]
-    lse = logsumexp(log_weights)
+    lse = logsumexp(log_weights) if lse is None else lse
     alive = jnp.isfinite(lse)
     probs = jnp.where(alive, jnp.exp(log_weights - jnp.where(alive, lse, 0.0)), 1.0 / n)
     if scheme == "residual":
@@ -95,11 +102,13 @@ def ancestors_from_uniforms(scheme: str, uniforms: jax.Array, log_weights: jax.A
 
 def _inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
     """Index ``i`` with ``c_{i−1} ≤ u·c_{N−1} < c_i`` for each position ``u ∈ [0, 1)``: zero-weight
-    particles are never chosen, and float round-off at the top is clamped to the last live one."""
+    particles are never chosen. Float round-off at the top (``u·c`` rounding up to ``c``) is clamped
+    to the float just below ``c = c_{N−1}``: the cumulative sum is non-decreasing, so the index found
+    is at most the last particle with positive weight (where the sum first reaches ``c``)."""
     cdf = jnp.cumsum(probs)
-    idx = jnp.searchsorted(cdf, positions * cdf[-1], side="right")
-    last_alive = probs.shape[0] - 1 - jnp.argmax((probs > 0)[::-1])
-    return jnp.minimum(idx, last_alive).astype(jnp.int32)
+    top = cdf[-1]
+    value = jnp.minimum(positions * top, jnp.nextafter(top, jnp.zeros_like(top)))
+    return jnp.searchsorted(cdf, value, side="right").astype(jnp.int32)
 
 
 def _residual(uniforms: jax.Array, probs: jax.Array) -> jax.Array:

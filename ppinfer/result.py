@@ -19,7 +19,69 @@ from ppinfer.population import Population, normalize
 from ppinfer.population import ess as _ess
 from ppinfer.resample import resample as _resample
 
-__all__ = ["Result"]
+__all__ = ["Result", "Deferred", "DeferredExtras"]
+
+
+class Deferred:
+    """A value computed once, on first use. Algorithms hand :class:`Result` deferred pieces that
+    cost work to build and that many users never read — e.g. SMC's trajectories, traced back through
+    the genealogy — so a run that only needs ``log_evidence`` or the final state does not pay for
+    them. Calling the object computes (first time) and returns the value."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn: Callable[[], Any] | None = fn
+        self._value: Any = None
+
+    def __call__(self) -> Any:
+        if self._fn is not None:
+            self._value, self._fn = self._fn(), None
+        return self._value
+
+
+class DeferredExtras(dict):
+    """``Result.extras`` whose keys listed in ``deferred`` (name → :class:`Deferred`) are computed
+    when first read with ``[]``, ``get`` or iteration."""
+
+    def __init__(self, values: dict, deferred: dict[str, Deferred]):
+        super().__init__(values)
+        self._deferred = dict(deferred)
+
+    def _fill(self) -> None:
+        while self._deferred:
+            name, value = self._deferred.popitem()
+            self[name] = value()
+
+    def __missing__(self, name):
+        if name in self._deferred:
+            self._fill()
+            return self[name]
+        raise KeyError(name)
+
+    def get(self, name, default=None):
+        self._fill()
+        return super().get(name, default)
+
+    def __contains__(self, name) -> bool:
+        return name in self._deferred or super().__contains__(name)
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
+
+    def items(self):
+        self._fill()
+        return super().items()
+
+    def keys(self):
+        self._fill()
+        return super().keys()
+
+    def values(self):
+        self._fill()
+        return super().values()
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self._deferred)
 
 
 @dataclass
@@ -29,7 +91,9 @@ class Result:
     Attributes:
         samples: site name → ``[N, …]`` values. For a sequential program, a step site ``x`` is the
             particle's whole trajectory ``[N, T, …]`` (traced back through resampling); an ``init``
-            site keeps its name, or becomes ``"init/x"`` if a step site has the same name.
+            site keeps its name, or becomes ``"init/x"`` if a step site has the same name. An
+            algorithm may pass a :class:`Deferred` instead of the dict: the samples are then
+            computed on first access (SMC traces its genealogy only when ``samples`` is read).
         log_weights: ``f32[N]``, unnormalised: ``logsumexp(log_weights) = log_evidence``.
         log_evidence: ``log Ẑ``, the log of an unbiased estimate of the evidence ``Z`` (exact for
             Enumerate).
@@ -114,6 +178,11 @@ class Result:
         stats = {"log_weight": np.asarray(self.log_weights)[None]}
         return az.from_dict(posterior=posterior, sample_stats=stats)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_samples"] = self.samples
+        return state
+
     def __repr__(self) -> str:
         lines = [
             f"Result({self.algorithm}, N={self.num_particles}, "
@@ -135,3 +204,19 @@ class Result:
             else:
                 lines.append(f"  {name}: shape={shape}")
         return "\n".join(lines)
+
+
+def _get_samples(self: Result) -> dict[str, jax.Array]:
+    value = self.__dict__["_samples"]
+    if isinstance(value, Deferred):
+        value = self.__dict__["_samples"] = value()
+    return value
+
+
+def _set_samples(self: Result, value: dict[str, jax.Array] | Deferred) -> None:
+    self.__dict__["_samples"] = value
+
+
+# ``samples`` stays a dataclass field (constructor argument, repr, equality) but reads through this
+# property, which resolves a Deferred value once.
+Result.samples = property(_get_samples, _set_samples)  # type: ignore[assignment]

@@ -25,7 +25,45 @@ from ppinfer.population import Population
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
-__all__ = ["Particle", "Sequential", "StepInfo", "start", "advance", "finish", "match_state"]
+__all__ = [
+    "Particle",
+    "Sequential",
+    "StepInfo",
+    "start",
+    "advance",
+    "finish",
+    "match_state",
+    "keep_finished",
+    "register_keep",
+]
+
+# type → rule(done, new, old) for state nodes that restore a finished particle's state more cheaply
+# than an element-wise select over every leaf (see :func:`register_keep`).
+_KEEP_RULES: dict[type, Callable[[jax.Array, Any, Any], Any]] = {}
+
+
+def register_keep(node_type: type, rule: Callable[[jax.Array, Any, Any], Any]) -> None:
+    """Register how a state node of ``node_type`` keeps a finished particle's value:
+    ``rule(done: bool[N], new, old)`` must return a node *equivalent* to ``old`` for particles with
+    ``done`` and equal to ``new`` for the others — equivalent meaning that every later use of the
+    node gives the same results. A KV cache, for instance, only restores its ``length``: the slot
+    the finished particle's step wrote lies beyond that length, is masked out of attention and is
+    overwritten by the next write, so the large key/value arrays are updated in place instead of
+    being copied and selected each step."""
+    _KEEP_RULES[node_type] = rule
+
+
+def keep_finished(done: jax.Array, new: Any, old: Any) -> Any:
+    """The next state pytree: ``old`` for particles with ``done: bool[N]``, ``new`` otherwise
+    (leading particle axis N on every leaf), using a :func:`register_keep` rule where one exists."""
+
+    def merge(n, o):
+        rule = _KEEP_RULES.get(type(n))
+        if rule is not None:
+            return rule(done, n, o)
+        return jnp.where(_expand(done, n), o, n)
+
+    return jax.tree.map(merge, new, old, is_leaf=lambda x: type(x) in _KEEP_RULES)
 
 
 class Particle(NamedTuple):
@@ -95,8 +133,7 @@ def advance(
     weighted, info = jax.vmap(one)(jnp.arange(n), particles.state)
     new_state = match_state(weighted.value, particles.state)
     done = particles.done
-    keep = lambda new, old: jnp.where(_expand(done, new), old, new)
-    state = jax.tree.map(keep, new_state, particles.state)
+    state = keep_finished(done, new_state, particles.state)
     increments = jnp.where(done, 0.0, weighted.log_weight)
     nan_sites = {name: jnp.any(flag & ~done) for name, flag in info.nan_sites.items()}
     pop = Population(Particle(state, done | info.stopped), seq.population.log_weights + increments)

@@ -27,10 +27,19 @@ from ppinfer.errors import ConfigError
 from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample, resample_groups
-from ppinfer.result import Result
+from ppinfer.result import Deferred, DeferredExtras, Result
 from ppinfer.suspended import Sequential, advance, match_state, start
 
-__all__ = ["SMC", "run_smc", "smc_run", "smc_batch", "particle_sharding", "trace_genealogy", "sample_names"]
+__all__ = [
+    "SMC",
+    "run_smc",
+    "smc_run",
+    "smc_batch",
+    "particle_sharding",
+    "trace_genealogy",
+    "trace_history",
+    "sample_names",
+]
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,15 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     def build():
         def compiled(key, dyn):
             return smc_run(
-                key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal, sharding, groups
+                key,
+                program,
+                rebuild(dyn),
+                *settings,
+                cfg.proposal,
+                cfg.init_proposal,
+                sharding,
+                groups,
+                genealogy=False,
             )
 
         return compiled
@@ -119,9 +136,10 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
             else (f"after step {int(dead[0])}" if dead.size else "at the end")
         )
         checks.raise_if_dead(log_z, where, cfg.num_particles)
-    samples, site_kinds = sample_names(out["init_choices"], out["trajectories"])
+    _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
+    traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"]))
     return Result(
-        samples=samples,
+        samples=Deferred(lambda: sample_names(traced()["init_choices"], traced()["trajectories"])[0]),
         log_weights=out["log_weights"],
         log_evidence=log_z,
         algorithm=name,
@@ -131,7 +149,7 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         ancestors=out["ancestors"],
         state=out["state"],
         wall_time=time.perf_counter() - t0,
-        extras={"active": out["active"], "site_kinds": site_kinds},
+        extras=DeferredExtras({"site_kinds": site_kinds}, {"active": Deferred(lambda: traced()["active"])}),
     )
 
 
@@ -147,13 +165,17 @@ def smc_run(
     init_proposal=None,
     sharding=None,
     num_groups=1,
+    genealogy=True,
 ):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
     genealogy-traced ``init_choices`` ``[N, …]`` and step ``trajectories`` ``[N, T, …]``, ``active:
     bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``. With ``sharding`` (a
     ``NamedSharding`` of the particle axis) the population is kept sharded across devices; with
-    ``num_groups > 1`` resampling is done within contiguous groups (one per device)."""
+    ``num_groups > 1`` resampling is done within contiguous groups (one per device). With
+    ``genealogy=False`` the per-step records are returned untraced — ``init_choices`` ``[N, …]`` and
+    ``history = {"choices": [T, N, …], "active": bool[T, N]}`` indexed by pre-resampling particle —
+    for :func:`trace_history` to trace later (or never)."""
     shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
     # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
     # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
@@ -172,35 +194,28 @@ def smc_run(
         active = ~seq.population.particles.done
         seq, info = advance(k_adv, seq, program, args, proposal)
         pop = Population(seq.population.particles, replicate(seq.population.log_weights))
-        ess_t = ess(pop.log_weights)
+        lse = log_evidence(pop.log_weights)  # resampling preserves it: log Ẑ after this step
+        ess_t = ess(pop.log_weights, lse)
         do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
         pop, ancestors = jax.lax.cond(
             do,
-            _resampler(k_res, scheme, num_groups, sharding),
+            _resampler(k_res, scheme, num_groups, sharding, lse),
             lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
             pop,
         )
-        record = (
-            info.choices,
-            active,
-            ancestors,
-            ess_t,
-            do,
-            log_evidence(pop.log_weights),
-            info.nan_sites,
-        )
+        record = (info.choices, active, ancestors, ess_t, do, lse, info.nan_sites)
         return Sequential(shard(pop), seq.t), record
 
     seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(
         body, seq, jax.random.split(k_loop, num_steps)
     )
-    trajectories, init_index = trace_genealogy(ancestors, {"choices": choices, "active": active})
-    init_choices = jax.tree.map(lambda x: x[init_index], init_info.choices)
     nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
+    if genealogy:
+        traced = trace_history(ancestors, init_info.choices, {"choices": choices, "active": active})
+    else:
+        traced = {"init_choices": init_info.choices, "history": {"choices": choices, "active": active}}
     return {
-        "init_choices": init_choices,
-        "trajectories": trajectories["choices"],
-        "active": trajectories["active"],
+        **traced,
         "log_weights": seq.population.log_weights,
         "log_evidence": log_evidence(seq.population.log_weights),
         "log_evidence_init": log_z_init,
@@ -273,11 +288,12 @@ def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
 
 
-def _resampler(key, scheme, num_groups, sharding):
-    """``pop -> (pop, ancestors)``: global resampling, or island resampling within ``num_groups``
-    groups — per device with ``shard_map`` when sharded (no particle leaves its device)."""
+def _resampler(key, scheme, num_groups, sharding, lse):
+    """``pop -> (pop, ancestors)``: global resampling (``lse``: the weights' logsumexp), or island
+    resampling within ``num_groups`` groups — per device with ``shard_map`` when sharded (no
+    particle leaves its device)."""
     if num_groups == 1:
-        return lambda pop: resample(key, pop, scheme)
+        return lambda pop: resample(key, pop, scheme, lse)
     if sharding is None:
         return lambda pop: resample_groups(key, pop, scheme, num_groups)
     spec = jax.sharding.PartitionSpec("particles")
@@ -318,6 +334,19 @@ def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]
 
     init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+@jax.jit
+def trace_history(ancestors: jax.Array, init_choices: dict, history: dict) -> dict:
+    """Trace SMC's per-step records back through the genealogy (:func:`trace_genealogy`): returns
+    ``init_choices`` ``[N, …]`` of each final particle's ancestor, ``trajectories`` (the step sites,
+    ``[N, T, …]``) and ``active: bool[N, T]``."""
+    traced, init_index = trace_genealogy(ancestors, history)
+    return {
+        "init_choices": jax.tree.map(lambda x: x[init_index], init_choices),
+        "trajectories": traced["choices"],
+        "active": traced["active"],
+    }
 
 
 def sample_names(init_choices: dict, step_choices: dict) -> tuple[dict, dict]:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ppinfer.lm.config import TransformerConfig
+from ppinfer.suspended import register_keep
 
 Params = dict
 
@@ -57,6 +58,15 @@ class ParticleCache(NamedTuple):
     k: jax.Array
     v: jax.Array
     length: jax.Array
+
+
+def _keep_cache(done: jax.Array, new: ParticleCache, old: ParticleCache) -> ParticleCache:
+    """A finished particle keeps its cache by keeping its ``length``: the slot its step wrote lies at
+    ``length``, masked out of attention and overwritten by the next write (see :func:`decode`)."""
+    return new._replace(length=jnp.where(done, old.length, new.length))
+
+
+register_keep(ParticleCache, _keep_cache)
 
 
 def init_particle_cache(
