@@ -6,6 +6,9 @@ changing only where a position ``(j − L + u_j) / (n − L) · R`` crosses a cu
 children below the threshold. :func:`select_outcomes` splits every uniform at those points and runs
 the real implementation at each cell's midpoint (float64), which gives the exact distribution of the
 output; :func:`check_select` compares the expected output measure with the input measure.
+
+:func:`steer_replicates` runs many independent Steer runs (the real compiled core, vmapped) for the
+statistical checks of the whole algorithm (``E[Ẑ] = Z`` with :func:`semantics.check_unbiased_evidence`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppinfer.algorithms.steer import select_from_uniforms, threshold
+from ppinfer.algorithms.steer import select_from_uniforms, steer_run, threshold
+from ppinfer.program import SequentialProgram
 from semantics.blocks import _cells
 from semantics.measure import Measure
 
-__all__ = ["select_outcomes", "check_select"]
+__all__ = ["select_outcomes", "check_select", "steer_replicates"]
+
+_REPLICATE_OUTPUTS = ("log_evidence", "log_weights", "trajectories", "active")
 
 SelectFn = Callable[[str, jax.Array, jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -60,9 +66,7 @@ def select_outcomes(
         ]
 
 
-def check_select(
-    scheme: str, log_weights: Any, n: int, select_fn: SelectFn = select_from_uniforms
-) -> float:
+def check_select(scheme: str, log_weights: Any, n: int, select_fn: SelectFn = select_from_uniforms) -> float:
     """Exact check of ``E[⟦select(pop)⟧] = ⟦pop⟧`` for a population whose particles are their own
     indices: the max abs difference between the expected output measure and the input measure."""
     lw = np.asarray(log_weights, np.float64)
@@ -73,3 +77,31 @@ def check_select(
         for i, w in zip(idx, nw, strict=True)
     )
     return before.max_abs_diff(after)
+
+
+def steer_replicates(
+    program: SequentialProgram,
+    args: tuple,
+    num_replicates: int,
+    num_particles: int,
+    num_extensions: int,
+    key: int = 0,
+    scheme: str = "systematic",
+    proposal: Callable[..., Any] | None = None,
+) -> dict:
+    """Part of :func:`~ppinfer.algorithms.steer.steer_run`'s output for ``R`` independent runs (keys
+    ``split(PRNGKey(key), R)``), every array with a leading axis R: ``log_evidence: f[R]``,
+    ``log_weights: f[R, N]``, ``trajectories`` (site → ``[R, N, T, …]``) and ``active: bool[R, N,
+    T]`` (only these are computed)."""
+    num_steps = program.steps_for(args)
+    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+
+    @jax.jit
+    def run(keys):
+        def one(k):
+            out = steer_run(k, program, args, num_particles, num_extensions, num_steps, scheme, proposal)
+            return {name: out[name] for name in _REPLICATE_OUTPUTS}
+
+        return jax.vmap(one)(keys)
+
+    return jax.device_get(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))

@@ -247,12 +247,14 @@ def threshold(log_weights: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax
     sort), ``num_kept: i32[]`` (L, the children with ``w ≥ c`` kept deterministically),
     ``log_c: f32[]``, ``log_w_sorted: f32[M])``. ``log_c`` is −inf when fewer than ``n`` children
     have positive weight (the remaining slots then get weight zero); when ``n ≥ M`` every child is
-    kept (``L = M``)."""
+    kept in place (``order`` is the identity, ``L = M``), so ``K = 1`` is sequential importance
+    sampling."""
     m = log_weights.shape[0]
+    if n >= m:  # room for every child: all kept in place, the spare slots get weight zero
+        order = jnp.arange(m, dtype=jnp.int32)
+        return order, jnp.asarray(m, jnp.int32), jnp.asarray(-jnp.inf, log_weights.dtype), log_weights
     order = jnp.argsort(-log_weights, stable=True).astype(jnp.int32)
     s = log_weights[order]
-    if n >= m:  # room for every child: all kept, the spare slots get weight zero
-        return order, jnp.asarray(m, jnp.int32), jnp.asarray(-jnp.inf, s.dtype), s
     ref = jnp.where(jnp.isfinite(s[0]), s[0], 0.0)
     w = jnp.exp(s - ref)
     # Tail sums T_L from the small end: no cancellation, and T_L ≥ s_L holds in floating point too.
