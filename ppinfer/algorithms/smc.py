@@ -113,6 +113,7 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
                 sharding,
                 groups,
                 genealogy=False,
+                early_exit=True,
             )
 
         return compiled
@@ -166,6 +167,7 @@ def smc_run(
     sharding=None,
     num_groups=1,
     genealogy=True,
+    early_exit=False,
 ):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
@@ -175,7 +177,10 @@ def smc_run(
     ``num_groups > 1`` resampling is done within contiguous groups (one per device). With
     ``genealogy=False`` the per-step records are returned untraced — ``init_choices`` ``[N, …]`` and
     ``history = {"choices": [T, N, …], "active": bool[T, N]}`` indexed by pre-resampling particle —
-    for :func:`trace_history` to trace later (or never)."""
+    for :func:`trace_history` to trace later (or never). With ``early_exit=True`` the loop stops as
+    soon as every particle has finished (no more forward passes for a population of finished LM
+    particles); the records of the steps not run say so (inactive, not resampled, identity
+    ancestors). Not reverse-differentiable then (a ``while_loop``): VSMC keeps the default."""
     shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
     # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
     # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
@@ -206,9 +211,18 @@ def smc_run(
         record = (info.choices, active, ancestors, ess_t, do, lse, info.nan_sites)
         return Sequential(shard(pop), seq.t), record
 
-    seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(
-        body, seq, jax.random.split(k_loop, num_steps)
-    )
+    keys = jax.random.split(k_loop, num_steps)
+    if early_exit:
+        alive = lambda s: jnp.any(~s.population.particles.done)
+        seq, records, steps_run = scan_while(body, seq, keys, alive)
+        choices, active, ancestors, ess_h, resampled, log_z_h, nan_h = records
+        ran = jnp.arange(num_steps) < steps_run
+        ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32))
+        final_lse = log_evidence(seq.population.log_weights)
+        ess_h = jnp.where(ran, ess_h, ess(seq.population.log_weights, final_lse))
+        log_z_h = jnp.where(ran, log_z_h, final_lse)
+    else:
+        seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(body, seq, keys)
     nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
     if genealogy:
         traced = trace_history(ancestors, init_info.choices, {"choices": choices, "active": active})
@@ -334,6 +348,29 @@ def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]
 
     init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+def scan_while(body: Callable, carry: Any, xs: Any, keep_going: Callable[[Any], jax.Array]):
+    """``lax.scan(body, carry, xs)`` that stops before a step when ``keep_going(carry)`` is false.
+    Returns ``(carry, records, steps_run)``: ``records`` stacked ``[T, …]`` like ``scan``'s, zeros
+    for the steps not run. A ``while_loop`` over preallocated records (shapes from ``eval_shape``)."""
+    length = jax.tree.leaves(xs)[0].shape[0]
+    x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
+    _, shapes = jax.eval_shape(body, carry, x_at(0))
+    records = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), shapes)
+
+    def step(state):
+        i, c, recs = state
+        c, rec = body(c, x_at(i))
+        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
+        return i + 1, c, jax.tree.map(put, recs, rec)
+
+    def cond(state):
+        i, c, _ = state
+        return (i < length) & keep_going(c)
+
+    steps, carry, records = jax.lax.while_loop(cond, step, (jnp.zeros((), jnp.int32), carry, records))
+    return carry, records, steps
 
 
 @jax.jit
