@@ -1,25 +1,40 @@
-"""MCMC benchmarks, side by side in one process.
+"""MCMC benchmarks: ppinfer against the peers it reuses or competes with, side by side in one process.
 
-(a) NUTS through ppinfer (``MCMC(NUTS())``) vs NumPyro's own ``MCMC(NUTS)`` on eight_schools and
-    gp_pois_regr (posteriordb): wall time of a second (compiled) run and min bulk ESS per second.
-(b) ppinfer's adaptive TemperedSMC vs BlackJAX's ``adaptive_tempered_smc`` if ``blackjax`` is
-    importable (it is not a dependency; skipped otherwise).
+(a) NUTS through ppinfer (``MCMC(NUTS())``, NumPyro's kernel driven by ppinfer's chain loop) against
+    NumPyro's own ``MCMC(NUTS)`` on eight_schools (noncentered) and gp_pois_regr (posteriordb): the
+    same warmup, samples, chains (vectorized) and ``target_accept_prob``. Both sides are compiled
+    before timing — a warm-up run of each — and the number of XLA compilations during the timed runs
+    is printed (it must be 0 on both sides). NumPyro's ``MCMC.run`` recompiles its sampling loop on
+    every call (its ``fori_collect`` wraps the cached body in a fresh ``jax.jit`` each time, and the
+    loop's jit keys on that wrapper), so its run is wrapped in one ``jax.jit`` here; this also removes
+    its eager initialisation cost, which only favours NumPyro. Timed: median over interleaved runs
+    with different seeds; ESS: min bulk ESS over all sites (ArviZ), median over the same runs.
+(b) ppinfer's adaptive ``TemperedSMC`` against BlackJAX's ``adaptive_tempered_smc`` on a conjugate
+    Bayesian linear regression (exact ``log Z`` known): the same particles, ESS target (bisection),
+    systematic resampling every step, and the same random-walk MH move (``num_moves`` steps per
+    temperature, Gaussian with per-coordinate scale ``2.38/√d`` × the particles' spread, recomputed
+    each temperature). Wall time of compiled runs (interleaved medians) and ``log Ẑ`` of both.
 
 Ends with ``RESULT nuts_time_ratio_vs_numpyro=<x> tempered_ratio_vs_blackjax=<x>`` (ppinfer time /
-peer time, geometric mean over models; NaN when skipped). ``--quick`` runs shorter chains.
+peer time; NUTS: geometric mean over the models; NaN when BlackJAX is not installed). Targets ≤ 1.1
+and ≤ 1.2. ``--quick`` runs shorter chains, fewer particles and 3 repetitions.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import arviz as az
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
+from jax import monitoring
 from numpyro.infer import MCMC as NumPyroMCMC
 from numpyro.infer import NUTS as NumPyroNUTS
 
@@ -27,130 +42,195 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ppinfer as pp  # noqa: E402
 from models.posteriordb import load  # noqa: E402
+from ppinfer.algorithms.tempered import TemperedSMC  # noqa: E402
 from ppinfer.mcmc import MCMC, NUTS  # noqa: E402
 
 MODELS = ["eight_schools-eight_schools_noncentered", "gp_pois_regr-gp_pois_regr"]
+TARGET_ACCEPT = 0.8
 
-
-def min_ess(chains: dict) -> float:
-    data = {k: np.asarray(v) for k, v in chains.items() if np.asarray(v).ndim >= 2}
-    return float(min(float(np.min(az.ess(az.convert_to_dataset(data))[k].values)) for k in data))
-
-
-def run_ppinfer(model, args, warmup, samples, chains):
-    alg = MCMC(NUTS(), samples, warmup, num_chains=chains)
-    pp.infer(model, *args, algorithm=alg, key=0)  # compile
-    t = time.perf_counter()
-    r = pp.infer(model, *args, algorithm=alg, key=1)
-    return time.perf_counter() - t, min_ess(r.chains())
-
-
-def run_numpyro(model, args, warmup, samples, chains):
-    mcmc = NumPyroMCMC(
-        NumPyroNUTS(model),
-        num_warmup=warmup,
-        num_samples=samples,
-        num_chains=chains,
-        chain_method="vectorized",
-        progress_bar=False,
-        jit_model_args=True,
-    )
-    mcmc.run(jax.random.PRNGKey(0), *args)  # compile
-    t = time.perf_counter()
-    mcmc.run(jax.random.PRNGKey(1), *args)
-    jax.block_until_ready(mcmc.get_samples())
-    return time.perf_counter() - t, min_ess(mcmc.get_samples(group_by_chain=True))
+_COMPILES = [0]
+monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_kw: _COMPILES.__setitem__(0, _COMPILES[0] + 1)
+    if event == "/jax/core/compile/backend_compile_duration"
+    else None
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     a = parser.parse_args()
-    warmup, samples, chains = (200, 200, 2) if a.quick else (500, 1000, 4)
+    t_start = time.perf_counter()
+    warmup, samples, chains, reps = (150, 150, 2, 3) if a.quick else (500, 1000, 4, 5)
+    print(f"(a) NUTS: {warmup} warmup + {samples} samples x {chains} chains, target_accept {TARGET_ACCEPT}")
     print(
-        f"{'model':40s} {'ppinfer s':>9s} {'numpyro s':>9s} {'ESS/s pp':>9s} {'ESS/s np':>9s} {'ratio':>6s}"
+        f"{'model':40s} {'pp s':>7s} {'numpyro s':>9s} {'ESS pp':>7s} {'ESS np':>7s} "
+        f"{'ESS/s pp':>8s} {'ESS/s np':>8s} {'time ratio':>10s} {'ESS/s ratio':>11s} {'compiles':>8s}"
     )
     ratios = []
     for name in MODELS:
-        model, args = load(name)
-        t_pp, ess_pp = run_ppinfer(model, args, warmup, samples, chains)
-        t_np, ess_np = run_numpyro(model, args, warmup, samples, chains)
-        ratios.append(t_pp / t_np)
+        row = bench_nuts(name, warmup, samples, chains, reps)
+        ratios.append(row["t_pp"] / row["t_np"])
         print(
-            f"{name:40s} {t_pp:9.2f} {t_np:9.2f} {ess_pp / t_pp:9.1f} {ess_np / t_np:9.1f} {t_pp / t_np:6.2f}"
+            f"{name:40s} {row['t_pp']:7.2f} {row['t_np']:9.2f} {row['ess_pp']:7.0f} {row['ess_np']:7.0f} "
+            f"{row['ess_pp'] / row['t_pp']:8.1f} {row['ess_np'] / row['t_np']:8.1f} "
+            f"{row['t_pp'] / row['t_np']:10.3f} "
+            f"{(row['ess_pp'] / row['t_pp']) / (row['ess_np'] / row['t_np']):11.3f} {row['compiles']:8d}"
         )
     nuts_ratio = float(np.exp(np.mean(np.log(ratios))))
     if importlib.util.find_spec("blackjax") is None:
-        print("tempered SMC vs BlackJAX: skipped (blackjax is not installed)")
+        print("(b) tempered SMC vs BlackJAX: skipped (blackjax is not installed)")
         tempered_ratio = float("nan")
     else:
-        tempered_ratio = bench_blackjax(a.quick)
+        tempered_ratio = bench_tempered(a.quick)
+    print(f"total wall time {time.perf_counter() - t_start:.1f}s")
     print(
         f"RESULT nuts_time_ratio_vs_numpyro={nuts_ratio:.3f} tempered_ratio_vs_blackjax={tempered_ratio:.3f}"
     )
 
 
-def bench_blackjax(quick: bool) -> float:
-    """ppinfer TemperedSMC vs blackjax.adaptive_tempered_smc (RW-MH moves) on a conjugate model:
-    time ratio of a second (compiled) run."""
-    import blackjax
-    import jax.numpy as jnp
-    import numpyro.distributions as dist
+def bench_nuts(name: str, warmup: int, samples: int, chains: int, reps: int) -> dict:
+    """Median wall time and median min-ESS of ``reps`` interleaved runs of each side."""
+    model, args = load(name)
+    alg = MCMC(NUTS(target_accept_prob=TARGET_ACCEPT), samples, warmup, num_chains=chains)
 
-    from ppinfer.algorithms.tempered import TemperedSMC
+    def run_pp(seed):
+        r = pp.infer(model, *args, algorithm=alg, key=seed)
+        return jax.block_until_ready(r.chains())
 
-    n = 500 if quick else 2000
-    y = np.random.default_rng(0).normal(1.5, 1.0, 50).astype(np.float32)
-
-    def model(y):
-        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
-        with pp.plate("data", y.shape[0]):
-            pp.observe("y", dist.Normal(mu, 1.0), y)
-
-    alg = TemperedSMC(n, num_moves=5)
-    pp.infer(model, y, algorithm=alg, key=0)
-    t = time.perf_counter()
-    pp.infer(model, y, algorithm=alg, key=1)
-    t_pp = time.perf_counter() - t
-
-    def step(key, x):
-        return jax.tree.map(lambda v: v + 0.3 * jax.random.normal(key, v.shape), x)
-
-    prior = lambda x: dist.Normal(0.0, 1.0).log_prob(x["mu"])
-    lik = lambda x: jnp.sum(dist.Normal(x["mu"], 1.0).log_prob(y))
-    smc = blackjax.adaptive_tempered_smc(
-        prior,
-        lik,
-        blackjax.rmh.build_kernel(),
-        blackjax.rmh.init,
-        {"sigma": jnp.array([0.3])}
-        if False
-        else {"transition_generator": lambda k, x: x + 0.3 * jax.random.normal(k, x.shape)},
-        blackjax.smc.resampling.systematic,
-        0.5,
-        num_mcmc_steps=5,
+    mcmc = NumPyroMCMC(
+        NumPyroNUTS(model, target_accept_prob=TARGET_ACCEPT),
+        num_warmup=warmup,
+        num_samples=samples,
+        num_chains=chains,
+        chain_method="vectorized",
+        progress_bar=False,
     )
 
     @jax.jit
-    def run(key):
-        state = smc.init({"mu": jax.random.normal(key, (n,))})
+    def numpyro_run(key, *args):
+        mcmc.run(key, *args)
+        return mcmc.get_samples(group_by_chain=True)
+
+    def run_np(seed):
+        return jax.block_until_ready(numpyro_run(jax.random.PRNGKey(seed), *args))
+
+    run_pp(0), run_np(0)  # compile both
+    before = _COMPILES[0]
+    times, ess = interleaved({"pp": run_pp, "np": run_np}, reps)
+    return {
+        "t_pp": times["pp"],
+        "t_np": times["np"],
+        "ess_pp": ess["pp"],
+        "ess_np": ess["np"],
+        "compiles": _COMPILES[0] - before,
+    }
+
+
+def interleaved(fns: dict, reps: int, seed: int = 100) -> tuple[dict, dict]:
+    """Like ``benchmarks._timing.interleaved_medians`` but also keeps each run's min ESS (computed
+    outside the timed region): ``(median time, median min-ESS)`` per side."""
+    times = {k: [] for k in fns}
+    ess = {k: [] for k in fns}
+    for i in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            chains = fn(seed + i)
+            times[k].append(time.perf_counter() - t0)
+            ess[k].append(min_ess(chains))
+    med = lambda d: {k: statistics.median(v) for k, v in d.items()}
+    return med(times), med(ess)
+
+
+def min_ess(chains: dict) -> float:
+    """Min bulk ESS over every scalar component of every site (``[C, S, …]`` draws)."""
+    data = {k: np.asarray(v) for k, v in chains.items()}
+    ds = az.convert_to_dataset(data)
+    return float(min(float(np.min(az.ess(ds)[k].values)) for k in data))
+
+
+def bench_tempered(quick: bool) -> float:
+    """ppinfer TemperedSMC vs blackjax adaptive_tempered_smc; returns the time ratio."""
+    import blackjax
+    from blackjax.mcmc.random_walk import normal as rw_normal
+    from blackjax.smc import adaptive_tempered, resampling
+
+    n_particles, num_moves, ess_target, reps = (1000, 5, 0.5, 5) if quick else (4000, 5, 0.5, 7)
+    d, n_obs = 8, 100
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n_obs, d)).astype(np.float32)
+    y = (X @ rng.normal(size=d) + rng.normal(size=n_obs)).astype(np.float32)
+    cov = X @ X.T + np.eye(n_obs)
+    exact = float(-0.5 * (y @ np.linalg.solve(cov, y) + np.linalg.slogdet(2 * np.pi * cov)[1]))
+    print(
+        f"(b) tempered SMC on Bayesian linear regression (d={d}, n={n_obs}), {n_particles} particles, "
+        f"{num_moves} RW-MH moves per temperature, ESS target {ess_target}"
+    )
+
+    def model(X, y):
+        beta = pp.sample("beta", dist.Normal(0.0, 1.0).expand([d]).to_event(1))
+        with pp.plate("data", y.shape[0]):
+            pp.observe("y", dist.Normal(X @ beta, 1.0), y)
+
+    alg = TemperedSMC(n_particles, ess_target=ess_target, num_moves=num_moves)
+
+    def run_pp(seed):
+        r = pp.infer(model, X, y, algorithm=alg, key=seed)
+        return r.log_evidence, r.extras["num_steps"]
+
+    log_prior = lambda b: jnp.sum(dist.Normal(0.0, 1.0).log_prob(b))
+    log_lik = lambda b: jnp.sum(dist.Normal(X @ b, 1.0).log_prob(y))
+    rw = blackjax.additive_step_random_walk.build_kernel()
+
+    def rw_step(key, state, logdensity_fn, sigma):
+        return rw(key, state, logdensity_fn, rw_normal(sigma))
+
+    kernel = adaptive_tempered.build_kernel(
+        log_prior, log_lik, rw_step, blackjax.rmh.init, resampling.systematic, ess_target
+    )
+
+    @jax.jit
+    def blackjax_run(key):
+        k0, key = jax.random.split(key)
+        state = adaptive_tempered.init(jax.random.normal(k0, (n_particles, d)))
 
         def cond(c):
-            return c[1].tempering_param < 1
+            return c[1].tempering_param < 1.0
 
         def body(c):
-            k, s = c
-            k, sub = jax.random.split(k)
-            s, _ = smc.step(sub, s)
-            return k, s
+            i, s, log_z = c
+            # The same move scale as ppinfer's: 2.38/sqrt(d) x the particles' per-coordinate sd.
+            mean = s.weights @ s.particles
+            sd = jnp.sqrt(s.weights @ (s.particles - mean) ** 2)
+            sigma = 2.38 / jnp.sqrt(d) * jnp.maximum(sd, 1e-4)
+            s, info = kernel(jax.random.fold_in(key, i), s, num_moves, {"sigma": sigma[None]})
+            return i + 1, s, log_z + info.log_likelihood_increment
 
-        return jax.lax.while_loop(cond, body, (key, state))[1]
+        i, _, log_z = jax.lax.while_loop(cond, body, (0, state, jnp.zeros(())))
+        return log_z, i
 
-    jax.block_until_ready(run(jax.random.PRNGKey(0)))
-    t = time.perf_counter()
-    jax.block_until_ready(run(jax.random.PRNGKey(1)))
-    t_bj = time.perf_counter() - t
-    print(f"tempered SMC: ppinfer {t_pp:.3f}s, blackjax {t_bj:.3f}s")
+    def run_bj(seed):
+        log_z, steps = jax.block_until_ready(blackjax_run(jax.random.PRNGKey(seed)))
+        return float(log_z), int(steps)
+
+    run_pp(0), run_bj(0)  # compile both
+    before = _COMPILES[0]
+    times = {"pp": [], "bj": []}
+    out = {"pp": [], "bj": []}
+    for i in range(reps):
+        for k, fn in (("pp", run_pp), ("bj", run_bj)):
+            t0 = time.perf_counter()
+            out[k].append(fn(100 + i))
+            times[k].append(time.perf_counter() - t0)
+    t_pp, t_bj = statistics.median(times["pp"]), statistics.median(times["bj"])
+    fmt = lambda rs: ", ".join(f"{z:.2f}" for z, _ in rs)
+    print(f"  exact log Z {exact:.3f}")
+    print(f"  ppinfer  log Ẑ per run [{fmt(out['pp'])}], temperatures {[s for _, s in out['pp']]}")
+    print(f"  blackjax log Ẑ per run [{fmt(out['bj'])}], temperatures {[s for _, s in out['bj']]}")
+    print(
+        f"  median wall time: ppinfer {t_pp * 1e3:.1f} ms, blackjax {t_bj * 1e3:.1f} ms, "
+        f"ratio {t_pp / t_bj:.3f}; compilations during timed runs: {_COMPILES[0] - before}"
+    )
     return t_pp / t_bj
 
 

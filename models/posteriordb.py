@@ -76,9 +76,12 @@ def gp_pois_regr(x, k):
     rho = pp.sample("rho", dist.Gamma(25.0, 4.0))
     alpha = pp.sample("alpha", dist.HalfNormal(2.0))
     n = x.shape[0]
-    cov = alpha**2 * jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * rho**2))
-    # Jitter 1e-10 in Stan (float64); float32 Cholesky needs more.
-    chol = jnp.linalg.cholesky(cov + 1e-5 * jnp.eye(n))
+    unit = jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * rho**2))
+    # Jitter 1e-10 in Stan (float64); float32 needs more. chol(K) = α·chol(K/α²): factoring α out
+    # keeps the jitter relative (1e-5, i.e. α²·1e-5 on K). An absolute 1e-5 on α²K falls near float32
+    # round-off once α² ≳ 20, and the potential's round-off noise (up to ~2 nats) then collapses
+    # NUTS's step size in some chains (both NumPyro's MCMC and ppinfer's; bench_mcmc.py).
+    chol = alpha * jnp.linalg.cholesky(unit + 1e-5 * jnp.eye(n))
     f_tilde = pp.sample("f_tilde", dist.Normal(0.0, 1.0).expand([n]).to_event(1))
     f = pp.deterministic("f", chol @ f_tilde)
     with pp.plate("N", n):

@@ -11,12 +11,13 @@ import pytest
 
 import ppinfer as pp
 from models.classic import sprinkler
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ConfigError, ModelError, PPInferError
 from ppinfer.mcmc import (
     MCMC,
     NUTS,
     IndependenceMH,
     MHState,
+    NoEvidenceError,
     ProgrammableMH,
     Regenerate,
     SingleSiteMH,
@@ -167,7 +168,22 @@ def test_nuts_and_mh_recover_conjugate_posterior():
         # 4·MCSE (+ a small floor for the MCSE estimate's own error): ~1e-4 false-failure rate.
         assert abs(float(r.mean("mu")) - post_mean) < 4 * mcse + 0.02
         assert float(r.std("mu")) == pytest.approx(post_sd, rel=0.15)
-        assert np.isnan(r.log_evidence) and r.samples["mu"].shape == (2 * n,)
+        assert r.samples["mu"].shape == (2 * n,)
+
+
+def test_mcmc_result_has_no_evidence():
+    y = np.random.default_rng(1).normal(0.7, 1.0, 10).astype(np.float32)
+    r = pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 20, 5, num_chains=2), key=0)
+    with pytest.raises(NoEvidenceError, match="TemperedSMC"):
+        _ = r.log_evidence
+    with pytest.raises(PPInferError):  # the ppinfer error hierarchy catches it
+        _ = r.log_evidence
+    # An AttributeError too: generic code that probes for the attribute sees it as absent.
+    assert not hasattr(r, "log_evidence") and getattr(r, "log_evidence", None) is None
+    # The other Result conventions hold: equal weights summing to one, a readable summary.
+    np.testing.assert_allclose(float(jax.scipy.special.logsumexp(r.log_weights)), 0.0, atol=1e-5)
+    text = repr(r)
+    assert "2 chains x 20 draws" in text and "r_hat=" in text and "log_evidence" not in text
 
 
 def test_mcmc_errors():

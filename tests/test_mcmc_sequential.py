@@ -1,5 +1,6 @@
 """Resample-move SMC and PMMH on a linear-Gaussian state-space model with an unknown static
-coefficient ``a``, against the exact posterior of ``a`` on a grid (Kalman likelihood)."""
+coefficient ``a``, against the exact posterior of ``a`` on a grid (Kalman likelihood); resample-move
+with suffix regeneration on a token-level program over an exact bigram LM, against enumeration."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,11 @@ import pytest
 
 import ppinfer as pp
 from models.classic import simulate_lgssm
+from ppinfer import tokens as tk
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
 from ppinfer.errors import ConfigError, ModelError
-from semantics import kalman_filter
+from ppinfer.lm import NGramLM
+from semantics import Measure, kalman_filter
 
 Q, R, P0, PRIOR_SD = 0.5, 0.5, 1.0, 0.5
 
@@ -65,8 +68,72 @@ def test_resample_move_errors():
         ResampleMoveSMC(10, move_sites=())
     with pytest.raises(ConfigError):
         ResampleMoveSMC(10, move_sites=("a",), num_moves=0)
+    with pytest.raises(ConfigError, match="no move"):
+        ResampleMoveSMC(10)
+    with pytest.raises(ConfigError, match="regenerate_suffix"):
+        ResampleMoveSMC(10, regenerate_suffix=0)
     ys = np.zeros(3, np.float32)
     with pytest.raises(ModelError, match="not a latent site"):
         pp.infer(PROGRAM, ys, algorithm=ResampleMoveSMC(10, move_sites=("b",)))
     with pytest.raises(ConfigError, match="sequential"):
         pp.infer(lambda: None, algorithm=ResampleMoveSMC(10, move_sites=("a",)))
+
+
+# A token-level program on an exact bigram LM over {EOS, a, b, c} (prompt [EOS]): no token repeats the
+# previous one (a hard constraint), token 2 is rewarded, EOS stops the particle.
+EOS, T_TOK = 0, 3
+BIGRAM = NGramLM.from_probs(
+    np.array(
+        [
+            [0.05, 0.45, 0.30, 0.20],
+            [0.30, 0.10, 0.40, 0.20],
+            [0.25, 0.35, 0.10, 0.30],
+            [0.40, 0.20, 0.30, 0.10],
+        ]
+    ),
+    bos_id=EOS,
+)
+PROMPT = tk.prompt(BIGRAM, [EOS], T_TOK)
+
+
+def tok_step(ctx, t, p):
+    tok = pp.sample("tok", ctx.next_token())
+    pp.condition("no_repeat", (tok != previous(ctx)) | (tok == EOS))
+    pp.factor("likes_b", 0.7 * (tok == 2))
+    pp.stop(tok == EOS)
+    return ctx.extend(p, tok)
+
+
+def previous(ctx):
+    return jnp.where(ctx.length > 0, ctx.tokens[jnp.maximum(ctx.length - 1, 0)], -1)
+
+
+def locally_constrained(ctx, t, p):
+    allowed = (jnp.arange(4) != previous(ctx)) | (jnp.arange(4) == EOS)
+    pp.sample("tok", tk.masked_next_token(ctx, allowed))
+
+
+TOKENS = pp.sequential(tk.Context.start, tok_step, T_TOK)
+
+
+def sequence_measure(result) -> Measure:
+    toks, active = np.asarray(result.samples["tok"]), np.asarray(result.extras["active"])
+    w = np.asarray(result.weights, np.float64)
+    return Measure((tuple(toks[i][active[i]].tolist()), w[i]) for i in range(len(w))).normalized()
+
+
+def test_token_suffix_regeneration_matches_exact_posterior():
+    """Resampling at every step, then two MH moves redrawing each particle's last 2 tokens from the
+    locally constrained proposal (the acceptance ratio uses its p/q weights; suffixes may stop at a
+    different step). The final weighted sequences match enumeration: on this 40-outcome posterior
+    the Monte Carlo TV at N = 4·10^4 is ≈ 0.010 ± 0.0015 (tests/test_tokens.py), so 0.02 is a
+    > 6-sigma bound. Dropping the old suffix's weight from the ratio gives TV = 0.155 (checked by hand)."""
+    exact = pp.infer(TOKENS, PROMPT, algorithm=pp.Enumerate())
+    alg = ResampleMoveSMC(
+        40_000, regenerate_suffix=2, num_moves=2, ess_threshold=1.0, proposal=locally_constrained
+    )
+    r = pp.infer(TOKENS, PROMPT, algorithm=alg, key=0)
+    assert sequence_measure(r).tv(sequence_measure(exact)) < 0.02
+    rates = np.asarray(r.extras["suffix_acceptance_rate"])
+    assert np.all((rates > 0.2) & (rates < 1.0)), rates  # the moves do move, and do reject
+    assert abs(r.log_evidence - exact.log_evidence) < 0.05

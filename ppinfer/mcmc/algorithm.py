@@ -25,12 +25,12 @@ from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import split_args
-from ppinfer.errors import ConfigError
+from ppinfer.errors import ConfigError, InferenceError
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 from ppinfer.traced import latent_sites
 
-__all__ = ["MCMC", "MCMCResult", "run_chains"]
+__all__ = ["MCMC", "MCMCResult", "NoEvidenceError", "run_chains"]
 
 
 @dataclass(frozen=True)
@@ -80,21 +80,48 @@ class MCMC:
         return MCMCResult(
             samples=samples,
             log_weights=jnp.full((n,), -math.log(n)),
-            log_evidence=float("nan"),
+            log_evidence=None,
             algorithm=f"{self.name}({type(self.kernel).__name__})",
             wall_time=time.perf_counter() - t0,
             extras={"num_chains": self.num_chains, "info": infos},
         )
 
 
+class NoEvidenceError(InferenceError, AttributeError):
+    """Raised on reading :attr:`MCMCResult.log_evidence`: MCMC draws from the normalised posterior and
+    gives no estimate of the evidence ``p(y)``. Also an ``AttributeError``, so
+    ``getattr(result, "log_evidence", None)`` and ``hasattr`` treat the attribute as absent."""
+
+
 class MCMCResult(Result):
-    """A :class:`~ppinfer.Result` of equally weighted MCMC draws (``log_weights = −log N``). MCMC gives
-    no evidence estimate: ``log_evidence`` is NaN. ``extras["num_chains"]`` chains of equal length are
-    stored chain-major; ``extras["info"]`` holds the kernel's per-draw info ``[C, S, …]``."""
+    """A :class:`~ppinfer.Result` of equally weighted MCMC draws (``log_weights = −log N``, so
+    ``logsumexp(log_weights) = 0``: the weights carry no evidence information).
+
+    MCMC gives no evidence estimate: reading ``log_evidence`` raises :class:`NoEvidenceError` (use
+    :class:`~ppinfer.algorithms.tempered.TemperedSMC` for ``log Ẑ``). ``extras["num_chains"]`` chains
+    of equal length are stored chain-major; ``extras["info"]`` holds the kernel's per-draw info
+    ``[C, S, …]``."""
+
+    @property
+    def log_evidence(self) -> float:
+        raise NoEvidenceError(
+            f"{self.algorithm} gives no evidence estimate: MCMC draws from the normalised posterior, "
+            "so log p(y) is unknown. Use TemperedSMC (ppinfer.algorithms.tempered) or SMC for log Ẑ."
+        )
+
+    @log_evidence.setter
+    def log_evidence(self, value: None) -> None:
+        # Result's constructor assigns the field; an MCMC result has no value to store.
+        if value is not None:
+            raise ConfigError("MCMCResult has no evidence estimate: construct it with log_evidence=None")
+
+    @property
+    def num_chains(self) -> int:
+        return int(self.extras["num_chains"])
 
     def chains(self) -> dict[str, jax.Array]:
         """Site name → ``[C, S, …]`` draws."""
-        c = self.extras["num_chains"]
+        c = self.num_chains
         return {k: jnp.reshape(v, (c, -1, *v.shape[1:])) for k, v in self.samples.items()}
 
     def to_arviz(self, key: int | jax.Array = 0):
@@ -102,6 +129,24 @@ class MCMCResult(Result):
         import arviz as az
 
         return az.from_dict(posterior={k: np.asarray(v) for k, v in self.chains().items()})
+
+    def __repr__(self) -> str:
+        from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+        c = self.num_chains
+        lines = [f"MCMCResult({self.algorithm}, {c} chains x {self.num_particles // c} draws, no evidence)"]
+        for name, value in self.chains().items():
+            x = np.asarray(value)
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+                lines.append(f"  {name}: shape={x.shape[2:]}")
+                continue
+            x = x.astype(np.float64)
+            r_hat = float(split_gelman_rubin(x)) if x.shape[1] >= 4 else float("nan")
+            ess = float(effective_sample_size(x)) if x.shape[1] >= 4 else float("nan")
+            lines.append(
+                f"  {name}: mean={x.mean():.4g} sd={x.std():.4g} r_hat={r_hat:.3f} ess={ess:.0f}"
+            )
+        return "\n".join(lines)
 
 
 def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MCMC) -> tuple[dict, Any]:
