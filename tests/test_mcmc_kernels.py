@@ -16,6 +16,7 @@ from ppinfer.mcmc import (
     MCMC,
     NUTS,
     IndependenceMH,
+    MCMCResult,
     MHState,
     NoEvidenceError,
     ProgrammableMH,
@@ -184,6 +185,8 @@ def test_mcmc_result_has_no_evidence():
     np.testing.assert_allclose(float(jax.scipy.special.logsumexp(r.log_weights)), 0.0, atol=1e-5)
     text = repr(r)
     assert "2 chains x 20 draws" in text and "r_hat=" in text and "log_evidence" not in text
+    with pytest.raises(ConfigError, match="no evidence"):
+        MCMCResult(samples={}, log_weights=r.log_weights, log_evidence=1.0, algorithm="MCMC")
 
 
 def test_mcmc_errors():

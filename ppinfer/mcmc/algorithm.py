@@ -110,9 +110,10 @@ class MCMCResult(Result):
         )
 
     @log_evidence.setter
-    def log_evidence(self, value: None) -> None:
-        # Result's constructor assigns the field; an MCMC result has no value to store.
-        if value is not None:
+    def log_evidence(self, value: float | None) -> None:
+        # Result's constructor assigns the field; an MCMC result has no value to store (None, or NaN
+        # from callers written for the old convention).
+        if value is not None and not math.isnan(float(value)):
             raise ConfigError("MCMCResult has no evidence estimate: construct it with log_evidence=None")
 
     @property
