@@ -1,5 +1,6 @@
 """Tutorial: learned proposals and twists for SMC — a state-space model and a constrained LM program."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: models/, semantics/
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

@@ -208,8 +208,8 @@ def next_values(
     num_steps: int,
 ) -> jax.Array:
     """``f32[V]``: ``λ ψ_θ(x_{1:t} v)`` (``λ = twist.strength``) for every next token ``v`` of a
-    prefix whose context has next-token log-probabilities ``logp: f32[V]`` and automaton state ``state: i32[]``, at step
-    ``t: i32[]`` (``t`` tokens generated so far, ``0 ≤ t < num_steps``).
+    prefix whose context has next-token log-probabilities ``logp: f32[V]`` and automaton state
+    ``state: i32[]``, at step ``t: i32[]`` (``t`` tokens generated so far, ``0 ≤ t < num_steps``).
 
     Allowed non-EOS tokens get the network's ``log σ(ℓ) ≤ 0`` — except at the last step
     (``t = num_steps − 1``), where they get ``−1e30`` (the budget is spent); an allowed EOS gets 0;
