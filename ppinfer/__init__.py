@@ -6,6 +6,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 
 from ppinfer import mcmc, updates, vi
 from ppinfer.algorithms import SMC, Enumerate, Importance
+from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
 from ppinfer.algorithms.tempered import DataAnnealedSMC, TemperedSMC
@@ -39,6 +40,7 @@ __all__ = [
     "Enumerate",
     "ResampleMoveSMC",
     "PMMH",
+    "ParticleGibbs",
     "TemperedSMC",
     "DataAnnealedSMC",
     "MCMC",
