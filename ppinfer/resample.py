@@ -105,7 +105,7 @@ def _inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
     particles are never chosen. Float round-off at the top (``u·c`` rounding up to ``c``) is clamped
     to the float just below ``c = c_{N−1}``: the cumulative sum is non-decreasing, so the index found
     is at most the last particle with positive weight (where the sum first reaches ``c``)."""
-    cdf = jnp.cumsum(probs)
+    cdf = jnp.cumsum(jax.lax.stop_gradient(probs))  # ancestors are integers: no gradient flows
     top = cdf[-1]
     value = jnp.minimum(positions * top, jnp.nextafter(top, jnp.zeros_like(top)))
     return jnp.searchsorted(cdf, value, side="right").astype(jnp.int32)
