@@ -53,6 +53,7 @@ def save(posterior: Posterior, path: str | os.PathLike) -> None:
         "history/resampled": posterior.resampled,
         "history/log_evidence_history": posterior.log_evidence_history,
         "history/acceptance_rate": posterior.extras["acceptance_rate"],
+        "history/stages": posterior.extras["stages"],
     }
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
     header = {
@@ -81,7 +82,10 @@ def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -
         raise CheckpointError(f"{path}: unknown format {header.get('format')!r}, expected {FORMAT!r}")
     if _checksum(arrays) != header.get("checksum"):
         raise CheckpointError(f"{path}: the arrays do not match their checksum (corrupt file)")
-    saved_cfg = header["config"]
+    saved_cfg = dict(header["config"])
+    # Files written before adaptive tempering existed ran plain IBIS.
+    saved_cfg.setdefault("tempering_ess", None)
+    saved_cfg.setdefault("max_stages", IBIS.max_stages)
     if algorithm is None:
         if saved_cfg["sufficient_statistics"] is not None:
             raise CheckpointError(
@@ -110,6 +114,7 @@ def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -
         data=data,
     )
     history = {k: arrays[f"history/{k}"] for k in _HISTORY}
+    history["stages"] = arrays.get("history/stages", np.ones(step, np.int32))
     return Posterior.from_state(program, algorithm, state, history)
 
 
@@ -184,6 +189,8 @@ def _config_json(cfg: IBIS) -> dict:
         "sufficient_statistics": None if stats is None else program_identity(stats),
         "combine": None if cfg.combine is None else program_identity(cfg.combine),
         "version": cfg.version,
+        "tempering_ess": None if cfg.tempering_ess is None else float(cfg.tempering_ess),
+        "max_stages": int(cfg.max_stages),
     }
 
 
