@@ -13,6 +13,7 @@ statistical checks of the whole algorithm (``E[Ẑ] = Z`` with :func:`semantics.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -57,12 +58,15 @@ def select_outcomes(
         else:
             cells = [_cells(cuts(j)) if j >= kept else [(0.5, 1.0)] for j in range(n)]
         combos = list(itertools.product(*cells))
-        mids = jnp.asarray([[m for m, _ in combo] for combo in combos])
+        mids = np.asarray([[m for m, _ in combo] for combo in combos])
         lengths = [math.prod(length for _, length in combo) for combo in combos]
-        indices, new_lw, _ = jax.vmap(lambda u: select_fn(scheme, u, lw, n))(mids)
+        # Padded to a power of two so that weight vectors of one length share a compiled function.
+        rows = 1 << (len(combos) - 1).bit_length()
+        mids = np.concatenate([mids, np.full((rows - len(combos), mids.shape[1]), 0.5)])
+        indices, new_lw, _ = _batched(select_fn, scheme, n)(jnp.asarray(mids), lw)
         return [
             (p, tuple(int(i) for i in idx), tuple(float(w) for w in nw))
-            for p, idx, nw in zip(lengths, np.asarray(indices), np.asarray(new_lw), strict=True)
+            for p, idx, nw in zip(lengths, np.asarray(indices), np.asarray(new_lw), strict=False)
         ]
 
 
@@ -105,3 +109,8 @@ def steer_replicates(
         return jax.vmap(one)(keys)
 
     return jax.device_get(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))
+
+
+@functools.cache
+def _batched(select_fn: SelectFn, scheme: str, n: int) -> Callable:
+    return jax.jit(jax.vmap(lambda u, lw: select_fn(scheme, u, lw, n), in_axes=(0, None)))

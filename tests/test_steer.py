@@ -100,20 +100,23 @@ def exact(name):
 
 # --- the selection block, exactly -------------------------------------------------------------
 
+# Eight children each: one above the threshold for n = 3 and zero weights; ties (everything at the
+# threshold); two dominant children; fewer positive weights than slots for n = 3.
 WEIGHT_VECTORS = [
-    [0.5, 0.1, 0.05, 0.2, 0.15, 0.0, 0.3],  # one child above the threshold for n = 3, a zero weight
-    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # ties: everything at the threshold
-    [5.0, 0.01, 0.02, 0.01, 3.0, 0.02, 0.01, 0.03],  # two dominant children
-    [0.3, 0.0, 0.0, 0.7],  # fewer positive weights than slots for n = 3
+    [0.5, 0.1, 0.05, 0.2, 0.15, 0.0, 0.3, 0.0],
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    [5.0, 0.01, 0.02, 0.01, 3.0, 0.02, 0.01, 0.03],
+    [0.3, 0.0, 0.0, 0.7, 0.0, 0.0, 0.0, 0.0],
 ]
 
 
 @pytest.mark.parametrize("scheme", ["systematic", "stratified"])
-@pytest.mark.parametrize("weights", WEIGHT_VECTORS)
-def test_select_preserves_the_measure_exactly(scheme, weights):
-    lw = np.log(np.asarray(weights))
-    for n in (1, 2, 3, 5, len(weights), len(weights) + 2):
-        assert check_select(scheme, lw, n) < 1e-12, n
+def test_select_preserves_the_measure_exactly(scheme):
+    with np.errstate(divide="ignore"):
+        log_weights = [np.log(np.asarray(w)) for w in WEIGHT_VECTORS]
+    for lw in log_weights:
+        for n in (1, 3, 8, 10):  # 8: every child kept; 10: more slots than children
+            assert check_select(scheme, lw, n) < 1e-12, (lw, n)
 
 
 def test_systematic_select_keeps_heavy_children_distinct_and_preserves_mass():

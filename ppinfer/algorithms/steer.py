@@ -188,7 +188,7 @@ def steer_run(
     def body(seq: Sequential, key_t):
         k_adv, k_sel = jax.random.split(key_t)
         children = extend(seq.population, k)
-        active = ~children.particles.done
+        active = jnp.repeat(~seq.population.particles.done, k)
         grown, info = advance(k_adv, Sequential(children, seq.t), program, args, proposal)
         pop, chosen, kept = select(k_sel, grown.population, n, scheme)
         record = (
