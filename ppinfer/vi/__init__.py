@@ -7,6 +7,7 @@ sampled site (:mod:`ppinfer.vi.estimators`); :class:`VI` optimises one with ``op
 """
 
 from ppinfer.vi.algorithm import VI, FitState, StepInfo, build_step, fit, init_fit_state
+from ppinfer.vi.calibration import VSBCResult, vsbc
 from ppinfer.vi.density import Particles, log_density_ratio, sample_particles
 from ppinfer.vi.estimators import ENUMERATE, REINFORCE, REPARAM, choose_estimator
 from ppinfer.vi.objectives import Objective, elbo, expectation, iwelbo, renyi, rws, wake_p, wake_q
@@ -30,6 +31,8 @@ __all__ = [
     "wake_q",
     "rws",
     "VSMC",
+    "vsbc",
+    "VSBCResult",
     "Particles",
     "log_density_ratio",
     "sample_particles",
