@@ -21,8 +21,16 @@ The checkpoint is the embedded default model (``models/default_lm``) exported by
 ``_hf_export.export_gpt2`` to a temporary local HF folder (weights, config and tokenizer; no hub
 access); its logits are checked against the JAX model first. The peer caches are cleared before
 every run (no memoised prefixes across runs); every timed run re-runs the prompt for all systems.
-Times are medians of ``--reps`` runs after a warm-up run (which holds ppinfer's compilation),
-interleaved in one process (``_timing.interleaved_medians``).
+Times are medians of ``--reps`` runs after a warm-up run (ppinfer compiles once per size; the
+peers, with nothing to compile, warm up once at the first size), interleaved in one process
+(``_timing.interleaved_medians``). Peer tuning: auto-batching ``batch_size = N`` (a full batch is
+evaluated at once) and a 1 ms timeout (``--timeout``; it only matters once some particles have
+finished), and torch with one intra-op thread (``--torch-threads``): on the shared 2-core machine
+llamppl's N=16, T=20 run took 23.0 s with torch's default 2 threads and 3.6 s with 1. JAX keeps
+its defaults. Both peers' CPU path is genlm-backend's ``AsyncTransformer`` (HF transformers; vLLM
+is GPU-only and is not installed): it keeps the prompt's KV cache but re-runs every generated
+token of a sequence at each step, so its cost per run grows like N·T², where ppinfer's particle
+KV cache makes it N·T.
 
 Needs the ``peers`` extra (``pip install torch==2.13.0`` first, then llamppl and genlm-control);
 without it the script prints why and exits 0. Ends with
