@@ -38,14 +38,20 @@ and a ratio involving it as a lower bound. The RESULT line's ``budget_ratio_beam
 beam's budget / PF's budget to reach the target ``a* = PF's accuracy at budget 4`` (exact verifier);
 censored, it is 64 / PF's budget (a lower bound, flagged in the printout).
 
-    .venv/bin/python benchmarks/bench_reasoning_scaling.py                 # 8 problems per size
-    .venv/bin/python benchmarks/bench_reasoning_scaling.py --per-size 4
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py                 # 8 problems per size (24)
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py --per-size 10 --resume   # add to the log
+    .venv/bin/python benchmarks/bench_reasoning_scaling.py --per-size 10 --report   # table from the log
     .venv/bin/python benchmarks/bench_reasoning_scaling.py --quick         # 1 problem, budget 4
 
-Most of a small run is compilation (one step loop per program variant and particle count, ~5–8 s
-each on an idle core, several times that on a shared one; host callbacks keep them out of JAX's
-persistent cache). The exact and the noisy verifier share compiled loops: the PRM is one
-:class:`Switch` object whose current verifier is chosen between runs (it is called from the host).
+Problems are interleaved by size and a problem's keys depend only on its position, so a
+``--per-size 4`` run followed by ``--per-size 10 --resume`` gives the figures of one
+``--per-size 10`` run. On the shared 2-core machine (load average ~20) a problem costs 30–100 s
+wall (~110 s with the 64-particle runs of a 4-operand problem), and every fresh process first pays
+~13 compilations (one step loop per program variant and particle count, ~5–8 s each on an idle
+core, ~7 min in all under that load; host callbacks keep them out of JAX's persistent cache): the
+default 24 problems take about 25 minutes there. The exact and the noisy verifier share compiled
+loops: the PRM is one :class:`Switch` object whose current verifier is chosen between runs (it is
+called from the host).
 """
 
 from __future__ import annotations
@@ -148,7 +154,7 @@ def pooled(pool: dict, n: int, prm, orm) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 problem (size 3), budget 4")
-    parser.add_argument("--per-size", type=int, default=4, help="problems per size (full run)")
+    parser.add_argument("--per-size", type=int, default=8, help="problems per size (full run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="the plot; the per-problem log is its .jsonl")
     parser.add_argument(
         "--resume", action="store_true", help="keep the problems already in the .jsonl log, run the rest"
