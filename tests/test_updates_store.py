@@ -1,5 +1,6 @@
 """Saving, loading and resuming an IBIS posterior; clear errors for bad batches and bad files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 import ppinfer as pp
 from models.classic import beta_bernoulli
 from ppinfer.errors import CheckpointError, ConfigError, DataError, ModelError, ZeroEvidenceError
 from ppinfer.updates import IBIS, load, program_identity, save
+from ppinfer.updates.store import _checksum
 
 ROOT = Path(__file__).resolve().parents[1]
 T, B = 6, 8
@@ -122,6 +126,26 @@ def test_load_errors(tmp_path):
         load(corrupt, beta_bernoulli(2.0, 3.0))
 
 
+def test_file_without_tempering_settings_loads_as_plain_ibis(tmp_path):
+    # Files written before adaptive tempering existed have no tempering settings: they ran plain IBIS.
+    path = tmp_path / "p.safetensors"
+    save(stream(2), path)
+    with safe_open(str(path), framework="numpy") as f:
+        header = json.loads(f.metadata()["ppinfer"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for k in ("tempering_ess", "max_stages"):
+        del header["config"][k]
+    del arrays["history/stages"]
+    save_file(arrays, str(path), metadata={"ppinfer": json.dumps(header)})
+    with pytest.raises(CheckpointError, match="checksum"):  # the checksum covers every array
+        load(path, PROGRAM)
+    header["checksum"] = _checksum(arrays)
+    save_file(arrays, str(path), metadata={"ppinfer": json.dumps(header)})
+    old = load(path, PROGRAM)
+    assert old.config.tempering_ess is None and old.step == 2
+    np.testing.assert_array_equal(old.extras["stages"], [1, 1])
+
+
 def test_statistics_posterior_needs_its_algorithm_to_load(tmp_path):
     stats = lambda y: (jnp.float32(y.shape[0]), jnp.sum(y))
 
@@ -166,6 +190,10 @@ def test_config_and_model_errors():
         IBIS(num_moves=0)
     with pytest.raises(ConfigError):
         IBIS(ess_threshold=1.5)
+    with pytest.raises(ConfigError, match="tempering_ess"):
+        IBIS(tempering_ess=1.0)
+    with pytest.raises(ConfigError, match="max_stages"):
+        IBIS(max_stages=0)
     with pytest.raises(ConfigError, match="static program"):
         pp.infer(pp.sequential(lambda: 0.0, lambda s, t: s, 2), algorithm=IBIS(8))
 

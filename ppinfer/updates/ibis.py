@@ -454,7 +454,8 @@ def update_state(
         return target
 
     def cond_fn(c):
-        return c["lam"] < 1.0
+        # Stop early if every particle has weight zero (the caller raises ZeroEvidenceError).
+        return (c["lam"] < 1.0) & jnp.isfinite(logsumexp(c["lw"]))
 
     def body(c):
         k_stage_res = jax.random.fold_in(k_res, c["stage"])
