@@ -169,7 +169,7 @@ R, N_REP, K_REP = 4000, 8, 4
 
 
 @pytest.mark.parametrize("name", ["condition", "unconstrained", "regex"])
-def test_steer_evidence_unbiased_and_expected_measure_exact(name):
+def test_steer_evidence_unbiased_and_pooled_particles_match_posterior(name):
     measure, log_z = exact(name)
     program, args, proposal = PROGRAMS[name]
     out = steer_replicates(program, args, R, N_REP, K_REP, key=1, proposal=proposal)
