@@ -5,7 +5,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 """
 
 from ppinfer import mcmc, updates, vi
-from ppinfer.algorithms import SMC, Enumerate, Importance
+from ppinfer.algorithms import SMC, Enumerate, Importance, Steer
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "infer",
     "SMC",
+    "Steer",
     "Importance",
     "Enumerate",
     "ResampleMoveSMC",

@@ -3,5 +3,6 @@
 from ppinfer.algorithms.enumerate import Enumerate
 from ppinfer.algorithms.importance import Importance
 from ppinfer.algorithms.smc import SMC
+from ppinfer.algorithms.steer import Steer
 
-__all__ = ["Enumerate", "Importance", "SMC"]
+__all__ = ["Enumerate", "Importance", "SMC", "Steer"]
