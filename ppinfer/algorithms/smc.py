@@ -33,6 +33,7 @@ from ppinfer.suspended import Sequential, advance, match_state, start
 __all__ = [
     "SMC",
     "run_smc",
+    "run_checked",
     "smc_run",
     "smc_batch",
     "particle_sharding",
@@ -118,25 +119,7 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
 
         return compiled
 
-    fn, new = cached_jit(cache_key, build)
-    if new:
-        try:
-            _dry_run(program, args, cfg)
-        except Exception:
-            forget(cache_key)  # a program that failed its checks must be checked again next time
-            raise
-    out = jax.block_until_ready(fn(key, dyn))
-    checks.raise_on_nan_sites(out["nan_sites"], "SMC")
-    log_z = float(out["log_evidence"])
-    if not np.isfinite(log_z):
-        history = np.asarray(out["log_evidence_history"])
-        dead = np.flatnonzero(~np.isfinite(history))
-        where = (
-            "after init"
-            if not np.isfinite(float(out["log_evidence_init"]))
-            else (f"after step {int(dead[0])}" if dead.size else "at the end")
-        )
-        checks.raise_if_dead(log_z, where, cfg.num_particles)
+    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "SMC")
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
     traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"]))
     return Result(
@@ -152,6 +135,44 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         wall_time=time.perf_counter() - t0,
         extras=DeferredExtras({"site_kinds": site_kinds}, {"active": Deferred(lambda: traced()["active"])}),
     )
+
+
+def run_checked(
+    cache_key: Any,
+    build: Callable,
+    key: jax.Array,
+    dyn: Any,
+    program: SequentialProgram,
+    args: tuple,
+    cfg: Any,
+    name: str,
+) -> tuple[dict, float]:
+    """Run a particle algorithm's compiled core (cached under ``cache_key``; ``build()`` makes it:
+    ``fn(key, dyn)`` returning a dict with ``log_evidence``, ``log_evidence_init``,
+    ``log_evidence_history`` and ``nan_sites``) with the checks every such run needs: one eager
+    one-particle dry run per compilation (clear model errors), NaN sites, and a dead population
+    (log Ẑ = −inf), reported with the step where every particle became impossible. Returns
+    ``(out, log_z)``."""
+    fn, new = cached_jit(cache_key, build)
+    if new:
+        try:
+            _dry_run(program, args, cfg)
+        except Exception:
+            forget(cache_key)  # a program that failed its checks must be checked again next time
+            raise
+    out = jax.block_until_ready(fn(key, dyn))
+    checks.raise_on_nan_sites(out["nan_sites"], name)
+    log_z = float(out["log_evidence"])
+    if not np.isfinite(log_z):
+        history = np.asarray(out["log_evidence_history"])
+        dead = np.flatnonzero(~np.isfinite(history))
+        where = (
+            "after init"
+            if not np.isfinite(float(out["log_evidence_init"]))
+            else (f"after step {int(dead[0])}" if dead.size else "at the end")
+        )
+        checks.raise_if_dead(log_z, where, cfg.num_particles)
+    return out, log_z
 
 
 def smc_run(

@@ -39,11 +39,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, forget, split_args
-from ppinfer.algorithms.smc import _dry_run, sample_names
+from ppinfer._compile import split_args
+from ppinfer.algorithms.smc import run_checked, sample_names
 from ppinfer.errors import ConfigError
 from ppinfer.population import Population, ess, gather, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
@@ -124,25 +123,7 @@ def run_steer(key: jax.Array, program: SequentialProgram, args: tuple, cfg: Stee
 
         return compiled
 
-    fn, new = cached_jit(cache_key, build)
-    if new:
-        try:
-            _dry_run(program, args, cfg)
-        except Exception:
-            forget(cache_key)  # a program that failed its checks must be checked again next time
-            raise
-    out = jax.block_until_ready(fn(key, dyn))
-    checks.raise_on_nan_sites(out["nan_sites"], "Steer")
-    log_z = float(out["log_evidence"])
-    if not np.isfinite(log_z):
-        history = np.asarray(out["log_evidence_history"])
-        dead = np.flatnonzero(~np.isfinite(history))
-        where = (
-            "after init"
-            if not np.isfinite(float(out["log_evidence_init"]))
-            else (f"after step {int(dead[0])}" if dead.size else "at the end")
-        )
-        checks.raise_if_dead(log_z, where, cfg.num_particles)
+    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "Steer")
     samples, site_kinds = sample_names(out["init_choices"], out["trajectories"])
     return Result(
         samples=samples,
