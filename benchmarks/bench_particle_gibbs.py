@@ -23,44 +23,20 @@ import sys
 from pathlib import Path
 
 import arviz as az
-import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ppinfer as pp  # noqa: E402
 from benchmarks._timing import interleaved_medians  # noqa: E402
-from models.classic import simulate_lgssm  # noqa: E402
+from models.classic import lgssm_unknown_coefficient, simulate_lgssm  # noqa: E402
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs  # noqa: E402
-from semantics import kalman_filter  # noqa: E402
+from semantics.exact import lgssm_coefficient_posterior  # noqa: E402
 
 Q, C, R, A_TRUE = 0.5, 1.0, 0.5, 0.7
 
 
-def prior(ys):
-    pp.sample("a", dist.Uniform(-1.0, 1.0))
-
-
-def init(theta, ys):
-    return jnp.zeros(())
-
-
-def step(x, t, theta, ys):
-    loc = jnp.where(t == 0, 0.0, theta["a"] * x)
-    x = pp.sample("x", dist.Normal(loc, jnp.sqrt(jnp.where(t == 0, 1.0, Q))))
-    pp.observe("y", dist.Normal(C * x, np.sqrt(R)), ys[t])
-    return x
-
-
-PROGRAM = pp.sequential(init, step, lambda theta, ys: ys.shape[0])
-
-
-def exact_mean(ys: np.ndarray) -> float:
-    grid = np.linspace(-0.999, 0.999, 2001)
-    log_lik = np.array([kalman_filter(a, Q, C, R, 0.0, 1.0, ys)[0] for a in grid])
-    w = np.exp(log_lik - log_lik.max())
-    return float(np.sum(w * grid) / np.sum(w))
+PRIOR, PROGRAM = lgssm_unknown_coefficient(Q, C, R)
 
 
 def main() -> None:
@@ -72,13 +48,13 @@ def main() -> None:
     else:
         num_steps, n, chains, samples, warmup, reps = 100, 20, 4, 2000, 500, 3
     ys = simulate_lgssm(5, num_steps, A_TRUE, Q, C, R)
-    truth = exact_mean(ys)
+    truth = lgssm_coefficient_posterior(ys, Q, C, R)[0]
     print(f"LGSSM T={num_steps}, N={n} particles, {chains} chains x {samples} sweeps (+{warmup} warm-up)")
     print(f"exact posterior mean of a: {truth:.4f}")
 
     configs = {
-        "plain": ParticleGibbs(n, samples, warmup, chains, prior=prior),
-        "ancestor": ParticleGibbs(n, samples, warmup, chains, prior=prior, ancestor_sampling=True),
+        "plain": ParticleGibbs(n, samples, warmup, chains, prior=PRIOR),
+        "ancestor": ParticleGibbs(n, samples, warmup, chains, prior=PRIOR, ancestor_sampling=True),
     }
     results: dict[str, pp.Result] = {}
 

@@ -13,7 +13,15 @@ import numpyro.distributions as dist
 
 import ppinfer as pp
 
-__all__ = ["sprinkler", "discrete_hmm", "lgssm", "simulate_lgssm", "simulate_hmm", "beta_bernoulli"]
+__all__ = [
+    "sprinkler",
+    "discrete_hmm",
+    "lgssm",
+    "lgssm_unknown_coefficient",
+    "simulate_lgssm",
+    "simulate_hmm",
+    "beta_bernoulli",
+]
 
 
 def sprinkler(wet: bool = True):
@@ -62,6 +70,28 @@ def lgssm(a: float, q: float, c: float, r: float, m0: float = 0.0, p0: float = 1
         return x
 
     return pp.sequential(init, step, num_steps=lambda ys: ys.shape[0])
+
+
+def lgssm_unknown_coefficient(q: float, c: float, r: float):
+    """The LGSSM of :func:`lgssm` (``m0 = 0``, ``p0 = 1``) with its AR coefficient a static
+    parameter ``a ~ Uniform(−1, 1)``, in the form PMMH and particle Gibbs take: returns
+    ``(prior, program)``, ``prior(ys)`` sampling ``"a"`` and ``program`` a sequential program whose
+    ``init``/``step`` read ``theta["a"]``. Exact answer:
+    :func:`semantics.exact.lgssm_coefficient_posterior`."""
+
+    def prior(ys):
+        pp.sample("a", dist.Uniform(-1.0, 1.0))
+
+    def init(theta, ys):
+        return jnp.zeros(())
+
+    def step(x, t, theta, ys):
+        loc = jnp.where(t == 0, 0.0, theta["a"] * x)
+        x = pp.sample("x", dist.Normal(loc, jnp.sqrt(jnp.where(t == 0, 1.0, q))))
+        pp.observe("y", dist.Normal(c * x, np.sqrt(r)), ys[t])
+        return x
+
+    return prior, pp.sequential(init, step, lambda theta, ys: ys.shape[0])
 
 
 def simulate_lgssm(key: int, num_steps: int, a, q, c, r, m0=0.0, p0=1.0) -> np.ndarray:

@@ -178,11 +178,6 @@ class Result:
         stats = {"log_weight": np.asarray(self.log_weights)[None]}
         return az.from_dict(posterior=posterior, sample_stats=stats)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_samples"] = self.samples
-        return state
-
     def __repr__(self) -> str:
         lines = [
             f"Result({self.algorithm}, N={self.num_particles}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["hmm_forward", "kalman_filter"]
+__all__ = ["hmm_forward", "kalman_filter", "lgssm_coefficient_posterior"]
 
 
 def hmm_forward(init_probs, transition, emission_log_lik) -> tuple[float, np.ndarray]:
@@ -40,3 +40,15 @@ def kalman_filter(a, q, c, r, m0, p0, ys) -> tuple[float, np.ndarray, np.ndarray
         means.append(m)
         variances.append(p)
     return float(log_z), np.array(means), np.array(variances)
+
+
+def lgssm_coefficient_posterior(ys, q, c, r, m0=0.0, p0=1.0, num_grid: int = 2001) -> tuple[float, float]:
+    """Exact posterior mean and sd of the AR coefficient ``a ~ Uniform(−1, 1)`` of the LGSSM of
+    :func:`kalman_filter` given ``ys``: the Kalman likelihood ``p(ys | a)`` on a fine grid of
+    ``(−1, 1)`` (quadrature; the grid error is far below any Monte Carlo tolerance)."""
+    grid = np.linspace(-0.999, 0.999, num_grid)
+    log_lik = np.array([kalman_filter(a, q, c, r, m0, p0, ys)[0] for a in grid])
+    w = np.exp(log_lik - log_lik.max())
+    w /= w.sum()
+    mean = float(np.sum(w * grid))
+    return mean, float(np.sqrt(np.sum(w * (grid - mean) ** 2)))

@@ -11,9 +11,10 @@ import pytest
 from scipy.stats import chi2
 
 import ppinfer as pp
-from models.classic import discrete_hmm, simulate_lgssm
+from models.classic import discrete_hmm, lgssm_unknown_coefficient, simulate_lgssm
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs, Trajectory, csmc
-from semantics import denote, kalman_filter
+from semantics import denote
+from semantics.exact import lgssm_coefficient_posterior
 
 # A 2-state HMM with T = 3 steps: 8 trajectories, posterior spread over all of them (min 0.0096).
 HMM = discrete_hmm([0.5, 0.5], [[0.7, 0.3], [0.4, 0.6]], [-1.0, 1.0], 1.0)
@@ -112,34 +113,12 @@ def test_kernel_that_drops_the_reference_is_not_invariant(posterior):
 
 # LGSSM with an unknown AR coefficient (the model of tests/test_pmmh.py).
 Q, C, R = 0.5, 1.0, 0.5
-
-
-def prior(ys):
-    pp.sample("a", dist.Uniform(-1.0, 1.0))
-
-
-def init(theta, ys):
-    return jnp.zeros(())
-
-
-def step(x, t, theta, ys):
-    loc = jnp.where(t == 0, 0.0, theta["a"] * x)
-    x = pp.sample("x", dist.Normal(loc, jnp.sqrt(jnp.where(t == 0, 1.0, Q))))
-    pp.observe("y", dist.Normal(C * x, np.sqrt(R)), ys[t])
-    return x
-
-
-LGSSM = pp.sequential(init, step, lambda theta, ys: ys.shape[0])
+prior, LGSSM = lgssm_unknown_coefficient(Q, C, R)
 
 
 def test_particle_gibbs_recovers_lgssm_parameter():
     ys = simulate_lgssm(3, 40, 0.7, Q, C, R)
-    grid = np.linspace(-0.999, 0.999, 2001)
-    log_lik = np.array([kalman_filter(a, Q, C, R, 0.0, 1.0, ys)[0] for a in grid])
-    w = np.exp(log_lik - log_lik.max())
-    w /= w.sum()
-    exact_mean = float(np.sum(w * grid))
-    exact_sd = float(np.sqrt(np.sum(w * (grid - exact_mean) ** 2)))
+    exact_mean, exact_sd = lgssm_coefficient_posterior(ys, Q, C, R)
 
     algorithm = ParticleGibbs(
         10, num_samples=1000, num_warmup=200, num_chains=4, prior=prior, ancestor_sampling=True

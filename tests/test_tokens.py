@@ -4,40 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bigram_lm import EOS, LM, PROBS, P, T, init, no_repeat_step
 
 import ppinfer as pp
 from ppinfer import tokens as tk
 from ppinfer.constraints import regex_automaton
 from ppinfer.lm import NGramLM
 from semantics import Measure, check_unbiased_evidence, smc_log_evidence_replicates
-
-EOS = 0
-T = 3
-# Bigram over {EOS, a, b, c}; the prompt is [EOS] (used as BOS).
-PROBS = np.array(
-    [
-        [0.05, 0.45, 0.30, 0.20],
-        [0.30, 0.10, 0.40, 0.20],
-        [0.25, 0.35, 0.10, 0.30],
-        [0.40, 0.20, 0.30, 0.10],
-    ]
-)
-LM = NGramLM.from_probs(PROBS, bos_id=EOS)
-P = tk.prompt(LM, [EOS], T)
-
-
-def init(p):
-    return tk.Context.start(p)
-
-
-def no_repeat_step(ctx, t, p):
-    """Constraint: no token repeats the previous one; potential: reward token 2."""
-    tok = pp.sample("tok", ctx.next_token())
-    prev = jnp.where(ctx.length > 0, ctx.tokens[jnp.maximum(ctx.length - 1, 0)], -1)
-    pp.condition("no_repeat", (tok != prev) | (tok == EOS))
-    pp.factor("likes_b", 0.7 * (tok == 2))
-    pp.stop(tok == EOS)
-    return ctx.extend(p, tok)
 
 
 def allowed_mask(ctx):
