@@ -57,10 +57,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import logsumexp
 from numpyro import handlers
+from numpyro.primitives import Messenger
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
@@ -72,9 +74,9 @@ from ppinfer.mcmc.base import Kernel
 from ppinfer.population import Population, ess, gather
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import ancestors_from_uniforms
-from ppinfer.suspended import Particle, Sequential, advance, match_state, start
+from ppinfer.suspended import Particle, Sequential, StepInfo, advance, match_state, start
 from ppinfer.traced import assess
-from ppinfer.weighted import simulate
+from ppinfer.weighted import simulate, site_log_prob
 
 __all__ = [
     "ParticleGibbs",
@@ -83,6 +85,9 @@ __all__ = [
     "Sites",
     "csmc",
     "csmc_step",
+    "csmc_step_from_noise",
+    "CSMCNoise",
+    "NoiseLaw",
     "initial_trajectory",
     "check_program",
 ]
@@ -137,6 +142,57 @@ class Sites(NamedTuple):
     step_latent: tuple[str, ...]
 
 
+class CSMCNoise(NamedTuple):
+    """Every random input of one sweep, given explicitly (:func:`csmc_step_from_noise`).
+
+    Attributes:
+        init: ``init``'s latent choices of each slot, name → ``[N, …]``.
+        steps: each step's latent choices of each slot, name → ``[T, N, …]``.
+        resample: ``f[T, N]`` the multinomial-resampling uniforms of step ``t`` (slot ``i``'s ancestor).
+        ancestor: ``f[T]`` the ancestor-sampling uniform of step ``t``.
+        pick: ``f[1]`` the uniform that picks the final particle.
+
+    Slot 0's entries are ignored when the sweep is pinned to a reference (its choices are the
+    reference's, its ancestor is 0 or ancestor-sampled).
+    """
+
+    init: dict[str, jax.Array]
+    steps: dict[str, jax.Array]
+    resample: jax.Array
+    ancestor: jax.Array
+    pick: jax.Array
+
+
+class NoiseLaw(NamedTuple):
+    """The law under which the key-driven sweep draws each part of :class:`CSMCNoise`, as the sweep
+    computed it on a given noise (each law depends only on earlier parts of the noise).
+
+    Attributes:
+        free: ``bool[N]`` slots whose init choices and resampled ancestors are random (all but slot 0
+            when pinned).
+        init_log_prob: ``f[N]`` log density of each free slot's ``init`` latent choices (0 elsewhere).
+        step_log_prob: ``f[T, N]`` log density of slot ``i``'s step-``t`` latent choices given its
+            parent's state, where ``step_drawn`` (0 elsewhere).
+        step_drawn: ``bool[T, N]`` the slot is free and its parent had not stopped (a stopped
+            particle's step draws nothing).
+        resample_log_weights: ``f[T, N]`` the log weights whose normalised cumulative sum the free
+            slots' resampling uniforms invert at step ``t`` (inverse CDF).
+        ancestor_log_weights: ``f[T, N]`` the same for the ancestor-sampling uniform (ancestor
+            sampling only; zeros otherwise).
+        ancestor_drawn: ``bool[]`` whether the ancestor-sampling uniforms are used.
+        final_log_weights: ``f[N]`` the same for the final pick.
+    """
+
+    free: jax.Array
+    init_log_prob: jax.Array
+    step_log_prob: jax.Array
+    step_drawn: jax.Array
+    resample_log_weights: jax.Array
+    ancestor_log_weights: jax.Array
+    ancestor_drawn: jax.Array
+    final_log_weights: jax.Array
+
+
 def csmc_step(
     key: jax.Array,
     ref: Trajectory,
@@ -151,6 +207,30 @@ def csmc_step(
     Leaves the smoothing posterior ``p(x | y)`` of ``program(*args)`` invariant for any
     ``num_particles ≥ 1`` (moves for ≥ 2)."""
     return _sweep(key, program, args, num_particles, num_steps, sites, ref, True, ancestor_sampling)
+
+
+def csmc_step_from_noise(
+    noise: CSMCNoise,
+    ref: Trajectory,
+    program: SequentialProgram,
+    args: tuple,
+    num_particles: int,
+    num_steps: int,
+    sites: Sites,
+    ancestor_sampling: bool = False,
+    pin: bool = True,
+) -> tuple[Trajectory, CSMCInfo, NoiseLaw]:
+    """:func:`csmc_step` with its randomness given as ``noise`` instead of drawn from a key: the same
+    sweep, the free slots' latent choices substituted into each slot's run of ``init`` and the steps
+    (each slot runs :func:`~ppinfer.suspended.start` / :func:`~ppinfer.suspended.advance` as a
+    one-particle population, vmapped over slots) and the uniforms fed to the same inverse-CDF draws.
+    Also returns the :class:`NoiseLaw` that the key-driven sweep draws the noise from, so that the
+    kernel's transition probabilities can be computed exactly by enumerating the noise
+    (:func:`semantics.csmc.csmc_transition_matrix`). ``pin=False``: the unconditional sweep of
+    :func:`initial_trajectory`. Pure, jit/vmap-able."""
+    return _sweep(
+        None, program, args, num_particles, num_steps, sites, ref, pin, ancestor_sampling, noise
+    )
 
 
 def initial_trajectory(
@@ -424,13 +504,22 @@ def _placeholder(program: SequentialProgram, args: tuple, num_steps: int) -> Tra
     )
 
 
-def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling):
+def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling, noise=None):
     """The CSMC sweep when ``pin: bool[]`` is true; when false, slot 0 is free like the others and
-    this is one unconditional bootstrap SMC run (``ref`` only gives the structure)."""
+    this is one unconditional bootstrap SMC run (``ref`` only gives the structure). Its randomness is
+    drawn from ``key``, or given as ``noise`` (a :class:`CSMCNoise`; ``key`` is then unused and the
+    :class:`NoiseLaw` is returned as a third output)."""
     pin = jnp.asarray(pin)
+    given = noise is not None
+    if given:
+        # Every choice is substituted and every uniform given: the keys below only fill the slots.
+        key = jax.random.PRNGKey(0)
     k_init, k_ref0, k_loop, k_pick = jax.random.split(key, 4)
-    seq, init_info = start(k_init, program, args, n)
-    particles: Particle = seq.population.particles
+    if given:
+        particles, init_info, init_lp = _start_given(k_init, program, args, n, noise.init)
+    else:
+        seq, init_info = start(k_init, program, args, n)
+        particles = seq.population.particles
     fixed = handlers.substitute(program.init, data={k: ref.init[k] for k in sites.init_latent})
     w0, run0 = simulate(k_ref0, fixed, args)
     particles = Particle(
@@ -444,19 +533,26 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling)
 
     def body(carry, xs):
         particles, log_w, log_z = carry
-        t, key_t, ref_t = xs
+        t, key_t, ref_t, noise_t = xs
         k_res, k_as, k_adv, k_ref = jax.random.split(key_t, 4)
-        u = jax.random.uniform(k_res, (n,), log_w.dtype)
+        if given:
+            u = noise_t.resample.astype(log_w.dtype)
+        else:
+            u = jax.random.uniform(k_res, (n,), log_w.dtype)
         ancestors = ancestors_from_uniforms("multinomial", u, log_w)
         step_t = lambda s: program.step(s, t, *args)
-        b, non_markov = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+        b, non_markov, as_log_w = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros_like(log_w)
         if ancestor_sampling:
-            b, non_markov = _ancestor(k_as, step_t, particles, log_w, ref_t)
+            u_as = noise_t.ancestor.astype(log_w.dtype)[None] if given else None
+            b, non_markov, as_log_w = _ancestor(k_as, step_t, particles, log_w, ref_t, u_as)
         ancestors = _pin_first(ancestors, b, pin)
         parents = gather(particles, ancestors)
         equal = Population(parents, jnp.zeros(n, log_w.dtype))
-        seq, info = advance(k_adv, Sequential(equal, t), program, args)
-        new = seq.population.particles
+        if given:
+            new, info, step_lp = _advance_given(k_adv, Sequential(equal, t), program, args, noise_t.steps)
+        else:
+            seq, info = advance(k_adv, Sequential(equal, t), program, args)
+            new = seq.population.particles
         p0 = _first(parents)
         w0, run0 = simulate(k_ref, handlers.substitute(step_t, data=ref_t), (p0.state,))
         state0 = jax.tree.map(
@@ -470,16 +566,27 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling)
         nan = _merge_nan(info.nan_sites, run0.nan_sites, pin & ~p0.done)
         log_z = log_z + logsumexp(inc) - jnp.log(n)
         record = (choices, ~parents.done, ancestors, ess(inc), nan, non_markov & pin)
+        if given:
+            record += ((step_lp, parents.done, log_w, as_log_w),)
         return (new, inc, log_z), record
 
     ref_steps = {k: ref.steps[k] for k in sites.step_latent}
-    xs = (jnp.arange(num_steps, dtype=jnp.int32), jax.random.split(k_loop, num_steps), ref_steps)
-    (_, log_w, log_z), (choices, active, ancestors, ess_h, nan_h, non_markov) = jax.lax.scan(
-        body, (particles, log_w, log_z0), xs
+    noise_steps = None
+    if given:
+        noise_steps = _StepNoise(noise.steps, noise.resample, noise.ancestor)
+    xs = (
+        jnp.arange(num_steps, dtype=jnp.int32),
+        jax.random.split(k_loop, num_steps),
+        ref_steps,
+        noise_steps,
     )
-    index = ancestors_from_uniforms(
-        "multinomial", jax.random.uniform(k_pick, (1,), log_w.dtype), log_w
-    )[0]
+    (_, log_w, log_z), records = jax.lax.scan(body, (particles, log_w, log_z0), xs)
+    choices, active, ancestors, ess_h, nan_h, non_markov = records[:6]
+    if given:
+        u_pick = noise.pick.astype(log_w.dtype)
+    else:
+        u_pick = jax.random.uniform(k_pick, (1,), log_w.dtype)
+    index = ancestors_from_uniforms("multinomial", u_pick, log_w)[0]
 
     def back(idx, rec):
         choices_t, active_t, anc_t = rec
@@ -490,12 +597,109 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling)
     changed = _changed(new_ref, ref, sites) | ~pin
     nan_sites = {**init_nan, **{k: jnp.any(v) for k, v in nan_h.items()}}
     info = CSMCInfo(log_w, index, changed, ess_h, log_z, nan_sites, jnp.any(non_markov))
-    return new_ref, info
+    if not given:
+        return new_ref, info
+    step_lp, parent_done, resample_log_w, as_log_w = records[6]
+    free = (jnp.arange(n) > 0) | ~pin
+    drawn = free & ~parent_done
+    law = NoiseLaw(
+        free=free,
+        init_log_prob=jnp.where(free, init_lp, 0.0),
+        step_log_prob=jnp.where(drawn, step_lp, 0.0),
+        step_drawn=drawn,
+        resample_log_weights=resample_log_w,
+        ancestor_log_weights=as_log_w,
+        ancestor_drawn=jnp.asarray(ancestor_sampling) & pin,
+        final_log_weights=log_w,
+    )
+    return new_ref, info, law
 
 
-def _ancestor(key, step_t, particles: Particle, log_w, ref_t):
-    """Ancestor sampling: slot 0's ancestor ∝ ``w_i · p(x*_t, y_t | s_i)`` and whether that weight
-    is wrong for this program (a step's state depended on the ancestor's, or a particle stopped)."""
+class _StepNoise(NamedTuple):
+    """One step's slice of :class:`CSMCNoise` (scanned over steps)."""
+
+    steps: dict[str, jax.Array]
+    resample: jax.Array
+    ancestor: jax.Array
+
+
+# A deterministic site recording the log density of a substituted run's latent choices.
+_PROPOSAL_LOG_PROB = "_csmc_proposal_log_prob"
+
+
+def _start_given(key, program, args, n, values):
+    """:func:`start` with slot ``i``'s ``init`` latent choices ``values[name][i]``: each slot runs as a
+    one-particle population (vmapped). Returns the particles, the :class:`StepInfo` and ``f[N]`` the
+    log density of each slot's choices."""
+
+    def one(i):
+        slot = _substituted(program, jax.tree.map(lambda v: v[i], values), None)
+        seq, info = start(key, slot, args, 1)
+        return seq.population.particles, info
+
+    particles, info = jax.vmap(one)(jnp.arange(n))
+    return _squeeze_slots(particles, info)
+
+
+def _advance_given(key, seq: Sequential, program, args, values):
+    """:func:`advance` with slot ``i``'s step latent choices ``values[name][i]`` (as
+    :func:`_start_given`)."""
+
+    def one(i, particle):
+        slot = _substituted(program, None, jax.tree.map(lambda v: v[i], values))
+        alone = Population(jax.tree.map(lambda x: x[None], particle), jnp.zeros((1,)))
+        new, info = advance(key, Sequential(alone, seq.t), slot, args)
+        return new.population.particles, info
+
+    particles = seq.population.particles
+    new, info = jax.vmap(one)(jnp.arange(particles.done.shape[0]), particles)
+    return _squeeze_slots(new, info)
+
+
+def _squeeze_slots(particles, info):
+    """Drop the one-particle axis of per-slot runs; split off the recorded log density."""
+    particles = jax.tree.map(lambda x: x[:, 0], particles)
+    choices = {k: v[:, 0] for k, v in info.choices.items()}
+    log_prob = choices.pop(_PROPOSAL_LOG_PROB)
+    nan_sites = {k: jnp.any(v) for k, v in info.nan_sites.items()}
+    return particles, StepInfo(choices, info.log_increments[:, 0], nan_sites), log_prob
+
+
+def _substituted(program: SequentialProgram, init_values, step_values) -> SequentialProgram:
+    """``program`` with the latent choices of ``init`` (or of ``step``) substituted by ``values`` and
+    their log density recorded in the deterministic site ``_PROPOSAL_LOG_PROB``."""
+
+    def recorded(fn, values):
+        def run(*a):
+            density = _latent_log_density()
+            with handlers.substitute(data=values), density:
+                out = fn(*a)
+            numpyro.deterministic(_PROPOSAL_LOG_PROB, density.total)
+            return out
+
+        return run
+
+    init = program.init if init_values is None else recorded(program.init, init_values)
+    step = program.step if step_values is None else recorded(program.step, step_values)
+    return SequentialProgram(init, step, program.num_steps)
+
+
+class _latent_log_density(Messenger):
+    """Sums the log densities (:func:`~ppinfer.weighted.site_log_prob`) of latent sample sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = jnp.zeros(())
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            self.total = self.total + site_log_prob(msg)
+
+
+def _ancestor(key, step_t, particles: Particle, log_w, ref_t, uniform=None):
+    """Ancestor sampling: slot 0's ancestor ∝ ``w_i · p(x*_t, y_t | s_i)`` (drawn with ``uniform:
+    f[1]`` if given), whether that weight is wrong for this program (a step's state depended on the
+    ancestor's, or a particle stopped), and the log weights ``f[N]`` it was drawn from."""
 
     def score(state):
         tr = assess(step_t, (state,), ref_t)
@@ -503,11 +707,13 @@ def _ancestor(key, step_t, particles: Particle, log_w, ref_t):
 
     scores, states = jax.vmap(score)(particles.state)
     logits = log_w + jnp.where(particles.done, -jnp.inf, scores)
-    b = ancestors_from_uniforms("multinomial", jax.random.uniform(key, (1,), log_w.dtype), logits)[0]
+    if uniform is None:
+        uniform = jax.random.uniform(key, (1,), log_w.dtype)
+    b = ancestors_from_uniforms("multinomial", uniform, logits)[0]
     non_markov = jnp.any(particles.done)
     for s in jax.tree.leaves(states):
         non_markov = non_markov | jnp.any(jnp.asarray(s) != jnp.asarray(s)[:1])
-    return b, non_markov
+    return b, non_markov, logits
 
 
 def _changed(new: Trajectory, old: Trajectory, sites: Sites) -> jax.Array:
