@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     opts = parser.parse_args()
     n, t_max = opts.particles, opts.steps
-    reps, seeds = (5, 10) if opts.quick else (11, 50)
+    reps, seeds = (9, 10) if opts.quick else (21, 50)
 
     ys = simulate_lgssm(0, t_max, A, Q, C, R, M0, P0)
     log_z_exact = kalman_filter(A, Q, C, R, M0, P0, ys)[0]

@@ -19,9 +19,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from numpyro.primitives import Messenger
 
 from ppinfer.errors import ModelError
 from ppinfer.population import Population
+from ppinfer.primitives import STOP_MESSAGE
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
@@ -35,6 +38,7 @@ __all__ = [
     "match_state",
     "keep_finished",
     "register_keep",
+    "can_stop",
 ]
 
 # type → rule(done, new, old) for state nodes that restore a finished particle's state more cheaply
@@ -119,8 +123,11 @@ def advance(
     program: SequentialProgram,
     args: tuple,
     proposal: Callable[..., Any] | None = None,
+    may_stop: bool = True,
 ) -> tuple[Sequential, StepInfo]:
-    """Run step ``seq.t`` for every particle (vmapped); see the module docstring."""
+    """Run step ``seq.t`` for every particle (vmapped); see the module docstring. With
+    ``may_stop=False`` — a promise that no particle has stopped or will (:func:`can_stop` is false)
+    — the finished-particle masks are skipped: every particle takes its new state and increment."""
     particles: Particle = seq.population.particles
     n = seq.population.num_particles
     t = seq.t
@@ -132,12 +139,58 @@ def advance(
 
     weighted, info = jax.vmap(one)(jnp.arange(n), particles.state)
     new_state = match_state(weighted.value, particles.state)
+    if not may_stop:
+        nan_sites = {name: jnp.any(flag) for name, flag in info.nan_sites.items()}
+        log_weights = seq.population.log_weights + weighted.log_weight
+        pop = Population(Particle(new_state, particles.done), log_weights)
+        return Sequential(pop, t + 1), StepInfo(weighted.choices, weighted.log_weight, nan_sites)
     done = particles.done
     state = keep_finished(done, new_state, particles.state)
     increments = jnp.where(done, 0.0, weighted.log_weight)
     nan_sites = {name: jnp.any(flag & ~done) for name, flag in info.nan_sites.items()}
     pop = Population(Particle(state, done | info.stopped), seq.population.log_weights + increments)
     return Sequential(pop, t + 1), StepInfo(weighted.choices, increments, nan_sites)
+
+
+def can_stop(
+    program: SequentialProgram,
+    args: tuple,
+    proposal: Callable[..., Any] | None = None,
+    init_proposal: Callable[..., Any] | None = None,
+) -> bool:
+    """Whether ``init`` or ``step`` can call :func:`~ppinfer.primitives.stop` — found by tracing one
+    particle's init and step abstractly (``jax.eval_shape``, nothing is computed) and watching for a
+    stop message. A program that never stops lets the engine drop its finished-particle masks (and
+    the finished-population exit test): without them the step's draws feed the weight, the state
+    and the records from one buffer, where the masks made XLA recompute a cheap sampler in each."""
+    watch = _watch_stops()
+    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+
+    def trace_one():
+        key = jax.random.PRNGKey(0)
+        with watch:
+            init, _ = simulate(key, program.init, args, proposal=init_proposal)
+            state = jax.tree.map(jnp.asarray, init.value)
+            t = jnp.zeros((), jnp.int32)
+            step = lambda s: program.step(s, t, *args)
+            prop = None if proposal is None else (lambda s: proposal(s, t, *args))
+            simulate(key, step, (state,), proposal=prop)
+        return jnp.zeros(())
+
+    jax.eval_shape(trace_one)
+    return watch.seen
+
+
+class _watch_stops(Messenger):
+    """Records whether any :func:`~ppinfer.primitives.stop` message passed (at trace time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def process_message(self, msg):
+        if msg["type"] == STOP_MESSAGE:
+            self.seen = True
 
 
 def finish(

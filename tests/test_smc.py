@@ -190,3 +190,43 @@ def test_smc_batch_equals_individual_runs():
         np.testing.assert_allclose(out["log_evidence"][b], single(k, jnp.asarray(datasets[b])), rtol=1e-5)
         exact = kalman_filter(LG["a"], LG["q"], LG["c"], LG["r"], 0.0, 1.0, datasets[b])[0]
         assert float(out["log_evidence"][b]) == pytest.approx(exact, abs=1.0)
+
+
+def test_can_stop_sees_stop_in_init_or_step():
+    from ppinfer.suspended import can_stop
+
+    plain = lgssm(**LG)
+    ys = np.zeros(3, np.float32)
+    assert not can_stop(plain, (ys,))
+
+    def step_stops(x, t, ys):
+        x = plain.step(x, t, ys)
+        pp.stop(x > 10.0)
+        return x
+
+    def init_stops(ys):
+        pp.stop(False)
+        return plain.init(ys)
+
+    assert can_stop(pp.sequential(plain.init, step_stops, 3), (ys,))
+    assert can_stop(pp.sequential(init_stops, plain.step, 3), (ys,))
+
+
+def test_unstoppable_fast_path_equals_masked_path():
+    """A program that cannot stop skips the finished-particle masks and the exit test; adding a
+    stop that never fires (it consumes no randomness) takes the masked path: same key, same run."""
+    plain = lgssm(**LG)
+
+    def step(x, t, ys):
+        x = plain.step(x, t, ys)
+        pp.stop(jnp.zeros((), bool))
+        return x
+
+    masked = pp.sequential(plain.init, step, plain.num_steps)
+    ys = simulate_lgssm(3, 30, **LG)
+    a = pp.infer(plain, ys, algorithm=pp.SMC(300), key=7)
+    b = pp.infer(masked, ys, algorithm=pp.SMC(300), key=7)
+    assert a.log_evidence == pytest.approx(b.log_evidence, rel=1e-6)
+    np.testing.assert_allclose(a.samples["x"], b.samples["x"], rtol=1e-6)
+    np.testing.assert_array_equal(a.resampled, b.resampled)
+    np.testing.assert_array_equal(np.asarray(a.extras["active"]), np.asarray(b.extras["active"]))

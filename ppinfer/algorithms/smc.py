@@ -28,7 +28,7 @@ from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample, resample_groups
 from ppinfer.result import Deferred, DeferredExtras, Result
-from ppinfer.suspended import Sequential, advance, match_state, start
+from ppinfer.suspended import Sequential, advance, can_stop, match_state, start
 
 __all__ = [
     "SMC",
@@ -201,7 +201,9 @@ def smc_run(
     for :func:`trace_history` to trace later (or never). With ``early_exit=True`` the loop stops as
     soon as every particle has finished (no more forward passes for a population of finished LM
     particles); the records of the steps not run say so (inactive, not resampled, identity
-    ancestors). Not reverse-differentiable then (a ``while_loop``): VSMC keeps the default."""
+    ancestors). Not reverse-differentiable then (a ``while_loop``): VSMC keeps the default. A program
+    that cannot :func:`~ppinfer.stop` (:func:`~ppinfer.suspended.can_stop`) always runs a plain
+    ``lax.scan`` without the finished-particle masks."""
     shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
     # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
     # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
@@ -210,6 +212,7 @@ def smc_run(
         (lambda x: x) if sharding is None or num_groups > 1 else partial(_constrain, _replicated(sharding))
     )
     k_init, k_loop = jax.random.split(key)
+    may_stop = can_stop(program, args, proposal, init_proposal)
     seq, init_info = start(k_init, program, args, n, init_proposal)
     seq = Sequential(shard(seq.population), seq.t)
     log_z_init = log_evidence(seq.population.log_weights)
@@ -218,7 +221,7 @@ def smc_run(
     def body(seq: Sequential, key_t):
         k_adv, k_res = jax.random.split(key_t)
         active = ~seq.population.particles.done
-        seq, info = advance(k_adv, seq, program, args, proposal)
+        seq, info = advance(k_adv, seq, program, args, proposal, may_stop)
         pop = Population(seq.population.particles, replicate(seq.population.log_weights))
         lse = log_evidence(pop.log_weights)  # resampling preserves it: log Ẑ after this step
         ess_t = ess(pop.log_weights, lse)
@@ -233,7 +236,7 @@ def smc_run(
         return Sequential(shard(pop), seq.t), record
 
     keys = jax.random.split(k_loop, num_steps)
-    if early_exit:
+    if early_exit and may_stop:
         alive = lambda s: jnp.any(~s.population.particles.done)
         seq, records, steps_run = scan_while(body, seq, keys, alive)
         choices, active, ancestors, ess_h, resampled, log_z_h, nan_h = records
