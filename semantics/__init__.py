@@ -6,6 +6,8 @@
 - :mod:`semantics.stats`: statistical checks (unbiasedness of Ẑ, posterior means) with stated
   false-failure rates.
 - :mod:`semantics.exact`: exact answers for the model zoo (forward algorithm, Kalman filter).
+- :mod:`semantics.csmc`: the conditional SMC (particle Gibbs) kernel's exact transition matrix, by
+  enumerating every random input of the real sweep, and its invariance check.
 """
 
 from semantics.blocks import (
@@ -17,6 +19,7 @@ from semantics.blocks import (
     exact_smc,
     resample_outcomes,
 )
+from semantics.csmc import check_csmc_invariance, csmc_posterior, csmc_transition_matrix
 from semantics.denote import denote, measure_of
 from semantics.exact import hmm_forward, kalman_filter
 from semantics.measure import Measure, outcome_key
@@ -40,6 +43,9 @@ __all__ = [
     "check_proposal",
     "exact_smc",
     "check_smc",
+    "csmc_posterior",
+    "csmc_transition_matrix",
+    "check_csmc_invariance",
     "hmm_forward",
     "kalman_filter",
     "CLTCheck",

@@ -29,12 +29,20 @@ and ``K(x, x') = Σ`` of its leaves' probabilities. The probabilities of one ref
 to 1, which is asserted (it fails if a support is missed or a density is wrong). Everything runs in
 float64; the sweep is compiled once (vmapped over nodes in fixed-size batches).
 
-:func:`check_csmc_invariance` returns ``max |π K − π|`` (~1e-16 when valid). A deliberately wrong
-kernel can be checked through ``sweep_fn`` (e.g. unpinned, or with biased uniforms) and must fail.
+:func:`check_csmc_invariance` returns ``max |π K − π|`` (~1e-15 when valid). A deliberately wrong
+sweep can be passed as ``sweep_fn`` and must fail (tests: a sweep that does not pin the reference,
+one that ancestor-samples with the wrong weights).
 
-Assumption: each latent site's support does not depend on the state (true of jit-compatible programs
-with fixed-shape discrete sites); the candidate values are the supports seen by one eager run of
-``init`` and step 0, and a value outside a particle's support gets density 0.
+What the check trusts: (a) that each uniform is used only through an inverse-CDF draw against the log
+weights the sweep reports (:func:`~ppinfer.resample.ancestors_from_uniforms`, itself checked exactly
+by :func:`semantics.blocks.check_resample`) — a bug that distorts a uniform *inside* its cell (e.g.
+``u ↦ u²`` before the draw) is invisible, as the sweep is evaluated only at cell midpoints; a bug in
+the weights, the pinning, the lineages or the final pick is not; (b) that each latent site's support
+does not depend on the state (true of jit-compatible programs with fixed-shape discrete sites): the
+candidate values are the supports seen by one eager run of ``init`` and step 0, and a value outside a
+particle's support gets density 0. The noise-driven sweep runs each slot as a one-particle
+population (vmapped) where the key-driven one runs the population at once; the tests also check that
+both give the same kernel (key-driven transition frequencies against ``K``, chi-square).
 """
 
 from __future__ import annotations
@@ -49,15 +57,18 @@ import numpy as np
 from numpyro import handlers
 from scipy.special import logsumexp
 
+from ppinfer import checks
 from ppinfer.algorithms.enumerate import support_values
 from ppinfer.algorithms.particle_gibbs import (
     CSMCNoise,
     Sites,
     Trajectory,
+    _placeholder,
     check_program,
     csmc_step_from_noise,
 )
-from ppinfer.program import SequentialProgram
+from ppinfer.errors import ConfigError
+from ppinfer.program import SequentialProgram, is_sequential
 from semantics.denote import denote
 from semantics.measure import outcome_key
 
@@ -87,15 +98,37 @@ def csmc_transition_matrix(
     exact transition matrix ``K: f64[S, S]`` of one CSMC sweep with ``num_particles`` particles (module
     docstring). ``sweep_fn(noise, ref, program, args, num_particles, num_steps, sites,
     ancestor_sampling) -> (ref', info, law)`` is the sweep under test (default: the real one)."""
+    states, _, k = _exact(program, args, num_particles, ancestor_sampling, sweep_fn, batch_size)
+    return states, k
+
+
+def check_csmc_invariance(
+    program: SequentialProgram,
+    args: tuple,
+    num_particles: int,
+    ancestor_sampling: bool = False,
+    sweep_fn: SweepFn = csmc_step_from_noise,
+) -> float:
+    """``max_x' |Σ_x π(x) K(x, x') − π(x')|`` for the exact smoothing posterior ``π`` and the exact
+    CSMC transition matrix ``K`` (:func:`csmc_transition_matrix`), in float64."""
+    _, pi, k = _exact(program, args, num_particles, ancestor_sampling, sweep_fn)
+    return float(np.max(np.abs(pi @ k - pi)))
+
+
+def _exact(program, args, num_particles, ancestor_sampling, sweep_fn, batch_size=4096):
+    """``(states, π, K)`` (module docstring)."""
+    if not is_sequential(program):
+        raise ConfigError("csmc_transition_matrix needs a sequential program (ppinfer.sequential)")
+    num_particles = checks.check_num_particles(num_particles)
     with jax.enable_x64(True):
         sites = check_program(program, args, "csmc_transition_matrix")
         num_steps = program.steps_for(args)
-        states, _ = _posterior(program, args, sites)
+        states, pi = _posterior(program, args, sites)
         refs = _trajectories(program, args, sites, states, num_steps)
         cand_init, cand_step = _candidates(program, args, sites, refs)
+        noise = (refs, cand_init, cand_step)
         run = _runner(
-            sweep_fn, program, args, num_particles, num_steps, sites, ancestor_sampling,
-            refs, cand_init, cand_step, batch_size,
+            sweep_fn, program, args, num_particles, num_steps, sites, ancestor_sampling, noise, batch_size
         )
         n = num_particles
         nodes = _Nodes(
@@ -130,21 +163,7 @@ def csmc_transition_matrix(
         nodes, law = _weigh(nodes, law, num_steps - 1, free)
         nodes, _ = _expand_cells(nodes, law.final_log_weights, "pick", (0,))
         new_refs, _ = run(nodes)
-        return states, _accumulate(nodes, new_refs, states, sites)
-
-
-def check_csmc_invariance(
-    program: SequentialProgram,
-    args: tuple,
-    num_particles: int,
-    ancestor_sampling: bool = False,
-    sweep_fn: SweepFn = csmc_step_from_noise,
-) -> float:
-    """``max_x' |Σ_x π(x) K(x, x') − π(x')|`` for the exact smoothing posterior ``π`` and the exact
-    CSMC transition matrix ``K`` (:func:`csmc_transition_matrix`), in float64."""
-    states, k = csmc_transition_matrix(program, args, num_particles, ancestor_sampling, sweep_fn)
-    _, pi = csmc_posterior(program, args)
-    return float(np.max(np.abs(pi @ k - pi)))
+        return states, pi, _accumulate(nodes, new_refs, states, sites)
 
 
 class _Nodes(NamedTuple):
@@ -177,18 +196,11 @@ def _latent_names(name: str, sites: Sites) -> tuple[str, ...]:
     return sites.init_latent if name.startswith("init/") else sites.step_latent
 
 
-def _template(program, args, num_steps) -> tuple[dict, dict]:
-    """Shapes and dtypes of one run's ``init`` and step choices."""
-    from ppinfer.algorithms.particle_gibbs import _placeholder
-
-    tr = _placeholder(program, args, num_steps)
-    return tr.init, tr.steps
-
-
 def _trajectories(program, args, sites: Sites, states: list[tuple], num_steps: int) -> Trajectory:
     """The states as references: a :class:`Trajectory` with a leading axis S (latent sites only;
     steps a trajectory did not reach are zero and inactive)."""
-    init_t, steps_t = _template(program, args, num_steps)
+    template = _placeholder(program, args, num_steps)
+    init_t, steps_t = template.init, template.steps
     init = {k: np.zeros((len(states), *init_t[k].shape), init_t[k].dtype) for k in sites.init_latent}
     steps = {k: np.zeros((len(states), *steps_t[k].shape), steps_t[k].dtype) for k in sites.step_latent}
     active = np.zeros((len(states), num_steps), bool)
@@ -215,18 +227,19 @@ def _candidates(program, args, sites: Sites, refs: Trajectory) -> tuple[dict, di
     def joint(trace, names, like):
         values = [support_values(k, trace[k]["fn"]) for k in names]
         combos = list(itertools.product(*values))
-        return {
-            k: np.stack([np.asarray(c[j], like[k].dtype) for c in combos]) for j, k in enumerate(names)
-        }
+        return {k: np.stack([np.asarray(c[j], like[k].dtype) for c in combos]) for j, k in enumerate(names)}
 
     init_like = {k: v[0] for k, v in refs.init.items()}
     step_like = {k: v[0, 0] for k, v in refs.steps.items()}
     return joint(tr_init, sites.init_latent, init_like), joint(tr_step, sites.step_latent, step_like)
 
 
-def _runner(sweep_fn, program, args, n, num_steps, sites, ancestor_sampling, refs, cand_init, cand_step,
-            batch_size) -> Callable[[_Nodes], tuple[Any, Any]]:
-    """``run(nodes) -> (new_refs, law)``: the sweep on every node's noise (numpy outputs, axis B)."""
+def _runner(
+    sweep_fn, program, args, n, num_steps, sites, ancestor_sampling, tables, batch_size
+) -> Callable[[_Nodes], tuple[Any, Any]]:
+    """``run(nodes) -> (new_refs, law)``: the sweep on every node's noise (numpy outputs, axis B);
+    ``tables``: the references and the candidate values that nodes index."""
+    refs, cand_init, cand_step = tables
     refs = jax.tree.map(jnp.asarray, refs)
     cand_init = {k: jnp.asarray(v) for k, v in cand_init.items()}
     cand_step = {k: jnp.asarray(v) for k, v in cand_step.items()}
@@ -250,8 +263,8 @@ def _runner(sweep_fn, program, args, n, num_steps, sites, ancestor_sampling, ref
         size = batch_size  # one shape: the sweep is compiled once
         outs = []
         for lo in range(0, b, size):
-            part = [x[lo : lo + size] for x in (nodes.ref, nodes.init_c, nodes.step_c,
-                                                 nodes.resample, nodes.ancestor, nodes.pick)]
+            fields = (nodes.ref, nodes.init_c, nodes.step_c, nodes.resample, nodes.ancestor, nodes.pick)
+            part = [x[lo : lo + size] for x in fields]
             pad = size - part[0].shape[0]
             part = [np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) for x in part]
             out = jax.device_get(batched(*part))
@@ -335,8 +348,9 @@ def _accumulate(nodes: _Nodes, new_refs: Trajectory, states: list[tuple], sites:
         v = np.asarray(new_refs.steps[k]).reshape(b, active.shape[1], -1).astype(np.float64)
         cols.append(np.where(active[:, :, None], v, 0.0).reshape(b, -1))
     cols.append(active.astype(np.float64))
-    rows, first, inverse = np.unique(np.concatenate(cols, axis=1), axis=0, return_index=True,
-                                     return_inverse=True)
+    rows, first, inverse = np.unique(
+        np.concatenate(cols, axis=1), axis=0, return_index=True, return_inverse=True
+    )
     column = np.empty(len(rows), np.int64)
     for u, leaf in enumerate(first):
         key = _key_of(new_refs, int(leaf), sites)
@@ -359,4 +373,3 @@ def _key_of(refs: Trajectory, leaf: int, sites: Sites) -> tuple:
         for t in np.flatnonzero(active):
             choices[f"{t}/{k}"] = np.asarray(refs.steps[k][leaf, t])
     return outcome_key(choices)
-

@@ -24,9 +24,14 @@ choices of ``init`` and of every step; its smoothing posterior is
 extended target of all particles, ancestors and the index ``k``, whose marginal of the selected
 trajectory is ``π``); for ``N ≥ 2`` it moves, and it is ergodic under mild conditions. Unlike
 independent SMC draws (whose law is only asymptotically ``π`` as N → ∞), this holds for small N.
-Checked in ``tests/test_particle_gibbs.py``: on a finite HMM, chains started from exact posterior
-draws stay exactly posterior-distributed after one step (chi-square test), while a kernel that drops
-the reference does not.
+Checked exactly in ``tests/test_csmc_exact.py``: :func:`csmc_step_from_noise` runs this sweep with
+all its randomness given (the free slots' latent choices and every uniform) and reports the law it
+draws them from, and :func:`semantics.csmc.csmc_transition_matrix` enumerates that noise to get the
+kernel's transition matrix ``K`` on finite HMMs (N = 2, 3; with and without ancestor sampling, latent
+``init`` choices, stopping particles): ``max |πK − π|`` is below 1e-13 in float64, against 0.02 to
+0.13 for a sweep that does not pin the reference or that ancestor-samples ∝ ``w_i`` alone. Statistically in
+``tests/test_particle_gibbs.py``: chains started from exact posterior draws stay posterior-distributed
+after one key-driven step (chi-square test), while a kernel that drops the reference does not.
 
 **Path degeneracy.** Plain CSMC (no ancestor sampling, no backward pass) rarely changes the early
 part of the trajectory: the resampled lineages coalesce, usually into the reference's own, so
@@ -228,9 +233,7 @@ def csmc_step_from_noise(
     kernel's transition probabilities can be computed exactly by enumerating the noise
     (:func:`semantics.csmc.csmc_transition_matrix`). ``pin=False``: the unconditional sweep of
     :func:`initial_trajectory`. Pure, jit/vmap-able."""
-    return _sweep(
-        None, program, args, num_particles, num_steps, sites, ref, pin, ancestor_sampling, noise
-    )
+    return _sweep(None, program, args, num_particles, num_steps, sites, ref, pin, ancestor_sampling, noise)
 
 
 def initial_trajectory(
@@ -541,7 +544,7 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling,
             u = jax.random.uniform(k_res, (n,), log_w.dtype)
         ancestors = ancestors_from_uniforms("multinomial", u, log_w)
         step_t = lambda s: program.step(s, t, *args)
-        b, non_markov, as_log_w = jnp.zeros((), jnp.int32), jnp.zeros((), bool), jnp.zeros_like(log_w)
+        b, non_markov, as_log_w = jnp.zeros((), jnp.int32), jnp.zeros((), bool), None
         if ancestor_sampling:
             u_as = noise_t.ancestor.astype(log_w.dtype)[None] if given else None
             b, non_markov, as_log_w = _ancestor(k_as, step_t, particles, log_w, ref_t, u_as)
@@ -567,6 +570,7 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling,
         log_z = log_z + logsumexp(inc) - jnp.log(n)
         record = (choices, ~parents.done, ancestors, ess(inc), nan, non_markov & pin)
         if given:
+            as_log_w = jnp.zeros_like(log_w) if as_log_w is None else as_log_w
             record += ((step_lp, parents.done, log_w, as_log_w),)
         return (new, inc, log_z), record
 
