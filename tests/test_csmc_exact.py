@@ -118,6 +118,7 @@ def _ancestor_without_transition(key, step_t, particles, log_w, ref_t, uniform=N
 
 
 def _sweep_with_wrong_ancestor_weights(*args, **kwargs):
+    # The real sweep, traced (once, under jit) with the wrong ancestor-sampling block in place.
     with mock.patch.object(pg, "_ancestor", _ancestor_without_transition):
         return pg.csmc_step_from_noise(*args, **kwargs)
 

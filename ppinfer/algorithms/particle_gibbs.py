@@ -29,9 +29,10 @@ all its randomness given (the free slots' latent choices and every uniform) and 
 draws them from, and :func:`semantics.csmc.csmc_transition_matrix` enumerates that noise to get the
 kernel's transition matrix ``K`` on finite HMMs (N = 2, 3; with and without ancestor sampling, latent
 ``init`` choices, stopping particles): ``max |πK − π|`` is below 1e-13 in float64, against 0.02 to
-0.13 for a sweep that does not pin the reference or that ancestor-samples ∝ ``w_i`` alone. Statistically in
-``tests/test_particle_gibbs.py``: chains started from exact posterior draws stay posterior-distributed
-after one key-driven step (chi-square test), while a kernel that drops the reference does not.
+0.13 for a sweep that does not pin the reference or that ancestor-samples ∝ ``w_i`` alone.
+Statistically in ``tests/test_particle_gibbs.py``: chains started from exact posterior draws stay
+posterior-distributed after one key-driven step (chi-square test), while a kernel that drops the
+reference does not.
 
 **Path degeneracy.** Plain CSMC (no ancestor sampling, no backward pass) rarely changes the early
 part of the trajectory: the resampled lineages coalesce, usually into the reference's own, so
