@@ -77,6 +77,8 @@ def main() -> None:
             f"{row['t_pp'] / row['t_np']:10.3f} "
             f"{(row['ess_pp'] / row['t_pp']) / (row['ess_np'] / row['t_np']):11.3f} {row['compiles']:8d}"
         )
+        first = f"pp {row['first_pp']:.1f} s, numpyro {row['first_np']:.1f} s"
+        print(f"{'':40s} first run (with compilation): {first}")
     nuts_ratio = float(np.exp(np.mean(np.log(ratios))))
     if importlib.util.find_spec("blackjax") is None:
         print("(b) tempered SMC vs BlackJAX: skipped (blackjax is not installed)")
@@ -115,10 +117,16 @@ def bench_nuts(name: str, warmup: int, samples: int, chains: int, reps: int) -> 
     def run_np(seed):
         return jax.block_until_ready(numpyro_run(jax.random.PRNGKey(seed), *args))
 
-    run_pp(0), run_np(0)  # compile both
+    t0 = time.perf_counter()
+    run_pp(0)  # compile both
+    t1 = time.perf_counter()
+    run_np(0)
+    t2 = time.perf_counter()
     before = _COMPILES[0]
     times, ess = interleaved({"pp": run_pp, "np": run_np}, reps)
     return {
+        "first_pp": t1 - t0,
+        "first_np": t2 - t1,
         "t_pp": times["pp"],
         "t_np": times["np"],
         "ess_pp": ess["pp"],
@@ -213,7 +221,12 @@ def bench_tempered(quick: bool) -> float:
         log_z, steps = jax.block_until_ready(blackjax_run(jax.random.PRNGKey(seed)))
         return float(log_z), int(steps)
 
-    run_pp(0), run_bj(0)  # compile both
+    t0 = time.perf_counter()
+    run_pp(0)  # compile both
+    t1 = time.perf_counter()
+    run_bj(0)
+    t2 = time.perf_counter()
+    print(f"  first run (with compilation): ppinfer {t1 - t0:.1f} s, blackjax {t2 - t1:.1f} s")
     before = _COMPILES[0]
     times = {"pp": [], "bj": []}
     out = {"pp": [], "bj": []}

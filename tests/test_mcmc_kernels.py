@@ -172,6 +172,20 @@ def test_nuts_and_mh_recover_conjugate_posterior():
         assert r.samples["mu"].shape == (2 * n,)
 
 
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_thinning_keeps_every_kth_transition(progress_bar):
+    """The chain's transition keys depend only on the run's length, so a thinned run is the unthinned
+    run of the same length, every ``thinning``-th draw after warm-up (one compiled program, or ~20
+    compiled chunks with a progress bar)."""
+    y = np.random.default_rng(2).normal(0.7, 1.0, 10).astype(np.float32)
+    run = lambda n, k: pp.infer(
+        conjugate, y, key=3, algorithm=MCMC(SingleSiteMH(), n, 7, 2, thinning=k, progress_bar=progress_bar)
+    )
+    full, thinned = run(30, 1).chains()["mu"], run(10, 3).chains()["mu"]
+    assert full.shape == (2, 30) and thinned.shape == (2, 10)
+    np.testing.assert_array_equal(thinned, full[:, ::3])
+
+
 def test_mcmc_result_has_no_evidence():
     y = np.random.default_rng(1).normal(0.7, 1.0, 10).astype(np.float32)
     r = pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 20, 5, num_chains=2), key=0)

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,50 +151,42 @@ class MCMCResult(Result):
 
 
 def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MCMC) -> tuple[dict, Any]:
-    """Compile and run ``cfg.num_chains`` chains; returns ``(draws, infos)``, leaves ``[C, S, …]``."""
+    """Compile and run ``cfg.num_chains`` chains; returns ``(draws, infos)``, leaves ``[C, S, …]``.
+
+    Without a progress bar the whole run — chain initialisation, warm-up, sampling and the selection
+    of the recorded (post-warm-up, thinned) draws — is ONE compiled program (one XLA compilation of
+    the kernel, no eager array work per run). With a progress bar it runs in ~20 compiled chunks,
+    each chunk's transition keys derived from the chain key and the chunk's offset."""
     dyn, static_key, rebuild = split_args(args)
-    settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning)
+    settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.progress_bar)
     cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
-    holder: dict = {}
-
-    def build():
-        kernel = cfg.kernel.build(program, cfg.num_warmup, holder["sites"])
-        return _compiled(kernel, rebuild, cfg.thinning)
-
     if cache_key not in _FACTORIES:
         checked = _improper_at_init(program)
         checks.dry_run(checked, args, None, "running the program once")
         sites = latent_sites(checked, args)
         checks.require_latent(list(sites))
-        holder["sites"] = sites
-    if cache_key not in _FACTORIES:
-        _FACTORIES[cache_key] = build()
+        kernel = cfg.kernel.build(program, cfg.num_warmup, sites)
+        _FACTORIES[cache_key] = _compiled(kernel, rebuild, cfg)
         if len(_FACTORIES) > 16:
             _FACTORIES.popitem(last=False)
-    init_fn, chunk_fn = _FACTORIES[cache_key]
-    k_init, k_run = jax.random.split(key)
-    state = init_fn(jax.random.split(k_init, cfg.num_chains), dyn)
-    run_keys = jax.random.split(k_run, cfg.num_chains)
-    total = cfg.num_warmup + cfg.num_samples * cfg.thinning
-    size = max(1, math.ceil(total / 20)) if cfg.progress_bar else total
-    bar = _progress(total) if cfg.progress_bar else None
+    fns = _FACTORIES[cache_key]
+    if not cfg.progress_bar:
+        return fns.run(key, dyn)
+    total = _total(cfg)
+    size = max(1, math.ceil(total / 20))
+    state, run_keys = fns.init(key, dyn)
     draws, infos = [], []
     done = 0
-    while done < total:
-        length = min(size, total - done)
-        keys = _chunk_keys(run_keys, done, length)
-        state, (pos, info) = chunk_fn(state, keys, dyn)
-        record = (np.arange(done, done + length) >= cfg.num_warmup) & (
-            (np.arange(done, done + length) - cfg.num_warmup) % cfg.thinning == 0
-        )
-        if record.any():
-            draws.append(_take(pos, np.flatnonzero(record)))
-            infos.append(_take(info, np.flatnonzero(record)))
-        done += length
-        if bar is not None:
+    with _progress(total) as bar:
+        while done < total:
+            length = min(size, total - done)
+            state, (pos, info) = fns.chunk(state, run_keys, dyn, done, length)
+            record = np.flatnonzero(_recorded(cfg, done, length))
+            if record.size:
+                draws.append(_take(pos, record))
+                infos.append(_take(info, record))
+            done += length
             bar.update(length)
-    if bar is not None:
-        bar.close()
     cat = lambda *xs: jnp.concatenate(xs, axis=1)
     return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
 
@@ -202,14 +194,24 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
 _FACTORIES: OrderedDict = OrderedDict()
 
 
-def _compiled(kernel, rebuild, thinning):
-    @jax.jit
-    def init_fn(keys, dyn):
-        args = rebuild(dyn)
-        return jax.vmap(lambda k: kernel.init(k, args))(keys)
+class _Compiled(NamedTuple):
+    """``run(key, dyn) -> (draws, infos)`` (the whole run), and for chunked runs ``init(key, dyn) ->
+    (state, run_keys)`` and ``chunk(state, run_keys, dyn, offset, length) -> (state, (pos, info))``
+    (``length`` static: at most two compilations, the last chunk may be shorter)."""
 
-    @jax.jit
-    def chunk_fn(state, keys, dyn):
+    run: Callable
+    init: Callable
+    chunk: Callable
+
+
+def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
+    def init(key, dyn):
+        args = rebuild(dyn)
+        k_init, k_run = jax.random.split(key)
+        state = jax.vmap(lambda k: kernel.init(k, args))(jax.random.split(k_init, cfg.num_chains))
+        return state, jax.random.split(k_run, cfg.num_chains)
+
+    def chunk(state, run_keys, dyn, offset, length):
         args = rebuild(dyn)
 
         def chain(s, ks):
@@ -219,10 +221,27 @@ def _compiled(kernel, rebuild, thinning):
 
             return jax.lax.scan(body, s, ks)
 
-        state, (pos, info) = jax.vmap(chain)(state, keys)
-        return state, (pos, info)
+        return jax.vmap(chain)(state, _chunk_keys(run_keys, offset, length))
 
-    return init_fn, chunk_fn
+    @jax.jit
+    def run(key, dyn):
+        state, run_keys = init(key, dyn)
+        total = _total(cfg)
+        _, (pos, info) = chunk(state, run_keys, dyn, 0, total)
+        record = np.flatnonzero(_recorded(cfg, 0, total))
+        return _take(pos, record), _take(info, record)
+
+    return _Compiled(run, jax.jit(init), jax.jit(chunk, static_argnums=4))
+
+
+def _total(cfg: MCMC) -> int:
+    return cfg.num_warmup + cfg.num_samples * cfg.thinning
+
+
+def _recorded(cfg: MCMC, offset: int, length: int) -> np.ndarray:
+    """``bool[length]``: which of the iterations ``offset … offset + length − 1`` are kept draws."""
+    i = np.arange(offset, offset + length)
+    return (i >= cfg.num_warmup) & ((i - cfg.num_warmup) % cfg.thinning == 0)
 
 
 def _improper_at_init(program: Callable[..., Any]) -> Callable[..., Any]:
