@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ppinfer.errors import ConfigError
 from ppinfer.result import Result
 
 __all__ = ["lineages", "plot_genealogy", "plot_ess"]
@@ -14,7 +15,7 @@ __all__ = ["lineages", "plot_genealogy", "plot_ess"]
 def lineages(result: Result) -> np.ndarray:
     """``i32[N, T]``: the particle index, after each step's resampling, of every final particle's
     ancestor — row ``i`` is final particle ``i``'s line of descent."""
-    ancestors = np.asarray(result.ancestors)
+    ancestors = _ancestors(result)
     t_max, n = ancestors.shape
     out = np.empty((n, t_max), np.int64)
     idx = np.arange(n)
@@ -30,7 +31,7 @@ def plot_genealogy(result: Result, ax: Any = None, weights: bool = True) -> Any:
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
-    ancestors = np.asarray(result.ancestors)
+    ancestors = _ancestors(result)
     t_max, n = ancestors.shape
     for t in range(1, t_max):
         for i in range(n):
@@ -62,3 +63,12 @@ def plot_ess(result: Result, ax: Any = None, threshold: float | None = 0.5) -> A
     ax.set_ylabel("ESS")
     ax.legend(fontsize=8)
     return ax
+
+
+def _ancestors(result: Result) -> np.ndarray:
+    if result.ancestors is None:
+        raise ConfigError(
+            f"this {result.algorithm} result has no genealogy (run with SMC(history=True), the "
+            "default, to record the ancestors)"
+        )
+    return np.asarray(result.ancestors)

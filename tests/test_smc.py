@@ -230,3 +230,44 @@ def test_unstoppable_fast_path_equals_masked_path():
     np.testing.assert_allclose(a.samples["x"], b.samples["x"], rtol=1e-6)
     np.testing.assert_array_equal(a.resampled, b.resampled)
     np.testing.assert_array_equal(np.asarray(a.extras["active"]), np.asarray(b.extras["active"]))
+
+
+def _stopping_program():
+    def init():
+        return pp.sample("z", dist.Normal(0.0, 1.0))
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(0.8 * x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), 0.5)
+        pp.stop(x > 1.5)
+        return x
+
+    return pp.sequential(init, step, 12)
+
+
+@pytest.mark.parametrize("stops", [False, True])
+def test_history_false_is_the_same_filter_without_records(stops):
+    """``history=False`` draws the same random stream: the same weights and log Ẑ, init's choices
+    carried through resampling equal the genealogy-traced ones, and the final choices are each
+    particle's latest (last active step's) choices; no genealogy is kept."""
+    from ppinfer.plots import lineages
+
+    if stops:
+        prog, args = _stopping_program(), ()
+    else:
+        prog, args = lgssm(**LG), (simulate_lgssm(4, 20, **LG),)
+    full = pp.infer(prog, *args, algorithm=pp.SMC(200), key=11)
+    filt = pp.infer(prog, *args, algorithm=pp.SMC(200, history=False), key=11)
+    assert filt.log_evidence == pytest.approx(full.log_evidence, rel=1e-6)
+    np.testing.assert_allclose(filt.log_weights, full.log_weights, rtol=1e-6)
+    np.testing.assert_array_equal(filt.resampled, full.resampled)
+    x_full, x_filt = np.asarray(full.samples["x"]), np.asarray(filt.samples["x"])
+    active = np.asarray(full.extras["active"])
+    last = active.shape[1] - 1 - np.argmax(active[:, ::-1], axis=1)
+    if stops:
+        assert (last < active.shape[1] - 1).any()  # some particles did stop early
+        np.testing.assert_allclose(filt.samples["z"], full.samples["z"], rtol=1e-6)
+    np.testing.assert_allclose(x_filt, x_full[np.arange(len(last)), last], rtol=1e-6)
+    assert filt.ancestors is None and filt.extras["active"] is None
+    with pytest.raises(pp.errors.ConfigError, match="history=True"):
+        lineages(filt)

@@ -28,7 +28,7 @@ from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme, resample, resample_groups
 from ppinfer.result import Deferred, DeferredExtras, Result
-from ppinfer.suspended import Sequential, advance, can_stop, match_state, start
+from ppinfer.suspended import Sequential, advance, can_stop, keep_finished, match_state, start
 
 __all__ = [
     "SMC",
@@ -62,6 +62,13 @@ class SMC:
         local_resampling: with ``devices``, resample within each device's particles only (island
             resampling, :func:`~ppinfer.resample.resample_groups`): no particle crosses devices and
             only the N weights are exchanged (for the ESS); still valid (``E[Ẑ] = Z``) but noisier.
+        history: record every step's choices and the genealogy (default), so that ``samples`` are
+            whole trajectories ``[N, T, …]`` (the smoothing approximation) and ``ancestors`` is set.
+            ``False`` records no per-step particle data (as ``particles``' ``store_history=False``): a
+            pure filter, cheaper per step; ``samples`` then hold each particle's latest choices
+            ``[N, …]`` (the filtering distribution of the last step) and ``init``'s choices carried
+            through resampling; ``ancestors`` and ``extras["active"]`` are ``None``. ``log_weights``,
+            ``log_evidence``, the ESS / resampling / log Ẑ histories and ``state`` are the same.
     """
 
     num_particles: int = 1000
@@ -71,6 +78,7 @@ class SMC:
     init_proposal: Callable[..., Any] | None = None
     devices: int | tuple | None = None
     local_resampling: bool = False
+    history: bool = True
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
@@ -100,7 +108,9 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
     sharding = None if cfg.devices is None else particle_sharding(cfg.devices, cfg.num_particles)
     groups = sharding.mesh.size if cfg.local_resampling else 1
-    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, groups, static_key)
+    history = bool(getattr(cfg, "history", True))
+    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, groups, history)
+    cache_key += (static_key,)
 
     def build():
         def compiled(key, dyn):
@@ -115,11 +125,27 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
                 groups,
                 genealogy=False,
                 early_exit=True,
+                history=history,
             )
 
         return compiled
 
     out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "SMC")
+    if not history:
+        samples, site_kinds = sample_names(out["init_choices"], out["final_choices"])
+        return Result(
+            samples=samples,
+            log_weights=out["log_weights"],
+            log_evidence=log_z,
+            algorithm=name,
+            ess=out["ess"],
+            resampled=out["resampled"],
+            log_evidence_history=out["log_evidence_history"],
+            ancestors=None,
+            state=out["state"],
+            wall_time=time.perf_counter() - t0,
+            extras={"site_kinds": site_kinds, "active": None},
+        )
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
     traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"]))
     return Result(
@@ -189,6 +215,7 @@ def smc_run(
     num_groups=1,
     genealogy=True,
     early_exit=False,
+    history=True,
 ):
     """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
     ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
@@ -203,7 +230,10 @@ def smc_run(
     particles); the records of the steps not run say so (inactive, not resampled, identity
     ancestors). Not reverse-differentiable then (a ``while_loop``): VSMC keeps the default. A program
     that cannot :func:`~ppinfer.stop` (:func:`~ppinfer.suspended.can_stop`) always runs a plain
-    ``lax.scan`` without the finished-particle masks."""
+    ``lax.scan`` without the finished-particle masks. With ``history=False`` nothing per particle is
+    recorded per step (no ``history``/``trajectories``, ``ancestors`` or ``active``): the output has
+    ``final_choices`` (each particle's latest step choices ``[N, …]``) and ``init_choices`` (carried
+    through resampling), both indexed by final particle."""
     shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
     # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
     # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
@@ -218,11 +248,30 @@ def smc_run(
     log_z_init = log_evidence(seq.population.log_weights)
     always = threshold >= 1.0
 
-    def body(seq: Sequential, key_t):
+    # history=False: init's choices and (for a program that can stop) each particle's latest step
+    # choices ride along with the particles, gathered at resampling, instead of being recorded; a
+    # program that cannot stop only needs the last step's choices, after which nothing resamples.
+    gathered, last = {}, None
+    if not history:
+        gathered["init"] = init_info.choices
+        step = lambda s, k: advance(k, s, program, args, proposal)[1].choices
+        step_shapes = jax.eval_shape(step, seq, k_loop)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_shapes)
+        if may_stop:
+            gathered["step"] = zeros
+        else:
+            last = zeros
+
+    def body(carry, key_t):
+        seq, gathered, last = carry
         k_adv, k_res = jax.random.split(key_t)
         active = ~seq.population.particles.done
         seq, info = advance(k_adv, seq, program, args, proposal, may_stop)
-        pop = Population(seq.population.particles, replicate(seq.population.log_weights))
+        if "step" in gathered:
+            gathered = {**gathered, "step": keep_finished(~active, info.choices, gathered["step"])}
+        if last is not None:
+            last = info.choices
+        pop = Population((seq.population.particles, gathered), replicate(seq.population.log_weights))
         lse = log_evidence(pop.log_weights)  # resampling preserves it: log Ẑ after this step
         ess_t = ess(pop.log_weights, lse)
         do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
@@ -232,38 +281,49 @@ def smc_run(
             lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
             pop,
         )
-        record = (info.choices, active, ancestors, ess_t, do, lse, info.nan_sites)
-        return Sequential(shard(pop), seq.t), record
+        particles, gathered = pop.particles
+        record = (ess_t, do, lse, info.nan_sites)
+        if history:
+            record += (info.choices, active, ancestors)
+        seq = Sequential(shard(Population(particles, pop.log_weights)), seq.t)
+        return (seq, gathered, last), record
 
     keys = jax.random.split(k_loop, num_steps)
+    carry = (seq, gathered, last)
     if early_exit and may_stop:
-        alive = lambda s: jnp.any(~s.population.particles.done)
-        seq, records, steps_run = scan_while(body, seq, keys, alive)
-        choices, active, ancestors, ess_h, resampled, log_z_h, nan_h = records
+        alive = lambda c: jnp.any(~c[0].population.particles.done)
+        (seq, gathered, last), records, steps_run = scan_while(body, carry, keys, alive)
+    else:
+        (seq, gathered, last), records = jax.lax.scan(body, carry, keys)
+        steps_run = None
+    ess_h, resampled, log_z_h, nan_h = records[:4]
+    if steps_run is not None:
         ran = jnp.arange(num_steps) < steps_run
-        ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32))
         final_lse = log_evidence(seq.population.log_weights)
         ess_h = jnp.where(ran, ess_h, ess(seq.population.log_weights, final_lse))
         log_z_h = jnp.where(ran, log_z_h, final_lse)
-    else:
-        seq, (choices, active, ancestors, ess_h, resampled, log_z_h, nan_h) = jax.lax.scan(body, seq, keys)
     nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
-    if genealogy:
-        traced = trace_history(ancestors, init_info.choices, {"choices": choices, "active": active})
-    else:
-        traced = {"init_choices": init_info.choices, "history": {"choices": choices, "active": active}}
-    return {
-        **traced,
+    common = {
         "log_weights": seq.population.log_weights,
         "log_evidence": log_evidence(seq.population.log_weights),
         "log_evidence_init": log_z_init,
         "log_evidence_history": log_z_h,
         "ess": ess_h,
         "resampled": resampled,
-        "ancestors": ancestors,
         "state": seq.population.particles.state,
         "nan_sites": nan_sites,
     }
+    if not history:
+        final = gathered["step"] if last is None else last
+        return {**common, "init_choices": gathered["init"], "final_choices": final}
+    choices, active, ancestors = records[4:]
+    if steps_run is not None:
+        ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32))
+    if genealogy:
+        traced = trace_history(ancestors, init_info.choices, {"choices": choices, "active": active})
+    else:
+        traced = {"init_choices": init_info.choices, "history": {"choices": choices, "active": active}}
+    return {**traced, **common, "ancestors": ancestors}
 
 
 def smc_batch(
