@@ -284,7 +284,8 @@ def smc_run(
         particles, gathered = pop.particles
         record = (ess_t, do, lse, info.nan_sites)
         if history:
-            record += (info.choices, active, ancestors)
+            # A program that cannot stop is active everywhere: nothing to record.
+            record += (info.choices, active if may_stop else None, ancestors)
         seq = Sequential(shard(Population(particles, pop.log_weights)), seq.t)
         return (seq, gathered, last), record
 
@@ -317,6 +318,8 @@ def smc_run(
         final = gathered["step"] if last is None else last
         return {**common, "init_choices": gathered["init"], "final_choices": final}
     choices, active, ancestors = records[4:]
+    if active is None:
+        active = jnp.ones((num_steps, n), bool)
     if steps_run is not None:
         ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32))
     if genealogy:
