@@ -131,35 +131,28 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         return compiled
 
     out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "SMC")
+    common = {
+        "log_weights": out["log_weights"],
+        "log_evidence": log_z,
+        "algorithm": name,
+        "ess": out["ess"],
+        "resampled": out["resampled"],
+        "log_evidence_history": out["log_evidence_history"],
+        "state": out["state"],
+    }
     if not history:
         samples, site_kinds = sample_names(out["init_choices"], out["final_choices"])
-        return Result(
-            samples=samples,
-            log_weights=out["log_weights"],
-            log_evidence=log_z,
-            algorithm=name,
-            ess=out["ess"],
-            resampled=out["resampled"],
-            log_evidence_history=out["log_evidence_history"],
-            ancestors=None,
-            state=out["state"],
-            wall_time=time.perf_counter() - t0,
-            extras={"site_kinds": site_kinds, "active": None},
-        )
+        extras = {"site_kinds": site_kinds, "active": None}
+        wall_time = time.perf_counter() - t0
+        return Result(samples=samples, ancestors=None, wall_time=wall_time, extras=extras, **common)
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
     traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"]))
     return Result(
         samples=Deferred(lambda: sample_names(traced()["init_choices"], traced()["trajectories"])[0]),
-        log_weights=out["log_weights"],
-        log_evidence=log_z,
-        algorithm=name,
-        ess=out["ess"],
-        resampled=out["resampled"],
-        log_evidence_history=out["log_evidence_history"],
         ancestors=out["ancestors"],
-        state=out["state"],
         wall_time=time.perf_counter() - t0,
         extras=DeferredExtras({"site_kinds": site_kinds}, {"active": Deferred(lambda: traced()["active"])}),
+        **common,
     )
 
 
