@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(PY) -m ppinfer.demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 -q --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadscope -q --durations=15 tests
 
 docs: $(VENV)/.installed-docs
 	$(PY) -m sphinx -W -b html docs docs/_build/html

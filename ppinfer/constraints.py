@@ -70,7 +70,7 @@ def regex_automaton(pattern: str, vocab_bytes: list[bytes], eos_id: int | None =
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular raises several exception types for bad patterns
         raise ConfigError(f"cannot compile regular expression {pattern!r}: {e}") from e
-    states = sorted(fsm.states)
+    states = _canonical_states(fsm, anything_else)
     index = {s: i for i, s in enumerate(states)}
     live = _live_states(fsm)
     other = fsm.alphabet[anything_else] if anything_else in fsm.alphabet else None
@@ -102,6 +102,28 @@ def regex_automaton(pattern: str, vocab_bytes: list[bytes], eos_id: int | None =
         jnp.asarray(index[fsm.initial], jnp.int32),
         jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
     )
+
+
+def _canonical_states(fsm, anything_else) -> list:
+    """The DFA's states in an order that depends only on the language: breadth-first from the
+    initial state, each state's moves taken in the order of their smallest character (the
+    any-other-character class last); unreachable states after, sorted. ``interegular`` numbers states
+    and character classes in set-iteration order, which varies with Python's hash seed — so without
+    this the same pattern gave different state indices (hence different twist features, different
+    random streams) from one process to the next."""
+
+    def rank(cls):
+        chars = [c for c in fsm.alphabet.by_transition.get(cls, []) if c is not anything_else]
+        return (0, min(chars)) if chars else (1, "")
+
+    order, seen = [fsm.initial], {fsm.initial}
+    for state in order:  # the list grows while it is walked: a breadth-first search
+        moves = fsm.map.get(state, {})
+        for cls in sorted(moves, key=rank):
+            if moves[cls] not in seen:
+                seen.add(moves[cls])
+                order.append(moves[cls])
+    return order + sorted(s for s in fsm.states if s not in seen)
 
 
 def _live_states(fsm) -> set:

@@ -1,5 +1,7 @@
 """Token-level programs on an exact bigram LM: SMC against the exact posterior by enumeration."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,29 @@ def test_all_particles_ruled_out_is_a_clear_error():
 
     with pytest.raises(pp.ZeroEvidenceError, match="after step 0"):
         pp.infer(pp.sequential(init, impossible, T), P, algorithm=pp.SMC(64))
+
+
+def test_regex_automaton_is_the_same_in_every_process():
+    """interegular numbers DFA states in set-iteration order, which follows Python's hash seed; the
+    automaton's states are renumbered canonically, so the table (hence twist features and random
+    streams) does not change between processes. Hash seeds 0 and 3 number ``(a|c)*b`` differently
+    inside interegular."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ppinfer.constraints import regex_automaton as r; "
+        "a = r(r'(a|c)*b', [b'', b'a', b'b', b'c', b'ca'], eos_id=0); "
+        "print(a.next_state.tolist(), a.final.tolist(), int(a.initial))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("0", "3")
+    }
+    assert len(outs) == 1, outs
