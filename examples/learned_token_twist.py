@@ -51,8 +51,9 @@ def main(
             alive.append(int(np.sum(w > 0)))
         log_z = np.asarray(log_z)
         finite = log_z[np.isfinite(log_z)]
+        var = f"{np.var(finite):.3f}" if finite.size > 1 else "n/a (fewer than 2 runs with Ẑ > 0)"
         print(
-            f"{name:>20}: log Ẑ over {num_runs} runs {np.round(log_z, 2)}  var {np.var(finite):.3f}  "
+            f"{name:>20}: log Ẑ over {num_runs} runs {np.round(log_z, 2)}  var {var}  "
             f"final ESS {np.mean(ess) if ess else 0.0:5.1f}/{num_particles}  "
             f"live particles {np.mean(alive) if alive else 0.0:5.1f}"
         )
