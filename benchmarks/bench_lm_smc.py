@@ -24,32 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians  # noqa: E402
 
 import ppinfer as pp  # noqa: E402
+from models.lm_programs import regex_program  # noqa: E402
 from ppinfer import tokens as tk  # noqa: E402
-from ppinfer.constraints import regex_automaton  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
 
 PATTERN = r"[^eE]*"  # text that avoids the letter e
 
 
 def constrained_program(lm, max_new_tokens: int):
-    p = tk.prompt(lm, "<|endoftext|>import", max_new_tokens)
-    automaton = regex_automaton(PATTERN, lm.vocab_bytes, lm.eos_id)
-
-    def init(p, a):
-        return tk.Context.start(p), a.initial
-
-    def step(state, t, p, a):
-        ctx, s = state
-        tok = pp.sample("tok", ctx.next_token())
-        pp.condition("regex", a.allowed(s)[tok])
-        pp.stop(tok == p.eos_id)
-        return ctx.extend(p, tok), a.advance(s, tok)
-
-    def proposal(state, t, p, a):
-        ctx, s = state
-        pp.sample("tok", tk.masked_next_token(ctx, a.allowed(s)))
-
-    return pp.sequential(init, step, max_new_tokens), (p, automaton), proposal
+    return regex_program(lm, "<|endoftext|>import", PATTERN, max_new_tokens)
 
 
 def main() -> None:

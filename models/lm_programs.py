@@ -8,7 +8,15 @@ import ppinfer as pp
 from ppinfer import tokens as tk
 from ppinfer.constraints import regex_automaton
 
-__all__ = ["PYTHON_DEF_PATTERN", "python_def", "parses_as_def"]
+__all__ = [
+    "PYTHON_DEF_PATTERN",
+    "python_def",
+    "parses_as_def",
+    "regex_program",
+    "regex_init",
+    "regex_step",
+    "regex_proposal",
+]
 
 # A function header after the prompt "def": a name, parameters, a colon.
 PYTHON_DEF_PATTERN = r" [a-z_]+\([a-z_, ]*\):"
@@ -24,6 +32,37 @@ def parses_as_def(text: str) -> bool:
     return True
 
 
+def regex_init(p: tk.LMPrompt, a: Any):
+    """``init`` of a regex-constrained token program: state ``(context, automaton state)``."""
+    return tk.Context.start(p), a.initial
+
+
+def regex_step(state, t, p: tk.LMPrompt, a: Any):
+    """One token from the LM; weight 0 unless the text stays a prefix of a match (and EOS comes only
+    after a full match: the automaton allows it only in final states); the particle ends at EOS."""
+    ctx, s = state
+    tok = pp.sample("tok", ctx.next_token())
+    pp.condition("regex", a.allowed(s)[tok])
+    pp.stop(tok == p.eos_id)
+    return ctx.extend(p, tok), a.advance(s, tok)
+
+
+def regex_proposal(state, t, p: tk.LMPrompt, a: Any):
+    """The locally constrained proposal: the LM's next-token distribution masked by the automaton
+    (its weight ``log p − log q`` is the log of the allowed mass)."""
+    ctx, s = state
+    pp.sample("tok", tk.masked_next_token(ctx, a.allowed(s)))
+
+
+def regex_program(lm: Any, prompt: str, pattern: str, max_new_tokens: int):
+    """The posterior of ``lm``'s continuations of ``prompt`` whose text matches ``pattern`` (a
+    finished particle's text fully, an unfinished one as a prefix). Returns ``(program, args,
+    proposal)`` with :func:`regex_proposal`."""
+    p = tk.prompt(lm, prompt, max_new_tokens)
+    automaton = regex_automaton(pattern, lm.vocab_bytes, lm.eos_id)
+    return pp.sequential(regex_init, regex_step, max_new_tokens), (p, automaton), regex_proposal
+
+
 def python_def(lm: Any, max_new_tokens: int = 24, prompt: str = "<|endoftext|>def"):
     """The posterior of ``lm``'s continuations of ``prompt`` that match
     :data:`PYTHON_DEF_PATTERN`, end with EOS within ``max_new_tokens`` tokens and parse with
@@ -32,9 +71,6 @@ def python_def(lm: Any, max_new_tokens: int = 24, prompt: str = "<|endoftext|>de
     p = tk.prompt(lm, prompt, max_new_tokens)
     automaton = regex_automaton(PYTHON_DEF_PATTERN, lm.vocab_bytes, lm.eos_id)
     decode = lm.tokenizer.decode
-
-    def init(p, a):
-        return tk.Context.start(p), a.initial
 
     def step(state, t, p, a):
         ctx, s = state
@@ -47,8 +83,4 @@ def python_def(lm: Any, max_new_tokens: int = 24, prompt: str = "<|endoftext|>de
         pp.stop(done)
         return ctx.extend(p, tok), a.advance(s, tok)
 
-    def proposal(state, t, p, a):
-        ctx, s = state
-        pp.sample("tok", tk.masked_next_token(ctx, a.allowed(s)))
-
-    return pp.sequential(init, step, max_new_tokens), (p, automaton), proposal
+    return pp.sequential(regex_init, step, max_new_tokens), (p, automaton), regex_proposal

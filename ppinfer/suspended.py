@@ -139,16 +139,16 @@ def advance(
 
     weighted, info = jax.vmap(one)(jnp.arange(n), particles.state)
     new_state = match_state(weighted.value, particles.state)
-    if not may_stop:
-        nan_sites = {name: jnp.any(flag) for name, flag in info.nan_sites.items()}
-        log_weights = seq.population.log_weights + weighted.log_weight
-        pop = Population(Particle(new_state, particles.done), log_weights)
-        return Sequential(pop, t + 1), StepInfo(weighted.choices, weighted.log_weight, nan_sites)
     done = particles.done
-    state = keep_finished(done, new_state, particles.state)
-    increments = jnp.where(done, 0.0, weighted.log_weight)
-    nan_sites = {name: jnp.any(flag & ~done) for name, flag in info.nan_sites.items()}
-    pop = Population(Particle(state, done | info.stopped), seq.population.log_weights + increments)
+    state, increments, live = new_state, weighted.log_weight, None
+    if may_stop:  # finished particles keep their state and weight; their flags are ignored
+        state = keep_finished(done, new_state, particles.state)
+        increments = jnp.where(done, 0.0, weighted.log_weight)
+        live, done = ~done, done | info.stopped
+    nan_sites = {
+        name: jnp.any(flag if live is None else flag & live) for name, flag in info.nan_sites.items()
+    }
+    pop = Population(Particle(state, done), seq.population.log_weights + increments)
     return Sequential(pop, t + 1), StepInfo(weighted.choices, increments, nan_sites)
 
 

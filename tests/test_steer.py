@@ -12,7 +12,7 @@ from bigram_lm import EOS, P, T, init, no_repeat_step
 from scipy.special import logsumexp
 
 import ppinfer as pp
-from ppinfer import tokens as tk
+from models.lm_programs import regex_init, regex_proposal
 from ppinfer.algorithms.steer import Steer, extend, select_from_uniforms
 from ppinfer.constraints import regex_automaton
 from ppinfer.population import Population
@@ -33,22 +33,13 @@ def free_step(ctx, t, p):
     return ctx.extend(p, tok)
 
 
-def regex_init(p, a):
-    return tk.Context.start(p), a.initial
-
-
 def regex_step(state, t, p, a):
-    """Regex constraint: the text so far must stay a prefix of a match; EOS only after a match."""
+    """``models.lm_programs.regex_step`` for the bigram LM, which has no ``eos_id``: it ends at EOS."""
     ctx, s = state
     tok = pp.sample("tok", ctx.next_token())
     pp.condition("regex", a.allowed(s)[tok])
     pp.stop(tok == EOS)
     return ctx.extend(p, tok), a.advance(s, tok)
-
-
-def regex_proposal(state, t, p, a):
-    ctx, s = state
-    pp.sample("tok", tk.masked_next_token(ctx, a.allowed(s)))
 
 
 PROGRAMS = {

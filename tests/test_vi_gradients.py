@@ -13,6 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from normal_normal import normal_guide, normal_model
 
 import ppinfer as pp
 from ppinfer.vi import (
@@ -153,17 +154,6 @@ def test_rws_gradient_is_wake_p_plus_wake_q():
 
 # Continuous model: z ~ N(0, 1), y ~ N(z, 1); guide N(m, s). Closed-form ELBO:
 # E_q[log p(z) + log p(y|z)] + H(q) = −(m² + s²)/2 − ((y − m)² + s²)/2 − log 2π + log s + ½ log 2πe.
-
-
-def normal_model(y):
-    z = pp.sample("z", dist.Normal(0.0, 1.0))
-    pp.observe("y", dist.Normal(z, 1.0), y)
-
-
-def normal_guide(y):
-    m = numpyro.param("m", 0.2)
-    s = numpyro.param("s", 0.8, constraint=dist.constraints.positive)
-    pp.sample("z", dist.Normal(m, s))
 
 
 NSPEC = find_params(jax.random.PRNGKey(0), [(normal_guide, (Y,))])

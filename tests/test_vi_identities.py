@@ -8,6 +8,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax.scipy.special import betaln
+from normal_normal import normal_guide as guide
+from normal_normal import normal_model as model
 
 import ppinfer as pp
 from models.classic import beta_bernoulli
@@ -32,20 +34,9 @@ def test_renyi_alpha_zero_is_iwelbo_and_alpha_to_one_is_elbo(k):
     assert renyi(1.0, k).name == "elbo"
 
 
-# Continuous model z ~ N(0, 1), y ~ N(z, 1): posterior N(y/2, 1/2), log Z = log N(y; 0, 2).
+# The normal-normal setting (tests/normal_normal.py): posterior N(y/2, 1/2), log Z = log N(y; 0, 2).
 Y = 1.3
 LOG_Z = float(dist.Normal(0.0, np.sqrt(2.0)).log_prob(Y))
-
-
-def model(y):
-    z = pp.sample("z", dist.Normal(0.0, 1.0))
-    pp.observe("y", dist.Normal(z, 1.0), y)
-
-
-def guide(y):
-    m = numpyro.param("m", 0.2)
-    s = numpyro.param("s", 0.8, constraint=dist.constraints.positive)
-    pp.sample("z", dist.Normal(m, s))
 
 
 SPEC = find_params(jax.random.PRNGKey(0), [(guide, (Y,))])

@@ -52,7 +52,7 @@ from ppinfer.population import Population, ess, gather, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import ancestors_from_uniforms, check_scheme, uniforms_shape
 from ppinfer.result import Result
-from ppinfer.suspended import Particle, Sequential, advance, match_state, start
+from ppinfer.suspended import Particle, Sequential, advance, can_stop, match_state, start
 from ppinfer.traced import assess, latent_sites
 from ppinfer.weighted import simulate
 
@@ -162,6 +162,7 @@ def resample_move_run(
     ``[T]``, ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]``, ``active: bool[N, T]``,
     ``state``, ``nan_sites``."""
     k_init, k_loop = jax.random.split(key)
+    may_stop = can_stop(program, args, proposal)  # no finished-particle masks when it cannot stop
     seq, init_info = start(k_init, program, args, n)
     init_latent = set(latent_sites(program.init, args))
     init_choices = {k: v for k, v in init_info.choices.items() if k in init_latent}
@@ -176,7 +177,7 @@ def resample_move_run(
         t, key_t = xs
         k_adv, k_res, k_move = jax.random.split(key_t, 3)
         active_t = ~seq.population.particles.done
-        seq, info = advance(k_adv, seq, program, args, proposal)
+        seq, info = advance(k_adv, seq, program, args, proposal, may_stop)
         step_choices = {k: info.choices[k] for k in step_names}
         choices = {k: hist["choices"][k].at[:, t].set(v) for k, v in step_choices.items()}
         hist = {"choices": choices, "active": hist["active"].at[:, t].set(active_t)}

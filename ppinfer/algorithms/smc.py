@@ -108,7 +108,7 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
     settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
     sharding = None if cfg.devices is None else particle_sharding(cfg.devices, cfg.num_particles)
     groups = sharding.mesh.size if cfg.local_resampling else 1
-    history = bool(getattr(cfg, "history", True))
+    history = bool(cfg.history)
     cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, groups, history)
     cache_key += (static_key,)
 
