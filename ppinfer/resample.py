@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 
 from ppinfer.errors import ConfigError
 from ppinfer.population import Population, gather
 
-__all__ = ["SCHEMES", "resample", "resample_groups", "ancestors_from_uniforms", "uniforms_shape"]
+__all__ = [
+    "SCHEMES",
+    "resample",
+    "resample_groups",
+    "ancestors_from_uniforms",
+    "uniforms_shape",
+    "inverse_cdf",
+    "residual_ancestors",
+]
 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 
@@ -34,13 +41,14 @@ def resample(
     key: jax.Array, pop: Population, scheme: str = "systematic", lse: jax.Array | None = None
 ) -> tuple[Population, jax.Array]:
     """Resample ``pop`` with ``scheme``; see the module docstring. Returns ``(pop', ancestors)``.
-    ``lse`` may pass ``logsumexp(pop.log_weights)`` when the caller has it already."""
+    ``lse`` is accepted for compatibility (the selection computes it)."""
+    from ppinfer.kernels.select import as_selection, draw_uniforms
+
     check_scheme(scheme)
+    selection = as_selection(scheme)
     n = pop.num_particles
-    lse = logsumexp(pop.log_weights) if lse is None else lse
-    uniforms = jax.random.uniform(key, uniforms_shape(scheme, n), dtype=pop.log_weights.dtype)
-    ancestors = ancestors_from_uniforms(scheme, uniforms, pop.log_weights, lse)
-    new_log_weights = jnp.full_like(pop.log_weights, lse - jnp.log(n))
+    u = draw_uniforms(selection, key, n, pop.log_weights.dtype)
+    ancestors, new_log_weights = selection(u, pop.log_weights)
     return Population(gather(pop.particles, ancestors), new_log_weights), ancestors
 
 
@@ -48,19 +56,15 @@ def resample_groups(
     key: jax.Array, pop: Population, scheme: str, num_groups: int
 ) -> tuple[Population, jax.Array]:
     """Resample each of ``num_groups`` contiguous groups of ``N / num_groups`` particles on its own
-    (island resampling): ancestors never leave their group and each group keeps its own mass
-    (new log weight ``logsumexp(group) − log M``). Valid for the same reason as :func:`resample`,
-    group by group; with one group per device it needs no cross-device traffic, at the price of a
-    higher-variance Ẑ than global resampling."""
+    (island resampling, :class:`~ppinfer.kernels.select.Grouped`): ancestors never leave their group
+    and each group keeps its own mass (new log weight ``logsumexp(group) − log M``)."""
+    from ppinfer.kernels.select import Grouped, as_selection, draw_uniforms
+
     check_scheme(scheme)
-    n = pop.num_particles
-    m = n // num_groups
-    groups = pop.log_weights.reshape(num_groups, m)
-    uniforms = jax.random.uniform(key, (num_groups, *uniforms_shape(scheme, m)), dtype=groups.dtype)
-    local = jax.vmap(lambda u, lw: ancestors_from_uniforms(scheme, u, lw))(uniforms, groups)
-    ancestors = local.reshape(n) + (jnp.arange(n, dtype=jnp.int32) // m) * m
-    new = jnp.broadcast_to(logsumexp(groups, axis=1, keepdims=True) - jnp.log(m), groups.shape)
-    return Population(gather(pop.particles, ancestors), new.reshape(n)), ancestors
+    selection = Grouped(as_selection(scheme), num_groups)
+    u = draw_uniforms(selection, key, pop.num_particles, pop.log_weights.dtype)
+    ancestors, new_log_weights = selection(u, pop.log_weights)
+    return Population(gather(pop.particles, ancestors), new_log_weights), ancestors
 
 
 def check_scheme(scheme: str) -> None:
@@ -69,7 +73,7 @@ def check_scheme(scheme: str) -> None:
 
 
 def uniforms_shape(scheme: str, n: int) -> tuple[int, ...]:
-    """The shape of the ``U[0, 1)`` input of ``scheme`` for ``n`` particles."""
+    """The shape of the ``U[0, 1)`` input of :func:`ancestors_from_uniforms` for ``n`` particles."""
     check_scheme(scheme)
     return (1,) if scheme == "systematic" else (n,)
 
@@ -77,30 +81,18 @@ def uniforms_shape(scheme: str, n: int) -> tuple[int, ...]:
 def ancestors_from_uniforms(
     scheme: str, uniforms: jax.Array, log_weights: jax.Array, lse: jax.Array | None = None
 ) -> jax.Array:
-    """``i32[N]`` ancestors for ``log_weights: f32[N]`` given ``uniforms`` of ``uniforms_shape``
-    (``lse``: ``logsumexp(log_weights)`` if the caller has it).
+    """``i32[N]`` ancestors for ``log_weights: f32[N]`` given ``uniforms`` of :func:`uniforms_shape`
+    — the scheme's :mod:`~ppinfer.kernels.select` selection (``lse`` is ignored). If every weight is
+    zero the population is dead: ancestors are the identity (the caller reports the error)."""
+    from ppinfer.kernels.select import as_selection
 
-    If every weight is zero the population is dead: ancestors are the identity (the caller reports
-    the error; no NaN is produced)."""
     check_scheme(scheme)
     n = log_weights.shape[0]
-    lse = logsumexp(log_weights) if lse is None else lse
-    alive = jnp.isfinite(lse)
-    probs = jnp.where(alive, jnp.exp(log_weights - jnp.where(alive, lse, 0.0)), 1.0 / n)
-    if scheme == "residual":
-        ancestors = _residual(uniforms, probs)
-    else:
-        j = jnp.arange(n, dtype=probs.dtype)
-        positions = {
-            "multinomial": uniforms,
-            "stratified": (j + uniforms) / n,
-            "systematic": (j + uniforms[0]) / n,
-        }[scheme]
-        ancestors = _inverse_cdf(positions, probs)
-    return jnp.where(alive, ancestors, jnp.arange(n))
+    u = jnp.broadcast_to(uniforms, (n,)) if scheme == "systematic" else uniforms
+    return as_selection(scheme)(u, log_weights)[0]
 
 
-def _inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
+def inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
     """Index ``i`` with ``c_{i−1} ≤ u·c_{N−1} < c_i`` for each position ``u ∈ [0, 1)``: zero-weight
     particles are never chosen. Float round-off at the top (``u·c`` rounding up to ``c``) is clamped
     to the float just below ``c = c_{N−1}``: the cumulative sum is non-decreasing, so the index found
@@ -111,14 +103,16 @@ def _inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
     return jnp.searchsorted(cdf, value, side="right").astype(jnp.int32)
 
 
-def _residual(uniforms: jax.Array, probs: jax.Array) -> jax.Array:
-    n = probs.shape[0]
-    expected = n * probs
+def residual_ancestors(uniforms: jax.Array, probs: jax.Array) -> jax.Array:
+    """Residual resampling of ``n_out = len(uniforms)`` slots: ``⌊n_out p_i⌋`` deterministic copies
+    of particle ``i``, the remaining slots by inverse CDF of ``uniforms`` on the residual mass."""
+    n_in, n_out = probs.shape[0], uniforms.shape[0]
+    expected = n_out * probs
     counts = jnp.floor(expected).astype(jnp.int32)
-    deterministic = jnp.repeat(jnp.arange(n, dtype=jnp.int32), counts, total_repeat_length=n)
+    deterministic = jnp.repeat(jnp.arange(n_in, dtype=jnp.int32), counts, total_repeat_length=n_out)
     num_deterministic = jnp.sum(counts)
     residual = expected - counts
     # When the residual mass is zero every slot is deterministic; guard the inverse CDF anyway.
     residual = jnp.where(jnp.sum(residual) > 0, residual, probs)
-    random_part = _inverse_cdf(uniforms, residual)
-    return jnp.where(jnp.arange(n) < num_deterministic, deterministic, random_part)
+    random_part = inverse_cdf(uniforms, residual)
+    return jnp.where(jnp.arange(n_out) < num_deterministic, deterministic, random_part)

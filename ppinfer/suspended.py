@@ -92,11 +92,15 @@ class StepInfo(NamedTuple):
         choices: latent and deterministic site values of the step, name → ``[N, …]``.
         log_increments: ``f32[N]`` incremental log weights (0 for particles already stopped).
         nan_sites: site name → ``bool[]``, whether any particle's log density there was NaN.
+        log_prob_draws: ``f32[N]`` the log probability of each particle's latent draws under the
+            distributions they came from (the law of injected ``values``; see
+            :func:`~ppinfer.weighted.simulate`).
     """
 
     choices: dict[str, jax.Array]
     log_increments: jax.Array
     nan_sites: dict[str, jax.Array]
+    log_prob_draws: jax.Array | None = None
 
 
 def start(
@@ -105,15 +109,22 @@ def start(
     args: tuple,
     num_particles: int,
     proposal: Callable[..., Any] | None = None,
+    values: dict[str, jax.Array] | None = None,
 ) -> tuple[Sequential, StepInfo]:
-    """Run ``init`` for ``num_particles`` particles; each weight is ``−log N + log p/q``."""
-    run = jax.vmap(lambda i: simulate(key, program.init, args, proposal=proposal, particle=i))
-    weighted, info = run(jnp.arange(num_particles))
+    """Run ``init`` for ``num_particles`` particles; each weight is ``−log N + log p/q``. ``values``
+    (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`)."""
+
+    def one(i, v):
+        return simulate(key, program.init, args, proposal=proposal, particle=i, values=v)
+
+    weighted, info = jax.vmap(one)(jnp.arange(num_particles), values)
     state = jax.tree.map(jnp.asarray, weighted.value)
     done = info.stopped
     log_weights = weighted.log_weight - jnp.log(num_particles)
     pop = Population(Particle(state, done), log_weights)
-    step_info = StepInfo(weighted.choices, weighted.log_weight, _any(info.nan_sites))
+    step_info = StepInfo(
+        weighted.choices, weighted.log_weight, _any(info.nan_sites), info.log_prob_draws
+    )
     return Sequential(pop, jnp.zeros((), jnp.int32)), step_info
 
 
@@ -124,20 +135,22 @@ def advance(
     args: tuple,
     proposal: Callable[..., Any] | None = None,
     may_stop: bool = True,
+    values: dict[str, jax.Array] | None = None,
 ) -> tuple[Sequential, StepInfo]:
     """Run step ``seq.t`` for every particle (vmapped); see the module docstring. With
     ``may_stop=False`` — a promise that no particle has stopped or will (:func:`can_stop` is false)
-    — the finished-particle masks are skipped: every particle takes its new state and increment."""
+    — the finished-particle masks are skipped: every particle takes its new state and increment.
+    ``values`` (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`)."""
     particles: Particle = seq.population.particles
     n = seq.population.num_particles
     t = seq.t
 
-    def one(i, state):
+    def one(i, state, v):
         step = lambda s: program.step(s, t, *args)
         prop = None if proposal is None else (lambda s: proposal(s, t, *args))
-        return simulate(key, step, (state,), proposal=prop, particle=i)
+        return simulate(key, step, (state,), proposal=prop, particle=i, values=v)
 
-    weighted, info = jax.vmap(one)(jnp.arange(n), particles.state)
+    weighted, info = jax.vmap(one)(jnp.arange(n), particles.state, values)
     new_state = match_state(weighted.value, particles.state)
     done = particles.done
     state, increments, live = new_state, weighted.log_weight, None
@@ -149,7 +162,8 @@ def advance(
         name: jnp.any(flag if live is None else flag & live) for name, flag in info.nan_sites.items()
     }
     pop = Population(Particle(state, done), seq.population.log_weights + increments)
-    return Sequential(pop, t + 1), StepInfo(weighted.choices, increments, nan_sites)
+    step_info = StepInfo(weighted.choices, increments, nan_sites, info.log_prob_draws)
+    return Sequential(pop, t + 1), step_info
 
 
 def can_stop(

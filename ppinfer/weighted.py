@@ -45,10 +45,14 @@ class Weighted(NamedTuple):
 
 class RunInfo(NamedTuple):
     """Diagnostics of one run: ``nan_sites`` maps each weighted site to whether its log density was
-    NaN (invalid parameters or data); ``stopped`` is the OR of the run's ``stop`` flags."""
+    NaN (invalid parameters or data); ``stopped`` is the OR of the run's ``stop`` flags;
+    ``log_prob_draws: f32[]`` is the log probability (density) of the run's latent choices under the
+    distributions they were drawn from (the proposal's where it made them, the prior's elsewhere):
+    the law of the run's randomness, which exact checks that inject ``values`` enumerate."""
 
     nan_sites: dict[str, jax.Array]
     stopped: jax.Array
+    log_prob_draws: jax.Array
 
 
 def simulate(
@@ -58,21 +62,31 @@ def simulate(
     kwargs: dict | None = None,
     proposal: Callable[..., Any] | None = None,
     particle: jax.Array | None = None,
+    values: dict[str, Any] | None = None,
 ) -> tuple[Weighted, RunInfo]:
     """Run ``fn(*args, **kwargs)`` once, its latent choices drawn from ``proposal`` (called with the
     same arguments) where it makes them and from ``fn``'s prior elsewhere. Pure and vmap/jit-able.
     ``key`` seeds the run: site ``i`` draws with ``fold_in(key, i)``, or, when ``particle: i32[]`` is
     given, ``fold_in(fold_in(key, i), particle)`` — so a population vmapped over ``particle`` with one
     shared ``key`` derives each particle's keys with one hash per site (the shared part is computed
-    once, not per particle)."""
+    once, not per particle).
+
+    ``values`` (site name → value) replaces the random draw of those latent sites, in the proposal
+    where it makes them, else in ``fn`` — the same run on injected randomness (exact checks
+    enumerate it; ``RunInfo.log_prob_draws`` is its law)."""
     kwargs = kwargs or {}
+    values = values or {}
     k_p, k_q = (key, None) if proposal is None else jax.random.split(key)
     q_trace = None
-    data = {}
+    data = dict(values)
     if proposal is not None:
-        with handlers.trace() as q_trace, seed(rng_seed=k_q, particle=particle):
+        with (
+            handlers.trace() as q_trace,
+            seed(rng_seed=k_q, particle=particle),
+            handlers.substitute(data=values),
+        ):
             proposal(*args, **kwargs)
-        data = {name: site["value"] for name, site in q_trace.items() if _is_latent(site)}
+        data.update({name: site["value"] for name, site in q_trace.items() if _is_latent(site)})
     stops = collect_stops()
     with (
         handlers.trace() as p_trace,
@@ -82,7 +96,21 @@ def simulate(
         with stops:
             value = fn(*args, **kwargs)
     log_weight, nan_sites = weight_from_traces(p_trace, q_trace)
-    return Weighted(value, choices_of(p_trace), log_weight), RunInfo(nan_sites, stops.stopped)
+    info = RunInfo(nan_sites, stops.stopped, _log_prob_draws(p_trace, q_trace))
+    return Weighted(value, choices_of(p_trace), log_weight), info
+
+
+def _log_prob_draws(p_trace: dict, q_trace: dict | None) -> jax.Array:
+    """Log probability of the latent draws under the distributions they came from (unused on the
+    key-driven path, where jit drops it). A site's mask and scale weight its density, not its draw,
+    so they do not enter."""
+    q_latent = {} if q_trace is None else {n: s for n, s in q_trace.items() if _is_latent(s)}
+    drawn = list(q_latent.values())
+    drawn += [s for n, s in p_trace.items() if _is_latent(s) and n not in q_latent]
+    total = jnp.zeros((), dtype=jnp.result_type(float))
+    for site in drawn:
+        total = total + jnp.sum(site["fn"].log_prob(site["value"]))
+    return total
 
 
 def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.Array, dict]:

@@ -1,12 +1,15 @@
 """Sequential Monte Carlo for sequential programs.
 
-SMC is a composition of the blocks (as monad-bayes' ``smc``):
+SMC is a short loop over the one kernel step (:func:`ppinfer.kernels.smc.step`), as monad-bayes'
+``smc`` is a composition of blocks:
 
-    start (spawn N + init)  →  repeat T times: advance → [resample if ESS < threshold · N]
+    init (spawn N + init)  →  repeat T times: advance → [select if ESS < threshold · N]
 
 Every block is valid, so SMC's output measure is valid: ``E[Ẑ] = Z`` and the weighted particles
-estimate the posterior consistently. The loop is one ``lax.scan`` compiled with ``jax.jit``; no
-resampling happens after the last step (it would only add variance).
+estimate the posterior consistently. The loop (:func:`run_loop`, shared by SMC, Steer and
+Importance on sequential programs) is one ``lax.scan`` compiled with ``jax.jit`` (a ``while_loop``
+that ends early when every particle has finished); no selection happens after the last step (it
+would only add variance).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,22 +27,30 @@ import numpy as np
 from ppinfer import checks
 from ppinfer._compile import cached_jit, forget, split_args
 from ppinfer.errors import ConfigError
-from ppinfer.population import Population, ess, log_evidence
+from ppinfer.kernels import smc as kernel
+from ppinfer.kernels.select import Adaptive, Grouped, as_selection
+from ppinfer.kernels.smc import _constrain, scan_while, trace_genealogy
+from ppinfer.population import ess, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
-from ppinfer.resample import check_scheme, resample, resample_groups
 from ppinfer.result import Deferred, DeferredExtras, Result
-from ppinfer.suspended import Sequential, advance, can_stop, keep_finished, match_state, start
+from ppinfer.suspended import can_stop, keep_finished, match_state
 
 __all__ = [
     "SMC",
+    "Loop",
+    "LoopNoise",
+    "run_loop",
+    "run_sequential",
     "run_smc",
     "run_checked",
     "smc_run",
+    "smc_selection",
     "smc_batch",
     "particle_sharding",
     "trace_genealogy",
     "trace_history",
     "sample_names",
+    "scan_while",
 ]
 
 
@@ -49,7 +60,10 @@ class SMC:
 
     Args:
         num_particles: N ≥ 1.
-        resampling: ``"systematic"`` (default), ``"stratified"``, ``"multinomial"`` or ``"residual"``.
+        resampling: ``"systematic"`` (default), ``"stratified"``, ``"multinomial"``, ``"residual"``,
+            or any selection ``select(u: f32[N], log_weights: f32[N]) -> (ancestors: i32[N],
+            log_weights: f32[N])`` (:mod:`ppinfer.kernels.select`; check a selection of your own
+            exactly with ``semantics.check_exact``).
         ess_threshold: resample after a step when ``ESS < ess_threshold · N``; 1.0 resamples after
             every step, 0.0 never (sequential importance sampling).
         proposal: ``proposal(state, t, *args)`` proposing some of the step's latent sites (default:
@@ -60,7 +74,7 @@ class SMC:
             resampling stay global (ancestors may cross devices: XLA inserts the collectives), so
             the result equals the unsharded run with the same key.
         local_resampling: with ``devices``, resample within each device's particles only (island
-            resampling, :func:`~ppinfer.resample.resample_groups`): no particle crosses devices and
+            resampling, :class:`~ppinfer.kernels.select.Grouped`): no particle crosses devices and
             only the N weights are exchanged (for the ESS); still valid (``E[Ẑ] = Z``) but noisier.
         history: record every step's choices and the genealogy (default), so that ``samples`` are
             whole trajectories ``[N, T, …]`` (the smoothing approximation) and ``ancestors`` is set.
@@ -72,7 +86,7 @@ class SMC:
     """
 
     num_particles: int = 1000
-    resampling: str = "systematic"
+    resampling: Any = "systematic"
     ess_threshold: float = 0.5
     proposal: Callable[..., Any] | None = None
     init_proposal: Callable[..., Any] | None = None
@@ -82,7 +96,7 @@ class SMC:
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
-        check_scheme(self.resampling)
+        as_selection(self.resampling)
         checks.check_probability("ess_threshold", self.ess_threshold)
         if self.devices is not None:
             particle_sharding(self.devices, self.num_particles)
@@ -99,38 +113,47 @@ class SMC:
             )
         return run_smc(key, program, args, self, self.name)
 
+    def loop(self, program: SequentialProgram, args: tuple) -> Loop:
+        """The :class:`Loop` this configuration runs on ``program(*args)``."""
+        sharding = None if self.devices is None else particle_sharding(self.devices, self.num_particles)
+        groups = sharding.mesh.size if self.local_resampling else 1
+        return Loop(
+            self.num_particles,
+            program.steps_for(args),
+            smc_selection(self.resampling, self.ess_threshold, groups),
+            self.proposal,
+            self.init_proposal,
+            sharding=sharding,
+            history=bool(self.history),
+        )
+
 
 def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, name: str) -> Result:
     """Run SMC (checks, compiled run, genealogy) and build the :class:`Result`."""
+    return run_sequential(key, program, args, cfg, cfg.loop(program, args), name)
+
+
+def run_sequential(
+    key: jax.Array,
+    program: SequentialProgram,
+    args: tuple,
+    cfg: Any,
+    loop: Loop,
+    name: str,
+    extras: Callable[[dict], dict] | None = None,
+) -> Result:
+    """The run wrapper of every algorithm on :func:`run_loop`: the compiled loop (cached under the
+    program, the :class:`Loop` and the static arguments), its checks (:func:`run_checked`), and the
+    :class:`Result` — trajectories traced through the genealogy lazily, on first access.
+    ``extras(out)`` adds algorithm-specific entries to ``Result.extras``."""
     t0 = time.perf_counter()
-    num_steps = program.steps_for(args)
     dyn, static_key, rebuild = split_args(args)
-    settings = (cfg.num_particles, num_steps, cfg.resampling, cfg.ess_threshold)
-    sharding = None if cfg.devices is None else particle_sharding(cfg.devices, cfg.num_particles)
-    groups = sharding.mesh.size if cfg.local_resampling else 1
-    history = bool(cfg.history)
-    cache_key = ("smc", program, cfg.proposal, cfg.init_proposal, settings, sharding, groups, history)
-    cache_key += (static_key,)
+    cache_key = ("loop", program, loop, static_key)
 
     def build():
-        def compiled(key, dyn):
-            return smc_run(
-                key,
-                program,
-                rebuild(dyn),
-                *settings,
-                cfg.proposal,
-                cfg.init_proposal,
-                sharding,
-                groups,
-                genealogy=False,
-                early_exit=True,
-                history=history,
-            )
+        return lambda key, dyn: run_loop(key, program, rebuild(dyn), loop)
 
-        return compiled
-
-    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "SMC")
+    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, name)
     common = {
         "log_weights": out["log_weights"],
         "log_evidence": log_z,
@@ -140,18 +163,22 @@ def run_smc(key: jax.Array, program: SequentialProgram, args: tuple, cfg: SMC, n
         "log_evidence_history": out["log_evidence_history"],
         "state": out["state"],
     }
-    if not history:
+    more = {} if extras is None else extras(out)
+    if not loop.history:
         samples, site_kinds = sample_names(out["init_choices"], out["final_choices"])
-        extras = {"site_kinds": site_kinds, "active": None}
+        extras_ = {"site_kinds": site_kinds, "active": None, **more}
         wall_time = time.perf_counter() - t0
-        return Result(samples=samples, ancestors=None, wall_time=wall_time, extras=extras, **common)
+        return Result(samples=samples, ancestors=None, wall_time=wall_time, extras=extras_, **common)
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
-    traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"]))
+    k = loop.extensions
+    traced = Deferred(lambda: trace_history(out["ancestors"], out["init_choices"], out["history"], k))
     return Result(
         samples=Deferred(lambda: sample_names(traced()["init_choices"], traced()["trajectories"])[0]),
-        ancestors=out["ancestors"],
+        ancestors=out["ancestors"] if k == 1 else out["ancestors"] // k,
         wall_time=time.perf_counter() - t0,
-        extras=DeferredExtras({"site_kinds": site_kinds}, {"active": Deferred(lambda: traced()["active"])}),
+        extras=DeferredExtras(
+            {"site_kinds": site_kinds, **more}, {"active": Deferred(lambda: traced()["active"])}
+        ),
         **common,
     )
 
@@ -194,6 +221,176 @@ def run_checked(
     return out, log_z
 
 
+@dataclass(frozen=True)
+class Loop:
+    """The static description of one SMC-family run over the kernel step
+    (:func:`ppinfer.kernels.smc.step`); hashable, so it keys the compile cache.
+
+    Attributes:
+        num_particles: N.
+        num_steps: T.
+        selection: the step's selection (:mod:`ppinfer.kernels.select`).
+        proposal / init_proposal: as :class:`SMC`'s.
+        extensions: K children per particle and step (Steer), default 1.
+        select_last: also select after the last step (Steer keeps N of N·K there).
+        sharding: ``NamedSharding`` of the particle axis, or ``None``.
+        history: record per-step choices and the genealogy (else a pure filter).
+        early_exit: stop when every particle has finished (a ``while_loop``).
+        genealogy: trace the genealogy inside the compiled run (else the caller traces it lazily).
+    """
+
+    num_particles: int
+    num_steps: int
+    selection: Any
+    proposal: Callable[..., Any] | None = None
+    init_proposal: Callable[..., Any] | None = None
+    extensions: int = 1
+    select_last: bool = False
+    sharding: Any = None
+    history: bool = True
+    early_exit: bool = True
+    genealogy: bool = False
+
+
+class LoopNoise(NamedTuple):
+    """A whole run's randomness, injected: ``init`` site → ``[N, …]`` and ``steps`` a
+    :class:`~ppinfer.kernels.smc.StepNoise` with leading axis T."""
+
+    init: dict
+    steps: kernel.StepNoise
+
+
+def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopNoise | None = None) -> dict:
+    """The pure SMC loop over :func:`ppinfer.kernels.smc.step` (jit/vmap-able): ``init``, then T
+    steps in a ``lax.scan`` (or, with ``early_exit`` for a program that can stop, a ``while_loop``
+    that ends when every particle has). Returns a dict with ``log_weights: f32[N]``,
+    ``log_evidence: f32[]``, ``log_evidence_init: f32[]``, per step ``ess``/``resampled``/
+    ``log_evidence_history`` ``[T]``, the final ``state``, per-site NaN flags ``nan_sites`` and
+
+    - with ``history``: ``ancestors: i32[T, N]`` (the child each particle copies, see
+      :func:`~ppinfer.kernels.smc.trace_genealogy`) and either the genealogy-traced
+      ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]`` and ``active: bool[N, T]``
+      (``genealogy``) or the untraced ``init_choices`` and ``history = {"choices": [T, M, …],
+      "active": bool[T, M]}`` for :func:`trace_history`;
+    - without: ``final_choices`` (each particle's latest step choices ``[N, …]``) and
+      ``init_choices`` carried through the selections.
+
+    Steps not run (early exit) are recorded as inactive, not selected, identity ancestors. With
+    ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[]``,
+    ``log_prob_draws: f32[T]`` (the law of the injected values), ``pre_log_weights: f32[T, M]`` and
+    ``step_active: bool[T, M]``."""
+    n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
+    sharding = loop.sharding
+    k_init, k_loop = jax.random.split(key)
+    may_stop = can_stop(program, args, loop.proposal, loop.init_proposal)
+    state, init_info = kernel.init(
+        k_init, program, args, n, proposal=loop.init_proposal, values=None if noise is None else noise.init
+    )
+    if sharding is not None:
+        state = state._replace(
+            particles=_constrain(sharding, state.particles),
+            log_weights=_constrain(sharding, state.log_weights),
+        )
+    log_z_init = log_evidence(state.log_weights)
+
+    def _step(key_t, state, noise_t, update=None):
+        select_now = True if loop.select_last else state.t < num_steps - 1
+        return kernel.step(
+            key_t,
+            state,
+            program,
+            args,
+            selection=loop.selection,
+            proposal=loop.proposal,
+            extensions=k,
+            may_stop=may_stop,
+            select_now=select_now,
+            update_carried=update,
+            sharding=sharding,
+            noise=noise_t,
+        )
+
+    # history=False: init's choices and (for a program that can stop) each particle's latest step
+    # choices ride along with the particles through the selections instead of being recorded; a
+    # program that cannot stop only needs the last step's choices, after which nothing selects.
+    update_carried, last = None, None
+    if not loop.history:
+        carried = {"init": init_info.choices}
+        shapes = jax.eval_shape(lambda s, k_: _step(k_, s, None)[1].choices, state, k_loop)
+        zeros = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
+        if may_stop:
+            carried["step"] = zeros
+
+            def update_carried(carried, choices, active):
+                return {**carried, "step": keep_finished(~active, choices, carried["step"])}
+        else:
+            last = zeros
+        state = state._replace(carried=carried)
+
+    def body(carry, xs):
+        state, last = carry
+        key_t, noise_t = xs
+        state, info = _step(key_t, state, noise_t, update_carried)
+        if last is not None:
+            last = info.choices
+        record = {"ess": info.ess, "resampled": info.selected, "lse": info.log_evidence}
+        record["nan"] = info.nan_sites
+        if loop.history:
+            # A program that cannot stop is active everywhere: nothing to record.
+            record.update(choices=info.choices, ancestors=info.ancestors)
+            record["active"] = info.active if may_stop else None
+        if noise is not None:
+            record.update(draws=info.log_prob_draws, pre=info.log_weights, step_active=info.active)
+        return (state, last), record
+
+    keys = jax.random.split(k_loop, num_steps)
+    xs = (keys, None if noise is None else noise.steps)
+    if loop.early_exit and may_stop:
+        alive = lambda c: jnp.any(~c[0].particles.done)
+        (state, last), records, steps_run = scan_while(body, (state, last), xs, alive)
+    else:
+        (state, last), records = jax.lax.scan(body, (state, last), xs)
+        steps_run = None
+    ess_h, log_z_h = records["ess"], records["lse"]
+    if steps_run is not None:
+        ran = jnp.arange(num_steps) < steps_run
+        final_lse = log_evidence(state.log_weights)
+        ess_h = jnp.where(ran, ess_h, ess(state.log_weights, final_lse))
+        log_z_h = jnp.where(ran, log_z_h, final_lse)
+    nan_sites = {**init_info.nan_sites, **{s: jnp.any(v) for s, v in records["nan"].items()}}
+    out = {
+        "log_weights": state.log_weights,
+        "log_evidence": log_evidence(state.log_weights),
+        "log_evidence_init": log_z_init,
+        "log_evidence_history": log_z_h,
+        "ess": ess_h,
+        "resampled": records["resampled"],
+        "state": state.particles.state,
+        "nan_sites": nan_sites,
+    }
+    if noise is not None:
+        out.update(
+            log_prob_draws_init=jnp.sum(init_info.log_prob_draws),
+            log_prob_draws=records["draws"],
+            pre_log_weights=records["pre"],
+            step_active=records["step_active"],
+        )
+    if not loop.history:
+        final = state.carried["step"] if last is None else last
+        return {**out, "init_choices": state.carried["init"], "final_choices": final}
+    choices, active, ancestors = records["choices"], records["active"], records["ancestors"]
+    if active is None:
+        active = jnp.ones((num_steps, n * k), bool)
+    if steps_run is not None:
+        ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32) * k)
+    history = {"choices": choices, "active": active}
+    if loop.genealogy:
+        traced = trace_history(ancestors, init_info.choices, history, k)
+    else:
+        traced = {"init_choices": init_info.choices, "history": history}
+    return {**out, **traced, "ancestors": ancestors}
+
+
 def smc_run(
     key,
     program,
@@ -210,116 +407,33 @@ def smc_run(
     early_exit=False,
     history=True,
 ):
-    """The pure SMC core (jit/vmap-able): returns a dict with ``log_weights: f32[N]``,
-    ``log_evidence: f32[]``, per-step ``ess``/``resampled``/``log_evidence_history``/``ancestors``,
-    genealogy-traced ``init_choices`` ``[N, …]`` and step ``trajectories`` ``[N, T, …]``, ``active:
-    bool[N, T]``, the final ``state`` and per-site NaN flags ``nan_sites``. With ``sharding`` (a
-    ``NamedSharding`` of the particle axis) the population is kept sharded across devices; with
-    ``num_groups > 1`` resampling is done within contiguous groups (one per device). With
-    ``genealogy=False`` the per-step records are returned untraced — ``init_choices`` ``[N, …]`` and
-    ``history = {"choices": [T, N, …], "active": bool[T, N]}`` indexed by pre-resampling particle —
-    for :func:`trace_history` to trace later (or never). With ``early_exit=True`` the loop stops as
-    soon as every particle has finished (no more forward passes for a population of finished LM
-    particles); the records of the steps not run say so (inactive, not resampled, identity
-    ancestors). Not reverse-differentiable then (a ``while_loop``): VSMC keeps the default. A program
-    that cannot :func:`~ppinfer.stop` (:func:`~ppinfer.suspended.can_stop`) always runs a plain
-    ``lax.scan`` without the finished-particle masks. With ``history=False`` nothing per particle is
-    recorded per step (no ``history``/``trajectories``, ``ancestors`` or ``active``): the output has
-    ``final_choices`` (each particle's latest step choices ``[N, …]``) and ``init_choices`` (carried
-    through resampling), both indexed by final particle."""
-    shard = (lambda tree: tree) if sharding is None else partial(_constrain, sharding)
-    # Resampling reads the weights of ALL particles: they are gathered to every device (N floats, the
-    # explicit cross-device traffic) so that the cumulative sums, hence the ancestors, are computed
-    # exactly as on one device; the particles themselves move only where an ancestor crosses devices.
-    replicate = (
-        (lambda x: x) if sharding is None or num_groups > 1 else partial(_constrain, _replicated(sharding))
+    """:func:`run_loop` with SMC's settings given one by one (resampling ``scheme`` name or
+    selection, ESS ``threshold``, ``num_groups`` island groups): the form VI, PMMH, the benchmarks
+    and the statistical checks call. Same output dict."""
+    loop = Loop(
+        n,
+        num_steps,
+        smc_selection(scheme, threshold, num_groups),
+        proposal,
+        init_proposal,
+        sharding=sharding,
+        history=history,
+        early_exit=early_exit,
+        genealogy=genealogy,
     )
-    k_init, k_loop = jax.random.split(key)
-    may_stop = can_stop(program, args, proposal, init_proposal)
-    seq, init_info = start(k_init, program, args, n, init_proposal)
-    seq = Sequential(shard(seq.population), seq.t)
-    log_z_init = log_evidence(seq.population.log_weights)
-    always = threshold >= 1.0
+    return run_loop(key, program, args, loop)
 
-    # history=False: init's choices and (for a program that can stop) each particle's latest step
-    # choices ride along with the particles, gathered at resampling, instead of being recorded; a
-    # program that cannot stop only needs the last step's choices, after which nothing resamples.
-    gathered, last = {}, None
-    if not history:
-        gathered["init"] = init_info.choices
-        step = lambda s, k: advance(k, s, program, args, proposal)[1].choices
-        step_shapes = jax.eval_shape(step, seq, k_loop)
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), step_shapes)
-        if may_stop:
-            gathered["step"] = zeros
-        else:
-            last = zeros
 
-    def body(carry, key_t):
-        seq, gathered, last = carry
-        k_adv, k_res = jax.random.split(key_t)
-        active = ~seq.population.particles.done
-        seq, info = advance(k_adv, seq, program, args, proposal, may_stop)
-        if "step" in gathered:
-            gathered = {**gathered, "step": keep_finished(~active, info.choices, gathered["step"])}
-        if last is not None:
-            last = info.choices
-        pop = Population((seq.population.particles, gathered), replicate(seq.population.log_weights))
-        lse = log_evidence(pop.log_weights)  # resampling preserves it: log Ẑ after this step
-        ess_t = ess(pop.log_weights, lse)
-        do = ((ess_t < threshold * n) | always) & (seq.t < num_steps)
-        pop, ancestors = jax.lax.cond(
-            do,
-            _resampler(k_res, scheme, num_groups, sharding, lse),
-            lambda p: (p, jnp.arange(n, dtype=jnp.int32)),
-            pop,
-        )
-        particles, gathered = pop.particles
-        record = (ess_t, do, lse, info.nan_sites)
-        if history:
-            # A program that cannot stop is active everywhere: nothing to record.
-            record += (info.choices, active if may_stop else None, ancestors)
-        seq = Sequential(shard(Population(particles, pop.log_weights)), seq.t)
-        return (seq, gathered, last), record
-
-    keys = jax.random.split(k_loop, num_steps)
-    carry = (seq, gathered, last)
-    if early_exit and may_stop:
-        alive = lambda c: jnp.any(~c[0].population.particles.done)
-        (seq, gathered, last), records, steps_run = scan_while(body, carry, keys, alive)
-    else:
-        (seq, gathered, last), records = jax.lax.scan(body, carry, keys)
-        steps_run = None
-    ess_h, resampled, log_z_h, nan_h = records[:4]
-    if steps_run is not None:
-        ran = jnp.arange(num_steps) < steps_run
-        final_lse = log_evidence(seq.population.log_weights)
-        ess_h = jnp.where(ran, ess_h, ess(seq.population.log_weights, final_lse))
-        log_z_h = jnp.where(ran, log_z_h, final_lse)
-    nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
-    common = {
-        "log_weights": seq.population.log_weights,
-        "log_evidence": log_evidence(seq.population.log_weights),
-        "log_evidence_init": log_z_init,
-        "log_evidence_history": log_z_h,
-        "ess": ess_h,
-        "resampled": resampled,
-        "state": seq.population.particles.state,
-        "nan_sites": nan_sites,
-    }
-    if not history:
-        final = gathered["step"] if last is None else last
-        return {**common, "init_choices": gathered["init"], "final_choices": final}
-    choices, active, ancestors = records[4:]
-    if active is None:
-        active = jnp.ones((num_steps, n), bool)
-    if steps_run is not None:
-        ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32))
-    if genealogy:
-        traced = trace_history(ancestors, init_info.choices, {"choices": choices, "active": active})
-    else:
-        traced = {"init_choices": init_info.choices, "history": {"choices": choices, "active": active}}
-    return {**traced, **common, "ancestors": ancestors}
+def smc_selection(resampling: Any, ess_threshold: float, num_groups: int = 1) -> Any:
+    """SMC's selection: ``resampling`` (a scheme name or a selection), within ``num_groups``
+    groups (island resampling) when more than one, applied when ``ESS < ess_threshold · N``
+    (always when the threshold is ≥ 1, never when it is 0)."""
+    base = as_selection(resampling)
+    if num_groups > 1:
+        base = Grouped(base, num_groups)
+    if ess_threshold >= 1.0:
+        return base
+    return Adaptive(base, float(ess_threshold))
 
 
 def smc_batch(
@@ -382,83 +496,12 @@ def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))
 
 
-def _resampler(key, scheme, num_groups, sharding, lse):
-    """``pop -> (pop, ancestors)``: global resampling (``lse``: the weights' logsumexp), or island
-    resampling within ``num_groups`` groups — per device with ``shard_map`` when sharded (no
-    particle leaves its device)."""
-    if num_groups == 1:
-        return lambda pop: resample(key, pop, scheme, lse)
-    if sharding is None:
-        return lambda pop: resample_groups(key, pop, scheme, num_groups)
-    spec = jax.sharding.PartitionSpec("particles")
-
-    def local(pop):
-        i = jax.lax.axis_index("particles")
-        new, ancestors = resample(jax.random.fold_in(key, i), pop, scheme)
-        return new, ancestors + i * pop.num_particles
-
-    return jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec,), out_specs=(spec, spec))
-
-
-def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-
-
-def _constrain(sharding, tree):
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
-
-
-def trace_genealogy(ancestors: jax.Array, history: Any) -> tuple[Any, jax.Array]:
-    """Trace each final particle back through resampling.
-
-    Args:
-        ancestors: ``i32[T, N]``; ``ancestors[t, i]`` is the pre-resampling index that particle ``i``
-            was copied from after step ``t`` (the identity when step ``t`` did not resample).
-        history: a pytree of per-step values ``[T, N, …]`` indexed by pre-resampling particle.
-
-    Returns ``(trajectories, init_index)``: ``trajectories`` has leaves ``[N, T, …]`` (final particle
-    ``i``'s own history) and ``init_index: i32[N]`` is the index of each final particle's ancestor
-    after ``init``."""
-    n = ancestors.shape[1]
-
-    def back(idx, xs):
-        anc_t, hist_t = xs
-        idx = anc_t[idx]
-        return idx, jax.tree.map(lambda h: h[idx], hist_t)
-
-    init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
-
-
-def scan_while(body: Callable, carry: Any, xs: Any, keep_going: Callable[[Any], jax.Array]):
-    """``lax.scan(body, carry, xs)`` that stops before a step when ``keep_going(carry)`` is false.
-    Returns ``(carry, records, steps_run)``: ``records`` stacked ``[T, …]`` like ``scan``'s, zeros
-    for the steps not run. A ``while_loop`` over preallocated records (shapes from ``eval_shape``)."""
-    length = jax.tree.leaves(xs)[0].shape[0]
-    x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
-    _, shapes = jax.eval_shape(body, carry, x_at(0))
-    records = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), shapes)
-
-    def step(state):
-        i, c, recs = state
-        c, rec = body(c, x_at(i))
-        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
-        return i + 1, c, jax.tree.map(put, recs, rec)
-
-    def cond(state):
-        i, c, _ = state
-        return (i < length) & keep_going(c)
-
-    steps, carry, records = jax.lax.while_loop(cond, step, (jnp.zeros((), jnp.int32), carry, records))
-    return carry, records, steps
-
-
-@jax.jit
-def trace_history(ancestors: jax.Array, init_choices: dict, history: dict) -> dict:
-    """Trace SMC's per-step records back through the genealogy (:func:`trace_genealogy`): returns
-    ``init_choices`` ``[N, …]`` of each final particle's ancestor, ``trajectories`` (the step sites,
-    ``[N, T, …]``) and ``active: bool[N, T]``."""
-    traced, init_index = trace_genealogy(ancestors, history)
+@partial(jax.jit, static_argnums=3)
+def trace_history(ancestors: jax.Array, init_choices: dict, history: dict, extensions: int = 1) -> dict:
+    """Trace the loop's per-step records back through the genealogy (:func:`trace_genealogy`;
+    ``extensions``: K children per particle): returns ``init_choices`` ``[N, …]`` of each final
+    particle's ancestor, ``trajectories`` (the step sites, ``[N, T, …]``) and ``active: bool[N, T]``."""
+    traced, init_index = trace_genealogy(ancestors, history, extensions)
     return {
         "init_choices": jax.tree.map(lambda x: x[init_index], init_choices),
         "trajectories": traced["choices"],

@@ -1,0 +1,278 @@
+"""Selections: which particles survive a resampling, as pure functions of explicit uniforms.
+
+A **selection** is a callable
+
+    select(u: f32[n_out], log_weights: f32[n_in]) -> (ancestors: i32[n_out], log_weights: f32[n_out])
+
+deterministic given its uniforms ``u`` (each ``U[0, 1)``, independent); ``n_out = u.shape[0]``. Slot
+``j`` of the new population is a copy of particle ``ancestors[j]`` with log weight
+``log_weights'[j]``. It is **valid** when, for ``u ~ U[0, 1)^{n_out}`` and every population ``x``,
+
+    E[ Σ_j exp(log_weights'[j]) δ(x[ancestors[j]]) ] = Σ_i exp(log_weights[i]) δ(x[i])
+
+(the expected measure, total mass Ẑ included, is unchanged; a particle of weight zero is never
+copied). ``semantics.check_exact`` verifies this exactly for any selection — a user's too — by
+splitting each uniform at the points where the output changes, and SMC built on a valid selection
+is valid.
+
+Optional members a selection may define (the kernel uses them when present):
+
+- ``draw(key, n_out, dtype) -> f32[n_out]``: a cheaper way to draw the uniforms, as long as each
+  coordinate the selection *reads* is ``U[0, 1)`` and the coordinates it reads are independent
+  (systematic reads one uniform, so it draws one and broadcasts it).
+- ``trigger(log_weights) -> bool[]``: select only when true, else keep the population as it is
+  (:class:`Adaptive`); the kernel then skips the particle gather when it does not select.
+- ``num_groups``: the selection never moves a particle out of its contiguous group of
+  ``n_in / num_groups`` (:class:`Grouped`); a sharded kernel then gathers within each device.
+
+Selections here: :class:`Multinomial`, :class:`Stratified`, :class:`Systematic`, :class:`Residual`
+(inverse-CDF schemes; equal new weights ``log Ẑ − log n_out``), :class:`Adaptive` (ESS-triggered),
+:class:`Grouped` (island resampling), :class:`FearnheadClifford` (Steer's selection without
+replacement, unequal weights, ``n_out < n_in``). :func:`as_selection` turns a scheme name into one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from ppinfer.errors import ConfigError
+from ppinfer.population import ess
+from ppinfer.resample import SCHEMES, inverse_cdf, residual_ancestors
+
+__all__ = [
+    "Selection",
+    "Multinomial",
+    "Stratified",
+    "Systematic",
+    "Residual",
+    "Adaptive",
+    "Grouped",
+    "FearnheadClifford",
+    "as_selection",
+    "draw_uniforms",
+    "parts",
+    "fearnhead_clifford_threshold",
+]
+
+
+@runtime_checkable
+class Selection(Protocol):
+    """``(u: f32[n_out], log_weights: f32[n_in]) -> (ancestors: i32[n_out], log_weights: f32[n_out])``;
+    see the module docstring for its validity property and optional members."""
+
+    def __call__(self, u: jax.Array, log_weights: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+
+def draw_uniforms(selection: Callable, key: jax.Array, n_out: int, dtype: Any) -> jax.Array:
+    """``f32[n_out]`` uniforms for ``selection`` (its own ``draw`` if it has one)."""
+    draw = getattr(selection, "draw", None)
+    if draw is not None:
+        return draw(key, n_out, dtype)
+    return jax.random.uniform(key, (n_out,), dtype)
+
+
+def parts(selection: Callable) -> tuple[Callable, Callable | None]:
+    """``(base, trigger)``: the selection the kernel applies and the predicate that decides whether
+    it applies (``None``: always). An :class:`Adaptive` selection splits into its base and its ESS
+    test, so that a population that is not resampled is not gathered."""
+    if isinstance(selection, Adaptive):
+        return selection.base, selection.trigger
+    return selection, None
+
+
+def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callable:
+    """A selection from a scheme name (``"systematic"``, ``"stratified"``, ``"multinomial"``,
+    ``"residual"``) or a selection object, wrapped in :class:`Adaptive` when ``ess_threshold < 1``."""
+    if isinstance(resampling, str):
+        if resampling not in SCHEMES:
+            raise ConfigError(f"unknown resampling scheme {resampling!r}; choose one of {SCHEMES}")
+        base = _BY_NAME[resampling]()
+    elif callable(resampling):
+        base = resampling
+    else:
+        raise ConfigError(
+            f"resampling must be a scheme name {SCHEMES} or a selection "
+            f"(u: f32[n_out], log_weights: f32[n_in]) -> (ancestors, log_weights); got {resampling!r}"
+        )
+    if ess_threshold is None or ess_threshold >= 1.0:
+        return base
+    return Adaptive(base, float(ess_threshold))
+
+
+def _equal(ancestors: jax.Array, log_weights: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Ancestors with equal new weights ``lse − log n_out``; a dead population (``lse = −inf``) keeps
+    the identity ancestors (no NaN; the caller reports it)."""
+    n_out = ancestors.shape[0]
+    alive = jnp.isfinite(lse)
+    ancestors = jnp.where(alive, ancestors, jnp.arange(n_out) % log_weights.shape[0])
+    return ancestors.astype(jnp.int32), jnp.full((n_out,), lse - jnp.log(n_out), log_weights.dtype)
+
+
+def _probs(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lse = logsumexp(log_weights)
+    alive = jnp.isfinite(lse)
+    n = log_weights.shape[0]
+    return jnp.where(alive, jnp.exp(log_weights - jnp.where(alive, lse, 0.0)), 1.0 / n), lse
+
+
+@dataclass(frozen=True)
+class Multinomial:
+    """``n_out`` independent draws ∝ weight (inverse CDF of ``u_j``)."""
+
+    def __call__(self, u, log_weights):
+        probs, lse = _probs(log_weights)
+        return _equal(inverse_cdf(u, probs), log_weights, lse)
+
+
+@dataclass(frozen=True)
+class Stratified:
+    """One draw in each stratum ``[j/n_out, (j+1)/n_out)`` at position ``(j + u_j)/n_out``."""
+
+    def __call__(self, u, log_weights):
+        probs, lse = _probs(log_weights)
+        j = jnp.arange(u.shape[0], dtype=probs.dtype)
+        return _equal(inverse_cdf((j + u) / u.shape[0], probs), log_weights, lse)
+
+
+@dataclass(frozen=True)
+class Systematic:
+    """Stratified with one shared uniform: positions ``(j + u_0)/n_out`` (reads ``u[0]`` only)."""
+
+    def __call__(self, u, log_weights):
+        probs, lse = _probs(log_weights)
+        j = jnp.arange(u.shape[0], dtype=probs.dtype)
+        return _equal(inverse_cdf((j + u[0]) / u.shape[0], probs), log_weights, lse)
+
+    def draw(self, key, n_out, dtype):
+        return jnp.broadcast_to(jax.random.uniform(key, (1,), dtype), (n_out,))
+
+
+@dataclass(frozen=True)
+class Residual:
+    """``⌊n_out w_i⌋`` deterministic copies, the rest multinomial on the residual weights."""
+
+    def __call__(self, u, log_weights):
+        probs, lse = _probs(log_weights)
+        return _equal(residual_ancestors(u, probs), log_weights, lse)
+
+
+_BY_NAME = {
+    "multinomial": Multinomial,
+    "stratified": Stratified,
+    "systematic": Systematic,
+    "residual": Residual,
+}
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Apply ``base`` only when ``ESS < threshold · n_in`` (else keep every particle and weight).
+    Valid when ``base`` is: either branch is (the identity trivially). Needs ``n_out = n_in``."""
+
+    base: Callable
+    threshold: float = 0.5
+
+    def trigger(self, log_weights):
+        return ess(log_weights) < self.threshold * log_weights.shape[0]
+
+    def __call__(self, u, log_weights):
+        keep = lambda u, lw: (jnp.arange(lw.shape[0], dtype=jnp.int32), lw)
+        return jax.lax.cond(self.trigger(log_weights), self.base, keep, u, log_weights)
+
+    def draw(self, key, n_out, dtype):
+        return draw_uniforms(self.base, key, n_out, dtype)
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """Island selection: ``base`` applied within each of ``num_groups`` contiguous groups on its
+    own (group ``g`` gets slots ``g·m_out … (g+1)·m_out − 1`` and uniforms of the same slots); no
+    particle leaves its group and each group keeps its own mass. Valid group by group when ``base``
+    is; with one group per device no particle crosses devices, at the price of a noisier Ẑ."""
+
+    base: Callable
+    num_groups: int
+
+    def __call__(self, u, log_weights):
+        g = self.num_groups
+        m_in, m_out = log_weights.shape[0] // g, u.shape[0] // g
+        anc, lw = jax.vmap(self.base)(u.reshape(g, m_out), log_weights.reshape(g, m_in))
+        offsets = (jnp.arange(g, dtype=jnp.int32) * m_in)[:, None]
+        return (anc + offsets).reshape(-1), lw.reshape(-1)
+
+    def draw(self, key, n_out, dtype):
+        g = self.num_groups
+        keys = jax.random.split(key, g)
+        return jax.vmap(lambda k: draw_uniforms(self.base, k, n_out // g, dtype))(keys).reshape(-1)
+
+
+@dataclass(frozen=True)
+class FearnheadClifford:
+    """Keep ``n_out`` of ``n_in`` particles without replacement (Fearnhead & Clifford 2003; Steer's
+    selection). With the threshold ``c`` solving ``Σ_i min(w_i / c, 1) = n_out``, the ``L`` particles
+    with ``w_i ≥ c`` are kept once with their own weights; the ``n_out − L`` other slots are filled
+    from the rest ∝ ``w_i`` by ``scheme`` (``"systematic"``: a particle at most once;
+    ``"stratified"``), each with weight ``c``. Valid, and Ẑ is preserved exactly whenever at least
+    ``n_out`` weights are positive. With ``n_out ≥ n_in`` every particle is kept in place."""
+
+    scheme: str = "systematic"
+
+    def __post_init__(self):
+        if self.scheme not in ("systematic", "stratified"):
+            raise ConfigError(
+                f"unknown selection scheme {self.scheme!r} for Steer; choose 'systematic' or 'stratified'"
+            )
+
+    def __call__(self, u, log_weights):
+        n, m = u.shape[0], log_weights.shape[0]
+        order, kept, log_c, s = fearnhead_clifford_threshold(log_weights, n)
+        ref = jnp.where(jnp.isfinite(s[0]), s[0], 0.0)
+        rank = jnp.arange(m)
+        residual = jnp.where(rank >= kept, jnp.exp(s - ref), 0.0)
+        cdf = jnp.cumsum(residual)
+        j = jnp.arange(n)
+        uu = u[0] if self.scheme == "systematic" else u
+        positions = (j - kept + uu) / jnp.maximum(n - kept, 1) * cdf[-1]
+        last_alive = m - 1 - jnp.argmax((residual > 0)[::-1])
+        drawn = jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), last_alive)
+        deterministic = j < kept
+        ranks = jnp.where(deterministic, jnp.minimum(j, m - 1), drawn)
+        new_log_weights = jnp.where(deterministic, s[jnp.minimum(j, m - 1)], log_c)
+        return order[ranks].astype(jnp.int32), new_log_weights
+
+    def draw(self, key, n_out, dtype):
+        if self.scheme == "systematic":
+            return Systematic().draw(key, n_out, dtype)
+        return jax.random.uniform(key, (n_out,), dtype)
+
+
+def fearnhead_clifford_threshold(
+    log_weights: jax.Array, n: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Fearnhead–Clifford's threshold for keeping ``n`` of ``M = len(log_weights)`` particles.
+
+    Sorting the weights ``s_0 ≥ s_1 ≥ …``, ``L`` is the smallest index with ``s_L ≤ c_L = (Σ_{i≥L}
+    s_i) / (n − L)``; then ``Σ_i min(s_i / c_L, 1) = n``. Returns ``(order: i32[M]`` (descending
+    sort), ``num_kept: i32[]`` (L), ``log_c: f32[]``, ``log_w_sorted: f32[M])``. ``log_c`` is −inf
+    when fewer than ``n`` particles have positive weight; when ``n ≥ M`` every particle is kept in
+    place (``order`` is the identity, ``L = M``)."""
+    m = log_weights.shape[0]
+    if n >= m:
+        order = jnp.arange(m, dtype=jnp.int32)
+        return order, jnp.asarray(m, jnp.int32), jnp.asarray(-jnp.inf, log_weights.dtype), log_weights
+    order = jnp.argsort(-log_weights, stable=True).astype(jnp.int32)
+    s = log_weights[order]
+    ref = jnp.where(jnp.isfinite(s[0]), s[0], 0.0)
+    w = jnp.exp(s - ref)
+    # Tail sums T_L from the small end: no cancellation, and T_L ≥ s_L holds in floating point too.
+    tail = jnp.cumsum(w[::-1])[::-1][:n]
+    ok = w[:n] * (n - jnp.arange(n)) <= tail  # always true at L = n − 1
+    kept = jnp.argmax(ok).astype(jnp.int32)
+    log_c = ref + jnp.log(tail[kept]) - jnp.log((n - kept).astype(s.dtype))
+    return order, kept, log_c, s

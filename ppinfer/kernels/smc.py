@@ -1,0 +1,295 @@
+"""The SMC kernel: one pure step that every SMC-family algorithm loops over.
+
+    state₀, info₀ = init(key, program, args, N)                      # spawn N, run ``init``
+    state, info  = step(key, state, program, args, selection=…)      # [extend ×K] → advance → select
+
+``step`` composes three valid blocks (monad-bayes' ``smc`` is the same composition):
+
+- **extend** (``extensions = K > 1``, Steer): each particle of weight ``w`` becomes K children of
+  weight ``w/K`` (a finished particle: one child of weight ``w``). Deterministic; the measure is
+  unchanged.
+- **advance** (:func:`~ppinfer.suspended.advance`): every running child runs the program's step and
+  multiplies its weight by the *incremental* weight ``p/q`` of that step. Valid.
+- **select** (a :mod:`~ppinfer.kernels.select` selection of ``N`` slots out of ``N·K`` children,
+  when ``select_now`` and the selection's trigger hold). Valid when the selection is.
+
+So the step is valid: ``E[⟦step(s)⟧] = ⟦s⟧`` as unnormalised measures, in particular the
+running evidence estimate ``Ẑ = Σ exp(log_weights)`` is unbiased. Nothing in the step is a hidden
+global or a Python-side branch on data: it is ``jit``/``vmap``-able and traced once per loop.
+
+All of the step's randomness is explicit: the key is split into the advance key (site draws) and the
+selection key (``u: f32[N]``); with ``noise`` (:class:`StepNoise`) the same step runs on injected
+latent values and uniforms instead — how ``semantics.check_exact`` enumerates the randomness of the
+very code :func:`ppinfer.infer` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ppinfer.kernels.select import draw_uniforms, parts
+from ppinfer.population import Population, ess, gather, log_evidence
+from ppinfer.suspended import Particle, Sequential, advance, start
+
+__all__ = [
+    "SMCState",
+    "SMCInfo",
+    "StepNoise",
+    "init",
+    "step",
+    "extend",
+    "scan_while",
+    "trace_genealogy",
+]
+
+
+class SMCState(NamedTuple):
+    """A population between two steps.
+
+    Attributes:
+        particles: :class:`~ppinfer.suspended.Particle` (program ``state`` pytree and ``done:
+            bool[N]``), leading axis N.
+        log_weights: ``f32[N]`` unnormalised; ``logsumexp`` is log Ẑ so far.
+        t: ``i32[]`` steps taken.
+        carried: a pytree with leading axis N that follows the particles through every selection
+            (e.g. a filter's latest choices); ``()`` when nothing rides along.
+    """
+
+    particles: Particle
+    log_weights: jax.Array
+    t: jax.Array
+    carried: Any = ()
+
+
+class SMCInfo(NamedTuple):
+    """What one step did. ``M = N·K`` children were advanced (``M = N`` without extensions).
+
+    Attributes:
+        choices: the step's latent and deterministic sites per child, name → ``[M, …]``.
+        active: ``bool[M]`` the child was running before the step.
+        log_weights: ``f32[M]`` the children's weights before selection (incremental weight added).
+        ancestors: ``i32[N]`` the child each new particle copies (identity when not selected).
+        selected: ``bool[]`` whether the selection ran.
+        ess: ``f32[]`` effective sample size of the children before selection.
+        log_evidence: ``f32[]`` log Ẑ after this step (``logsumexp`` of the pre-selection weights;
+            a valid selection preserves it in expectation, the built-in ones exactly).
+        nan_sites: site → ``bool[]``, any live child's log density there was NaN.
+        log_prob_draws: ``f32[]`` log probability of all children's latent draws under the
+            distributions they came from (the law of injected noise; unused on the key path).
+    """
+
+    choices: dict
+    active: jax.Array
+    log_weights: jax.Array
+    ancestors: jax.Array
+    selected: jax.Array
+    ess: jax.Array
+    log_evidence: jax.Array
+    nan_sites: dict
+    log_prob_draws: jax.Array
+
+
+class StepNoise(NamedTuple):
+    """A step's randomness, injected: ``choices`` site → ``[M, …]`` latent values per child and
+    ``uniforms: f32[N]`` the selection's uniforms."""
+
+    choices: dict
+    uniforms: jax.Array
+
+
+def init(
+    key: jax.Array,
+    program: Any,
+    args: tuple,
+    num_particles: int,
+    *,
+    proposal: Callable[..., Any] | None = None,
+    values: dict | None = None,
+    carried: Any = (),
+) -> tuple[SMCState, Any]:
+    """Spawn ``num_particles`` and run ``init`` for each (weights ``−log N + log p/q``). Returns
+    the state and ``init``'s :class:`~ppinfer.suspended.StepInfo` (choices, NaN flags, draw law).
+    ``values`` injects ``init``'s latent draws (site → ``[N, …]``)."""
+    seq, info = start(key, program, args, num_particles, proposal, values)
+    pop = seq.population
+    return SMCState(pop.particles, pop.log_weights, seq.t, carried), info
+
+
+def step(
+    key: jax.Array,
+    state: SMCState,
+    program: Any,
+    args: tuple,
+    *,
+    selection: Callable,
+    proposal: Callable[..., Any] | None = None,
+    extensions: int = 1,
+    may_stop: bool = True,
+    select_now: bool | jax.Array = True,
+    update_carried: Callable[[Any, dict, jax.Array], Any] | None = None,
+    sharding: jax.sharding.NamedSharding | None = None,
+    noise: StepNoise | None = None,
+) -> tuple[SMCState, SMCInfo]:
+    """One SMC step (see the module docstring). Returns the next state and :class:`SMCInfo`.
+
+    Args:
+        selection: a :mod:`~ppinfer.kernels.select` selection; with a ``trigger`` (ESS-adaptive) it
+            runs only when the trigger holds, and the population is then gathered only in that case.
+        proposal: ``proposal(state, t, *args)`` for the step's latent sites (default: the prior).
+        extensions: K children per particle (Steer); the selection then picks N of N·K.
+        may_stop: ``False`` promises that no particle stops (no finished-particle masks).
+        select_now: whether this step may select at all (SMC does not after its last step).
+        update_carried: ``(carried, choices, active) -> carried`` before the selection gathers it.
+        sharding: the particle axis' sharding; weights are replicated for a global selection (so
+            the ancestors equal the unsharded run's), and a grouped selection with one group per
+            device gathers within each device.
+        noise: inject the step's randomness instead of drawing it from ``key``.
+    """
+    n = state.log_weights.shape[0]
+    k_adv, k_sel = jax.random.split(key)
+    pop = Population(state.particles, state.log_weights)
+    carried = state.carried
+    if extensions > 1:
+        pop = extend(pop, extensions)
+        carried = gather(carried, jnp.repeat(jnp.arange(n), extensions))
+    active = ~pop.particles.done
+    values = None if noise is None else noise.choices
+    seq, info = advance(k_adv, Sequential(pop, state.t), program, args, proposal, may_stop, values)
+    if update_carried is not None:
+        carried = update_carried(carried, info.choices, active)
+    base, trigger = parts(selection)
+    log_weights = seq.population.log_weights
+    if sharding is not None and getattr(base, "num_groups", 1) == 1:
+        # A global selection reads ALL weights: they are gathered to every device (N floats) so
+        # that the ancestors are computed exactly as on one device; particles move only where an
+        # ancestor crosses devices.
+        log_weights = _constrain(_replicated(sharding), log_weights)
+    lse = log_evidence(log_weights)
+    ess_t = ess(log_weights, lse)
+    if noise is None:
+        u = draw_uniforms(base, k_sel, n, log_weights.dtype)
+    else:
+        u = noise.uniforms
+
+    def select(operand):
+        particles, carried = operand
+        ancestors, new_log_weights = base(u, log_weights)
+        moved = _gather(sharding, base, (particles, carried), ancestors)
+        return moved, new_log_weights, ancestors
+
+    def keep(operand):
+        return operand, log_weights, jnp.arange(n, dtype=jnp.int32)
+
+    operand = (seq.population.particles, carried)
+    always = trigger is None and isinstance(select_now, bool) and select_now
+    if always or extensions > 1:
+        (particles, carried), new_log_weights, ancestors = select(operand)
+        selected = jnp.asarray(True)
+    else:
+        selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights))
+        (particles, carried), new_log_weights, ancestors = jax.lax.cond(selected, select, keep, operand)
+    if sharding is not None:
+        particles, carried, new_log_weights = _constrain(sharding, (particles, carried, new_log_weights))
+    new = SMCState(particles, new_log_weights, seq.t, carried)
+    step_info = SMCInfo(
+        choices=info.choices,
+        active=active,
+        log_weights=log_weights,
+        ancestors=ancestors,
+        selected=selected,
+        ess=ess_t,
+        log_evidence=lse,
+        nan_sites=info.nan_sites,
+        log_prob_draws=jnp.sum(info.log_prob_draws),
+    )
+    return new, step_info
+
+
+def extend(pop: Population, k: int) -> Population:
+    """K children per particle: ``pop.particles`` is a :class:`~ppinfer.suspended.Particle` with
+    leading axis N; the result has N·K particles, child ``i·K + j`` a copy of particle ``i``. A
+    running particle's children each get log weight ``w_i − log K``; a finished one (``done``) is
+    carried by child ``i·K`` with its whole weight ``w_i``, its other children get −inf (they are
+    never selected). Deterministic and valid: ``⟦extend(pop)⟧ = ⟦pop⟧``."""
+    n = pop.num_particles
+    particles = gather(pop.particles, jnp.repeat(jnp.arange(n), k))
+    lw = jnp.repeat(pop.log_weights, k)
+    first = (jnp.arange(n * k) % k) == 0
+    lw = jnp.where(particles.done, jnp.where(first, lw, -jnp.inf), lw - jnp.log(k))
+    return Population(Particle(particles.state, particles.done), lw)
+
+
+def scan_while(body: Callable, carry: Any, xs: Any, keep_going: Callable[[Any], jax.Array]):
+    """``lax.scan(body, carry, xs)`` that stops before a step when ``keep_going(carry)`` is false.
+    Returns ``(carry, records, steps_run)``: ``records`` stacked ``[T, …]`` like ``scan``'s, zeros
+    for the steps not run. A ``while_loop`` over preallocated records (shapes from ``eval_shape``)."""
+    length = jax.tree.leaves(xs)[0].shape[0]
+    x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
+    _, shapes = jax.eval_shape(body, carry, x_at(0))
+    records = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), shapes)
+
+    def one(state):
+        i, c, recs = state
+        c, rec = body(c, x_at(i))
+        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
+        return i + 1, c, jax.tree.map(put, recs, rec)
+
+    def cond(state):
+        i, c, _ = state
+        return (i < length) & keep_going(c)
+
+    steps, carry, records = jax.lax.while_loop(cond, one, (jnp.zeros((), jnp.int32), carry, records))
+    return carry, records, steps
+
+
+def trace_genealogy(ancestors: jax.Array, history: Any, extensions: int = 1) -> tuple[Any, jax.Array]:
+    """Trace each final particle back through the selections.
+
+    Args:
+        ancestors: ``i32[T, N]``; ``ancestors[t, i]`` is the child (of ``N·K``) that particle ``i``
+            was copied from after step ``t`` (the identity when step ``t`` did not select); its
+            parent particle before the step is ``ancestors[t, i] // K``.
+        history: a pytree of per-step values ``[T, N·K, …]`` indexed by child.
+        extensions: K.
+
+    Returns ``(trajectories, init_index)``: ``trajectories`` has leaves ``[N, T, …]`` (final
+    particle ``i``'s own history) and ``init_index: i32[N]`` the index of each final particle's
+    ancestor after ``init``."""
+    n = ancestors.shape[1]
+
+    def back(idx, xs):
+        anc_t, hist_t = xs
+        child = anc_t[idx]
+        return child // extensions, jax.tree.map(lambda h: h[child], hist_t)
+
+    init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+def _gather(sharding, selection, tree, ancestors):
+    """``tree`` indexed by ``ancestors`` along the particle axis; a grouped selection on a sharded
+    population whose groups are its devices gathers within each device (``shard_map``: no
+    particle crosses devices)."""
+    groups = getattr(selection, "num_groups", 1)
+    if sharding is None or groups == 1 or groups != sharding.mesh.size:
+        return gather(tree, ancestors)
+    spec = jax.sharding.PartitionSpec("particles")
+
+    def local(tree, ancestors):
+        m = jax.tree.leaves(tree)[0].shape[0]
+        return gather(tree, ancestors - jax.lax.axis_index("particles") * m)
+
+    return jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec, spec), out_specs=spec)(tree, ancestors)
+
+
+def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _constrain(sharding, tree):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
