@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
-from ppinfer.algorithms.enumerate import enumerate_runs, unroll
-from ppinfer.program import is_sequential
 from ppinfer.result import Result
+from semantics.interpret import interpret
 from semantics.measure import Measure, outcome_key
 
 __all__ = ["denote", "measure_of"]
@@ -20,18 +18,16 @@ def denote(program: Any, *args: Any, proposal: Callable[..., Any] | None = None)
     """The exact unnormalised measure ``⟦program⟧`` over choice maps (latent and deterministic
     sites) of a program with finitely many discrete choices, by enumeration in float64.
 
+    Computed by the independent reference interpreter :func:`semantics.interpret.interpret`, which
+    shares no code with :class:`~ppinfer.Enumerate` or the samplers (so comparing them with it is a
+    real check). Outcomes of mass zero are left out.
+
     With ``proposal``, latent choices are drawn from it and weighted by ``p/q``: the result must equal
-    the denotation without it (that is the validity of proposals). Sequential programs are unrolled;
-    their sites are named ``init/<name>`` and ``<t>/<name>``."""
-    with jax.enable_x64(True):
-        if is_sequential(program):
-            fn, fn_args = unroll(program, args), ()
-        else:
-            fn, fn_args = program, args
-        branches = enumerate_runs(fn, fn_args, proposal=proposal)
-        return Measure.from_log(
-            (outcome_key(b.choices), b.log_prob + b.log_weight) for b in branches
-        )
+    the denotation without it (that is the validity of proposals); for a sequential program it is the
+    step proposal ``proposal(state, t, *args)``. Sequential programs are unrolled; their sites are
+    named ``init/<name>`` and ``<t>/<name>``. Raises :class:`~ppinfer.errors.EnumerationError` for a
+    continuous latent site or beyond :data:`semantics.interpret.MAX_PATHS` executions."""
+    return interpret(program, args, proposal=proposal)
 
 
 def measure_of(result: Result) -> Measure:

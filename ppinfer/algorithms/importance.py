@@ -24,7 +24,7 @@ from ppinfer.program import is_sequential
 from ppinfer.result import Result
 from ppinfer.weighted import simulate
 
-__all__ = ["Importance"]
+__all__ = ["Importance", "importance_run"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,7 @@ class Importance:
         n, proposal = self.num_particles, self.proposal
 
         def build():
-            def compiled(key, dyn):
-                run = lambda i: simulate(key, program, rebuild(dyn), proposal=proposal, particle=i)
-                weighted, info = jax.vmap(run)(jnp.arange(n))
-                log_weights = weighted.log_weight - jnp.log(n)
-                nan_sites = {k: jnp.any(v) for k, v in info.nan_sites.items()}
-                return weighted.choices, log_weights, log_evidence(log_weights), nan_sites
-
-            return compiled
+            return lambda key, dyn: importance_run(key, program, rebuild(dyn), n, proposal)
 
         cache_key = ("importance", program, proposal, n, static_key)
         fn, new = cached_jit(cache_key, build)
@@ -73,13 +66,41 @@ class Importance:
             except Exception:
                 forget(cache_key)  # a program that failed its checks must be checked again next time
                 raise
-        samples, log_weights, log_z, nan_sites = jax.block_until_ready(fn(key, dyn))
-        checks.raise_on_nan_sites(nan_sites, self.name)
-        checks.raise_if_dead(float(log_z), "", n)
+        out = jax.block_until_ready(fn(key, dyn))
+        checks.raise_on_nan_sites(out["nan_sites"], self.name)
+        log_z = float(out["log_evidence"])
+        checks.raise_if_dead(log_z, "", n)
         return Result(
-            samples=samples,
-            log_weights=log_weights,
-            log_evidence=float(log_z),
+            samples=out["choices"],
+            log_weights=out["log_weights"],
+            log_evidence=log_z,
             algorithm=self.name,
             wall_time=time.perf_counter() - t0,
         )
+
+
+def importance_run(
+    key: jax.Array,
+    program: Callable[..., Any],
+    args: tuple,
+    num_particles: int,
+    proposal: Callable[..., Any] | None = None,
+    values: dict | None = None,
+) -> dict:
+    """The pure importance sampler (jit/vmap-able): ``choices`` site → ``[N, …]``, ``log_weights:
+    f32[N]`` (``−log N + log p/q``), ``log_evidence: f32[]``, ``nan_sites`` and ``log_prob_draws:
+    f32[N]`` (the law of the latent draws). ``values`` (site → ``[N, …]``) injects the draws."""
+    n = num_particles
+
+    def one(i, v):
+        return simulate(key, program, args, proposal=proposal, particle=i, values=v)
+
+    weighted, info = jax.vmap(one)(jnp.arange(n), values)
+    log_weights = weighted.log_weight - jnp.log(n)
+    return {
+        "choices": weighted.choices,
+        "log_weights": log_weights,
+        "log_evidence": log_evidence(log_weights),
+        "nan_sites": {k: jnp.any(v) for k, v in info.nan_sites.items()},
+        "log_prob_draws": info.log_prob_draws,
+    }

@@ -140,12 +140,12 @@ def run_sequential(
     cfg: Any,
     loop: Loop,
     name: str,
-    extras: Callable[[dict], dict] | None = None,
+    post: Callable[[dict], tuple[dict, dict]] | None = None,
 ) -> Result:
     """The run wrapper of every algorithm on :func:`run_loop`: the compiled loop (cached under the
     program, the :class:`Loop` and the static arguments), its checks (:func:`run_checked`), and the
     :class:`Result` — trajectories traced through the genealogy lazily, on first access.
-    ``extras(out)`` adds algorithm-specific entries to ``Result.extras``."""
+    ``post(out) -> (out, extras)`` adapts the loop's output and adds algorithm-specific extras."""
     t0 = time.perf_counter()
     dyn, static_key, rebuild = split_args(args)
     cache_key = ("loop", program, loop, static_key)
@@ -154,6 +154,7 @@ def run_sequential(
         return lambda key, dyn: run_loop(key, program, rebuild(dyn), loop)
 
     out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, name)
+    out, more = (out, {}) if post is None else post(out)
     common = {
         "log_weights": out["log_weights"],
         "log_evidence": log_z,
@@ -163,7 +164,6 @@ def run_sequential(
         "log_evidence_history": out["log_evidence_history"],
         "state": out["state"],
     }
-    more = {} if extras is None else extras(out)
     if not loop.history:
         samples, site_kinds = sample_names(out["init_choices"], out["final_choices"])
         extras_ = {"site_kinds": site_kinds, "active": None, **more}
@@ -237,6 +237,8 @@ class Loop:
         history: record per-step choices and the genealogy (else a pure filter).
         early_exit: stop when every particle has finished (a ``while_loop``).
         genealogy: trace the genealogy inside the compiled run (else the caller traces it lazily).
+        record: ``record(state, info) -> dict`` of extra per-step records (a recorder), returned
+            stacked ``[T, …]`` under ``out["records"]``.
     """
 
     num_particles: int
@@ -250,6 +252,7 @@ class Loop:
     history: bool = True
     early_exit: bool = True
     genealogy: bool = False
+    record: Callable[[Any, Any], dict] | None = None
 
 
 class LoopNoise(NamedTuple):
@@ -276,8 +279,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
       ``init_choices`` carried through the selections.
 
     Steps not run (early exit) are recorded as inactive, not selected, identity ancestors. With
-    ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[]``,
-    ``log_prob_draws: f32[T]`` (the law of the injected values), ``pre_log_weights: f32[T, M]`` and
+    ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[N]``,
+    ``log_prob_draws: f32[T, M]`` (the law of the injected values), ``pre_log_weights: f32[T, M]`` and
     ``step_active: bool[T, M]``."""
     n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
     sharding = loop.sharding
@@ -339,6 +342,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             # A program that cannot stop is active everywhere: nothing to record.
             record.update(choices=info.choices, ancestors=info.ancestors)
             record["active"] = info.active if may_stop else None
+        if loop.record is not None:
+            record["extra"] = loop.record(state, info)
         if noise is not None:
             record.update(draws=info.log_prob_draws, pre=info.log_weights, step_active=info.active)
         return (state, last), record
@@ -368,9 +373,11 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         "state": state.particles.state,
         "nan_sites": nan_sites,
     }
+    if loop.record is not None:
+        out["records"] = records["extra"]
     if noise is not None:
         out.update(
-            log_prob_draws_init=jnp.sum(init_info.log_prob_draws),
+            log_prob_draws_init=init_info.log_prob_draws,
             log_prob_draws=records["draws"],
             pre_log_weights=records["pre"],
             step_active=records["step_active"],

@@ -22,9 +22,10 @@ Models using Probabilistic Programs* (llamppl's ``smc_steer``), as a composition
 
 Every block is valid, so Steer is: ``E[⟦Steer(p)⟧] = ⟦p⟧``, in particular ``E[Ẑ] = Z``, and the
 weighted survivors estimate the posterior consistently as N grows. With ``K = 1`` selection keeps
-every child (it is sequential importance sampling). The loop is one ``lax.scan`` compiled with
-``jax.jit``. Selection also runs after the last step, so the result has N particles (it does not
-change Ẑ).
+every child (it is sequential importance sampling). Steer is SMC's loop
+(:func:`~ppinfer.algorithms.smc.run_loop`) over the same kernel step with ``extensions = K`` and the
+:class:`~ppinfer.kernels.select.FearnheadClifford` selection, which also runs after the last step,
+so the result has N particles (it does not change Ẑ).
 
 Cost: each step runs N·K forward passes (children of finished particles included: the batch shape
 is static) and holds N·K particle states (KV caches) at once.
@@ -32,7 +33,6 @@ is static) and holds N·K particle states (KV caches) at once.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +41,13 @@ import jax
 import jax.numpy as jnp
 
 from ppinfer import checks
-from ppinfer._compile import split_args
-from ppinfer.algorithms.smc import run_checked, sample_names
+from ppinfer.algorithms.smc import Loop, run_loop, run_sequential
 from ppinfer.errors import ConfigError
-from ppinfer.population import Population, ess, gather, log_evidence
+from ppinfer.kernels.select import FearnheadClifford, fearnhead_clifford_threshold
+from ppinfer.kernels.smc import extend
+from ppinfer.population import Population, ess, gather
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
-from ppinfer.suspended import Particle, Sequential, advance, start
 
 __all__ = [
     "Steer",
@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 SELECTION_SCHEMES = ("systematic", "stratified")
+
+threshold = fearnhead_clifford_threshold
 
 
 @dataclass(frozen=True)
@@ -108,41 +110,49 @@ class Steer:
             )
         return run_steer(key, program, args, self)
 
+    def loop(self, program: SequentialProgram, args: tuple) -> Loop:
+        """The :class:`~ppinfer.algorithms.smc.Loop` Steer runs: K extensions per particle and the
+        Fearnhead–Clifford selection of N of N·K after every step, the last one included."""
+        return steer_loop(
+            self.num_particles,
+            self.num_extensions,
+            program.steps_for(args),
+            self.resampling,
+            self.proposal,
+            self.init_proposal,
+        )
+
+
+def steer_loop(n, k, num_steps, scheme="systematic", proposal=None, init_proposal=None, **kw) -> Loop:
+    return Loop(
+        n,
+        num_steps,
+        FearnheadClifford(scheme),
+        proposal,
+        init_proposal,
+        extensions=k,
+        select_last=True,
+        record=_steer_record,
+        **kw,
+    )
+
+
+def _steer_record(state, info) -> dict:
+    """Steer's per-step records: the survivors' ESS and the children kept deterministically."""
+    kept = fearnhead_clifford_threshold(info.log_weights, state.log_weights.shape[0])[1]
+    return {"survivors_ess": ess(state.log_weights), "num_kept": kept}
+
 
 def run_steer(key: jax.Array, program: SequentialProgram, args: tuple, cfg: Steer) -> Result:
     """Run Steer (checks, compiled run, genealogy) and build the :class:`Result`."""
-    t0 = time.perf_counter()
-    num_steps = program.steps_for(args)
-    dyn, static_key, rebuild = split_args(args)
-    settings = (cfg.num_particles, cfg.num_extensions, num_steps, cfg.resampling)
-    cache_key = ("steer", program, cfg.proposal, cfg.init_proposal, settings, static_key)
+    return run_sequential(key, program, args, cfg, cfg.loop(program, args), cfg.name, post=_steer_post)
 
-    def build():
-        def compiled(key, dyn):
-            return steer_run(key, program, rebuild(dyn), *settings, cfg.proposal, cfg.init_proposal)
 
-        return compiled
-
-    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, "Steer")
-    samples, site_kinds = sample_names(out["init_choices"], out["trajectories"])
-    return Result(
-        samples=samples,
-        log_weights=out["log_weights"],
-        log_evidence=log_z,
-        algorithm=cfg.name,
-        ess=out["ess"],
-        resampled=jnp.ones((num_steps,), bool),
-        log_evidence_history=out["log_evidence_history"],
-        ancestors=out["ancestors"],
-        state=out["state"],
-        wall_time=time.perf_counter() - t0,
-        extras={
-            "active": out["active"],
-            "site_kinds": site_kinds,
-            "children_ess": out["children_ess"],
-            "num_kept": out["num_kept"],
-        },
-    )
+def _steer_post(out: dict) -> tuple[dict, dict]:
+    """Result ``ess`` is the survivors'; the children's ESS and kept counts go to extras."""
+    records = out["records"]
+    extras = {"children_ess": out["ess"], "num_kept": records["num_kept"]}
+    return {**out, "ess": records["survivors_ess"]}, extras
 
 
 def steer_run(
@@ -156,94 +166,19 @@ def steer_run(
     proposal: Callable[..., Any] | None = None,
     init_proposal: Callable[..., Any] | None = None,
 ) -> dict:
-    """The pure Steer core (jit/vmap-able). Returns a dict with ``log_weights: f32[N]``,
-    ``log_evidence: f32[]``, ``log_evidence_init: f32[]``, per step ``ess: f32[T]`` (survivors),
-    ``children_ess: f32[T]``, ``num_kept: i32[T]``, ``log_evidence_history: f32[T]`` and ``ancestors:
-    i32[T, N]`` (parent survivor of each survivor), genealogy-traced ``init_choices`` ``[N, …]`` and
-    step ``trajectories`` ``[N, T, …]``, ``active: bool[N, T]``, the final ``state`` and per-site
-    NaN flags ``nan_sites``."""
-    k_init, k_loop = jax.random.split(key)
-    seq, init_info = start(k_init, program, args, n, init_proposal)
-    log_z_init = log_evidence(seq.population.log_weights)
-
-    def body(seq: Sequential, key_t):
-        k_adv, k_sel = jax.random.split(key_t)
-        children = extend(seq.population, k)
-        active = jnp.repeat(~seq.population.particles.done, k)
-        grown, info = advance(k_adv, Sequential(children, seq.t), program, args, proposal)
-        pop, chosen, kept = select(k_sel, grown.population, n, scheme)
-        record = (
-            info.choices,
-            active,
-            chosen,
-            ess(pop.log_weights),
-            ess(grown.population.log_weights),
-            kept,
-            log_evidence(pop.log_weights),
-            info.nan_sites,
-        )
-        return Sequential(pop, grown.t), record
-
-    seq, (choices, active, chosen, ess_h, children_ess, kept, log_z_h, nan_h) = jax.lax.scan(
-        body, seq, jax.random.split(k_loop, num_steps)
-    )
-    trajectories, init_index = _trace(chosen, k, {"choices": choices, "active": active})
-    nan_sites = {**init_info.nan_sites, **{name: jnp.any(v) for name, v in nan_h.items()}}
+    """The pure Steer run (jit/vmap-able): :func:`~ppinfer.algorithms.smc.run_loop` on Steer's loop
+    with the genealogy traced. Returns its dict plus ``children_ess: f32[T]`` and ``num_kept:
+    i32[T]``; ``ess`` is the survivors' and ``ancestors`` the parent survivor of each survivor."""
+    loop = steer_loop(n, k, num_steps, scheme, proposal, init_proposal, early_exit=False, genealogy=True)
+    out = run_loop(key, program, args, loop)
+    records = out.pop("records")
     return {
-        "init_choices": jax.tree.map(lambda x: x[init_index], init_info.choices),
-        "trajectories": trajectories["choices"],
-        "active": trajectories["active"],
-        "log_weights": seq.population.log_weights,
-        "log_evidence": log_evidence(seq.population.log_weights),
-        "log_evidence_init": log_z_init,
-        "log_evidence_history": log_z_h,
-        "ess": ess_h,
-        "children_ess": children_ess,
-        "num_kept": kept,
-        "ancestors": (chosen // k).astype(jnp.int32),
-        "state": seq.population.particles.state,
-        "nan_sites": nan_sites,
+        **out,
+        "ess": records["survivors_ess"],
+        "children_ess": out["ess"],
+        "num_kept": records["num_kept"],
+        "ancestors": (out["ancestors"] // k).astype(jnp.int32),
     }
-
-
-def extend(pop: Population, k: int) -> Population:
-    """K children per particle: ``pop.particles`` is a :class:`~ppinfer.suspended.Particle` with
-    leading axis N; the result has N·K particles, child ``i·K + j`` a copy of particle ``i``. A
-    running particle's children each get log weight ``w_i − log K``; a finished one (``done``) is
-    carried by child ``i·K`` with its whole weight ``w_i``, its other children get −inf (they are
-    never selected). Deterministic and valid: ``⟦extend(pop)⟧ = ⟦pop⟧``."""
-    n = pop.num_particles
-    particles = gather(pop.particles, jnp.repeat(jnp.arange(n), k))
-    lw = jnp.repeat(pop.log_weights, k)
-    first = (jnp.arange(n * k) % k) == 0
-    lw = jnp.where(particles.done, jnp.where(first, lw, -jnp.inf), lw - jnp.log(k))
-    return Population(Particle(particles.state, particles.done), lw)
-
-
-def threshold(log_weights: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Fearnhead–Clifford's threshold for keeping ``n`` of ``M = len(log_weights)`` children.
-
-    Sorting the weights ``s_0 ≥ s_1 ≥ …``, ``L`` is the smallest index with ``s_L ≤ c_L = (Σ_{i≥L}
-    s_i) / (n − L)``; then ``Σ_i min(s_i / c_L, 1) = n``. Returns ``(order: i32[M]`` (descending
-    sort), ``num_kept: i32[]`` (L, the children with ``w ≥ c`` kept deterministically),
-    ``log_c: f32[]``, ``log_w_sorted: f32[M])``. ``log_c`` is −inf when fewer than ``n`` children
-    have positive weight (the remaining slots then get weight zero); when ``n ≥ M`` every child is
-    kept in place (``order`` is the identity, ``L = M``), so ``K = 1`` is sequential importance
-    sampling."""
-    m = log_weights.shape[0]
-    if n >= m:  # room for every child: all kept in place, the spare slots get weight zero
-        order = jnp.arange(m, dtype=jnp.int32)
-        return order, jnp.asarray(m, jnp.int32), jnp.asarray(-jnp.inf, log_weights.dtype), log_weights
-    order = jnp.argsort(-log_weights, stable=True).astype(jnp.int32)
-    s = log_weights[order]
-    ref = jnp.where(jnp.isfinite(s[0]), s[0], 0.0)
-    w = jnp.exp(s - ref)
-    # Tail sums T_L from the small end: no cancellation, and T_L ≥ s_L holds in floating point too.
-    tail = jnp.cumsum(w[::-1])[::-1][:n]
-    ok = w[:n] * (n - jnp.arange(n)) <= tail  # always true at L = n − 1
-    kept = jnp.argmax(ok).astype(jnp.int32)
-    log_c = ref + jnp.log(tail[kept]) - jnp.log((n - kept).astype(s.dtype))
-    return order, kept, log_c, s
 
 
 def selection_uniforms_shape(scheme: str, n: int) -> tuple[int, ...]:
@@ -255,38 +190,22 @@ def selection_uniforms_shape(scheme: str, n: int) -> tuple[int, ...]:
 def select_from_uniforms(
     scheme: str, uniforms: jax.Array, log_weights: jax.Array, n: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The deterministic part of :func:`select`: ``(indices: i32[n], new_log_weights: f32[n],
-    num_kept: i32[])`` for ``log_weights: f32[M]`` given ``uniforms`` of
-    :func:`selection_uniforms_shape`. Slots ``j < L`` hold the L heaviest children with their own
-    weights; slot ``j ≥ L`` holds the child at position ``(j − L + u_j) / (n − L)`` of the
-    cumulative distribution of the remaining children, with weight ``c``. When every weight is zero
-    the indices are arbitrary and every new weight is −inf."""
+    """:class:`~ppinfer.kernels.select.FearnheadClifford` given ``uniforms`` of
+    :func:`selection_uniforms_shape`: ``(indices: i32[n], new_log_weights: f32[n], num_kept: i32[])``.
+    Slots ``j < L`` hold the L heaviest children with their own weights; slot ``j ≥ L`` holds the
+    child at position ``(j − L + u_j) / (n − L)`` of the cumulative distribution of the remaining
+    children, with weight ``c``."""
     check_selection_scheme(scheme)
-    m = log_weights.shape[0]
-    order, kept, log_c, s = threshold(log_weights, n)
-    ref = jnp.where(jnp.isfinite(s[0]), s[0], 0.0)
-    rank = jnp.arange(m)
-    residual = jnp.where(rank >= kept, jnp.exp(s - ref), 0.0)
-    cdf = jnp.cumsum(residual)
-    j = jnp.arange(n)
-    u = uniforms[0] if scheme == "systematic" else uniforms
-    positions = (j - kept + u) / jnp.maximum(n - kept, 1) * cdf[-1]
-    last_alive = m - 1 - jnp.argmax((residual > 0)[::-1])
-    drawn = jnp.minimum(jnp.searchsorted(cdf, positions, side="right"), last_alive)
-    deterministic = j < kept
-    ranks = jnp.where(deterministic, jnp.minimum(j, m - 1), drawn)
-    new_log_weights = jnp.where(deterministic, s[jnp.minimum(j, m - 1)], log_c)
-    return order[ranks], new_log_weights, kept
+    u = jnp.broadcast_to(uniforms, (n,)) if scheme == "systematic" else uniforms
+    indices, new_log_weights = FearnheadClifford(scheme)(u, log_weights)
+    return indices, new_log_weights, threshold(log_weights, n)[1]
 
 
 def select(
     key: jax.Array, pop: Population, n: int, scheme: str = "systematic"
 ) -> tuple[Population, jax.Array, jax.Array]:
     """Keep ``n`` of ``pop``'s M particles without replacement (Fearnhead–Clifford; see the module
-    docstring). Returns ``(pop', indices: i32[n], num_kept: i32[])``: ``pop'`` has the selected
-    particles and the new log weights. Valid: ``E[⟦select(pop)⟧] = ⟦pop⟧`` (checked exactly by
-    ``semantics.steer.check_select``), and ``logsumexp`` of the weights is preserved whenever at
-    least ``n`` weights are positive."""
+    docstring). Returns ``(pop', indices: i32[n], num_kept: i32[])``."""
     uniforms = jax.random.uniform(key, selection_uniforms_shape(scheme, n), pop.log_weights.dtype)
     indices, new_log_weights, kept = select_from_uniforms(scheme, uniforms, pop.log_weights, n)
     return Population(gather(pop.particles, indices), new_log_weights), indices, kept
@@ -295,18 +214,3 @@ def select(
 def check_selection_scheme(scheme: str) -> None:
     if scheme not in SELECTION_SCHEMES:
         raise ConfigError(f"unknown selection scheme {scheme!r} for Steer; choose one of {SELECTION_SCHEMES}")
-
-
-def _trace(chosen: jax.Array, k: int, history: Any) -> tuple[Any, jax.Array]:
-    """Trace each final survivor back: ``chosen: i32[T, N]`` is the child (of N·K) each survivor was
-    after step t, ``history`` has leaves ``[T, N·K, …]`` indexed by child. Returns ``(trajectories``
-    with leaves ``[N, T, …]``, ``init_index: i32[N])``."""
-    n = chosen.shape[1]
-
-    def back(idx, xs):
-        chosen_t, hist_t = xs
-        child = chosen_t[idx]
-        return child // k, jax.tree.map(lambda h: h[child], hist_t)
-
-    init_index, traj = jax.lax.scan(back, jnp.arange(n), (chosen, history), reverse=True)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index

@@ -78,7 +78,7 @@ class SMCInfo(NamedTuple):
         log_evidence: ``f32[]`` log Ẑ after this step (``logsumexp`` of the pre-selection weights;
             a valid selection preserves it in expectation, the built-in ones exactly).
         nan_sites: site → ``bool[]``, any live child's log density there was NaN.
-        log_prob_draws: ``f32[]`` log probability of all children's latent draws under the
+        log_prob_draws: ``f32[M]`` log probability of each child's latent draws under the
             distributions they came from (the law of injected noise; unused on the key path).
     """
 
@@ -204,7 +204,7 @@ def step(
         ess=ess_t,
         log_evidence=lse,
         nan_sites=info.nan_sites,
-        log_prob_draws=jnp.sum(info.log_prob_draws),
+        log_prob_draws=info.log_prob_draws,
     )
     return new, step_info
 
@@ -264,7 +264,7 @@ def trace_genealogy(ancestors: jax.Array, history: Any, extensions: int = 1) -> 
     def back(idx, xs):
         anc_t, hist_t = xs
         child = anc_t[idx]
-        return child // extensions, jax.tree.map(lambda h: h[child], hist_t)
+        return (child // extensions).astype(idx.dtype), jax.tree.map(lambda h: h[child], hist_t)
 
     init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index

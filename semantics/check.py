@@ -1,0 +1,537 @@
+"""``check_exact``: the exact expected output of the inference code users run, against ``denote``.
+
+For a finite program and a tiny population, every random input of an algorithm can be enumerated:
+the value of every discrete latent choice of every particle (init and each step) and, at every
+selection, every cell of the uniforms the selection reads. :func:`check_exact` runs **the same loop
+and kernel step that** :func:`ppinfer.infer` **runs** (:func:`ppinfer.algorithms.smc.run_loop` over
+:func:`ppinfer.kernels.smc.step`, with the algorithm's own selection, proposal, early exit, finished-
+particle masks, history and extensions) on each such input, injected in place of the key
+(:class:`~ppinfer.kernels.smc.StepNoise`), weighs it by its probability, and compares the expected
+output measure
+
+    E[ Σ_i exp(log_weights[i]) δ(trajectory_i) ]     and     E[Ẑ] = E[exp(log_evidence)]
+
+with :func:`semantics.denote`, an interpreter that shares no code with the algorithms. A valid
+algorithm gives 0 up to float64 round-off.
+
+How the randomness is enumerated (stated assumptions):
+
+- **Latent choices.** Each site's finite support comes from its distribution's
+  ``enumerate_support``; the probability of a value is the log density the run itself reports for
+  the distribution it drew from (:attr:`~ppinfer.kernels.smc.SMCInfo.log_prob_draws`, NumPyro's
+  ``log_prob``). Choices of particles that have finished are fixed (they do not affect the output:
+  the engine discards them). A program that draws randomness outside ``sample`` sites (e.g.
+  ``numpyro.prng_key()``) is not enumerated.
+- **Selections.** The check reads nothing of a selection but its outputs: for each weight vector
+  it meets, it locates the points where ``select(u, log_weights)`` changes along each coordinate of
+  ``u`` (a grid of 65 points, then bisection to 1e-13), coordinate after coordinate with the earlier
+  ones fixed in their cell and the later ones at 0.5, and then tests every resulting box at random
+  interior points; a selection that is not piecewise constant on such boxes raises
+  :class:`~ppinfer.errors.EnumerationError`. Two changes of the output within one grid interval
+  that return to the same output are not seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.primitives import Messenger
+
+from ppinfer.algorithms.importance import Importance, importance_run
+from ppinfer.algorithms.particle_gibbs import ParticleGibbs
+from ppinfer.algorithms.smc import SMC, LoopNoise, run_loop, trace_history
+from ppinfer.algorithms.steer import Steer
+from ppinfer.errors import EnumerationError
+from ppinfer.kernels.select import parts
+from ppinfer.kernels.smc import StepNoise
+from ppinfer.program import is_sequential
+from ppinfer.weighted import simulate
+from semantics.denote import denote
+from semantics.measure import Measure, outcome_key
+
+__all__ = ["ExactReport", "check_exact", "selection_outcomes"]
+
+_GRID = 65
+_TOL = 1e-13
+_MAX_RUNS = 2_000_000
+
+
+@dataclass(frozen=True)
+class ExactReport:
+    """The verdict of :func:`check_exact`.
+
+    Attributes:
+        max_abs_error: ``max(measure_error, evidence_error)``.
+        ok: ``max_abs_error <= tol``.
+        measure_error: ``max_x |E[Σ_i w_i δ(x_i)](x) − ⟦program⟧(x)|`` over outcomes.
+        evidence_error: ``|E[Ẑ] − Z|``.
+        expected_evidence: ``E[Ẑ]`` under the algorithm.
+        evidence: ``Z``, the total mass of ``⟦program⟧``.
+        num_runs: the enumerated inputs the real code was run on (leaves of positive probability).
+        algorithm: the algorithm's name.
+        tol: the tolerance.
+    """
+
+    max_abs_error: float
+    ok: bool
+    measure_error: float
+    evidence_error: float
+    expected_evidence: float
+    evidence: float
+    num_runs: int
+    algorithm: str
+    tol: float
+
+
+def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> ExactReport:
+    """Exact check of ``algorithm`` on ``program(*args)`` (module docstring). Works for
+    :class:`~ppinfer.SMC` (any selection, a user's included; history on and off; sharded or
+    grouped), :class:`~ppinfer.Steer`, :class:`~ppinfer.Importance` (static and sequential programs)
+    and :class:`~ppinfer.ParticleGibbs` (exact invariance of its conditional SMC kernel:
+    ``max |πK − π|`` in ``max_abs_error``). Raises :class:`EnumerationError` for anything else, a
+    continuous latent site, or an enumeration beyond two million runs."""
+    name = getattr(algorithm, "name", type(algorithm).__name__)
+    with jax.enable_x64(True):
+        if isinstance(algorithm, ParticleGibbs):
+            return _csmc_report(program, args, algorithm, tol)
+        if isinstance(algorithm, Importance) and not is_sequential(program):
+            expected, total_runs = _exact_importance(program, args, algorithm)
+            reference = denote(program, *args)
+        elif isinstance(algorithm, SMC | Steer | Importance):
+            if not is_sequential(program):
+                raise EnumerationError(f"{name} needs a sequential program")
+            loop = _loop_of(algorithm, program, args)
+            expected, total_runs = _exact_loop(program, args, loop)
+            reference = denote(program, *args)
+            if not loop.history:
+                reference = reference.map(_filter_key)
+        else:
+            raise EnumerationError(
+                f"check_exact cannot enumerate {name}: it supports SMC, Steer, Importance and ParticleGibbs"
+            )
+    measure, ez = expected
+    measure_error = measure.max_abs_diff(reference)
+    evidence_error = abs(ez - reference.total())
+    err = max(measure_error, evidence_error)
+    return ExactReport(
+        max_abs_error=err,
+        ok=bool(err <= tol),
+        measure_error=measure_error,
+        evidence_error=evidence_error,
+        expected_evidence=ez,
+        evidence=reference.total(),
+        num_runs=total_runs,
+        algorithm=name,
+        tol=tol,
+    )
+
+
+def selection_outcomes(selection: Any, log_weights: Any, n_out: int | None = None) -> list[tuple[float, Any]]:
+    """The exact law of ``selection(u, log_weights)`` for ``u ~ U[0, 1)^{n_out}``: a list of
+    ``(probability, (ancestors, new_log_weights))`` with the outputs as tuples (module docstring)."""
+    lw = np.asarray(log_weights, np.float64)
+    n_out = lw.shape[0] if n_out is None else n_out
+    with jax.enable_x64(True):
+        finder = _CellFinder(selection, n_out)
+        cells = finder.cells([lw])[0]
+    return [(vol, sig) for sig, (vol, _) in cells.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The SMC-family loop
+
+
+def _loop_of(algorithm, program, args):
+    if isinstance(algorithm, Importance):
+        smc = SMC(algorithm.num_particles, ess_threshold=0.0, proposal=algorithm.proposal)
+        return smc.loop(program, args)
+    return algorithm.loop(program, args)
+
+
+def _exact_loop(program, args, loop):
+    """``((Measure, E[Ẑ]), runs)`` for the loop, by a breadth-first search over noise prefixes."""
+    n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
+    m = n * k
+    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+    init_sites = _latent_sites(lambda: simulate(jax.random.PRNGKey(0), program.init, args,
+                                                proposal=loop.init_proposal))
+    state_shape = jax.eval_shape(
+        lambda: simulate(jax.random.PRNGKey(0), program.init, args, proposal=loop.init_proposal)[0].value
+    )
+    zero_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state_shape)
+    t0 = jnp.zeros((), jnp.int32)
+    step_prop = None if loop.proposal is None else (lambda s: loop.proposal(s, t0, *args))
+    step_sites = _latent_sites(
+        lambda: simulate(jax.random.PRNGKey(0), lambda s: program.step(s, t0, *args), (zero_state,),
+                         proposal=step_prop)
+    )
+    base, _ = parts(loop.selection)
+    finder = _CellFinder(base, n)
+    key = jax.random.PRNGKey(0)
+    run = jax.jit(jax.vmap(lambda nz: run_loop(key, program, args, loop, nz)))
+
+    def dummy_steps(count):
+        choices = {s: np.broadcast_to(v[0], (count, num_steps, m, *v.shape[1:])).copy()
+                   for s, v in step_sites.items()}
+        return choices, np.full((count, num_steps, n), 0.5)
+
+    # Level "init": every combination of the N particles' init choices.
+    init_values = _combinations(init_sites, n, np.ones(n, bool))
+    count = _count_values(init_values, init_sites, n)
+    steps_choices, uniforms = dummy_steps(count)
+    nodes = {"init": init_values, "steps": steps_choices, "u": uniforms, "logp": np.zeros(count)}
+    out = _run(run, nodes)
+    nodes["logp"] = np.asarray(out["log_prob_draws_init"]).sum(axis=1)
+    nodes = _prune(nodes)
+    runs = _count(nodes)
+    for t in range(num_steps):
+        # Which children run step t does not depend on step t's noise.
+        active = np.asarray(_run(run, nodes)["step_active"])[:, t]
+        expanded = []
+        for b in range(_count(nodes)):
+            combos = _combinations(step_sites, m, active[b])
+            child = _take(nodes, np.full(_count_values(combos, step_sites, m), b))
+            for s in step_sites:
+                child["steps"][s][:, t] = combos[s]
+            expanded.append(child)
+        nodes = _concat(expanded)
+        _budget(_count(nodes))
+        out = _run(run, nodes)
+        live = np.asarray(out["step_active"])[:, t]
+        draws = np.where(live, np.asarray(out["log_prob_draws"])[:, t], 0.0)
+        nodes["logp"] = nodes["logp"] + draws.sum(axis=1)
+        keep = _alive(nodes)
+        nodes, out = _take(nodes, keep), _take(out, keep)
+        runs += _count(nodes)
+        # The selection's decision and input do not depend on its own uniforms.
+        selected = np.asarray(out["resampled"])[:, t]
+        pre = np.asarray(out["pre_log_weights"])[:, t]
+        which = np.flatnonzero(selected)
+        cells = finder.cells([pre[b] for b in which])
+        expanded = [_take(nodes, np.flatnonzero(~selected))]
+        for b, outcomes in zip(which, cells, strict=True):
+            vols = [vol for vol, _ in outcomes.values()]
+            child = _take(nodes, np.full(len(vols), b))
+            child["u"][:, t] = np.stack([u for _, u in outcomes.values()])
+            child["logp"] = child["logp"] + np.log(vols)
+            expanded.append(child)
+        nodes = _prune(_concat(expanded))
+        _budget(_count(nodes))
+    out = _run(run, nodes)
+    return _measure(out, nodes, loop), runs
+
+
+def _measure(out, nodes, loop):
+    """``(Measure, E[Ẑ])`` over the leaves: each leaf's particles weighted by the leaf's
+    probability, keyed like :func:`semantics.denote` (``init/<site>``, ``<t>/<site>`` for the steps
+    the particle ran; a filter: ``init/<site>`` and ``last/<site>``)."""
+    probs = np.exp(nodes["logp"])
+    log_w = np.asarray(out["log_weights"])
+    ez = float(np.sum(probs * np.exp(np.asarray(out["log_evidence"]))))
+    items = []
+    if loop.history:
+        traced = jax.vmap(lambda a, i, h: trace_history(a, i, h, loop.extensions))(
+            out["ancestors"], out["init_choices"], out["history"]
+        )
+        init = jax.tree.map(np.asarray, traced["init_choices"])
+        traj = jax.tree.map(np.asarray, traced["trajectories"])
+        active = np.asarray(traced["active"])
+        for b, p in enumerate(probs):
+            for i in range(log_w.shape[1]):
+                choices = {f"init/{s}": v[b, i] for s, v in init.items()}
+                for t in np.flatnonzero(active[b, i]):
+                    choices.update({f"{t}/{s}": v[b, i, t] for s, v in traj.items()})
+                items.append((outcome_key(choices), p * math.exp(log_w[b, i])))
+    else:
+        init = jax.tree.map(np.asarray, out["init_choices"])
+        final = jax.tree.map(np.asarray, out["final_choices"])
+        for b, p in enumerate(probs):
+            for i in range(log_w.shape[1]):
+                choices = {f"init/{s}": v[b, i] for s, v in init.items()}
+                choices.update({f"last/{s}": v[b, i] for s, v in final.items()})
+                items.append((outcome_key(choices), p * math.exp(log_w[b, i])))
+    return Measure(items), ez
+
+
+def _filter_key(key: tuple) -> tuple:
+    """A denotation outcome pushed to what a filter (``history=False``) reports: init's sites and
+    the sites of the last step the trajectory ran, as ``last/<site>``."""
+    steps = [int(name.split("/")[0]) for name, _ in key if not name.startswith("init/")]
+    if not steps:
+        return tuple((name, v) for name, v in key if name.startswith("init/"))
+    last = max(steps)
+    kept = {}
+    for name, v in key:
+        head, site = name.split("/", 1)
+        if head == "init":
+            kept[name] = v
+        elif int(head) == last:
+            kept[f"last/{site}"] = v
+    return tuple(sorted(kept.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance on a static program
+
+
+def _exact_importance(program, args, algorithm):
+    n = algorithm.num_particles
+    args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+    sites = _latent_sites(lambda: simulate(jax.random.PRNGKey(0), program, args, proposal=algorithm.proposal))
+    values = _combinations(sites, n, np.ones(n, bool))
+    key = jax.random.PRNGKey(0)
+    run = jax.jit(jax.vmap(lambda v: importance_run(key, program, args, n, algorithm.proposal, v)))
+    out = run(values)
+    probs = np.exp(np.asarray(out["log_prob_draws"]).sum(axis=1))
+    log_w = np.asarray(out["log_weights"])
+    choices = jax.tree.map(np.asarray, out["choices"])
+    items = [
+        (outcome_key({s: v[b, i] for s, v in choices.items()}), probs[b] * math.exp(log_w[b, i]))
+        for b in range(len(probs))
+        for i in range(n)
+    ]
+    ez = float(np.sum(probs * np.exp(np.asarray(out["log_evidence"]))))
+    return (Measure(items), ez), len(probs)
+
+
+def _csmc_report(program, args, algorithm, tol):
+    from semantics.csmc import check_csmc_invariance
+
+    err = check_csmc_invariance(program, args, algorithm.num_particles, algorithm.ancestor_sampling)
+    return ExactReport(err, bool(err <= tol), err, 0.0, float("nan"), float("nan"), 0, algorithm.name, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent sites and their supports
+
+
+class _capture(Messenger):
+    """Records each latent site's finite support (first sighting wins: a proposal's run comes
+    before the program's, and it is the proposal that draws the sites it makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, np.ndarray] = {}
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg.get("is_observed") or msg["name"] in self.sites:
+            return
+        name, fn = msg["name"], msg["fn"]
+        if not getattr(fn, "has_enumerate_support", False):
+            raise EnumerationError(
+                f"site {name!r} has a distribution without finite support ({type(fn).__name__}); "
+                "check_exact enumerates discrete programs only"
+            )
+        if msg["kwargs"].get("sample_shape"):
+            raise EnumerationError(f"site {name!r}: sample_shape is not enumerated")
+        try:
+            with jax.ensure_compile_time_eval():
+                support = np.asarray(fn.enumerate_support(expand=True))
+        except Exception as e:  # a support that depends on traced values
+            raise EnumerationError(f"site {name!r}: its support is not known before running ({e})") from e
+        self.sites[name] = _joint_support(support, tuple(fn.batch_shape))
+
+
+def _latent_sites(run) -> dict[str, np.ndarray]:
+    """site → ``[K, *shape]`` every value of the site (trace of one particle, nothing computed)."""
+    cap = _capture()
+
+    def traced():
+        with cap:
+            run()
+        return jnp.zeros(())
+
+    jax.eval_shape(traced)
+    return cap.sites
+
+
+def _joint_support(support: np.ndarray, batch_shape: tuple) -> np.ndarray:
+    """The values of a batched site: ``support`` is ``[K, *batch, *event]`` with one value of the
+    scalar support per row; the site's values are every assignment over the batch positions."""
+    if not batch_shape:
+        return support
+    size = math.prod(batch_shape)
+    event = support.shape[1 + len(batch_shape):]
+    per = support.reshape(support.shape[0], size, *event)[:, 0]
+    combos = list(itertools.product(range(per.shape[0]), repeat=size))
+    values = np.stack([per[list(c)] for c in combos])
+    return values.reshape(len(combos), *batch_shape, *event)
+
+
+def _combinations(sites: dict, m: int, free: np.ndarray) -> dict:
+    """Every joint value of ``sites`` over the ``m`` particles whose ``free`` flag is set (the others
+    fixed at their first value): site → ``[C, m, …]``."""
+    names = list(sites)
+    sizes = [len(sites[s]) for s in names]
+    per_particle = [range(math.prod(sizes)) if f else range(1) for f in free]
+    total = math.prod(len(r) for r in per_particle)
+    _budget(total)
+    idx = np.array(list(itertools.product(*per_particle)), dtype=np.int64).reshape(total, m)
+    out = {}
+    stride = 1
+    for s, size in zip(reversed(names), reversed(sizes), strict=True):
+        out[s] = sites[s][(idx // stride) % size]
+        stride *= size
+    return {s: out[s] for s in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Breakpoints of a selection
+
+
+class _CellFinder:
+    """Cells of ``u ∈ [0, 1)^{n_out}`` on which ``selection(u, log_weights)`` is constant, for many
+    weight vectors at once (module docstring); memoised by weight vector."""
+
+    def __init__(self, selection, n_out):
+        self.n_out = n_out
+        self.eval = jax.jit(jax.vmap(selection))
+        self.memo: dict[bytes, dict] = {}
+        self.rng = np.random.default_rng(0)
+
+    def cells(self, weights: list[np.ndarray]) -> list[dict]:
+        """For each weight vector: ``{signature: (probability, u_midpoint)}`` per distinct output."""
+        todo = [w for w in {w.tobytes(): w for w in weights}.values() if w.tobytes() not in self.memo]
+        if todo:
+            for w, res in zip(todo, self._search(todo), strict=True):
+                self.memo[w.tobytes()] = res
+        return [self.memo[w.tobytes()] for w in weights]
+
+    def _signatures(self, us: np.ndarray, ws: np.ndarray) -> list[bytes]:
+        size = 1 << max(0, int(len(us) - 1).bit_length())  # pad: few distinct compiled shapes
+        pad = size - len(us)
+        us_p = np.concatenate([us, np.repeat(us[:1], pad, 0)])
+        ws_p = np.concatenate([ws, np.repeat(ws[:1], pad, 0)])
+        anc, lw = self.eval(jnp.asarray(us_p), jnp.asarray(ws_p))
+        anc, lw = np.asarray(anc)[: len(us)], np.asarray(lw)[: len(us)]
+        if anc.shape[1:] != (self.n_out,) or lw.shape[1:] != (self.n_out,):
+            raise EnumerationError(
+                f"a selection must return (ancestors: i32[{self.n_out}], log_weights: f32[{self.n_out}]); "
+                f"got shapes {anc.shape[1:]} and {lw.shape[1:]}"
+            )
+        return [a.astype(np.int64).tobytes() + b.astype(np.float64).tobytes() for a, b in zip(anc, lw, strict=True)]
+
+    def _search(self, weights):
+        n = self.n_out
+        # Boxes: (weight index, lows [n], highs [n]); coordinates ≥ level are still [0, 1).
+        boxes = [(i, np.zeros(n), np.ones(n)) for i in range(len(weights))]
+        for level in range(n):
+            boxes = self._split(boxes, weights, level)
+        mids = np.stack([(lo + hi) / 2 for _, lo, hi in boxes])
+        ws = np.stack([weights[i] for i, _, _ in boxes])
+        sigs = self._signatures(mids, ws)
+        # Every box must be constant: test random interior points against its midpoint.
+        for _ in range(2):
+            pts = np.stack([lo + (hi - lo) * self.rng.uniform(0.05, 0.95, n) for _, lo, hi in boxes])
+            if self._signatures(pts, ws) != sigs:
+                raise EnumerationError(
+                    "the selection is not piecewise constant on boxes found coordinate by coordinate "
+                    "(check_exact cannot enumerate it)"
+                )
+        results = [dict() for _ in weights]
+        for (i, lo, hi), sig, mid in zip(boxes, sigs, mids, strict=True):
+            vol = float(np.prod(hi - lo))
+            prev = results[i].get(sig)
+            results[i][sig] = (vol + (prev[0] if prev else 0.0), mid if prev is None else prev[1])
+        return results
+
+    def _split(self, boxes, weights, level):
+        grid = np.concatenate([[0.0], (np.arange(_GRID) + 0.5) / _GRID, [np.nextafter(1.0, 0.0)]])
+
+        def points(box, xs):
+            _, lo, hi = box
+            base = (lo + hi) / 2
+            base[level + 1:] = 0.5
+            u = np.repeat(base[None], len(xs), 0)
+            u[:, level] = xs
+            return u
+
+        us = np.concatenate([points(b, grid) for b in boxes])
+        ws = np.repeat(np.stack([weights[i] for i, _, _ in boxes]), len(grid), 0)
+        sigs = self._signatures(us, ws)
+        g = len(grid)
+        pending = []  # (box index, lo, hi, sig_lo, sig_hi)
+        for bi in range(len(boxes)):
+            s = sigs[bi * g:(bi + 1) * g]
+            pending += [(bi, grid[j], grid[j + 1], s[j], s[j + 1]) for j in range(g - 1) if s[j] != s[j + 1]]
+        cuts: list[list[float]] = [[] for _ in boxes]
+        while pending:
+            done = [p for p in pending if p[2] - p[1] < _TOL]
+            for bi, lo, hi, _, _ in done:
+                cuts[bi].append((lo + hi) / 2)
+            pending = [p for p in pending if p[2] - p[1] >= _TOL]
+            if not pending:
+                break
+            mids = np.array([(lo + hi) / 2 for _, lo, hi, _, _ in pending])
+            us = np.concatenate([points(boxes[p[0]], mids[j:j + 1]) for j, p in enumerate(pending)])
+            ws = np.stack([weights[boxes[p[0]][0]] for p in pending])
+            msigs = self._signatures(us, ws)
+            nxt = []
+            for (bi, lo, hi, slo, shi), mid, sm in zip(pending, mids, msigs, strict=True):
+                if sm != slo:
+                    nxt.append((bi, lo, mid, slo, sm))
+                if sm != shi:
+                    nxt.append((bi, mid, hi, sm, shi))
+            pending = nxt
+        out = []
+        for (i, lo, hi), cs in zip(boxes, cuts, strict=True):
+            edges = np.unique(np.concatenate([[0.0, 1.0], cs]))
+            for a, b in zip(edges[:-1], edges[1:], strict=True):
+                if b > a:
+                    lo2, hi2 = lo.copy(), hi.copy()
+                    lo2[level], hi2[level] = a, b
+                    out.append((i, lo2, hi2))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Node bookkeeping: a batch of noise prefixes with their log probabilities
+
+
+def _run(run, nodes):
+    noise = LoopNoise(
+        jax.tree.map(jnp.asarray, nodes["init"]),
+        StepNoise(jax.tree.map(jnp.asarray, nodes["steps"]), jnp.asarray(nodes["u"])),
+    )
+    return run(noise)
+
+
+def _count(nodes) -> int:
+    return len(nodes["logp"])
+
+
+def _count_values(values: dict, sites: dict, m: int) -> int:
+    leaves = jax.tree.leaves(values)
+    return leaves[0].shape[0] if leaves else 1
+
+
+def _take(nodes, idx):
+    return jax.tree.map(lambda x: np.array(np.asarray(x)[idx]), nodes)
+
+
+def _concat(parts_):
+    parts_ = [p for p in parts_ if len(p["logp"])]
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts_)
+
+
+def _alive(nodes) -> np.ndarray:
+    """Nodes of positive probability."""
+    return np.flatnonzero(np.isfinite(nodes["logp"]) & (nodes["logp"] > -745))
+
+
+def _prune(nodes):
+    return _take(nodes, _alive(nodes))
+
+
+def _budget(count: int) -> None:
+    if count > _MAX_RUNS:
+        raise EnumerationError(
+            f"exact enumeration needs {count} runs (limit {_MAX_RUNS}); use fewer particles, steps or "
+            "values per site"
+        )
