@@ -1,6 +1,10 @@
 """Reference semantics and the validity harness of ppinfer.
 
-- :func:`denote`: the exact unnormalised measure of a finite discrete program.
+- :func:`check_exact`: the exact expected output of the code :func:`ppinfer.infer` runs (SMC with
+  any selection, Steer, Importance; the CSMC kernel's invariance), on every value of its enumerated
+  randomness, against :func:`denote`.
+- :func:`denote`: the exact unnormalised measure of a finite discrete program, by an interpreter
+  (:mod:`semantics.interpret`) that shares no code with the algorithms.
 - :mod:`semantics.blocks`: each building block's validity criterion ``E[⟦T(p)⟧] = ⟦p⟧`` as an exact
   check (resampling, spawn, collapse, proposals, and SMC composed from them).
 - :mod:`semantics.stats`: statistical checks (unbiasedness of Ẑ, posterior means) with stated
@@ -19,6 +23,7 @@ from semantics.blocks import (
     exact_smc,
     resample_outcomes,
 )
+from semantics.check import ExactReport, check_exact, selection_outcomes
 from semantics.csmc import check_csmc_invariance, csmc_posterior, csmc_transition_matrix
 from semantics.denote import denote, measure_of
 from semantics.exact import hmm_forward, kalman_filter
@@ -28,10 +33,14 @@ from semantics.stats import (
     check_mean,
     check_unbiased_evidence,
     importance_log_evidence_replicates,
+    log_evidence_replicates,
     smc_log_evidence_replicates,
 )
 
 __all__ = [
+    "check_exact",
+    "ExactReport",
+    "selection_outcomes",
     "denote",
     "measure_of",
     "Measure",
@@ -52,5 +61,6 @@ __all__ = [
     "check_mean",
     "check_unbiased_evidence",
     "smc_log_evidence_replicates",
+    "log_evidence_replicates",
     "importance_log_evidence_replicates",
 ]

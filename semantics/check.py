@@ -60,6 +60,7 @@ __all__ = ["ExactReport", "check_exact", "selection_outcomes"]
 _GRID = 65
 _TOL = 1e-13
 _MAX_RUNS = 2_000_000
+_MAX_CUTS = 256
 
 
 @dataclass(frozen=True)
@@ -132,15 +133,21 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
     )
 
 
-def selection_outcomes(selection: Any, log_weights: Any, n_out: int | None = None) -> list[tuple[float, Any]]:
-    """The exact law of ``selection(u, log_weights)`` for ``u ~ U[0, 1)^{n_out}``: a list of
-    ``(probability, (ancestors, new_log_weights))`` with the outputs as tuples (module docstring)."""
+def selection_outcomes(
+    selection: Any, log_weights: Any, n_out: int | None = None
+) -> list[tuple[float, tuple[int, ...], tuple[float, ...]]]:
+    """The exact law of ``selection(u, log_weights)`` for ``u ~ U[0, 1)^{n_out}`` (found as in the
+    module docstring): a list of ``(probability, ancestors, new_log_weights)``."""
     lw = np.asarray(log_weights, np.float64)
     n_out = lw.shape[0] if n_out is None else n_out
     with jax.enable_x64(True):
-        finder = _CellFinder(selection, n_out)
-        cells = finder.cells([lw])[0]
-    return [(vol, sig) for sig, (vol, _) in cells.items()]
+        cells = _CellFinder(selection, n_out).cells([lw])[0]
+    out = []
+    for sig, (vol, _) in cells.items():
+        anc = np.frombuffer(sig[: 8 * n_out], np.int64)
+        new = np.frombuffer(sig[8 * n_out:], np.float64)
+        out.append((vol, tuple(int(a) for a in anc), tuple(float(w) for w in new)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +475,11 @@ class _CellFinder:
             pending = [p for p in pending if p[2] - p[1] >= _TOL]
             if not pending:
                 break
+            if len(pending) > _MAX_CUTS * len(boxes):
+                raise EnumerationError(
+                    f"the selection's output changes at more than {_MAX_CUTS} points of one uniform: it "
+                    "is not piecewise constant (check_exact cannot enumerate it)"
+                )
             mids = np.array([(lo + hi) / 2 for _, lo, hi, _, _ in pending])
             us = np.concatenate([points(boxes[p[0]], mids[j:j + 1]) for j, p in enumerate(pending)])
             ws = np.stack([weights[boxes[p[0]][0]] for p in pending])
@@ -495,11 +507,16 @@ class _CellFinder:
 
 
 def _run(run, nodes):
+    """The compiled loop on every node's noise; the batch is padded to a power of two so that the
+    vmapped loop compiles for a few batch sizes only."""
+    count = _count(nodes)
+    size = max(8, 1 << (count - 1).bit_length())
+    padded = _take(nodes, np.concatenate([np.arange(count), np.zeros(size - count, np.int64)]))
     noise = LoopNoise(
-        jax.tree.map(jnp.asarray, nodes["init"]),
-        StepNoise(jax.tree.map(jnp.asarray, nodes["steps"]), jnp.asarray(nodes["u"])),
+        jax.tree.map(jnp.asarray, padded["init"]),
+        StepNoise(jax.tree.map(jnp.asarray, padded["steps"]), jnp.asarray(padded["u"])),
     )
-    return run(noise)
+    return jax.tree.map(lambda x: np.asarray(x)[:count], run(noise))
 
 
 def _count(nodes) -> int:

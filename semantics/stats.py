@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import norm
 
-from ppinfer.algorithms.smc import smc_run
+from ppinfer.algorithms.smc import SMC, run_loop
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
@@ -25,6 +25,7 @@ __all__ = [
     "check_mean",
     "check_unbiased_evidence",
     "smc_log_evidence_replicates",
+    "log_evidence_replicates",
     "importance_log_evidence_replicates",
 ]
 
@@ -78,20 +79,30 @@ def smc_log_evidence_replicates(
     num_replicates: int,
     num_particles: int,
     key: int = 0,
-    resampling: str = "systematic",
+    resampling: Any = "systematic",
     ess_threshold: float = 0.5,
     proposal: Callable[..., Any] | None = None,
+    history: bool = True,
 ) -> np.ndarray:
-    """``f32[R]``: ``log Ẑ`` of ``R`` independent SMC runs (the real compiled core, vmapped)."""
-    num_steps = program.steps_for(args)
+    """``f32[R]``: ``log Ẑ`` of ``R`` independent runs of ``SMC(num_particles, resampling,
+    ess_threshold, proposal=proposal, history=history)`` (:func:`log_evidence_replicates`)."""
+    algorithm = SMC(num_particles, resampling, ess_threshold, proposal, history=history)
+    return log_evidence_replicates(program, args, num_replicates, algorithm, key)
+
+
+def log_evidence_replicates(
+    program: SequentialProgram, args: tuple, num_replicates: int, algorithm: Any, key: int = 0
+) -> np.ndarray:
+    """``f32[R]``: ``log Ẑ`` of ``R`` independent runs of ``algorithm`` (an SMC-family config with
+    ``.loop``: :class:`~ppinfer.SMC`, :class:`~ppinfer.Steer`) — the loop :func:`ppinfer.infer`
+    compiles for it (early exit, finished-particle masks, history setting, selection), vmapped over
+    keys."""
+    loop = algorithm.loop(program, args)
     args = _as_jax(args)
 
     @jax.jit
     def run(keys):
-        one = lambda k: smc_run(
-            k, program, args, num_particles, num_steps, resampling, ess_threshold, proposal
-        )["log_evidence"]
-        return jax.vmap(one)(keys)
+        return jax.vmap(lambda k: run_loop(k, program, args, loop)["log_evidence"])(keys)
 
     return np.asarray(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))
 

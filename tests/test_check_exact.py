@@ -1,0 +1,201 @@
+"""``semantics.check_exact`` runs the real inference loop on every value of its enumerated randomness.
+
+Valid configurations give max |E[output measure] − ⟦program⟧| at float64 round-off (bound 1e-10);
+each deliberately broken variant (a selection that ignores the weights, weights reset to −log N, a
+log Ẑ off by log N, an island selection that ignores the weights, a user selection that forgets to
+reweight) fails by orders of magnitude more. Exact: no false failures.
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from jax.scipy.special import logsumexp
+
+import ppinfer as pp
+from ppinfer.kernels.select import Grouped, Multinomial, Systematic
+from semantics import check_exact, selection_outcomes
+
+YS = jnp.array([0.3, 1.2])
+TOL = 1e-10
+BROKEN = 1e-3
+
+
+def _init(ys):
+    return pp.sample("z", dist.Bernoulli(0.6))
+
+
+def _step(z, t, ys):
+    x = pp.sample("x", dist.Bernoulli(jnp.where(z == 1, 0.7, 0.2)))
+    pp.observe("y", dist.Normal(1.0 * x, 1.0), ys[t])
+    return x
+
+
+def _step_stops(z, t, ys):
+    x = pp.sample("x", dist.Categorical(jnp.array([0.5, 0.3, 0.2])))
+    pp.factor("f", jnp.where(x == 2, -0.7, 0.1 * x + 0.2 * z))
+    pp.stop(x == 0)
+    return jnp.minimum(x, 1)
+
+
+def _step_never_stops(z, t, ys):
+    x = _step(z, t, ys)
+    pp.stop(False)  # forces the finished-particle masks and the early-exit loop
+    return x
+
+
+HMM = pp.sequential(_init, _step, lambda ys: len(ys))
+STOPS = pp.sequential(_init, _step_stops, 3)
+MASKED = pp.sequential(_init, _step_never_stops, lambda ys: len(ys))
+
+
+def _static(y):
+    a = pp.sample("a", dist.Bernoulli(0.3))
+    b = pp.sample("b", dist.Categorical(jnp.array([0.2, 0.5, 0.3])))
+    pp.observe("y", dist.Normal(a + 0.5 * b, 1.0), y)
+
+
+@dataclass(frozen=True)
+class Thinning:
+    """A user's valid selection with unequal weights: slot j keeps its own particle with
+    probability w_j / max w and then carries max w (else it is dropped)."""
+
+    reweight: bool = True
+
+    def __call__(self, u, log_weights):
+        top = jnp.max(log_weights)
+        keep = u < jnp.exp(log_weights - top)
+        new = top if self.reweight else log_weights
+        return jnp.arange(u.shape[0], dtype=jnp.int32), jnp.where(keep, new, -jnp.inf)
+
+
+@dataclass(frozen=True)
+class IgnoresWeights:
+    """Broken: ancestors uniform, whatever the weights."""
+
+    def __call__(self, u, log_weights):
+        n = u.shape[0]
+        anc = jnp.minimum(jnp.floor(u * log_weights.shape[0]), log_weights.shape[0] - 1).astype(jnp.int32)
+        return anc, jnp.full((n,), logsumexp(log_weights) - jnp.log(n))
+
+
+@dataclass(frozen=True)
+class ResetsWeights:
+    """Broken: systematic ancestors, but the new weights forget Ẑ (−log N each)."""
+
+    def __call__(self, u, log_weights):
+        anc, _ = Systematic()(u, log_weights)
+        return anc, jnp.full((u.shape[0],), -jnp.log(u.shape[0]))
+
+
+VALID = [
+    pytest.param(HMM, pp.SMC(2, resampling=s, ess_threshold=1.0), id=f"smc-{s}")
+    for s in ("systematic", "stratified", "multinomial", "residual")
+] + [
+    pytest.param(HMM, pp.SMC(2), id="smc-adaptive"),
+    pytest.param(HMM, pp.SMC(2, ess_threshold=1.0, history=False), id="smc-filter-scan"),
+    pytest.param(MASKED, pp.SMC(2, ess_threshold=1.0), id="smc-masks-early-exit"),
+    pytest.param(STOPS, pp.SMC(2, ess_threshold=1.0), id="smc-stopping"),
+    pytest.param(STOPS, pp.SMC(2, ess_threshold=1.0, history=False), id="smc-stopping-filter"),
+    pytest.param(HMM, pp.SMC(3, resampling="residual", ess_threshold=1.0), id="smc-residual-n3"),
+    pytest.param(HMM, pp.SMC(2, resampling=Thinning(), ess_threshold=1.0), id="user-selection"),
+    pytest.param(HMM, pp.SMC(4, resampling=Grouped(Systematic(), 2), ess_threshold=1.0), id="grouped"),
+    pytest.param(HMM, pp.Steer(2, 2), id="steer"),
+    pytest.param(HMM, pp.Importance(2), id="importance-sequential"),
+]
+
+
+@pytest.mark.parametrize("program, algorithm", VALID)
+def test_valid_algorithms_pass_exactly(program, algorithm):
+    report = check_exact(program, YS, algorithm=algorithm, tol=TOL)
+    assert report.ok, report
+    assert report.num_runs > 1
+    assert report.expected_evidence == pytest.approx(report.evidence, abs=TOL)
+
+
+def test_static_importance_and_csmc():
+    assert check_exact(_static, 0.4, algorithm=pp.Importance(2), tol=TOL).ok
+    report = check_exact(HMM, YS, algorithm=pp.ParticleGibbs(num_particles=2), tol=TOL)
+    assert report.ok, report
+
+
+BROKEN_SELECTIONS = [
+    pytest.param(IgnoresWeights(), id="ignores-weights"),
+    pytest.param(ResetsWeights(), id="resets-weights"),
+    pytest.param(Thinning(reweight=False), id="user-selection-not-reweighted"),
+    pytest.param(Grouped(IgnoresWeights(), 2), id="island-ignores-weights"),
+]
+
+
+@pytest.mark.parametrize("selection", BROKEN_SELECTIONS)
+def test_broken_selections_fail(selection):
+    n = 4 if isinstance(selection, Grouped) else 2
+    report = check_exact(HMM, YS, algorithm=pp.SMC(n, resampling=selection, ess_threshold=1.0))
+    assert not report.ok and report.max_abs_error > BROKEN, report
+
+
+def test_log_evidence_off_by_log_n_fails(monkeypatch):
+    import ppinfer.algorithms.smc as smc
+
+    report = check_exact(HMM, YS, algorithm=pp.SMC(2, ess_threshold=1.0))
+    assert report.ok
+    monkeypatch.setattr(smc, "log_evidence", lambda lw: logsumexp(lw) - jnp.log(lw.shape[0]))
+    report = check_exact(HMM, YS, algorithm=pp.SMC(2, ess_threshold=1.0))
+    assert not report.ok and report.evidence_error > BROKEN, report
+    assert report.measure_error < TOL  # the weights themselves are right: only Ẑ is off
+
+
+def test_selection_outcomes_are_the_exact_law():
+    lw = np.log([0.2, 0.3, 0.5])
+    law = selection_outcomes(Multinomial(), lw)
+    assert sum(p for p, _, _ in law) == pytest.approx(1.0, abs=1e-12)
+    assert len(law) == 27  # 3 independent draws of 3 values
+    # Systematic: positions u, u+1, u+2 against the cumulative sums (0.6, 1.5, 3.0).
+    sys_law = {anc: p for p, anc, _ in selection_outcomes(Systematic(), lw)}
+    expected = {(0, 1, 2): 0.5, (0, 2, 2): 0.1, (1, 2, 2): 0.4}
+    assert sys_law.keys() == expected.keys()
+    assert all(sys_law[a] == pytest.approx(p, abs=1e-12) for a, p in expected.items())
+
+
+def test_what_cannot_be_enumerated_is_an_enumeration_error():
+    def continuous(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    with pytest.raises(pp.EnumerationError, match="mu"):
+        check_exact(continuous, 0.3, algorithm=pp.Importance(2))
+    with pytest.raises(pp.EnumerationError, match="cannot enumerate"):
+        check_exact(HMM, YS, algorithm=pp.NUTS())
+
+    @dataclass(frozen=True)
+    class Smooth:
+        """Not piecewise constant: the new weights vary continuously with u."""
+
+        def __call__(self, u, log_weights):
+            return jnp.zeros(u.shape[0], jnp.int32), log_weights[0] + jnp.log(u)
+
+    with pytest.raises(pp.EnumerationError, match="piecewise constant"):
+        check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=Smooth(), ess_threshold=1.0))
+
+
+def test_a_broken_kernel_step_fails(monkeypatch):
+    # check_exact runs the kernel step pp.infer runs: children that keep their parent's whole weight
+    # (extend without the −log K) double-count the mass of Steer's extensions.
+    import ppinfer.kernels.smc as kernel
+    from ppinfer.population import Population
+    from ppinfer.suspended import Particle
+
+    def extend_without_split(pop, k):
+        n = pop.num_particles
+        particles = kernel.gather(pop.particles, jnp.repeat(jnp.arange(n), k))
+        lw = jnp.repeat(pop.log_weights, k)
+        first = (jnp.arange(n * k) % k) == 0
+        lw = jnp.where(particles.done, jnp.where(first, lw, -jnp.inf), lw)
+        return Population(Particle(particles.state, particles.done), lw)
+
+    monkeypatch.setattr(kernel, "extend", extend_without_split)
+    report = check_exact(HMM, YS, algorithm=pp.Steer(2, 2))
+    assert not report.ok and report.max_abs_error > BROKEN, report
