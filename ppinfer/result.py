@@ -152,6 +152,24 @@ class Result:
     def std(self, name: str) -> jax.Array:
         return jnp.sqrt(self.var(name))
 
+    def filtering_mean(self, name: str) -> jax.Array:
+        """``[T, …]``: the filtering mean ``E[x_t | y_{0:t}]`` of step site ``name`` at every step,
+        from the weighted particles right after step ``t``'s reweighting (before its resampling)
+        — every step's filtering approximation from one SMC run (``history=True``), not only the
+        last. Particles that had already finished at step ``t`` are left out of step ``t``."""
+        from ppinfer.errors import ConfigError
+
+        records = self.extras.get("filtering") if isinstance(self.extras, dict) else None
+        if records is None or name not in records["choices"]:
+            raise ConfigError(
+                f"no filtering records of step site {name!r}: they come from SMC/Steer with history=True"
+            )
+        lw = jnp.where(records["active"], records["log_weights"], -jnp.inf)
+        w = jnp.exp(lw - jax.scipy.special.logsumexp(lw, axis=1, keepdims=True))
+        x = records["choices"][name]
+        w = w.reshape(w.shape + (1,) * (x.ndim - 2)).astype(jnp.result_type(float))
+        return jnp.sum(w * x, axis=1)
+
     def sample(
         self, num_samples: int | None = None, key: int | jax.Array = 0
     ) -> dict[str, jax.Array]:

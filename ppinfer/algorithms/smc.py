@@ -177,7 +177,8 @@ def run_sequential(
         ancestors=out["ancestors"] if k == 1 else out["ancestors"] // k,
         wall_time=time.perf_counter() - t0,
         extras=DeferredExtras(
-            {"site_kinds": site_kinds, **more}, {"active": Deferred(lambda: traced()["active"])}
+            {"site_kinds": site_kinds, "filtering": out["filtering"], **more},
+            {"active": Deferred(lambda: traced()["active"])},
         ),
         **common,
     )
@@ -274,7 +275,9 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
       :func:`~ppinfer.kernels.smc.trace_genealogy`) and either the genealogy-traced
       ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]`` and ``active: bool[N, T]``
       (``genealogy``) or the untraced ``init_choices`` and ``history = {"choices": [T, M, …],
-      "active": bool[T, M]}`` for :func:`trace_history`;
+      "active": bool[T, M]}`` for :func:`trace_history`; and ``filtering``: each step's choices,
+      pre-selection ``log_weights: f32[T, M]`` and ``active`` — the filtering approximation of
+      every step from one run;
     - without: ``final_choices`` (each particle's latest step choices ``[N, …]``) and
       ``init_choices`` carried through the selections.
 
@@ -340,7 +343,7 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         record["nan"] = info.nan_sites
         if loop.history:
             # A program that cannot stop is active everywhere: nothing to record.
-            record.update(choices=info.choices, ancestors=info.ancestors)
+            record.update(choices=info.choices, ancestors=info.ancestors, weights=info.log_weights)
             record["active"] = info.active if may_stop else None
         if loop.record is not None:
             record["extra"] = loop.record(state, info)
@@ -395,7 +398,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         traced = trace_history(ancestors, init_info.choices, history, k)
     else:
         traced = {"init_choices": init_info.choices, "history": history}
-    return {**out, **traced, "ancestors": ancestors}
+    filtering = {"choices": choices, "log_weights": records["weights"], "active": active}
+    return {**out, **traced, "ancestors": ancestors, "filtering": filtering}
 
 
 def smc_run(
