@@ -24,7 +24,7 @@ How the randomness is enumerated (stated assumptions):
   ``numpyro.prng_key()``) is not enumerated.
 - **Selections.** The check reads nothing of a selection but its outputs: for each weight vector
   it meets, it locates the points where ``select(u, log_weights)`` changes along each coordinate of
-  ``u`` (a grid of 65 points, then bisection to 1e-13), coordinate after coordinate with the earlier
+  ``u`` (a grid of 65 points, then bisection down to adjacent floats), coordinate after coordinate with the earlier
   ones fixed in their cell and the later ones at 0.5, and then tests every resulting box at random
   interior points; a selection that is not piecewise constant on such boxes raises
   :class:`~ppinfer.errors.EnumerationError`. Two changes of the output within one grid interval
@@ -58,7 +58,6 @@ from semantics.measure import Measure, outcome_key
 __all__ = ["ExactReport", "check_exact", "selection_outcomes"]
 
 _GRID = 65
-_TOL = 1e-13
 _MAX_RUNS = 2_000_000
 _MAX_CUTS = 256
 
@@ -398,7 +397,7 @@ class _CellFinder:
 
     def __init__(self, selection, n_out):
         self.n_out = n_out
-        self.eval = jax.jit(jax.vmap(selection))
+        self.eval = _batched(selection)
         self.memo: dict[bytes, dict] = {}
         self.rng = np.random.default_rng(0)
 
@@ -430,12 +429,12 @@ class _CellFinder:
         boxes = [(i, np.zeros(n), np.ones(n)) for i in range(len(weights))]
         for level in range(n):
             boxes = self._split(boxes, weights, level)
-        mids = np.stack([(lo + hi) / 2 for _, lo, hi in boxes])
+        mids = np.stack([_inside(lo, hi, 0.5) for _, lo, hi in boxes])
         ws = np.stack([weights[i] for i, _, _ in boxes])
         sigs = self._signatures(mids, ws)
         # Every box must be constant: test random interior points against its midpoint.
         for _ in range(2):
-            pts = np.stack([lo + (hi - lo) * self.rng.uniform(0.05, 0.95, n) for _, lo, hi in boxes])
+            pts = np.stack([_inside(lo, hi, self.rng.uniform(0.05, 0.95, n)) for _, lo, hi in boxes])
             if self._signatures(pts, ws) != sigs:
                 raise EnumerationError(
                     "the selection is not piecewise constant on boxes found coordinate by coordinate "
@@ -453,7 +452,7 @@ class _CellFinder:
 
         def points(box, xs):
             _, lo, hi = box
-            base = (lo + hi) / 2
+            base = _inside(lo, hi, 0.5)
             base[level + 1:] = 0.5
             u = np.repeat(base[None], len(xs), 0)
             u[:, level] = xs
@@ -469,10 +468,12 @@ class _CellFinder:
             pending += [(bi, grid[j], grid[j + 1], s[j], s[j + 1]) for j in range(g - 1) if s[j] != s[j + 1]]
         cuts: list[list[float]] = [[] for _ in boxes]
         while pending:
-            done = [p for p in pending if p[2] - p[1] < _TOL]
-            for bi, lo, hi, _, _ in done:
-                cuts[bi].append((lo + hi) / 2)
-            pending = [p for p in pending if p[2] - p[1] >= _TOL]
+            # Bisect to adjacent floats: the cut is the first float with the new output, so every
+            # cell [a, b) found is exactly constant (two changes 1e-16 apart are two cuts).
+            done = [p for p in pending if (p[1] + p[2]) / 2 in (p[1], p[2])]
+            for bi, _, hi, _, _ in done:
+                cuts[bi].append(hi)
+            pending = [p for p in pending if (p[1] + p[2]) / 2 not in (p[1], p[2])]
             if not pending:
                 break
             if len(pending) > _MAX_CUTS * len(boxes):
@@ -500,6 +501,24 @@ class _CellFinder:
                     lo2[level], hi2[level] = a, b
                     out.append((i, lo2, hi2))
         return out
+
+
+def _batched(selection):
+    """``jit(vmap(selection))``, one per hashable selection (compiled once per batch size)."""
+    try:
+        return _BATCHED.setdefault(selection, jax.jit(jax.vmap(selection)))
+    except TypeError:  # an unhashable selection: compiled for this check only
+        return jax.jit(jax.vmap(selection))
+
+
+_BATCHED: dict = {}
+
+
+def _inside(lo: np.ndarray, hi: np.ndarray, r: Any) -> np.ndarray:
+    """The point ``lo + r (hi − lo)`` of the box ``[lo, hi)``, kept inside it (a cell one float
+    wide has no interior float but ``lo``)."""
+    x = lo + (hi - lo) * r
+    return np.where(x >= hi, lo, x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from ppinfer._compile import cached_jit, split_args
 from ppinfer.algorithms.rescore import log_joint
 from ppinfer.algorithms.smc import sample_names
 from ppinfer.errors import ConfigError, ModelError, ZeroEvidenceError
+from ppinfer.kernels.mh import accept
 from ppinfer.mcmc.algorithm import MCMCResult
 from ppinfer.mcmc.base import Kernel
 from ppinfer.population import Population, ess, gather
@@ -449,10 +450,8 @@ def _chain(cfg: ParticleGibbs, key, program, args, num_steps, sites, space):
             k_prop, k_acc = jax.random.split(k)
             u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape, u.dtype)
             lp_new = log_target(u_new, ref)
-            log_alpha = jnp.where(jnp.isnan(lp_new), -jnp.inf, lp_new - lp)
-            accept = jnp.log(jax.random.uniform(k_acc, dtype=lp.dtype)) < log_alpha
-            rate = rate + jnp.exp(jnp.minimum(log_alpha, 0.0)) / cfg.theta_moves
-            return (jnp.where(accept, u_new, u), jnp.where(accept, lp_new, lp), rate), accept
+            (u, lp), info = accept(k_acc, lp_new - lp, (u_new, lp_new), (u, lp))
+            return (u, lp, rate + info.acceptance_rate / cfg.theta_moves), info.accepted
 
         (u, _, rate), accepted = jax.lax.scan(
             move, (u, lp, jnp.zeros(())), jax.random.split(key, cfg.theta_moves)

@@ -31,6 +31,7 @@ from numpyro import handlers
 from ppinfer import checks
 from ppinfer.algorithms.smc import smc_run
 from ppinfer.errors import ConfigError
+from ppinfer.kernels.mh import accept
 from ppinfer.mcmc.algorithm import MCMCResult
 from ppinfer.program import SequentialProgram, is_sequential, sequential
 from ppinfer.resample import check_scheme
@@ -125,13 +126,10 @@ class PMMH:
             k_prop, k_smc, k_acc = jax.random.split(k, 3)
             u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape)
             lp_new = log_prior(u_new) + log_z(k_smc, u_new)
-            log_alpha = jnp.where(jnp.isnan(lp_new), -jnp.inf, lp_new - lp)
-            accept = jnp.log(jax.random.uniform(k_acc)) < log_alpha
-            u, lp = jnp.where(accept, u_new, u), jnp.where(accept, lp_new, lp)
+            (u, lp), info = accept(k_acc, lp_new - lp, (u_new, lp_new), (u, lp))
             warm = i < self.num_warmup
-            rate = jnp.exp(jnp.minimum(log_alpha, 0.0))
-            log_step = jnp.where(warm, log_step + (rate - 0.25) / jnp.sqrt(i + 1.0), log_step)
-            accepted = accepted + jnp.where(warm, 0, accept.astype(jnp.int32))
+            log_step = jnp.where(warm, log_step + (info.acceptance_rate - 0.25) / jnp.sqrt(i + 1.0), log_step)
+            accepted = accepted + jnp.where(warm, 0, info.accepted.astype(jnp.int32))
             return (u, lp, log_step, accepted), u
 
         init = (u0, lp0, jnp.log(jnp.asarray(self.step_size, u0.dtype)), jnp.zeros((), jnp.int32))

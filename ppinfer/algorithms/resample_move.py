@@ -48,6 +48,7 @@ from ppinfer._compile import cached_jit, split_args
 from ppinfer.algorithms.rescore import constrain, init_supports, log_joint, unconstrain
 from ppinfer.algorithms.smc import sample_names
 from ppinfer.errors import ConfigError, ModelError
+from ppinfer.kernels.mh import accept
 from ppinfer.population import Population, ess, gather, log_evidence
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import ancestors_from_uniforms, check_scheme, uniforms_shape
@@ -270,15 +271,9 @@ def rw_move(key, program, args, inits, hist, t, transforms, num_moves, state):
             k1, k2 = jax.random.split(km)
             v_new = v + scale * jax.random.normal(k1, v.shape, v.dtype)
             lp_new, st_new, values = target(v_new, inits_i, hist_i)
-            ok = jnp.log(jax.random.uniform(k2, dtype=lp.dtype)) < lp_new - lp
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-            return (
-                pick(v_new, v),
-                jnp.where(ok, lp_new, lp),
-                pick({**inits_i, **values}, inits_i),
-                pick(st_new, state_i),
-                acc + ok,
-            ), None
+            proposed = (v_new, lp_new, {**inits_i, **values}, st_new)
+            (v, lp, inits_i, state_i), info = accept(k2, lp_new - lp, proposed, (v, lp, inits_i, state_i))
+            return (v, lp, inits_i, state_i, acc + info.accepted), None
 
         carry = (v, lp, inits_i, state_i, jnp.zeros(()))
         (v, lp, inits_i, state_i, acc), _ = jax.lax.scan(move, carry, jax.random.split(k, num_moves))
@@ -351,11 +346,10 @@ def regenerate_suffix(key, program, args, proposal, inits, hist, state, done, t,
     init_done = jnp.zeros((n,), bool)
     carry = (state0, init_done, state0, init_done, hist["choices"], hist["active"], zeros, zeros)
     new_st, new_dn, _, _, choices, active, log_new, log_old = jax.lax.fori_loop(0, t + 1, body, carry)
-    log_alpha = jnp.where(jnp.isnan(log_new - log_old), -jnp.inf, log_new - log_old)
-    ok = jnp.log(jax.random.uniform(k_accept, (n,))) < log_alpha
-    pick = lambda a, b: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - 1)), a, b)
-    hist = {"choices": jax.tree.map(pick, choices, hist["choices"]), "active": pick(active, hist["active"])}
-    return hist, jax.tree.map(pick, new_st, state), pick(new_dn, done), jnp.mean(ok)
+    proposed = ({"choices": choices, "active": active}, new_st, new_dn)
+    current = ({"choices": hist["choices"], "active": hist["active"]}, state, done)
+    (hist, state, done), info = accept(k_accept, log_new - log_old, proposed, current)
+    return hist, state, done, jnp.mean(info.accepted)
 
 
 def _check_program(

@@ -40,6 +40,7 @@ from numpyro.distributions import biject_to
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer.errors import ConfigError, ModelError
+from ppinfer.kernels.mh import accept
 from ppinfer.population import Population, ess, log_evidence
 from ppinfer.program import is_sequential
 from ppinfer.resample import resample
@@ -231,8 +232,8 @@ def _rw_moves(key, flat, log_target: Callable, num_moves: int, lp: jax.Array | N
         k1, k2 = jax.random.split(k)
         prop = flat + scale * jax.random.normal(k1, flat.shape, flat.dtype)
         lp_new = jax.vmap(log_target)(prop)
-        ok = jnp.log(jax.random.uniform(k2, (n,), flat.dtype)) < lp_new - lp
-        return (jnp.where(ok[:, None], prop, flat), jnp.where(ok, lp_new, lp)), jnp.mean(ok)
+        (flat, lp), info = accept(k2, lp_new - lp, (prop, lp_new), (flat, lp))
+        return (flat, lp), jnp.mean(info.accepted)
 
     (flat, _), rates = jax.lax.scan(move, (flat, lp), jax.random.split(key, num_moves))
     return flat, jnp.mean(rates)

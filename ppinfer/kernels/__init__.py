@@ -2,9 +2,12 @@
 
 - :mod:`ppinfer.kernels.select`: selections (resampling schemes) as pure functions of uniforms.
 - :mod:`ppinfer.kernels.smc`: the one SMC step (extend → advance → select) and its loop helpers.
+- :mod:`ppinfer.kernels.mh`: the one Metropolis–Hastings accept rule (:func:`~ppinfer.kernels.mh.accept`)
+  and the :class:`~ppinfer.kernels.mh.Kernel` type ``(key, state) -> (state, info)``.
 """
 
-from ppinfer.kernels import select, smc
+from ppinfer.kernels import mh, select, smc
+from ppinfer.kernels.mh import Kernel, MHInfo, accept
 from ppinfer.kernels.select import (
     Adaptive,
     FearnheadClifford,
@@ -18,8 +21,12 @@ from ppinfer.kernels.select import (
 )
 
 __all__ = [
+    "mh",
     "select",
     "smc",
+    "Kernel",
+    "MHInfo",
+    "accept",
     "Selection",
     "Multinomial",
     "Stratified",

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ppinfer.errors import ConfigError
 from ppinfer.kernels.select import draw_uniforms, parts
 from ppinfer.population import Population, ess, gather, log_evidence
 from ppinfer.suspended import Particle, Sequential, advance, start
@@ -177,7 +178,7 @@ def step(
 
     def select(operand):
         particles, carried = operand
-        ancestors, new_log_weights = base(u, log_weights)
+        ancestors, new_log_weights = _checked(base(u, log_weights), n, log_weights.dtype)
         moved = _gather(sharding, base, (particles, carried), ancestors)
         return moved, new_log_weights, ancestors
 
@@ -268,6 +269,20 @@ def trace_genealogy(ancestors: jax.Array, history: Any, extensions: int = 1) -> 
 
     init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """A selection's output as ``(i32[n], dtype[n])``, or a clear error naming what it returned."""
+    try:
+        ancestors, new_log_weights = out
+        ok = jnp.shape(ancestors) == (n,) and jnp.shape(new_log_weights) == (n,)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"a selection must return (ancestors: i32[{n}], log_weights: f32[{n}]); got {out!r}"
+        )
+    return jnp.asarray(ancestors).astype(jnp.int32), jnp.asarray(new_log_weights).astype(dtype)
 
 
 def _gather(sharding, selection, tree, ancestors):

@@ -7,15 +7,16 @@ A :class:`Kernel` is a triple of pure, jit/vmap-able functions (BlackJAX's ``ini
     sample = position(state, args)                # site name → value, for the recorded draws
 
 ``args`` are the program's arguments (traced arrays under jit); ``functools.partial(step,
-args=args)`` is the BlackJAX form ``kernel(key, state) -> (state, info)``. A kernel *factory* (e.g.
+args=args)`` is the BlackJAX form ``kernel(key, state) -> (state, info)``
+(:class:`ppinfer.kernels.mh.Kernel`). A kernel *factory* (e.g.
 :class:`~ppinfer.mcmc.Regenerate`, :class:`~ppinfer.mcmc.NUTS`) builds a kernel for a program with
 ``build(program, num_warmup) -> Kernel``; :class:`~ppinfer.mcmc.MCMC` takes a factory.
 
 MH kernels are built from a *proposal step* ``propose(key, trace, args) -> (new_trace, log_alpha)``
 whose randomness is all in DSL ``sample`` sites and whose ``log_alpha`` is the exact log MH
 acceptance ratio ``log [π(x') q(x | x') / (π(x) q(x' | x))]``. :func:`mh_step` adds the
-accept/reject uniform. Exposing ``propose`` lets ``semantics.mcmc`` enumerate a kernel's transition
-matrix exactly.
+accept/reject step (:func:`ppinfer.kernels.mh.accept`). Exposing ``propose`` lets ``semantics.mcmc``
+enumerate a kernel's transition matrix exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ppinfer.errors import ConfigError
+from ppinfer.kernels.mh import MHInfo, accept
 from ppinfer.traced import Trace, generate
 
 __all__ = ["Kernel", "MHState", "MHInfo", "mh_step", "mh_kernel", "init_trace", "cycle"]
@@ -58,25 +60,14 @@ class MHState(NamedTuple):
     trace: Trace
 
 
-class MHInfo(NamedTuple):
-    """``accepted: bool[]``; ``acceptance_probability: f32[] = min(1, exp(log_alpha))``;
-    ``log_alpha: f32[]`` the log acceptance ratio (−inf where it was NaN)."""
-
-    accepted: jax.Array
-    acceptance_probability: jax.Array
-    log_alpha: jax.Array
-
-
 def mh_step(key: jax.Array, state: MHState, args: tuple, propose: Propose) -> tuple[MHState, MHInfo]:
-    """One MH transition: propose, then accept with probability ``min(1, exp(log_alpha))``. A NaN
-    ratio (e.g. ``−inf − (−inf)``) rejects."""
+    """One MH transition: propose, then accept with probability ``min(1, exp(log_alpha))``
+    (:func:`~ppinfer.kernels.mh.accept`; a NaN ratio, e.g. ``−inf − (−inf)``, rejects). The info is
+    :class:`~ppinfer.kernels.mh.MHInfo`."""
     k_prop, k_acc = jax.random.split(key)
     new, log_alpha = propose(k_prop, state.trace, args)
-    log_alpha = jnp.where(jnp.isnan(log_alpha), -jnp.inf, log_alpha)
-    accepted = jnp.log(jax.random.uniform(k_acc, dtype=log_alpha.dtype)) < log_alpha
-    trace = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, state.trace)
-    prob = jnp.exp(jnp.minimum(log_alpha, 0.0))
-    return MHState(trace), MHInfo(accepted, prob, log_alpha)
+    trace, info = accept(k_acc, log_alpha, new, state.trace)
+    return MHState(trace), info
 
 
 def mh_kernel(program: Callable[..., Any], propose: Propose) -> Kernel:

@@ -65,6 +65,7 @@ from ppinfer import checks
 from ppinfer._compile import cached_jit, check_data
 from ppinfer.algorithms.rescore import constrain, unconstrain
 from ppinfer.errors import ConfigError, DataError, ModelError
+from ppinfer.kernels.mh import accept
 from ppinfer.population import Population, ess
 from ppinfer.program import is_sequential
 from ppinfer.resample import resample
@@ -537,9 +538,8 @@ def _rw_moves(key, flat, log_target: Callable, num_moves: int):
         prop = jnp.where(independent, mean + z @ chol.T, flat + z @ rw.T)
         lp_new = jax.vmap(log_target)(prop)
         correction = jnp.where(independent, log_q(flat) - log_q(prop), 0.0)
-        ratio = lp_new - lp + correction
-        ok = jnp.log(jax.random.uniform(k2, (n,), flat.dtype)) < jnp.where(jnp.isnan(ratio), -jnp.inf, ratio)
-        return (jnp.where(ok[:, None], prop, flat), jnp.where(ok, lp_new, lp)), jnp.mean(ok)
+        (flat, lp), info = accept(k2, lp_new - lp + correction, (prop, lp_new), (flat, lp))
+        return (flat, lp), jnp.mean(info.accepted)
 
     xs = (jax.random.split(key, num_moves), jnp.arange(num_moves))
     (flat, _), rates = jax.lax.scan(move, (flat, lp), xs)

@@ -1,0 +1,125 @@
+"""Selections (ppinfer.kernels.select): each is valid exactly, from its outputs alone.
+
+Validity: for u ~ U[0,1)^{n_out}, E[Σ_j exp(w'_j) δ(a_j)] = Σ_i exp(w_i) δ(i). The law of the
+outputs comes from ``semantics.selection_outcomes`` (breakpoints found by bisection on the real
+function), so the check is exact up to float64 round-off (bound 1e-10: no false failures).
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import ppinfer as pp
+from ppinfer.kernels.select import (
+    Adaptive,
+    FearnheadClifford,
+    Grouped,
+    Multinomial,
+    Residual,
+    Stratified,
+    Systematic,
+    as_selection,
+    draw_uniforms,
+)
+from semantics import selection_outcomes
+
+WEIGHTS = [
+    np.log([0.1, 0.2, 0.3, 0.4]),
+    np.log([0.7, 0.1, 0.1, 0.1]),
+    np.array([0.0, -np.inf, -1.0, -0.3]),
+]
+
+
+def expected_measure_error(selection, lw, n_out=None):
+    masses = np.zeros(len(lw))
+    for p, anc, new in selection_outcomes(selection, lw, n_out):
+        for a, w in zip(anc, new, strict=True):
+            masses[a] += p * np.exp(w)
+    return np.max(np.abs(masses - np.exp(lw)))
+
+
+SELECTIONS = [
+    pytest.param(Multinomial(), id="multinomial"),
+    pytest.param(Stratified(), id="stratified"),
+    pytest.param(Systematic(), id="systematic"),
+    pytest.param(Residual(), id="residual"),
+    pytest.param(Adaptive(Systematic(), 0.9), id="adaptive"),
+    pytest.param(Grouped(Stratified(), 2), id="grouped"),
+    pytest.param(FearnheadClifford("systematic"), id="fearnhead-clifford"),
+    pytest.param(FearnheadClifford("stratified"), id="fearnhead-clifford-stratified"),
+]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("index", range(len(WEIGHTS)))
+def test_every_selection_is_valid_exactly(selection, index):
+    assert expected_measure_error(selection, WEIGHTS[index]) < 1e-10
+
+
+def test_selections_with_fewer_slots_are_valid():
+    for selection in (Multinomial(), Stratified(), Systematic(), Residual(), FearnheadClifford()):
+        assert expected_measure_error(selection, WEIGHTS[0], 3) < 1e-10
+
+
+def test_a_selection_that_ignores_the_weights_is_invalid():
+    @dataclass(frozen=True)
+    class Uniform:
+        def __call__(self, u, lw):
+            anc = jnp.minimum(jnp.floor(u * lw.shape[0]), lw.shape[0] - 1).astype(jnp.int32)
+            return anc, jnp.full(u.shape, jax.scipy.special.logsumexp(lw) - jnp.log(u.shape[0]))
+
+    assert expected_measure_error(Uniform(), WEIGHTS[0]) > 0.05
+
+
+def test_zero_weight_particles_are_never_selected_and_dead_populations_give_no_nan():
+    for selection in (Multinomial(), Stratified(), Systematic(), Residual(), FearnheadClifford()):
+        for _, anc, new in selection_outcomes(selection, WEIGHTS[2]):
+            assert all(w == -np.inf for a, w in zip(anc, new, strict=True) if a == 1)
+        anc, lw = selection(jnp.full(4, 0.5), jnp.full(4, -jnp.inf))
+        assert np.all(np.asarray(anc) >= 0) and not np.any(np.isnan(np.asarray(lw)))
+
+
+def test_systematic_draws_one_uniform_and_adaptive_triggers_on_ess():
+    u = np.asarray(draw_uniforms(Systematic(), jax.random.PRNGKey(0), 5, jnp.float32))
+    assert u.shape == (5,) and np.all(u == u[0])
+    even = jnp.zeros(4)
+    assert not bool(Adaptive(Systematic(), 0.5).trigger(even))
+    assert bool(Adaptive(Systematic(), 0.5).trigger(jnp.array([0.0, -9.0, -9.0, -9.0])))
+    anc, lw = Adaptive(Systematic(), 0.5)(jnp.full(4, 0.3), even)
+    assert np.array_equal(np.asarray(anc), np.arange(4)) and np.array_equal(np.asarray(lw), np.zeros(4))
+
+
+def test_as_selection_names_and_errors():
+    assert as_selection("stratified") == Stratified()
+    assert as_selection("systematic", 0.5) == Adaptive(Systematic(), 0.5)
+    with pytest.raises(pp.ConfigError, match="unknown resampling scheme"):
+        as_selection("nope")
+    with pytest.raises(pp.ConfigError, match="selection"):
+        pp.SMC(8, resampling=3)
+
+
+def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
+    def init():
+        return pp.sample("x", dist.Normal(0.0, 1.0))
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), 0.5)
+        return x
+
+    prog = pp.sequential(init, step, 4)
+    a = pp.infer(prog, algorithm=pp.SMC(64, resampling="stratified"), key=2)
+    b = pp.infer(prog, algorithm=pp.SMC(64, resampling=Stratified()), key=2)
+    assert np.array_equal(np.asarray(a.log_weights), np.asarray(b.log_weights))
+
+    @dataclass(frozen=True)
+    class WrongShape:
+        def __call__(self, u, lw):
+            return jnp.zeros(3, jnp.int32), lw
+
+    with pytest.raises(pp.ConfigError, match="a selection must return"):
+        pp.infer(prog, algorithm=pp.SMC(8, resampling=WrongShape()), key=0)
