@@ -24,8 +24,8 @@ How the randomness is enumerated (stated assumptions):
   ``numpyro.prng_key()``) is not enumerated.
 - **Selections.** The check reads nothing of a selection but its outputs: for each weight vector
   it meets, it locates the points where ``select(u, log_weights)`` changes along each coordinate of
-  ``u`` (a grid of 65 points, then bisection down to adjacent floats), coordinate after coordinate with the earlier
-  ones fixed in their cell and the later ones at 0.5, and then tests every resulting box at random
+  ``u`` (a grid of 65 points, then bisection down to adjacent floats), coordinate after coordinate
+  with the earlier ones fixed in their cell and the later ones at 0.5, and tests every resulting box at random
   interior points; a selection that is not piecewise constant on such boxes raises
   :class:`~ppinfer.errors.EnumerationError`. Two changes of the output within one grid interval
   that return to the same output are not seen.
@@ -421,7 +421,8 @@ class _CellFinder:
                 f"a selection must return (ancestors: i32[{self.n_out}], log_weights: f32[{self.n_out}]); "
                 f"got shapes {anc.shape[1:]} and {lw.shape[1:]}"
             )
-        return [a.astype(np.int64).tobytes() + b.astype(np.float64).tobytes() for a, b in zip(anc, lw, strict=True)]
+        pairs = zip(anc.astype(np.int64), lw.astype(np.float64), strict=True)
+        return [a.tobytes() + b.tobytes() for a, b in pairs]
 
     def _search(self, weights):
         n = self.n_out

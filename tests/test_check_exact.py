@@ -8,7 +8,6 @@ reweight) fails by orders of magnitude more. Exact: no false failures.
 
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
