@@ -6,7 +6,7 @@
 - :func:`denote`: the exact unnormalised measure of a finite discrete program, by an interpreter
   (:mod:`semantics.interpret`) that shares no code with the algorithms.
 - :mod:`semantics.blocks`: each building block's validity criterion ``E[⟦T(p)⟧] = ⟦p⟧`` as an exact
-  check (resampling, spawn, collapse, proposals, and SMC composed from them).
+  check (resampling, spawn, collapse, proposals).
 - :mod:`semantics.stats`: statistical checks (unbiasedness of Ẑ, posterior means) with stated
   false-failure rates.
 - :mod:`semantics.exact`: exact answers for the model zoo (forward algorithm, Kalman filter).
@@ -18,9 +18,7 @@ from semantics.blocks import (
     check_collapse,
     check_proposal,
     check_resample,
-    check_smc,
     check_spawn,
-    exact_smc,
     resample_outcomes,
 )
 from semantics.check import ExactReport, check_exact, selection_outcomes
@@ -50,8 +48,6 @@ __all__ = [
     "check_spawn",
     "check_collapse",
     "check_proposal",
-    "exact_smc",
-    "check_smc",
     "csmc_posterior",
     "csmc_transition_matrix",
     "check_csmc_invariance",

@@ -60,6 +60,7 @@ __all__ = ["ExactReport", "check_exact", "selection_outcomes"]
 _GRID = 65
 _MAX_RUNS = 2_000_000
 _MAX_CUTS = 256
+_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -527,16 +528,20 @@ def _inside(lo: np.ndarray, hi: np.ndarray, r: Any) -> np.ndarray:
 
 
 def _run(run, nodes):
-    """The compiled loop on every node's noise; the batch is padded to a power of two so that the
-    vmapped loop compiles for a few batch sizes only."""
+    """The compiled loop on every node's noise, in chunks of one fixed size (the last one padded) so
+    that the vmapped loop compiles once per check."""
     count = _count(nodes)
-    size = max(8, 1 << (count - 1).bit_length())
-    padded = _take(nodes, np.concatenate([np.arange(count), np.zeros(size - count, np.int64)]))
-    noise = LoopNoise(
-        jax.tree.map(jnp.asarray, padded["init"]),
-        StepNoise(jax.tree.map(jnp.asarray, padded["steps"]), jnp.asarray(padded["u"])),
-    )
-    return jax.tree.map(lambda x: np.asarray(x)[:count], run(noise))
+    outs = []
+    for start in range(0, count, _CHUNK):
+        idx = np.arange(start, min(start + _CHUNK, count))
+        padded = _take(nodes, np.concatenate([idx, np.full(_CHUNK - len(idx), idx[0])]))
+        noise = LoopNoise(
+            jax.tree.map(jnp.asarray, padded["init"]),
+            StepNoise(jax.tree.map(jnp.asarray, padded["steps"]), jnp.asarray(padded["u"])),
+        )
+        out = run(noise)
+        outs.append(_take(out, np.arange(len(idx))))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 def _count(nodes) -> int:

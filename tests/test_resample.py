@@ -33,11 +33,18 @@ def test_outcome_probabilities_sum_to_one(x64, scheme):
 
 
 def test_a_biased_resampler_fails_the_check(x64):
+    from ppinfer.kernels.select import Systematic
+
     # Picking the heaviest particle every time is not valid; the exact check must say so.
-    greedy = lambda scheme, u, lw: jnp.full(lw.shape, jnp.argmax(lw), dtype=jnp.int32)
-    assert check_resample("multinomial", [0.1, -1.0], ancestors_fn=greedy) > 0.1
-    # Resetting weights to 0 (losing Ẑ) is not valid either.
-    assert check_resample("systematic", [0.1, -1.0], new_log_weight_fn=lambda lw: 0.0) > 0.1
+    def greedy(u, lw):
+        n = u.shape[0]
+        lse = jax.scipy.special.logsumexp(lw)
+        return jnp.full(n, jnp.argmax(lw), jnp.int32), jnp.full(n, lse - jnp.log(n))
+
+    assert check_resample(greedy, [0.1, -1.0]) > 0.1
+    # Resetting weights to 0 (losing Ẑ) is not valid either: the check reads the returned weights.
+    reset = lambda u, lw: (Systematic()(u, lw)[0], jnp.zeros(u.shape[0]))
+    assert check_resample(reset, [0.1, -1.0]) > 0.1
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

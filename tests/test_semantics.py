@@ -1,5 +1,6 @@
 """Validity of the composed algorithms: exact (enumerating SMC's own randomness) and statistical."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -9,11 +10,10 @@ import ppinfer as pp
 from models.classic import discrete_hmm, lgssm, simulate_hmm, simulate_lgssm, sprinkler
 from ppinfer.resample import SCHEMES
 from semantics import (
+    check_exact,
     check_mean,
-    check_smc,
     check_unbiased_evidence,
     denote,
-    exact_smc,
     hmm_forward,
     importance_log_evidence_replicates,
     kalman_filter,
@@ -49,17 +49,20 @@ def sprinkler_steps():
     return pp.sequential(init, step, 2)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("threshold", [1.0, 0.9])
+# The exact SMC checks run pp.SMC's own compiled loop (semantics.check_exact); more in
+# tests/test_check_exact.py. The programs are built under x64 (their constants in float64).
+
+
+@pytest.mark.parametrize("scheme, threshold", [("stratified", 0.9), ("residual", 1.0)])
 def test_smc_exact_expected_measure_hmm(x64, scheme, threshold):
     # monad-bayes' check: SMC with N=2, T=2; its expected output measure equals ⟦program⟧ (Z incl.).
     ys = np.array([0.5, -0.3])
-    assert check_smc(hmm2(), (ys,), 2, scheme=scheme, ess_threshold=threshold) < 1e-12
+    algorithm = pp.SMC(2, resampling=scheme, ess_threshold=threshold)
+    assert check_exact(hmm2(), ys, algorithm=algorithm, tol=1e-12).ok
 
 
-@pytest.mark.parametrize("scheme", ["multinomial", "systematic"])
-def test_smc_exact_expected_measure_sprinkler(x64, scheme):
-    assert check_smc(sprinkler_steps(), (), 2, scheme=scheme) < 1e-12
+def test_smc_exact_expected_measure_sprinkler(x64):
+    assert check_exact(sprinkler_steps(), algorithm=pp.SMC(2, resampling="multinomial"), tol=1e-12).ok
 
 
 def test_smc_exact_with_proposal_and_stop(x64):
@@ -74,14 +77,20 @@ def test_smc_exact_with_proposal_and_stop(x64):
 
     q = lambda n, t: pp.sample("b", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
     prog = pp.sequential(init, step, 2)
-    assert check_smc(prog, (), 2, scheme="stratified", proposal=q) < 1e-12
+    algorithm = pp.SMC(2, resampling="stratified", ess_threshold=1.0, proposal=q)
+    assert check_exact(prog, algorithm=algorithm, tol=1e-12).ok
 
 
 def test_a_wrong_resampler_breaks_smc_exactly(x64):
     ys = np.array([0.5, -0.3])
-    greedy = lambda scheme, u, lw: jnp.full(lw.shape, jnp.argmax(lw), dtype=jnp.int32)
-    got = exact_smc(hmm2(), (ys,), 2, ancestors_fn=greedy)
-    assert got.max_abs_diff(denote(hmm2(), ys)) > 1e-3
+
+    def greedy(u, lw):  # always the heaviest particle: not valid
+        n = u.shape[0]
+        lse = jax.scipy.special.logsumexp(lw)
+        return jnp.full(n, jnp.argmax(lw), jnp.int32), jnp.full(n, lse - jnp.log(n))
+
+    report = check_exact(hmm2(), ys, algorithm=pp.SMC(2, resampling=greedy, ess_threshold=1.0))
+    assert report.max_abs_error > 1e-3
 
 
 def test_enumerate_matches_denote(x64):
