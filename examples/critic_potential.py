@@ -23,7 +23,10 @@ def reward(text: str) -> float:
     return -1.5 * len(text.split())
 
 
-def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
+def main(num_particles: int = 64, max_new_tokens: int = 12) -> dict:
+    """Prints one line per run; returns, for ``twist=False`` and ``twist=True`` (keys ``False``,
+    ``True``), ``log_z``, ``mean_ess``, ``mean_words`` and, per particle, the generated ``tokens``,
+    ``lengths``, ``texts`` and final ``log_weights``, with the per-step ``resampled`` flags."""
     lm = load_default()
     p = tk.prompt(lm, "<|endoftext|>import", max_new_tokens)
 
@@ -45,6 +48,7 @@ def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
         pp.stop(tok == p.eos_id)
         return ctx, psi
 
+    out = {}
     for use_twist in (False, True):
         program = pp.sequential(init, partial(step, use_twist=use_twist), max_new_tokens)
         r = pp.infer(program, p, algorithm=pp.SMC(num_particles), key=0)
@@ -54,6 +58,18 @@ def main(num_particles: int = 64, max_new_tokens: int = 12) -> None:
             f"twist={use_twist!s:>5}: log Ẑ {r.log_evidence:6.2f}  mean ESS {float(np.mean(r.ess)):5.1f}  "
             f"E[#words] {mean_words:.2f}  e.g. 'import{texts[int(np.argmax(np.asarray(r.weights)))]}'"
         )
+        toks, lens = np.asarray(r.state[0].tokens), np.asarray(r.state[0].length)
+        out[use_twist] = {
+            "log_z": float(r.log_evidence),
+            "mean_ess": float(np.mean(r.ess)),
+            "mean_words": mean_words,
+            "tokens": toks,
+            "lengths": lens,
+            "texts": texts,
+            "log_weights": np.asarray(r.log_weights, np.float64),
+            "resampled": np.asarray(r.resampled),
+        }
+    return out
 
 
 if __name__ == "__main__":

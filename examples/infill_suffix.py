@@ -20,7 +20,9 @@ from ppinfer import tokens as tk  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
 
 
-def main(num_particles: int = 64, max_steps_tokens: int = 24, question: str = "12+7*3") -> None:
+def main(num_particles: int = 64, max_steps_tokens: int = 24, question: str = "12+7*3") -> dict:
+    """Prints log Ẑ and the top 3 step texts; returns ``answer``, ``log_z`` and, per particle, the
+    generated ``tokens`` (``i32[N, T]``), ``lengths``, ``texts`` and ``log_weights``."""
     lm = load_default()
     answer = eval(question)  # noqa: S307 - a fixed arithmetic string
     suffix = jnp.asarray(lm.tokenizer.encode(f" A: {answer}") + [lm.eos_id], jnp.int32)
@@ -54,6 +56,15 @@ def main(num_particles: int = 64, max_steps_tokens: int = 24, question: str = "1
         best[text] = best.get(text, 0.0) + float(w)
     for text, w in sorted(best.items(), key=lambda kv: -kv[1])[:3]:
         print(f"  {w:.3f}  Step:{text} A: {answer}")
+    toks, lens = jax.device_get((result.state.tokens, result.state.length))
+    return {
+        "answer": answer,
+        "log_z": float(result.log_evidence),
+        "tokens": np.asarray(toks),
+        "lengths": np.asarray(lens),
+        "texts": texts,
+        "log_weights": np.asarray(result.log_weights, np.float64),
+    }
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ from ppinfer.vi import token_twist as tt  # noqa: E402
 
 def main(
     num_particles: int = 32, max_new_tokens: int = 14, num_iterations: int = 25, num_runs: int = 8
-) -> None:
+) -> dict:
+    """Prints the fit and one line per proposal; returns the Bellman ``loss_trace`` and, per
+    proposal (``"locally constrained"``, ``"learned twist"``), the runs' ``log_z`` (−inf where every
+    particle died), ``ess`` and ``alive`` (of the runs with Ẑ > 0) and the last such run's particle
+    ``texts``, ``tokens``, ``lengths`` and ``log_weights``."""
     lm = load_default()
     automaton = regex_automaton(PYTHON_DEF_PATTERN, lm.vocab_bytes, lm.eos_id)
     p = tk.prompt(lm, "<|endoftext|>def", max_new_tokens)
@@ -37,6 +41,7 @@ def main(
     )
 
     algorithm = pp.SMC(num_particles, proposal=tt.twisted_proposal)
+    out = {"loss_trace": np.asarray(info.loss_trace, np.float64)}
     for name, tw in (("locally constrained", twist.off()), ("learned twist", twist)):
         log_z, ess, alive = [], [], []
         for seed in range(num_runs):
@@ -46,6 +51,7 @@ def main(
                 log_z.append(-np.inf)
                 continue
             w = np.asarray(r.weights)
+            last = r
             log_z.append(r.log_evidence)
             ess.append(1.0 / np.sum(w**2))
             alive.append(int(np.sum(w > 0)))
@@ -57,9 +63,20 @@ def main(
             f"final ESS {np.mean(ess) if ess else 0.0:5.1f}/{num_particles}  "
             f"live particles {np.mean(alive) if alive else 0.0:5.1f}"
         )
-    texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
-    top = np.argsort(-np.asarray(r.weights))[:3]
-    print("samples (learned twist):", ", ".join(repr("def" + texts[i]) for i in top))
+        out[name] = {"log_z": log_z, "ess": np.asarray(ess), "alive": np.asarray(alive)}
+        if finite.size:
+            toks, lens = np.asarray(last.state[0].tokens), np.asarray(last.state[0].length)
+            out[name].update(
+                texts=tk.texts(last.state[0], lm.tokenizer, lm.eos_id),
+                tokens=toks,
+                lengths=lens,
+                log_weights=np.asarray(last.log_weights, np.float64),
+            )
+    twisted = out["learned twist"]
+    if "texts" in twisted:  # the last learned-twist run with Ẑ > 0
+        top = np.argsort(-twisted["log_weights"])[:3]
+        print("samples (learned twist):", ", ".join(repr("def" + twisted["texts"][i]) for i in top))
+    return out
 
 
 if __name__ == "__main__":

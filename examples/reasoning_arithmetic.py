@@ -12,7 +12,9 @@ from ppinfer import reasoning as rs
 from ppinfer.lm import load_default
 
 
-def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> None:
+def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> dict:
+    """Prints one line per method; returns ``truth`` and, per method name, its ``algorithm``, its
+    ``result`` and the ``answer``, ``generated_tokens`` and ``reward_calls`` read from it."""
     lm = load_default()
     spec = rs.StepSpec(
         decode=lm.tokenizer.decode,
@@ -26,6 +28,7 @@ def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> None:
     args = rs.question_args(lm, spec, "<|endoftext|>" + question, pad_to=24)
     truth = rs.expected_answer(question)
     print(f"{question}  (true answer {truth})")
+    out = {"truth": truth}
     for alg in (
         rs.Sampling(num_particles),
         rs.MajorityVote(num_particles),
@@ -42,6 +45,14 @@ def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> None:
             f"{alg.name:17} answer={ex['answer']!s:>5} {'ok ' if ex['answer'] == truth else 'bad'} "
             f"tokens={ex['generated_tokens']:4d} reward_calls={ex['reward_calls']:3d} |{best}"
         )
+        out[alg.name] = {
+            "algorithm": alg,
+            "result": r,
+            "answer": ex["answer"],
+            "generated_tokens": ex["generated_tokens"],
+            "reward_calls": ex["reward_calls"],
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ from ppinfer import tokens as tk  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
 
 
-def main(num_particles: int = 64, max_new_tokens: int = 20) -> None:
+def main(num_particles: int = 64, max_new_tokens: int = 20) -> dict:
+    """Prints one line per method; returns, per method, ``log_z`` (None when every particle died),
+    the particles' ``texts`` (without EOS), normalised ``weights``, ``log_weights`` and ``finished``
+    (ended with EOS)."""
     lm = load_default()
     program, args, proposal = python_def(lm, max_new_tokens)
+    out = {}
     for name, algorithm in [
         ("bootstrap SMC", pp.SMC(num_particles)),
         ("locally constrained SMC", pp.SMC(num_particles, proposal=proposal)),
@@ -26,8 +30,10 @@ def main(num_particles: int = 64, max_new_tokens: int = 20) -> None:
             r = pp.infer(program, *args, algorithm=algorithm, key=0)
         except pp.ZeroEvidenceError as e:
             print(f"{name:>24}: every particle broke the constraint ({str(e)[:60]}…)")
+            out[name] = {"log_z": None}
             continue
         texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
+        toks, lens = np.asarray(r.state[0].tokens), np.asarray(r.state[0].length)
         alive = np.asarray(r.weights) > 0
         valid = all(
             re.fullmatch(PYTHON_DEF_PATTERN, t) and parses_as_def(t)
@@ -39,6 +45,14 @@ def main(num_particles: int = 64, max_new_tokens: int = 20) -> None:
             f"{name:>24}: log Ẑ {r.log_evidence:7.2f}  live particles {int(alive.sum()):3d}  "
             f"all valid {valid}  top: def{top}"
         )
+        out[name] = {
+            "log_z": float(r.log_evidence),
+            "texts": texts,
+            "weights": np.asarray(r.weights, np.float64),
+            "log_weights": np.asarray(r.log_weights, np.float64),
+            "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -27,20 +27,31 @@ def proposal(x, t, ys):
     pp.sample("x", dist.Normal(mean, jnp.sqrt(var)))
 
 
-def main(num_particles: int = 500, num_steps: int = 50) -> None:
+def main(num_particles: int = 500, num_steps: int = 50) -> dict:
+    """Prints the comparison; returns the exact Kalman values (``log_z``, filtering ``mean_T`` and
+    ``var_T`` of x_T) and, per proposal, SMC's ``log_z``, ``mean_T``, ``mean_ess``, ``final_ess``."""
     ys = simulate_lgssm(7, num_steps, A, Q, C, R)
-    log_z, means, _ = kalman_filter(A, Q, C, R, 0.0, 1.0, ys)
+    log_z, means, variances = kalman_filter(A, Q, C, R, 0.0, 1.0, ys)
     model = lgssm(A, Q, C, R)
+    out = {"exact": {"log_z": float(log_z), "mean_T": float(means[-1]), "var_T": float(variances[-1])}}
     for name, algorithm in [
         ("bootstrap", pp.SMC(num_particles)),
         ("locally optimal proposal", pp.SMC(num_particles, proposal=proposal)),
     ]:
         r = pp.infer(model, ys, algorithm=algorithm, key=0)
+        mean_t = float(np.sum(np.asarray(r.weights) * np.asarray(r.state)))
         print(
             f"{name:>26}: log Z {r.log_evidence:9.3f} (exact {log_z:.3f})  mean ESS "
             f"{float(np.mean(r.ess)):6.1f}  resampled {int(np.sum(r.resampled)):3d} times  "
-            f"E[x_T] {float(np.sum(np.asarray(r.weights) * np.asarray(r.state))):.3f} (exact {means[-1]:.3f})"
+            f"E[x_T] {mean_t:.3f} (exact {means[-1]:.3f})"
         )
+        out[name] = {
+            "log_z": float(r.log_evidence),
+            "mean_T": mean_t,
+            "mean_ess": float(np.mean(r.ess)),
+            "final_ess": r.final_ess,
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -87,7 +87,11 @@ def exact_mixture_mean(log_liks: np.ndarray) -> np.ndarray:
     return w @ np.asarray(means)
 
 
-def main(num_particles: int = 1000, plot: str | None = None) -> None:
+def main(num_particles: int = 1000, plot: str | None = None) -> dict:
+    """Prints the likelihoods and both posteriors after each text; returns ``log_liks`` (``f[K, J]``),
+    the per-text ``history`` (``style``/``style_exact``: P(style | texts) sequential and batch;
+    ``w``/``w_exact``: IBIS and exact E[w | texts]), ``log_z`` (one style, sequential) and
+    ``log_z_batch`` (by enumeration over all texts), and IBIS's ``ibis_log_z`` and ``ibis_ess``."""
     lm = load_default()
     log_liks = text_log_likelihoods(lm, STREAM)  # [K, J]
     names = list(STYLES)
@@ -126,6 +130,14 @@ def main(num_particles: int = 1000, plot: str | None = None) -> None:
     print(f"IBIS mixture model: log Ẑ = {mixture_post.log_evidence:.3f}, final ESS {ess:.0f}")
     if plot:
         _plot(history, names, plot)
+    return {
+        "log_liks": log_liks,
+        "history": {k: np.asarray(v) for k, v in history.items()},
+        "log_z": float(log_z),
+        "log_z_batch": float(whole.log_evidence),
+        "ibis_log_z": float(mixture_post.log_evidence),
+        "ibis_ess": float(ess),
+    }
 
 
 def _plot(history: dict, names: list[str], path: str) -> None:

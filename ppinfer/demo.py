@@ -60,7 +60,15 @@ def run_lgssm(num_particles: int = 2000, num_steps: int = 100):
         f"resampled {int(np.sum(result.resampled))} of {num_steps} steps; "
         f"{elapsed:.2f} s (compilation included)"
     )
-    return ys, result, means
+    figures = {
+        "log_z": float(result.log_evidence),
+        "exact_log_z": float(log_z),
+        "mean_T": last[0],
+        "exact_mean_T": float(means[-1]),
+        "exact_var_T": float(variances[-1]),
+        "final_ess": result.final_ess,
+    }
+    return ys, result, means, figures
 
 
 def run_hmm(num_particles: int = 2000, num_steps: int = 50):
@@ -81,7 +89,14 @@ def run_hmm(num_particles: int = 2000, num_steps: int = 50):
     )
     print(f"ESS: mean {float(np.mean(result.ess)):.0f}; resampled {int(np.sum(result.resampled))} times")
     print(result)
-    return result
+    figures = {
+        "log_z": float(result.log_evidence),
+        "exact_log_z": float(log_z),
+        "filter_T": smc_filter,
+        "exact_filter_T": np.asarray(filt[-1]),
+        "final_ess": result.final_ess,
+    }
+    return result, figures
 
 
 def plot(ys, lg_result, kalman_means, hmm_result, path: Path) -> None:
@@ -167,7 +182,17 @@ def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 
     print("top posterior samples:")
     for text, wi in sorted(posterior.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  {wi:6.3f}  def{text}")
-    return result
+    toks, lens = jax.device_get((result.state[0].tokens, result.state[0].length))
+    figures = {
+        "num_plain": num_plain,
+        "num_accepted": len(accepted),
+        "log_z": float(result.log_evidence),
+        "final_ess": result.final_ess,
+        "texts": texts,
+        "log_weights": np.asarray(result.log_weights, np.float64),
+        "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
+    }
+    return result, figures
 
 
 def plot_lm(result, path: Path) -> None:
@@ -187,15 +212,18 @@ def plot_lm(result, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    lm_result = run_lm()
+def main() -> dict:
+    """Runs the three parts, prints them, writes the plots; returns each part's figures
+    (``{"lm": …, "lgssm": …, "hmm": …}``: the estimates next to the exact values)."""
+    lm_result, lm_figures = run_lm()
     plot_lm(lm_result, REPO / "out" / "demo_lm.png")
     print(f"plot written to {REPO / 'out' / 'demo_lm.png'}\n")
-    ys, lg_result, means = run_lgssm()
-    hmm_result = run_hmm()
+    ys, lg_result, means, lg_figures = run_lgssm()
+    hmm_result, hmm_figures = run_hmm()
     path = REPO / "out" / "demo.png"
     plot(ys, lg_result, means, hmm_result, path)
     print(f"\nplot written to {path}")
+    return {"lm": lm_figures, "lgssm": lg_figures, "hmm": hmm_figures}
 
 
 if __name__ == "__main__":

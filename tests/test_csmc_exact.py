@@ -92,7 +92,8 @@ def test_csmc_leaves_exact_posterior_invariant(name, num_particles, ancestor_sam
     _, _, states, k, pi = exact_kernel(name, num_particles, ancestor_sampling)
     assert np.abs(pi @ k - pi).max() < TOL
     assert np.abs(k.sum(axis=1) - 1.0).max() < 1e-12
-    assert k.min() >= 0.0
+    # Every trajectory is reached from every other in one sweep (measured: min K = 1.1e-3).
+    assert k.min() > 0.0
     # An identity kernel is invariant too: this one must move (from every state).
     assert np.all(np.diag(k) < 0.99)
     assert np.mean(1.0 - np.diag(k)) > 0.15
