@@ -20,8 +20,9 @@ Optional members a selection may define (the kernel uses them when present):
 - ``draw(key, n_out, dtype) -> f32[n_out]``: a cheaper way to draw the uniforms, as long as each
   coordinate the selection *reads* is ``U[0, 1)`` and the coordinates it reads are independent
   (systematic reads one uniform, so it draws one and broadcasts it).
-- ``trigger(log_weights) -> bool[]``: select only when true, else keep the population as it is
-  (:class:`Adaptive`); the kernel then skips the particle gather when it does not select.
+- ``trigger(log_weights, ess_value) -> bool[]`` (and optionally ``base``, the selection to apply):
+  select only when true, else keep the population as it is (:class:`Adaptive`); the kernel then
+  skips the particle gather when it does not select. ``ess_value`` is the ESS the kernel computed.
 - ``num_groups``: the selection never moves a particle out of its contiguous group of
   ``n_in / num_groups`` (:class:`Grouped`); a sharded kernel then gathers within each device.
 
@@ -79,11 +80,13 @@ def draw_uniforms(selection: Callable, key: jax.Array, n_out: int, dtype: Any) -
 
 def parts(selection: Callable) -> tuple[Callable, Callable | None]:
     """``(base, trigger)``: the selection the kernel applies and the predicate that decides whether
-    it applies (``None``: always). An :class:`Adaptive` selection splits into its base and its ESS
-    test, so that a population that is not resampled is not gathered."""
-    if isinstance(selection, Adaptive):
-        return selection.base, selection.trigger
-    return selection, None
+    it applies (``None``: always). A selection with a ``trigger`` (e.g. :class:`Adaptive`) splits
+    into its ``base`` (itself if it has none) and the trigger, so that a population that is not
+    resampled is not gathered."""
+    trigger = getattr(selection, "trigger", None)
+    if trigger is None:
+        return selection, None
+    return getattr(selection, "base", selection), trigger
 
 
 def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callable:
@@ -178,8 +181,10 @@ class Adaptive:
     base: Callable
     threshold: float = 0.5
 
-    def trigger(self, log_weights):
-        return ess(log_weights) < self.threshold * log_weights.shape[0]
+    def trigger(self, log_weights, ess_value=None):
+        """``bool[]``: ESS below the threshold (``ess_value``: the ESS if the caller has it)."""
+        value = ess(log_weights) if ess_value is None else ess_value
+        return value < self.threshold * log_weights.shape[0]
 
     def __call__(self, u, log_weights):
         keep = lambda u, lw: (jnp.arange(lw.shape[0], dtype=jnp.int32), lw)

@@ -191,7 +191,7 @@ def step(
         (particles, carried), new_log_weights, ancestors = select(operand)
         selected = jnp.asarray(True)
     else:
-        selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights))
+        selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights, ess_t))
         (particles, carried), new_log_weights, ancestors = jax.lax.cond(selected, select, keep, operand)
     if sharding is not None:
         particles, carried, new_log_weights = _constrain(sharding, (particles, carried, new_log_weights))
