@@ -343,7 +343,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         record["nan"] = info.nan_sites
         if loop.history:
             # A program that cannot stop is active everywhere: nothing to record.
-            record.update(choices=info.choices, ancestors=info.ancestors, weights=info.log_weights)
+            weights = info.log_weights if sharding is None else _constrain(sharding, info.log_weights)
+            record.update(choices=info.choices, ancestors=info.ancestors, weights=weights)
             record["active"] = info.active if may_stop else None
         if loop.record is not None:
             record["extra"] = loop.record(state, info)

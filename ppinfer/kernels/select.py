@@ -117,8 +117,8 @@ def _equal(ancestors: jax.Array, log_weights: jax.Array, lse: jax.Array) -> tupl
     return ancestors.astype(jnp.int32), jnp.full((n_out,), lse - jnp.log(n_out), log_weights.dtype)
 
 
-def _probs(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    lse = logsumexp(log_weights)
+def _probs(log_weights: jax.Array, lse: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    lse = logsumexp(log_weights) if lse is None else lse
     alive = jnp.isfinite(lse)
     n = log_weights.shape[0]
     return jnp.where(alive, jnp.exp(log_weights - jnp.where(alive, lse, 0.0)), 1.0 / n), lse
@@ -128,8 +128,8 @@ def _probs(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
 class Multinomial:
     """``n_out`` independent draws ∝ weight (inverse CDF of ``u_j``)."""
 
-    def __call__(self, u, log_weights):
-        probs, lse = _probs(log_weights)
+    def __call__(self, u, log_weights, lse=None):
+        probs, lse = _probs(log_weights, lse)
         return _equal(inverse_cdf(u, probs), log_weights, lse)
 
 
@@ -137,8 +137,8 @@ class Multinomial:
 class Stratified:
     """One draw in each stratum ``[j/n_out, (j+1)/n_out)`` at position ``(j + u_j)/n_out``."""
 
-    def __call__(self, u, log_weights):
-        probs, lse = _probs(log_weights)
+    def __call__(self, u, log_weights, lse=None):
+        probs, lse = _probs(log_weights, lse)
         j = jnp.arange(u.shape[0], dtype=probs.dtype)
         return _equal(inverse_cdf((j + u) / u.shape[0], probs), log_weights, lse)
 
@@ -147,8 +147,8 @@ class Stratified:
 class Systematic:
     """Stratified with one shared uniform: positions ``(j + u_0)/n_out`` (reads ``u[0]`` only)."""
 
-    def __call__(self, u, log_weights):
-        probs, lse = _probs(log_weights)
+    def __call__(self, u, log_weights, lse=None):
+        probs, lse = _probs(log_weights, lse)
         j = jnp.arange(u.shape[0], dtype=probs.dtype)
         return _equal(inverse_cdf((j + u[0]) / u.shape[0], probs), log_weights, lse)
 
@@ -160,8 +160,8 @@ class Systematic:
 class Residual:
     """``⌊n_out w_i⌋`` deterministic copies, the rest multinomial on the residual weights."""
 
-    def __call__(self, u, log_weights):
-        probs, lse = _probs(log_weights)
+    def __call__(self, u, log_weights, lse=None):
+        probs, lse = _probs(log_weights, lse)
         return _equal(residual_ancestors(u, probs), log_weights, lse)
 
 

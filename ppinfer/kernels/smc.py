@@ -25,6 +25,7 @@ very code :func:`ppinfer.infer` runs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -171,14 +172,14 @@ def step(
         log_weights = _constrain(_replicated(sharding), log_weights)
     lse = log_evidence(log_weights)
     ess_t = ess(log_weights, lse)
-    if noise is None:
-        u = draw_uniforms(base, k_sel, n, log_weights.dtype)
-    else:
-        u = noise.uniforms
+    # The built-in selections take the log-sum-exp the step already has (no second pass over N).
+    kwargs = {"lse": lse} if _takes_lse(base) else {}
 
     def select(operand):
         particles, carried = operand
-        ancestors, new_log_weights = _checked(base(u, log_weights), n, log_weights.dtype)
+        # Drawn inside the branch: a step that does not select draws nothing.
+        u = draw_uniforms(base, k_sel, n, log_weights.dtype) if noise is None else noise.uniforms
+        ancestors, new_log_weights = _checked(base(u, log_weights, **kwargs), n, log_weights.dtype)
         moved = _gather(sharding, base, (particles, carried), ancestors)
         return moved, new_log_weights, ancestors
 
@@ -199,7 +200,7 @@ def step(
     step_info = SMCInfo(
         choices=info.choices,
         active=active,
-        log_weights=log_weights,
+        log_weights=seq.population.log_weights,  # as sharded: a record need not be replicated
         ancestors=ancestors,
         selected=selected,
         ess=ess_t,
@@ -269,6 +270,14 @@ def trace_genealogy(ancestors: jax.Array, history: Any, extensions: int = 1) -> 
 
     init_index, traj = jax.lax.scan(back, jnp.arange(n), (ancestors, history), reverse=True)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj), init_index
+
+
+def _takes_lse(selection) -> bool:
+    """Whether ``selection`` accepts the ``lse`` keyword (the built-in selections do)."""
+    try:
+        return "lse" in inspect.signature(selection).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
