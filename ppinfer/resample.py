@@ -41,14 +41,14 @@ def resample(
     key: jax.Array, pop: Population, scheme: str = "systematic", lse: jax.Array | None = None
 ) -> tuple[Population, jax.Array]:
     """Resample ``pop`` with ``scheme``; see the module docstring. Returns ``(pop', ancestors)``.
-    ``lse`` is accepted for compatibility (the selection computes it)."""
+    ``lse`` may pass ``logsumexp(pop.log_weights)`` when the caller has it already."""
     from ppinfer.kernels.select import as_selection, draw_uniforms
 
     check_scheme(scheme)
     selection = as_selection(scheme)
     n = pop.num_particles
     u = draw_uniforms(selection, key, n, pop.log_weights.dtype)
-    ancestors, new_log_weights = selection(u, pop.log_weights)
+    ancestors, new_log_weights = selection(u, pop.log_weights, lse=lse)
     return Population(gather(pop.particles, ancestors), new_log_weights), ancestors
 
 
@@ -82,14 +82,15 @@ def ancestors_from_uniforms(
     scheme: str, uniforms: jax.Array, log_weights: jax.Array, lse: jax.Array | None = None
 ) -> jax.Array:
     """``i32[N]`` ancestors for ``log_weights: f32[N]`` given ``uniforms`` of :func:`uniforms_shape`
-    — the scheme's :mod:`~ppinfer.kernels.select` selection (``lse`` is ignored). If every weight is
+    — the scheme's :mod:`~ppinfer.kernels.select` selection (``lse``: ``logsumexp(log_weights)`` if
+    the caller has it). If every weight is
     zero the population is dead: ancestors are the identity (the caller reports the error)."""
     from ppinfer.kernels.select import as_selection
 
     check_scheme(scheme)
     n = log_weights.shape[0]
     u = jnp.broadcast_to(uniforms, (n,)) if scheme == "systematic" else uniforms
-    return as_selection(scheme)(u, log_weights)[0]
+    return as_selection(scheme)(u, log_weights, lse=lse)[0]
 
 
 def inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:

@@ -101,6 +101,14 @@ def test_as_selection_names_and_errors():
     with pytest.raises(pp.ConfigError, match="selection"):
         pp.SMC(8, resampling=3)
 
+    @dataclass
+    class Unhashable:  # a mutable dataclass has no hash: it could not key the compile cache
+        def __call__(self, u, lw):
+            return Systematic()(u, lw)
+
+    with pytest.raises(pp.ConfigError, match="hashable"):
+        pp.SMC(8, resampling=Unhashable())
+
 
 def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
     def init():

@@ -97,6 +97,12 @@ def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callabl
             raise ConfigError(f"unknown resampling scheme {resampling!r}; choose one of {SCHEMES}")
         base = _BY_NAME[resampling]()
     elif callable(resampling):
+        try:
+            hash(resampling)
+        except TypeError as e:  # it keys the compile cache
+            raise ConfigError(
+                f"a selection must be hashable (e.g. a frozen dataclass or a function); got {resampling!r}"
+            ) from e
         base = resampling
     else:
         raise ConfigError(
