@@ -9,6 +9,7 @@ from ppinfer.algorithms import SMC, Enumerate, Importance, Steer
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
+from ppinfer.algorithms.smc2 import SMC2
 from ppinfer.algorithms.tempered import DataAnnealedSMC, TemperedSMC
 from ppinfer.errors import (
     CheckpointError,
@@ -41,6 +42,7 @@ __all__ = [
     "Enumerate",
     "ResampleMoveSMC",
     "PMMH",
+    "SMC2",
     "ParticleGibbs",
     "TemperedSMC",
     "DataAnnealedSMC",

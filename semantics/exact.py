@@ -1,12 +1,18 @@
-"""Exact reference answers for the model zoo: forward algorithm (discrete HMM) and Kalman filter
-(linear-Gaussian state-space model). Plain numpy in float64."""
+"""Exact reference answers for the model zoo: forward algorithm (discrete HMM), Kalman filter and
+Rauch–Tung–Striebel smoother (linear-Gaussian state-space model). Plain numpy in float64."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["hmm_forward", "kalman_filter", "lgssm_coefficient_posterior"]
+__all__ = [
+    "hmm_forward",
+    "kalman_filter",
+    "kalman_smoother",
+    "lgssm_coefficient_posterior",
+    "lgssm_coefficient_log_evidence",
+]
 
 
 def hmm_forward(init_probs, transition, emission_log_lik) -> tuple[float, np.ndarray]:
@@ -42,6 +48,32 @@ def kalman_filter(a, q, c, r, m0, p0, ys) -> tuple[float, np.ndarray, np.ndarray
     return float(log_z), np.array(means), np.array(variances)
 
 
+def kalman_smoother(a, q, c, r, m0, p0, ys) -> tuple[np.ndarray, np.ndarray]:
+    """The smoothing marginals ``p(x_t | y_{0:T−1}) = N(means[t], variances[t])`` of the scalar
+    linear-Gaussian model of :func:`kalman_filter`: its own forward (filtering) pass, then the
+    Rauch–Tung–Striebel backward pass ``g_t = a P_t / P_{t+1|t}``,
+    ``m^s_t = m_t + g_t (m^s_{t+1} − a m_t)``, ``P^s_t = P_t + g_t² (P^s_{t+1} − P_{t+1|t})``
+    (``P_{t+1|t} = a² P_t + q``). At ``t = T−1`` the smoother equals the filter. Returns
+    ``(means f64[T], variances f64[T])``."""
+    a, q, c, r = float(a), float(q), float(c), float(r)
+    ys = np.asarray(ys, np.float64)
+    num_steps = ys.shape[0]
+    filt_m, filt_p = np.empty(num_steps), np.empty(num_steps)
+    m, p = float(m0), float(p0)
+    for t in range(num_steps):
+        if t > 0:
+            m, p = a * filt_m[t - 1], a * a * filt_p[t - 1] + q
+        gain = p * c / (c * c * p + r)
+        filt_m[t], filt_p[t] = m + gain * (ys[t] - c * m), (1.0 - gain * c) * p
+    means, variances = filt_m.copy(), filt_p.copy()
+    for t in range(num_steps - 2, -1, -1):
+        pred_p = a * a * filt_p[t] + q
+        g = a * filt_p[t] / pred_p
+        means[t] = filt_m[t] + g * (means[t + 1] - a * filt_m[t])
+        variances[t] = filt_p[t] + g * g * (variances[t + 1] - pred_p)
+    return means, variances
+
+
 def lgssm_coefficient_posterior(ys, q, c, r, m0=0.0, p0=1.0, num_grid: int = 2001) -> tuple[float, float]:
     """Exact posterior mean and sd of the AR coefficient ``a ~ Uniform(−1, 1)`` of the LGSSM of
     :func:`kalman_filter` given ``ys``: the Kalman likelihood ``p(ys | a)`` on a fine grid of
@@ -52,3 +84,15 @@ def lgssm_coefficient_posterior(ys, q, c, r, m0=0.0, p0=1.0, num_grid: int = 200
     w /= w.sum()
     mean = float(np.sum(w * grid))
     return mean, float(np.sqrt(np.sum(w * (grid - mean) ** 2)))
+
+
+def lgssm_coefficient_log_evidence(ys, q, c, r, m0=0.0, p0=1.0, num_grid: int = 4001) -> float:
+    """Exact ``log p(ys) = log ∫ p(a) p(ys | a) da`` for the model of
+    :func:`lgssm_coefficient_posterior` (``a ~ Uniform(−1, 1)``, density ½): the Kalman likelihood
+    on a uniform grid of ``[−1, 1]`` integrated by the trapezoid rule, in log space (the integrand
+    is smooth, so the grid error is far below any Monte Carlo tolerance)."""
+    grid = np.linspace(-1.0, 1.0, num_grid)
+    log_lik = np.array([kalman_filter(a, q, c, r, m0, p0, ys)[0] for a in grid])
+    log_w = np.full(num_grid, np.log(grid[1] - grid[0]))
+    log_w[[0, -1]] -= np.log(2.0)  # trapezoid end weights
+    return float(logsumexp(log_lik + log_w) + np.log(0.5))

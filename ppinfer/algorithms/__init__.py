@@ -3,6 +3,7 @@
 from ppinfer.algorithms.enumerate import Enumerate
 from ppinfer.algorithms.importance import Importance
 from ppinfer.algorithms.smc import SMC
+from ppinfer.algorithms.smc2 import SMC2
 from ppinfer.algorithms.steer import Steer
 
-__all__ = ["Enumerate", "Importance", "SMC", "Steer"]
+__all__ = ["Enumerate", "Importance", "SMC", "SMC2", "Steer"]

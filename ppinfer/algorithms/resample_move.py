@@ -33,31 +33,28 @@ preserves validity since it depends only on the population before the move.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
-from ppinfer.algorithms.rescore import constrain, init_supports, log_joint, unconstrain
-from ppinfer.algorithms.smc import sample_names
+from ppinfer.algorithms.rescore import log_joint
+from ppinfer.algorithms.smc import Loop, run_sequential, smc_selection
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.kernels.mh import accept
-from ppinfer.population import Population, ess, gather, log_evidence
+from ppinfer.kernels.space import space_of
 from ppinfer.program import SequentialProgram, is_sequential
-from ppinfer.resample import ancestors_from_uniforms, check_scheme, uniforms_shape
+from ppinfer.resample import check_scheme
 from ppinfer.result import Result
-from ppinfer.suspended import Particle, Sequential, advance, can_stop, match_state, start
+from ppinfer.suspended import Particle, match_state
 from ppinfer.traced import assess, latent_sites
 from ppinfer.weighted import simulate
 
-__all__ = ["ResampleMoveSMC", "rw_move", "regenerate_suffix"]
+__all__ = ["ResampleMoveSMC", "Rejuvenate", "rw_move", "regenerate_suffix"]
 
 
 @dataclass(frozen=True)
@@ -106,160 +103,112 @@ class ResampleMoveSMC:
         if int(self.num_moves) < 1:
             raise ConfigError(f"num_moves must be >= 1, got {self.num_moves}")
 
+    init_proposal = None  # not configurable: init is drawn from its prior
+
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         if not is_sequential(program):
             raise ConfigError("ResampleMoveSMC needs a sequential program (ppinfer.sequential)")
-        t0 = time.perf_counter()
-        num_steps = program.steps_for(args)
-        dyn, static_key, rebuild = split_args(args)
         step_names = _check_program(program, args, self.move_sites, self.proposal)
-        settings = (self.num_particles, num_steps, self.move_sites, self.num_moves)
-        settings += (self.resampling, self.ess_threshold, step_names, self.regenerate_suffix, self.proposal)
-
-        def build():
-            return lambda key, dyn: resample_move_run(key, program, rebuild(dyn), *settings)
-
-        fn, _ = cached_jit(("resample_move", program, settings, static_key), build)
-        out = jax.block_until_ready(fn(key, dyn))
-        checks.raise_on_nan_sites(out["nan_sites"], self.name)
-        checks.raise_if_dead(float(out["log_evidence"]), "", self.num_particles)
-        samples, kinds = sample_names(out["init_choices"], out["trajectories"])
-        return Result(
-            samples=samples,
-            log_weights=out["log_weights"],
-            log_evidence=float(out["log_evidence"]),
-            algorithm=self.name,
-            ess=out["ess"],
-            resampled=out["resampled"],
-            log_evidence_history=out["log_evidence_history"],
-            state=out["state"],
-            wall_time=time.perf_counter() - t0,
-            extras={
-                "active": out["active"],
-                "site_kinds": kinds,
-                "acceptance_rate": out["acceptance_rate"],
-                "suffix_acceptance_rate": out["suffix_acceptance_rate"],
-            },
+        move = Rejuvenate(self.move_sites, self.num_moves, self.regenerate_suffix, self.proposal, step_names)
+        loop = Loop(
+            self.num_particles,
+            program.steps_for(args),
+            smc_selection(self.resampling, self.ess_threshold),
+            self.proposal,
+            select_last=True,  # the final particles are rejuvenated too
+            history=False,
+            move=move,
         )
 
+        def post(out):
+            rates = out["move"]
+            main = rates["acceptance_rate"] if self.move_sites else rates["suffix_acceptance_rate"]
+            return out, {"acceptance_rate": main, "suffix_acceptance_rate": rates["suffix_acceptance_rate"]}
 
-def resample_move_run(
-    key,
-    program,
-    args,
-    n,
-    num_steps,
-    move_sites,
-    num_moves,
-    scheme,
-    threshold,
-    step_names,
-    suffix=None,
-    proposal=None,
-) -> dict:
-    """The pure core (jit/vmap-able); returns ``log_weights: f32[N]``, ``log_evidence``, per-step
-    ``ess``/``resampled``/``log_evidence_history`` ``[T]``, ``acceptance_rate`` ``[T]`` (of the
-    static-parameter moves, or of the suffix moves when there are none), ``suffix_acceptance_rate``
-    ``[T]``, ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]``, ``active: bool[N, T]``,
-    ``state``, ``nan_sites``."""
-    k_init, k_loop = jax.random.split(key)
-    may_stop = can_stop(program, args, proposal)  # no finished-particle masks when it cannot stop
-    seq, init_info = start(k_init, program, args, n)
-    init_latent = set(latent_sites(program.init, args))
-    init_choices = {k: v for k, v in init_info.choices.items() if k in init_latent}
-    transforms = init_supports(program, args, move_sites) if move_sites else {}
-    hist0 = {
-        "choices": None,
-        "active": jnp.zeros((n, num_steps), bool),
-    }
+        return run_sequential(key, program, args, self, loop, self.name, post)
 
-    def body(carry, xs):
-        seq, inits, hist = carry
-        t, key_t = xs
-        k_adv, k_res, k_move = jax.random.split(key_t, 3)
-        active_t = ~seq.population.particles.done
-        seq, info = advance(k_adv, seq, program, args, proposal, may_stop)
-        step_choices = {k: info.choices[k] for k in step_names}
-        choices = {k: hist["choices"][k].at[:, t].set(v) for k, v in step_choices.items()}
-        hist = {"choices": choices, "active": hist["active"].at[:, t].set(active_t)}
-        pop = seq.population
-        ess_t = ess(pop.log_weights)
-        do = (ess_t < threshold * n) | (threshold >= 1.0)
 
-        def resample_and_move(operand):
-            pop, inits, hist = operand
-            u = jax.random.uniform(k_res, uniforms_shape(scheme, n), pop.log_weights.dtype)
-            anc = ancestors_from_uniforms(scheme, u, pop.log_weights)
-            pop = Population(
-                gather(pop.particles, anc), jnp.full((n,), log_evidence(pop.log_weights) - jnp.log(n))
+@dataclass(frozen=True)
+class Rejuvenate:
+    """The resample-move rejuvenation, as a :class:`~ppinfer.algorithms.smc.Loop` ``move``: it carries
+    each particle's init latent choices and step history (``choices`` ``[N, T, …]``, ``active:
+    bool[N, T]``) and, after each selection following step ``t``, runs ``num_moves`` moves (see the
+    module docstring), each leaving ``π_t`` invariant. Info: ``acceptance_rate`` (static-parameter
+    moves) and ``suffix_acceptance_rate`` (suffix moves), ``f32[]`` means over particles and moves."""
+
+    move_sites: tuple
+    num_moves: int
+    suffix: int | None
+    proposal: Callable[..., Any] | None
+    step_names: tuple
+
+    def start(self, program, args, init_choices, step_shapes, num_steps):
+        init_latent = set(latent_sites(program.init, args))
+        hist = {
+            k: jnp.zeros(
+                (step_shapes[k].shape[0], num_steps, *step_shapes[k].shape[1:]), step_shapes[k].dtype
             )
-            inits, hist = gather(inits, anc), gather(hist, anc)
-            state, done = pop.particles.state, pop.particles.done
-            rates, suffix_rates = [], []
-            if suffix is None:
-                inits, state, rate = rw_move(
-                    k_move, program, args, inits, hist, t, transforms, num_moves, state
-                )
+            for k in self.step_names
+        }
+        n = jax.tree.leaves(step_shapes)[0].shape[0]
+        inits = {k: v for k, v in init_choices.items() if k in init_latent}
+        return {"init": inits, "hist": {"choices": hist, "active": jnp.zeros((n, num_steps), bool)}}
+
+    def update(self, carried, choices, active, t):
+        hist = carried["hist"]
+        new = {k: v.at[:, t].set(choices[k].astype(v.dtype)) for k, v in hist["choices"].items()}
+        return {**carried, "hist": {"choices": new, "active": hist["active"].at[:, t].set(active)}}
+
+    def output(self, carried):
+        hist = carried["hist"]
+        return {"init_choices": carried["init"], "trajectories": hist["choices"], "active": hist["active"]}
+
+    def __call__(self, key, state, program, args):
+        t = state.t - 1
+        inits, hist = state.carried["init"], state.carried["hist"]
+        st, done = state.particles.state, state.particles.done
+        space = (
+            space_of(program.init, args, sites=self.move_sites, what="ResampleMoveSMC")
+            if self.move_sites
+            else None
+        )
+        rates, suffix_rates = [], []
+        if self.suffix is None:
+            inits, st, rate = rw_move(key, program, args, inits, hist, t, space, self.num_moves, st)
+            rates.append(rate)
+        for i in range(self.num_moves if self.suffix is not None else 0):
+            k_i = jax.random.fold_in(key, i)
+            if space is not None:
+                inits, st, rate = rw_move(k_i, program, args, inits, hist, t, space, 1, st)
                 rates.append(rate)
-            for i in range(num_moves if suffix is not None else 0):
-                k_i = jax.random.fold_in(k_move, i)
-                if move_sites:
-                    inits, state, rate = rw_move(k_i, program, args, inits, hist, t, transforms, 1, state)
-                    rates.append(rate)
-                hist, state, done, rate = regenerate_suffix(
-                    jax.random.fold_in(k_i, 1), program, args, proposal, inits, hist, state, done, t, suffix
-                )
-                suffix_rates.append(rate)
-            mean = lambda xs: jnp.mean(jnp.stack(xs)) if xs else jnp.zeros(())
-            particles = Particle(state, done)
-            return Population(particles, pop.log_weights), inits, hist, mean(rates), mean(suffix_rates)
-
-        def keep(operand):
-            pop, inits, hist = operand
-            return pop, inits, hist, jnp.zeros(()), jnp.zeros(())
-
-        pop, inits, hist, rate, suffix_rate = jax.lax.cond(do, resample_and_move, keep, (pop, inits, hist))
-        record = (ess_t, do, log_evidence(pop.log_weights), rate, suffix_rate, info.nan_sites)
-        return (Sequential(pop, seq.t), inits, hist), record
-
-    # The first step's shapes seed the history buffers.
-    shapes = jax.eval_shape(lambda s: advance(k_loop, s, program, args)[1].choices, seq)
-    hist0["choices"] = {
-        k: jnp.zeros((n, num_steps, *shapes[k].shape[1:]), shapes[k].dtype) for k in step_names
-    }
-    xs = (jnp.arange(num_steps, dtype=jnp.int32), jax.random.split(k_loop, num_steps))
-    (seq, inits, hist), (ess_h, resampled, log_z_h, rate_h, suffix_h, nan_h) = jax.lax.scan(
-        body, (seq, init_choices, hist0), xs
-    )
-    nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in nan_h.items()}}
-    return {
-        "init_choices": inits,
-        "trajectories": hist["choices"],
-        "active": hist["active"],
-        "log_weights": seq.population.log_weights,
-        "log_evidence": log_evidence(seq.population.log_weights),
-        "log_evidence_history": log_z_h,
-        "ess": ess_h,
-        "resampled": resampled,
-        "acceptance_rate": rate_h if move_sites else suffix_h,
-        "suffix_acceptance_rate": suffix_h,
-        "state": seq.population.particles.state,
-        "nan_sites": nan_sites,
-    }
+            hist, st, done, rate = regenerate_suffix(
+                jax.random.fold_in(k_i, 1),
+                program,
+                args,
+                self.proposal,
+                inits,
+                hist,
+                st,
+                done,
+                t,
+                self.suffix,
+            )
+            suffix_rates.append(rate)
+        mean = lambda xs: jnp.mean(jnp.stack(xs)) if xs else jnp.zeros(())
+        carried = {"init": inits, "hist": hist}
+        info = {"acceptance_rate": mean(rates), "suffix_acceptance_rate": mean(suffix_rates)}
+        return state._replace(particles=Particle(st, done), carried=carried), info
 
 
-def rw_move(key, program, args, inits, hist, t, transforms, num_moves, state):
+def rw_move(key, program, args, inits, hist, t, space, num_moves, state):
     """``num_moves`` random-walk MH moves of every particle's static parameters (vmapped), targeting
-    ``p(θ, x_{0:t}, y_{0:t})`` in θ's unconstrained space (Jacobian included). Returns
-    ``(inits, states, acceptance rate f32[])``."""
-    u = unconstrain(transforms, inits)
-    flat, unravel = jax.vmap(lambda d: ravel_pytree(d)[0]), ravel_pytree(jax.tree.map(lambda x: x[0], u))[1]
-    u_flat = flat(u)
-    dim = u_flat.shape[1]
-    scale = 2.38 / jnp.sqrt(dim) * jnp.maximum(jnp.std(u_flat, axis=0), 1e-3)
+    ``p(θ, x_{0:t}, y_{0:t})`` in θ's unconstrained ``space`` (:mod:`ppinfer.kernels.space`,
+    Jacobian included). Returns ``(inits, states, acceptance rate f32[])``."""
+    u_flat = jax.vmap(space.unconstrain)(inits)
+    scale = 2.38 / jnp.sqrt(space.dim) * jnp.maximum(jnp.std(u_flat, axis=0), 1e-3)
 
     def target(v, inits_i, hist_i):
-        values, log_det = constrain(transforms, unravel(v))
+        values, log_det = space.constrain(v)
         lj, st = log_joint(program, args, {**inits_i, **values}, hist_i["choices"], hist_i["active"], t)
         return jnp.where(jnp.isnan(lj), -jnp.inf, lj + log_det), st, values
 

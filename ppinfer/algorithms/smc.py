@@ -165,8 +165,12 @@ def run_sequential(
         "state": out["state"],
     }
     if not loop.history:
-        samples, site_kinds = sample_names(out["init_choices"], out["final_choices"])
-        extras_ = {"site_kinds": site_kinds, "active": None, **more}
+        # A move carries (and rewrites) whole trajectories; a plain filter its latest choices.
+        moved = "trajectories" in out
+        samples, site_kinds = sample_names(
+            out["init_choices"], out["trajectories" if moved else "final_choices"]
+        )
+        extras_ = {"site_kinds": site_kinds, "active": out["active"] if moved else None, **more}
         wall_time = time.perf_counter() - t0
         return Result(samples=samples, ancestors=None, wall_time=wall_time, extras=extras_, **common)
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
@@ -240,6 +244,14 @@ class Loop:
         genealogy: trace the genealogy inside the compiled run (else the caller traces it lazily).
         record: ``record(state, info) -> dict`` of extra per-step records (a recorder), returned
             stacked ``[T, …]`` under ``out["records"]``.
+        move: a rejuvenation run after every selection (resample-move), with ``history=False``:
+            an object with ``start(program, args, init_choices, step_shapes, num_steps) -> c``
+            (what it carries per particle, leading axis N), ``update(c, choices, active, t) -> c``
+            (record step ``t``), ``__call__(key, state, program, args) -> (state, info)`` (a
+            kernel on :class:`~ppinfer.kernels.smc.SMCState` whose ``carried`` is ``c``, invariant
+            for the target after the step just run) and ``output(c) -> dict`` (the run's
+            ``init_choices``, ``trajectories`` ``[N, T, …]`` and ``active: bool[N, T]``). Its infos
+            are returned stacked under ``out["move"]``.
     """
 
     num_particles: int
@@ -254,6 +266,7 @@ class Loop:
     early_exit: bool = True
     genealogy: bool = False
     record: Callable[[Any, Any], dict] | None = None
+    move: Any = None
 
 
 class LoopNoise(NamedTuple):
@@ -299,7 +312,16 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         )
     log_z_init = log_evidence(state.log_weights)
 
-    def _step(key_t, state, noise_t, update=None):
+    move = None
+    if loop.move is not None:
+        if loop.history:
+            raise ConfigError("a Loop with a move records its own history: set history=False")
+
+        def move(key_m, state):
+            own, info = loop.move(key_m, state._replace(carried=state.carried["move"]), program, args)
+            return own._replace(carried={**state.carried, "move": own.carried}), info
+
+    def _step(key_t, state, noise_t, update=None, with_move=True):
         select_now = True if loop.select_last else state.t < num_steps - 1
         return kernel.step(
             key_t,
@@ -314,20 +336,28 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             update_carried=update,
             sharding=sharding,
             noise=noise_t,
+            move=move if with_move else None,
         )
 
     # history=False: init's choices and (for a program that can stop) each particle's latest step
     # choices ride along with the particles through the selections instead of being recorded; a
     # program that cannot stop only needs the last step's choices, after which nothing selects.
     update_carried, last = None, None
-    if not loop.history:
+    if loop.move is not None:
+        shapes = jax.eval_shape(lambda s, k_: _step(k_, s, None, with_move=False)[1].choices, state, k_loop)
+        start = loop.move.start(program, args, init_info.choices, shapes, num_steps)
+        state = state._replace(carried={"move": start})
+
+        def update_carried(carried, choices, active, t):
+            return {**carried, "move": loop.move.update(carried["move"], choices, active, t)}
+    elif not loop.history:
         carried = {"init": init_info.choices}
         shapes = jax.eval_shape(lambda s, k_: _step(k_, s, None)[1].choices, state, k_loop)
         zeros = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
         if may_stop:
             carried["step"] = zeros
 
-            def update_carried(carried, choices, active):
+            def update_carried(carried, choices, active, t):
                 return {**carried, "step": keep_finished(~active, choices, carried["step"])}
         else:
             last = zeros
@@ -348,6 +378,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             record["active"] = info.active if may_stop else None
         if loop.record is not None:
             record["extra"] = loop.record(state, info)
+        if move is not None:
+            record["move"] = info.move
         if noise is not None:
             record.update(draws=info.log_prob_draws, pre=info.log_weights, step_active=info.active)
         return (state, last), record
@@ -386,6 +418,8 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             pre_log_weights=records["pre"],
             step_active=records["step_active"],
         )
+    if move is not None:
+        return {**out, "move": records["move"], **loop.move.output(state.carried["move"])}
     if not loop.history:
         final = state.carried["step"] if last is None else last
         return {**out, "init_choices": state.carried["init"], "final_choices": final}
@@ -541,6 +575,9 @@ def _dry_run(program: SequentialProgram, args: tuple, cfg: SMC) -> None:
     step = lambda s: program.step(s, t0, *args)
     prop = None if cfg.proposal is None else (lambda s: cfg.proposal(s, t0, *args))
     step_w, step_latent = checks.dry_run(step, (state,), prop, "running step 0 once")
-    checks.require_latent(init_latent + step_latent)
+    # Drawing from the key (numpyro.prng_key, e.g. LM tokens sampled in a loop) is random too.
+    keyed = lambda: checks.draws_key(program.init, args) or checks.draws_key(step, (state,))
+    if not (init_latent + step_latent or keyed()):
+        checks.require_latent([])
     batched = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
     match_state(batched(step_w.value), batched(state))

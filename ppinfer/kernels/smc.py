@@ -12,6 +12,10 @@
   multiplies its weight by the *incremental* weight ``p/q`` of that step. Valid.
 - **select** (a :mod:`~ppinfer.kernels.select` selection of ``N`` slots out of ``N·K`` children,
   when ``select_now`` and the selection's trigger hold). Valid when the selection is.
+- **move** (optional, resample-move): after a selection, a Markov kernel ``move(key, state) ->
+  (state, info)`` (:class:`~ppinfer.kernels.mh.Kernel`) rejuvenates the particles. Valid when the
+  kernel leaves the current target ``π_t`` invariant: for ``(x, w)`` properly weighted for ``π_t``,
+  ``E[w f(x')] = E[w (Kf)(x)] = Z_t E_π[Kf] = Z_t E_π[f]``.
 
 So the step is valid: ``E[⟦step(s)⟧] = ⟦s⟧`` as unnormalised measures, in particular the
 running evidence estimate ``Ẑ = Σ exp(log_weights)`` is unbiased. Nothing in the step is a hidden
@@ -82,6 +86,7 @@ class SMCInfo(NamedTuple):
         nan_sites: site → ``bool[]``, any live child's log density there was NaN.
         log_prob_draws: ``f32[M]`` log probability of each child's latent draws under the
             distributions they came from (the law of injected noise; unused on the key path).
+        move: the move's info (zeros of its shape when it did not run); ``()`` without a move.
     """
 
     choices: dict
@@ -93,6 +98,7 @@ class SMCInfo(NamedTuple):
     log_evidence: jax.Array
     nan_sites: dict
     log_prob_draws: jax.Array
+    move: Any = ()
 
 
 class StepNoise(NamedTuple):
@@ -132,9 +138,10 @@ def step(
     extensions: int = 1,
     may_stop: bool = True,
     select_now: bool | jax.Array = True,
-    update_carried: Callable[[Any, dict, jax.Array], Any] | None = None,
+    update_carried: Callable[[Any, dict, jax.Array, jax.Array], Any] | None = None,
     sharding: jax.sharding.NamedSharding | None = None,
     noise: StepNoise | None = None,
+    move: Callable[[jax.Array, SMCState], tuple[SMCState, Any]] | None = None,
 ) -> tuple[SMCState, SMCInfo]:
     """One SMC step (see the module docstring). Returns the next state and :class:`SMCInfo`.
 
@@ -145,11 +152,14 @@ def step(
         extensions: K children per particle (Steer); the selection then picks N of N·K.
         may_stop: ``False`` promises that no particle stops (no finished-particle masks).
         select_now: whether this step may select at all (SMC does not after its last step).
-        update_carried: ``(carried, choices, active) -> carried`` before the selection gathers it.
+        update_carried: ``(carried, choices, active, t) -> carried`` before the selection gathers
+            it (``t``: the index of the step just run).
         sharding: the particle axis' sharding; weights are replicated for a global selection (so
             the ancestors equal the unsharded run's), and a grouped selection with one group per
             device gathers within each device.
         noise: inject the step's randomness instead of drawing it from ``key``.
+        move: a kernel ``(key, state) -> (state, info)`` run after every selection (not when the
+            step did not select), leaving the target after this step invariant (resample-move).
     """
     n = state.log_weights.shape[0]
     k_adv, k_sel = jax.random.split(key)
@@ -162,7 +172,7 @@ def step(
     values = None if noise is None else noise.choices
     seq, info = advance(k_adv, Sequential(pop, state.t), program, args, proposal, may_stop, values)
     if update_carried is not None:
-        carried = update_carried(carried, info.choices, active)
+        carried = update_carried(carried, info.choices, active, state.t)
     base, trigger = parts(selection)
     log_weights = seq.population.log_weights
     if sharding is not None and getattr(base, "num_groups", 1) == 1:
@@ -197,6 +207,16 @@ def step(
     if sharding is not None:
         particles, carried, new_log_weights = _constrain(sharding, (particles, carried, new_log_weights))
     new = SMCState(particles, new_log_weights, seq.t, carried)
+    move_info = ()
+    if move is not None:
+        # Its own key (folded in, so the advance and selection draws are those of a run without it).
+        k_move = jax.random.fold_in(key, 2)
+        if always or extensions > 1:
+            new, move_info = move(k_move, new)
+        else:
+            shapes = jax.eval_shape(move, k_move, new)[1]
+            skipped = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            new, move_info = jax.lax.cond(selected, lambda s: move(k_move, s), lambda s: (s, skipped), new)
     step_info = SMCInfo(
         choices=info.choices,
         active=active,
@@ -207,6 +227,7 @@ def step(
         log_evidence=lse,
         nan_sites=info.nan_sites,
         log_prob_draws=info.log_prob_draws,
+        move=move_info,
     )
     return new, step_info
 
@@ -316,4 +337,3 @@ def _replicated(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedShard
 
 def _constrain(sharding, tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
-

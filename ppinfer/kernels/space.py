@@ -111,7 +111,9 @@ def space_of(
         names = tuple(sites)
         missing = sorted(set(names) - set(latent))
         if missing:
-            raise ConfigError(f"{what}: {missing} are not latent sample sites of the program; found {sorted(latent)}")
+            raise ConfigError(
+                f"{what}: {missing} are not latent sample sites of the program; found {sorted(latent)}"
+            )
     discrete = sorted(n for n in names if latent[n]["fn"].support.is_discrete)
     if discrete:
         raise ModelError(f"{what} move continuous sites only; site(s) {discrete} are discrete")

@@ -1,0 +1,198 @@
+"""SMC² (Chopin, Jacob & Papaspiliopoulos 2013): SMC over static parameters with a particle filter
+inside each parameter particle.
+
+The model is PMMH's (:class:`~ppinfer.PMMH`): a sequential program whose ``init(theta, *args)`` and
+``step(state, t, theta, *args)`` take the parameters θ first, and a static ``prior(*args)`` over θ.
+An outer population of ``N_θ`` particles ``(u_i, PF_i)`` — ``u_i: f[d]`` is θ_i in the unconstrained
+space of :func:`~ppinfer.kernels.space.space_of`, ``PF_i`` an inner particle filter of ``N_x``
+particles over the state (a :class:`~ppinfer.kernels.smc.SMCState` with leaves ``[N_θ, N_x, …]``)
+— starts from the prior (``log_weights = −log N_θ``) and at each time t:
+
+1. advances every inner filter by one kernel step (:func:`ppinfer.kernels.smc.step`, vmapped over
+   θ); the outer incremental log weight of particle i is the inner filter's incremental estimate
+   ``log p̂(y_t | y_{<t}, θ_i) = log Ẑ_{0:t}(θ_i) − log Ẑ_{0:t−1}(θ_i)`` (each ``log Ẑ`` the
+   ``logsumexp`` of the inner weights, which a built-in selection preserves);
+2. when the outer ESS < ``ess_threshold · N_θ``: resamples the outer particles, each θ with its
+   whole filter (a :mod:`~ppinfer.kernels.select` selection on the outer weights), then applies
+   ``num_moves`` PMMH moves: ``u' = u + s·ε`` (``s = 2.38/√d`` × the population's per-coordinate
+   sd, as resample-move and tempered SMC adapt theirs), a fresh inner filter run on ``y_{0:t}``
+   for θ(u'), accepted (:func:`ppinfer.kernels.mh.accept`) with ratio
+   ``[p(u') Ẑ_{0:t}(u')] / [p(u) Ẑ_{0:t}(u)]`` (``p`` the prior pushed to ``u``, Jacobian included).
+
+``logsumexp(log_weights)`` after step t is ``log Ẑ_{0:t} = Σ_s log Σ_i W_i^{(s)} p̂(y_s | y_{<s}, θ_i)``
+(``W`` the normalised outer weights before step s): the log of an unbiased estimate of
+``p(y_{0:t})``.
+
+**Validity.** Each outer particle is a point of the extended space (θ, all the inner filter's
+randomness), whose target at time t is ``π_t ∝ p(θ) ψ_t(randomness) Ẑ_{0:t}(θ, randomness)``;
+its θ-marginal is ``p(θ | y_{0:t})`` because ``Ẑ`` is unbiased. Advancing the inner filter
+extends the randomness by its own law, so the exact importance weight of ``π_t`` against
+``π_{t−1}`` ⊗ that law is ``Ẑ_{0:t} / Ẑ_{0:t−1}`` — step 1. Resampling is a valid selection, and
+a PMMH move (fresh randomness from ψ_t, θ by a symmetric walk, MH on ``p(θ) Ẑ_{0:t}``) is an MH
+kernel leaving ``π_t`` invariant (the move's scale depends only on the population). So this is an
+SMC sampler on the extended space: the weighted θ estimate ``p(θ | y)`` consistently and
+``E[Ẑ] = p(y)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from ppinfer import checks
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.errors import ConfigError
+from ppinfer.kernels import smc as kernel
+from ppinfer.kernels.mh import accept
+from ppinfer.kernels.select import Adaptive, as_selection, draw_uniforms, parts
+from ppinfer.kernels.space import space_of
+from ppinfer.population import ess, gather
+from ppinfer.program import is_sequential
+from ppinfer.result import Result
+from ppinfer.suspended import can_stop
+
+__all__ = ["SMC2"]
+
+
+@dataclass(frozen=True)
+class SMC2:
+    """SMC² for a sequential program with static parameters (the model interface of
+    :class:`~ppinfer.PMMH`).
+
+    Args:
+        prior: the prior program over θ (continuous sites, any support).
+        num_particles: N_θ outer (parameter) particles.
+        num_inner: N_x particles of each inner particle filter.
+        ess_threshold: resample-move the outer particles when their ESS < ``ess_threshold · N_θ``.
+        num_moves: PMMH moves after each outer resampling (≥ 1).
+        resampling: the outer selection (a scheme name or a :mod:`~ppinfer.kernels.select` one).
+        inner_resampling, inner_ess_threshold: the inner filters' selection and ESS trigger.
+
+    The :class:`~ppinfer.Result` holds θ's sites ``[N_θ, …]`` with the outer ``log_weights``,
+    ``log_evidence`` (``log Ẑ``), per-step ``ess`` / ``resampled`` / ``log_evidence_history`` and
+    ``extras["acceptance_rate"]: f32[T]`` (mean PMMH acceptance at each step, NaN when no move).
+    """
+
+    prior: Callable[..., Any]
+    num_particles: int = 256
+    num_inner: int = 64
+    ess_threshold: float = 0.5
+    num_moves: int = 1
+    resampling: Any = "systematic"
+    inner_resampling: Any = "systematic"
+    inner_ess_threshold: float = 0.5
+
+    name = "SMC2"
+
+    def __post_init__(self):
+        checks.check_num_particles(self.num_particles)
+        checks.check_int("num_inner", self.num_inner, 1)
+        checks.check_int("num_moves", self.num_moves, 1)
+        checks.check_probability("ess_threshold", self.ess_threshold)
+        checks.check_probability("inner_ess_threshold", self.inner_ess_threshold)
+        as_selection(self.resampling)
+        as_selection(self.inner_resampling)
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        if not is_sequential(program):
+            raise ConfigError("SMC2 needs a sequential program whose init/step take theta first")
+        t0 = time.perf_counter()
+        space = space_of(self.prior, args, what="SMC2")  # host-side: clear errors before compiling
+        num_steps = program.steps_for((None, *args))
+        may_stop = can_stop(program, (space.constrain(space.u0)[0], *args))
+        dyn, static_key, rebuild = split_args(args)
+        cache_key = ("smc2", program, self, static_key, num_steps, may_stop)
+        build = lambda: lambda k, d: self._run(k, program, rebuild(d), num_steps, may_stop)
+        fn, _ = cached_jit(cache_key, build)
+        out = jax.block_until_ready(fn(key, dyn))
+        log_z = float(out["log_evidence"])
+        checks.raise_if_dead(log_z, "at the end", self.num_particles)
+        return Result(
+            samples=out["theta"],
+            log_weights=out["log_weights"],
+            log_evidence=log_z,
+            algorithm=self.name,
+            ess=out["ess"],
+            resampled=out["resampled"],
+            log_evidence_history=out["log_evidence_history"],
+            wall_time=time.perf_counter() - t0,
+            extras={"acceptance_rate": out["acceptance_rate"], "num_inner": self.num_inner},
+        )
+
+    def _run(self, key, program, args, num_steps: int, may_stop: bool) -> dict:
+        """The whole run (traced once): returns θ, outer weights and the per-step records."""
+        n, space = self.num_particles, space_of(self.prior, args, what="SMC2")
+        inner_sel = as_selection(self.inner_resampling, self.inner_ess_threshold)
+        base, trigger = parts(Adaptive(as_selection(self.resampling), float(self.ess_threshold)))
+        theta_of = jax.vmap(lambda u: space.constrain(u)[0])
+        log_prior = jax.vmap(lambda u: space.log_prior(u, *args))
+        log_z = lambda pf: logsumexp(pf.log_weights, axis=-1)  # log Ẑ so far of each inner filter
+
+        def inner_step(k, pf, theta):
+            step = kernel.step(k, pf, program, (theta, *args), selection=inner_sel, may_stop=may_stop)
+            return step[0], step[1].log_evidence
+
+        def fresh(k, theta, t):
+            """A new inner filter for θ run on y_{0:t} (t traced: a while loop of t + 1 steps)."""
+            k0, k1 = jax.random.split(k)
+            pf, _ = kernel.init(k0, program, (theta, *args), self.num_inner)
+            body = lambda s, pf: inner_step(jax.random.fold_in(k1, s), pf, theta)[0]
+            return jax.lax.fori_loop(0, t + 1, body, pf)
+
+        def move(t, scale, carry, k):
+            u, pf = carry
+            k_prop, k_pf, k_acc = jax.random.split(k, 3)
+            u_new = u + scale * jax.random.normal(k_prop, u.shape, u.dtype)
+            pf_new = jax.vmap(fresh, (0, 0, None))(jax.random.split(k_pf, n), theta_of(u_new), t)
+            log_alpha = (log_prior(u_new) + log_z(pf_new)) - (log_prior(u) + log_z(pf))
+            carry, info = accept(k_acc, log_alpha, (u_new, pf_new), (u, pf))
+            return carry, jnp.mean(info.acceptance_rate)
+
+        def resample_move(k, t, u, pf, log_w):
+            k_sel, k_mv = jax.random.split(k)
+            ancestors, log_w = base(draw_uniforms(base, k_sel, n, log_w.dtype), log_w)
+            u, pf = gather((u, pf), ancestors)
+            scale = 2.38 / jnp.sqrt(space.dim) * jnp.maximum(jnp.std(u, axis=0), 1e-3)
+            keys = jax.random.split(k_mv, self.num_moves)
+            (u, pf), rates = jax.lax.scan(lambda c, km: move(t, scale, c, km), (u, pf), keys)
+            return u, pf, log_w, jnp.mean(rates)
+
+        def body(carry, xs):
+            u, pf, log_w = carry
+            k, t = xs
+            k_adv, k_rm = jax.random.split(k)
+            before = log_z(pf)
+            pf, after = jax.vmap(inner_step)(jax.random.split(k_adv, n), pf, theta_of(u))
+            # log p̂(y_t | y_{<t}, θ_i); a filter already dead (−inf) stays dead (no −inf − −inf).
+            log_w = log_w + jnp.where(jnp.isfinite(before), after - before, -jnp.inf)
+            lse = logsumexp(log_w)
+            ess_t = ess(log_w, lse)
+            selected = trigger(log_w, ess_t)
+            keep = lambda k, t, u, pf, log_w: (u, pf, log_w, jnp.full((), jnp.nan, log_w.dtype))
+            u, pf, log_w, rate = jax.lax.cond(selected, resample_move, keep, k_rm, t, u, pf, log_w)
+            record = {"ess": ess_t, "resampled": selected, "lse": lse, "rate": rate}
+            return (u, pf, log_w), record
+
+        k_theta, k_pf, k_loop = jax.random.split(key, 3)
+        u = jax.vmap(lambda k: space.draw(k, *args))(jax.random.split(k_theta, n))
+        pf, _ = jax.vmap(lambda k, th: kernel.init(k, program, (th, *args), self.num_inner))(
+            jax.random.split(k_pf, n), theta_of(u)
+        )
+        log_w = log_z(pf) - jnp.log(n)  # init's observations, if any, weight θ too
+        xs = (jax.random.split(k_loop, num_steps), jnp.arange(num_steps))
+        (u, pf, log_w), rec = jax.lax.scan(body, (u, pf, log_w), xs)
+        return {
+            "theta": theta_of(u),
+            "log_weights": log_w,
+            "log_evidence": logsumexp(log_w),
+            "ess": rec["ess"],
+            "resampled": rec["resampled"],
+            "log_evidence_history": rec["lse"],
+            "acceptance_rate": rec["rate"],
+        }
