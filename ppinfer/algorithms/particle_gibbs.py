@@ -55,7 +55,6 @@ re-scored under the proposed θ). Both updates leave ``p(θ, x | y)`` invariant,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -64,19 +63,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
-from jax.flatten_util import ravel_pytree
 from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
 from ppinfer.algorithms.rescore import log_joint
 from ppinfer.algorithms.smc import sample_names
 from ppinfer.errors import ConfigError, ModelError, ZeroEvidenceError
 from ppinfer.kernels.mh import accept
-from ppinfer.mcmc.algorithm import MCMCResult
+from ppinfer.kernels.space import space_of
+from ppinfer.mcmc.algorithm import MCMC, MCMCResult
 from ppinfer.mcmc.base import Kernel
 from ppinfer.population import Population, ess, gather
 from ppinfer.program import SequentialProgram, is_sequential
@@ -345,148 +342,135 @@ class ParticleGibbs:
         if self.prior is not None and not callable(self.prior):
             raise ConfigError(f"prior must be a program (a callable) or None, got {self.prior!r}")
 
+    sequential = True  # the MCMC driver hands it a sequential program
+
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
-        if not is_sequential(program):
-            raise ConfigError(
-                "ParticleGibbs needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
-                "for a static program use MCMC"
-            )
-        t0 = time.perf_counter()
-        args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
-        space = None if self.prior is None else _parameter_space(self.prior, args)
-        if space is None:
-            num_steps = program.steps_for(args)
-            sites = check_program(program, args)
-        else:
-            num_steps = program.steps_for((None, *args))
-            sites = check_program(program, (space.to_theta(space.u0), *args))
-            clash = sorted(set(space.names) & (set(sites.init_latent) | set(sites.step_latent)))
-            if clash:
-                raise ModelError(f"ParticleGibbs: parameter site(s) {clash} are also sites of the program")
-        dyn, static_key, rebuild = split_args(args)
-        settings = (self.num_particles, self.num_samples, self.num_warmup, self.num_chains)
-        settings += (self.ancestor_sampling, self.theta_moves, float(self.step_size))
-        settings += (float(self.target_accept), num_steps, sites)
-        cache_key = ("particle_gibbs", program, self.prior, settings, static_key)
+        return MCMC(self, self.num_samples, self.num_warmup, self.num_chains).run(key, program, args)
 
-        def build():
-            def chains(keys, dyn):
-                one = lambda k: _chain(self, k, program, rebuild(dyn), num_steps, sites, space)
-                return jax.vmap(one)(keys)
-
-            return chains
-
-        fn, _ = cached_jit(cache_key, build)
-        out = jax.block_until_ready(fn(jax.random.split(key, self.num_chains), dyn))
-        checks.raise_on_nan_sites(out["nan_sites"], self.name)
-        if not np.all(np.isfinite(np.asarray(out["initial_log_evidence"]))):
+    def extras(self, infos: dict) -> dict:
+        """Check the run (NaN sites, a dead first sweep, a non-Markov program under ancestor
+        sampling: the infos carry these flags over every sweep) and summarise it (``[C, S]`` infos)."""
+        last = jax.tree.map(lambda x: np.asarray(x)[:, -1], infos["flags"])
+        checks.raise_on_nan_sites(last["nan_sites"], self.name)
+        if not np.all(np.isfinite(last["initial_log_evidence"])):
             raise ZeroEvidenceError(
                 f"ParticleGibbs: the initial SMC run ({self.num_particles} particles) of some chain "
                 "gave every particle weight zero, so no starting trajectory was found; check the "
                 "observations and constraints, or use more particles"
             )
-        if bool(np.any(np.asarray(out["non_markov"]))):
+        if bool(np.any(last["non_markov"])):
             raise ModelError(
                 "ParticleGibbs(ancestor_sampling=True) needs a Markov program: the state a step "
                 "returns must be determined by that step's own choices (e.g. `return x`), and no "
                 "particle may stop; here some step's state depended on its ancestor's state or a "
                 "particle stopped. Use ancestor_sampling=False."
             )
-        n = self.num_chains * self.num_samples
-        samples = {k: jnp.reshape(v, (n, *v.shape[2:])) for k, v in out["draws"].items()}
-        return MCMCResult(
-            samples=samples,
-            log_weights=jnp.full((n,), -jnp.log(n)),
-            log_evidence=None,
-            algorithm=self.name,
-            wall_time=time.perf_counter() - t0,
-            extras={
-                "num_chains": self.num_chains,
-                "acceptance_rate": np.asarray(out["acceptance_rate"]),
-                "update_rate": np.asarray(out["update_rate"]),
-            },
+        return {
+            "acceptance_rate": np.mean(np.asarray(infos["accepted"], np.float32), axis=1),
+            "update_rate": np.mean(np.asarray(infos["changed"], np.float32), axis=1),
+        }
+
+    def build_for(self, program: Any, args: tuple, num_warmup: int) -> Kernel:
+        """The particle Gibbs :class:`~ppinfer.mcmc.Kernel` of ``program(*args)`` (a
+        :class:`PGState` chain): ``init`` draws θ from the prior and the first reference by an
+        unconditional sweep; ``step`` is a CSMC sweep given θ, then ``theta_moves`` random-walk MH
+        updates of θ given the trajectory (scale adapted during the first ``num_warmup`` steps)."""
+        if not is_sequential(program):
+            raise ConfigError(
+                "ParticleGibbs needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
+                "for a static program use MCMC"
+            )
+        space = (
+            None
+            if self.prior is None
+            else space_of(self.prior, args, what="ParticleGibbs", error=ConfigError)
+        )
+        if space is None:
+            num_steps = program.steps_for(args)
+            sites = check_program(program, args)
+        else:
+            num_steps = program.steps_for((None, *args))
+            sites = check_program(program, (space.constrain(space.u0)[0], *args))
+            clash = sorted(set(space.names) & (set(sites.init_latent) | set(sites.step_latent)))
+            if clash:
+                raise ModelError(f"ParticleGibbs: parameter site(s) {clash} are also sites of the program")
+        n = self.num_particles
+        full_args = (
+            (lambda u, args: args) if space is None else (lambda u, args: (space.constrain(u)[0], *args))
         )
 
+        def log_target(u, ref, args):
+            init = {k: ref.init[k] for k in sites.init_latent}
+            steps = {k: ref.steps[k] for k in sites.step_latent}
+            last = jnp.asarray(num_steps - 1, jnp.int32)
+            lj, _ = log_joint(program, full_args(u, args), init, steps, ref.active, last)
+            lp = space.log_prior(u, *args) + lj
+            return jnp.where(jnp.isnan(lp), -jnp.inf, lp)
 
-class _Space(NamedTuple):
-    """θ's unconstrained space: ``to_theta(u)``, ``log_prior(u, args)`` (log-Jacobian included),
-    ``draw(key, args) -> u`` (a prior draw), a template point ``u0`` and the parameter names."""
+        def theta_update(key, u, ref, log_step, args):
+            lp = log_target(u, ref, args)
 
-    to_theta: Callable
-    log_prior: Callable
-    draw: Callable
-    u0: jax.Array
-    names: tuple[str, ...]
+            def move(carry, k):
+                u, lp, rate = carry
+                k_prop, k_acc = jax.random.split(k)
+                u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape, u.dtype)
+                lp_new = log_target(u_new, ref, args)
+                (u, lp), info = accept(k_acc, lp_new - lp, (u_new, lp_new), (u, lp))
+                return (u, lp, rate + info.acceptance_rate / self.theta_moves), info.accepted
+
+            keys = jax.random.split(key, self.theta_moves)
+            (u, _, rate), accepted = jax.lax.scan(move, (u, lp, jnp.zeros(())), keys)
+            return u, rate, jnp.mean(accepted.astype(jnp.float32))
+
+        def sweep(key, u, ref, pin, args):
+            return _sweep(
+                key, program, full_args(u, args), n, num_steps, sites, ref, pin, self.ancestor_sampling
+            )
+
+        def init(key, args):
+            k_theta, k_sweep = jax.random.split(key)
+            u = jnp.zeros((0,)) if space is None else space.draw(k_theta, *args)
+            ref, info = sweep(k_sweep, u, _placeholder(program, full_args(u, args), num_steps), False, args)
+            flags = {"nan_sites": info.nan_sites, "non_markov": info.non_markov}
+            flags["initial_log_evidence"] = info.log_evidence
+            log_step = jnp.log(jnp.asarray(self.step_size, jnp.float32))
+            return PGState(u, ref, log_step, jnp.zeros((), jnp.int32), flags)
+
+        def step(key, state, args):
+            k_csmc, k_theta = jax.random.split(key)
+            u, log_step = state.u, state.log_step
+            ref, info = sweep(k_csmc, u, state.ref, True, args)
+            accepted = jnp.zeros(())
+            if space is not None:
+                u, rate, accepted = theta_update(k_theta, u, ref, log_step, args)
+                adapted = log_step + (rate - self.target_accept) / jnp.sqrt(state.i + 2.0)
+                log_step = jnp.where(state.i < num_warmup, adapted, log_step)
+            old = state.flags
+            flags = {
+                "nan_sites": {k: old["nan_sites"][k] | v for k, v in info.nan_sites.items()},
+                "non_markov": old["non_markov"] | info.non_markov,
+                "initial_log_evidence": old["initial_log_evidence"],
+            }
+            new = PGState(u, ref, log_step, state.i + 1, flags)
+            return new, {"changed": info.changed, "accepted": accepted, "flags": flags}
+
+        def position(state, args):
+            theta = {} if space is None else space.constrain(state.u)[0]
+            return {**theta, **sample_names(state.ref.init, state.ref.steps)[0]}
+
+        return Kernel(init, step, position)
 
 
-def _chain(cfg: ParticleGibbs, key, program, args, num_steps, sites, space):
-    """One chain, one ``lax.scan`` (so the sweep is compiled once): sweep 0 draws the starting
-    reference by unconditional SMC given θ₀ (a prior draw); sweeps ``1 … num_warmup`` adapt the θ
-    step size; the last ``num_samples`` sweeps are recorded."""
-    n = cfg.num_particles
-    k_theta, k_run = jax.random.split(key)
-    u = jnp.zeros((0,)) if space is None else space.draw(k_theta, args)
-    full_args = (lambda u: args) if space is None else (lambda u: (space.to_theta(u), *args))
-    ref = _placeholder(program, full_args(u), num_steps)
-    total = 1 + cfg.num_warmup + cfg.num_samples
+class PGState(NamedTuple):
+    """One particle Gibbs chain: ``u: f[d]`` θ unconstrained (``f[0]`` without a prior), the
+    reference :class:`Trajectory`, the log θ step size, ``i`` sweeps taken and ``flags`` (NaN
+    sites, a non-Markov step, the first sweep's log Ẑ) accumulated over every sweep."""
 
-    def log_target(u, ref):
-        lj, _ = log_joint(
-            program,
-            full_args(u),
-            {k: ref.init[k] for k in sites.init_latent},
-            {k: ref.steps[k] for k in sites.step_latent},
-            ref.active,
-            jnp.asarray(num_steps - 1, jnp.int32),
-        )
-        lp = space.log_prior(u, args) + lj
-        return jnp.where(jnp.isnan(lp), -jnp.inf, lp)
-
-    def theta_update(key, u, ref, log_step):
-        lp = log_target(u, ref)
-
-        def move(carry, k):
-            u, lp, rate = carry
-            k_prop, k_acc = jax.random.split(k)
-            u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape, u.dtype)
-            lp_new = log_target(u_new, ref)
-            (u, lp), info = accept(k_acc, lp_new - lp, (u_new, lp_new), (u, lp))
-            return (u, lp, rate + info.acceptance_rate / cfg.theta_moves), info.accepted
-
-        (u, _, rate), accepted = jax.lax.scan(
-            move, (u, lp, jnp.zeros(())), jax.random.split(key, cfg.theta_moves)
-        )
-        return u, rate, jnp.mean(accepted.astype(jnp.float32))
-
-    def sweep(carry, inp):
-        u, ref, log_step = carry
-        k, i = inp
-        k_csmc, k_theta = jax.random.split(k)
-        ref, info = _sweep(
-            k_csmc, program, full_args(u), n, num_steps, sites, ref, i > 0, cfg.ancestor_sampling
-        )
-        accepted = jnp.zeros(())
-        if space is not None:
-            u, rate, accepted = theta_update(k_theta, u, ref, log_step)
-            warm = i <= cfg.num_warmup
-            log_step = jnp.where(warm, log_step + (rate - cfg.target_accept) / jnp.sqrt(i + 1.0), log_step)
-        theta = {} if space is None else space.to_theta(u)
-        draw = {**theta, **sample_names(ref.init, ref.steps)[0]}
-        record = (draw, info.changed, accepted, info.nan_sites, info.non_markov, info.log_evidence)
-        return (u, ref, log_step), record
-
-    carry = (u, ref, jnp.log(jnp.asarray(cfg.step_size, jnp.float32)))
-    xs = (jax.random.split(k_run, total), jnp.arange(total))
-    _, (draws, changed, accepted, nan, non_markov, log_z) = jax.lax.scan(sweep, carry, xs)
-    kept = slice(1 + cfg.num_warmup, None)
-    return {
-        "draws": jax.tree.map(lambda x: x[kept], draws),
-        "update_rate": jnp.mean(changed[kept].astype(jnp.float32), axis=0),
-        "acceptance_rate": jnp.mean(accepted[kept]),
-        "nan_sites": {k: jnp.any(v) for k, v in nan.items()},
-        "non_markov": jnp.any(non_markov),
-        "initial_log_evidence": log_z[0],
-    }
+    u: jax.Array
+    ref: Trajectory
+    log_step: jax.Array
+    i: jax.Array
+    flags: dict
 
 
 def _placeholder(program: SequentialProgram, args: tuple, num_steps: int) -> Trajectory:
@@ -561,9 +545,7 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling,
         state0 = jax.tree.map(
             lambda a, old: jnp.where(p0.done, old, a), _cast_like(w0.value, p0.state), p0.state
         )
-        new = Particle(
-            _pin_first(new.state, state0, pin), _pin_first(new.done, p0.done | run0.stopped, pin)
-        )
+        new = Particle(_pin_first(new.state, state0, pin), _pin_first(new.done, p0.done | run0.stopped, pin))
         inc = _pin_first(info.log_increments, jnp.where(p0.done, 0.0, w0.log_weight), pin)
         choices = _pin_first(info.choices, w0.choices, pin)
         nan = _merge_nan(info.nan_sites, run0.nan_sites, pin & ~p0.done)
@@ -728,39 +710,6 @@ def _changed(new: Trajectory, old: Trajectory, sites: Sites) -> jax.Array:
         d = new.steps[k] != old.steps[k]
         diff = diff | jnp.any(d.reshape(t, -1), axis=1)
     return diff & (new.active | old.active)
-
-
-def _parameter_space(prior: Callable[..., Any], args: tuple) -> _Space:
-    """θ's sites, their support bijections and the unconstrained-space functions (as PMMH)."""
-    tr = handlers.trace(handlers.seed(prior, 0)).get_trace(*args)
-    sites = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
-    if not sites:
-        raise ConfigError("the ParticleGibbs prior samples no parameter")
-    for name, site in sites.items():
-        if site["fn"].support.is_discrete:
-            raise ConfigError(f"ParticleGibbs parameters must be continuous; site {name!r} is discrete")
-    bijections = {n: dist.biject_to(s["fn"].support) for n, s in sites.items()}
-    u0, unravel = ravel_pytree({n: bijections[n].inv(s["value"]) for n, s in sites.items()})
-
-    def to_theta(u):
-        return {n: bijections[n](v) for n, v in unravel(u).items()}
-
-    def log_prior(u, args):
-        parts = unravel(u)
-        theta = {n: bijections[n](v) for n, v in parts.items()}
-        with handlers.trace() as trace, handlers.substitute(data=theta), handlers.seed(rng_seed=0):
-            prior(*args)
-        total = jnp.zeros(())
-        for n, v in parts.items():
-            total = total + jnp.sum(trace[n]["fn"].log_prob(theta[n]))
-            total = total + jnp.sum(bijections[n].log_abs_det_jacobian(v, theta[n]))
-        return total
-
-    def draw(key, args):
-        t = handlers.trace(handlers.seed(prior, key)).get_trace(*args)
-        return ravel_pytree({n: bijections[n].inv(t[n]["value"]) for n in sites})[0]
-
-    return _Space(to_theta, log_prior, draw, u0, tuple(sites))
 
 
 def _check_num_particles(n: Any) -> int:

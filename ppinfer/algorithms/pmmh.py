@@ -16,43 +16,57 @@ with ``Ẑ(θ)`` kept from when θ was accepted (re-estimating it would break va
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
-from jax.flatten_util import ravel_pytree
-from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer.algorithms.smc import smc_run
+from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
 from ppinfer.errors import ConfigError
 from ppinfer.kernels.mh import accept
-from ppinfer.mcmc.algorithm import MCMCResult
+from ppinfer.kernels.space import space_of
+from ppinfer.mcmc.algorithm import MCMC, MCMCResult
+from ppinfer.mcmc.base import Kernel
 from ppinfer.program import SequentialProgram, is_sequential, sequential
 from ppinfer.resample import check_scheme
 
-__all__ = ["PMMH"]
+__all__ = ["PMMH", "PMMHState"]
+
+
+class PMMHState(NamedTuple):
+    """One PMMH chain: ``u: f[d]`` (θ unconstrained), ``log_target: f[]`` (``log p(u) + log Ẑ(θ(u))``
+    as accepted), ``log_step: f[]`` (log random-walk scale) and ``i: i32[]`` transitions taken."""
+
+    u: jax.Array
+    log_target: jax.Array
+    log_step: jax.Array
+    i: jax.Array
 
 
 @dataclass(frozen=True)
 class PMMH:
-    """PMMH for a sequential program with static parameters.
+    """PMMH for a sequential program with static parameters: a kernel run by the one
+    :class:`~ppinfer.MCMC` driver (``infer(..., algorithm=PMMH(...))`` is
+    ``MCMC(kernel=PMMH(...), num_samples, num_warmup, num_chains)``).
 
     The program's ``init(theta, *args)`` and ``step(state, t, theta, *args)`` take the parameters
     ``theta`` (a dict, site name → value) as their first data argument; ``prior(*args)`` is a static
-    program sampling those sites (continuous, any support).
+    program sampling those sites (continuous, any support; its space is
+    :func:`~ppinfer.kernels.space.space_of`).
 
     Args:
         prior: the prior program over θ.
-        num_particles: SMC particles per likelihood estimate.
-        num_samples, num_warmup, num_chains: as in :class:`~ppinfer.MCMC` (chains are vmapped).
-        step_size: initial random-walk scale in the unconstrained space.
+        num_particles: SMC particles per likelihood estimate (a pure filter, ``history=False``).
+        num_samples, num_warmup, num_chains: as in :class:`~ppinfer.MCMC` (chains are vmapped; each
+            starts from its own prior draw).
+        step_size: initial random-walk scale in the unconstrained space (adapted during warm-up).
         resampling, ess_threshold: the inner SMC's settings.
+
+    ``extras["acceptance_rate"]: f[C]`` is each chain's acceptance rate over the recorded draws.
     """
 
     prior: Callable[..., Any]
@@ -65,6 +79,7 @@ class PMMH:
     ess_threshold: float = 0.5
 
     name = "PMMH"
+    sequential = True  # the MCMC driver hands it a sequential program
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
@@ -80,63 +95,49 @@ class PMMH:
             raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
+        return MCMC(self, self.num_samples, self.num_warmup, self.num_chains).run(key, program, args)
+
+    def extras(self, infos: dict) -> dict:
+        """The result's extras from the recorded infos (``[C, S]``)."""
+        return {"acceptance_rate": np.mean(np.asarray(infos["accepted"], np.float32), axis=1)}
+
+    def build_for(self, program: Any, args: tuple, num_warmup: int) -> Kernel:
+        """The PMMH :class:`~ppinfer.mcmc.Kernel` of ``program(*args)``: random-walk MH on ``u``
+        with ``Ẑ(θ)`` from a fresh SMC run (kept from when θ was accepted), the log scale adapted
+        towards an acceptance rate of 0.25 during the first ``num_warmup`` transitions."""
         if not is_sequential(program):
             raise ConfigError("PMMH needs a sequential program whose init/step take theta first")
-        t0 = time.perf_counter()
-        to_theta, log_prior, u0 = _unconstrained(self.prior, args)
+        space = space_of(self.prior, args, what="PMMH", error=ConfigError)
         num_steps = program.steps_for((None, *args))
-        args_j = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
+        selection = smc_selection(self.resampling, self.ess_threshold)
+        loop = Loop(self.num_particles, num_steps, selection, history=False)
 
-        def log_z(k, u):
-            theta = to_theta(u)
-            out = smc_run(
-                k,
-                _with_theta(program, theta),
-                args_j,
-                self.num_particles,
-                num_steps,
-                self.resampling,
-                self.ess_threshold,
+        def log_target(key, u, args):
+            theta = space.constrain(u)[0]
+            log_z = run_loop(key, _with_theta(program, theta), args, loop)["log_evidence"]
+            return space.log_prior(u, *args) + log_z
+
+        def init(key, args):
+            k_u, k_z = jax.random.split(key)
+            u = space.draw(k_u, *args)
+            log_step = jnp.log(jnp.asarray(self.step_size, u.dtype))
+            return PMMHState(u, log_target(k_z, u, args), log_step, jnp.zeros((), jnp.int32))
+
+        def step(key, state, args):
+            k_prop, k_smc, k_acc = jax.random.split(key, 3)
+            u_new = state.u + jnp.exp(state.log_step) * jax.random.normal(
+                k_prop, state.u.shape, state.u.dtype
             )
-            return out["log_evidence"]
+            lt_new = log_target(k_smc, u_new, args)
+            (u, lt), info = accept(
+                k_acc, lt_new - state.log_target, (u_new, lt_new), (state.u, state.log_target)
+            )
+            warm = state.i < num_warmup
+            adapted = state.log_step + (info.acceptance_rate - 0.25) / jnp.sqrt(state.i + 1.0)
+            log_step = jnp.where(warm, adapted, state.log_step)
+            return PMMHState(u, lt, log_step, state.i + 1), {"accepted": info.accepted}
 
-        draws, accept = jax.jit(jax.vmap(lambda k: self._chain(k, u0, log_prior, log_z)))(
-            jax.random.split(key, self.num_chains)
-        )
-        thetas = jax.vmap(jax.vmap(to_theta))(draws)
-        n = self.num_chains * self.num_samples
-        samples = {k: jnp.reshape(v, (n, *v.shape[2:])) for k, v in thetas.items()}
-        return MCMCResult(
-            samples=samples,
-            log_weights=jnp.full((n,), -jnp.log(n)),
-            log_evidence=float("nan"),
-            algorithm=self.name,
-            wall_time=time.perf_counter() - t0,
-            extras={"num_chains": self.num_chains, "acceptance_rate": np.asarray(accept)},
-        )
-
-    def _chain(self, key, u0, log_prior, log_z):
-        k_init, k_loop = jax.random.split(key)
-        lp0 = log_prior(u0) + log_z(k_init, u0)
-        total = self.num_warmup + self.num_samples
-
-        def body(carry, inp):
-            u, lp, log_step, accepted = carry
-            k, i = inp
-            k_prop, k_smc, k_acc = jax.random.split(k, 3)
-            u_new = u + jnp.exp(log_step) * jax.random.normal(k_prop, u.shape)
-            lp_new = log_prior(u_new) + log_z(k_smc, u_new)
-            (u, lp), info = accept(k_acc, lp_new - lp, (u_new, lp_new), (u, lp))
-            warm = i < self.num_warmup
-            log_step = jnp.where(warm, log_step + (info.acceptance_rate - 0.25) / jnp.sqrt(i + 1.0), log_step)
-            accepted = accepted + jnp.where(warm, 0, info.accepted.astype(jnp.int32))
-            return (u, lp, log_step, accepted), u
-
-        init = (u0, lp0, jnp.log(jnp.asarray(self.step_size, u0.dtype)), jnp.zeros((), jnp.int32))
-        (_, _, _, accepted), us = jax.lax.scan(
-            body, init, (jax.random.split(k_loop, total), jnp.arange(total))
-        )
-        return us[self.num_warmup :], accepted / self.num_samples
+        return Kernel(init, step, lambda state, args: space.constrain(state.u)[0])
 
 
 def _with_theta(program: SequentialProgram, theta: dict) -> SequentialProgram:
@@ -145,34 +146,3 @@ def _with_theta(program: SequentialProgram, theta: dict) -> SequentialProgram:
         lambda s, t, *a: program.step(s, t, theta, *a),
         program.num_steps if not callable(program.num_steps) else (lambda *a: program.num_steps(theta, *a)),
     )
-
-
-def _unconstrained(prior: Callable[..., Any], args: tuple):
-    """``(to_theta, log_prior, u0)``: the map from a flat unconstrained vector to θ, the log prior
-    density of θ(u) including the log-Jacobian, and a starting point (the prior's median-ish draw)."""
-    tr = handlers.trace(handlers.seed(prior, 0)).get_trace(*args)
-    sites = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
-    if not sites:
-        raise ConfigError("the PMMH prior samples no parameter")
-    for name, site in sites.items():
-        if site["fn"].support.is_discrete:
-            raise ConfigError(f"PMMH parameters must be continuous; site {name!r} is discrete")
-    bijections = {n: dist.biject_to(s["fn"].support) for n, s in sites.items()}
-    u_tree = {n: bijections[n].inv(s["value"]) for n, s in sites.items()}
-    u0, unravel = ravel_pytree(u_tree)
-
-    def to_theta(u):
-        return {n: bijections[n](v) for n, v in unravel(u).items()}
-
-    def log_prior(u):
-        parts = unravel(u)
-        theta = {n: bijections[n](v) for n, v in parts.items()}
-        with handlers.trace() as trace, handlers.substitute(data=theta), handlers.seed(rng_seed=0):
-            prior(*args)
-        total = 0.0
-        for n, v in parts.items():
-            total = total + jnp.sum(trace[n]["fn"].log_prob(theta[n]))
-            total = total + jnp.sum(bijections[n].log_abs_det_jacobian(v, theta[n]))
-        return total
-
-    return to_theta, log_prior, u0

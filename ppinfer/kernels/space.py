@@ -93,11 +93,13 @@ def space_of(
     sites: Sequence[str] | None = None,
     what: str = "the moves",
     key: jax.Array | int = 0,
+    error: type[Exception] = ModelError,
 ) -> Space:
     """The :class:`Space` of ``fn(*args)``'s latent sites (or of ``sites``, a subset of them).
 
     Raises:
-        ModelError: ``fn`` samples no latent site, or a covered site is discrete.
+        ModelError (or ``error``: e.g. :class:`ConfigError` for a prior given in a configuration):
+            ``fn`` samples no latent site, or a covered site is discrete.
         ConfigError: a name in ``sites`` is not a latent site of ``fn``.
     """
     seed = jax.random.PRNGKey(key) if isinstance(key, int) else key
@@ -106,7 +108,7 @@ def space_of(
     if sites is None:
         names = tuple(latent)
         if not names:
-            raise ModelError(f"{what}: the program samples no latent site (nothing to move)")
+            raise error(f"{what}: the program samples no latent site (nothing to move)")
     else:
         names = tuple(sites)
         missing = sorted(set(names) - set(latent))
@@ -116,7 +118,7 @@ def space_of(
             )
     discrete = sorted(n for n in names if latent[n]["fn"].support.is_discrete)
     if discrete:
-        raise ModelError(f"{what} move continuous sites only; site(s) {discrete} are discrete")
+        raise error(f"{what}: site(s) {discrete} are discrete; only continuous sites can be moved")
     names = tuple(sorted(names))  # the ravel order of a dict
     transforms = {n: biject_to(latent[n]["fn"].support) for n in names}
     u_tree = {n: transforms[n].inv(jnp.asarray(latent[n]["value"])) for n in names}

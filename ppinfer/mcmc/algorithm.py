@@ -40,7 +40,10 @@ class MCMC:
     Args:
         kernel: a kernel factory with ``build(program, num_warmup, sites) -> Kernel``
             (``NUTS()``, ``HMC()``, ``SingleSiteMH()``, ``Regenerate(...)``, ``ProgrammableMH(...)``,
-            ``IndependenceMH(...)``).
+            ``IndependenceMH(...)``), or one for sequential programs (``sequential = True``) with
+            ``build_for(program, args, num_warmup) -> Kernel`` (``PMMH(...)``,
+            ``ParticleGibbs(...)``); a factory may name the result (``name``) and summarise its
+            infos into the result's extras (``extras(infos) -> dict``).
         num_samples: recorded draws per chain, ≥ 1.
         num_warmup: discarded transitions per chain before recording (adaptation for NUTS/HMC), ≥ 0.
         num_chains: independent chains, ≥ 1 (vmapped).
@@ -58,7 +61,7 @@ class MCMC:
     name = "MCMC"
 
     def __post_init__(self):
-        if not hasattr(self.kernel, "build"):
+        if not (hasattr(self.kernel, "build") or hasattr(self.kernel, "build_for")):
             raise ConfigError(f"MCMC(kernel): expected a kernel factory such as NUTS(), got {self.kernel!r}")
         for what, v, low in (
             ("num_samples", self.num_samples, 1),
@@ -69,9 +72,10 @@ class MCMC:
             checks.check_int(what, v, low)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
-        if is_sequential(program):
+        if is_sequential(program) and not getattr(self.kernel, "sequential", False):
             raise ConfigError(
-                "MCMC needs a static program; for a sequential program use SMC, ResampleMoveSMC or PMMH"
+                "MCMC needs a static program; for a sequential program use SMC, ResampleMoveSMC, "
+                "PMMH or ParticleGibbs"
             )
         t0 = time.perf_counter()
         draws, infos = run_chains(key, program, args, self)
@@ -81,9 +85,9 @@ class MCMC:
             samples=samples,
             log_weights=jnp.full((n,), -math.log(n)),
             log_evidence=None,
-            algorithm=f"{self.name}({type(self.kernel).__name__})",
+            algorithm=getattr(self.kernel, "name", None) or f"{self.name}({type(self.kernel).__name__})",
             wall_time=time.perf_counter() - t0,
-            extras={"num_chains": self.num_chains, "info": infos},
+            extras={"num_chains": self.num_chains, "info": infos, **_kernel_extras(self.kernel, infos)},
         )
 
 
@@ -144,9 +148,7 @@ class MCMCResult(Result):
             x = x.astype(np.float64)
             r_hat = float(split_gelman_rubin(x)) if x.shape[1] >= 4 else float("nan")
             ess = float(effective_sample_size(x)) if x.shape[1] >= 4 else float("nan")
-            lines.append(
-                f"  {name}: mean={x.mean():.4g} sd={x.std():.4g} r_hat={r_hat:.3f} ess={ess:.0f}"
-            )
+            lines.append(f"  {name}: mean={x.mean():.4g} sd={x.std():.4g} r_hat={r_hat:.3f} ess={ess:.0f}")
         return "\n".join(lines)
 
 
@@ -160,6 +162,9 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     dyn, static_key, rebuild = split_args(args)
     settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.progress_bar)
     cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
+    if cache_key not in _FACTORIES and getattr(cfg.kernel, "sequential", False):
+        # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
+        _FACTORIES[cache_key] = _compiled(cfg.kernel.build_for(program, args, cfg.num_warmup), rebuild, cfg)
     if cache_key not in _FACTORIES:
         checked = _improper_at_init(program)
         checks.dry_run(checked, args, None, "running the program once")
@@ -232,6 +237,11 @@ def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
         return _take(pos, record), _take(info, record)
 
     return _Compiled(run, jax.jit(init), jax.jit(chunk, static_argnums=4))
+
+
+def _kernel_extras(kernel: Any, infos: Any) -> dict:
+    """A kernel's own summary of its recorded infos (``kernel.extras(infos)``), if it has one."""
+    return kernel.extras(infos) if hasattr(kernel, "extras") else {}
 
 
 def _total(cfg: MCMC) -> int:
