@@ -5,7 +5,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 """
 
 from ppinfer import mcmc, updates, vi
-from ppinfer.algorithms import SMC, Enumerate, Importance, Steer
+from ppinfer.algorithms import FFBS, SMC, Enumerate, Importance, Steer
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
@@ -40,6 +40,7 @@ __all__ = [
     "Steer",
     "Importance",
     "Enumerate",
+    "FFBS",
     "ResampleMoveSMC",
     "PMMH",
     "SMC2",

@@ -1,9 +1,10 @@
 """Inference algorithms: each a composition of the building blocks, selectable in ``infer``."""
 
 from ppinfer.algorithms.enumerate import Enumerate
+from ppinfer.algorithms.ffbs import FFBS
 from ppinfer.algorithms.importance import Importance
 from ppinfer.algorithms.smc import SMC
 from ppinfer.algorithms.smc2 import SMC2
 from ppinfer.algorithms.steer import Steer
 
-__all__ = ["Enumerate", "Importance", "SMC", "SMC2", "Steer"]
+__all__ = ["Enumerate", "FFBS", "Importance", "SMC", "SMC2", "Steer"]
