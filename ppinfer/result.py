@@ -96,7 +96,8 @@ class Result:
             computed on first access (SMC traces its genealogy only when ``samples`` is read).
         log_weights: ``f32[N]``, unnormalised: ``logsumexp(log_weights) = log_evidence``.
         log_evidence: ``log Ẑ``, the log of an unbiased estimate of the evidence ``Z`` (exact for
-            Enumerate).
+            Enumerate); ``None`` for an algorithm that gives no evidence estimate (MCMC, FFBS's
+            paths carry the filter's).
         algorithm: the algorithm's name.
         ess: ``f32[T]``, the ESS after each step's reweighting, before resampling (sequential only).
         resampled: ``bool[T]``, whether the population was resampled after each step.
@@ -109,7 +110,7 @@ class Result:
 
     samples: dict[str, jax.Array]
     log_weights: jax.Array
-    log_evidence: float
+    log_evidence: float | None
     algorithm: str
     ess: jax.Array | None = None
     resampled: jax.Array | None = None
@@ -197,10 +198,10 @@ class Result:
         return az.from_dict(posterior=posterior, sample_stats=stats)
 
     def __repr__(self) -> str:
-        lines = [
-            f"Result({self.algorithm}, N={self.num_particles}, "
-            f"log_evidence={float(self.log_evidence):.4f}, final ESS={self.final_ess:.1f})"
-        ]
+        z = self.log_evidence
+        evidence = "no evidence" if z is None else f"log_evidence={float(z):.4f}"
+        head = f"Result({self.algorithm}, N={self.num_particles}, {evidence}"
+        lines = [f"{head}, final ESS={self.final_ess:.1f})"]
         if self.resampled is not None:
             n_res = int(np.sum(np.asarray(self.resampled)))
             lines.append(

@@ -1,7 +1,7 @@
 """MCMC building blocks: pure kernels over traces (MH by regeneration, programmable and independence
 proposals) or over the unconstrained space (NumPyro's NUTS/HMC), and the :class:`MCMC` algorithm."""
 
-from ppinfer.mcmc.algorithm import MCMC, MCMCResult, NoEvidenceError, run_chains
+from ppinfer.mcmc.algorithm import MCMC, MCMCResult, run_chains
 from ppinfer.mcmc.base import Kernel, MHInfo, MHState, cycle, init_trace, mh_kernel, mh_step
 from ppinfer.mcmc.independence import IndependenceMH
 from ppinfer.mcmc.nuts import HMC, NUTS
@@ -11,7 +11,6 @@ from ppinfer.mcmc.regenerate import Regenerate, SingleSiteMH, regenerate_kernel
 __all__ = [
     "MCMC",
     "MCMCResult",
-    "NoEvidenceError",
     "run_chains",
     "Kernel",
     "MHState",

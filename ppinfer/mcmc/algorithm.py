@@ -25,12 +25,12 @@ from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import split_args
-from ppinfer.errors import ConfigError, InferenceError
+from ppinfer.errors import ConfigError
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 from ppinfer.traced import latent_sites
 
-__all__ = ["MCMC", "MCMCResult", "NoEvidenceError", "run_chains"]
+__all__ = ["MCMC", "MCMCResult", "run_chains"]
 
 
 @dataclass(frozen=True)
@@ -91,34 +91,14 @@ class MCMC:
         )
 
 
-class NoEvidenceError(InferenceError, AttributeError):
-    """Raised on reading :attr:`MCMCResult.log_evidence`: MCMC draws from the normalised posterior and
-    gives no estimate of the evidence ``p(y)``. Also an ``AttributeError``, so
-    ``getattr(result, "log_evidence", None)`` and ``hasattr`` treat the attribute as absent."""
-
-
 class MCMCResult(Result):
     """A :class:`~ppinfer.Result` of equally weighted MCMC draws (``log_weights = −log N``, so
     ``logsumexp(log_weights) = 0``: the weights carry no evidence information).
 
-    MCMC gives no evidence estimate: reading ``log_evidence`` raises :class:`NoEvidenceError` (use
+    MCMC gives no evidence estimate: ``log_evidence`` is ``None`` (use
     :class:`~ppinfer.algorithms.tempered.TemperedSMC` for ``log Ẑ``). ``extras["num_chains"]`` chains
     of equal length are stored chain-major; ``extras["info"]`` holds the kernel's per-draw info
-    ``[C, S, …]``."""
-
-    @property
-    def log_evidence(self) -> float:
-        raise NoEvidenceError(
-            f"{self.algorithm} gives no evidence estimate: MCMC draws from the normalised posterior, "
-            "so log p(y) is unknown. Use TemperedSMC (ppinfer.algorithms.tempered) or SMC for log Ẑ."
-        )
-
-    @log_evidence.setter
-    def log_evidence(self, value: float | None) -> None:
-        # Result's constructor assigns the field; an MCMC result has no value to store (None, or NaN
-        # from callers written for the old convention).
-        if value is not None and not math.isnan(float(value)):
-            raise ConfigError("MCMCResult has no evidence estimate: construct it with log_evidence=None")
+    ``[C, S, …]``. The subclass only adds chain-aware views (``chains``, ``to_arviz``, the summary)."""
 
     @property
     def num_chains(self) -> int:
