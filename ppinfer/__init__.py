@@ -5,6 +5,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 """
 
 from ppinfer import mcmc, updates, vi
+from ppinfer._jaxcache import enable_persistent_cache
 from ppinfer.algorithms import FFBS, SMC, Enumerate, Importance, Steer
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
@@ -31,6 +32,8 @@ from ppinfer.resample import resample
 from ppinfer.result import Result
 from ppinfer.updates import IBIS
 from ppinfer.vi import VI
+
+enable_persistent_cache()  # before the first compilation; opt out: PPINFER_COMPILATION_CACHE=0
 
 __version__ = "0.1.0"
 
