@@ -47,9 +47,10 @@ Problems are interleaved by size and a problem's keys depend only on its positio
 ``--per-size 4`` run followed by ``--per-size 10 --resume`` gives the figures of one
 ``--per-size 10`` run. On the shared 2-core machine (load average ~20) a problem costs 30–100 s
 wall (~110 s with the 64-particle runs of a 4-operand problem), and every fresh process first pays
-~13 compilations (one step loop per program variant and particle count, ~5–8 s each on an idle
-core, ~7 min in all under that load; host callbacks keep them out of JAX's persistent cache): the
-default 24 problems take about 25 minutes there. The exact and the noisy verifier share compiled
+~27 compilations (one SMC loop per algorithm and particle count, ~4–6 s each on an idle core; host
+callbacks keep them out of JAX's persistent cache). With the 13 of an earlier version (one loop
+shared by pf, fk and beam, ~7 min in all under that load) the default 24 problems took about 25
+minutes there. The exact and the noisy verifier share compiled
 loops: the PRM is one :class:`Switch` object whose current verifier is chosen between runs (it is
 called from the host).
 """

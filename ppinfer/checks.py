@@ -25,6 +25,7 @@ __all__ = [
     "check_probability",
     "dry_run",
     "require_latent",
+    "draws_key",
     "raise_on_nan_sites",
     "raise_if_dead",
 ]
@@ -88,8 +89,9 @@ def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
     bad = sorted(name for name, flag in nan_sites.items() if bool(np.any(np.asarray(flag))))
     if bad:
         raise ModelError(
-            f"{what}: the log density at site(s) {bad} was NaN — invalid distribution parameters "
-            "(e.g. a negative scale) or data outside the support"
+            f"{what}: the log density at site(s) {bad} was NaN or +inf — invalid distribution "
+            "parameters (e.g. a negative scale), data outside the support, or an infinite factor "
+            "(a log weight may be -inf, an impossible execution, but never +inf or NaN)"
         )
 
 
@@ -104,9 +106,31 @@ def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
 
 def require_latent(latent: list[str]) -> None:
     if not latent:
-        raise ModelError(
-            "the program makes no random choice (no latent sample site): nothing to infer"
-        )
+        raise ModelError("the program makes no random choice (no latent sample site): nothing to infer")
+
+
+def draws_key(fn: Callable[..., Any], args: tuple) -> bool:
+    """Whether ``fn(*args)`` draws randomness through ``numpyro.prng_key()`` — random without a
+    latent ``sample`` site (e.g. a step that samples LM tokens in a loop from its key) — found by
+    tracing it abstractly (``jax.eval_shape``: nothing runs, no host callback is called)."""
+    watch = _watch_keys()
+
+    def traced():
+        with watch, handlers.seed(rng_seed=jax.random.PRNGKey(0)):
+            fn(*args)
+        return 0
+
+    jax.eval_shape(traced)
+    return watch.seen
+
+
+class _watch_keys(Messenger):
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def process_message(self, msg):
+        self.seen |= msg["type"] == "prng_key"
 
 
 class _last_site(Messenger):

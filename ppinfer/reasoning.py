@@ -21,29 +21,34 @@ rejected particle's weight positive (tiny), so a population is never all dead.
 Algorithms (``infer(program, *args, algorithm=...)`` with ``program = reasoning_program(...)``,
 ``args = question_args(...)``), all reporting the same compute accounting in ``Result.extras``:
 ``generated_tokens`` (tokens the LM generated, over every particle ever alive) and ``reward_calls``
-(reward evaluations, during generation and at selection):
+(reward evaluations, during generation and at selection). Each is a configuration of the one SMC
+loop (:func:`ppinfer.algorithms.smc.run_loop` over :func:`ppinfer.kernels.smc.step`): a program
+variant (``"fk"`` or ``"plain"``, :func:`reasoning_program`) and a selection
+(:mod:`ppinfer.kernels.select`) after every step but the last:
 
+- :class:`FeynmanKacFilter` — the PRM's potentials as a Feynman–Kac model: the incremental weight
+  at step t is ``G_t = exp(φ(r_t) − φ(r_{t−1}))`` (``φ(r_0) = 0``), so the weights telescope and
+  the target is ``p_LM(x) · exp(φ(r(x)))`` for the final reward ``r(x)``; ``log_evidence`` is an
+  unbiased (in ``exp``) estimate of ``Z = E_LM[exp φ(r(x))]``. The ``"fk"`` program with
+  ESS-adaptive resampling: ``pp.SMC`` itself (a chunk is drawn from the step's key, through
+  ``numpyro.prng_key``, not at a latent sample site, and core SMC accepts that).
 - :class:`ParticleFilter` — Puri et al.'s filter: after each step the weights are
   ``softmax_i φ(r_t^i)`` (the PRM score of the partial solution *replaces* the weight) and the
-  population is resampled every step; answer by weighted vote or argmax.
-- :class:`FeynmanKacFilter` — the same potentials as a proper Feynman–Kac model: the incremental
-  weight at step t is ``G_t = exp(φ(r_t) − φ(r_{t−1}))`` (``φ(r_0) = 0``), so the weights telescope
-  and the target is ``p_LM(x) · exp(φ(r(x)))`` for the final reward ``r(x)``; resampling when the
-  ESS falls below a threshold; ``log_evidence`` is an unbiased (in ``exp``) estimate of
-  ``Z = E_LM[exp φ(r(x))]``.
-- :class:`ParticleGibbs` — particle Gibbs iterations: conditional SMC sweeps, each keeping a
-  reference trajectory pinned in slot 0 (teacher-forced, :func:`generate_chunk` with ``forced``)
-  and drawing the next reference from the final weights; with Feynman–Kac weights the chain of
-  references leaves ``p_LM(x) · exp φ(r(x)) / Z`` invariant.
+  population is resampled every step; answer by weighted vote or argmax. The ``"fk"`` program,
+  whose weight is ``φ(r_t) − log N``, with resampling that keeps each copy's weight its parent's
+  (:class:`~ppinfer.kernels.select.ParentWeights`).
 - :class:`BeamSearch` — step-level beam search: keep the ``N / expand`` particles with the best
-  current PRM score, copy each ``expand`` times.
+  current PRM score, copy each ``expand`` times (:class:`~ppinfer.kernels.select.Beam`).
+- :class:`ParticleGibbs` — particle Gibbs iterations: conditional SMC sweeps, each keeping a
+  reference trajectory pinned in slot 0 (teacher-forced, :func:`generate_chunk` with ``forced``;
+  :class:`~ppinfer.kernels.select.Conditional` resampling) and drawing the next reference from the
+  final weights; with Feynman–Kac weights the chain of references leaves
+  ``p_LM(x) · exp φ(r(x)) / Z`` invariant.
 - :class:`BestOfN` — N independent samples, the one with the highest outcome reward.
 - :class:`MajorityVote` — self-consistency: N samples, answer with the largest (reward-weighted)
   vote.
-- :class:`Sampling` — plain sampling: one answer from N samples (the first).
-
-The step-level algorithms are compositions of the core blocks: :func:`ppinfer.suspended.start`,
-:func:`ppinfer.suspended.advance` and :func:`ppinfer.resample.resample`, in :func:`step_loop`.
+- :class:`Sampling` — plain sampling: one answer from N samples (the first). These three run the
+  ``"plain"`` program without selection (:data:`INDEPENDENT`).
 """
 
 from __future__ import annotations
@@ -64,13 +69,22 @@ from numpyro.primitives import prng_key
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
+from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
 from ppinfer.errors import ConfigError, ModelError
-from ppinfer.population import Population, ess, log_evidence
+from ppinfer.kernels import smc as kernel
+from ppinfer.kernels.select import (
+    Adaptive,
+    Beam,
+    Conditional,
+    Multinomial,
+    ParentWeights,
+    Systematic,
+    as_selection,
+)
+from ppinfer.kernels.smc import SMCInfo, SMCState, scan_while
 from ppinfer.primitives import deterministic, factor, stop
 from ppinfer.program import SequentialProgram
-from ppinfer.resample import check_scheme, resample
 from ppinfer.result import Result
-from ppinfer.suspended import Sequential, advance, start
 from ppinfer.tokens import Context, LMPrompt
 
 __all__ = [
@@ -86,14 +100,9 @@ __all__ = [
     "potential",
     "check_reward",
     "PROBE_QUESTION",
-    "step_loop",
-    "StepLoopOutput",
-    "Selection",
-    "adaptive_resampling",
-    "score_resampling",
-    "beam_selection",
-    "no_selection",
-    "switch_selection",
+    "account",
+    "reasoning_loop",
+    "INDEPENDENT",
     "weighted_vote",
     "arithmetic_prm",
     "arithmetic_orm",
@@ -321,8 +330,9 @@ class ReasoningProgram(SequentialProgram):
     """A step-level reasoning program: a :class:`~ppinfer.SequentialProgram` (its own target is the
     Feynman–Kac one of ``weighting="fk"``) plus its :class:`StepSpec`, from which the algorithms of
     this module build the variant they need. Its chunk is drawn with a ``numpyro.prng_key`` inside
-    the step (no latent ``sample`` site: the extended KV cache is the step's product), so the core
-    ``pp.SMC``, which requires a latent site, refuses it: :class:`FeynmanKacFilter` is that SMC."""
+    the step (no latent ``sample`` site: the extended KV cache is the step's product); the core
+    ``pp.SMC`` accepts such a step as random, and on the ``"fk"`` program it is
+    :class:`FeynmanKacFilter`."""
 
     spec: StepSpec | None = None
     weighting: str = "fk"
@@ -340,8 +350,9 @@ def reasoning_program(spec: StepSpec, weighting: str = "fk", tau: float = 1.0) -
     - ``"plain"``: no reward call, no weight (the LM prior; used by sampling, BoN, vote);
     - ``"fk"``: calls the PRM on the solution so far, stores ``r_t`` and ``φ(r_t)`` in the state and
       adds the incremental log weight ``φ(r_t) − φ(r_{t−1})`` (``φ(r_0) = 0``), so the weights
-      telescope to ``φ(r_final)``. Puri et al.'s filter and beam search run this program too but
-      select on the stored scores and ignore the cumulative weights.
+      telescope to ``φ(r_final)``: the log weight of a particle is ``φ(r_t) − log N`` until a
+      selection changes it. Puri et al.'s filter and beam search run this program too, with
+      selections that keep each copy's weight its parent's, so that it stays the current score.
 
     Each step records the deterministic site ``"chunk_tokens"`` (``i32[]``, tokens generated)."""
     if weighting not in WEIGHTINGS:
@@ -550,147 +561,30 @@ def _as_score(value: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# The step loop: start → repeat [select → advance] until every particle finished or max_steps
-# --------------------------------------------------------------------------------------------------
-
-Selection = Callable[[jax.Array, Population], tuple[Population, jax.Array, jax.Array]]
-"""``select(key, pop) -> (pop', resampled: bool[], ess: f32[])``: the population between two steps
-(``pop.particles`` a :class:`~ppinfer.suspended.Particle` of :class:`ReasoningState`)."""
-
-
-class StepLoopOutput(NamedTuple):
-    """What :func:`step_loop` returns.
-
-    Attributes:
-        population: the final population (``particles.state`` a :class:`ReasoningState` ``[N, …]``;
-            ``log_weights: f32[N]`` the cumulative log weights the program added, ``−log N`` at
-            the start, carried through the selections).
-        num_steps: ``i32[]`` steps run.
-        generated_tokens: ``i32[]`` tokens generated by particles alive at each step, summed over
-            steps and particles (every particle ever alive, including those resampled away).
-        reward_calls: ``i32[]`` process-reward evaluations (one per alive particle per step when the
-            program has a PRM, ``weighting="fk"``).
-        ess: ``f32[T]`` the ESS that each selection saw (T = max_steps; 0 where no step ran).
-        resampled: ``bool[T]`` whether the population was selected/resampled before step t.
-    """
-
-    population: Population
-    num_steps: jax.Array
-    generated_tokens: jax.Array
-    reward_calls: jax.Array
-    ess: jax.Array
-    resampled: jax.Array
-
-
-def step_loop(
-    key: jax.Array,
-    program: ReasoningProgram,
-    args: tuple,
-    num_particles: int,
-    select: Selection,
-    prepare: Callable[[Population], Population] | None = None,
-) -> StepLoopOutput:
-    """The pure core of every step-level algorithm (jit/vmap-able): :func:`~ppinfer.suspended.start`
-    ``N`` particles, then a ``lax.while_loop`` of ``select`` (from the second step on) and
-    :func:`~ppinfer.suspended.advance`, until every particle finished or ``max_steps`` steps ran.
-    Selecting *before* a step rather than after it is the same filter, without a useless
-    resampling after the last step. Valid whenever ``select`` is (resampling is; beam search's
-    top-k is not, by design). ``prepare`` (optional) maps the started population before the first
-    step (:class:`ParticleGibbs` pins its reference there)."""
-    num_steps = program.steps_for(args)
-    scored = program.weighting != "plain"
-    k_init, k_loop = jax.random.split(key)
-    seq, _ = start(k_init, program, args, num_particles)
-    if prepare is not None:
-        seq = Sequential(prepare(seq.population), seq.t)
-    zero = jnp.zeros((), jnp.int32)
-    history = (jnp.zeros((num_steps,), jnp.float32), jnp.zeros((num_steps,), bool))
-
-    def cond(carry):
-        seq = carry[0]
-        return (seq.t < num_steps) & jnp.any(~seq.population.particles.done)
-
-    def body(carry):
-        seq, tokens, calls, (ess_h, res_h) = carry
-        k_sel, k_adv = jax.random.split(jax.random.fold_in(k_loop, seq.t))
-        pop, did, ess_t = jax.lax.cond(
-            seq.t > 0,
-            lambda p: select(k_sel, p),
-            lambda p: (p, jnp.zeros((), bool), ess(p.log_weights)),
-            seq.population,
-        )
-        active = ~pop.particles.done
-        new, info = advance(k_adv, Sequential(pop, seq.t), program, args)
-        tokens = tokens + jnp.sum(jnp.where(active, info.choices["chunk_tokens"], 0))
-        calls = calls + (jnp.sum(active) if scored else 0)
-        history = (ess_h.at[seq.t].set(ess_t), res_h.at[seq.t].set(did))
-        return new, tokens, calls, history
-
-    seq, tokens, calls, (ess_h, res_h) = jax.lax.while_loop(cond, body, (seq, zero, zero, history))
-    return StepLoopOutput(seq.population, seq.t, tokens, calls, ess_h, res_h)
-
-
-def adaptive_resampling(threshold: float, scheme: str) -> Selection:
-    """Resample (``scheme``) when ``ESS < threshold · N`` (always when ``threshold ≥ 1``). Valid: the
-    expected measure, Ẑ included, is unchanged."""
-
-    def select(key, pop):
-        n = pop.num_particles
-        e = ess(pop.log_weights)
-        do = (e < threshold * n) | (threshold >= 1.0)
-        new, _ = jax.lax.cond(
-            do, lambda p: resample(key, p, scheme), lambda p: (p, jnp.arange(n, dtype=jnp.int32)), pop
-        )
-        return new, do, e
-
-    return select
-
-
-def score_resampling(scheme: str) -> Selection:
-    """Puri et al.'s selection: weights ``softmax_i φ(r^i)`` from each particle's current potential
-    (``state.potential``), NOT the cumulative weights; resample every time."""
-
-    def select(key, pop):
-        n = pop.num_particles
-        weighted = Population(pop.particles, pop.particles.state.potential - jnp.log(n))
-        new, _ = resample(key, weighted, scheme)
-        return Population(new.particles, pop.log_weights), jnp.ones((), bool), ess(weighted.log_weights)
-
-    return select
-
-
-def beam_selection(keep: int | jax.Array) -> Selection:
-    """Step-level beam search: the ``keep`` particles with the highest current PRM score
-    (``state.score``; ties to the lower index; ``keep`` may be traced), their copies spread evenly
-    over the ``N`` slots (``N / keep`` each when it divides). Deterministic; not a valid
-    (measure-preserving) block — search, not inference."""
-
-    def select(key, pop):
-        del key
-        n = pop.num_particles
-        _, ranked = jax.lax.top_k(pop.particles.state.score, n)
-        ancestors = ranked[jnp.arange(n) * keep // n]
-        particles = jax.tree.map(lambda x: x[ancestors], pop.particles)
-        return Population(particles, pop.log_weights), jnp.ones((), bool), ess(pop.log_weights)
-
-    return select
-
-
-def no_selection() -> Selection:
-    """Independent samples: the population is left as it is."""
-
-    def select(key, pop):
-        del key
-        return pop, jnp.zeros((), bool), ess(pop.log_weights)
-
-    return select
-
-
-# --------------------------------------------------------------------------------------------------
-# Algorithms
+# Algorithms: configurations of the one SMC loop (a program variant and a selection)
 # --------------------------------------------------------------------------------------------------
 
 ANSWER_RULES = ("vote", "argmax")
+
+INDEPENDENT = Adaptive(Systematic(), 0.0)
+"""The selection of independent samples: its trigger (``ESS < 0``) never holds, so the loop never
+selects nor gathers."""
+
+
+def account(state: SMCState, info: SMCInfo) -> dict:
+    """One step's compute accounting (a :class:`~ppinfer.algorithms.smc.Loop` recorder): ``tokens:
+    i32[]`` the tokens generated by the particles that ran the step and ``running: i32[]`` how many
+    ran (each called the PRM once when the program is scored). A step not run records zeros."""
+    del state
+    tokens = jnp.sum(jnp.where(info.active, info.choices["chunk_tokens"], 0))
+    return {"tokens": tokens, "running": jnp.sum(info.active.astype(jnp.int32))}
+
+
+def reasoning_loop(program: ReasoningProgram, args: tuple, num_particles: int, selection: Any) -> Loop:
+    """The :class:`~ppinfer.algorithms.smc.Loop` of a step-level algorithm: ``selection`` after
+    every step but the last, until every particle finished (early exit), no per-step history, the
+    compute accounting recorded (:func:`account`). Valid whenever ``selection`` is."""
+    return Loop(num_particles, program.steps_for(args), selection, history=False, record=account)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -700,7 +594,9 @@ class ParticleFilter:
     probabilities ``softmax_i(φ(r_t^i))``, ``φ(r) = logit(clip(r)) / tau``. Final answer by
     ``answer="vote"`` (``Σ`` normalised weights per distinct answer) or ``"argmax"`` (the particle
     with the highest final score). ``Result.log_weights`` are ``φ(r_final) − log N`` (weights of the
-    final selection, not an evidence estimate: ``log_evidence`` is NaN)."""
+    final selection, not an evidence estimate: ``log_evidence`` is NaN). The ``"fk"`` program's
+    weight is ``φ(r_t) − log N`` (the increments telescope; a finished particle keeps its last
+    score): resampling by weight is by ``softmax φ(r_t)``, and ``ParentWeights`` keeps it so."""
 
     num_particles: int = 16
     tau: float = 1.0
@@ -713,16 +609,17 @@ class ParticleFilter:
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
         _check_answer_rule(self.answer)
-        check_scheme(self.resampling)
+        as_selection(self.resampling)
         _check_tau(self.tau)
 
+    def loop(self, program: ReasoningProgram, args: tuple) -> Loop:
+        return reasoning_loop(program, args, self.num_particles, ParentWeights(as_selection(self.resampling)))
+
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        prog = reasoning_program(_spec_of(program), "fk", self.tau)
-        schemes = (_SCHEMES[0], self.resampling)
-        out, info = _compiled_loop(key, prog, args, self.num_particles, "score", schemes=schemes)
-        state = out.population.particles.state
-        log_weights = state.potential - jnp.log(self.num_particles)
-        return _finish(self, info, out, log_weights, float("nan"), self.answer, state.potential, 0)
+        prog = reasoning_program(_spec_of(program, args), "fk", self.tau)
+        run = _run(key, prog, args, self.loop(prog, args))
+        phi = run.out["state"].potential
+        return _finish(self, run, phi - jnp.log(self.num_particles), float("nan"), self.answer, phi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,7 +629,8 @@ class FeynmanKacFilter:
     finished particle is ``exp(φ(r_final)) / N`` and the target is ``p_LM(x) · exp φ(r(x))``;
     resampling (``resampling``) when ``ESS < ess_threshold · N``. ``log_evidence`` is the log of an
     unbiased estimate of ``Z = E_LM[exp φ(r(x))]``; ``Result.log_weights`` are the cumulative log
-    weights. Answer by weighted vote or argmax weight."""
+    weights. Answer by weighted vote or argmax weight. The same loop and selection as
+    ``pp.SMC(N, resampling, ess_threshold)`` on the ``"fk"`` program."""
 
     num_particles: int = 16
     tau: float = 1.0
@@ -747,19 +645,20 @@ class FeynmanKacFilter:
         checks.check_num_particles(self.num_particles)
         checks.check_probability("ess_threshold", self.ess_threshold)
         _check_answer_rule(self.answer)
-        check_scheme(self.resampling)
+        as_selection(self.resampling)
         _check_tau(self.tau)
 
+    def loop(self, program: ReasoningProgram, args: tuple) -> Loop:
+        selection = smc_selection(self.resampling, self.ess_threshold)
+        return reasoning_loop(program, args, self.num_particles, selection)
+
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        prog = reasoning_program(_spec_of(program), "fk", self.tau)
-        schemes = (self.resampling, _SCHEMES[1])
-        out, info = _compiled_loop(
-            key, prog, args, self.num_particles, "adaptive", threshold=self.ess_threshold, schemes=schemes
-        )
-        lw = out.population.log_weights
-        log_z = float(log_evidence(lw))
+        prog = reasoning_program(_spec_of(program, args), "fk", self.tau)
+        run = _run(key, prog, args, self.loop(prog, args))
+        lw = run.out["log_weights"]
+        log_z = float(run.out["log_evidence"])
         checks.raise_if_dead(log_z, "at the end", self.num_particles)
-        return _finish(self, info, out, lw, log_z, self.answer, lw, 0)
+        return _finish(self, run, lw, log_z, self.answer, lw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -767,7 +666,9 @@ class BeamSearch:
     """Step-level beam search with the PRM: after each step keep the ``max(1, N // expand)``
     particles with the best current score and copy each about ``expand`` times to refill the ``N``
     slots. Answer: the final particle with the highest score (ties: lowest index).
-    ``Result.log_weights`` are ``φ(r_final) − log N``; ``log_evidence`` is NaN."""
+    ``Result.log_weights`` are ``φ(r_final) − log N``; ``log_evidence`` is NaN. The ``"fk"``
+    program's weight ``φ(r_t) − log N`` increases with the score: :class:`~ppinfer.kernels.select.Beam`
+    keeps the top."""
 
     num_particles: int = 16
     expand: int = 4
@@ -781,13 +682,16 @@ class BeamSearch:
         if int(self.expand) < 1:
             raise ConfigError(f"expand must be >= 1, got {self.expand}")
 
-    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        prog = reasoning_program(_spec_of(program), "fk", self.tau)
+    def loop(self, program: ReasoningProgram, args: tuple) -> Loop:
         keep = max(1, self.num_particles // int(self.expand))
-        out, info = _compiled_loop(key, prog, args, self.num_particles, "beam", keep=keep)
-        state = out.population.particles.state
+        return reasoning_loop(program, args, self.num_particles, Beam(keep))
+
+    def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
+        prog = reasoning_program(_spec_of(program, args), "fk", self.tau)
+        run = _run(key, prog, args, self.loop(prog, args))
+        state = run.out["state"]
         log_weights = state.potential - jnp.log(self.num_particles)
-        return _finish(self, info, out, log_weights, float("nan"), "argmax", state.score, 0)
+        return _finish(self, run, log_weights, float("nan"), "argmax", state.score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -897,48 +801,37 @@ def _pinned_program(spec: StepSpec, tau: float) -> ReasoningProgram:
     return ReasoningProgram(init, step, spec.max_steps, spec, "fk", tau)
 
 
-def pin(pop: Population, has_reference: jax.Array | bool) -> Population:
-    """Mark slot 0 of a population of :class:`PinnedState` as the reference when
-    ``has_reference`` (``bool[]``, may be traced) and every other slot as free."""
-    flags = (jnp.arange(pop.num_particles) == 0) & jnp.asarray(has_reference, bool)
-    state = pop.particles.state._replace(pinned=flags)
-    return Population(pop.particles._replace(state=state), pop.log_weights)
+def pin(state: SMCState, has_reference: jax.Array | bool) -> SMCState:
+    """Mark slot 0 of a population of :class:`PinnedState` (an :class:`~ppinfer.kernels.smc.SMCState`
+    or a :class:`~ppinfer.population.Population`) as the reference when ``has_reference``
+    (``bool[]``, may be traced) and every other slot as free."""
+    flags = (jnp.arange(state.log_weights.shape[0]) == 0) & jnp.asarray(has_reference, bool)
+    particles = state.particles._replace(state=state.particles.state._replace(pinned=flags))
+    return state._replace(particles=particles)
 
 
 PG_WEIGHTS = ("fk", "puri")
 
 
-def selection_logits(pop: Population, weights: str) -> jax.Array:
+def selection_logits(state: SMCState, weights: str) -> jax.Array:
     """``f32[N]`` the log selection weights of a population of :class:`PinnedState`: the cumulative
     log weights (``"fk"``) or the current potentials ``φ(r_t)`` (``"puri"``)."""
-    return pop.log_weights if weights == "fk" else pop.particles.state.reasoning.potential
+    return state.log_weights if weights == "fk" else state.particles.state.reasoning.potential
 
 
-def conditional_resampling(has_reference: jax.Array | bool, weights: str = "fk") -> Selection:
-    """Conditional multinomial resampling, the selection of conditional SMC: when ``has_reference``
-    (``bool[]``), slot 0 keeps its own particle (the reference's ancestor is the reference) and the
-    other ``N − 1`` ancestors are drawn i.i.d. from all ``N`` particles with probabilities
-    ``∝ exp(selection_logits(pop, weights))``; without a reference all ``N`` are drawn (plain
-    multinomial resampling). With ``weights="fk"`` the log weights then all become
-    ``logsumexp(log_weights) − log N`` (as :func:`~ppinfer.resample.resample`); with ``"puri"``
-    the cumulative weights are carried unchanged (ignored, as in :func:`score_resampling`). Slot 0
-    is re-pinned (:func:`pin`). With the reference's trajectory fixed this is the conditional
-    multinomial kernel of Andrieu, Doucet & Holenstein (2010)."""
+def conditional_resampling(has_reference: jax.Array | bool, weights: str = "fk") -> Callable:
+    """The selection of a conditional SMC sweep (:mod:`~ppinfer.kernels.select`'s protocol): when
+    ``has_reference`` (``bool[]``), :class:`~ppinfer.kernels.select.Conditional` multinomial
+    resampling (slot 0, the reference, is its own ancestor; the other ``N − 1`` ancestors are drawn
+    i.i.d. ∝ weight: the kernel of Andrieu, Doucet & Holenstein 2010), else plain multinomial.
+    ``"fk"``: the new weights are equal (``log Ẑ − log N``); ``"puri"``: the weights are the
+    potentials ``φ(r_t) − log N`` of the ``"fk"`` program and each copy keeps its parent's
+    (:class:`~ppinfer.kernels.select.ParentWeights`, as :class:`ParticleFilter`)."""
     check_weights(weights)
-
-    def select(key, pop):
-        n = pop.num_particles
-        logits = selection_logits(pop, weights)
-        ancestors = jax.random.categorical(key, logits, shape=(n,)).astype(jnp.int32)
-        ancestors = jnp.where((jnp.arange(n) == 0) & has_reference, 0, ancestors)
-        particles = jax.tree.map(lambda x: x[ancestors], pop.particles)
-        if weights == "fk":
-            log_weights = jnp.full_like(pop.log_weights, log_evidence(pop.log_weights) - jnp.log(n))
-        else:
-            log_weights = pop.log_weights
-        return pin(Population(particles, log_weights), has_reference), jnp.ones((), bool), ess(logits)
-
-    return select
+    free, conditional = Multinomial(), Conditional(Multinomial())
+    if weights == "puri":
+        free, conditional = ParentWeights(free), ParentWeights(conditional)
+    return lambda u, lw: jax.lax.cond(jnp.asarray(has_reference, bool), conditional, free, u, lw)
 
 
 def conditional_sweep(
@@ -949,26 +842,42 @@ def conditional_sweep(
     reference: jax.Array,
     has_reference: jax.Array | bool,
     weights: str = "fk",
-) -> tuple[StepLoopOutput, jax.Array]:
-    """One sweep of conditional SMC (pure; jit/vmap-able): :func:`step_loop` of ``program`` (from
-    :func:`pinned_program`) on ``args = (ReasoningArgs,)`` with ``num_particles`` particles, slot 0
-    pinned to ``reference: i32[T]`` when ``has_reference: bool[]``, and
-    :func:`conditional_resampling` before every step. Returns the loop's output (particles are
-    :class:`PinnedState`; ``generated_tokens`` counts the pinned particle's forced tokens too) and
-    the index ``i32[]`` of the next reference, drawn ``∝ exp selection_logits`` of the final
-    population. With ``weights="fk"``, a reference distributed as
-    ``π(x) ∝ p_LM(x) · exp φ(r_final(x))`` gives a next reference distributed as ``π`` (the
-    particle Gibbs kernel is π-invariant; ``tests/test_reasoning_gibbs.py`` checks it exactly)."""
-    k_run, k_ref = jax.random.split(key)
-    out = step_loop(
-        k_run,
-        program,
-        (args[0], reference),
-        num_particles,
-        conditional_resampling(has_reference, weights),
-        prepare=lambda pop: pin(pop, has_reference),
-    )
-    return out, jax.random.categorical(k_ref, selection_logits(out.population, weights))
+) -> tuple[dict, jax.Array]:
+    """One sweep of conditional SMC (pure; jit/vmap-able): the kernel step
+    (:func:`ppinfer.kernels.smc.step`) of ``program`` (from :func:`pinned_program`) on ``args =
+    (ReasoningArgs,)`` with ``num_particles`` particles and :func:`conditional_resampling` after
+    every step but the last, until every particle finished; slot 0 is re-pinned (:func:`pin`) to
+    ``reference: i32[T]`` before every step when ``has_reference: bool[]`` (so a copy of the
+    reference in another slot runs free). Returns ``(out, index)``: ``out`` with run_loop's keys
+    ``state`` (:class:`PinnedState` ``[N, …]``), ``log_weights``, ``ess``, ``resampled`` and
+    ``records`` (:func:`account`; the pinned particle's forced tokens counted), and ``index: i32[]``
+    of the next reference, drawn ``∝ exp selection_logits`` of the final population. With
+    ``weights="fk"``, a reference distributed as ``π(x) ∝ p_LM(x) · exp φ(r_final(x))`` gives a next
+    reference distributed as ``π`` (the particle Gibbs kernel is π-invariant;
+    ``tests/test_reasoning_gibbs.py`` checks it exactly)."""
+    args = (args[0], reference)
+    num_steps = program.steps_for(args)
+    k_init, k_loop, k_ref = jax.random.split(key, 3)
+    select = conditional_resampling(has_reference, weights)
+    state, _ = kernel.init(k_init, program, args, num_particles)
+
+    def body(state, key_t):
+        state = pin(state, has_reference)
+        last = state.t >= num_steps - 1
+        state, info = kernel.step(key_t, state, program, args, selection=select, select_now=~last)
+        return state, {"ess": info.ess, "resampled": info.selected, **account(state, info)}
+
+    alive = lambda state: jnp.any(~state.particles.done)
+    state, records, _ = scan_while(body, state, jax.random.split(k_loop, num_steps), alive)
+    state = pin(state, has_reference)
+    out = {
+        "state": state.particles.state,
+        "log_weights": state.log_weights,
+        "ess": records.pop("ess"),
+        "resampled": records.pop("resampled"),
+        "records": records,
+    }
+    return out, jax.random.categorical(k_ref, selection_logits(state, weights))
 
 
 def check_weights(weights: str) -> None:
@@ -980,8 +889,8 @@ def check_weights(weights: str) -> None:
 class ParticleGibbs:
     """Particle Gibbs iterations (Andrieu, Doucet & Holenstein 2010; Puri et al. 2025, Alg. 2):
     ``num_iterations`` sweeps of a filter with ``num_particles`` particles and multinomial
-    resampling before every step. The first sweep is unconditional; at the end of each sweep a
-    reference trajectory is drawn from the final particles with probability
+    resampling after every step but the last. The first sweep is unconditional; at the end of each
+    sweep a reference trajectory is drawn from the final particles with probability
     ``∝ exp(selection_logits)``; every later sweep is *conditional* SMC: slot 0 is pinned to the
     reference (its tokens teacher-forced, its ancestor itself at every resampling, see
     :func:`conditional_resampling`) and the other ``N − 1`` particles are generated afresh and
@@ -1025,51 +934,42 @@ class ParticleGibbs:
         _check_tau(self.tau)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        spec = _spec_of(program)
+        spec = _spec_of(program, args)
         prog = pinned_program(spec, self.tau)
-        if len(args) != 1 or not isinstance(args[0], ReasoningArgs):
-            raise ConfigError("a reasoning program takes one argument: question_args(lm, spec, question)")
         t0 = time.perf_counter()
         check_reward(spec.prm, "process reward")
         n, weights = self.num_particles, self.weights
         dyn, static_key, rebuild = split_args(args)
 
-        def build():
-            def sweep(key, has_reference, reference, dyn):
-                return conditional_sweep(key, prog, rebuild(dyn), n, reference, has_reference, weights)
+        def sweep(key, has_ref, ref, dyn):
+            return conditional_sweep(key, prog, rebuild(dyn), n, ref, has_ref, weights)
 
-            return sweep
-
-        fn, _ = cached_jit(("reasoning-pg", prog, n, weights, static_key), build)
+        fn, _ = cached_jit(("reasoning-pg", prog, n, weights, static_key), lambda: sweep)
         reference = jnp.zeros((spec.max_new_tokens,), jnp.int32)
-        reference_length = 0
-        generated = forced = calls = 0
+        reference_length = generated = forced = calls = 0
         references, sweeps = [], []
-        info = _RunInfo(t0, args, spec)
         for m in range(self.num_iterations):
-            _HOST_ERRORS.clear()
-            k_m = jax.random.fold_in(key, m)
-            out, index = jax.block_until_ready(fn(k_m, jnp.asarray(m > 0), reference, dyn))
-            _raise_host_errors()
-            forced += reference_length if m > 0 else 0
-            generated += int(out.generated_tokens) - (reference_length if m > 0 else 0)
-            calls += int(out.reward_calls)
-            plain = _unpinned(out)
-            _, solutions = _texts(info, plain)
+            out, index = _host_checked(fn, jax.random.fold_in(key, m), jnp.asarray(m > 0), reference, dyn)
+            run = _Run({**out, "state": out["state"].reasoning}, t0, args, spec, True)
+            _, tokens, reward_calls = _accounting(run)
+            forced += reference_length  # 0 before the first reference
+            generated += tokens - reference_length
+            calls += reward_calls
+            _, solutions = _texts(run)
             index = int(index)
-            ctx = plain.population.particles.state.ctx
+            ctx = run.out["state"].ctx
             reference, reference_length = ctx.tokens[index], int(ctx.length[index])
             sweeps.append(solutions)
             references.append(solutions[index])
-        logits = selection_logits(out.population, weights)
-        state = plain.population.particles.state
+        state = run.out["state"]
+        logits = run.out["log_weights"] if weights == "fk" else state.potential  # selection_logits
         log_weights = logits if weights == "fk" else logits - jnp.log(n)
         if self.answer == "vote":
             rule, values = "vote", logits
         else:
             order = np.lexsort((-np.arange(n), np.asarray(logits), np.asarray(state.score)))
             rule, values = "argmax", (np.arange(n) == order[-1]).astype(np.float64)
-        result = _finish(self, info, plain, log_weights, float("nan"), rule, values, 0)
+        result = _finish(self, run, log_weights, float("nan"), rule, values)
         result.extras.update(
             generated_tokens=generated,
             forced_tokens=forced,
@@ -1081,30 +981,56 @@ class ParticleGibbs:
         return result
 
 
-def _unpinned(out: StepLoopOutput) -> StepLoopOutput:
-    """``out`` with the particles' :class:`PinnedState` replaced by their :class:`ReasoningState`."""
-    particles = out.population.particles
-    pop = Population(particles._replace(state=particles.state.reasoning), out.population.log_weights)
-    return out._replace(population=pop)
-
-
-def _raise_host_errors() -> None:
-    if _HOST_ERRORS:
-        first, count = _HOST_ERRORS[0], len(_HOST_ERRORS)
-        _HOST_ERRORS.clear()
-        raise ModelError(f"the process reward failed {count} time(s) during the run; first: {first}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
 
-def _spec_of(program: Any) -> StepSpec:
+class _Run(NamedTuple):
+    out: dict  # run_loop's output (or a sweep's): ReasoningState particles, and records of account
+    t0: float
+    args: tuple
+    spec: StepSpec
+    scored: bool  # the program called the PRM for every particle that ran a step
+
+
+def _run(key: jax.Array, program: ReasoningProgram, args: tuple, loop: Loop) -> _Run:
+    """``run_loop``, compiled once per program, loop and static arguments (no eager dry run: it
+    would call the reward outside the accounting); the reward's host errors are raised after it."""
+    t0 = time.perf_counter()
+    scored = program.weighting != "plain"
+    if scored:
+        check_reward(program.spec.prm, "process reward")
+    dyn, static_key, rebuild = split_args(args)
+    fn, _ = cached_jit(
+        ("reasoning", program, loop, static_key), lambda: lambda k, d: run_loop(k, program, rebuild(d), loop)
+    )
+    return _Run(_host_checked(fn, key, dyn), t0, args, program.spec, scored)
+
+
+def _host_checked(fn: Callable, *inputs: Any) -> Any:
+    _HOST_ERRORS.clear()
+    out = jax.block_until_ready(fn(*inputs))
+    if _HOST_ERRORS:
+        first, count = _HOST_ERRORS[0], len(_HOST_ERRORS)
+        _HOST_ERRORS.clear()
+        raise ModelError(f"the process reward failed {count} time(s) during the run; first: {first}")
+    return out
+
+
+def _accounting(run: _Run) -> tuple[int, int, int]:
+    """``(steps run, generated tokens, PRM calls)`` from the records of :func:`account`."""
+    tokens, running = (np.asarray(run.out["records"][k]) for k in ("tokens", "running"))
+    return int(np.sum(running > 0)), int(tokens.sum()), int(running.sum()) if run.scored else 0
+
+
+def _spec_of(program: Any, args: tuple) -> StepSpec:
     if not isinstance(program, ReasoningProgram) or program.spec is None:
         raise ConfigError(
             "reasoning algorithms run a step-level program: pass reasoning_program(StepSpec(...))"
         )
+    if len(args) != 1 or not isinstance(args[0], ReasoningArgs):
+        raise ConfigError("a reasoning program takes one argument: question_args(lm, spec, question)")
     return program.spec
 
 
@@ -1123,91 +1049,26 @@ def _check_callable(name: str, fn: Any) -> None:
         raise ConfigError(f"{name} must be a callable (question, solution) -> float, got {fn!r}")
 
 
-SELECTIONS = ("none", "adaptive", "score", "beam")
-
-
-def switch_selection(kind: jax.Array, threshold: jax.Array, keep: jax.Array, schemes: tuple) -> Selection:
-    """The selection ``SELECTIONS[kind]``: ``kind: i32[]``, the adaptive ``threshold: f32[]`` and
-    the beam's ``keep: i32[]`` are traced, so every step-level algorithm with the same program and N
-    shares one compiled loop; ``schemes = (adaptive scheme, score scheme)`` are static."""
-    adaptive_scheme, score_scheme = schemes
-    branches = (
-        no_selection(),
-        adaptive_resampling(threshold, adaptive_scheme),
-        score_resampling(score_scheme),
-        beam_selection(keep),
-    )
-
-    def select(key, pop):
-        return jax.lax.switch(kind, [lambda k, p, b=b: b(k, p) for b in branches], key, pop)
-
-    return select
-
-
-class _RunInfo(NamedTuple):
-    t0: float
-    args: tuple
-    spec: StepSpec
-
-
-_SCHEMES = ("systematic", "multinomial")
-
-
-def _compiled_loop(
-    key: jax.Array,
-    program: ReasoningProgram,
-    args: tuple,
-    n: int,
-    kind: str,
-    threshold: float = 1.0,
-    keep: int = 1,
-    schemes: tuple = _SCHEMES,
-) -> tuple[StepLoopOutput, _RunInfo]:
-    t0 = time.perf_counter()
-    if program.weighting != "plain":
-        check_reward(program.spec.prm, "process reward")
-    if len(args) != 1 or not isinstance(args[0], ReasoningArgs):
-        raise ConfigError("a reasoning program takes one argument: question_args(lm, spec, question)")
-    dyn, static_key, rebuild = split_args(args)
-
-    def build():
-        def loop(key, kind, threshold, keep, dyn):
-            return step_loop(key, program, rebuild(dyn), n, switch_selection(kind, threshold, keep, schemes))
-
-        return loop
-
-    fn, _ = cached_jit(("reasoning", program, n, schemes, static_key), build)
-    traced = (
-        jnp.asarray(SELECTIONS.index(kind), jnp.int32),
-        jnp.asarray(threshold, jnp.float32),
-        jnp.asarray(keep, jnp.int32),
-    )
-    _HOST_ERRORS.clear()
-    out = jax.block_until_ready(fn(key, *traced, dyn))
-    _raise_host_errors()
-    return out, _RunInfo(t0, args, program.spec)
-
-
 def _sampled(alg: Any, key: jax.Array, program: Any, args: tuple, reward: Reward | None, rule: str):
-    prog = reasoning_program(_spec_of(program), "plain")
-    out, info = _compiled_loop(key, prog, args, alg.num_particles, "none")
-    lw = out.population.log_weights
+    prog = reasoning_program(_spec_of(program, args), "plain")
+    run = _run(key, prog, args, reasoning_loop(prog, args, alg.num_particles, INDEPENDENT))
+    lw = run.out["log_weights"]
     if reward is None:
-        return _finish(alg, info, out, lw, 0.0, rule, jnp.zeros_like(lw), 0)
-    question, solutions = _texts(info, out)
+        return _finish(alg, run, lw, 0.0, rule, jnp.zeros_like(lw))
+    question, solutions = _texts(run)
     try:
         scores = np.asarray([_as_score(reward(question, s)) for s in solutions], np.float32)
     except Exception as e:
         raise ModelError(f"the {alg.name} reward failed: {type(e).__name__}: {e}") from e
     with np.errstate(divide="ignore"):
         votes = np.log(scores) if rule == "vote" else scores
-    return _finish(alg, info, out, lw, 0.0, rule, votes, len(solutions))
+    return _finish(alg, run, lw, 0.0, rule, votes, len(solutions))
 
 
-def _texts(info: _RunInfo, out: StepLoopOutput) -> tuple[str, list[str]]:
-    spec, a = info.spec, info.args[0]
+def _texts(run: _Run) -> tuple[str, list[str]]:
+    spec, a = run.spec, run.args[0]
     q, qlen = jax.device_get((a.question, a.question_length))
-    ctx = out.population.particles.state.ctx
+    ctx = run.out["state"].ctx
     toks, lens = jax.device_get((ctx.tokens, ctx.length))
     solutions = [
         spec.decode([int(t) for t in row[:n] if t != spec.eos_id]) for row, n in zip(toks, lens, strict=True)
@@ -1215,10 +1076,10 @@ def _texts(info: _RunInfo, out: StepLoopOutput) -> tuple[str, list[str]]:
     return spec.decode([int(t) for t in q[: int(qlen)]]), solutions
 
 
-def _finish(alg, info, out, log_weights, log_z, rule, values, extra_calls) -> Result:
+def _finish(alg, run: _Run, log_weights, log_z, rule, values, extra_calls: int = 0) -> Result:
     """Decode, pick the answer by ``rule`` from ``values: f[N]`` (log vote weights for "vote",
     scores for "argmax"), and build the Result with the compute accounting."""
-    question, solutions = _texts(info, out)
+    question, solutions = _texts(run)
     answers = [alg.answer_parser(s) for s in solutions]
     values = np.asarray(values, np.float64)
     if rule == "vote":
@@ -1227,25 +1088,26 @@ def _finish(alg, info, out, log_weights, log_z, rule, values, extra_calls) -> Re
         answer, tally = answers[int(np.argmax(values))], {}
     else:
         answer, tally = answers[0], {}
-    state = out.population.particles.state
+    num_steps, tokens, calls = _accounting(run)
+    state = run.out["state"]
     return Result(
         samples={"tokens": state.ctx.tokens, "length": state.ctx.length, "score": state.score},
         log_weights=log_weights,
         log_evidence=log_z,
         algorithm=alg.name,
-        ess=out.ess,
-        resampled=out.resampled,
+        ess=run.out["ess"],
+        resampled=run.out["resampled"],
         state=state,
-        wall_time=time.perf_counter() - info.t0,
+        wall_time=time.perf_counter() - run.t0,
         extras={
             "answer": answer,
             "answers": answers,
             "solutions": solutions,
             "question": question,
             "votes": tally,
-            "num_steps": int(out.num_steps),
-            "generated_tokens": int(out.generated_tokens),
-            "reward_calls": int(out.reward_calls) + int(extra_calls),
+            "num_steps": num_steps,
+            "generated_tokens": tokens,
+            "reward_calls": calls + int(extra_calls),
         },
     )
 

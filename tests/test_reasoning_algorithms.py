@@ -10,11 +10,12 @@ import pytest
 from answer_rules import expected_answers
 
 import ppinfer as pp
-import ppinfer.suspended
 from ppinfer import reasoning as rs
 from ppinfer import tokens as tk
 from ppinfer.errors import ConfigError
+from ppinfer.kernels.select import Beam, Conditional, Multinomial, ParentWeights
 from ppinfer.lm import NGramLM, load_default
+from semantics.check import selection_outcomes
 
 EOS, A, B, DOT = 0, 1, 2, 3  # a 4-token character vocabulary for the n-gram tests
 CHARS = {A: "a", B: "b", DOT: "."}
@@ -216,12 +217,52 @@ def test_perfect_verifier_pf_returns_an_accepted_solution(embedded):
 
 
 def test_beam_selection_keeps_the_best():
+    """BeamSearch's selection: the top ``keep`` by weight (the FK program's weight is ``φ(r) −
+    log N``, increasing in the score; ties: the lower index), copies spread evenly, each keeping its
+    parent's weight. It reads no uniform."""
     score = jnp.array([0.1, 0.9, 0.5, 0.9, 0.0, 0.7])
-    state = rs.ReasoningState(None, None, None, score, None)
-    pop = pp.Population(pp.suspended.Particle(state, jnp.zeros(6, bool)), jnp.zeros(6))
+    log_weights = rs.potential(score, 1e-3, 1.0) - jnp.log(6)
     for keep, expected in [(1, [1] * 6), (2, [1, 1, 1, 3, 3, 3]), (3, [1, 1, 3, 3, 5, 5])]:
-        new, did, _ = rs.beam_selection(keep)(jax.random.PRNGKey(0), pop)
-        assert bool(did) and np.allclose(new.particles.state.score, score[np.array(expected)])
+        for u in (jnp.zeros(6), jnp.full(6, 0.99)):
+            ancestors, new = Beam(keep)(u, log_weights)
+            assert ancestors.tolist() == expected and np.array_equal(new, log_weights[ancestors])
+
+
+def test_selections_are_what_they_claim():
+    """The exact law of each selection (``selection_outcomes``): ``Conditional(Multinomial())`` is
+    multinomial resampling conditioned on slot 0 keeping particle 0 (the other slots i.i.d. ∝ w);
+    ``ParentWeights`` and ``Beam`` change the expected measure ``Σ w_i δ_i`` (not valid, by
+    design; a valid selection preserves it, ``test_check_exact``)."""
+    w = np.array([0.2, 0.3, 0.5])
+    law = selection_outcomes(Conditional(Multinomial()), np.log(w))
+    assert sum(p for p, _, _ in law) == pytest.approx(1.0, abs=1e-12)
+    for p, anc, new in law:
+        assert anc[0] == 0 and p == pytest.approx(w[anc[1]] * w[anc[2]], abs=1e-12)
+        assert np.allclose(new, np.log(1.0 / 3.0))  # log Ẑ − log N, Ẑ = 1
+
+    w = np.array([0.25, 0.75])
+
+    def expected_measure(selection):
+        m = np.zeros(2)
+        for p, anc, new in selection_outcomes(selection, np.log(w)):
+            np.add.at(m, list(anc), p * np.exp(new))
+        return m
+
+    assert np.allclose(expected_measure(ParentWeights(Multinomial())), 2 * w**2, atol=1e-12)
+    assert np.allclose(expected_measure(Beam(1)), [0.0, 2 * 0.75])
+
+
+def test_core_smc_runs_a_reasoning_program(fixed_lengths):
+    """The chunk is drawn from the step's key (no latent sample site): pp.SMC accepts the program,
+    and on the "fk" program it is the Feynman–Kac filter — the same loop, the same numbers. A
+    sequential program that draws nothing is still refused."""
+    program, args, _ = fixed_lengths
+    smc = pp.infer(program, args, algorithm=pp.SMC(5, ess_threshold=0.5), key=3)
+    fk = pp.infer(program, args, algorithm=rs.FeynmanKacFilter(5), key=3)
+    assert smc.log_evidence == pytest.approx(fk.log_evidence, abs=1e-6)
+    assert np.array_equal(smc.state.ctx.tokens, fk.state.ctx.tokens)
+    with pytest.raises(pp.ModelError, match="no random choice"):
+        pp.infer(pp.sequential(lambda: 0.0, lambda s, t: s, 2), algorithm=pp.SMC(4))
 
 
 def test_errors(embedded):

@@ -213,7 +213,7 @@ def test_particle_gibbs_kernel_leaves_the_target_invariant():
     def run(keys, refs):
         def one(k, ref):
             out, idx = rs.conditional_sweep(k, program, args, 3, ref, jnp.asarray(True), "fk")
-            ctx = out.population.particles.state.reasoning.ctx
+            ctx = out["state"].reasoning.ctx
             pinned_ok = jnp.all(ctx.tokens[0] == ref)
             return ctx.tokens[idx], ctx.length[idx], pinned_ok
 

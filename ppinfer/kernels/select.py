@@ -30,6 +30,9 @@ Selections here: :class:`Multinomial`, :class:`Stratified`, :class:`Systematic`,
 (inverse-CDF schemes; equal new weights ``log Ẑ − log n_out``), :class:`Adaptive` (ESS-triggered),
 :class:`Grouped` (island resampling), :class:`FearnheadClifford` (Steer's selection without
 replacement, unequal weights, ``n_out < n_in``). :func:`as_selection` turns a scheme name into one.
+Not valid on their own, by design: :class:`Conditional` (conditional SMC's resampling around a
+reference), :class:`ParentWeights` (weights that are scores, re-read at every selection) and
+:class:`Beam` (deterministic top-k: search, not inference).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ __all__ = [
     "Adaptive",
     "Grouped",
     "FearnheadClifford",
+    "Conditional",
+    "ParentWeights",
+    "Beam",
     "as_selection",
     "draw_uniforms",
     "parts",
@@ -127,7 +133,10 @@ def _probs(log_weights: jax.Array, lse: jax.Array | None = None) -> tuple[jax.Ar
     lse = logsumexp(log_weights) if lse is None else lse
     alive = jnp.isfinite(lse)
     n = log_weights.shape[0]
-    return jnp.where(alive, jnp.exp(log_weights - jnp.where(alive, lse, 0.0)), 1.0 / n), lse
+    # Shift by the max, not by lse: near -1e8 float32 has no room for log n next to the weights.
+    shifted = jnp.exp(log_weights - jnp.where(alive, jnp.max(log_weights), 0.0))
+    probs = shifted / jnp.sum(shifted)
+    return jnp.where(alive, probs, 1.0 / n), lse
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,68 @@ class FearnheadClifford:
         if self.scheme == "systematic":
             return Systematic().draw(key, n_out, dtype)
         return jax.random.uniform(key, (n_out,), dtype)
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """Conditional SMC's resampling: slot 0 keeps particle 0 (the reference, whose ancestor is
+    itself), the other slots are ``base``'s, with ``base``'s new weights. With a ``base`` that draws
+    each slot independently given the weights (:class:`Multinomial`), the ancestors are distributed
+    as ``base``'s *conditioned on* ``ancestors[0] = 0``: the conditional multinomial resampling of
+    Andrieu, Doucet & Holenstein (2010), which makes a conditional SMC sweep followed by a draw of
+    the next reference ∝ the final weights leave the target invariant (particle Gibbs). Not valid
+    as an SMC selection (it favours particle 0), and not the conditional law for schemes whose slots
+    share uniforms (:class:`Systematic`, :class:`Stratified`), which need their own construction."""
+
+    base: Callable = Multinomial()
+
+    def __call__(self, u, log_weights):
+        ancestors, new_log_weights = self.base(u, log_weights)
+        return ancestors.at[0].set(0), new_log_weights
+
+    def draw(self, key, n_out, dtype):
+        return draw_uniforms(self.base, key, n_out, dtype)
+
+
+@dataclass(frozen=True)
+class ParentWeights:
+    """``base``'s ancestors, each new particle keeping the log weight of the particle it copies.
+    For weights that are a *score* of the particle's current state, re-read at every selection,
+    as in Puri et al.'s (2025) particle filter, whose weights are ``softmax φ(r_t)`` of a reward
+    after each step. Not valid: with an unbiased ``base`` the expected measure is
+    ``Σ_i n_out · w_i² / Σ_k w_k · δ(x_i)`` (weights counted twice), not ``Σ_i w_i δ(x_i)``."""
+
+    base: Callable
+
+    def __call__(self, u, log_weights):
+        ancestors, _ = self.base(u, log_weights)
+        return ancestors, log_weights[ancestors]
+
+    def draw(self, key, n_out, dtype):
+        return draw_uniforms(self.base, key, n_out, dtype)
+
+
+@dataclass(frozen=True)
+class Beam:
+    """Beam selection: the ``keep`` particles with the largest log weights (ties: the lower index),
+    slot ``j`` a copy of the ``⌊j · keep / n_out⌋``-th best (``n_out / keep`` copies each when it
+    divides), each copy keeping its parent's log weight. Deterministic (reads no uniform). Not
+    valid: search, not inference (a particle outside the top ``keep`` is never copied)."""
+
+    keep: int
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise ConfigError(f"Beam's keep must be an integer >= 1, got {self.keep!r}")
+
+    def __call__(self, u, log_weights):
+        n_out, keep = u.shape[0], min(self.keep, log_weights.shape[0])
+        _, ranked = jax.lax.top_k(log_weights, keep)
+        ancestors = ranked[jnp.arange(n_out) * keep // n_out].astype(jnp.int32)
+        return ancestors, log_weights[ancestors]
+
+    def draw(self, key, n_out, dtype):
+        return jnp.zeros((n_out,), dtype)
 
 
 def fearnhead_clifford_threshold(
