@@ -594,7 +594,7 @@ class ParticleFilter:
     probabilities ``softmax_i(φ(r_t^i))``, ``φ(r) = logit(clip(r)) / tau``. Final answer by
     ``answer="vote"`` (``Σ`` normalised weights per distinct answer) or ``"argmax"`` (the particle
     with the highest final score). ``Result.log_weights`` are ``φ(r_final) − log N`` (weights of the
-    final selection, not an evidence estimate: ``log_evidence`` is NaN). The ``"fk"`` program's
+    final selection, not an evidence estimate: ``log_evidence`` is ``None``). The ``"fk"`` program's
     weight is ``φ(r_t) − log N`` (the increments telescope; a finished particle keeps its last
     score): resampling by weight is by ``softmax φ(r_t)``, and ``ParentWeights`` keeps it so."""
 
@@ -619,7 +619,7 @@ class ParticleFilter:
         prog = reasoning_program(_spec_of(program, args), "fk", self.tau)
         run = _run(key, prog, args, self.loop(prog, args))
         phi = run.out["state"].potential
-        return _finish(self, run, phi - jnp.log(self.num_particles), float("nan"), self.answer, phi)
+        return _finish(self, run, phi - jnp.log(self.num_particles), None, self.answer, phi)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,7 +666,7 @@ class BeamSearch:
     """Step-level beam search with the PRM: after each step keep the ``max(1, N // expand)``
     particles with the best current score and copy each about ``expand`` times to refill the ``N``
     slots. Answer: the final particle with the highest score (ties: lowest index).
-    ``Result.log_weights`` are ``φ(r_final) − log N``; ``log_evidence`` is NaN. The ``"fk"``
+    ``Result.log_weights`` are ``φ(r_final) − log N``; ``log_evidence`` is ``None``. The ``"fk"``
     program's weight ``φ(r_t) − log N`` increases with the score: :class:`~ppinfer.kernels.select.Beam`
     keeps the top."""
 
@@ -691,7 +691,7 @@ class BeamSearch:
         run = _run(key, prog, args, self.loop(prog, args))
         state = run.out["state"]
         log_weights = state.potential - jnp.log(self.num_particles)
-        return _finish(self, run, log_weights, float("nan"), "argmax", state.score)
+        return _finish(self, run, log_weights, None, "argmax", state.score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -905,7 +905,7 @@ class ParticleGibbs:
     Answer from the final sweep: ``"vote"`` (``Σ`` normalised selection weights per distinct
     answer) or ``"argmax"`` (highest final PRM score; ties: highest weight, then lowest index).
     ``Result.log_weights``: the final sweep's ``selection_logits`` (``f32[N]``, for ``"puri"``
-    minus ``log N``); ``log_evidence`` is NaN (conditional SMC gives no evidence estimate).
+    minus ``log N``); ``log_evidence`` is ``None`` (conditional SMC gives no evidence estimate).
 
     Compute accounting in ``Result.extras``, summed over sweeps: ``generated_tokens`` (sampled
     tokens: ``N`` particles in the first sweep, ``N − 1`` in later ones), ``forced_tokens`` (the
@@ -969,7 +969,7 @@ class ParticleGibbs:
         else:
             order = np.lexsort((-np.arange(n), np.asarray(logits), np.asarray(state.score)))
             rule, values = "argmax", (np.arange(n) == order[-1]).astype(np.float64)
-        result = _finish(self, run, log_weights, float("nan"), rule, values)
+        result = _finish(self, run, log_weights, None, rule, values)
         result.extras.update(
             generated_tokens=generated,
             forced_tokens=forced,

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.primitives import Messenger
 
+from ppinfer import checks
 from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.smc import SMC, LoopNoise, run_loop, trace_history
@@ -173,6 +174,12 @@ def _exact_loop(program, args, loop):
     )
     zero_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state_shape)
     t0 = jnp.zeros((), jnp.int32)
+    step0 = lambda s: program.step(s, t0, *args)
+    if checks.draws_key(program.init, args) or checks.draws_key(step0, (zero_state,)):
+        raise EnumerationError(
+            "check_exact enumerates sample sites only; this program also draws randomness from "
+            "numpyro.prng_key() (e.g. tokens sampled inside a step), which it cannot enumerate"
+        )
     step_prop = None if loop.proposal is None else (lambda s: loop.proposal(s, t0, *args))
     step_sites = _latent_sites(
         lambda: simulate(jax.random.PRNGKey(0), lambda s: program.step(s, t0, *args), (zero_state,),

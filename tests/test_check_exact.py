@@ -8,8 +8,10 @@ reweight) fails by orders of magnitude more. Exact: no false failures.
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax.scipy.special import logsumexp
@@ -178,6 +180,18 @@ def test_what_cannot_be_enumerated_is_an_enumeration_error():
 
     with pytest.raises(pp.EnumerationError, match="piecewise constant"):
         check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=Smooth(), ess_threshold=1.0))
+
+    # Randomness drawn from the key outside sample sites (how reasoning steps sample tokens) is
+    # invisible to the enumeration: refused rather than checked wrongly.
+    def keyed_step(x, t, ys):
+        flip = jax.random.bernoulli(numpyro.prng_key(), 0.5)
+        x = pp.sample("x", dist.Bernoulli(0.5 + 0.2 * flip))
+        pp.observe("y", dist.Normal(x, 1.0), ys[t])
+        return x
+
+    keyed = pp.sequential(lambda ys: jnp.zeros((), jnp.int32), keyed_step, 2)
+    with pytest.raises(pp.EnumerationError, match="prng_key"):
+        check_exact(keyed, YS[:2], algorithm=pp.SMC(2))
 
 
 def test_a_broken_kernel_step_fails(monkeypatch):
