@@ -12,6 +12,7 @@ from ppinfer.algorithms.pmmh import PMMH
 from ppinfer.algorithms.resample_move import ResampleMoveSMC
 from ppinfer.algorithms.smc2 import SMC2
 from ppinfer.algorithms.tempered import DataAnnealedSMC, TemperedSMC
+from ppinfer.algorithms.waste_free import WasteFreeSMC
 from ppinfer.errors import (
     CheckpointError,
     ConfigError,
@@ -50,6 +51,7 @@ __all__ = [
     "ParticleGibbs",
     "TemperedSMC",
     "DataAnnealedSMC",
+    "WasteFreeSMC",
     "MCMC",
     "NUTS",
     "HMC",

@@ -4,21 +4,22 @@ Both move N particles through a path of targets from the prior to the posterior,
 
     γ_λ(x) = p(x) · L_λ(x),   L_0 = 1,   L_final = p(y | x),
 
-by the blocks reweight → resample → move:
+with the one annealing step :func:`ppinfer.kernels.anneal.anneal_step` (reweight by
+``L_λ'/L_λ`` → resample, systematic → ``num_moves`` ``π_λ'``-invariant moves per particle, in the
+unconstrained space of :func:`ppinfer.kernels.space.space_of`). The move is a random walk (scale
+``2.38/√d`` × the particles' per-coordinate spread), HMC or NUTS (diagonal mass matrix from the
+particles' variance, step size tuned between temperatures towards a target acceptance rate); see
+:mod:`ppinfer.kernels.anneal`.
 
-- **reweight** from ``γ_λ`` to ``γ_λ'``: ``log_weights += log L_λ'(x) − log L_λ(x)`` (incremental);
-- **resample** (systematic): the population's measure is unchanged in expectation;
-- **move**: ``num_moves`` random-walk MH steps per particle targeting ``γ_λ'`` in the unconstrained
-  space of the latent sites (Jacobian included), scale ``2.38/√d`` × the particles' per-coordinate
-  spread (adapted from the population before the move).
-
-``log_evidence = logsumexp(log_weights)`` estimates ``log p(y)``; with a fixed schedule ``Ẑ`` is
-unbiased. :class:`TemperedSMC` uses ``L_λ = p(y | x)^λ`` with the next ``λ`` chosen by bisection so
-that the incremental weights' ESS is ``ess_target · N`` (Jasra et al. 2011; the adaptive schedule
-adds a small bias, negligible in the tests), or a fixed ``temperatures`` schedule.
-:class:`DataAnnealedSMC` adds observations in batches: ``L_b`` includes the first ``n_b`` entries
-along the last batch dimension of every observed site whose last dimension has length
-``num_data`` (the data plate); other observed sites are included from the first stage.
+``log_evidence = logsumexp(log_weights)`` estimates ``log p(y)``; with a fixed schedule (and fixed
+move parameters) ``Ẑ`` is unbiased. :class:`TemperedSMC` uses ``L_λ = p(y | x)^λ`` with the next
+``λ`` chosen by bisection so that the incremental weights' ESS is ``ess_target · N`` (Jasra et al.
+2011; the adaptive schedule adds a small bias, negligible in the tests), or a fixed
+``temperatures`` schedule. :class:`DataAnnealedSMC` adds observations in batches: ``L_b`` includes
+the first ``n_b`` entries along the last batch dimension of every observed site whose last
+dimension has length ``num_data`` (the data plate); other observed sites are included from the
+first stage. Waste-free SMC (:class:`~ppinfer.algorithms.waste_free.WasteFreeSMC`) runs the same
+loop keeping every state of shorter chains.
 
 All latent sites must be continuous with supports that do not depend on other sites.
 """
@@ -32,20 +33,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.flatten_util import ravel_pytree
 from numpyro import handlers
-from numpyro.distributions import biject_to
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
-from ppinfer.errors import ConfigError, ModelError
-from ppinfer.kernels.mh import accept
-from ppinfer.population import Population, ess, log_evidence
+from ppinfer.errors import ConfigError
+from ppinfer.kernels import anneal
+from ppinfer.kernels.space import space_of
+from ppinfer.population import log_evidence
 from ppinfer.program import is_sequential
-from ppinfer.resample import resample
 from ppinfer.result import Result
-from ppinfer.traced import assess, generate, latent_sites
+from ppinfer.traced import assess
 
 __all__ = ["TemperedSMC", "DataAnnealedSMC", "anneal_run"]
 
@@ -57,9 +55,15 @@ class TemperedSMC:
     Args:
         num_particles: N ≥ 1.
         ess_target: adaptive schedule: each step's incremental-weight ESS is ``ess_target · N``.
-        num_moves: RW-MH moves per particle per step, ≥ 1.
+        num_moves: move transitions per particle per step, ≥ 1 (RW-MH steps, HMC trajectories or
+            NUTS trees).
         temperatures: a fixed increasing schedule ending at 1 (overrides the adaptive one).
         max_steps: cap on adaptive steps (the last step jumps to λ = 1).
+        move: ``"rw"``, ``"hmc"``, ``"nuts"`` or a move object
+            (:class:`~ppinfer.kernels.anneal.RWMove`, :class:`~ppinfer.kernels.anneal.HMCMove`,
+            :class:`~ppinfer.kernels.anneal.NUTSMove`: step size, leapfrog steps or tree depth,
+            target acceptance for tuning). ``Result.extras`` records per temperature ``lambdas``,
+            ``acceptance_rate`` and the ``step_size`` each move used.
     """
 
     num_particles: int = 1000
@@ -67,43 +71,34 @@ class TemperedSMC:
     num_moves: int = 5
     temperatures: Sequence[float] | None = None
     max_steps: int = 100
+    move: Any = "rw"
 
     name = "TemperedSMC"
 
     def __post_init__(self):
-        _check_common(self.num_particles, self.num_moves)
+        _check_common(self, self.num_moves)
         checks.check_probability("ess_target", self.ess_target)
-        if self.temperatures is not None:
-            temps = tuple(float(t) for t in self.temperatures)
-            if (
-                not temps
-                or temps[-1] != 1.0
-                or any(b <= a for a, b in zip((0.0, *temps[:-1]), temps, strict=True))
-            ):
-                raise ConfigError("temperatures must increase strictly from above 0 to exactly 1")
-            object.__setattr__(self, "temperatures", temps)
+        _check_schedule(self)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        if self.temperatures is None:
-            schedule = ("adaptive", self.ess_target, int(self.max_steps))
-        else:
-            schedule = ("fixed", self.temperatures, len(self.temperatures))
-        return _run(self, key, program, args, ("temper", None), schedule)
+        return _run(self, key, program, args, ("temper", None), _schedule(self), num_moves=self.num_moves)
 
 
 @dataclass(frozen=True)
 class DataAnnealedSMC:
-    """Data-annealed SMC: ``num_data`` observations added ``batch_size`` at a time."""
+    """Data-annealed SMC: ``num_data`` observations added ``batch_size`` at a time (``move`` as
+    for :class:`TemperedSMC`)."""
 
     num_particles: int = 1000
     num_data: int = 1
     batch_size: int = 1
     num_moves: int = 5
+    move: Any = "rw"
 
     name = "DataAnnealedSMC"
 
     def __post_init__(self):
-        _check_common(self.num_particles, self.num_moves)
+        _check_common(self, self.num_moves)
         if int(self.num_data) < 1 or int(self.batch_size) < 1:
             raise ConfigError("num_data and batch_size must be >= 1")
 
@@ -112,131 +107,96 @@ class DataAnnealedSMC:
             float(min(c, self.num_data))
             for c in range(self.batch_size, self.num_data + self.batch_size, self.batch_size)
         )
-        return _run(self, key, program, args, ("data", int(self.num_data)), ("fixed", counts, len(counts)))
+        schedule = ("fixed", counts, len(counts))
+        return _run(
+            self, key, program, args, ("data", int(self.num_data)), schedule, num_moves=self.num_moves
+        )
 
 
-def anneal_run(key, program, args, n, num_moves, path, schedule, transforms) -> dict:
-    """The pure annealed-SMC core (jit/vmap-able). ``path = ("temper", None) | ("data", num_data)``,
-    ``schedule = ("adaptive", ess_target, max_steps) | ("fixed", λs, len)``; ``transforms`` maps each
-    latent site to the bijection onto its support. Returns ``log_weights: f32[N]``, ``log_evidence``,
-    ``choices`` ``[N, …]`` (latent and deterministic), ``lambdas``/``ess``/``acceptance_rate``
+def anneal_run(
+    key,
+    program,
+    args,
+    n,
+    num_moves,
+    path,
+    schedule,
+    transforms=None,
+    *,
+    move: Any = "rw",
+    num_selected: int | None = None,
+    keep_chain: bool = False,
+    reweight_fn: Callable | None = None,
+) -> dict:
+    """The pure annealed-SMC core (jit/vmap-able): ``n`` prior draws, then
+    :func:`~ppinfer.kernels.anneal.anneal_step` until the end of the path.
+
+    ``path = ("temper", None) | ("data", num_data)``, ``schedule = ("adaptive", ess_target,
+    max_steps) | ("fixed", λs, len)``; ``transforms`` (optional) maps each latent site to the
+    bijection onto its support (default: :func:`~ppinfer.kernels.space.space_of`'s). ``move``,
+    ``num_selected``, ``keep_chain`` and ``reweight_fn`` are passed to the step. Returns
+    ``log_weights: f32[N]``, ``log_evidence``, ``choices`` ``[N, …]`` (latent and deterministic),
+    ``lambdas``/``ess``/``acceptance_rate``/``step_size``/``log_evidence_history``
     ``[max_steps]`` (padded with NaN), ``num_steps``."""
     kind, num_data = path
     mode, spec, max_steps = schedule
+    move = anneal.as_move(move)
+    space = space_of(program, args)
+    if transforms is not None:
+        space = space._replace(transforms={name: transforms[name] for name in space.names})
     k_init, k_loop = jax.random.split(key)
-    x0 = jax.vmap(lambda i: generate(jax.random.fold_in(k_init, i), program, args)[0].choices)(jnp.arange(n))
-    u0 = {name: transforms[name].inv(x0[name]) for name in transforms}
-    unravel = ravel_pytree(jax.tree.map(lambda v: v[0], u0))[1]
-    flat0 = jax.vmap(lambda d: ravel_pytree(d)[0])(u0)
-    lam_end = 1.0 if kind == "temper" else float(num_data)
+    u0 = jax.vmap(lambda i: space.draw(jax.random.fold_in(k_init, i), *args))(jnp.arange(n))
+    log_prior = lambda u: space.log_prior(u, *args)
 
-    def parts(v):
-        """``(log prior + log |det J|, per-element log likelihood terms)`` at ``v: f32[d]``."""
-        u = unravel(v)
-        x = {k: transforms[k](u[k]) for k in transforms}
-        log_det = sum(jnp.sum(transforms[k].log_abs_det_jacobian(u[k], x[k])) for k in transforms)
-        trace = assess(program, args, x)
-        return trace.log_prior + log_det, _obs_terms(program, args, x, num_data)
-
-    def log_lik(v, lam):
-        lp, (whole, per_datum) = parts(v)
+    def log_lik(u, lam):
+        """``log L_lam(u)``; ``0`` at ``lam = 0`` (the prior), even where the likelihood is ``−inf``."""
+        whole, per_datum = _obs_terms(program, args, space.constrain(u)[0], num_data)
         if kind == "temper":
-            return lp, lam * (whole + jnp.sum(per_datum))
-        return lp, whole + jnp.sum(jnp.where(jnp.arange(per_datum.shape[0]) < lam, per_datum, 0.0))
+            value = lam * (whole + jnp.sum(per_datum))
+        else:
+            value = whole + jnp.sum(jnp.where(jnp.arange(per_datum.shape[0]) < lam, per_datum, 0.0))
+        return jnp.where(lam > 0, value, 0.0)
 
-    def target(v, lam):
-        lp, ll = log_lik(v, lam)
-        out = lp + ll
-        return jnp.where(jnp.isnan(out), -jnp.inf, out)
-
-    def next_lambda(lam, ll1, i):
-        """The next λ; ``ll1: f32[N]`` the particles' full log likelihoods (tempering only)."""
+    def step(key, state, i):
         if mode == "fixed":
-            return jnp.asarray(spec, flat0.dtype)[i]
-        ok = lambda d: ess(d * ll1) >= spec * n
-
-        def bisect(_, lohi):
-            lo, hi = lohi
-            mid = 0.5 * (lo + hi)
-            return jnp.where(ok(mid), mid, lo), jnp.where(ok(mid), hi, mid)
-
-        lo, _ = jax.lax.fori_loop(0, 40, bisect, (jnp.zeros(()), 1.0 - lam))
-        delta = jnp.where(ok(1.0 - lam) | (i >= max_steps - 1), 1.0 - lam, jnp.maximum(lo, 1e-6))
-        return jnp.minimum(lam + delta, 1.0)
-
-    def reweight(flat, lam, i):
-        """``(λ', incremental log weights f32[N], log γ_λ' f32[N])`` of the particles ``flat``."""
-        if kind == "temper":
-            # One program run per particle serves the schedule, the weights and the move's start:
-            # log γ_λ = lp + λ·ll, so the increment is (λ' − λ)·ll.
-            lp, ll = jax.vmap(lambda v: log_lik(v, 1.0))(flat)
-            ll = jnp.where(jnp.isnan(ll), -jnp.inf, ll)
-            lam_new = next_lambda(lam, ll, i)
-            inc = jnp.where(jnp.isfinite(lp), (lam_new - lam) * ll, -jnp.inf)
-            new = lp + lam_new * ll
-            return lam_new, jnp.where(jnp.isnan(inc), -jnp.inf, inc), jnp.where(jnp.isnan(new), -jnp.inf, new)
-        lam_new = next_lambda(lam, None, i)
-        new = jax.vmap(lambda v: target(v, lam_new))(flat)
-        inc = new - jax.vmap(lambda v: target(v, lam))(flat)
-        return lam_new, jnp.where(jnp.isnan(inc), -jnp.inf, inc), new
-
-    def body(carry):
-        i, key, lam, flat, lw, hist = carry
-        k_res, k_move = jax.random.split(jax.random.fold_in(key, i))
-        lam_new, inc, log_target = reweight(flat, lam, i)
-        lw = lw + inc
-        ess_i = ess(lw)
-        pop, ancestors = resample(k_res, Population(flat, lw), "systematic")
-        flat, rate = _rw_moves(
-            k_move, pop.particles, lambda v: target(v, lam_new), num_moves, log_target[ancestors]
+            lam_new = jnp.asarray(spec, state.lam.dtype)[i]
+        else:
+            ll = jax.vmap(lambda u: log_lik(u, 1.0))(state.particles)
+            lam_new = anneal.next_temperature(state.log_weights, ll, state.lam, spec)
+            lam_new = jnp.where(i >= max_steps - 1, 1.0, lam_new)
+        return anneal.anneal_step(
+            key,
+            state,
+            lam_new,
+            log_prior=log_prior,
+            log_lik=log_lik,
+            move=move,
+            num_moves=num_moves,
+            num_selected=num_selected,
+            keep_chain=keep_chain,
+            reweight_fn=reweight_fn,
         )
-        hist = {
-            "lambdas": hist["lambdas"].at[i].set(lam_new),
-            "ess": hist["ess"].at[i].set(ess_i),
-            "acceptance_rate": hist["acceptance_rate"].at[i].set(rate),
-            "log_evidence_history": hist["log_evidence_history"].at[i].set(log_evidence(lw)),
-        }
-        return i + 1, key, lam_new, flat, pop.log_weights, hist
 
-    nan = jnp.full((max_steps,), jnp.nan, flat0.dtype)
-    hist0 = {"lambdas": nan, "ess": nan, "acceptance_rate": nan, "log_evidence_history": nan}
-    lw0 = jnp.full((n,), -jnp.log(n), flat0.dtype)
-    init = (jnp.zeros((), jnp.int32), k_loop, jnp.zeros((), flat0.dtype), flat0, lw0, hist0)
-    cond = lambda c: (c[2] < lam_end) & (c[0] < max_steps)
-    steps, _, _, flat, lw, hist = jax.lax.while_loop(cond, body, init)
+    lam_end = 1.0 if kind == "temper" else float(num_data)
+    state, hist, steps = anneal.anneal_loop(
+        k_loop, anneal.init(u0, move), step, max_steps=max_steps, lam_end=lam_end
+    )
 
-    def constrained(v):
-        u = unravel(v)
-        x = {k: transforms[k](u[k]) for k in transforms}
+    def constrained(u):
+        x, _ = space.constrain(u)
         return {**x, **assess(program, args, x).deterministics}
 
     return {
-        "choices": jax.vmap(constrained)(flat),
-        "log_weights": lw,
-        "log_evidence": log_evidence(lw),
+        "choices": jax.vmap(constrained)(state.particles),
+        "log_weights": state.log_weights,
+        "log_evidence": log_evidence(state.log_weights),
         "num_steps": steps,
-        **hist,
+        "lambdas": hist.lam,
+        "ess": hist.ess,
+        "acceptance_rate": hist.acceptance_rate,
+        "step_size": hist.step_size,
+        "log_evidence_history": hist.log_evidence,
     }
-
-
-def _rw_moves(key, flat, log_target: Callable, num_moves: int, lp: jax.Array | None = None):
-    """``num_moves`` Gaussian random-walk MH steps of every particle (rows of ``flat: f32[N, d]``),
-    scale ``2.38/√d`` × per-coordinate sd. ``lp: f32[N]``, if given, is ``log_target`` at ``flat``
-    (saves one evaluation). Returns ``(flat, mean acceptance rate)``."""
-    n, d = flat.shape
-    scale = 2.38 / jnp.sqrt(d) * jnp.maximum(jnp.std(flat, axis=0), 1e-4)
-    lp = jax.vmap(log_target)(flat) if lp is None else lp
-
-    def move(carry, k):
-        flat, lp = carry
-        k1, k2 = jax.random.split(k)
-        prop = flat + scale * jax.random.normal(k1, flat.shape, flat.dtype)
-        lp_new = jax.vmap(log_target)(prop)
-        (flat, lp), info = accept(k2, lp_new - lp, (prop, lp_new), (flat, lp))
-        return (flat, lp), jnp.mean(info.accepted)
-
-    (flat, _), rates = jax.lax.scan(move, (flat, lp), jax.random.split(key, num_moves))
-    return flat, jnp.mean(rates)
 
 
 def _obs_terms(program, args, x, num_data):
@@ -261,24 +221,23 @@ def _obs_terms(program, args, x, num_data):
     return whole, per
 
 
-def _run(cfg, key, program, args, path, schedule) -> Result:
+def _run(
+    cfg, key, program, args, path, schedule, *, num_moves, num_selected=None, keep_chain=False
+) -> Result:
+    """Check the program, compile (cached) :func:`anneal_run` for ``cfg`` and run it."""
     if is_sequential(program):
         raise ConfigError(f"{cfg.name} needs a static program")
     t0 = time.perf_counter()
     dyn, static_key, rebuild = split_args(args)
     _, latent = checks.dry_run(program, args, None, "running the program once")
     checks.require_latent(latent)
-    sites = latent_sites(program, args)
-    discrete = sorted(k for k, d in sites.items() if d.support.is_discrete)
-    if discrete:
-        raise ModelError(f"{cfg.name} moves continuous sites only; site(s) {discrete} are discrete")
-    settings = (cfg.num_particles, cfg.num_moves, path, schedule)
+    space_of(program, args, what=cfg.name)  # raises ModelError for a discrete site
+    settings = (cfg.num_particles, num_moves, path, schedule, cfg.move, num_selected, keep_chain)
 
     def build():
         def compiled(key, dyn):
-            a = rebuild(dyn)
-            transforms = {k: biject_to(d.support) for k, d in latent_sites(program, a).items()}
-            return anneal_run(key, program, a, *settings[:2], path, schedule, transforms)
+            options = {"move": cfg.move, "num_selected": num_selected, "keep_chain": keep_chain}
+            return anneal_run(key, program, rebuild(dyn), *settings[:4], **options)
 
         return compiled
 
@@ -297,12 +256,33 @@ def _run(cfg, key, program, args, path, schedule) -> Result:
         extras={
             "lambdas": out["lambdas"][:steps],
             "acceptance_rate": out["acceptance_rate"][:steps],
+            "step_size": out["step_size"][:steps],
             "num_steps": steps,
         },
     )
 
 
-def _check_common(num_particles, num_moves) -> None:
-    checks.check_num_particles(num_particles)
-    if isinstance(num_moves, bool) or not isinstance(num_moves, int | np.integer) or num_moves < 1:
-        raise ConfigError(f"num_moves must be an integer >= 1, got {num_moves!r}")
+def _schedule(cfg) -> tuple:
+    """``anneal_run``'s schedule of a config with ``temperatures``, ``ess_target``, ``max_steps``."""
+    if cfg.temperatures is None:
+        return ("adaptive", cfg.ess_target, int(cfg.max_steps))
+    return ("fixed", cfg.temperatures, len(cfg.temperatures))
+
+
+def _check_schedule(cfg) -> None:
+    """Validate (and normalise to a tuple of floats) ``cfg.temperatures``."""
+    if cfg.temperatures is None:
+        return
+    temps = tuple(float(t) for t in cfg.temperatures)
+    if not temps or temps[-1] != 1.0 or any(b <= a for a, b in zip((0.0, *temps[:-1]), temps, strict=True)):
+        raise ConfigError("temperatures must increase strictly from above 0 to exactly 1")
+    object.__setattr__(cfg, "temperatures", temps)
+
+
+def _check_common(cfg, num_moves) -> None:
+    """Validate ``num_particles``, ``num_moves`` and ``max_steps``; turn ``cfg.move`` into a move."""
+    checks.check_num_particles(cfg.num_particles)
+    checks.check_int("num_moves", num_moves, 1)
+    if hasattr(cfg, "max_steps"):
+        checks.check_int("max_steps", cfg.max_steps, 1)
+    object.__setattr__(cfg, "move", anneal.as_move(cfg.move))

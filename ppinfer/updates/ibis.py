@@ -9,7 +9,7 @@ For a static program whose likelihood factorises over data batches ``y_1, y_2, �
 - **move** (only after resampling): ``num_moves`` MH steps per particle targeting ``π_t`` in the
   unconstrained space of the latent sites (Jacobian included), alternating a Gaussian random walk
   with the particles' covariance (scaled by ``2.38²/d``) and an independent Gaussian proposal fitted
-  to the particles (``_rw_moves``).
+  to the particles (``_moves``, on :func:`ppinfer.kernels.anneal.rw_move`).
 - **temper** (``IBIS(tempering_ess=0.5)``, the default): a batch whose one-step reweighting would
   leave a conditional ESS below ``tempering_ess · N`` is absorbed in stages ``p(y_t | θ)^{λ_k}``,
   ``λ_k ↑ 1`` chosen adaptively, each stage followed by resample and move (see
@@ -57,20 +57,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.scipy.special import logsumexp
-from numpyro.distributions import biject_to
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, check_data
-from ppinfer.algorithms.rescore import constrain, unconstrain
-from ppinfer.errors import ConfigError, DataError, ModelError
-from ppinfer.kernels.mh import accept
+from ppinfer.errors import ConfigError, DataError
+from ppinfer.kernels.anneal import Position, next_temperature, rw_move
+from ppinfer.kernels.space import space_of
 from ppinfer.population import Population, ess
 from ppinfer.program import is_sequential
 from ppinfer.resample import resample
 from ppinfer.result import Result
-from ppinfer.traced import assess, generate, latent_sites
+from ppinfer.traced import assess, generate
 
 __all__ = [
     "IBIS",
@@ -369,10 +367,10 @@ def init_state(key: jax.Array, program: Callable[..., Any], args: tuple, num_par
     ``args`` one batch's program arguments: the prior must not depend on them), log weights ``−log N``,
     ``step = 0`` and no data (``data = None``; the :class:`DataModel` fills it). Pure."""
     k_init, k_next = jax.random.split(key)
-    transforms = _transforms(program, args)
+    space = _space(program, args)
     draw = lambda i: generate(jax.random.fold_in(k_init, i), program, args)[0].choices
     x = jax.vmap(draw)(jnp.arange(num_particles))
-    flat = jax.vmap(lambda d: ravel_pytree(unconstrain(transforms, d))[0])(x)
+    flat = jax.vmap(space.unconstrain)(x)
     lw = jnp.full((num_particles,), -jnp.log(num_particles), flat.dtype)
     return IBISState(flat, lw, k_next, jnp.zeros((), jnp.int32), None)
 
@@ -405,16 +403,15 @@ def update_state(
     step = state.step
     new_data = data_model.absorb(state.data, batch, step)
     prior_args = new_data if data_model.kind == "statistics" else batch
-    transforms = _transforms(program, prior_args)
-    unravel = _unraveler(program, prior_args, transforms)
+    space = _space(program, prior_args)
 
     def increment(v):
-        x, _ = constrain(transforms, unravel(v))
+        x, _ = space.constrain(v)
         out = data_model.increment(x, state.data, new_data, batch, step)
         return jnp.where(jnp.isnan(out), -jnp.inf, out)
 
     def log_target(v):
-        x, log_det = constrain(transforms, unravel(v))
+        x, log_det = space.constrain(v)
         out = data_model.log_joint(x, new_data, step + 1, batch) + log_det
         return jnp.where(jnp.isnan(out), -jnp.inf, out)
 
@@ -427,7 +424,7 @@ def update_state(
         def resample_move(operand):
             flat, lw = operand
             pop, _ = resample(k_res, Population(flat, lw), "systematic")
-            flat, rate = _rw_moves(k_move, pop.particles, log_target, num_moves)
+            flat, rate = _moves(k_move, pop.particles, log_target, num_moves)
             return flat, pop.log_weights, rate
 
         def keep(operand):
@@ -443,7 +440,7 @@ def update_state(
         def target(v):
             # π_{t−1} · p(batch | θ)^λ, summed directly: at small λ the batch's log likelihood can be
             # −1e9 for a prior draw, and log π_t − (1 − λ) log p(batch | θ) would lose every digit.
-            x, log_det = constrain(transforms, unravel(v))
+            x, log_det = space.constrain(v)
             before = jnp.where(
                 step == 0,
                 assess(program, prior_args, x).log_prior,
@@ -463,15 +460,15 @@ def update_state(
         k_stage_res = jax.random.fold_in(k_res, c["stage"])
         k_stage_move = jax.random.fold_in(k_move, c["stage"])
         last = c["stage"] >= max_stages - 1
-        delta = jnp.where(last, 1.0 - c["lam"], _next_delta(c["lw"], c["inc"], 1.0 - c["lam"], tempering_ess))
-        lam = jnp.where(last | (c["lam"] + delta >= 1.0), 1.0, c["lam"] + delta)
+        lam = next_temperature(c["lw"], c["inc"], c["lam"], tempering_ess, conditional=True)
+        lam = jnp.where(last, 1.0, lam)
         lw = c["lw"] + jnp.where(c["inc"] == -jnp.inf, -jnp.inf, (lam - c["lam"]) * c["inc"])
         do = (lam < 1.0) | (ess(lw) < ess_threshold * n) | (ess_threshold >= 1.0)
 
         def resample_move(operand):
             flat, lw = operand
             pop, _ = resample(k_stage_res, Population(flat, lw), "systematic")
-            flat, rate = _rw_moves(k_stage_move, pop.particles, stage_target(lam), num_moves)
+            flat, rate = _moves(k_stage_move, pop.particles, stage_target(lam), num_moves)
             return flat, pop.log_weights, rate, jax.vmap(increment)(flat)
 
         def keep(operand):
@@ -507,13 +504,14 @@ def update_state(
     return IBISState(c["flat"], c["lw"], key, step + 1, new_data), info
 
 
-def _rw_moves(key, flat, log_target: Callable, num_moves: int):
+def _moves(key, flat, log_target: Callable, num_moves: int):
     """``num_moves`` MH steps of every particle (rows of ``flat: f32[N, d]``), alternating a Gaussian
     random walk ``N(v, (2.38²/d) Σ̂)`` and an independent proposal ``N(m̂, Σ̂)``, with ``m̂, Σ̂`` the
     particles' mean and covariance (regularised; the diagonal alone if the Cholesky factor fails):
     the walk follows the posterior's scale and correlations, the independent step jumps across a
-    near-Gaussian posterior in one move. Returns ``(flat, mean acceptance rate)``; each step leaves
-    ``log_target`` invariant (``Σ̂, m̂`` are fixed during the moves)."""
+    near-Gaussian posterior in one move. Both are :func:`~ppinfer.kernels.anneal.rw_move` (``ρ = 1``
+    and ``ρ = 0``; one target evaluation per step), each leaving ``log_target`` invariant (``Σ̂, m̂``
+    are fixed during the moves). Returns ``(flat, mean acceptance probability)``."""
     n, d = flat.shape
     mean = jnp.mean(flat, axis=0)
     centred = flat - mean
@@ -521,53 +519,18 @@ def _rw_moves(key, flat, log_target: Callable, num_moves: int):
     var = jnp.maximum(jnp.diag(cov), 1e-8)
     chol = jnp.linalg.cholesky(cov + 1e-6 * jnp.diag(var) + 1e-10 * jnp.eye(d, dtype=flat.dtype))
     chol = jnp.where(jnp.all(jnp.isfinite(chol)), chol, jnp.diag(jnp.sqrt(var)))
-    rw = 2.38 / jnp.sqrt(d) * chol
 
-    def log_q(v):  # the independent proposal's log density, up to a constant
-        z = jax.scipy.linalg.solve_triangular(chol, (v - mean).T, lower=True)
-        return -0.5 * jnp.sum(z**2, axis=0)
-
-    lp = jax.vmap(log_target)(flat)
-
-    def move(carry, xs):
-        flat, lp = carry
+    def move(position, xs):
         k, i = xs
-        k1, k2 = jax.random.split(k)
-        z = jax.random.normal(k1, flat.shape, flat.dtype)
         independent = (i % 2) == 1
-        prop = jnp.where(independent, mean + z @ chol.T, flat + z @ rw.T)
-        lp_new = jax.vmap(log_target)(prop)
-        correction = jnp.where(independent, log_q(flat) - log_q(prop), 0.0)
-        (flat, lp), info = accept(k2, lp_new - lp + correction, (prop, lp_new), (flat, lp))
-        return (flat, lp), jnp.mean(info.accepted)
+        scale = jnp.where(independent, chol, 2.38 / jnp.sqrt(d) * chol)
+        position, rate = rw_move(k, position, log_target, scale, mean, jnp.where(independent, 0.0, 1.0))
+        return position, jnp.mean(rate)
 
+    start = Position(flat, jax.vmap(log_target)(flat), None)
     xs = (jax.random.split(key, num_moves), jnp.arange(num_moves))
-    (flat, _), rates = jax.lax.scan(move, (flat, lp), xs)
-    return flat, jnp.mean(rates)
-
-
-def _next_delta(log_weights, inc, max_delta, target_fraction, iters: int = 40):
-    """The largest ``δ ∈ (0, max_delta]`` (by bisection) with conditional ESS
-    ``N (Σ W_i e^{δ ℓ_i})² / Σ W_i e^{2δ ℓ_i} ≥ target_fraction · N`` (``W`` the normalised weights,
-    ``ℓ`` the increments; Zhou, Johansen & Aston 2016); ``max_delta`` when the full step satisfies
-    it. Always > 0, so every stage makes progress."""
-    logw = log_weights - logsumexp(log_weights)
-
-    def cess_fraction(d):
-        a = logw + jnp.where(inc == -jnp.inf, -jnp.inf, d * inc)
-        b = logw + jnp.where(inc == -jnp.inf, -jnp.inf, 2.0 * d * inc)
-        out = jnp.exp(2.0 * logsumexp(a) - logsumexp(b))
-        return jnp.where(jnp.isnan(out), 0.0, out)
-
-    def bisect(_, lohi):
-        lo, hi = lohi
-        mid = 0.5 * (lo + hi)
-        ok = cess_fraction(mid) >= target_fraction
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, iters, bisect, (jnp.zeros_like(max_delta), jnp.asarray(max_delta)))
-    full = cess_fraction(max_delta) >= target_fraction
-    return jnp.where(full, max_delta, jnp.where(lo > 0, lo, hi))
+    position, rates = jax.lax.scan(move, start, xs)
+    return position.u, jnp.mean(rates)
 
 
 def run_stream(
@@ -598,11 +561,10 @@ def capacity_for(num_batches: int) -> int:
 def constrained_samples(program, particles, args) -> dict:
     """Site name → ``[N, …]``: the latent sites of ``particles: f32[N, d]`` (constrained) and the
     program's ``deterministic`` sites, evaluated on ``args`` (the latest batch, or the statistics)."""
-    transforms = _transforms(program, args)
-    unravel = _unraveler(program, args, transforms)
+    space = _space(program, args)
 
     def one(v):
-        x, _ = constrain(transforms, unravel(v))
+        x, _ = space.constrain(v)
         return {**x, **assess(program, args, x).deterministics}
 
     return jax.vmap(one)(particles)
@@ -659,19 +621,19 @@ def _prior_args(config: IBIS, data, step):
     return jax.tree.map(lambda b: b[step - 1], data)
 
 
+def _space(program, args):
+    """The unconstrained space of the program's latent sites (all continuous, at least one)."""
+    return space_of(program, args, what="IBIS")
+
+
 def _transforms(program, args) -> dict:
-    sites = latent_sites(program, args)
-    discrete = sorted(k for k, d in sites.items() if d.support.is_discrete)
-    if discrete:
-        raise ModelError(f"IBIS moves continuous sites only; site(s) {discrete} are discrete")
-    if not sites:
-        raise ModelError("the program makes no random choice (no latent sample site): nothing to infer")
-    return {k: biject_to(d.support) for k, d in sites.items()}
+    """Site name → bijection onto its support (the space's; kept for :mod:`ppinfer.updates.gaussian`)."""
+    return _space(program, args).transforms
 
 
 def _unraveler(program, args, transforms) -> Callable:
-    x = generate(jax.random.PRNGKey(0), program, args)[0].choices
-    return ravel_pytree(unconstrain(transforms, x))[1]
+    """``f[d] -> {name: unconstrained value}`` (the space's; kept for :mod:`ppinfer.updates.gaussian`)."""
+    return _space(program, args).unravel
 
 
 def _as_batch(args: tuple) -> tuple:
