@@ -1,5 +1,5 @@
 """Re-scoring a sequential program's history: the exact log joint of a particle's init choices and
-step choices, for MCMC moves on static parameters (used by resample-move SMC and PMMH).
+step choices, for MCMC moves on static parameters (used by resample-move SMC and particle Gibbs).
 
 A particle's history is its init latent choices and, for each step ``s``, the step's latent choices
 ``[T, …]`` and whether the step ran (``active: bool[T]``). :func:`log_joint` re-runs ``init`` then
@@ -13,13 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from numpyro.distributions import biject_to
 
 from ppinfer.program import SequentialProgram
 from ppinfer.suspended import match_state
-from ppinfer.traced import assess, latent_sites
+from ppinfer.traced import assess
 
-__all__ = ["log_joint", "unconstrain", "constrain", "init_supports"]
+__all__ = ["log_joint"]
 
 
 def log_joint(
@@ -48,25 +47,6 @@ def log_joint(
     steps = jnp.arange(active.shape[0], dtype=jnp.int32)
     (state, total), _ = jax.lax.scan(body, (state0, init.score), (steps, step_choices, active))
     return total, state
-
-
-def init_supports(program: SequentialProgram, args: tuple, names: tuple[str, ...]) -> dict:
-    """Site name → the bijection from ℝⁿ onto the support of init site ``name`` (static supports)."""
-    sites = latent_sites(program.init, args)
-    return {n: biject_to(sites[n].support) for n in names}
-
-
-def unconstrain(transforms: dict, values: dict) -> dict:
-    return {n: transforms[n].inv(values[n]) for n in transforms}
-
-
-def constrain(transforms: dict, u: dict) -> tuple[dict, jax.Array]:
-    """``(values, log |det J|)`` of the constraining bijections at ``u``."""
-    values = {n: transforms[n](u[n]) for n in transforms}
-    log_det = sum(
-        (jnp.sum(transforms[n].log_abs_det_jacobian(u[n], values[n])) for n in transforms), jnp.zeros(())
-    )
-    return values, log_det
 
 
 def _match(new, old):

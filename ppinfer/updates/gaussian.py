@@ -29,13 +29,12 @@ import numpyro.distributions as dist
 from numpyro import handlers
 
 from ppinfer._compile import cached_jit
-from ppinfer.algorithms.rescore import constrain
 from ppinfer.errors import ConfigError
 from ppinfer.infer import infer
 from ppinfer.population import normalize
 from ppinfer.primitives import deterministic, factor, sample
 from ppinfer.traced import assess
-from ppinfer.updates.ibis import IBIS, Posterior, _transforms, _unraveler
+from ppinfer.updates.ibis import IBIS, Posterior, _space
 
 __all__ = [
     "Gaussian",
@@ -77,12 +76,11 @@ def gaussian_prior_program(program: Callable[..., Any], args: tuple) -> Callable
 
     The Gaussian's parameters are arguments (not closed over), so one compiled IBIS update serves
     every round."""
-    transforms = _transforms(program, args)
-    unravel = _unraveler(program, args, transforms)
+    space = _space(program, args)
 
     def new(mean, cov, *batch):
         v = sample(GAUSSIAN_SITE, dist.MultivariateNormal(mean, covariance_matrix=cov))
-        x, _ = constrain(transforms, unravel(v))
+        x, _ = space.constrain(v)
         for name, value in x.items():
             deterministic(name, value)
         with handlers.block():  # the inner run's sites are not this program's sites
@@ -107,12 +105,11 @@ def projection_kl(posterior: Posterior, gaussian: Gaussian, args: tuple) -> tupl
 
     def build():
         def kl(key, particles, log_weights, mean, cov, args):
-            transforms = _transforms(program, args)
-            unravel = _unraveler(program, args, transforms)
+            space = _space(program, args)
             q = dist.MultivariateNormal(mean, covariance_matrix=cov)
 
             def log_ratio(v):
-                x, log_det = constrain(transforms, unravel(v))
+                x, log_det = space.constrain(v)
                 out = assess(program, args, x).score + log_det - q.log_prob(v)
                 return jnp.where(jnp.isnan(out), -jnp.inf, out)
 
@@ -187,9 +184,8 @@ class ParametricPosterior:
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         g = self.gaussian
         v = jax.random.multivariate_normal(key, g.mean, g.cov, (int(num_samples),))
-        transforms = _transforms(self.program, self.template)
-        unravel = _unraveler(self.program, self.template, transforms)
-        return jax.vmap(lambda u: constrain(transforms, unravel(u))[0])(v)
+        space = _space(self.program, self.template)
+        return jax.vmap(lambda u: space.constrain(u)[0])(v)
 
 
 def to_parametric(posterior: Posterior, batch: tuple, algorithm: IBIS | None = None) -> ParametricPosterior:

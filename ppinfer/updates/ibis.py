@@ -626,16 +626,6 @@ def _space(program, args):
     return space_of(program, args, what="IBIS")
 
 
-def _transforms(program, args) -> dict:
-    """Site name → bijection onto its support (the space's; kept for :mod:`ppinfer.updates.gaussian`)."""
-    return _space(program, args).transforms
-
-
-def _unraveler(program, args, transforms) -> Callable:
-    """``f[d] -> {name: unconstrained value}`` (the space's; kept for :mod:`ppinfer.updates.gaussian`)."""
-    return _space(program, args).unravel
-
-
 def _as_batch(args: tuple) -> tuple:
     """A batch's arguments as a tuple of arrays (every leaf becomes an array: traced, not static)."""
     try:
