@@ -4,9 +4,13 @@
 - :mod:`ppinfer.kernels.smc`: the one SMC step (extend → advance → select) and its loop helpers.
 - :mod:`ppinfer.kernels.mh`: the one Metropolis–Hastings accept rule (:func:`~ppinfer.kernels.mh.accept`)
   and the :class:`~ppinfer.kernels.mh.Kernel` type ``(key, state) -> (state, info)``.
+- :mod:`ppinfer.kernels.space`: the one parameter space (constrain, log-Jacobian, pushed prior, ravel).
+- :mod:`ppinfer.kernels.anneal`: the annealing step (next temperature → reweight → select → move) and
+  its population moves (random walk, HMC, NUTS), shared by tempered, data-annealed, waste-free SMC
+  and IBIS.
 """
 
-from ppinfer.kernels import mh, select, smc
+from ppinfer.kernels import anneal, mh, select, smc, space
 from ppinfer.kernels.mh import Kernel, MHInfo, accept
 from ppinfer.kernels.select import (
     Adaptive,
@@ -21,9 +25,11 @@ from ppinfer.kernels.select import (
 )
 
 __all__ = [
+    "anneal",
     "mh",
     "select",
     "smc",
+    "space",
     "Kernel",
     "MHInfo",
     "accept",
