@@ -63,6 +63,22 @@ def test_resample_move_rejuvenates_static_parameter(data):
     assert float(np.max(np.asarray(rm.extras["acceptance_rate"]))) > 0.1
 
 
+def test_a_move_that_ignores_the_target_fails_the_posterior_check(data, monkeypatch):
+    """The check above can fail: a static-parameter move that accepts every proposal (no MH ratio)
+    lets ``a`` diffuse, and its posterior sd is far from the exact one."""
+    import ppinfer.algorithms.resample_move as rm_module
+    from ppinfer.kernels.mh import accept
+
+    ys, mean, sd = data
+    monkeypatch.setattr(
+        rm_module, "accept", lambda key, log_alpha, new, old: accept(key, 0.0 * log_alpha, new, old)
+    )
+    # 401 particles: a compile-cache key the valid runs above do not share.
+    broken = pp.infer(PROGRAM, ys, algorithm=ResampleMoveSMC(401, move_sites=("a",), num_moves=2), key=0)
+    error = max(abs(float(broken.mean("a")) - mean) / sd, abs(float(broken.std("a")) / sd - 1.0))
+    assert error > 0.5, error  # measured: the mean is ~150 posterior sd off (valid run: 0.28)
+
+
 def test_resample_move_errors():
     with pytest.raises(ConfigError):
         ResampleMoveSMC(10, move_sites=())
