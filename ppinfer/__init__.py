@@ -16,6 +16,7 @@ from ppinfer.algorithms.waste_free import WasteFreeSMC
 from ppinfer.errors import (
     CheckpointError,
     ConfigError,
+    ConstraintError,
     DataError,
     EnumerationError,
     InferenceError,
@@ -83,6 +84,7 @@ __all__ = [
     "collapse",
     "PPInferError",
     "ConfigError",
+    "ConstraintError",
     "ModelError",
     "DataError",
     "EnumerationError",

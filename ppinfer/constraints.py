@@ -1,36 +1,65 @@
-"""Token-level constraints compiled for the device: regular expressions as token automata.
+"""Generation constraints: regular expressions, JSON schemas, grammars and Python predicates.
 
-A regular expression is compiled (by ``interegular``, pure Python) to a character DFA, then to a
-*token* automaton: ``next_state[s, v]`` is the DFA state after reading token ``v``'s text from state
-``s``, or −1 if that text leaves the language or leads to a state from which no match is reachable.
-The automaton state is part of the particle state; the allowed-token mask of a whole population is
-one gather, ``next_state[states] >= 0``, computed on device.
+A constraint is an object (:class:`Regex`, :class:`JSONSchema`, :class:`Grammar`, :class:`Predicate`;
+``a & b`` for both) that, compiled for a byte-level vocabulary (``vocab_bytes[v]`` = the bytes of token
+``v``), gives per particle and step the **exact set of allowed next tokens** — those after which some
+completion of the text is in the language — and whether the text so far is **complete** (then, and
+only then, EOS is allowed). Tokens are byte strings: a token that ends inside a multi-byte UTF-8
+character is allowed when the character (and a match) can still be completed.
 
-Why interegular: it exposes the DFA itself (states, alphabet classes, transitions, finals), which is
-all that is needed to build a dense ``[S, V]`` table once per (pattern, vocabulary); it is pure
-Python, so it installs everywhere. For the 2k–50k-token vocabularies used here the one-off build
-takes about a second. (``outlines-core`` builds a sparser index in Rust and is the choice for very
-large vocabularies and complex patterns; its index maps onto the same ``[S, V]`` interface.)
+Two engines, chosen per constraint (see ``docs/design.md``, "Structured generation"):
 
-Tokens whose bytes are not complete UTF-8 (byte-fallback fragments) are disallowed under a regex
-constraint: the constrained target is over sequences of whole-character tokens.
+- **On device, a token automaton** (:class:`TokenAutomaton`) for regular constraints — :class:`Regex`,
+  and every :class:`JSONSchema` that is regular (no recursion): the pattern is compiled to a minimal
+  byte DFA with Python's ``re`` semantics (:mod:`ppinfer._regex`), then to a dense table
+  ``next_state: i32[S, V]``. The parser state of a particle is one ``int32``; the allowed set of the
+  whole population is one gather; resampling copies the state with the rest of the particle.
+- **On the host, llguidance** for context-free constraints — :class:`Grammar` (Lark syntax) and
+  recursive JSON schemas — and Python for :class:`Predicate`: a ``jax.pure_callback`` per step
+  computes the masks of all particles from their token prefixes (particle state, so it follows the
+  ancestors at every resampling); the parser state of each distinct prefix is cached, derived from
+  its parent prefix's by one ``deep_copy`` + ``consume_token``.
+
+Compilation has limits (states, table entries, time); exceeding one raises
+:class:`~ppinfer.errors.ConstraintError` quickly instead of running out of memory.
+
+Use them with :func:`ppinfer.tokens.constrained`, or by hand: ``c = Regex(p).compile(vocab, eos)``,
+then in a step ``mask = c.allowed(s, ctx.tokens, ctx.length)``, ``s = c.advance(s, tok)``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppinfer.errors import ConfigError
+from ppinfer import _regex
+from ppinfer.errors import ConfigError, ConstraintError
 
-__all__ = ["TokenAutomaton", "regex_automaton"]
+__all__ = [
+    "Constraint",
+    "Regex",
+    "JSONSchema",
+    "Grammar",
+    "Predicate",
+    "All",
+    "TokenAutomaton",
+    "HostConstraint",
+    "regex_automaton",
+]
+
+
+# --- compiled forms ---------------------------------------------------------------------------------
 
 
 class TokenAutomaton(NamedTuple):
-    """A token-level automaton (a pytree of arrays; pass it to a program as an argument).
+    """A token-level automaton (a pytree of arrays; its state is one ``int32`` per particle).
 
     Attributes:
         next_state: ``i32[S, V]``, −1 where token ``v`` is not allowed in state ``s``.
@@ -38,31 +67,489 @@ class TokenAutomaton(NamedTuple):
         initial: ``i32[]``, the start state.
         eos_id: ``i32[]``, the EOS token (−1 if none): allowed exactly in final states and leaves
             the state unchanged.
+        distance: ``i32[S]`` or None: the fewest tokens that lead from each state to a final one
+            (so a token is worth taking with ``r`` tokens left only if ``distance[next] <= r``).
     """
 
     next_state: jax.Array
     final: jax.Array
     initial: jax.Array
     eos_id: jax.Array
+    distance: jax.Array | None = None
 
-    def allowed(self, state: jax.Array) -> jax.Array:
-        """``bool[V]``: the tokens allowed in ``state: i32[]``."""
-        mask = self.next_state[state] >= 0
+    # the compiled-constraint interface (``tokens``/``length`` are not needed on device)
+    def init(self) -> jax.Array:
+        return self.initial
+
+    def allowed(self, state: jax.Array, tokens: Any = None, length: Any = None) -> jax.Array:
+        """``bool[V]``: the tokens allowed in ``state: i32[]`` (EOS iff the text is complete)."""
+        safe = jnp.maximum(state, 0)
+        mask = (self.next_state[safe] >= 0) & (state >= 0)
         is_eos = jnp.arange(mask.shape[-1]) == self.eos_id
-        return jnp.where(is_eos, self.final[state], mask)
+        return jnp.where(is_eos, self.accepts(state), mask)
 
-    def advance(self, state: jax.Array, token: jax.Array) -> jax.Array:
+    def advance(
+        self, state: jax.Array, token: jax.Array, tokens: Any = None, length: Any = None
+    ) -> jax.Array:
         """The state after ``token`` (unchanged by EOS; −1 if the token was not allowed)."""
-        nxt = self.next_state[state, token]
+        nxt = jnp.where(state >= 0, self.next_state[jnp.maximum(state, 0), token], -1)
         return jnp.where(token == self.eos_id, state, nxt).astype(jnp.int32)
+
+    def allowed_within(self, state: jax.Array, budget: jax.Array) -> jax.Array:
+        """``bool[V]``: the allowed tokens after which a complete text is at most ``budget`` more
+        tokens away (EOS: iff complete). Without ``distance``, :meth:`allowed`."""
+        mask = self.allowed(state)
+        if self.distance is None:
+            return mask
+        nxt = self.next_state[jnp.maximum(state, 0)]
+        near = self.distance[jnp.maximum(nxt, 0)] <= budget
+        is_eos = jnp.arange(mask.shape[-1]) == self.eos_id
+        return mask & (near | is_eos)
 
     def accepts(self, state: jax.Array) -> jax.Array:
         """Whether the text read so far is a complete match."""
         return self.final[jnp.maximum(state, 0)] & (state >= 0)
 
+    def complete(self, state: jax.Array, tokens: Any = None, length: Any = None) -> jax.Array:
+        return self.accepts(state)
+
+    @property
+    def num_states(self) -> int:
+        return int(self.next_state.shape[0])
+
+
+class HostConstraint:
+    """A compiled constraint evaluated on the host from each particle's token prefix.
+
+    ``masks(tokens: i32[n, T], lengths: i32[n]) -> bool[n, V]`` (host; EOS allowed iff the text is
+    complete) is called through one ``jax.pure_callback`` per step for the whole population (the
+    engine's ``vmap`` batches it). The state carried by the particle is a dummy ``int32``: the prefix
+    ``tokens[:length]`` (particle state) keys the parser state, so it follows the ancestors at every
+    resampling; equal prefixes share one parser state and one mask.
+    """
+
+    def __init__(self, masks: Callable[[np.ndarray, np.ndarray], np.ndarray], vocab_size: int, eos_id: int):
+        self._masks, self.vocab_size, self.eos_id = masks, int(vocab_size), int(eos_id)
+
+    def init(self) -> jax.Array:
+        return jnp.zeros((), jnp.int32)
+
+    def allowed(self, state: jax.Array, tokens: jax.Array, length: jax.Array) -> jax.Array:
+        V = self.vocab_size
+
+        def host(toks, lens):
+            toks, lens = np.asarray(toks), np.asarray(lens)
+            shape = np.broadcast_shapes(toks.shape[:-1], lens.shape)
+            flat_t = np.broadcast_to(toks, shape + toks.shape[-1:]).reshape(-1, toks.shape[-1])
+            flat_l = np.broadcast_to(lens, shape).reshape(-1)
+            out = self._masks(np.ascontiguousarray(flat_t, np.int32), flat_l.astype(np.int64))
+            return np.asarray(out, np.bool_).reshape(shape + (V,))
+
+        out = jax.ShapeDtypeStruct(jnp.shape(length) + (V,), jnp.bool_)
+        return jax.pure_callback(host, out, tokens, length, vmap_method="expand_dims")
+
+    def advance(self, state, token, tokens=None, length=None):
+        return state
+
+    def complete(self, state, tokens, length) -> jax.Array:
+        return self.allowed(state, tokens, length)[self.eos_id]
+
+    def host_masks(self, prefixes: Sequence[Sequence[int]]) -> np.ndarray:
+        """``bool[n, V]``: the masks after each token prefix, computed on the host (no JAX)."""
+        width = max([len(p) for p in prefixes] + [1])
+        toks = np.zeros((len(prefixes), width), np.int32)
+        for i, p in enumerate(prefixes):
+            toks[i, : len(p)] = p
+        return np.asarray(self._masks(toks, np.array([len(p) for p in prefixes], np.int64)), np.bool_)
+
+
+def _by_prefix(one: Callable[[bytes], np.ndarray], V: int):
+    """``masks(tokens, lengths)`` from ``one(key)``, ``key`` = the prefix's int32 bytes; equal prefixes
+    are computed once per call."""
+
+    def masks(toks: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        n = toks.shape[0]
+        out = np.zeros((n, V), np.bool_)
+        done: dict = {}
+        for i in range(n):
+            key = toks[i, : max(int(lens[i]), 0)].tobytes()
+            m = done.get(key)
+            if m is None:
+                m = done[key] = one(key)
+            out[i] = m
+        return out
+
+    return masks
+
+
+class _Both:
+    """The conjunction of compiled constraints: state is the tuple of their states."""
+
+    def __init__(self, parts):
+        self.parts = tuple(parts)
+
+    def init(self):
+        return tuple(p.init() for p in self.parts)
+
+    def allowed(self, state, tokens, length):
+        masks = [p.allowed(s, tokens, length) for p, s in zip(self.parts, state, strict=True)]
+        out = masks[0]
+        for m in masks[1:]:
+            out = out & m
+        return out
+
+    def allowed_within(self, state, tokens, length, budget):
+        out = None
+        for p, s in zip(self.parts, state, strict=True):
+            m = p.allowed_within(s, budget) if isinstance(p, TokenAutomaton) else p.allowed(s, tokens, length)
+            out = m if out is None else out & m
+        return out
+
+    def advance(self, state, token, tokens=None, length=None):
+        return tuple(p.advance(s, token, tokens, length) for p, s in zip(self.parts, state, strict=True))
+
+    def complete(self, state, tokens, length):
+        out = jnp.asarray(True)
+        for p, s in zip(self.parts, state, strict=True):
+            out = out & p.complete(s, tokens, length)
+        return out
+
+
+# --- constraint objects -----------------------------------------------------------------------------
+
+
+class Constraint:
+    """Base class: ``compile(vocab_bytes, eos_id)`` gives the compiled form; ``a & b`` requires both."""
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __and__(self, other: Constraint) -> All:
+        if not isinstance(other, Constraint):
+            return NotImplemented
+        return All(self, other)
+
+    def validate(self, text: str) -> bool:  # pragma: no cover - abstract
+        """Whether a complete ``text`` satisfies the constraint (host, pure Python)."""
+        raise NotImplementedError
+
+
+class Regex(Constraint):
+    """The text must match ``pattern`` in full, with Python ``re`` syntax and meaning
+    (``re.fullmatch(pattern, text, flags)``), Unicode included.
+
+    Args:
+        pattern: the regular expression. Back-references, look-around, word boundaries, inner
+            anchors, atomic groups and possessive repeats are refused (not regular).
+        flags: ``re`` flags (``re.IGNORECASE``, ``re.DOTALL``, ``re.ASCII`` …).
+        max_states: most states of the byte automaton during its construction (default 20,000).
+        max_table_entries: most entries ``states × vocabulary`` of the token table (default 2^26,
+            256 MiB of ``int32``).
+        timeout: seconds allowed for the compilation (default 20).
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        flags: int = 0,
+        *,
+        max_states: int = 20_000,
+        max_table_entries: int = 1 << 26,
+        timeout: float = 20.0,
+    ):
+        if not isinstance(pattern, str):
+            raise ConstraintError(f"Regex needs a str pattern, got {type(pattern).__name__}")
+        self.pattern, self.flags = pattern, int(flags)
+        self.max_states, self.max_table_entries, self.timeout = max_states, max_table_entries, timeout
+        self._dfa: _regex.ByteDFA | None = None
+        self._compiled: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Regex({self.pattern!r})"
+
+    @property
+    def dfa(self) -> _regex.ByteDFA:
+        """The minimal byte automaton (compiled once)."""
+        if self._dfa is None:
+            self._dfa = _regex.compile_regex(
+                self.pattern, self.flags, max_states=self.max_states, timeout=self.timeout
+            )
+        return self._dfa
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None) -> TokenAutomaton:
+        key = (_vocab_key(vocab_bytes), eos_id)
+        if key not in self._compiled:
+            table = _regex.token_table(
+                self.dfa, vocab_bytes, () if eos_id is None else (eos_id,), max_entries=self.max_table_entries
+            )
+            self._compiled[key] = TokenAutomaton(
+                jnp.asarray(table),
+                jnp.asarray(self.dfa.final),
+                jnp.asarray(0, jnp.int32),
+                jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+                jnp.asarray(_token_distance(table, self.dfa.final)),
+            )
+        return self._compiled[key]
+
+    def validate(self, text: str) -> bool:
+        import re
+
+        return re.fullmatch(self.pattern, text, self.flags) is not None
+
+
+class JSONSchema(Constraint):
+    """The text must be a JSON document valid under ``schema`` (a dict, or a JSON string).
+
+    Output format: ``json.dumps``' separators (``", "`` and ``": "``) unless ``whitespace="flexible"``
+    (any JSON whitespace between tokens, up to ``max_whitespace`` characters at a place); object
+    properties in the schema's order; no properties beyond ``properties`` (generation treats
+    ``additionalProperties`` as false).
+
+    Engine: a schema without recursion is translated to a regular expression
+    (:func:`ppinfer._jsonschema.schema_to_regex`) and compiled to a token automaton on device, exactly;
+    a recursive schema (or ``engine="llguidance"``) runs on the host through llguidance. Keywords that
+    cannot be enforced exactly raise :class:`~ppinfer.errors.ConstraintError`; annotations
+    (``title``, ``description``, ``examples``, ``default``…) and ``format`` are ignored, as JSON Schema
+    validators do by default.
+    """
+
+    def __init__(
+        self,
+        schema: dict | str,
+        *,
+        whitespace: str = "compact",
+        max_whitespace: int = 2,
+        engine: str = "auto",
+        **limits: Any,
+    ):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"JSONSchema: the schema is not valid JSON: {e}") from e
+        if not isinstance(schema, dict | bool):
+            raise ConstraintError(f"JSONSchema needs a dict (or a JSON string), got {type(schema).__name__}")
+        if whitespace not in ("compact", "flexible"):
+            raise ConstraintError(f"whitespace must be 'compact' or 'flexible', got {whitespace!r}")
+        if engine not in ("auto", "regex", "llguidance"):
+            raise ConstraintError(f"engine must be 'auto', 'regex' or 'llguidance', got {engine!r}")
+        self.schema, self.whitespace, self.engine = schema, whitespace, engine
+        self.max_whitespace = int(max_whitespace)
+        self._limits = limits
+        self._regex: Regex | None = None
+        self._grammar: Grammar | None = None
+        self._regular: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"JSONSchema({json.dumps(self.schema)[:60]})"
+
+    @property
+    def regex(self) -> str | None:
+        """The equivalent regular expression, or None if the schema is recursive (not regular)."""
+        self._choose()
+        return None if self._regex is None else self._regex.pattern
+
+    def _choose(self) -> None:
+        if self._regular is not None:
+            return
+        from ppinfer import _jsonschema
+
+        if self.engine == "llguidance":
+            self._regular = False
+        else:
+            try:
+                pattern = _jsonschema.schema_to_regex(
+                    self.schema, whitespace=self.whitespace, max_whitespace=self.max_whitespace
+                )
+            except _jsonschema.NotRegular:
+                if self.engine == "regex":
+                    raise ConstraintError(
+                        "JSONSchema: the schema is recursive, not a regular language"
+                    ) from None
+                self._regular = False
+            else:
+                self._regex = Regex(pattern, **self._limits)
+                self._regular = True
+        if not self._regular:
+            self._grammar = Grammar(
+                _llg_json_grammar(self.schema, self.whitespace, self.max_whitespace), _raw=True
+            )
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None):
+        self._choose()
+        if self._regex is not None:
+            return self._regex.compile(vocab_bytes, eos_id)
+        return self._grammar.compile(vocab_bytes, eos_id)
+
+    def validate(self, text: str) -> bool:
+        """Valid JSON, valid under the schema (``jsonschema``), and in the output format."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        try:
+            import jsonschema
+        except ImportError:  # pragma: no cover - jsonschema is a test dependency
+            jsonschema = None
+        if jsonschema is not None and not jsonschema.Draft202012Validator(self.schema).is_valid(value):
+            return False
+        self._choose()
+        if self._regex is not None:
+            return self._regex.validate(text)
+        return True
+
+
+class Grammar(Constraint):
+    """The text must be in the language of a context-free grammar in Lark syntax (llguidance's
+    Lark dialect: ``start: …`` rules, ``UPPER: …`` terminals, ``%import common.NUMBER``, regex
+    terminals ``/…/``), run on the host by llguidance.
+
+    Args:
+        text: the grammar.
+        max_cached_states: parser states kept (one per distinct prefix, least recently used first out).
+    """
+
+    def __init__(self, text: str, *, max_cached_states: int = 200_000, _raw: bool = False):
+        if not isinstance(text, str):
+            raise ConstraintError(f"Grammar needs the grammar text (a str), got {type(text).__name__}")
+        self.text, self.max_cached_states, self._raw = text, int(max_cached_states), _raw
+        self._compiled: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Grammar({self.text[:60]!r})"
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None) -> HostConstraint:
+        if eos_id is None:
+            raise ConstraintError("Grammar needs a vocabulary with an EOS token (to end a complete text)")
+        key = (_vocab_key(vocab_bytes), eos_id)
+        if key not in self._compiled:
+            grammar = self.text if self._raw else _llg_lark_grammar(self.text)
+            engine = _LLGuidance(grammar, list(vocab_bytes), int(eos_id), self.max_cached_states)
+            self._compiled[key] = HostConstraint(engine.masks, len(vocab_bytes), int(eos_id))
+        return self._compiled[key]
+
+    def validate(self, text: str) -> bool:
+        """Whether Lark (Earley) parses ``text`` with this grammar (requires ``lark``)."""
+        import lark
+
+        try:
+            lark.Lark(self.text, start="start", parser="earley").parse(text)
+        except lark.exceptions.LarkError:
+            return False
+        return True
+
+
+class Predicate(Constraint):
+    """A Python function of the decoded text, evaluated on the host.
+
+    Args:
+        complete: ``complete(text) -> bool``: whether a finished text is acceptable (EOS is allowed
+            exactly when it holds).
+        prefix: optional ``prefix(text) -> bool``: False when *no* completion of ``text`` can be
+            acceptable; it makes the predicate prefix-aware (a token is then allowed iff ``prefix``
+            holds after it: V calls per particle per step). ``text`` may end inside a character: the
+            incomplete character is left out. Without it, every non-EOS token is allowed and only the
+            complete text is checked (a particle whose text cannot finish acceptably dies at EOS or
+            at the length limit).
+    """
+
+    def __init__(self, complete: Callable[[str], bool], prefix: Callable[[str], bool] | None = None):
+        if not callable(complete) or (prefix is not None and not callable(prefix)):
+            raise ConstraintError("Predicate(complete, prefix=None) takes functions of the text")
+        self.fn, self.prefix = complete, prefix
+
+    def __repr__(self) -> str:
+        return f"Predicate({getattr(self.fn, '__name__', self.fn)})"
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None) -> HostConstraint:
+        if eos_id is None:
+            raise ConstraintError("Predicate needs a vocabulary with an EOS token")
+        vocab = [bytes(b) for b in vocab_bytes]
+        V, eos = len(vocab), int(eos_id)
+        fn, prefix_fn = self.fn, self.prefix
+        cache: OrderedDict = OrderedDict()
+        nonempty = np.array([len(b) > 0 for b in vocab], np.bool_)
+
+        def one(key: bytes) -> np.ndarray:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+            prefix = np.frombuffer(key, np.int32)
+            if np.any((prefix == eos) | (prefix < 0) | (prefix >= V)):
+                mask = np.zeros(V, np.bool_)
+            else:
+                data = b"".join(vocab[t] for t in prefix.tolist())
+                if prefix_fn is None:
+                    mask = nonempty.copy()
+                else:
+                    mask = np.array(
+                        [len(b) > 0 and bool(prefix_fn((data + b).decode("utf-8", "ignore"))) for b in vocab],
+                        np.bool_,
+                    )
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    ok = False
+                else:
+                    ok = bool(fn(text))
+                mask[eos] = ok
+            cache[key] = mask
+            if len(cache) > 100_000:
+                cache.popitem(last=False)
+            return mask
+
+        masks = _by_prefix(one, V)
+        return HostConstraint(masks, V, eos)
+
+    def validate(self, text: str) -> bool:
+        return bool(self.fn(text))
+
+
+class All(Constraint):
+    """Every one of ``constraints`` (``a & b & c``): the allowed sets intersect, the text is complete
+    when it is complete for each."""
+
+    def __init__(self, *constraints: Constraint):
+        parts: list[Constraint] = []
+        for c in constraints:
+            if not isinstance(c, Constraint):
+                raise ConstraintError(f"All(...) takes constraints, got {type(c).__name__}")
+            parts.extend(c.parts if isinstance(c, All) else [c])
+        if not parts:
+            raise ConstraintError("All() needs at least one constraint")
+        self.parts = tuple(parts)
+
+    def __repr__(self) -> str:
+        return " & ".join(map(repr, self.parts))
+
+    def compile(self, vocab_bytes: Sequence[bytes], eos_id: int | None):
+        compiled = [c.compile(vocab_bytes, eos_id) for c in self.parts]
+        return compiled[0] if len(compiled) == 1 else _Both(compiled)
+
+    def validate(self, text: str) -> bool:
+        return all(c.validate(text) for c in self.parts)
+
+
+def _token_distance(table: np.ndarray, final: np.ndarray) -> np.ndarray:
+    """``i32[S]``: the fewest tokens from each state to a final state (a large number if none)."""
+    big = np.iinfo(np.int32).max // 2
+    d = np.where(final, 0, big).astype(np.int64)
+    safe = np.maximum(table, 0)
+    dead = table < 0
+    while True:
+        step = np.where(dead, big, d[safe]).min(axis=1) + 1 if table.shape[1] else np.full_like(d, big)
+        new = np.minimum(d, step)
+        if np.array_equal(new, d):
+            return np.minimum(d, big).astype(np.int32)
+        d = new
+
 
 def regex_automaton(pattern: str, vocab_bytes: list[bytes], eos_id: int | None = None) -> TokenAutomaton:
-    """Compile ``pattern`` (full match) over a vocabulary (``vocab_bytes[v]`` = bytes of token ``v``)."""
+    """Legacy: compile ``pattern`` (full match, interegular's syntax) over a vocabulary through a
+    *character* DFA. Tokens that are not whole UTF-8 characters are never allowed, so patterns
+    beyond ASCII can lose matches (``(x|é)+`` acts as ``x+`` on byte tokens); there is no size
+    limit. Kept unchanged for the programs, twists and benchmarks built on its state numbering; new
+    code should use :class:`Regex` (Python ``re`` semantics, byte-level, limited)."""
     import interegular
     from interegular.fsm import anything_else
 
@@ -144,3 +631,135 @@ def _text(token: bytes) -> str | None:
         return token.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# --- llguidance (host engine for grammars) ----------------------------------------------------------
+
+
+class _GreedyTokenizer:
+    """The minimal tokenizer llguidance asks for: the vocabulary's bytes and a greedy encoder."""
+
+    def __init__(self, vocab: list[bytes], eos_id: int):
+        self.tokens = [b if i != eos_id else b"<|eos|>" for i, b in enumerate(vocab)]
+        self.eos_token_id, self.bos_token_id = eos_id, None
+        self.special_token_ids = [eos_id]
+        self._index = {b: i for i, b in enumerate(self.tokens) if b and i != eos_id}
+        self._longest = max((len(b) for b in self._index), default=1)
+
+    def __call__(self, data: bytes) -> list[int]:
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self._longest, len(data) - i), 0, -1):
+                t = self._index.get(data[i : i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:
+                i += 1  # a byte the vocabulary cannot spell is skipped
+        return out
+
+
+class _LLGuidance:
+    """Masks from llguidance matchers, one per distinct token prefix (LRU cache); the matcher of a
+    prefix is its parent's ``deep_copy`` that consumed the last token."""
+
+    def __init__(self, grammar: str, vocab: list[bytes], eos_id: int, max_cached: int):
+        try:
+            import llguidance
+            import llguidance.numpy as llnp
+        except ImportError as e:  # pragma: no cover - llguidance is a dependency
+            raise ConstraintError("Grammar constraints need the 'llguidance' package") from e
+        self.V, self.eos = len(vocab), eos_id
+        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_GreedyTokenizer(vocab, eos_id)))
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        if is_error:
+            raise ConstraintError(f"invalid grammar: {'; '.join(map(str, messages))}")
+        root = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if root.is_error():
+            raise ConstraintError(f"invalid grammar: {root.get_error()}")
+        self._llnp = llnp
+        self._words = -(-self.V // 32)
+        self._root = root
+        self._cache: OrderedDict = OrderedDict({b"": root})
+        self._by_prefix = _by_prefix(self._mask, self.V)
+        self._masks: OrderedDict = OrderedDict()
+        self._max = max_cached
+        self._lock = threading.Lock()
+
+    def _matcher(self, key: bytes):
+        """The matcher after the prefix ``key`` (None: the prefix left the language, or ended)."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        k = len(key)
+        while key[:k] not in self._cache:  # nearest cached ancestor (the root always is)
+            k -= 4
+        m = self._cache[key[:k]]
+        for j in range(k, len(key), 4):
+            tok = int.from_bytes(key[j : j + 4], "little", signed=True)
+            if m is not None:
+                if not 0 <= tok < self.V or tok == self.eos:
+                    m = None
+                else:
+                    m = m.deep_copy()
+                    m.consume_token(tok)
+                    if m.is_error():
+                        m = None
+            self._cache[key[: j + 4]] = m
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        if b"" not in self._cache:
+            self._cache[b""] = self._root
+        return m
+
+    def _mask(self, key: bytes) -> np.ndarray:
+        hit = self._masks.get(key)
+        if hit is not None:
+            self._masks.move_to_end(key)
+            return hit
+        m = self._matcher(key)
+        if m is None:
+            mask = np.zeros(self.V, np.bool_)
+        elif m.is_stopped():  # the grammar admits nothing more: only EOS, if the text is complete
+            mask = np.zeros(self.V, np.bool_)
+            mask[self.eos] = m.is_accepting()
+        else:
+            bits = np.zeros((1, self._words), np.int32)
+            self._llnp.fill_next_token_bitmask(m, bits, 0)
+            mask = np.unpackbits(bits.view(np.uint8), bitorder="little")[: self.V].astype(np.bool_)
+            if m.is_error():
+                mask[:] = False
+        self._masks[key] = mask
+        while len(self._masks) > self._max:
+            self._masks.popitem(last=False)
+        return mask
+
+    def masks(self, toks: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._by_prefix(toks, lens)
+
+
+def _llg_lark_grammar(text: str) -> str:
+    return text
+
+
+def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
+    import llguidance
+
+    options = (
+        {"whitespace_flexible": True}
+        if whitespace == "flexible"
+        else {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    )
+    schema = dict(schema) if isinstance(schema, dict) else schema
+    if isinstance(schema, dict):
+        schema.setdefault("additionalProperties", False)
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+    except Exception as e:  # llguidance raises ValueError-like errors for bad schemas
+        raise ConstraintError(f"JSONSchema: llguidance cannot compile the schema: {e}") from e
+
+
+def _vocab_key(vocab_bytes: Sequence[bytes]) -> int:
+    return hash(tuple(bytes(b) for b in vocab_bytes))

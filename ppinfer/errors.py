@@ -43,3 +43,8 @@ class CheckpointError(PPInferError, ValueError):
 
 class TokenizerError(PPInferError, ValueError):
     """A tokenizer file is missing or invalid, or text cannot be encoded."""
+
+
+class ConstraintError(ConfigError):
+    """A generation constraint (regular expression, JSON schema, grammar) is invalid, unsupported,
+    or too large to compile within its size and time limits."""

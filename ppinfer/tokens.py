@@ -44,7 +44,8 @@ import numpy as np
 import numpyro.distributions as dist
 
 from ppinfer.errors import ConfigError, ModelError
-from ppinfer.primitives import condition, factor
+from ppinfer.primitives import condition, factor, sample, stop
+from ppinfer.program import SequentialProgram
 
 __all__ = [
     "LMPrompt",
@@ -57,6 +58,9 @@ __all__ = [
     "text_value",
     "score_tokens",
     "texts",
+    "constrained",
+    "ConstrainedState",
+    "ConstrainedProgram",
 ]
 
 
@@ -164,6 +168,9 @@ def twist(name: str, value: jax.Array, previous: jax.Array, final: jax.Array | b
     return current
 
 
+_apply_twist = twist
+
+
 def require_eos(name: str, finished: jax.Array, t: jax.Array, num_steps: int) -> None:
     """Condition on the sequence having finished by the last step (instead of the truncated
     target): weight zero for a particle still running at step ``num_steps − 1``."""
@@ -225,14 +232,204 @@ def score_tokens(ctx: Context, p: LMPrompt, tokens: jax.Array) -> tuple[jax.Arra
     return jnp.sum(log_probs), ctx
 
 
-def texts(contexts: Context, tokenizer: Any, eos_id: int | None = None) -> list[str]:
-    """Decoded text of every particle's context (``contexts`` with a leading particle axis), cut at
-    its length and without EOS."""
+def texts(result: Any, tokenizer: Any = None, eos_id: int | None = None) -> list:
+    """Decoded texts.
+
+    - ``texts(result)`` — ``result`` of a program from :func:`constrained` (or any result whose
+      state holds a :class:`ConstrainedState`): the particles of positive weight as
+      ``[(text, normalised_weight), …]``, heaviest first (one entry per particle, EOS left out).
+    - ``texts(contexts, tokenizer, eos_id)`` — every particle's text of a :class:`Context` with a
+      leading particle axis, cut at its length and without EOS (``tokenizer.decode``).
+    """
+    if tokenizer is None and hasattr(result, "log_weights") and hasattr(result, "state"):
+        state = result.state
+        if not isinstance(state, ConstrainedState):
+            raise ConfigError(
+                "texts(result) needs the result of a tokens.constrained program; for other token "
+                "programs call texts(contexts, tokenizer, eos_id)"
+            )
+        toks, lens = jax.device_get((state.ctx.tokens, state.ctx.length))
+        w = np.asarray(jax.device_get(result.weights), np.float64)
+        decode = state.decoder.decode
+        out = [(decode(row[:n]), float(wi)) for row, n, wi in zip(toks, lens, w, strict=True) if wi > 0]
+        return sorted(out, key=lambda tw: -tw[1])
+    if tokenizer is None:
+        raise ConfigError(
+            "texts(contexts, tokenizer, eos_id) needs a tokenizer (or pass a constrained result)"
+        )
+    contexts = result
     toks, lens = jax.device_get((contexts.tokens, contexts.length))
     return [
         tokenizer.decode([int(t) for t in row[:n] if eos_id is None or t != eos_id])
         for row, n in zip(toks, lens, strict=True)
     ]
+
+
+# --- constrained generation in one call -----------------------------------------------------------
+
+
+class _Decoder:
+    """Bytes of a vocabulary → text (static data of a :class:`ConstrainedState`, compared by identity)."""
+
+    def __init__(self, vocab_bytes: Sequence[bytes], eos_id: int | None):
+        self.vocab = [bytes(b) for b in vocab_bytes]
+        self.eos_id = eos_id
+
+    def decode(self, ids) -> str:
+        keep = [int(t) for t in ids if int(t) != self.eos_id and 0 <= int(t) < len(self.vocab)]
+        data = b"".join(self.vocab[t] for t in keep)
+        return data.decode("utf-8", errors="replace")
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return other is self
+
+
+@jax.tree_util.register_pytree_node_class
+class ConstrainedState:
+    """The particle state of a :func:`constrained` program: the LM context, the constraint's state
+    (one ``int32`` per automaton; a dummy for host constraints, whose state is keyed by the prefix)
+    and the current twist value. The decoder rides along as static data, so that
+    ``texts(result)`` can decode without being told the vocabulary."""
+
+    def __init__(self, ctx: Context, cstate: Any, psi: jax.Array, decoder: _Decoder):
+        self.ctx, self.cstate, self.psi, self.decoder = ctx, cstate, psi, decoder
+
+    def tree_flatten(self):
+        return (self.ctx, self.cstate, self.psi), self.decoder
+
+    @classmethod
+    def tree_unflatten(cls, decoder, children):
+        return cls(*children, decoder)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConstrainedProgram(SequentialProgram):
+    """A :class:`~ppinfer.SequentialProgram` made by :func:`constrained` (run it with no arguments).
+
+    Attributes (beyond init, step, num_steps): ``prompt``, ``constraint`` (the constraint object),
+    ``compiled`` (its compiled form), ``proposal``."""
+
+    prompt: Any = None
+    constraint: Any = None
+    compiled: Any = None
+    proposal: str = "local"
+
+
+def constrained(
+    prompt: LMPrompt,
+    constraint: Any,
+    proposal: str = "local",
+    potentials: Sequence[Callable[[Context, jax.Array], jax.Array]] = (),
+    twist: Callable[[Context], jax.Array] | None = None,
+    *,
+    require_eos: bool = True,
+    temperature: float | jax.Array = 1.0,
+    vocab_bytes: Sequence[bytes] | None = None,
+    eos_id: int | None = None,
+) -> ConstrainedProgram:
+    """The LM's continuations of ``prompt`` conditioned on ``constraint``, as a sequential program:
+    ``pp.infer(constrained(p, c), algorithm=pp.SMC(N), key=k)``; then ``texts(result)``.
+
+    Target: ``p(x) ∏ potentials`` over token sequences ``x`` of at most ``prompt.max_new_tokens``
+    tokens whose text satisfies ``constraint`` and that end with EOS (``require_eos=False``: a
+    sequence still running at the limit is kept if its text is complete). ``log Ẑ`` estimates the log
+    of its mass: with no potentials, the probability that the LM alone writes a valid, finished text.
+
+    Args:
+        prompt: from :func:`prompt` (``tk.prompt(lm, text, max_new_tokens=...)``).
+        constraint: a :mod:`ppinfer.constraints` object (``Regex``, ``JSONSchema``, ``Grammar``,
+            ``Predicate``, or several joined with ``&``), or an already compiled one.
+        proposal: ``"local"`` (default) — the locally constrained proposal: the next token is drawn
+            from the LM restricted to the allowed set and the particle is weighted by the allowed
+            mass ``Σ_{v allowed} p(v)`` (exactly the target's p/q), so no particle breaks the
+            constraint; ``"bootstrap"`` — the token is drawn from the LM and a particle whose token
+            is not allowed gets weight zero.
+        potentials: functions ``f(ctx, tok) -> f32[]`` (``ctx`` the context before ``tok``), each
+            adding a log factor per step (rewards, length penalties, scorer LMs…).
+        twist: optional ``ψ(ctx) -> f32[]`` of the context after each token, applied as a twist
+            (:func:`twist`: ``ψ_t − ψ_{t−1}``, removed at the end, so the target is unchanged).
+        require_eos: see Target.
+        temperature: the LM's temperature in the target (1: the LM itself).
+        vocab_bytes: the vocabulary's bytes; default ``prompt.lm.vocab_bytes``.
+        eos_id: the EOS token; default ``prompt.eos_id`` (the LM's).
+    """
+    if proposal not in ("local", "bootstrap"):
+        raise ConfigError(f"proposal must be 'local' or 'bootstrap', got {proposal!r}")
+    if not isinstance(prompt, LMPrompt):
+        raise ConfigError(
+            "constrained(prompt, ...) needs the LMPrompt of tokens.prompt(lm, text, max_new_tokens)"
+        )
+    if vocab_bytes is None:
+        vocab_bytes = getattr(prompt.lm, "vocab_bytes", None)
+        if vocab_bytes is None:
+            raise ConfigError(
+                f"{type(prompt.lm).__name__} has no vocab_bytes: pass constrained(..., vocab_bytes=...)"
+            )
+    vocab_bytes = list(vocab_bytes)
+    if len(vocab_bytes) != prompt.vocab_size:
+        raise ConfigError(f"vocab_bytes has {len(vocab_bytes)} tokens, the LM {prompt.vocab_size}")
+    eos = prompt.eos_id if eos_id is None else int(eos_id)
+    if eos is None and require_eos:
+        raise ConfigError("require_eos=True needs an LM with an EOS token; pass require_eos=False")
+    from ppinfer.constraints import TokenAutomaton
+
+    compiled = constraint.compile(vocab_bytes, eos) if hasattr(constraint, "compile") else constraint
+    potentials = tuple(potentials)
+    decoder = _Decoder(vocab_bytes, eos)
+    num_steps = prompt.max_new_tokens
+    V = prompt.vocab_size
+    is_eos = jnp.arange(V) == (-1 if eos is None else eos)
+    local = proposal == "local"
+
+    def init():
+        return ConstrainedState(Context.start(prompt), compiled.init(), jnp.zeros((), jnp.float32), decoder)
+
+    def step(state, t):
+        ctx, cs = state.ctx, state.cstate
+        last = t == num_steps - 1
+        budget = num_steps - 2 - t  # tokens left after this one, EOS excluded
+        if not require_eos:
+            budget = budget + 1
+        if isinstance(compiled, TokenAutomaton):
+            mask = compiled.allowed_within(cs, budget)
+        elif hasattr(compiled, "allowed_within"):
+            mask = compiled.allowed_within(cs, ctx.tokens, ctx.length, budget)
+        else:
+            mask = compiled.allowed(cs, ctx.tokens, ctx.length)
+        if require_eos:
+            mask = jnp.where(last, mask & is_eos, mask)
+        logits = _finite(ctx.logp / temperature)
+        if local:
+            logp = jax.nn.log_softmax(logits)
+            any_ok = jnp.any(mask)
+            mass = jax.scipy.special.logsumexp(jnp.where(mask, logp, -jnp.inf))
+            q = jnp.where(any_ok, jnp.where(mask, logits, _IMPOSSIBLE), logits)
+            tok = sample("tok", dist.Categorical(logits=q))
+            condition("constraint", any_ok)
+            factor("allowed_mass", jnp.where(any_ok, mass, 0.0))
+        else:
+            tok = sample("tok", dist.Categorical(logits=logits))
+            condition("constraint", mask[tok])
+        for i, potential in enumerate(potentials):
+            factor(f"potential_{i}", potential(ctx, tok))
+        done = is_eos[tok]
+        new_ctx = ctx.extend(prompt, tok)
+        new_cs = compiled.advance(cs, tok, ctx.tokens, ctx.length)
+        if not require_eos:
+            ok = compiled.complete(new_cs, new_ctx.tokens, new_ctx.length)
+            condition("complete", done | ~last | ok)
+        psi = state.psi
+        if twist is not None:
+            psi = _apply_twist("twist", jnp.asarray(twist(new_ctx), psi.dtype), psi, final=done | last)
+        stop(done)
+        return ConstrainedState(new_ctx, new_cs, psi, decoder)
+
+    return ConstrainedProgram(
+        init, step, num_steps, prompt=prompt, constraint=constraint, compiled=compiled, proposal=proposal
+    )
 
 
 # A logit of −1e30 has probability exactly 0 after normalisation yet passes NumPyro's validation

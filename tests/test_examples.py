@@ -9,6 +9,7 @@ runs use fixed keys, so the tests are deterministic on a given machine.
 """
 
 import importlib.util
+import json
 import math
 import re
 import runpy
@@ -223,6 +224,28 @@ def test_regex_constraint_example(capsys):
         ]
         assert list(alive) == valid
         assert run["log_z"] <= 0.0
+
+
+def test_json_extraction_example(capsys):
+    """N=16, 48 and 12 tokens. Every particle of positive weight is valid under the schema
+    (``json`` + ``jsonschema``, checked here) and is an arithmetic expression that Python evaluates;
+    the weights of ``tk.texts`` are positive, sum to 1 and are sorted; log Ẑ ≤ 0 (a product of
+    allowed masses ≤ 1)."""
+    import jsonschema
+
+    module = load(ROOT / "examples" / "json_extraction.py")
+    out = module.main(num_particles=16, max_new_tokens=48, grammar_tokens=12)
+    assert "JSON schema" in capsys.readouterr().out
+    for run in out.values():
+        weights = [w for _, w in run["texts"]]
+        assert run["texts"] and all(w > 0 for w in weights) and abs(sum(weights) - 1.0) < 1e-5
+        assert weights == sorted(weights, reverse=True)
+        assert run["log_z"] <= 0.0
+    validator = jsonschema.Draft202012Validator(module.SCHEMA)
+    for text, _ in out["json"]["texts"]:
+        assert validator.is_valid(json.loads(text)), text
+    for text, _ in out["grammar"]["texts"]:
+        assert re.fullmatch(r"[0-9()+* ]{1,14}", text) and isinstance(eval(text), int), text
 
 
 def suffix_log_prob(lm, prompt_ids, generated, suffix_ids) -> float:
