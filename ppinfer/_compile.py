@@ -3,12 +3,21 @@
 Arrays and floats are passed to the compiled function as traced inputs, so calling ``infer`` again
 with new data of the same shapes reuses the compiled code; ints, strings, callables and other Python
 values are static (part of the cache key). Also the host-side data checks on those arguments.
+
+Threads: NumPyro's effect-handler stack (``numpyro.primitives._PYRO_STACK``), its argument-validation
+switch and Python's warning filters are process-global, so two threads tracing programs at once
+would interleave their handlers. :data:`TRACE_LOCK` is the process-wide re-entrant lock that
+:func:`~ppinfer.infer` (and every other ppinfer entry point that runs a program) holds; a compiled
+function from :func:`cached_jit` releases it while it runs code it has already compiled, so
+concurrent ``infer`` calls trace one at a time but execute their compiled runs in parallel.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -18,6 +27,61 @@ from ppinfer.errors import DataError
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
+
+
+class _TraceLock:
+    """A process-wide re-entrant lock that a thread can set aside (fully, whatever its depth) while
+    it runs compiled code, and take back afterwards."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    def _depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def __enter__(self) -> _TraceLock:
+        self._lock.acquire()
+        self._local.depth = self._depth() + 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._local.depth = self._depth() - 1
+        self._lock.release()
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._depth() > 0
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Release the lock (if this thread holds it) for the duration of the block."""
+        depth = self._depth()
+        for _ in range(depth):
+            self._lock.release()
+        self._local.depth = 0
+        try:
+            yield
+        finally:
+            for _ in range(depth):
+                self._lock.acquire()
+            self._local.depth = depth
+
+
+TRACE_LOCK = _TraceLock()
+"""Held while a program is traced, checked or compiled (see the module docstring)."""
+
+
+def locked(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` holding :data:`TRACE_LOCK`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with TRACE_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def split_args(args: Any) -> tuple[list, Hashable, Callable[[list], Any]]:
@@ -38,31 +102,107 @@ def split_args(args: Any) -> tuple[list, Hashable, Callable[[list], Any]]:
 
 def cached_jit(key: Hashable, build: Callable[[], Callable]) -> tuple[Callable, bool]:
     """The jitted function cached under ``key`` (built by ``build()`` on a miss) and whether it was
-    new."""
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key], False
-    fn = jax.jit(build())
-    _CACHE[key] = fn
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return fn, True
+    new.
+
+    The function traces and compiles holding :data:`TRACE_LOCK`; a call whose argument types,
+    shapes and placements it has already compiled runs with the lock released (and waits for its
+    result there), so other threads can trace meanwhile."""
+    with TRACE_LOCK:
+        fn = _CACHE.get(key)
+        if fn is not None:
+            _CACHE.move_to_end(key)
+            return fn, False
+        fn = _Jitted(jax.jit(build()))
+        _CACHE[key] = fn
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return fn, True
 
 
 def forget(key: Hashable) -> None:
     """Drop ``key`` from the cache (e.g. when the program failed its checks after compilation)."""
-    _CACHE.pop(key, None)
+    with TRACE_LOCK:
+        _CACHE.pop(key, None)
+
+
+class _Jitted:
+    """A jitted function that traces under :data:`TRACE_LOCK` and runs compiled code outside it."""
+
+    def __init__(self, jitted: Callable):
+        self._jitted = jitted
+        self._compiled: set = set()
+
+    def __call__(self, *args: Any) -> Any:
+        sig = _signature(args)
+        if sig is not None and sig in self._compiled:
+            with TRACE_LOCK.released():
+                return jax.block_until_ready(self._jitted(*args))
+        with TRACE_LOCK:
+            out = self._jitted(*args)
+            if sig is not None:
+                self._compiled.add(sig)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
+
+
+def _signature(args: Any) -> Hashable | None:
+    """What selects the compiled code for ``args`` (structure, dtypes, shapes, weak types,
+    shardings), or ``None`` when it cannot be told without tracing (a tracer, an unknown leaf)."""
+    leaves, treedef = jax.tree.flatten(args)
+    sig: list = [treedef, bool(jax.config.jax_enable_x64)]
+    for x in leaves:
+        if isinstance(x, jax.core.Tracer):
+            return None
+        if isinstance(x, jax.Array):
+            sig.append((x.shape, x.dtype, bool(getattr(x, "weak_type", False)), x.sharding))
+        elif isinstance(x, np.ndarray | np.generic):
+            sig.append((np.shape(x), x.dtype))
+        elif type(x) in (bool, int, float, complex):
+            sig.append(type(x))
+        else:
+            return None
+    try:
+        hash(tuple(sig))
+    except TypeError:
+        return None
+    return tuple(sig)
 
 
 def check_data(args: Any) -> None:
-    """Raise :class:`DataError` if a floating-point array or scalar argument contains NaN."""
+    """Raise :class:`DataError` if an argument is data ppinfer cannot use: a floating-point array
+    or scalar containing NaN, complex numbers, an object array, or a pandas object."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
-        if isinstance(leaf, jax.core.Tracer) or not _is_dynamic(leaf):
+        where = jax.tree_util.keystr(path) or "argument"
+        if type(leaf).__module__.split(".")[0] == "pandas":
+            raise DataError(
+                f"program argument {where} is a pandas {type(leaf).__name__}: pass its values as "
+                "an array (e.g. df['y'].to_numpy() or jnp.asarray(series))"
+            )
+        if isinstance(leaf, complex | np.complexfloating):
+            raise DataError(f"program argument {where} is a complex number: complex data is not supported")
+        if isinstance(leaf, jax.core.Tracer) or not _is_dynamic_or_array(leaf):
             continue
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if dtype == np.object_:
+            raise DataError(
+                f"program argument {where} is an array of Python objects (dtype object): pass a "
+                "numeric array (mixed types, strings or None in the data?)"
+            )
+        if np.issubdtype(dtype, np.complexfloating):
+            raise DataError(
+                f"program argument {where} has complex dtype {dtype}: complex data is not supported"
+            )
+        if dtype.kind in "USV":
+            continue  # strings and bytes: static values, the program decides what they mean
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
-            where = jax.tree_util.keystr(path) or "argument"
             raise DataError(f"program argument {where} contains NaN")
+
+
+def _is_dynamic_or_array(x: Any) -> bool:
+    return _is_dynamic(x) or isinstance(x, np.ndarray | np.generic)
 
 
 def _is_dynamic(x: Any) -> bool:

@@ -7,9 +7,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from ppinfer._compile import check_data
+from ppinfer._compile import TRACE_LOCK, check_data
 from ppinfer.algorithms import SMC, Importance
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 
@@ -24,8 +24,10 @@ class Algorithm(Protocol):
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result: ...
 
 
-def infer(program: Any, *args: Any, algorithm: Algorithm | None = None, key: Any = 0) -> Result:
-    """Run ``algorithm`` on ``program(*args)`` and return a :class:`~ppinfer.Result`.
+def infer(
+    program: Any, *args: Any, algorithm: Algorithm | None = None, key: Any = 0, **kwargs: Any
+) -> Result:
+    """Run ``algorithm`` on ``program(*args, **kwargs)`` and return a :class:`~ppinfer.Result`.
 
     Args:
         program: a static program (any NumPyro model) or a :class:`~ppinfer.SequentialProgram`.
@@ -34,17 +36,140 @@ def infer(program: Any, *args: Any, algorithm: Algorithm | None = None, key: Any
         algorithm: e.g. ``SMC(num_particles=256)``, ``Importance(1000)``, ``Enumerate()``; default
             ``SMC(1000)`` for sequential programs and ``Importance(1000)`` otherwise.
         key: an ``int`` seed or a ``jax.random`` key.
+        **kwargs: keyword arguments of a static program (``infer(model, y=y)``), passed to it (and
+            to the algorithm's proposal, if it has one) by name, treated like ``*args``.
+
+    Thread-safe: concurrent calls from several threads give the results they give one at a time
+    (tracing and compilation take a process-wide lock; compiled runs execute in parallel).
     """
+    if isinstance(program, type):
+        raise ModelError(
+            f"program must be a function (a NumPyro model) or a SequentialProgram, got the class "
+            f"{program.__name__}"
+        )
     if not callable(program) and not is_sequential(program):
         raise ModelError(f"program must be a callable or a SequentialProgram, got {type(program)}")
     if algorithm is None:
         algorithm = SMC(1000) if is_sequential(program) else Importance(1000)
-    if not hasattr(algorithm, "run"):
-        raise ConfigError(
-            f"algorithm must be an inference algorithm (e.g. SMC(...)), got {algorithm!r}"
-        )
+    _check_algorithm(algorithm)
+    if kwargs:
+        if is_sequential(program):
+            raise ConfigError(
+                f"keyword arguments {sorted(kwargs)} cannot be passed to a sequential program: "
+                "pass its arguments positionally (init(*args), step(state, t, *args))"
+            )
+        program, algorithm, args = _bind_keywords(program, algorithm, args, kwargs)
     check_data(args)
-    return algorithm.run(_as_key(key), program, args)
+    key = _as_key(key)
+    with TRACE_LOCK:
+        try:
+            return algorithm.run(key, program, args)
+        except _CONCRETE_VALUE_ERRORS as e:
+            raise ModelError(_concrete_value_message(e)) from e
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            n = getattr(algorithm, "num_particles", None)
+            what = f" with num_particles={n}" if n is not None else ""
+            raise InferenceError(
+                f"{getattr(algorithm, 'name', type(algorithm).__name__)}{what} ran out of device "
+                f"memory: use fewer particles (or shorter programs / smaller data per particle). "
+                f"XLA said: {str(e).strip().splitlines()[0][:300]}"
+            ) from e
+
+
+# JAX's errors for Python control flow or conversions on a traced value inside a program.
+_CONCRETE_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,  # includes TracerBoolConversionError
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+def _concrete_value_message(e: BaseException) -> str:
+    where = _user_frame(e.__traceback__)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (
+        f"the program uses a random (traced) value where Python needs a concrete one{where}: "
+        f"{type(e).__name__}: {first} The program runs compiled, for all particles at once, so a "
+        "Python `if`/`while`, `int()`/`float()` or a NumPy call cannot look at a sampled value: use "
+        "jnp.where(cond, a, b) or jax.lax.cond for branches, jnp functions for arithmetic."
+    )
+
+
+def _user_frame(tb: Any) -> str:
+    """`` at file:line (function)`` of the innermost traceback frame outside jax/numpyro/ppinfer."""
+    import os
+
+    found = ""
+    skip = ("jax", "jaxlib", "numpyro", "ppinfer")
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        parts = set(os.path.normpath(code.co_filename).split(os.sep))
+        if not parts & set(skip) and "site-packages" not in parts and "<" not in code.co_filename:
+            found = f" at {os.path.basename(code.co_filename)}:{tb.tb_lineno} (in {code.co_name})"
+        tb = tb.tb_next
+    return found
+
+
+def _check_algorithm(algorithm: Any) -> None:
+    if isinstance(algorithm, type):
+        raise ConfigError(
+            f"algorithm must be an instance, not the class {algorithm.__name__}: write "
+            f"algorithm={algorithm.__name__}(...) (e.g. SMC(num_particles=256))"
+        )
+    if not hasattr(algorithm, "run") and (hasattr(algorithm, "build") or hasattr(algorithm, "build_for")):
+        name = type(algorithm).__name__
+        raise ConfigError(
+            f"{name}() is an MCMC kernel, not an inference algorithm: wrap it in MCMC, e.g. "
+            f"algorithm=pp.MCMC({name}(), num_samples=1000)"
+        )
+    if not hasattr(algorithm, "run"):
+        raise ConfigError(f"algorithm must be an inference algorithm (e.g. SMC(...)), got {algorithm!r}")
+
+
+class _KeywordProgram:
+    """``program`` called with its last ``len(names)`` positional arguments passed by name.
+
+    Equal (and equally hashed) for the same program and names, so the compile cache, which keys on
+    the program, is hit again by the next call with the same keywords."""
+
+    def __init__(self, program: Any, names: tuple[str, ...]):
+        self.program, self.names = program, names
+        self.__qualname__ = getattr(program, "__qualname__", type(program).__name__)
+        self.__module__ = getattr(program, "__module__", None)
+        self.__name__ = getattr(program, "__name__", self.__qualname__)
+
+    def __call__(self, *args: Any) -> Any:
+        k = len(args) - len(self.names)
+        return self.program(*args[:k], **dict(zip(self.names, args[k:], strict=True)))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _KeywordProgram) and other.program == self.program and other.names == self.names
+        )
+
+    def __hash__(self) -> int:
+        return hash((_KeywordProgram, self.program, self.names))
+
+    def __repr__(self) -> str:
+        return f"{self.program!r} with keywords {self.names}"
+
+
+def _bind_keywords(program: Any, algorithm: Any, args: tuple, kwargs: dict) -> tuple:
+    names = tuple(sorted(kwargs))
+    args = tuple(args) + tuple(kwargs[n] for n in names)
+    proposal = getattr(algorithm, "proposal", None)
+    if callable(proposal):
+        import dataclasses
+
+        if not dataclasses.is_dataclass(algorithm):
+            raise ConfigError(
+                f"{type(algorithm).__name__} has a proposal: pass the program's arguments "
+                "positionally, not by keyword"
+            )
+        algorithm = dataclasses.replace(algorithm, proposal=_KeywordProgram(proposal, names))
+    return _KeywordProgram(program, names), algorithm, args
 
 
 def _as_key(key: Any) -> jax.Array:

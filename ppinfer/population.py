@@ -57,18 +57,24 @@ def spawn(particles: Any, num_particles: int, log_weight: jax.Array | float = 0.
 
 def ess(log_weights: jax.Array, lse: jax.Array | None = None) -> jax.Array:
     """``f32[]``: the effective sample size ``(Σ w)² / Σ w²`` of ``log_weights: f32[N]``; 0 when
-    every weight is zero. ``lse`` may pass ``logsumexp(log_weights)`` if the caller has it."""
-    lse = logsumexp(log_weights) if lse is None else lse
-    alive = jnp.isfinite(lse)
-    normalized = jnp.exp(log_weights - jnp.where(alive, lse, 0.0))  # each ≤ 1: no overflow
+    every weight is zero. ``lse`` may pass ``logsumexp(log_weights)`` if the caller has it (unused
+    when the weights are so small that it lost their spread, see :func:`normalize`)."""
+    normalized = jnp.exp(normalize(log_weights))  # each ≤ 1: no overflow
+    alive = jnp.isfinite(jnp.max(log_weights))
     return jnp.where(alive, 1.0 / jnp.sum(normalized * normalized), 0.0)
 
 
 def normalize(log_weights: jax.Array) -> jax.Array:
     """``f32[N]``: log weights shifted to ``logsumexp = 0`` (log-probabilities). Preserves the
-    normalised measure only (not valid for Ẑ). All −inf stays all −inf."""
-    lse = logsumexp(log_weights)
-    return jnp.where(jnp.isfinite(lse), log_weights - lse, log_weights)
+    normalised measure only (not valid for Ẑ). All −inf stays all −inf.
+
+    The largest weight is subtracted first: with log weights around ``−1e8`` or below, float32 has
+    no room left for ``log N`` next to them, so ``w − logsumexp(w)`` would be 0 for N equal weights
+    (each normalised weight 1, summing to N); after the shift the spread is exact."""
+    top = jnp.max(log_weights)
+    shifted = log_weights - jnp.where(jnp.isfinite(top), top, 0.0)
+    lse = logsumexp(shifted)
+    return jnp.where(jnp.isfinite(lse), shifted - lse, log_weights)
 
 
 def log_evidence(log_weights: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.primitives import Messenger, apply_stack, deterministic, factor, plate, sample
 
-from ppinfer.errors import DataError
+from ppinfer.errors import DataError, ModelError
 
 __all__ = ["sample", "factor", "deterministic", "plate", "observe", "condition", "stop"]
 
@@ -46,8 +46,12 @@ def observe(name: str, fn: Any, value: Any) -> Any:
 
 def condition(name: str, predicate: Any) -> None:
     """Hard constraint: keep executions where ``predicate`` (a boolean array, all elements must hold)
-    is true; executions where it is false get log weight −inf and are dropped at resampling."""
-    ok = jnp.all(jnp.asarray(predicate, dtype=bool))
+    is true; executions where it is false get log weight −inf and are dropped at resampling.
+
+    Raises :class:`~ppinfer.errors.ModelError` unless ``predicate`` is a boolean (a Python ``bool``
+    or an array of dtype ``bool``, e.g. ``x > 0``): a function, a number or a string is refused
+    rather than counted as true."""
+    ok = jnp.all(_as_bool(predicate, f"condition({name!r}, predicate)", "the predicate"))
     factor(name, jnp.where(ok, 0.0, -jnp.inf))
 
 
@@ -55,16 +59,40 @@ def stop(when: Any = True) -> None:
     """End this particle after the current step of a sequential program (when ``when`` is true).
 
     A stopped particle keeps its state and weight for the remaining steps. Outside a sequential
-    engine the call has no effect."""
+    engine the call has no effect. ``when`` is a scalar boolean (one flag per particle)."""
+    flag = _as_bool(when, "stop(when)", "when")
+    if jnp.ndim(flag) != 0:
+        raise ModelError(
+            f"stop(when): when must be a scalar boolean (this particle's flag), got shape "
+            f"{jnp.shape(flag)}; reduce it, e.g. jnp.any(...)"
+        )
     apply_stack(
         {
             "type": STOP_MESSAGE,
             "fn": lambda x: x,
-            "args": (jnp.asarray(when, dtype=bool),),
+            "args": (flag,),
             "kwargs": {},
             "value": None,
         }
     )
+
+
+def _as_bool(value: Any, call: str, what: str) -> jax.Array:
+    """``value`` as a boolean array, or :class:`ModelError` if it is not boolean."""
+    if callable(value) and not isinstance(value, jax.Array | np.ndarray):
+        raise ModelError(
+            f"{call}: {what} must be a boolean (array), got the function {value!r}; call it "
+            "(e.g. pred(x)) and pass the result"
+        )
+    if isinstance(value, bool | np.bool_):
+        return jnp.asarray(value)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not (dtype == np.bool_):
+        got = f"an array of dtype {dtype}" if dtype is not None else f"{type(value).__name__} {value!r}"
+        raise ModelError(
+            f"{call}: {what} must be a boolean (a bool or a bool array such as x > 0), got {got}"
+        )
+    return jnp.asarray(value)
 
 
 class collect_stops(Messenger):

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ppinfer.errors import ModelError
 
 __all__ = ["SequentialProgram", "sequential", "is_sequential"]
@@ -38,13 +40,24 @@ class SequentialProgram:
     def steps_for(self, args: tuple) -> int:
         """The number of steps for these arguments (an ``int`` ≥ 1)."""
         n = self.num_steps(*args) if callable(self.num_steps) else self.num_steps
-        try:
-            n = int(n)
-        except (TypeError, ValueError) as e:
-            raise ModelError(f"num_steps must be an int, got {n!r}") from e
-        if n < 1:
-            raise ModelError(f"a sequential program needs num_steps >= 1, got {n}")
-        return n
+        return _check_steps(n)
+
+
+def _check_steps(n: Any) -> int:
+    """``n`` as an ``int`` ≥ 1, or :class:`ModelError` (a float such as 2.5, a bool, an array)."""
+    if isinstance(n, bool | np.bool_):
+        raise ModelError(f"num_steps must be an int, got {n!r}")
+    try:
+        value = int(n)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"num_steps must be an int, got {n!r}") from e
+    except Exception as e:  # a traced value (e.g. from a jitted num_steps function)
+        raise ModelError(f"num_steps must be a concrete int known before compiling, got {n!r}") from e
+    if np.ndim(n) != 0 or value != n:
+        raise ModelError(f"num_steps must be a whole number of steps (an int), got {n!r}")
+    if value < 1:
+        raise ModelError(f"a sequential program needs num_steps >= 1, got {value}")
+    return value
 
 
 def sequential(
@@ -53,6 +66,8 @@ def sequential(
     """Build a :class:`SequentialProgram` from its ``init`` and ``step`` functions."""
     if not callable(init) or not callable(step):
         raise ModelError("sequential(init, step, num_steps): init and step must be callables")
+    if not callable(num_steps):
+        _check_steps(num_steps)
     return SequentialProgram(init, step, num_steps)
 
 

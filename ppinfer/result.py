@@ -34,7 +34,11 @@ class Deferred:
 
     def __call__(self) -> Any:
         if self._fn is not None:
-            self._value, self._fn = self._fn(), None
+            from ppinfer._compile import TRACE_LOCK
+
+            with TRACE_LOCK:  # computed once even when several threads read it at once
+                if self._fn is not None:
+                    self._value, self._fn = self._fn(), None
         return self._value
 
 
@@ -171,9 +175,7 @@ class Result:
         w = w.reshape(w.shape + (1,) * (x.ndim - 2)).astype(jnp.result_type(float))
         return jnp.sum(w * x, axis=1)
 
-    def sample(
-        self, num_samples: int | None = None, key: int | jax.Array = 0
-    ) -> dict[str, jax.Array]:
+    def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
         replacement ∝ weight (multinomial)."""
         n = self.num_particles if num_samples is None else int(num_samples)

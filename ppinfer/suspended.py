@@ -122,9 +122,7 @@ def start(
     done = info.stopped
     log_weights = weighted.log_weight - jnp.log(num_particles)
     pop = Population(Particle(state, done), log_weights)
-    step_info = StepInfo(
-        weighted.choices, weighted.log_weight, _any(info.nan_sites), info.log_prob_draws
-    )
+    step_info = StepInfo(weighted.choices, weighted.log_weight, _any(info.nan_sites), info.log_prob_draws)
     return Sequential(pop, jnp.zeros((), jnp.int32)), step_info
 
 
@@ -229,9 +227,7 @@ def match_state(new: Any, old: Any) -> Any:
     new_leaves, new_def = jax.tree.flatten(new)
     old_leaves, old_def = jax.tree.flatten(old)
     if new_def != old_def:
-        raise ModelError(
-            f"step returned a state with structure {new_def}, but init returned {old_def}"
-        )
+        raise ModelError(f"step returned a state with structure {new_def}, but init returned {old_def}")
     for a, b in zip(new_leaves, old_leaves, strict=True):
         if jnp.shape(a) != jnp.shape(b):
             raise ModelError(

@@ -45,10 +45,11 @@ class Weighted(NamedTuple):
 
 class RunInfo(NamedTuple):
     """Diagnostics of one run: ``nan_sites`` maps each weighted site to whether its log density was
-    NaN (invalid parameters or data); ``stopped`` is the OR of the run's ``stop`` flags;
-    ``log_prob_draws: f32[]`` is the log probability (density) of the run's latent choices under the
-    distributions they were drawn from (the proposal's where it made them, the prior's elsewhere):
-    the law of the run's randomness, which exact checks that inject ``values`` enumerate."""
+    NaN or +inf (invalid parameters or data, an infinite factor); ``stopped`` is the OR of the run's
+    ``stop`` flags; ``log_prob_draws: f32[]`` is the log probability (density) of the run's latent
+    choices under the distributions they were drawn from (the proposal's where it made them, the
+    prior's elsewhere): the law of the run's randomness, which exact checks that inject ``values``
+    enumerate."""
 
     nan_sites: dict[str, jax.Array]
     stopped: jax.Array
@@ -136,7 +137,7 @@ def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.
             lp = site_log_prob(site) - site_log_prob(q_latent[name])
         else:
             continue
-        nan_sites[name] = jnp.isnan(lp)
+        nan_sites[name] = jnp.isnan(lp) | (lp == jnp.inf)  # +inf: an infinite weight, as bad
         log_weight = log_weight + lp
     return log_weight, nan_sites
 

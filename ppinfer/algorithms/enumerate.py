@@ -24,7 +24,7 @@ from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from ppinfer.errors import EnumerationError
+from ppinfer.errors import ConfigError, EnumerationError, ZeroEvidenceError
 from ppinfer.primitives import collect_stops
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
@@ -57,15 +57,39 @@ class Enumerate:
 
     Args:
         max_branches: stop with :class:`~ppinfer.errors.EnumerationError` beyond this many executions.
+        max_seconds: stop with :class:`~ppinfer.errors.EnumerationError` when the enumeration has
+            run this long (``None``: no time limit).
+
+    Branches whose weight is already zero before they are complete (a failed condition, an
+    impossible observation or choice) are not expanded further.
     """
 
     max_branches: int = 100_000
+    max_seconds: float | None = 300.0
     name = "Enumerate"
+
+    def __post_init__(self):
+        from ppinfer.checks import check_int
+
+        check_int("max_branches", self.max_branches, 1)
+        if self.max_seconds is not None and (
+            isinstance(self.max_seconds, bool)
+            or not isinstance(self.max_seconds, int | float)
+            or not self.max_seconds > 0
+        ):
+            raise ConfigError(f"max_seconds must be a number > 0 or None, got {self.max_seconds!r}")
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         t0 = time.perf_counter()
         fn, fn_args = (unroll(program, args), ()) if is_sequential(program) else (program, args)
-        branches = enumerate_runs(fn, fn_args, max_branches=self.max_branches)
+        branches = enumerate_runs(
+            fn, fn_args, max_branches=self.max_branches, prune=True, max_seconds=self.max_seconds
+        )
+        if not branches:  # every branch was pruned: each has weight zero
+            raise ZeroEvidenceError(
+                "every execution has weight zero (every branch fails a condition or an observation "
+                "before it completes): the observations or conditions are impossible"
+            )
         log_masses = jnp.asarray([b.log_prob + b.log_weight for b in branches])
         extras = {}
         if is_sequential(program):
@@ -94,17 +118,33 @@ def enumerate_runs(
     kwargs: dict | None = None,
     proposal: Callable[..., Any] | None = None,
     max_branches: int = 100_000,
+    prune: bool = False,
+    max_seconds: float | None = None,
 ) -> list[Branch]:
     """Every execution of ``fn(*args, **kwargs)`` with its sampling probability and weight; latent
-    choices made by ``proposal`` (same arguments) are drawn from it. Eager (not jitted)."""
+    choices made by ``proposal`` (same arguments) are drawn from it. Eager (not jitted).
+
+    ``prune``: do not expand a partial execution whose mass is already zero (its choices so far
+    have probability zero, or its observations/conditions so far weight zero): every completion
+    has mass zero, so only zero-mass branches are left out. ``max_seconds``: raise
+    :class:`EnumerationError` when enumerating takes longer."""
     kwargs = kwargs or {}
     branches: list[Branch] = []
     pending: list[dict] = [{}]
+    start = time.perf_counter()
     while pending:
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            raise EnumerationError(
+                f"enumeration exceeded max_seconds={max_seconds} after {len(branches)} executions "
+                f"({len(pending)} partial ones still pending): too many branches to enumerate "
+                "exactly; use a sampling algorithm (SMC, Importance) or raise max_seconds"
+            )
         prefix = pending.pop()
         try:
             branches.append(_run_branch(fn, args, kwargs, proposal, prefix))
         except _Branching as b:
+            if prune and b.dead:
+                continue
             if len(branches) + len(pending) + len(b.values) > max_branches:
                 raise EnumerationError(
                     f"more than max_branches={max_branches} executions to enumerate"
@@ -139,6 +179,7 @@ def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
 class _Branching(Exception):
     def __init__(self, key, values):
         self.key, self.values = key, values
+        self.dead = False  # whether the partial execution before this site already has mass zero
 
 
 class _fix_choices(Messenger):
@@ -167,20 +208,33 @@ def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
         q_values = {n: s["value"] for n, s in q_trace.items() if _latent(s)}
         log_prob += sum(float(site_log_prob(s)) for s in q_trace.values() if _latent(s))
     stops = collect_stops()
-    with (
-        handlers.trace() as p_trace,
-        handlers.seed(rng_seed=0),
-        handlers.substitute(data=q_values),
-        _fix_choices(prefix, "p", frozenset(q_values)),
-        stops,
-    ):
-        value = fn(*args, **kwargs)
-    log_prob += sum(
-        float(site_log_prob(s)) for n, s in p_trace.items() if _latent(s) and n not in q_values
-    )
+    p_trace: dict = {}
+    try:
+        with (
+            handlers.trace() as p_trace,
+            handlers.seed(rng_seed=0),
+            handlers.substitute(data=q_values),
+            _fix_choices(prefix, "p", frozenset(q_values)),
+            stops,
+        ):
+            value = fn(*args, **kwargs)
+    except _Branching as b:
+        b.dead = _partial_mass(p_trace) == -np.inf
+        raise
+    log_prob += sum(float(site_log_prob(s)) for n, s in p_trace.items() if _latent(s) and n not in q_values)
     log_weight = float(weight_from_traces(p_trace, q_trace)[0])
     choices = {k: np.asarray(v) for k, v in choices_of(p_trace).items()}
     return Branch(choices, log_prob, log_weight, value, bool(stops.stopped))
+
+
+def _partial_mass(trace: dict) -> float:
+    """log p of the sample sites (latent and observed) run so far: −inf means every completion of
+    this partial execution has mass zero (later sites only add their own log densities)."""
+    total = 0.0
+    for site in trace.values():
+        if site["type"] == "sample":
+            total += float(site_log_prob(site))
+    return total
 
 
 def support_values(name: str, fn) -> list:
@@ -238,8 +292,6 @@ def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Arr
         )
         for name, ref in like.items()
     }
-    active = np.array(
-        [[any(k.startswith(f"{t}/") for k in c) for t in range(num_steps)] for c in choices]
-    )
+    active = np.array([[any(k.startswith(f"{t}/") for k in c) for t in range(num_steps)] for c in choices])
     samples, kinds = sample_names(init, steps)
     return samples, jnp.asarray(active), kinds

@@ -8,6 +8,7 @@ header, raw little-endian data) so that bf16 works without torch and every malfo
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,8 @@ def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
         hf = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{file} is not valid JSON: {error}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got a {type(hf).__name__}")
     return config_from_hf(hf), hf
 
 
@@ -59,9 +62,10 @@ def read_safetensors_folder(path: Path) -> dict[str, np.ndarray]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / _shard_name(index, name) for name in names]
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -81,6 +85,19 @@ def read_safetensors_folder(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _shard_name(index: Path, name: Any) -> str:
+    """``name`` if it is a plain file name inside the checkpoint folder, else :class:`CheckpointError`
+    (an index must not make ppinfer read files elsewhere: ``../../x``, ``/etc/x``, ``C:\\x``)."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: shard names must be non-empty strings, got {name!r}")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\0" in name:
+        raise CheckpointError(
+            f"{index}: shard name {name!r} points outside the checkpoint folder; refusing to read it"
+        )
+    return name
+
+
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file, as (memory-mapped) numpy arrays."""
     data = np.memmap(file, dtype=np.uint8, mode="r") if file.stat().st_size else np.zeros(0)
@@ -93,6 +110,10 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
         header = json.loads(data[8 : 8 + header_size].tobytes())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{file}: the safetensors header must be a JSON object, got a {type(header).__name__}"
+        )
     header.pop("__metadata__", None)
     body = data[8 + header_size :]
     return {name: _tensor(file, name, entry, body) for name, entry in header.items()}
@@ -112,18 +133,35 @@ _DTYPES = {
 }
 
 
-def _tensor(file: Path, name: str, entry: dict, body: np.ndarray) -> np.ndarray:
+_FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
+
+
+def _tensor(file: Path, name: str, entry: Any, body: np.ndarray) -> np.ndarray:
+    bad = f"{file}: bad header entry for tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{bad}: expected an object, got {entry!r}")
     try:
         dtype = np.dtype(_DTYPES[entry["dtype"]])
-        shape = tuple(entry["shape"])
-        start, end = entry["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{file}: bad header entry for tensor {name!r}") from None
+        shape, offsets = entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{bad} (missing or unknown {e})") from None
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise CheckpointError(f"{bad}: shape must be a list of integers >= 0, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
+        raise CheckpointError(f"{bad}: data_offsets must be two integers >= 0, got {offsets!r}")
+    start, end = offsets
+    if start > end:
+        raise CheckpointError(f"{bad}: data_offsets {offsets} end before they start")
     if end > body.size:
         raise CheckpointError(f"{file} is truncated: tensor {name!r} ends past the end of file")
-    if end - start != dtype.itemsize * int(np.prod(shape)):
-        raise CheckpointError(f"{file}: tensor {name!r} byte size does not match shape {shape}")
-    return body[start:end].view(dtype).reshape(shape)
+    size = dtype.itemsize * math.prod(shape)  # Python ints: a huge shape cannot overflow
+    if end - start != size:
+        raise CheckpointError(f"{file}: tensor {name!r} byte size does not match shape {tuple(shape)}")
+    return body[start:end].view(dtype).reshape(tuple(shape))
+
+
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def _prefix_stripper(tensors: dict[str, np.ndarray]) -> Callable[[str], str]:
@@ -144,6 +182,11 @@ class _Getter:
         if name not in self.tensors:
             raise CheckpointError(f"checkpoint {self.path} lacks tensor {name!r}")
         array = self.tensors[name]
+        if array.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {self.path} has dtype {array.dtype}; weights must be floating "
+                "point (F32, F16, BF16, F64): the header's dtype is wrong"
+            )
         if array.shape != shape:
             raise CheckpointError(
                 f"tensor {name!r} in {self.path} has shape {array.shape}, config implies {shape}"

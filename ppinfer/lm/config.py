@@ -46,6 +46,19 @@ class TransformerConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"config: {field} must be an integer >= 1, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -72,6 +85,8 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             return _llama_config(hf)
     except KeyError as missing:
         raise CheckpointError(f"config.json of a {model_type} model lacks {missing}") from None
+    except (TypeError, ZeroDivisionError, AttributeError) as error:
+        raise CheckpointError(f"config.json of a {model_type} model is invalid: {error}") from None
     raise CheckpointError(
         f"unknown model_type {model_type!r} in config.json; supported: gpt2, " + ", ".join(LLAMA_FAMILY)
     )
@@ -88,8 +103,10 @@ def _gpt2_config(hf: dict[str, Any]) -> TransformerConfig:
             raise CheckpointError(f"gpt2 config option {key}={bad} is not supported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"gpt2 activation_function {hf['activation_function']!r} is not supported")
-    hidden = hf["n_embd"]
-    heads = hf["n_head"]
+    hidden = _count(hf, "n_embd")
+    heads = _count(hf, "n_head")
+    if hidden % heads:
+        raise CheckpointError(f"gpt2 config: n_embd={hidden} is not a multiple of n_head={heads}")
     return TransformerConfig(
         arch="gpt2",
         vocab_size=hf["vocab_size"],
@@ -119,8 +136,8 @@ def _llama_config(hf: dict[str, Any]) -> TransformerConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     model_type = hf["model_type"]
-    hidden = hf["hidden_size"]
-    heads = hf["num_attention_heads"]
+    hidden = _count(hf, "hidden_size")
+    heads = _count(hf, "num_attention_heads")
     attention_bias = hf.get("attention_bias", False)
     return TransformerConfig(
         arch="llama",
@@ -143,6 +160,15 @@ def _llama_config(hf: dict[str, Any]) -> TransformerConfig:
         bos_token_id=_single_id(hf.get("bos_token_id")),
         eos_token_id=_single_id(hf.get("eos_token_id")),
     )
+
+
+def _count(hf: dict[str, Any], key: str) -> int:
+    """``hf[key]`` if it is an integer >= 1 (sizes that others are divided by), else
+    :class:`CheckpointError`."""
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"config.json: {key} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _single_id(value: int | list[int] | None) -> int | None:

@@ -16,15 +16,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
-from ppinfer.errors import CheckpointError
+from ppinfer.errors import CheckpointError, ConfigError, DataError
 from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig
 from ppinfer.lm.tokenizer import Tokenizer
@@ -80,7 +82,38 @@ class LanguageModel:
             if self.tokenizer is None:
                 raise CheckpointError("this model has no tokenizer: pass token ids")
             prompt = self.tokenizer.encode(prompt)
-        return jnp.asarray(prompt, jnp.int32)
+        return jnp.asarray(self._check_ids(prompt), jnp.int32)
+
+    def _check_ids(self, ids):
+        """``ids`` if every id is an integer in ``[0, vocab_size)`` and there are at most
+        ``max_position_embeddings`` of them (the context); else :class:`DataError`. Traced ids
+        (inside jit) cannot be checked here and pass."""
+        if isinstance(ids, jax.core.Tracer):
+            return ids
+        arr = np.asarray(ids)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(f"token ids must be integers, got dtype {arr.dtype}")
+        vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            bad = int(arr.max()) if arr.max() >= vocab else int(arr.min())
+            raise DataError(
+                f"token id {bad} is out of range for a vocabulary of {vocab} (ids 0..{vocab - 1})"
+            )
+        if arr.ndim == 1 and arr.shape[0] > context:
+            raise DataError(
+                f"the prompt has {arr.shape[0]} tokens, more than the model's context of {context} "
+                "(max_position_embeddings): shorten it"
+            )
+        return ids
+
+    def _check_room(self, prompt_len: int, max_new_tokens: int) -> None:
+        context = self.config.max_position_embeddings
+        if prompt_len + int(max_new_tokens) > context:
+            raise ConfigError(
+                f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                f"model's context of {context} tokens (max_position_embeddings): lower "
+                f"max_new_tokens to at most {max(context - prompt_len, 0)}"
+            )
 
     def prefill(
         self, prompt: str | Sequence[int], length: jax.Array | None = None
@@ -91,8 +124,11 @@ class LanguageModel:
     def init_particle_cache(
         self, prompt_cache: PromptCache, num_particles: int, max_new_tokens: int
     ) -> ParticleCache:
-        """An empty :class:`ParticleCache` for N particles (the prompt lives in prompt_cache)."""
-        del prompt_cache
+        """An empty :class:`ParticleCache` for N particles (the prompt lives in prompt_cache).
+
+        Raises :class:`~ppinfer.errors.ConfigError` if the prompt and ``max_new_tokens`` together
+        exceed the model's context."""
+        self._check_room(int(prompt_cache.k.shape[2]), max_new_tokens)
         return init_particle_cache(self.config, num_particles, max_new_tokens, self.dtype)
 
     def step(
@@ -123,10 +159,15 @@ class LanguageModel:
         each at EOS. One jitted scan; no Python loop over tokens."""
         key = jax.random.key(key) if isinstance(key, int) else key
         eos = -1 if self.eos_id is None else self.eos_id
+        ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+        if not (ok and 0.0 <= float(temperature) < float("inf")):
+            raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        ids = self.encode(prompt)
+        self._check_room(int(ids.shape[0]), max_new_tokens)
         return _generate(
             self.params,
             self.config,
-            self.encode(prompt),
+            ids,
             key,
             num_particles,
             max_new_tokens,

@@ -60,7 +60,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, check_data
+from ppinfer._compile import cached_jit, check_data, locked
 from ppinfer.errors import ConfigError, DataError
 from ppinfer.kernels.anneal import Position, next_temperature, rw_move
 from ppinfer.kernels.space import space_of
@@ -279,6 +279,7 @@ class Posterior(Result):
         """``f[t]``: ``log Ẑ(s | 1:s−1)`` of each update (they sum to ``log_evidence``)."""
         return np.diff(np.asarray(self.log_evidence_history), prepend=0.0)
 
+    @locked  # thread-safe, like infer
     def update(self, *batch: Any) -> Posterior:
         """Absorb one more batch (the program's arguments for that batch; with
         ``sufficient_statistics``, that function's arguments) and return the new posterior.

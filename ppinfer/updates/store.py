@@ -4,7 +4,13 @@ The file holds the arrays of the :class:`~ppinfer.updates.IBISState` (particles,
 the data so far: the history's first ``t`` batches or the running statistics) and the per-update
 histories, and, in the safetensors metadata, a JSON header: the format version, the program's
 identity (:func:`program_identity`, including the user's ``version`` string), the IBIS settings, the
-step count, the structure of the data and a SHA-256 of every array's bytes.
+step count, the structure of the data and a SHA-256 of the header and every array's bytes.
+
+Trust: the SHA-256 detects accidental damage (a truncated, bit-flipped or hand-edited file); anyone
+who can write the file can also recompute it, so it does not prove where a file came from. For
+files that cross a trust boundary pass ``key=`` (bytes) to :func:`save` and :func:`load`: the
+header then carries an HMAC-SHA256 of the same content under that key, and :func:`load` refuses a
+file whose signature is missing or does not verify. Loading never runs code (no pickle) either way.
 
 Resuming is exact: the arrays round-trip bit for bit and the history buffer is rebuilt at the
 capacity the uninterrupted run had (:func:`~ppinfer.updates.ibis.capacity_for`), so the next
@@ -15,6 +21,7 @@ renames it, so a process killed mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import types
@@ -25,18 +32,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppinfer.errors import CheckpointError
+from ppinfer.errors import CheckpointError, ConfigError
 from ppinfer.updates.ibis import IBIS, IBISState, Posterior, _grow, capacity_for
 
 __all__ = ["save", "load", "program_identity", "FORMAT"]
 
-FORMAT = "ppinfer.updates.ibis/1"
+FORMAT = "ppinfer.updates.ibis/2"
+_LEGACY_FORMAT = "ppinfer.updates.ibis/1"  # its checksum covered the arrays only
+_UNSIGNED = ("checksum", "signature")  # the header fields that the checksum does not cover
 _HISTORY = ("ess", "resampled", "log_evidence_history", "acceptance_rate")
 
 
-def save(posterior: Posterior, path: str | os.PathLike) -> None:
-    """Write ``posterior`` to ``path`` (safetensors + JSON metadata; atomic rename)."""
+def save(posterior: Posterior, path: str | os.PathLike, key: bytes | None = None) -> None:
+    """Write ``posterior`` to ``path`` (safetensors + JSON metadata; atomic rename).
+
+    ``key``: optional secret bytes; the file is then signed (HMAC-SHA256 of its header and arrays)
+    and :func:`load` with the same key verifies it. Raises :class:`~ppinfer.errors.CheckpointError`
+    if the folder of ``path`` does not exist or cannot be written."""
     from safetensors.numpy import save_file
+
+    _check_key(key)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save to {path}: the folder {path.parent} does not exist")
 
     state, cfg = posterior.ibis, posterior.config
     step = int(state.step)
@@ -62,30 +80,70 @@ def save(posterior: Posterior, path: str | os.PathLike) -> None:
         "config": _config_json(cfg),
         "step": step,
         "data_structure": _structure(data),
-        "checksum": _checksum(arrays),
     }
-    path = Path(path)
+    header["checksum"] = _checksum(arrays, header)
+    if key is not None:
+        header["signature"] = _signature(arrays, header, key)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata={"ppinfer": json.dumps(header)})
-    os.replace(tmp, path)
+    try:
+        save_file(arrays, str(tmp), metadata={"ppinfer": json.dumps(header)})
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot save to {path}: {e}") from e
 
 
-def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -> Posterior:
+def load(
+    path: str | os.PathLike, program: Any, algorithm: IBIS | None = None, key: bytes | None = None
+) -> Posterior:
     """Read a posterior saved by :func:`save` for ``program``.
 
     ``algorithm``: the :class:`~ppinfer.updates.IBIS` settings; required when the saved run used
     ``sufficient_statistics`` (a function cannot be stored), checked against the saved settings
-    otherwise. Raises :class:`~ppinfer.errors.CheckpointError` if the file is missing, truncated or
-    corrupt, was written for another program (identity or version), or with other settings."""
+    otherwise. ``key``: the secret the file was signed with (see :func:`save`); with a key, an
+    unsigned file or a wrong signature is refused. Raises :class:`~ppinfer.errors.CheckpointError`
+    if the file is missing, truncated or corrupt, its header is malformed or disagrees with its
+    arrays, it was written for another program (identity or version), or with other settings."""
+    _check_key(key)
     header, arrays = _read(Path(path))
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {header.get('format')!r}, expected {FORMAT!r}")
-    if _checksum(arrays) != header.get("checksum"):
-        raise CheckpointError(f"{path}: the arrays do not match their checksum (corrupt file)")
-    saved_cfg = dict(header["config"])
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed header (a {type(header).__name__}, not an object)")
+    fmt = header.get("format")
+    if fmt not in (FORMAT, _LEGACY_FORMAT):
+        raise CheckpointError(f"{path}: unknown format {fmt!r}, expected {FORMAT!r}")
+    covered = header if fmt == FORMAT else None
+    if _checksum(arrays, covered) != header.get("checksum"):
+        raise CheckpointError(
+            f"{path}: the header and arrays do not match their checksum (corrupt or edited file)"
+        )
+    if key is not None:
+        signature = header.get("signature")
+        if fmt != FORMAT or not isinstance(signature, str):
+            raise CheckpointError(f"{path} is not signed, but a key was given: refusing to load it")
+        if not hmac.compare_digest(signature, _signature(arrays, header, key)):
+            raise CheckpointError(f"{path}: the signature does not verify with this key")
+    try:
+        return _load_checked(path, header, arrays, program, algorithm)
+    except CheckpointError:
+        raise
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the saved settings are invalid: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration, RecursionError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: malformed header ({what})") from e
+
+
+def _load_checked(path, header: dict, arrays: dict, program: Any, algorithm: IBIS | None) -> Posterior:
+    saved_cfg = header["config"]
+    if not isinstance(saved_cfg, dict):
+        raise CheckpointError(f"{path}: malformed header: config is a {type(saved_cfg).__name__}")
+    saved_cfg = dict(saved_cfg)
     # Files written before adaptive tempering existed ran plain IBIS.
     saved_cfg.setdefault("tempering_ess", None)
     saved_cfg.setdefault("max_stages", IBIS.max_stages)
+    known = set(_config_json(IBIS()))
+    missing, unknown = sorted(known - set(saved_cfg)), sorted(set(saved_cfg) - known)
+    if missing or unknown:
+        raise CheckpointError(f"{path}: malformed header: config keys missing {missing}, unknown {unknown}")
     if algorithm is None:
         if saved_cfg["sufficient_statistics"] is not None:
             raise CheckpointError(
@@ -101,8 +159,17 @@ def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -
         raise CheckpointError(
             f"{path} holds a posterior of program {header['program']!r}, not of {identity!r}"
         )
-    step = int(header["step"])
-    leaves = [jnp.asarray(arrays[f"data/{i}"]) for i in range(_num_leaves(header["data_structure"]))]
+    step = header["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: malformed header: step must be an integer >= 0, got {step!r}")
+    n_leaves = _num_leaves(header["data_structure"])
+    names = {"particles", "log_weights", "key", *(f"data/{i}" for i in range(n_leaves))}
+    names |= {f"history/{k}" for k in _HISTORY}
+    absent = sorted(names - set(arrays))
+    if absent:
+        raise CheckpointError(f"{path}: arrays {absent} are missing")
+    _check_shapes(path, arrays, step, n_leaves, algorithm)
+    leaves = [jnp.asarray(arrays[f"data/{i}"]) for i in range(n_leaves)]
     data = _unflatten(header["data_structure"], iter(leaves))
     if algorithm.sufficient_statistics is None and data is not None:
         data = _grow(data, capacity_for(step))
@@ -116,6 +183,38 @@ def load(path: str | os.PathLike, program: Any, algorithm: IBIS | None = None) -
     history = {k: arrays[f"history/{k}"] for k in _HISTORY}
     history["stages"] = arrays.get("history/stages", np.ones(step, np.int32))
     return Posterior.from_state(program, algorithm, state, history)
+
+
+def _check_shapes(path, arrays: dict, step: int, n_leaves: int, algorithm: IBIS) -> None:
+    """The arrays agree with the header: ``step`` entries of history (and of saved batches), one
+    particle per weight, ``num_particles`` of them, a raw two-word key."""
+    n = algorithm.num_particles
+    lw, particles, key = arrays["log_weights"], arrays["particles"], arrays["key"]
+    if lw.shape != (n,) or particles.ndim < 1 or particles.shape[0] != n:
+        raise CheckpointError(
+            f"{path}: the arrays do not match the header: {n} particles expected, got log_weights "
+            f"{lw.shape} and particles {particles.shape}"
+        )
+    if key.shape != (2,) or key.dtype != np.uint32:
+        raise CheckpointError(
+            f"{path}: the saved random key must be uint32[2], got {key.dtype}{list(key.shape)}"
+        )
+    lengths = {k: arrays[f"history/{k}"].shape[:1] for k in (*_HISTORY, "stages") if f"history/{k}" in arrays}
+    if algorithm.sufficient_statistics is None:
+        lengths.update({f"data/{i}": arrays[f"data/{i}"].shape[:1] for i in range(n_leaves)})
+    wrong = {k: v for k, v in lengths.items() if v != (step,)}
+    if wrong:
+        raise CheckpointError(
+            f"{path}: the header says step {step}, but these arrays have another length: "
+            + ", ".join(f"{k} {list(v)}" for k, v in sorted(wrong.items()))
+        )
+
+
+def _check_key(key: Any) -> None:
+    if key is not None and not isinstance(key, bytes | bytearray):
+        raise ConfigError(f"key must be bytes (a secret for the HMAC signature), got {type(key).__name__}")
+    if key is not None and len(key) == 0:
+        raise ConfigError("key must not be empty")
 
 
 def program_identity(program: Any, version: str = "") -> str:
@@ -151,6 +250,9 @@ def _hash_value(h, value: Any, depth: int) -> None:
     elif isinstance(value, np.ndarray | jax.Array | np.generic):
         arr = np.asarray(value)
         h.update(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
+    elif type(value).__name__ == "_KeywordProgram":  # infer(program, y=...): the program itself
+        h.update(repr(value.names).encode())
+        _hash_value(h, value.program, depth + 1)
     else:
         h.update(type(value).__qualname__.encode())
 
@@ -172,12 +274,25 @@ def _read(path: Path) -> tuple[dict, dict]:
     return header, arrays
 
 
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
+def _digest(h: Any, arrays: dict[str, np.ndarray], header: dict | None) -> str:
+    if header is not None:
+        covered = {k: v for k, v in header.items() if k not in _UNSIGNED}
+        h.update(json.dumps(covered, sort_keys=True).encode() + b"\n")
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
         h.update(f"{k}:{a.dtype}:{a.shape};".encode() + a.tobytes())
     return h.hexdigest()
+
+
+def _checksum(arrays: dict[str, np.ndarray], header: dict | None = None) -> str:
+    """SHA-256 of the header (all but its checksum and signature; format 1: none of it) and every
+    array's name, dtype, shape and bytes."""
+    return _digest(hashlib.sha256(), arrays, header)
+
+
+def _signature(arrays: dict[str, np.ndarray], header: dict, key: bytes) -> str:
+    """HMAC-SHA256 under ``key`` of what :func:`_checksum` covers."""
+    return _digest(hmac.new(bytes(key), digestmod=hashlib.sha256), arrays, header)
 
 
 def _config_json(cfg: IBIS) -> dict:

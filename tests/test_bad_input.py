@@ -1,0 +1,813 @@
+"""Hostile and careless input: every case is a clear ppinfer error naming the problem, or a correct
+answer (issue 17). Threads, infinite and underflowing weights, conditions, settings, data, saved
+posteriors, malformed checkpoints, out-of-range token ids, enumeration budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import ppinfer as pp
+from ppinfer._compile import TRACE_LOCK
+from ppinfer.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EnumerationError,
+    ModelError,
+    ZeroEvidenceError,
+)
+from ppinfer.lm import load as load_lm
+
+
+def normal_model(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+    pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+# --------------------------------------------------------------------------------------- threads
+
+
+def _programs():
+    """Fresh program objects (so the first calls in the threads trace and compile concurrently)."""
+
+    def static_a(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    def static_b(y):
+        s = pp.sample("s", dist.HalfNormal(1.0))
+        z = pp.sample("z", dist.Normal(0.0, s))
+        pp.observe("y", dist.Normal(z, 0.5), y)
+
+    def init(y):
+        return pp.sample("x0", dist.Normal(0.0, 1.0))
+
+    def step(x, t, y):
+        x = pp.sample("x", dist.Normal(0.9 * x, 1.0))
+        pp.observe("obs", dist.Normal(x, 1.0), y)
+        return x
+
+    walk = pp.sequential(init, step, 3)
+    return [
+        (static_a, pp.Importance(16)),
+        (static_b, pp.Importance(8)),
+        (walk, pp.SMC(8)),
+        (static_a, pp.Importance(32)),
+    ]
+
+
+def _call(programs, i, j):
+    program, algorithm = programs[(i + j) % len(programs)]
+    r = pp.infer(program, 0.25 * j, algorithm=algorithm, key=7 * i + j)
+    return float(r.log_evidence), {k: np.asarray(v) for k, v in r.samples.items()}
+
+
+def test_threads_give_the_single_threaded_results():
+    programs = _programs()
+    threads, calls = 8, 20
+    results, errors = {}, []
+    barrier = threading.Barrier(threads)
+
+    def worker(i):
+        barrier.wait()
+        for j in range(calls):
+            try:
+                results[i, j] = _call(programs, i, j)
+            except Exception as e:  # noqa: BLE001 (collected and reported below)
+                errors.append(f"{type(e).__name__}: {e}")
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert errors == []
+    assert len(results) == threads * calls
+    for (i, j), (log_z, samples) in results.items():
+        ref_z, ref_samples = _call(programs, i, j)
+        assert log_z == ref_z
+        for k, v in ref_samples.items():
+            np.testing.assert_array_equal(samples[k], v)
+
+
+def test_threads_with_deferred_samples_and_updates_of_one_result():
+    # Many threads reading the same lazily traced SMC samples get one computed value.
+    programs = _programs()
+    r = pp.infer(programs[2][0], 0.5, algorithm=pp.SMC(8), key=3)
+    seen = []
+    pool = [threading.Thread(target=lambda: seen.append(r.samples["x"])) for _ in range(6)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert len(seen) == 6 and all(s is seen[0] for s in seen)
+
+
+def test_trace_lock_is_reentrant_and_can_be_set_aside():
+    assert not TRACE_LOCK.held()
+    with TRACE_LOCK, TRACE_LOCK:
+        assert TRACE_LOCK.held()
+        other = []
+        with TRACE_LOCK.released():
+            assert not TRACE_LOCK.held()
+
+            def take():
+                with TRACE_LOCK:  # another thread can take the lock meanwhile
+                    other.append(TRACE_LOCK.held())
+
+            t = threading.Thread(target=take)
+            t.start()
+            t.join(timeout=30)
+        assert other == [True] and TRACE_LOCK.held()
+    assert not TRACE_LOCK.held()
+
+
+# ------------------------------------------------------------------------- infinite / tiny weights
+
+
+@pytest.mark.parametrize("value", [jnp.inf, jnp.nan])
+def test_infinite_or_nan_factor_is_a_model_error(value):
+    def m():
+        pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("boom", value)
+
+    with pytest.raises(ModelError, match=r"'boom'.*NaN or \+inf"):
+        pp.infer(m, algorithm=pp.Importance(16))
+
+
+def test_infinite_factor_only_for_some_particles_is_a_model_error():
+    def m():
+        x = pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("tail", jnp.where(x > 3.5, jnp.inf, 0.0))
+
+    with pytest.raises(ModelError, match="'tail'"):
+        pp.infer(m, algorithm=pp.Importance(20_000), key=1)
+
+
+def test_infinite_factor_in_a_sequential_step_is_a_model_error():
+    def init():
+        return jnp.zeros(())
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.factor("step_weight", jnp.where(t == 1, jnp.inf, 0.0))
+        return x
+
+    with pytest.raises(ModelError, match="'step_weight'"):
+        pp.infer(pp.sequential(init, step, 3), algorithm=pp.SMC(8))
+
+
+def test_minus_infinity_drops_the_particle():
+    def m():
+        x = pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("positive", jnp.where(x > 0, 0.0, -jnp.inf))
+
+    r = pp.infer(m, algorithm=pp.Importance(256), key=2)
+    x = np.asarray(r.samples["x"])
+    w = np.asarray(r.weights)
+    assert r.log_evidence == pytest.approx(math.log(np.mean(x > 0)), rel=1e-5)
+    assert np.all(w[x <= 0] == 0) and w.sum() == pytest.approx(1.0, rel=1e-5)
+    assert float(r.mean("x")) == pytest.approx(x[x > 0].mean(), rel=1e-5)
+
+
+def test_all_minus_infinity_is_zero_evidence():
+    def m():
+        pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("never", -jnp.inf)
+
+    with pytest.raises(ZeroEvidenceError, match="weight zero"):
+        pp.infer(m, algorithm=pp.Importance(16))
+
+
+@pytest.mark.parametrize("tiny", [-1e8, -1e30])
+def test_weights_sum_to_one_when_every_log_weight_is_tiny(tiny):
+    def m():
+        pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("f", tiny)
+
+    r = pp.infer(m, algorithm=pp.Importance(64), key=4)
+    x = np.asarray(r.samples["x"])
+    assert float(r.weights.sum()) == pytest.approx(1.0, rel=1e-5)
+    assert float(r.mean("x")) == pytest.approx(x.mean(), rel=1e-4, abs=1e-6)
+    assert r.final_ess == pytest.approx(64.0, rel=1e-4)
+
+
+def test_normalize_keeps_the_spread_of_tiny_log_weights():
+    lw = jnp.array([-1e8, -1e8 + 8.0, -jnp.inf], jnp.float32)  # float32 spacing at 1e8 is 8
+    w = np.asarray(jnp.exp(pp.normalize(lw)))
+    np.testing.assert_allclose(w, [1 / (1 + math.e**8), math.e**8 / (1 + math.e**8), 0.0], rtol=1e-5)
+    assert float(pp.ess(jnp.full((10,), -1e30, jnp.float32))) == pytest.approx(10.0, rel=1e-5)
+    assert float(pp.ess(jnp.full((10,), -jnp.inf))) == 0.0
+
+
+def test_resampling_tiny_equal_weights_keeps_every_particle():
+    pop = pp.Population(jnp.arange(16.0), jnp.full((16,), -1e30, jnp.float32))
+    new, ancestors = pp.resample(jax.random.PRNGKey(0), pop, "systematic")
+    np.testing.assert_array_equal(np.asarray(ancestors), np.arange(16))
+
+
+# --------------------------------------------------------------------------------- conditions
+
+
+@pytest.mark.parametrize(
+    "predicate, what",
+    [
+        (lambda: True, "function"),
+        (0.5, "float 0.5"),
+        ("no", "str 'no'"),
+        (1, "int 1"),
+        (jnp.array([0.0, 1.0]), "dtype float32"),
+    ],
+)
+def test_condition_needs_a_boolean(predicate, what):
+    def m():
+        pp.sample("x", dist.Bernoulli(0.5))
+        pp.condition("c", predicate)
+
+    with pytest.raises(ModelError, match=r"condition\('c'") as e:
+        pp.infer(m, algorithm=pp.Importance(8))
+    assert what in str(e.value) and "boolean" in str(e.value)
+
+
+def test_condition_on_a_boolean_is_exact():
+    def m():
+        x = pp.sample("x", dist.Bernoulli(0.3))
+        pp.condition("one", x == 1)
+        pp.condition("always", True)
+
+    r = pp.infer(m, algorithm=pp.Enumerate())
+    assert r.log_evidence == pytest.approx(math.log(0.3), rel=1e-6)
+    assert float(r.mean("x")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("when", [jnp.array([True, False]), 1.0])
+def test_stop_needs_a_scalar_boolean(when):
+    def init():
+        return jnp.zeros(())
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.stop(when)
+        return x
+
+    with pytest.raises(ModelError, match=r"stop\(when\)"):
+        pp.infer(pp.sequential(init, step, 2), algorithm=pp.SMC(4))
+
+
+# ---------------------------------------------------------------------------- settings, programs
+
+
+@pytest.mark.parametrize("cls", [pp.SMC, pp.Importance, pp.Enumerate])
+def test_algorithm_class_instead_of_instance(cls):
+    with pytest.raises(ConfigError, match=f"not the class {cls.__name__}.*{cls.__name__}\\(\\.\\.\\.\\)"):
+        pp.infer(normal_model, 0.5, algorithm=cls)
+
+
+@pytest.mark.parametrize("kernel", [pp.NUTS(), pp.HMC(), pp.SingleSiteMH()])
+def test_bare_mcmc_kernel_says_wrap_it_in_mcmc(kernel):
+    name = type(kernel).__name__
+    with pytest.raises(ConfigError, match=f"{name}\\(\\) is an MCMC kernel.*pp.MCMC\\({name}\\(\\)"):
+        pp.infer(normal_model, 0.5, algorithm=kernel)
+
+
+def test_string_algorithm_is_a_config_error():
+    with pytest.raises(ConfigError, match="inference algorithm"):
+        pp.infer(normal_model, 0.5, algorithm="smc")
+
+
+def test_program_class_is_a_model_error():
+    class Model:
+        def __init__(self, y):
+            pass
+
+    with pytest.raises(ModelError, match="got the class Model"):
+        pp.infer(Model, 0.5)
+
+
+@pytest.mark.parametrize("steps", [2.5, True, "3", np.array([2, 3]), 0])
+def test_num_steps_must_be_a_whole_number(steps):
+    with pytest.raises(ModelError, match="num_steps"):
+        pp.sequential(lambda: 0.0, lambda s, t: s, steps)
+
+
+def test_num_steps_function_returning_a_fraction():
+    def init(ys):
+        return jnp.zeros(())
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), ys[t])
+        return x
+
+    program = pp.sequential(init, step, lambda ys: len(ys) / 2)
+    with pytest.raises(ModelError, match="num_steps.*2.5"):
+        pp.infer(program, jnp.ones(5), algorithm=pp.SMC(4))
+
+
+def test_keyword_arguments_are_passed_to_the_program():
+    by_position = pp.infer(normal_model, 0.5, algorithm=pp.Importance(32), key=3)
+    by_name = pp.infer(normal_model, y=0.5, algorithm=pp.Importance(32), key=3)
+    assert by_name.log_evidence == by_position.log_evidence
+    np.testing.assert_array_equal(by_name.samples["mu"], by_position.samples["mu"])
+
+
+def test_keyword_arguments_mixed_with_positional_and_cached():
+    from ppinfer import _compile
+
+    def m(scale, y):
+        mu = pp.sample("mu", dist.Normal(0.0, scale))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    first = pp.infer(m, 2.0, y=1.0, algorithm=pp.Importance(32), key=1)
+    size = len(_compile._CACHE)
+    second = pp.infer(m, 2.0, y=-1.0, algorithm=pp.Importance(32), key=1)
+    assert len(_compile._CACHE) == size  # the same compiled code, new data
+    ref = pp.infer(m, 2.0, -1.0, algorithm=pp.Importance(32), key=1)
+    assert second.log_evidence == ref.log_evidence != first.log_evidence
+
+
+def test_keyword_arguments_reach_the_proposal():
+    def q(y):
+        pp.sample("mu", dist.Normal(y / 2, 1.0))
+
+    by_position = pp.infer(normal_model, 0.8, algorithm=pp.Importance(32, proposal=q), key=2)
+    by_name = pp.infer(normal_model, y=0.8, algorithm=pp.Importance(32, proposal=q), key=2)
+    assert by_name.log_evidence == by_position.log_evidence
+
+
+def test_keyword_arguments_to_a_sequential_program_are_refused():
+    program = pp.sequential(lambda: 0.0, lambda s, t: s, 2)
+    with pytest.raises(ConfigError, match=r"keyword arguments \['y'\].*sequential"):
+        pp.infer(program, y=1.0)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (jnp.array([1.0 + 2.0j]), "complex dtype"),
+        (1.0 + 2.0j, "complex number"),
+        (np.array([1.0, "a"], dtype=object), "dtype object"),
+        (np.array([1.0, np.nan]), "NaN"),
+    ],
+)
+def test_unusable_data_is_a_data_error(data, match):
+    with pytest.raises(DataError, match=f"argument \\[0\\].*{match}"):
+        pp.infer(normal_model, data, algorithm=pp.Importance(8))
+
+
+@pytest.mark.parametrize("kind", ["Series", "DataFrame"])
+def test_pandas_data_says_to_pass_an_array(kind):
+    pd = pytest.importorskip("pandas")
+    data = pd.Series([1.0, 2.0]) if kind == "Series" else pd.DataFrame({"y": [1.0, 2.0]})
+    with pytest.raises(DataError, match=f"pandas {kind}.*to_numpy"):
+        pp.infer(normal_model, data, algorithm=pp.Importance(8))
+
+
+def test_list_data_is_a_model_error_naming_the_list():
+    with pytest.raises(ModelError, match="'y'.*list"):
+        pp.infer(normal_model, [1.0, 2.0], algorithm=pp.Importance(8))
+
+
+def _python_if():
+    x = pp.sample("x", dist.Normal(0.0, 1.0))
+    if x > 0:
+        pp.factor("bonus", 1.0)
+
+
+def _python_int():
+    x = pp.sample("x", dist.Poisson(3.0))
+    pp.factor("f", float(int(x)))
+
+
+def _numpy_call():
+    x = pp.sample("x", dist.Normal(0.0, 1.0))
+    pp.factor("f", float(np.asarray(x)))
+
+
+@pytest.mark.parametrize(
+    "program, error",
+    [
+        (_python_if, "TracerBoolConversionError"),
+        (_python_int, "ConcretizationTypeError"),
+        (_numpy_call, "TracerArrayConversionError"),
+    ],
+)
+def test_python_control_flow_on_a_sampled_value(program, error):
+    with pytest.raises(ModelError, match="jnp.where") as e:
+        pp.infer(program, algorithm=pp.Importance(8))
+    message = str(e.value)
+    assert error in message and "test_bad_input.py:" in message and program.__name__ in message
+
+
+def test_python_if_in_a_sequential_step():
+    def init():
+        return jnp.zeros(())
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        return x + 1.0 if x > 0 else x
+
+    with pytest.raises(ModelError, match="lax.cond"):
+        pp.infer(pp.sequential(init, step, 2), algorithm=pp.SMC(4))
+
+
+# ------------------------------------------------------------------------------ saved posteriors
+
+
+@pytest.fixture(scope="module")
+def posterior():
+    from models.classic import beta_bernoulli
+
+    flips = np.random.default_rng(3).binomial(1, 0.4, (3, 6)).astype(np.int32)
+    post = pp.infer(
+        beta_bernoulli(2.0, 3.0),
+        flips[0],
+        algorithm=pp.IBIS(num_particles=32, num_moves=1, ess_threshold=0.8),
+        key=1,
+    )
+    return post.update(flips[1]), beta_bernoulli(2.0, 3.0)
+
+
+def _rewrite(path, edit, recompute_checksum):
+    from ppinfer.updates.store import _checksum
+
+    with safe_open(str(path), framework="numpy") as f:
+        header = json.loads(f.metadata()["ppinfer"])
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    edit(header, arrays)
+    if recompute_checksum:
+        header["checksum"] = _checksum(arrays, header)
+    save_file(arrays, str(path), metadata={"ppinfer": json.dumps(header)})
+
+
+def test_save_to_a_missing_folder(posterior, tmp_path):
+    from ppinfer.updates import save
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save(posterior[0], tmp_path / "no" / "such" / "p.safetensors")
+
+
+def test_the_checksum_covers_the_metadata(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    _rewrite(path, lambda h, a: h.update(step=1), recompute_checksum=False)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load(path, posterior[1])
+
+
+def test_an_edited_step_is_caught_even_with_a_recomputed_checksum(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    _rewrite(path, lambda h, a: h.update(step=3), recompute_checksum=True)
+    with pytest.raises(CheckpointError, match="step 3"):
+        load(path, posterior[1])
+
+
+@pytest.mark.parametrize("field", ["step", "config", "program", "data_structure"])
+def test_a_missing_header_field_is_a_checkpoint_error(posterior, tmp_path, field):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    _rewrite(path, lambda h, a: h.pop(field), recompute_checksum=True)
+    with pytest.raises(CheckpointError, match=field):
+        load(path, posterior[1])
+
+
+def test_a_missing_config_key_is_a_checkpoint_error(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    _rewrite(path, lambda h, a: h["config"].pop("num_particles"), recompute_checksum=True)
+    with pytest.raises(CheckpointError, match="config keys missing \\['num_particles'\\]"):
+        load(path, posterior[1])
+
+
+def test_a_missing_array_is_a_checkpoint_error(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    _rewrite(path, lambda h, a: a.pop("log_weights"), recompute_checksum=True)
+    with pytest.raises(CheckpointError, match="log_weights"):
+        load(path, posterior[1])
+
+
+def test_signed_file_round_trips(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    post, program = posterior
+    path = tmp_path / "p.safetensors"
+    save(post, path, key=b"secret")
+    back = load(path, program, key=b"secret")
+    np.testing.assert_array_equal(back.ibis.particles, post.ibis.particles)
+    assert back.step == post.step == 2
+    assert load(path, program).step == 2  # without a key the checksum is still checked
+
+
+def test_signed_file_with_the_wrong_key(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path, key=b"secret")
+    with pytest.raises(CheckpointError, match="signature does not verify"):
+        load(path, posterior[1], key=b"guess")
+
+
+def test_a_re_checksummed_forgery_fails_the_signature(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path, key=b"secret")
+
+    def forge(header, arrays):
+        arrays["particles"] = arrays["particles"] * 0 + 0.9
+
+    _rewrite(path, forge, recompute_checksum=True)
+    assert load(path, posterior[1]).step == 2  # the checksum alone cannot tell
+    with pytest.raises(CheckpointError, match="signature"):
+        load(path, posterior[1], key=b"secret")
+
+
+def test_unsigned_file_is_refused_when_a_key_is_given(posterior, tmp_path):
+    from ppinfer.updates import load, save
+
+    path = tmp_path / "p.safetensors"
+    save(posterior[0], path)
+    with pytest.raises(CheckpointError, match="not signed"):
+        load(path, posterior[1], key=b"secret")
+
+
+@pytest.mark.parametrize("key", ["secret", b""])
+def test_the_key_must_be_nonempty_bytes(posterior, tmp_path, key):
+    from ppinfer.updates import save
+
+    with pytest.raises(ConfigError, match="key must"):
+        save(posterior[0], tmp_path / "p.safetensors", key=key)
+
+
+def test_a_header_that_is_a_list(posterior, tmp_path):
+    from ppinfer.updates import load
+
+    path = tmp_path / "p.safetensors"
+    save_file({"x": np.zeros(2, np.float32)}, str(path), metadata={"ppinfer": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="malformed header"):
+        load(path, posterior[1])
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+V, D, P, L = 11, 8, 16, 1  # vocab, width, context, layers of the hand-built GPT-2
+
+
+def _gpt2_tensors():
+    rng = np.random.default_rng(0)
+    shapes = {"wte.weight": (V, D), "wpe.weight": (P, D), "ln_f.weight": (D,), "ln_f.bias": (D,)}
+    for i in range(L):
+        for name, shape in {
+            "ln_1.weight": (D,),
+            "ln_1.bias": (D,),
+            "ln_2.weight": (D,),
+            "ln_2.bias": (D,),
+            "attn.c_attn.weight": (D, 3 * D),
+            "attn.c_attn.bias": (3 * D,),
+            "attn.c_proj.weight": (D, D),
+            "attn.c_proj.bias": (D,),
+            "mlp.c_fc.weight": (D, 4 * D),
+            "mlp.c_fc.bias": (4 * D,),
+            "mlp.c_proj.weight": (4 * D, D),
+            "mlp.c_proj.bias": (D,),
+        }.items():
+            shapes[f"h.{i}.{name}"] = shape
+    return {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def _config(**changes):
+    cfg = {"model_type": "gpt2", "vocab_size": V, "n_embd": D, "n_layer": L, "n_head": 2, "n_positions": P}
+    cfg.update(changes)
+    return cfg
+
+
+def _write_raw(file, header, body: bytes):
+    """A safetensors file with exactly this header (any JSON) and body."""
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def _folder(tmp_path, config=None, edit_header=None, tensors=None):
+    """A GPT-2 checkpoint folder; ``edit_header(header)`` may corrupt the safetensors header."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(_config() if config is None else config))
+    tensors = _gpt2_tensors() if tensors is None else tensors
+    header, body, offset = {}, b"", 0
+    for name, array in tensors.items():
+        raw = np.ascontiguousarray(array).tobytes()
+        span = [offset, offset + len(raw)]
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": span}
+        body += raw
+        offset += len(raw)
+    if edit_header is not None:
+        header = edit_header(header)
+    _write_raw(folder / "model.safetensors", header, body)
+    return folder
+
+
+def test_the_hand_built_checkpoint_loads(tmp_path):
+    lm = load_lm(_folder(tmp_path))
+    logits, _ = lm.prefill([1, 2, 3])
+    assert logits.shape == (3, V) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def _set(name, key, value):
+    def edit(header):
+        header[name][key] = value
+        return header
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set("wte.weight", "data_offsets", [-4, 348]), "data_offsets must be two integers >= 0"),
+        (_set("wte.weight", "data_offsets", ["0", "352"]), "data_offsets must be two integers >= 0"),
+        (_set("wte.weight", "data_offsets", [352, 0]), "end before they start"),
+        (_set("wte.weight", "data_offsets", [0]), "data_offsets"),
+        (_set("wte.weight", "shape", [-11, -8]), "shape must be a list of integers >= 0"),
+        (_set("wte.weight", "shape", [2**40, 2**40]), "byte size does not match"),
+        (_set("wte.weight", "shape", "11x8"), "shape must be a list"),
+        (_set("wte.weight", "dtype", "F128"), "unknown 'F128'"),
+        (_set("wte.weight", "dtype", "I32"), "dtype int32; weights must be floating point"),
+        (lambda h: [h], "must be a JSON object, got a list"),
+        (lambda h: {**h, "wte.weight": 5}, "expected an object"),
+    ],
+)
+def test_malformed_safetensors_header(tmp_path, edit, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_lm(_folder(tmp_path, edit_header=edit))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"n_head": 0}, "n_head must be an integer >= 1, got 0"),
+        ({"n_layer": 0}, "num_layers must be an integer >= 1, got 0"),
+        ({"n_embd": 9, "n_head": 2}, "not a multiple of n_head"),
+        ({"vocab_size": "11"}, "vocab_size must be an integer >= 1"),
+        ({"n_positions": -1}, "max_position_embeddings must be an integer >= 1"),
+    ],
+)
+def test_malformed_config(tmp_path, changes, match):
+    with pytest.raises(CheckpointError, match=match):
+        load_lm(_folder(tmp_path, config=_config(**changes)))
+
+
+def test_config_that_is_a_json_list(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="JSON object, got a list"):
+        load_lm(folder)
+
+
+@pytest.mark.parametrize("shard", ["../../x.safetensors", "/etc/passwd", "a/../../x", "C:\\x", 7, ""])
+def test_shard_names_cannot_leave_the_folder(tmp_path, shard):
+    folder = _folder(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": shard}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder|non-empty strings"):
+        load_lm(folder)
+
+
+# ------------------------------------------------------------------------ token ids and context
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return load_lm(_folder(tmp_path_factory.mktemp("lm")))
+
+
+@pytest.mark.parametrize("ids, match", [([1, V], f"token id {V} is out of range"), ([-1, 2], "token id -1")])
+def test_token_ids_out_of_range(tiny_lm, ids, match):
+    with pytest.raises(DataError, match=match):
+        tiny_lm.prefill(ids)
+
+
+def test_prompt_longer_than_the_context(tiny_lm):
+    with pytest.raises(DataError, match=f"{P + 1} tokens, more than the model's context of {P}"):
+        tiny_lm.prefill([1] * (P + 1))
+
+
+def test_generation_past_the_context(tiny_lm):
+    with pytest.raises(ConfigError, match="max_new_tokens=10 exceeds the model's context"):
+        tiny_lm.generate([1] * 8, max_new_tokens=10)
+    _, cache = tiny_lm.prefill([1] * 8)
+    with pytest.raises(ConfigError, match="lower max_new_tokens to at most 8"):
+        tiny_lm.init_particle_cache(cache, 2, 9)
+    assert tiny_lm.generate([1] * 8, max_new_tokens=8).tokens.shape == (1, 8)
+
+
+def test_token_program_generating_past_the_context_is_refused(tiny_lm):
+    from ppinfer import tokens as tk
+
+    p = tk.prompt(tiny_lm, [1, 2, 3, 4], P)  # 4 + 16 tokens > 16 positions
+
+    def init(p):
+        return tk.Context.start(p)
+
+    def step(ctx, t, p):
+        tok = pp.sample("tok", ctx.next_token())
+        return ctx.extend(p, tok)
+
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        pp.infer(pp.sequential(init, step, P), p, algorithm=pp.SMC(2))
+
+
+# ---------------------------------------------------------------------------------- enumeration
+
+
+def test_enumerate_prunes_branches_of_weight_zero():
+    def m():
+        a = pp.sample("a", dist.Bernoulli(0.5))
+        pp.condition("a_is_one", a == 1)
+        with pp.plate("p", 4):
+            pp.sample("x", dist.Bernoulli(0.5))
+
+    r = pp.infer(m, algorithm=pp.Enumerate())
+    assert r.num_particles == 16  # a = 0's 16 completions are never run
+    assert r.log_evidence == pytest.approx(math.log(0.5), rel=1e-6)
+    assert float(r.mean("a")) == 1.0
+
+
+def test_enumerate_everything_pruned_is_zero_evidence():
+    def m():
+        pp.condition("never", False)
+        pp.sample("x", dist.Bernoulli(0.5))
+
+    with pytest.raises(ZeroEvidenceError, match="weight zero"):
+        pp.infer(m, algorithm=pp.Enumerate())
+
+
+def test_enumerate_time_budget():
+    def m():
+        for i in range(12):
+            pp.sample(f"b{i}", dist.Bernoulli(0.5))
+
+    with pytest.raises(EnumerationError, match="max_seconds=0.01"):
+        pp.infer(m, algorithm=pp.Enumerate(max_seconds=0.01))
+
+
+@pytest.mark.parametrize("settings", [{"max_seconds": 0}, {"max_seconds": "1"}, {"max_branches": 0}])
+def test_enumerate_settings(settings):
+    with pytest.raises(ConfigError, match=next(iter(settings))):
+        pp.Enumerate(**settings)
+
+
+@pytest.mark.parametrize("temperature", [-1.0, float("nan"), float("inf"), "hot"])
+def test_generation_temperature(tiny_lm, temperature):
+    with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
+        tiny_lm.generate([1, 2], max_new_tokens=2, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------- resources
+
+
+def test_out_of_device_memory_is_an_inference_error():
+    class Huge:
+        name = "Huge"
+        num_particles = 10**9
+
+        def run(self, key, program, args):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4e9 bytes")
+
+    with pytest.raises(pp.InferenceError, match="num_particles=1000000000 ran out of device memory"):
+        pp.infer(normal_model, 0.5, algorithm=Huge())
+
+
+def test_keyword_programs_keep_the_identity_of_their_program():
+    from models.classic import beta_bernoulli
+    from ppinfer.infer import _KeywordProgram
+    from ppinfer.updates import program_identity
+
+    a, b = beta_bernoulli(1.0, 1.0), beta_bernoulli(2.0, 3.0)  # same code, other closure values
+    ident = lambda p: program_identity(_KeywordProgram(p, ("y",)))
+    assert ident(a) == ident(beta_bernoulli(1.0, 1.0)) != ident(b)
+    assert _KeywordProgram(a, ("y",)) == _KeywordProgram(a, ("y",)) != _KeywordProgram(a, ("x",))
