@@ -157,7 +157,7 @@ def test_tutorial_smc_hmm(capsys):
 
 @pytest.mark.slow
 def test_demo(tmp_path, monkeypatch, capsys):
-    """The demo's three parts.
+    """The demo's four parts (the JSON-schema job: every weighted document validates).
 
     - Constrained LM generation (N=128, 24 tokens): a particle has positive weight exactly when it
       ended with EOS, its text matches the pattern (Python ``re``) and compiles; log Ẑ ≤ 0 (Ẑ is a
@@ -187,6 +187,13 @@ def test_demo(tmp_path, monkeypatch, capsys):
     k, n = lm["num_accepted"], lm["num_plain"]
     upper = stats.beta.ppf(0.999, k + 1, n - k)
     assert lm["log_z"] <= math.log(upper)
+
+    doc = out["json"]  # every weighted document is valid JSON under the schema (checked here too)
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(demo.DEMO_SCHEMA)
+    assert doc["texts"] and doc["all_valid"] and doc["log_z"] <= 0.0
+    assert all(validator.is_valid(json.loads(text)) for text, _ in doc["texts"])
 
     lg = out["lgssm"]
     assert abs(lg["log_z"] - lg["exact_log_z"]) < 1.0
