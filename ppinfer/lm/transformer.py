@@ -16,6 +16,14 @@ Caching for sequential Monte Carlo: the prompt is run once by :func:`prefill` in
 batch of them has a leading particle axis, so ``jax.tree.map(lambda x: x[ancestors], cache)`` is a
 resampling step. :func:`lm_step` advances ONE particle (vmap it); :func:`decode` is the batched,
 jitted version.
+
+A step reads the particle cache where it lies and writes the new token's keys/values into it with
+one scatter, which XLA performs in place on a donated buffer or a loop carry: the cache is never
+copied whole. Attention over the particle's own tokens is either dense (all T positions, masked at
+the length: cost ∝ T from the first token) or blocked (a loop over blocks of :data:`BLOCK_SIZE`
+positions up to the length, online softmax: cost ∝ the longest live particle); see
+:func:`lm_step`. The blocked loop has a data-dependent trip count, so it is not reverse-mode
+differentiable: differentiate through ``attention="dense"`` (or :func:`sequence_logits`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from ppinfer.errors import ConfigError
 from ppinfer.lm.config import TransformerConfig
 from ppinfer.suspended import register_keep
 
@@ -110,12 +119,22 @@ def prefill(
     return _logits(params, config, x), PromptCache(k=k, v=v, length=length)
 
 
+ATTENTION_MODES = ("auto", "dense", "blocked")
+BLOCK_SIZE = 32
+"""Positions per key/value block of the blocked attention."""
+AUTO_BLOCKED_MIN_TOKENS = 64
+"""``attention="auto"`` uses the blocked path when the particle cache holds at least this many
+positions (``max_new_tokens``), the dense one below. Read when a step is traced: a function already
+compiled keeps the path it was traced with."""
+
+
 def lm_step(
     params: Params,
     config: TransformerConfig,
     prompt_cache: PromptCache,
     particle_cache: ParticleCache,
     token: jax.Array,
+    attention: str = "auto",
 ) -> tuple[jax.Array, ParticleCache]:
     """Feed one token to ONE particle: returns logits f32[V] of the next token and its cache.
 
@@ -123,30 +142,48 @@ def lm_step(
     Pure and unjitted so that it composes: ``jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))``
     steps all particles, reading the one shared ``prompt_cache``. A particle whose cache is full
     (``length == T``) still gets logits but its token's keys are dropped.
+
+    ``attention``: ``"dense"`` attends over all T positions of the particle cache (masked at its
+    length); ``"blocked"`` loops over blocks of :data:`BLOCK_SIZE` positions that hold tokens, with
+    an online softmax, so a step's work grows with the particle's length, not with T (under
+    ``vmap``, with the longest particle's); ``"auto"`` is blocked when T >=
+    :data:`AUTO_BLOCKED_MIN_TOKENS`. The logits agree to float rounding.
     """
+    return _step(params, config, prompt_cache, particle_cache, token, attention, None)
+
+
+def _choose(attention: str, max_new: int) -> str:
+    if attention not in ATTENTION_MODES:
+        raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if attention == "auto":
+        return "blocked" if max_new >= AUTO_BLOCKED_MIN_TOKENS else "dense"
+    return attention
+
+
+def _step(params, config, prompt_cache, particle_cache, token, attention, live_blocks):
+    """:func:`lm_step` with ``live_blocks``: None (each particle loops over its own blocks) or an
+    ``i32[]`` shared by the batch (the blocks of its longest particle: see :func:`batched_step`)."""
+    attention = _choose(attention, particle_cache.k.shape[2])
     position = prompt_cache.length + particle_cache.length
     x = _embed(params, config, token[None], position[None])
-    prompt_len, max_new = prompt_cache.k.shape[2], particle_cache.k.shape[2]
-    prompt_mask = jnp.arange(prompt_len) < prompt_cache.length
-    own_mask = jnp.arange(max_new) < particle_cache.length
-    mask = jnp.concatenate([prompt_mask, own_mask, jnp.ones((1,), bool)])
+    prompt_mask = jnp.arange(prompt_cache.k.shape[2]) < prompt_cache.length
 
     def layer_fn(x, inputs):
-        layer, prompt_k, prompt_v, own_k, own_v = inputs
+        index, layer, prompt_k, prompt_v = inputs
         q, k, v = _qkv(config, layer, x, position[None])
-        # Scores and values are taken from the three parts separately: concatenating the keys
-        # would broadcast the shared prompt cache to every particle under vmap. The new token's
-        # keys are written once, after all layers, so the cache is updated in place.
-        scores = [_scores(config, q, prompt_k), _scores(config, q, own_k), _scores(config, q, k)]
-        probs = _softmax(jnp.where(mask, jnp.concatenate(scores, axis=-1), _NEG))
-        out = (
-            _weighted_values(config, probs[..., :prompt_len], prompt_v)
-            + _weighted_values(config, probs[..., prompt_len:-1], own_v)
-            + _weighted_values(config, probs[..., -1:], v)
-        )
+        # The particle cache is read in place at this layer (it is not a scanned input: slicing a
+        # batch [N, Lyr, ...] along its layer axis would transpose the whole cache every step).
+        # The new token's keys are written once, after all layers.
+        if attention == "dense":
+            out = _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, particle_cache, index)
+        else:
+            out = _attend_blocked(
+                config, q, k, v, prompt_k, prompt_v, prompt_mask, particle_cache, index, live_blocks
+            )
         return _finish_block(config, layer, x, out), (k[:, 0], v[:, 0])
 
-    inputs = (params["layers"], prompt_cache.k, prompt_cache.v, particle_cache.k, particle_cache.v)
+    layers = jnp.arange(config.num_layers)
+    inputs = (layers, params["layers"], prompt_cache.k, prompt_cache.v)
     x, (k, v) = jax.lax.scan(layer_fn, x, inputs)
     slot = particle_cache.length
     new_cache = ParticleCache(
@@ -157,7 +194,88 @@ def lm_step(
     return _logits(params, config, x)[0], new_cache
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=3)
+def _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index):
+    """Softmax over prompt, all T cache positions (masked at the length) and the new token."""
+    own_k = jax.lax.dynamic_index_in_dim(cache.k, index, 0, keepdims=False)
+    own_v = jax.lax.dynamic_index_in_dim(cache.v, index, 0, keepdims=False)
+    prompt_len = prompt_k.shape[1]
+    own_mask = jnp.arange(own_k.shape[1]) < cache.length
+    mask = jnp.concatenate([prompt_mask, own_mask, jnp.ones((1,), bool)])
+    # Scores and values are taken from the three parts separately: concatenating the keys would
+    # broadcast the shared prompt cache to every particle under vmap.
+    scores = [_scores(config, q, prompt_k), _scores(config, q, own_k), _scores(config, q, k)]
+    probs = _softmax(jnp.where(mask, jnp.concatenate(scores, axis=-1), _NEG))
+    return (
+        _weighted_values(config, probs[..., :prompt_len], prompt_v)
+        + _weighted_values(config, probs[..., prompt_len:-1], own_v)
+        + _weighted_values(config, probs[..., -1:], v)
+    )
+
+
+def _attend_blocked(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index, live_blocks):
+    """The same softmax, accumulated online: prompt and new token first, then the cache in blocks
+    of :data:`BLOCK_SIZE` positions up to the particle's length (or ``live_blocks`` blocks)."""
+    max_new = cache.k.shape[2]
+    block = min(BLOCK_SIZE, max_new)
+    # Running maximum m, normaliser z and unnormalised output acc, all f32: [Hkv, G, 1(, hd)].
+    s_prompt = jnp.where(prompt_mask, _scores(config, q, prompt_k), -jnp.inf)
+    s_new = _scores(config, q, k)
+    m = jnp.maximum(jnp.max(s_prompt, axis=-1), s_new[..., 0])
+    p_prompt, p_new = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_new - m[..., None])
+    z = jnp.sum(p_prompt, axis=-1) + p_new[..., 0]
+    acc = _block_values(p_prompt, prompt_v) + _block_values(p_new, v)
+    if live_blocks is None:
+        live_blocks = (jnp.minimum(cache.length, max_new) + block - 1) // block
+
+    def body(j, carry):
+        m, z, acc = carry
+        # dynamic_slice clamps a block that would run past T back inside the cache: mask the
+        # positions the previous block already covered.
+        start = jnp.minimum(j * block, max_new - block)
+        positions = start + jnp.arange(block)
+        valid = (positions >= j * block) & (positions < cache.length)
+        shape = (1, cache.k.shape[1], block, cache.k.shape[3])
+        kb = jax.lax.dynamic_slice(cache.k, (index, 0, start, 0), shape)[0]
+        vb = jax.lax.dynamic_slice(cache.v, (index, 0, start, 0), shape)[0]
+        s = jnp.where(valid, _scores(config, q, kb), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        return m_new, z * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + _block_values(p, vb)
+
+    m, z, acc = jax.lax.fori_loop(0, live_blocks, body, (m, z, acc))
+    out = (acc / z[..., None]).astype(v.dtype)  # [Hkv, G, 1, hd]
+    out = jnp.transpose(out, (2, 0, 1, 3))
+    return out.reshape(out.shape[0], config.num_heads * config.head_dim)
+
+
+def _block_values(probs, v):
+    """f32[Hkv, G, Lq, hd]: probabilities f32[Hkv, G, Lq, S] times values [Hkv, S, hd]."""
+    return jnp.einsum("kgqs,ksd->kgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def batched_step(
+    params: Params,
+    config: TransformerConfig,
+    prompt_cache: PromptCache,
+    particle_cache: ParticleCache,
+    tokens: jax.Array,
+    attention: str = "auto",
+) -> tuple[jax.Array, ParticleCache]:
+    """:func:`lm_step` for a batch of particles (unjitted: tokens i32[N], cache with a particle
+    axis). Unlike ``jax.vmap(lm_step)``, the blocked attention loops over the blocks of the
+    longest particle once for the whole batch (no per-particle loop bounds)."""
+    live_blocks = None
+    if _choose(attention, particle_cache.k.shape[3]) == "blocked":
+        max_new = particle_cache.k.shape[3]
+        block = min(BLOCK_SIZE, max_new)
+        longest = jnp.minimum(jnp.max(particle_cache.length), max_new)
+        live_blocks = (longest + block - 1) // block
+    step = jax.vmap(_step, in_axes=(None, None, None, 0, 0, None, None))
+    return step(params, config, prompt_cache, particle_cache, tokens, attention, live_blocks)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames="attention", donate_argnums=3)
 def decode(
     params: Params,
     config: TransformerConfig,
@@ -165,15 +283,16 @@ def decode(
     particle_cache: ParticleCache,
     tokens: jax.Array,
     active: jax.Array | None = None,
+    attention: str = "auto",
 ) -> tuple[jax.Array, ParticleCache]:
     """Feed one token to every particle: the batched :func:`lm_step`, one jitted call.
 
     particle_cache: a batch of N particles (donated: do not reuse the argument); tokens: i32[N];
     active: bool[N] or None. An inactive (e.g. finished) particle keeps its length, so its token is
-    not part of its prefix. Returns logits f32[N, V] and the updated cache.
+    not part of its prefix. Returns logits f32[N, V] and the updated cache. ``attention`` as in
+    :func:`lm_step` (see :func:`batched_step`).
     """
-    step = jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))
-    logits, new_cache = step(params, config, prompt_cache, particle_cache, tokens)
+    logits, new_cache = batched_step(params, config, prompt_cache, particle_cache, tokens, attention)
     if active is not None:
         new_cache = new_cache._replace(length=jnp.where(active, new_cache.length, particle_cache.length))
     return logits, new_cache
