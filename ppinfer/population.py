@@ -22,6 +22,7 @@ __all__ = [
     "Population",
     "spawn",
     "ess",
+    "normalized_weights",
     "normalize",
     "log_evidence",
     "collapse",
@@ -57,11 +58,31 @@ def spawn(particles: Any, num_particles: int, log_weight: jax.Array | float = 0.
 
 def ess(log_weights: jax.Array, lse: jax.Array | None = None) -> jax.Array:
     """``f32[]``: the effective sample size ``(Σ w)² / Σ w²`` of ``log_weights: f32[N]``; 0 when
-    every weight is zero. ``lse`` may pass ``logsumexp(log_weights)`` if the caller has it (unused
-    when the weights are so small that it lost their spread, see :func:`normalize`)."""
-    normalized = jnp.exp(normalize(log_weights))  # each ≤ 1: no overflow
-    alive = jnp.isfinite(jnp.max(log_weights))
-    return jnp.where(alive, 1.0 / jnp.sum(normalized * normalized), 0.0)
+    every weight is zero. ``lse`` may pass ``logsumexp(log_weights)`` if the caller has it."""
+    lse = logsumexp(log_weights) if lse is None else lse
+    normalized = normalized_weights(log_weights, lse)
+    return jnp.where(jnp.isfinite(lse), 1.0 / jnp.sum(normalized * normalized), 0.0)
+
+
+# Below this |log Ẑ|, ``w − lse`` is exact to ~1e-3 in float32 (an ulp of 1e4 is ~1e-3).
+_SAFE_LSE = 1e4
+
+
+def normalized_weights(log_weights: jax.Array, lse: jax.Array) -> jax.Array:
+    """``f32[N]``: ``exp(log_weights − lse)`` (``lse = logsumexp(log_weights)``), the normalised
+    weights, in one pass when ``|lse|`` is moderate; for weights around ``−1e8`` or below, where
+    float32 has no room for ``log N`` next to them, the largest weight is subtracted first (two
+    more passes, taken only then). Meaningless (NaN) when every weight is zero: callers mask it."""
+
+    def direct(_):
+        return jnp.exp(log_weights - lse)
+
+    def shifted(_):
+        top = jnp.max(log_weights)
+        w = jnp.exp(log_weights - jnp.where(jnp.isfinite(top), top, 0.0))
+        return w / jnp.sum(w)
+
+    return jax.lax.cond(jnp.abs(lse) < _SAFE_LSE, direct, shifted, None)
 
 
 def normalize(log_weights: jax.Array) -> jax.Array:

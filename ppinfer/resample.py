@@ -102,18 +102,23 @@ def inverse_cdf(positions: jax.Array, probs: jax.Array) -> jax.Array:
     cdf = jnp.cumsum(probs)
     top = cdf[-1]
     value = jnp.minimum(positions * top, jnp.nextafter(top, jnp.zeros_like(top)))
-    index = jnp.searchsorted(cdf, value, side="right")
-    # XLA's cumsum is a parallel scan, not a running sum: after a zero-weight particle it can rise by
-    # an ulp (measured: ~1% of the zero-weight entries of a 200,000-particle population), which made
-    # a dead particle selectable. A draw that lands on one moves to the next particle of positive
-    # weight (the change of law is of the order of that rounding).
     n = probs.shape[0]
-    position = jnp.arange(n)
-    next_alive = jax.lax.cummin(jnp.where(probs > 0, position, n), reverse=True)
-    last_alive = jnp.max(jnp.where(probs > 0, position, -1))
-    index = jnp.minimum(index, n - 1)
-    fixed = jnp.minimum(next_alive[index], last_alive)
-    return jnp.where(last_alive >= 0, fixed, index).astype(jnp.int32)
+    index = jnp.minimum(jnp.searchsorted(cdf, value, side="right"), n - 1).astype(jnp.int32)
+    # XLA's cumsum is a parallel scan, not a running sum: after a zero-weight particle it can rise by
+    # an ulp (measured: ~1% of the zero-weight entries of a 200,000-particle population), which makes
+    # a dead particle selectable. A draw that lands on one moves to the next particle of positive
+    # weight (the change of law is of the order of that rounding). Rare, so the repair runs only
+    # when some draw needs it (a plain run pays one gather).
+    dead = probs[index] <= 0
+
+    def repair(index):
+        position = jnp.arange(n)
+        next_alive = jax.lax.cummin(jnp.where(probs > 0, position, n), reverse=True)
+        last_alive = jnp.max(jnp.where(probs > 0, position, -1))
+        fixed = jnp.minimum(next_alive[index], last_alive)
+        return jnp.where(dead & (last_alive >= 0), fixed, index).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(dead), repair, lambda index: index, index)
 
 
 def residual_ancestors(uniforms: jax.Array, probs: jax.Array) -> jax.Array:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from ppinfer.errors import ConfigError
-from ppinfer.population import ess
+from ppinfer.population import ess, normalized_weights
 from ppinfer.resample import SCHEMES, inverse_cdf, residual_ancestors
 
 __all__ = [
@@ -131,12 +131,8 @@ def _equal(ancestors: jax.Array, log_weights: jax.Array, lse: jax.Array) -> tupl
 
 def _probs(log_weights: jax.Array, lse: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     lse = logsumexp(log_weights) if lse is None else lse
-    alive = jnp.isfinite(lse)
     n = log_weights.shape[0]
-    # Shift by the max, not by lse: near -1e8 float32 has no room for log n next to the weights.
-    shifted = jnp.exp(log_weights - jnp.where(alive, jnp.max(log_weights), 0.0))
-    probs = shifted / jnp.sum(shifted)
-    return jnp.where(alive, probs, 1.0 / n), lse
+    return jnp.where(jnp.isfinite(lse), normalized_weights(log_weights, lse), 1.0 / n), lse
 
 
 @dataclass(frozen=True)
