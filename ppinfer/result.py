@@ -100,8 +100,8 @@ class Result:
             computed on first access (SMC traces its genealogy only when ``samples`` is read).
         log_weights: ``f32[N]``, unnormalised: ``logsumexp(log_weights) = log_evidence``.
         log_evidence: ``log Ẑ``, the log of an unbiased estimate of the evidence ``Z`` (exact for
-            Enumerate); ``None`` for an algorithm that gives no evidence estimate (MCMC, FFBS's
-            paths carry the filter's).
+            Enumerate); ``None`` for an algorithm that gives no evidence estimate (MCMC and the
+            MCMC-driven PMMH and ParticleGibbs).
         algorithm: the algorithm's name.
         ess: ``f32[T]``, the ESS after each step's reweighting, before resampling (sequential only).
         resampled: ``bool[T]``, whether the population was resampled after each step.
