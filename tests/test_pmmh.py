@@ -33,5 +33,7 @@ def test_pmmh_matches_exact_parameter_posterior():
 def test_pmmh_settings_are_checked():
     with pytest.raises(pp.ConfigError, match="num_samples"):
         PMMH(prior, num_samples=0)
+    with pytest.raises(pp.ConfigError, match="prior must be a program"):
+        PMMH(3)
     with pytest.raises(pp.ConfigError, match="sequential"):
         pp.infer(prior, np.zeros(3, np.float32), algorithm=PMMH(prior))

@@ -99,5 +99,7 @@ def test_smc2_settings_are_checked(bad, match):
 
 
 def test_smc2_needs_a_sequential_program():
+    with pytest.raises(pp.ConfigError, match="prior must be a program"):
+        pp.SMC2(3)
     with pytest.raises(pp.ConfigError, match="sequential"):
         pp.infer(prior, YS, algorithm=pp.SMC2(prior))

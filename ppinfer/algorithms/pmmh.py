@@ -82,6 +82,8 @@ class PMMH:
     sequential = True  # the MCMC driver hands it a sequential program
 
     def __post_init__(self):
+        if not callable(self.prior):
+            raise ConfigError(f"prior must be a program (a callable over the parameters), got {self.prior!r}")
         checks.check_num_particles(self.num_particles)
         check_scheme(self.resampling)
         checks.check_probability("ess_threshold", self.ess_threshold)

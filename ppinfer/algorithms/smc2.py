@@ -91,6 +91,8 @@ class SMC2:
     name = "SMC2"
 
     def __post_init__(self):
+        if not callable(self.prior):
+            raise ConfigError(f"prior must be a program (a callable over the parameters), got {self.prior!r}")
         checks.check_num_particles(self.num_particles)
         checks.check_int("num_inner", self.num_inner, 1)
         checks.check_int("num_moves", self.num_moves, 1)
