@@ -113,7 +113,9 @@ def draws_key(fn: Callable[..., Any], args: tuple) -> bool:
     """Whether ``fn(*args)`` draws randomness through ``numpyro.prng_key()`` — random without a
     latent ``sample`` site (e.g. a step that samples LM tokens in a loop from its key) — found by
     tracing it abstractly (``jax.eval_shape``: nothing runs, no host callback is called)."""
-    watch = _watch_keys()
+    from ppinfer.primitives import watch_messages
+
+    watch = watch_messages("prng_key")
 
     def traced():
         with watch, handlers.seed(rng_seed=jax.random.PRNGKey(0)):
@@ -122,15 +124,6 @@ def draws_key(fn: Callable[..., Any], args: tuple) -> bool:
 
     jax.eval_shape(traced)
     return watch.seen
-
-
-class _watch_keys(Messenger):
-    def __init__(self):
-        super().__init__()
-        self.seen = False
-
-    def process_message(self, msg):
-        self.seen |= msg["type"] == "prng_key"
 
 
 class _last_site(Messenger):

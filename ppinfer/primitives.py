@@ -95,6 +95,19 @@ def _as_bool(value: Any, call: str, what: str) -> jax.Array:
     return jnp.asarray(value)
 
 
+class watch_messages(Messenger):
+    """Records (at trace time) whether a message of type ``msg_type`` passed, e.g. a
+    :func:`stop` (``STOP_MESSAGE``) or a ``numpyro.prng_key()`` draw (``"prng_key"``)."""
+
+    def __init__(self, msg_type: str):
+        super().__init__()
+        self.msg_type = msg_type
+        self.seen = False
+
+    def process_message(self, msg):
+        self.seen |= msg["type"] == self.msg_type
+
+
 class collect_stops(Messenger):
     """Handler that records the OR of every :func:`stop` flag raised while it is active."""
 

@@ -20,11 +20,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.primitives import Messenger
 
 from ppinfer.errors import ModelError
 from ppinfer.population import Population
-from ppinfer.primitives import STOP_MESSAGE
+from ppinfer.primitives import STOP_MESSAGE, watch_messages
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
@@ -175,7 +174,7 @@ def can_stop(
     stop message. A program that never stops lets the engine drop its finished-particle masks (and
     the finished-population exit test): without them the step's draws feed the weight, the state
     and the records from one buffer, where the masks made XLA recompute a cheap sampler in each."""
-    watch = _watch_stops()
+    watch = watch_messages(STOP_MESSAGE)
     args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
 
     def trace_one():
@@ -191,18 +190,6 @@ def can_stop(
 
     jax.eval_shape(trace_one)
     return watch.seen
-
-
-class _watch_stops(Messenger):
-    """Records whether any :func:`~ppinfer.primitives.stop` message passed (at trace time)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = False
-
-    def process_message(self, msg):
-        if msg["type"] == STOP_MESSAGE:
-            self.seen = True
 
 
 def finish(
