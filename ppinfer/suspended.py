@@ -109,12 +109,16 @@ def start(
     num_particles: int,
     proposal: Callable[..., Any] | None = None,
     values: dict[str, jax.Array] | None = None,
+    pinned: tuple[dict[str, jax.Array], jax.Array] | None = None,
 ) -> tuple[Sequential, StepInfo]:
     """Run ``init`` for ``num_particles`` particles; each weight is ``−log N + log p/q``. ``values``
-    (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`)."""
+    (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`);
+    ``pinned = (values, on)`` gives particle 0 ONE particle's latent values where ``on: bool[]``
+    holds (conditional SMC's reference)."""
 
     def one(i, v):
-        return simulate(key, program.init, args, proposal=proposal, particle=i, values=v)
+        pin = None if pinned is None else (pinned[0], pinned[1] & (i == 0))
+        return simulate(key, program.init, args, proposal=proposal, particle=i, values=v, pinned=pin)
 
     weighted, info = jax.vmap(one)(jnp.arange(num_particles), values)
     state = jax.tree.map(jnp.asarray, weighted.value)
@@ -133,11 +137,13 @@ def advance(
     proposal: Callable[..., Any] | None = None,
     may_stop: bool = True,
     values: dict[str, jax.Array] | None = None,
+    pinned: tuple[dict[str, jax.Array], jax.Array] | None = None,
 ) -> tuple[Sequential, StepInfo]:
     """Run step ``seq.t`` for every particle (vmapped); see the module docstring. With
     ``may_stop=False`` — a promise that no particle has stopped or will (:func:`can_stop` is false)
     — the finished-particle masks are skipped: every particle takes its new state and increment.
-    ``values`` (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`)."""
+    ``values`` (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`);
+    ``pinned`` as in :func:`start`."""
     particles: Particle = seq.population.particles
     n = seq.population.num_particles
     t = seq.t
@@ -145,7 +151,8 @@ def advance(
     def one(i, state, v):
         step = lambda s: program.step(s, t, *args)
         prop = None if proposal is None else (lambda s: proposal(s, t, *args))
-        return simulate(key, step, (state,), proposal=prop, particle=i, values=v)
+        pin = None if pinned is None else (pinned[0], pinned[1] & (i == 0))
+        return simulate(key, step, (state,), proposal=prop, particle=i, values=v, pinned=pin)
 
     weighted, info = jax.vmap(one)(jnp.arange(n), particles.state, values)
     new_state = match_state(weighted.value, particles.state)

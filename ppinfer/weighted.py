@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.batch_util import promote_batch_shape
+from numpyro.primitives import Messenger
 
-from ppinfer.errors import ModelError
+from ppinfer.errors import ConfigError, ModelError
 from ppinfer.primitives import collect_stops
 
 __all__ = ["Weighted", "RunInfo", "simulate", "weight_from_traces", "choices_of", "site_log_prob"]
@@ -64,6 +65,7 @@ def simulate(
     proposal: Callable[..., Any] | None = None,
     particle: jax.Array | None = None,
     values: dict[str, Any] | None = None,
+    pinned: tuple[dict[str, Any], jax.Array] | None = None,
 ) -> tuple[Weighted, RunInfo]:
     """Run ``fn(*args, **kwargs)`` once, its latent choices drawn from ``proposal`` (called with the
     same arguments) where it makes them and from ``fn``'s prior elsewhere. Pure and vmap/jit-able.
@@ -74,8 +76,14 @@ def simulate(
 
     ``values`` (site name → value) replaces the random draw of those latent sites, in the proposal
     where it makes them, else in ``fn`` — the same run on injected randomness (exact checks
-    enumerate it; ``RunInfo.log_prob_draws`` is its law)."""
+    enumerate it; ``RunInfo.log_prob_draws`` is its law).
+
+    ``pinned = (values, on)`` (``on: bool[]``, traced) gives those latent sites ``values[name]`` where
+    ``on`` holds and their own draw elsewhere — conditional SMC's reference slot inside a vmapped
+    population, in the same single run per particle (:class:`pin`). Not with a ``proposal``."""
     kwargs = kwargs or {}
+    if pinned is not None and proposal is not None:
+        raise ConfigError("a pinned (reference) run takes its latent values from the program, not a proposal")
     values = values or {}
     k_p, k_q = (key, None) if proposal is None else jax.random.split(key)
     q_trace = None
@@ -91,6 +99,7 @@ def simulate(
     stops = collect_stops()
     with (
         handlers.trace() as p_trace,
+        pin(*(pinned or ({}, False))),
         seed(rng_seed=k_p, particle=particle),
         handlers.substitute(data=data),
     ):
@@ -162,6 +171,25 @@ def choices_of(trace: dict) -> dict[str, Any]:
         for name, site in trace.items()
         if _is_latent(site) or site["type"] == "deterministic"
     }
+
+
+class pin(Messenger):
+    """Latent sites named in ``values`` take ``values[name]`` where ``on: bool[]`` holds and keep their
+    own draw elsewhere (``jnp.where``, so ``on`` may be traced: one run serves a pinned and a free
+    particle alike under ``vmap``). Entered outside :class:`seed`, so that it sees the seeded draw."""
+
+    def __init__(self, values: dict[str, Any], on: Any):
+        super().__init__()
+        self.values, self.on = values, on
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"] or msg["name"] not in self.values:
+            return
+        drawn = msg["value"]
+        if drawn is None:
+            drawn = msg["fn"](*msg["args"], **msg["kwargs"])
+        ref = jnp.asarray(self.values[msg["name"]]).astype(jnp.result_type(drawn))
+        msg["value"] = jnp.where(self.on, ref, drawn)
 
 
 class seed(handlers.seed):

@@ -18,7 +18,6 @@ from scipy.stats import chi2
 import ppinfer as pp
 import ppinfer.algorithms.particle_gibbs as pg
 from models.classic import discrete_hmm
-from ppinfer.resample import ancestors_from_uniforms
 from semantics.csmc import check_csmc_invariance, csmc_posterior, csmc_transition_matrix
 
 # Built in float64: the exact check compares probabilities to ~1e-15, and a float32 transition row
@@ -111,16 +110,15 @@ def test_unpinned_sweep_is_not_invariant():
     assert np.abs(pi @ k - pi).max() > 0.05  # measured 0.125
 
 
-def _ancestor_without_transition(key, step_t, particles, log_w, ref_t, uniform=None):
+def _ancestor_without_transition(next_step, particles, ref_next):
     """A wrong ancestor-sampling weight: ``w_i`` alone, without ``p(x*_t, y_t | s_i)``."""
-    logits = jnp.where(particles.done, -jnp.inf, log_w)
-    b = ancestors_from_uniforms("multinomial", uniform, logits)[0]
-    return b, jnp.zeros((), bool), logits
+    scores = jnp.where(particles.done, -jnp.inf, 0.0)
+    return scores, jnp.zeros((), bool)
 
 
 def _sweep_with_wrong_ancestor_weights(*args, **kwargs):
     # The real sweep, traced (once, under jit) with the wrong ancestor-sampling block in place.
-    with mock.patch.object(pg, "_ancestor", _ancestor_without_transition):
+    with mock.patch.object(pg, "_ancestor_scores", _ancestor_without_transition):
         return pg.csmc_step_from_noise(*args, **kwargs)
 
 

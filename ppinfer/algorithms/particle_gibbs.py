@@ -8,17 +8,20 @@ choices of ``init`` and of every step; its smoothing posterior is
 
 (``s_t`` the program's state after step ``t``, a deterministic function of the choices so far).
 
-**Conditional SMC kernel** ``csmc_step(key, ref) -> (ref', info)``, with N particles:
+**Conditional SMC kernel** ``csmc_step(key, ref) -> (ref', info)``, with N particles — a loop over
+the one SMC step (:func:`ppinfer.kernels.smc.step`), the same step every SMC algorithm runs:
 
-1. run ``init`` for N particles; slot 0 runs it with the reference's init choices substituted;
-2. for ``t = 0 … T−1``: draw the ancestors of slots ``1 … N−1`` i.i.d. ∝ the current weights
-   (multinomial resampling at every step); slot 0 keeps ancestor 0 — or, with ancestor sampling,
-   draws it ∝ ``w_i · p(x*_t, y_t | s_i)``; run step ``t`` for every slot, slot 0 with the
-   reference's step-``t`` choices substituted; each particle's weight becomes the step's
-   *incremental* log weight ``log p(y_t | x_t, s_{t−1})`` (observations, factors and conditions of
-   the step: the bootstrap proposal, so the latent choices contribute nothing);
+1. ``init`` for N particles, slot 0 *pinned* to the reference's init choices (the ``pinned`` option
+   of the step: in the same vmapped run, slot 0's latent sites take the reference's values);
+2. for ``t = 0 … T−1``: the step runs step ``t`` for every slot (slot 0 pinned to the reference's
+   step-``t`` choices; the bootstrap proposal, so each weight gains the step's *incremental* log weight
+   ``log p(y_t | x_t, s_{t−1})``), then — after every step but the last — selects with
+   :class:`~ppinfer.kernels.select.Conditional` multinomial resampling: slots ``1 … N−1`` draw their
+   ancestors i.i.d. ∝ the weights, slot 0 keeps ancestor 0 — or, with ancestor sampling, draws it
+   ∝ ``w_i · p(x*_{t+1}, y_{t+1} | s_i)``; there is no selection between ``init`` and step 0;
 3. draw ``k`` ∝ the final weights and return particle ``k``'s trajectory, traced back through the
-   ancestors (``k = 0`` returns the reference's own lineage).
+   ancestors (:func:`~ppinfer.kernels.smc.trace_genealogy`; ``k = 0`` returns the reference's own
+   lineage).
 
 **Validity.** For every ``N ≥ 1`` the kernel leaves ``π`` invariant (it is a Gibbs sampler on the
 extended target of all particles, ancestors and the index ``k``, whose marginal of the selected
@@ -62,25 +65,24 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 from jax.scipy.special import logsumexp
-from numpyro import handlers
-from numpyro.primitives import Messenger
 
 from ppinfer import checks
 from ppinfer.algorithms.rescore import log_joint
 from ppinfer.algorithms.smc import sample_names
 from ppinfer.errors import ConfigError, ModelError, ZeroEvidenceError
+from ppinfer.kernels import smc as smc_kernel
 from ppinfer.kernels.mh import accept
+from ppinfer.kernels.select import Conditional, Multinomial
+from ppinfer.kernels.smc import trace_genealogy
 from ppinfer.kernels.space import space_of
 from ppinfer.mcmc.algorithm import MCMC, MCMCResult
 from ppinfer.mcmc.base import Kernel
-from ppinfer.population import Population, ess, gather
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import ancestors_from_uniforms
-from ppinfer.suspended import Particle, Sequential, StepInfo, advance, match_state, start
+from ppinfer.suspended import Particle, match_state
 from ppinfer.traced import assess
-from ppinfer.weighted import simulate, site_log_prob
+from ppinfer.weighted import simulate
 
 __all__ = [
     "ParticleGibbs",
@@ -116,13 +118,13 @@ class CSMCInfo(NamedTuple):
     """What one conditional SMC sweep did.
 
     Attributes:
-        log_weights: ``f32[N]`` the last step's incremental log weights (log-likelihood of its
-            observations), from which the new reference was drawn.
+        log_weights: ``f32[N]`` the final log weights (the last selection's equal weights plus the
+            last step's increments), from which the new reference was drawn.
         index: ``i32[]`` the final particle chosen as the new reference (slot 0 holds the old one).
         changed: ``bool[T]``, whether the new reference's latent choices at step ``t`` differ from
             the old reference's (path degeneracy shows as ``False`` at early steps).
-        ess: ``f32[T]`` ESS of each step's incremental weights.
-        log_evidence: ``f32[]`` ``Σ log mean exp(weights)`` over init and the steps. Its ``exp`` is
+        ess: ``f32[T]`` ESS of the weights after each step (before its selection).
+        log_evidence: ``f32[]`` log Ẑ, the log-sum-exp of the final weights. Its ``exp`` is
             an unbiased estimate of ``Z = p(y)`` only for the unconditional
             :func:`initial_trajectory`; with a pinned reference it is a diagnostic.
         nan_sites: site name → ``bool[]``, whether any live particle's log density there was NaN.
@@ -152,8 +154,9 @@ class CSMCNoise(NamedTuple):
     Attributes:
         init: ``init``'s latent choices of each slot, name → ``[N, …]``.
         steps: each step's latent choices of each slot, name → ``[T, N, …]``.
-        resample: ``f[T, N]`` the multinomial-resampling uniforms of step ``t`` (slot ``i``'s ancestor).
-        ancestor: ``f[T]`` the ancestor-sampling uniform of step ``t``.
+        resample: ``f[T, N]`` the multinomial-resampling uniforms that choose the parents of step
+            ``t``'s slots (slot ``i``'s ancestor; row 0 is unused: no selection before step 0).
+        ancestor: ``f[T]`` the ancestor-sampling uniform for step ``t`` (row 0 unused).
         pick: ``f[1]`` the uniform that picks the final particle.
 
     Slot 0's entries are ignored when the sweep is pinned to a reference (its choices are the
@@ -180,7 +183,8 @@ class NoiseLaw(NamedTuple):
         step_drawn: ``bool[T, N]`` the slot is free and its parent had not stopped (a stopped
             particle's step draws nothing).
         resample_log_weights: ``f[T, N]`` the log weights whose normalised cumulative sum the free
-            slots' resampling uniforms invert at step ``t`` (inverse CDF).
+            slots' resampling uniforms invert before step ``t`` (inverse CDF; row 0 all −inf: no
+            selection there, the uniform is ignored).
         ancestor_log_weights: ``f[T, N]`` the same for the ancestor-sampling uniform (ancestor
             sampling only; zeros otherwise).
         ancestor_drawn: ``bool[]`` whether the ancestor-sampling uniforms are used.
@@ -493,107 +497,92 @@ def _placeholder(program: SequentialProgram, args: tuple, num_steps: int) -> Tra
 
 def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling, noise=None):
     """The CSMC sweep when ``pin: bool[]`` is true; when false, slot 0 is free like the others and
-    this is one unconditional bootstrap SMC run (``ref`` only gives the structure). Its randomness is
-    drawn from ``key``, or given as ``noise`` (a :class:`CSMCNoise`; ``key`` is then unused and the
-    :class:`NoiseLaw` is returned as a third output)."""
+    this is one unconditional bootstrap SMC run (``ref`` only gives the structure). A loop over the
+    one SMC step (:func:`ppinfer.kernels.smc.step`): ``init`` and every step with slot 0 pinned to the
+    reference, the :class:`~ppinfer.kernels.select.Conditional` multinomial selection after every
+    step but the last (with ancestor sampling: :class:`_AncestorSampling`), then the final pick and
+    its lineage (:func:`~ppinfer.kernels.smc.trace_genealogy`). Its randomness is drawn from
+    ``key``, or given as ``noise`` (a :class:`CSMCNoise`; ``key`` is then unused and the
+    :class:`NoiseLaw` is returned as a third output): the same step, on injected values and
+    uniforms."""
     pin = jnp.asarray(pin)
     given = noise is not None
     if given:
-        # Every choice is substituted and every uniform given: the keys below only fill the slots.
+        # Every choice and uniform is injected: the key only fills what nothing reads.
         key = jax.random.PRNGKey(0)
-    k_init, k_ref0, k_loop, k_pick = jax.random.split(key, 4)
-    if given:
-        particles, init_info, init_lp = _start_given(k_init, program, args, n, noise.init)
-    else:
-        seq, init_info = start(k_init, program, args, n)
-        particles = seq.population.particles
-    fixed = handlers.substitute(program.init, data={k: ref.init[k] for k in sites.init_latent})
-    w0, run0 = simulate(k_ref0, fixed, args)
-    particles = Particle(
-        _pin_first(particles.state, _cast_like(w0.value, _first(particles.state)), pin),
-        _pin_first(particles.done, run0.stopped, pin),
-    )
-    init_choices = _pin_first(init_info.choices, w0.choices, pin)
-    log_w = _pin_first(init_info.log_increments, w0.log_weight, pin)
-    init_nan = _merge_nan(init_info.nan_sites, run0.nan_sites, pin)
-    log_z0 = logsumexp(log_w) - jnp.log(n)
-
-    def body(carry, xs):
-        particles, log_w, log_z = carry
-        t, key_t, ref_t, noise_t = xs
-        k_res, k_as, k_adv, k_ref = jax.random.split(key_t, 4)
-        if given:
-            u = noise_t.resample.astype(log_w.dtype)
-        else:
-            u = jax.random.uniform(k_res, (n,), log_w.dtype)
-        ancestors = ancestors_from_uniforms("multinomial", u, log_w)
-        step_t = lambda s: program.step(s, t, *args)
-        b, non_markov, as_log_w = jnp.zeros((), jnp.int32), jnp.zeros((), bool), None
-        if ancestor_sampling:
-            u_as = noise_t.ancestor.astype(log_w.dtype)[None] if given else None
-            b, non_markov, as_log_w = _ancestor(k_as, step_t, particles, log_w, ref_t, u_as)
-        ancestors = _pin_first(ancestors, b, pin)
-        parents = gather(particles, ancestors)
-        equal = Population(parents, jnp.zeros(n, log_w.dtype))
-        if given:
-            new, info, step_lp = _advance_given(k_adv, Sequential(equal, t), program, args, noise_t.steps)
-        else:
-            seq, info = advance(k_adv, Sequential(equal, t), program, args)
-            new = seq.population.particles
-        p0 = _first(parents)
-        w0, run0 = simulate(k_ref, handlers.substitute(step_t, data=ref_t), (p0.state,))
-        state0 = jax.tree.map(
-            lambda a, old: jnp.where(p0.done, old, a), _cast_like(w0.value, p0.state), p0.state
-        )
-        new = Particle(_pin_first(new.state, state0, pin), _pin_first(new.done, p0.done | run0.stopped, pin))
-        inc = _pin_first(info.log_increments, jnp.where(p0.done, 0.0, w0.log_weight), pin)
-        choices = _pin_first(info.choices, w0.choices, pin)
-        nan = _merge_nan(info.nan_sites, run0.nan_sites, pin & ~p0.done)
-        log_z = log_z + logsumexp(inc) - jnp.log(n)
-        record = (choices, ~parents.done, ancestors, ess(inc), nan, non_markov & pin)
-        if given:
-            as_log_w = jnp.zeros_like(log_w) if as_log_w is None else as_log_w
-            record += ((step_lp, parents.done, log_w, as_log_w),)
-        return (new, inc, log_z), record
-
+    k_init, k_loop, k_pick = jax.random.split(key, 3)
+    ref_init = {k: ref.init[k] for k in sites.init_latent}
     ref_steps = {k: ref.steps[k] for k in sites.step_latent}
-    noise_steps = None
     if given:
-        noise_steps = _StepNoise(noise.steps, noise.resample, noise.ancestor)
+        values = _pin_first(noise.init, ref_init, pin)
+        state, init_info = smc_kernel.init(k_init, program, args, n, values=values)
+    else:
+        state, init_info = smc_kernel.init(k_init, program, args, n, pinned=(ref_init, pin))
+    dtype = state.log_weights.dtype
+
+    def body(state, xs):
+        t, key_t, ref_t, ref_next, noise_t = xs
+        if ancestor_sampling:
+            selection = _AncestorSampling(lambda s: program.step(s, t + 1, *args), ref_next, pin)
+        else:
+            selection = Conditional(Multinomial(), pin=pin)
+        step_noise, pinned = None, (ref_t, pin)
+        if given:
+            values, resample, ancestor = noise_t
+            u = resample.astype(dtype)
+            u = u.at[0].set(jnp.where(pin & ancestor_sampling, ancestor.astype(dtype), u[0]))
+            step_noise, pinned = smc_kernel.StepNoise(_pin_first(values, ref_t, pin), u), None
+        return smc_kernel.step(
+            key_t,
+            state,
+            program,
+            args,
+            selection=selection,
+            select_now=t < num_steps - 1,
+            noise=step_noise,
+            pinned=pinned,
+        )
+
+    # The selection after step t chooses the parents of step t + 1: it reads step t + 1's
+    # reference choices and noise rows (row 0 of the noise, before step 0, is not used).
+    following = lambda tree: jax.tree.map(lambda x: jnp.roll(x, -1, axis=0), tree)
+    noise_steps = None if not given else (noise.steps, following(noise.resample), following(noise.ancestor))
     xs = (
         jnp.arange(num_steps, dtype=jnp.int32),
         jax.random.split(k_loop, num_steps),
         ref_steps,
+        following(ref_steps),
         noise_steps,
     )
-    (_, log_w, log_z), records = jax.lax.scan(body, (particles, log_w, log_z0), xs)
-    choices, active, ancestors, ess_h, nan_h, non_markov = records[:6]
-    if given:
-        u_pick = noise.pick.astype(log_w.dtype)
-    else:
-        u_pick = jax.random.uniform(k_pick, (1,), log_w.dtype)
+    state, infos = jax.lax.scan(body, state, xs)
+    log_w = state.log_weights
+    u_pick = noise.pick.astype(dtype) if given else jax.random.uniform(k_pick, (1,), dtype)
     index = ancestors_from_uniforms("multinomial", u_pick, log_w)[0]
-
-    def back(idx, rec):
-        choices_t, active_t, anc_t = rec
-        return anc_t[idx], (jax.tree.map(lambda c: c[idx], choices_t), active_t[idx])
-
-    idx0, (steps, active_path) = jax.lax.scan(back, index, (choices, active, ancestors), reverse=True)
-    new_ref = Trajectory(jax.tree.map(lambda c: c[idx0], init_choices), steps, active_path)
+    (steps, active), init_index = trace_genealogy(infos.ancestors, (infos.choices, infos.active))
+    new_ref = Trajectory(
+        jax.tree.map(lambda c: c[init_index[index]], init_info.choices),
+        jax.tree.map(lambda c: c[index], steps),
+        active[index],
+    )
     changed = _changed(new_ref, ref, sites) | ~pin
-    nan_sites = {**init_nan, **{k: jnp.any(v) for k, v in nan_h.items()}}
-    info = CSMCInfo(log_w, index, changed, ess_h, log_z, nan_sites, jnp.any(non_markov))
+    nan_sites = {**init_info.nan_sites, **{k: jnp.any(v) for k, v in infos.nan_sites.items()}}
+    non_markov = jnp.any(infos.selection[1]) if ancestor_sampling else jnp.zeros((), bool)
+    info = CSMCInfo(log_w, index, changed, infos.ess, logsumexp(log_w), nan_sites, non_markov)
     if not given:
         return new_ref, info
-    step_lp, parent_done, resample_log_w, as_log_w = records[6]
     free = (jnp.arange(n) > 0) | ~pin
-    drawn = free & ~parent_done
+    drawn = free & infos.active
+    unused = jnp.full((1, n), -jnp.inf, dtype)  # no selection before step 0: one cell, ignored
+    before = lambda rows: jnp.concatenate([unused, rows[:-1]])
+    as_log_w = jnp.zeros_like(infos.log_weights)
+    if ancestor_sampling:
+        as_log_w = before(infos.log_weights + infos.selection[0])
     law = NoiseLaw(
         free=free,
-        init_log_prob=jnp.where(free, init_lp, 0.0),
-        step_log_prob=jnp.where(drawn, step_lp, 0.0),
+        init_log_prob=jnp.where(free, init_info.log_prob_draws, 0.0),
+        step_log_prob=jnp.where(drawn, infos.log_prob_draws, 0.0),
         step_drawn=drawn,
-        resample_log_weights=resample_log_w,
+        resample_log_weights=before(infos.log_weights),
         ancestor_log_weights=as_log_w,
         ancestor_drawn=jnp.asarray(ancestor_sampling) & pin,
         final_log_weights=log_w,
@@ -601,105 +590,42 @@ def _sweep(key, program, args, n, num_steps, sites, ref, pin, ancestor_sampling,
     return new_ref, info, law
 
 
-class _StepNoise(NamedTuple):
-    """One step's slice of :class:`CSMCNoise` (scanned over steps)."""
+@dataclass(frozen=True)
+class _AncestorSampling:
+    """The selection after step ``t`` with ancestor sampling: :class:`Conditional` multinomial, slot
+    0's ancestor drawn ∝ ``w_i · p(x*_{t+1}, y_{t+1} | s_i)`` (``next_step(s)`` runs step ``t + 1``
+    from state ``s``; ``ref_next`` the reference's choices there). ``given`` scores the advanced
+    particles (:func:`_ancestor_scores`) and reports ``(scores, non_markov)``."""
 
-    steps: dict[str, jax.Array]
-    resample: jax.Array
-    ancestor: jax.Array
+    next_step: Callable
+    ref_next: dict
+    pin: Any
 
+    def given(self, particles: Particle):
+        scores, non_markov = _ancestor_scores(self.next_step, particles, self.ref_next)
+        return Conditional(Multinomial(), scores, self.pin), (scores, non_markov & self.pin)
 
-# A deterministic site recording the log density of a substituted run's latent choices.
-_PROPOSAL_LOG_PROB = "_csmc_proposal_log_prob"
+    def draw(self, key, n_out, dtype):
+        return jax.random.uniform(key, (n_out,), dtype)
 
-
-def _start_given(key, program, args, n, values):
-    """:func:`start` with slot ``i``'s ``init`` latent choices ``values[name][i]``: each slot runs as a
-    one-particle population (vmapped). Returns the particles, the :class:`StepInfo` and ``f[N]`` the
-    log density of each slot's choices."""
-
-    def one(i):
-        slot = _substituted(program, jax.tree.map(lambda v: v[i], values), None)
-        seq, info = start(key, slot, args, 1)
-        return seq.population.particles, info
-
-    particles, info = jax.vmap(one)(jnp.arange(n))
-    return _squeeze_slots(particles, info)
+    def __call__(self, u, log_weights):
+        raise TypeError("ancestor sampling selects given the particles: the SMC step calls .given first")
 
 
-def _advance_given(key, seq: Sequential, program, args, values):
-    """:func:`advance` with slot ``i``'s step latent choices ``values[name][i]`` (as
-    :func:`_start_given`)."""
-
-    def one(i, particle):
-        slot = _substituted(program, None, jax.tree.map(lambda v: v[i], values))
-        alone = Population(jax.tree.map(lambda x: x[None], particle), jnp.zeros((1,)))
-        new, info = advance(key, Sequential(alone, seq.t), slot, args)
-        return new.population.particles, info
-
-    particles = seq.population.particles
-    new, info = jax.vmap(one)(jnp.arange(particles.done.shape[0]), particles)
-    return _squeeze_slots(new, info)
-
-
-def _squeeze_slots(particles, info):
-    """Drop the one-particle axis of per-slot runs; split off the recorded log density."""
-    particles = jax.tree.map(lambda x: x[:, 0], particles)
-    choices = {k: v[:, 0] for k, v in info.choices.items()}
-    log_prob = choices.pop(_PROPOSAL_LOG_PROB)
-    nan_sites = {k: jnp.any(v) for k, v in info.nan_sites.items()}
-    return particles, StepInfo(choices, info.log_increments[:, 0], nan_sites), log_prob
-
-
-def _substituted(program: SequentialProgram, init_values, step_values) -> SequentialProgram:
-    """``program`` with the latent choices of ``init`` (or of ``step``) substituted by ``values`` and
-    their log density recorded in the deterministic site ``_PROPOSAL_LOG_PROB``."""
-
-    def recorded(fn, values):
-        def run(*a):
-            density = _latent_log_density()
-            with handlers.substitute(data=values), density:
-                out = fn(*a)
-            numpyro.deterministic(_PROPOSAL_LOG_PROB, density.total)
-            return out
-
-        return run
-
-    init = program.init if init_values is None else recorded(program.init, init_values)
-    step = program.step if step_values is None else recorded(program.step, step_values)
-    return SequentialProgram(init, step, program.num_steps)
-
-
-class _latent_log_density(Messenger):
-    """Sums the log densities (:func:`~ppinfer.weighted.site_log_prob`) of latent sample sites."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = jnp.zeros(())
-
-    def postprocess_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"]:
-            self.total = self.total + site_log_prob(msg)
-
-
-def _ancestor(key, step_t, particles: Particle, log_w, ref_t, uniform=None):
-    """Ancestor sampling: slot 0's ancestor ∝ ``w_i · p(x*_t, y_t | s_i)`` (drawn with ``uniform:
-    f[1]`` if given), whether that weight is wrong for this program (a step's state depended on the
-    ancestor's, or a particle stopped), and the log weights ``f[N]`` it was drawn from."""
+def _ancestor_scores(next_step, particles: Particle, ref_next):
+    """``f[N]`` each particle's ancestor-sampling log score ``log p(x*_{t+1}, y_{t+1} | s_i)`` (−inf
+    for a stopped particle) and whether that score is wrong for this program (a step's returned
+    state depended on the ancestor's state, or a particle stopped)."""
 
     def score(state):
-        tr = assess(step_t, (state,), ref_t)
+        tr = assess(next_step, (state,), ref_next)
         return tr.score, tr.value
 
     scores, states = jax.vmap(score)(particles.state)
-    logits = log_w + jnp.where(particles.done, -jnp.inf, scores)
-    if uniform is None:
-        uniform = jax.random.uniform(key, (1,), log_w.dtype)
-    b = ancestors_from_uniforms("multinomial", uniform, logits)[0]
     non_markov = jnp.any(particles.done)
     for s in jax.tree.leaves(states):
         non_markov = non_markov | jnp.any(jnp.asarray(s) != jnp.asarray(s)[:1])
-    return b, non_markov, logits
+    return jnp.where(particles.done, -jnp.inf, scores), non_markov
 
 
 def _changed(new: Trajectory, old: Trajectory, sites: Sites) -> jax.Array:
@@ -722,20 +648,8 @@ def _check_num_particles(n: Any) -> int:
     return n
 
 
-def _first(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
 def _pin_first(tree, value, pin):
     """``tree`` (leading axis N) with element 0 replaced by ``value`` where ``pin`` holds."""
     return jax.tree.map(
         lambda x, v: x.at[0].set(jnp.where(pin, jnp.asarray(v).astype(x.dtype), x[0])), tree, value
     )
-
-
-def _cast_like(new, old):
-    return jax.tree.map(lambda a, b: jnp.asarray(a).astype(jnp.asarray(b).dtype), new, old)
-
-
-def _merge_nan(nan: dict, extra: dict, live: jax.Array) -> dict:
-    return {k: nan.get(k, False) | (extra.get(k, False) & live) for k in {**nan, **extra}}

@@ -43,17 +43,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpyro
 from jax.scipy.special import logsumexp
+from numpyro import handlers
+from numpyro.primitives import prng_key
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.mh import accept
-from ppinfer.kernels.select import Adaptive, as_selection, draw_uniforms, parts
+from ppinfer.kernels.select import Adaptive, as_selection
 from ppinfer.kernels.space import space_of
-from ppinfer.population import ess, gather
-from ppinfer.program import is_sequential
+from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
 from ppinfer.suspended import can_stop
 
@@ -128,71 +130,88 @@ class SMC2:
         )
 
     def _run(self, key, program, args, num_steps: int, may_stop: bool) -> dict:
-        """The whole run (traced once): returns θ, outer weights and the per-step records."""
+        """The whole run (traced once) — the one SMC step (:func:`ppinfer.kernels.smc.step`) looped
+        over the *outer* program below, with the PMMH rejuvenation as the step's ``move``: returns θ,
+        outer weights and the per-step records."""
         n, space = self.num_particles, space_of(self.prior, args, what="SMC2")
         inner_sel = as_selection(self.inner_resampling, self.inner_ess_threshold)
-        base, trigger = parts(Adaptive(as_selection(self.resampling), float(self.ess_threshold)))
-        theta_of = jax.vmap(lambda u: space.constrain(u)[0])
-        log_prior = jax.vmap(lambda u: space.log_prior(u, *args))
+        theta_of = lambda u: space.constrain(u)[0]
         log_z = lambda pf: logsumexp(pf.log_weights, axis=-1)  # log Ẑ so far of each inner filter
 
         def inner_step(k, pf, theta):
-            step = kernel.step(k, pf, program, (theta, *args), selection=inner_sel, may_stop=may_stop)
-            return step[0], step[1].log_evidence
+            # Blocked: the inner filter's own program runs are not sites of the outer program.
+            with handlers.block():
+                step = kernel.step(k, pf, program, (theta, *args), selection=inner_sel, may_stop=may_stop)
+            return step[0]
 
         def fresh(k, theta, t):
             """A new inner filter for θ run on y_{0:t} (t traced: a while loop of t + 1 steps)."""
             k0, k1 = jax.random.split(k)
             pf, _ = kernel.init(k0, program, (theta, *args), self.num_inner)
-            body = lambda s, pf: inner_step(jax.random.fold_in(k1, s), pf, theta)[0]
+            body = lambda s, pf: inner_step(jax.random.fold_in(k1, s), pf, theta)
             return jax.lax.fori_loop(0, t + 1, body, pf)
 
-        def move(t, scale, carry, k):
-            u, pf = carry
-            k_prop, k_pf, k_acc = jax.random.split(k, 3)
-            u_new = u + scale * jax.random.normal(k_prop, u.shape, u.dtype)
-            pf_new = jax.vmap(fresh, (0, 0, None))(jax.random.split(k_pf, n), theta_of(u_new), t)
-            log_alpha = (log_prior(u_new) + log_z(pf_new)) - (log_prior(u) + log_z(pf))
-            carry, info = accept(k_acc, log_alpha, (u_new, pf_new), (u, pf))
-            return carry, jnp.mean(info.acceptance_rate)
+        # The outer program over one θ-particle (u, PF): θ from its prior (pushed to u), then each
+        # step extends the inner filter; the factor is its incremental estimate log p̂(y_t | y_{<t}, θ).
+        def outer_init():
+            u, k = space.draw(prng_key(), *args), prng_key()
+            with handlers.block():
+                pf, _ = kernel.init(k, program, (theta_of(u), *args), self.num_inner)
+            numpyro.factor("log_z_init", log_z(pf))  # init's observations, if any, weight θ too
+            return u, pf
 
-        def resample_move(k, t, u, pf, log_w):
-            k_sel, k_mv = jax.random.split(k)
-            ancestors, log_w = base(draw_uniforms(base, k_sel, n, log_w.dtype), log_w)
-            u, pf = gather((u, pf), ancestors)
-            scale = 2.38 / jnp.sqrt(space.dim) * jnp.maximum(jnp.std(u, axis=0), 1e-3)
-            keys = jax.random.split(k_mv, self.num_moves)
-            (u, pf), rates = jax.lax.scan(lambda c, km: move(t, scale, c, km), (u, pf), keys)
-            return u, pf, log_w, jnp.mean(rates)
-
-        def body(carry, xs):
-            u, pf, log_w = carry
-            k, t = xs
-            k_adv, k_rm = jax.random.split(k)
+        def outer_step(state, t):
+            u, pf = state
             before = log_z(pf)
-            pf, after = jax.vmap(inner_step)(jax.random.split(k_adv, n), pf, theta_of(u))
-            # log p̂(y_t | y_{<t}, θ_i); a filter already dead (−inf) stays dead (no −inf − −inf).
-            log_w = log_w + jnp.where(jnp.isfinite(before), after - before, -jnp.inf)
-            lse = logsumexp(log_w)
-            ess_t = ess(log_w, lse)
-            selected = trigger(log_w, ess_t)
-            keep = lambda k, t, u, pf, log_w: (u, pf, log_w, jnp.full((), jnp.nan, log_w.dtype))
-            u, pf, log_w, rate = jax.lax.cond(selected, resample_move, keep, k_rm, t, u, pf, log_w)
-            record = {"ess": ess_t, "resampled": selected, "lse": lse, "rate": rate}
-            return (u, pf, log_w), record
+            pf = inner_step(prng_key(), pf, theta_of(u))
+            # A filter already dead (−inf) stays dead (no −inf − −inf).
+            numpyro.factor("log_z_increment", jnp.where(jnp.isfinite(before), log_z(pf) - before, -jnp.inf))
+            return u, pf
 
-        k_theta, k_pf, k_loop = jax.random.split(key, 3)
-        u = jax.vmap(lambda k: space.draw(k, *args))(jax.random.split(k_theta, n))
-        pf, _ = jax.vmap(lambda k, th: kernel.init(k, program, (th, *args), self.num_inner))(
-            jax.random.split(k_pf, n), theta_of(u)
-        )
-        log_w = log_z(pf) - jnp.log(n)  # init's observations, if any, weight θ too
-        xs = (jax.random.split(k_loop, num_steps), jnp.arange(num_steps))
-        (u, pf, log_w), rec = jax.lax.scan(body, (u, pf, log_w), xs)
+        outer = SequentialProgram(outer_init, outer_step, num_steps)
+
+        def move(k, state: kernel.SMCState):
+            """``num_moves`` PMMH moves of every outer particle, at the scale of the population."""
+            u, pf = state.particles.state
+            t = state.t - 1  # the step just taken
+            scale = 2.38 / jnp.sqrt(space.dim) * jnp.maximum(jnp.std(u, axis=0), 1e-3)
+            log_target = lambda u, pf: jax.vmap(lambda u: space.log_prior(u, *args))(u) + log_z(pf)
+
+            def one(carry, k):
+                u, pf = carry
+                k_prop, k_pf, k_acc = jax.random.split(k, 3)
+                u_new = u + scale * jax.random.normal(k_prop, u.shape, u.dtype)
+                pf_new = jax.vmap(fresh, (0, 0, None))(
+                    jax.random.split(k_pf, n), jax.vmap(theta_of)(u_new), t
+                )
+                log_alpha = log_target(u_new, pf_new) - log_target(u, pf)
+                carry, info = accept(k_acc, log_alpha, (u_new, pf_new), (u, pf))
+                return carry, jnp.mean(info.acceptance_rate)
+
+            (u, pf), rates = jax.lax.scan(one, (u, pf), jax.random.split(k, self.num_moves))
+            particles = state.particles._replace(state=(u, pf))
+            return state._replace(particles=particles), jnp.mean(rates)
+
+        selection = Adaptive(as_selection(self.resampling), float(self.ess_threshold))
+        k_init, k_loop = jax.random.split(key)
+        state, _ = kernel.init(k_init, outer, (), n)
+
+        def body(state, k):
+            state, info = kernel.step(k, state, outer, (), selection=selection, may_stop=False, move=move)
+            rate = jnp.where(info.selected, info.move, jnp.nan)
+            return state, {
+                "ess": info.ess,
+                "resampled": info.selected,
+                "lse": info.log_evidence,
+                "rate": rate,
+            }
+
+        state, rec = jax.lax.scan(body, state, jax.random.split(k_loop, num_steps))
+        u, _ = state.particles.state
         return {
-            "theta": theta_of(u),
-            "log_weights": log_w,
-            "log_evidence": logsumexp(log_w),
+            "theta": jax.vmap(theta_of)(u),
+            "log_weights": state.log_weights,
+            "log_evidence": logsumexp(state.log_weights),
             "ess": rec["ess"],
             "resampled": rec["resampled"],
             "log_evidence_history": rec["lse"],

@@ -277,13 +277,24 @@ class Conditional:
     Andrieu, Doucet & Holenstein (2010), which makes a conditional SMC sweep followed by a draw of
     the next reference ∝ the final weights leave the target invariant (particle Gibbs). Not valid
     as an SMC selection (it favours particle 0), and not the conditional law for schemes whose slots
-    share uniforms (:class:`Systematic`, :class:`Stratified`), which need their own construction."""
+    share uniforms (:class:`Systematic`, :class:`Stratified`), which need their own construction.
+
+    *Ancestor sampling* (Lindsten, Jordan & Schön 2014): with ``ancestor_scores: f[N]`` slot 0's
+    ancestor is drawn ∝ ``w_i · exp(ancestor_scores_i)`` by the inverse CDF of ``u[0]`` (which
+    ``base`` spends on slot 0 only) — ``0`` when every such weight is zero. ``pin: bool[]`` (may be
+    traced): where false this is ``base`` itself (an unconditional sweep)."""
 
     base: Callable = Multinomial()
+    ancestor_scores: Any = None
+    pin: Any = True
 
     def __call__(self, u, log_weights):
         ancestors, new_log_weights = self.base(u, log_weights)
-        return ancestors.at[0].set(0), new_log_weights
+        first = jnp.zeros((), jnp.int32)
+        if self.ancestor_scores is not None:
+            probs, lse = _probs(log_weights + self.ancestor_scores)
+            first = jnp.where(jnp.isfinite(lse), inverse_cdf(u[:1], probs)[0], 0).astype(jnp.int32)
+        return ancestors.at[0].set(jnp.where(self.pin, first, ancestors[0])), new_log_weights
 
     def draw(self, key, n_out, dtype):
         return draw_uniforms(self.base, key, n_out, dtype)

@@ -87,6 +87,8 @@ class SMCInfo(NamedTuple):
         log_prob_draws: ``f32[M]`` log probability of each child's latent draws under the
             distributions they came from (the law of injected noise; unused on the key path).
         move: the move's info (zeros of its shape when it did not run); ``()`` without a move.
+        selection: what a state-dependent selection's ``given`` reported (zeros when it did not
+            run); ``()`` for the others.
     """
 
     choices: dict
@@ -99,6 +101,7 @@ class SMCInfo(NamedTuple):
     nan_sites: dict
     log_prob_draws: jax.Array
     move: Any = ()
+    selection: Any = ()
 
 
 class StepNoise(NamedTuple):
@@ -118,11 +121,13 @@ def init(
     proposal: Callable[..., Any] | None = None,
     values: dict | None = None,
     carried: Any = (),
+    pinned: tuple[dict, jax.Array] | None = None,
 ) -> tuple[SMCState, Any]:
     """Spawn ``num_particles`` and run ``init`` for each (weights ``−log N + log p/q``). Returns
     the state and ``init``'s :class:`~ppinfer.suspended.StepInfo` (choices, NaN flags, draw law).
-    ``values`` injects ``init``'s latent draws (site → ``[N, …]``)."""
-    seq, info = start(key, program, args, num_particles, proposal, values)
+    ``values`` injects ``init``'s latent draws (site → ``[N, …]``); ``pinned = (values, on)`` gives
+    particle 0 one reference's latent values where ``on`` holds (conditional SMC)."""
+    seq, info = start(key, program, args, num_particles, proposal, values, pinned)
     pop = seq.population
     return SMCState(pop.particles, pop.log_weights, seq.t, carried), info
 
@@ -142,6 +147,7 @@ def step(
     sharding: jax.sharding.NamedSharding | None = None,
     noise: StepNoise | None = None,
     move: Callable[[jax.Array, SMCState], tuple[SMCState, Any]] | None = None,
+    pinned: tuple[dict, jax.Array] | None = None,
 ) -> tuple[SMCState, SMCInfo]:
     """One SMC step (see the module docstring). Returns the next state and :class:`SMCInfo`.
 
@@ -160,6 +166,12 @@ def step(
         noise: inject the step's randomness instead of drawing it from ``key``.
         move: a kernel ``(key, state) -> (state, info)`` run after every selection (not when the
             step did not select), leaving the target after this step invariant (resample-move).
+        pinned: ``(values, on)``: particle 0 takes one reference's latent values for this step
+            where ``on: bool[]`` holds (conditional SMC; with :class:`~ppinfer.kernels.select.Conditional`).
+
+    A selection whose choice depends on the advanced particles themselves, not only their weights
+    (conditional SMC's ancestor sampling), has a method ``given(particles) -> (selection, info)``:
+    the step calls it before selecting and records ``info`` in :attr:`SMCInfo.selection`.
     """
     n = state.log_weights.shape[0]
     k_adv, k_sel = jax.random.split(key)
@@ -170,7 +182,7 @@ def step(
         carried = gather(carried, jnp.repeat(jnp.arange(n), extensions))
     active = ~pop.particles.done
     values = None if noise is None else noise.choices
-    seq, info = advance(k_adv, Sequential(pop, state.t), program, args, proposal, may_stop, values)
+    seq, info = advance(k_adv, Sequential(pop, state.t), program, args, proposal, may_stop, values, pinned)
     if update_carried is not None:
         carried = update_carried(carried, info.choices, active, state.t)
     base, trigger = parts(selection)
@@ -182,28 +194,34 @@ def step(
         log_weights = _constrain(_replicated(sharding), log_weights)
     lse = log_evidence(log_weights)
     ess_t = ess(log_weights, lse)
-    # The built-in selections take the log-sum-exp the step already has (no second pass over N).
-    kwargs = {"lse": lse} if _takes_lse(base) else {}
+
+    given = getattr(base, "given", None)
+    selection_shapes = () if given is None else jax.eval_shape(lambda p: given(p)[1], seq.population.particles)
 
     def select(operand):
         particles, carried = operand
+        chosen, selection_info = (base, ()) if given is None else given(particles)
+        # The built-in selections take the log-sum-exp the step already has (no second pass over N).
+        kwargs = {"lse": lse} if _takes_lse(chosen) else {}
         # Drawn inside the branch: a step that does not select draws nothing.
-        u = draw_uniforms(base, k_sel, n, log_weights.dtype) if noise is None else noise.uniforms
-        ancestors, new_log_weights = _checked(base(u, log_weights, **kwargs), n, log_weights.dtype)
-        moved = _gather(sharding, base, (particles, carried), ancestors)
-        return moved, new_log_weights, ancestors
+        u = draw_uniforms(chosen, k_sel, n, log_weights.dtype) if noise is None else noise.uniforms
+        ancestors, new_log_weights = _checked(chosen(u, log_weights, **kwargs), n, log_weights.dtype)
+        moved = _gather(sharding, chosen, (particles, carried), ancestors)
+        return (moved, new_log_weights, ancestors), selection_info
 
     def keep(operand):
-        return operand, log_weights, jnp.arange(n, dtype=jnp.int32)
+        skipped = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), selection_shapes)
+        return (operand, log_weights, jnp.arange(n, dtype=jnp.int32)), skipped
 
     operand = (seq.population.particles, carried)
     always = trigger is None and isinstance(select_now, bool) and select_now
     if always or extensions > 1:
-        (particles, carried), new_log_weights, ancestors = select(operand)
+        ((particles, carried), new_log_weights, ancestors), selection_info = select(operand)
         selected = jnp.asarray(True)
     else:
         selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights, ess_t))
-        (particles, carried), new_log_weights, ancestors = jax.lax.cond(selected, select, keep, operand)
+        selected_out = jax.lax.cond(selected, select, keep, operand)
+        ((particles, carried), new_log_weights, ancestors), selection_info = selected_out
     if sharding is not None:
         particles, carried, new_log_weights = _constrain(sharding, (particles, carried, new_log_weights))
     new = SMCState(particles, new_log_weights, seq.t, carried)
@@ -228,6 +246,7 @@ def step(
         nan_sites=info.nan_sites,
         log_prob_draws=info.log_prob_draws,
         move=move_info,
+        selection=selection_info,
     )
     return new, step_info
 
