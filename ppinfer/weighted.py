@@ -13,6 +13,7 @@ nothing (their ``p/q`` is 1). Without a proposal this is likelihood weighting.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -99,7 +100,7 @@ def simulate(
     stops = collect_stops()
     with (
         handlers.trace() as p_trace,
-        pin(*(pinned or ({}, False))),
+        pin(*pinned) if pinned is not None else contextlib.nullcontext(),
         seed(rng_seed=k_p, particle=particle),
         handlers.substitute(data=data),
     ):
