@@ -488,24 +488,37 @@ def smc_batch(
     batched_args: tuple,
     cfg: SMC,
     devices: int | tuple | None = None,
+    shared_args: tuple = (),
 ) -> dict:
-    """Many independent SMC runs in one compiled program: run ``b`` uses slice ``b`` of every array in
-    ``batched_args`` (leading axis B, e.g. one dataset or one prompt per run; other arguments are
-    shared) and key ``split(key, B)[b]``. The runs are vmapped, and with ``devices`` the batch axis
-    is sharded over them (B must be a multiple of their number). Returns :func:`smc_run`'s dict
-    with a leading batch axis (``log_evidence: f32[B]``, ``log_weights: f32[B, N]``, …)."""
-    leaves = [x for x in jax.tree.leaves(batched_args) if isinstance(x, jax.Array | np.ndarray)]
-    if not leaves:
-        raise ConfigError("smc_batch needs at least one array argument with a leading batch axis")
-    b = leaves[0].shape[0]
-    axes = jax.tree.map(lambda x: 0 if isinstance(x, jax.Array | np.ndarray) else None, batched_args)
-    num_steps = program.steps_for(jax.tree.map(lambda x, a: x[0] if a == 0 else x, batched_args, axes))
+    """Many independent SMC runs in one compiled program: run ``b`` calls the program with slice
+    ``b`` of every array in ``batched_args`` (each with the same leading axis B: one dataset or one
+    prompt per run; a non-array leaf, e.g. a Python number, is the same for every run), followed by
+    ``shared_args`` (passed whole to every run, never sliced), and key ``split(key, B)[b]``. The
+    runs are vmapped, and with ``devices`` the batch axis is sharded over them (B must be a multiple
+    of their number). Returns :func:`smc_run`'s dict with a leading batch axis (``log_evidence:
+    f32[B]``, ``log_weights: f32[B, N]``, …)."""
+    if not isinstance(batched_args, tuple) or not isinstance(shared_args, tuple):
+        raise ConfigError("smc_batch takes batched_args and shared_args as tuples of program arguments")
+    is_array = lambda x: isinstance(x, jax.Array | np.ndarray)
+    leaves = [x for x in jax.tree.leaves(batched_args) if is_array(x)]
+    if not leaves or any(np.ndim(x) == 0 for x in leaves):
+        raise ConfigError("smc_batch needs array arguments in batched_args, each with a leading batch axis")
+    sizes = sorted({int(x.shape[0]) for x in leaves})
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"smc_batch: the arrays in batched_args have different leading (batch) sizes {sizes}; "
+            "pass arguments that every run shares in shared_args"
+        )
+    b = sizes[0]
+    axes = jax.tree.map(lambda x: 0 if is_array(x) else None, batched_args)
+    first = jax.tree.map(lambda x, a: x[0] if a == 0 else x, batched_args, axes)
+    num_steps = program.steps_for((*first, *shared_args))
 
-    def one(k, args):
+    def one(k, args, shared):
         return smc_run(
             k,
             program,
-            args,
+            (*args, *shared),
             cfg.num_particles,
             num_steps,
             cfg.resampling,
@@ -515,14 +528,14 @@ def smc_batch(
         )
 
     keys = jax.random.split(key, b)
-    run = jax.jit(jax.vmap(one, in_axes=(0, axes)))
+    run = jax.jit(jax.vmap(one, in_axes=(0, axes, None)))
     if devices is not None:
         sharding = particle_sharding(devices, b)
         keys = jax.device_put(keys, sharding)
         batched_args = jax.tree.map(
             lambda x, a: jax.device_put(jnp.asarray(x), sharding) if a == 0 else x, batched_args, axes
         )
-    return run(keys, batched_args)
+    return run(keys, batched_args, shared_args)
 
 
 def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.NamedSharding:
