@@ -106,7 +106,8 @@ def _message(e: _OutOfRange, t: int, num_steps: int) -> str:
 
 
 def _leaf_key(x: Any) -> Any:
-    shape, dtype = np.shape(x), np.result_type(x)
+    shape = np.shape(x)
+    dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
     if np.issubdtype(dtype, np.integer) and int(np.prod(shape)) <= 4096:
         return shape, str(dtype), np.asarray(x).tobytes()  # integer data may be indices
     return shape, str(dtype)
