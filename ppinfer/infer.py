@@ -182,6 +182,8 @@ def _bind_keywords(program: Any, algorithm: Any, args: tuple, kwargs: dict) -> t
 
 def _as_key(key: Any) -> jax.Array:
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise ConfigError(f"an int seed must fit in 64 bits (-2^63 <= key < 2^63), got {key!r}")
         return jax.random.PRNGKey(int(key))
     if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == np.uint32:
         return key
