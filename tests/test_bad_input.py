@@ -1003,3 +1003,57 @@ def test_python_control_flow_falls_back_to_eager_enumeration():
 def test_enumerate_batched_setting():
     with pytest.raises(ConfigError, match="batched must be True or False"):
         pp.Enumerate(batched="yes")
+
+
+# ------------------------------------------------------------- found by probing again (item 4)
+
+
+@pytest.mark.parametrize("key", [2**64, -(2**63) - 1])
+def test_seed_beyond_64_bits(key):
+    with pytest.raises(ConfigError, match="an int seed must fit in 64 bits"):
+        pp.infer(normal_model, 0.5, algorithm=pp.Importance(4), key=key)
+
+
+@pytest.mark.parametrize("cls", [pp.SMC, pp.Importance])
+def test_num_particles_beyond_int32(cls):
+    with pytest.raises(ConfigError, match=r"num_particles must be below 2\^31"):
+        cls(2**32)
+
+
+def test_observe_none_is_a_data_error():
+    with pytest.raises(DataError, match=r"observe\('y'\): the observed value is None"):
+        pp.infer(normal_model, None, algorithm=pp.Importance(4))
+
+
+def test_result_of_a_missing_site_and_bad_sample_count():
+    r = pp.infer(normal_model, 0.5, algorithm=pp.Importance(8))
+    with pytest.raises(ConfigError, match=r"no site 'nope' in this result; its sites are \['mu'\]"):
+        r.mean("nope")
+    with pytest.raises(ConfigError, match="num_samples must be an integer >= 1, got -1"):
+        r.sample(-1)
+
+
+def test_save_something_that_is_not_a_posterior(tmp_path):
+    from ppinfer.updates import save
+
+    with pytest.raises(ConfigError, match="save\\(\\) takes the Posterior of an IBIS run, .*got str"):
+        save("x", tmp_path / "p.safetensors")
+
+
+def test_load_a_checkpoint_from_none():
+    with pytest.raises(CheckpointError, match="load\\(\\) takes a checkpoint folder path, got NoneType"):
+        load_lm(None)
+
+
+@pytest.mark.parametrize("value", [-1e-5, 0.0, "x", float("nan")])
+def test_malformed_norm_epsilon(tmp_path, value):
+    with pytest.raises(CheckpointError, match="layer_norm_epsilon must be a finite number > 0"):
+        load_lm(_folder(tmp_path, config=_config(layer_norm_epsilon=value)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_checkpoint_with_non_finite_weights(tmp_path, bad):
+    tensors = _gpt2_tensors()
+    tensors["h.0.mlp.c_fc.weight"][3, 2] = bad
+    with pytest.raises(CheckpointError, match="'h.0.mlp.c_fc.weight' .* contains NaN or infinite values"):
+        load_lm(_folder(tmp_path, tensors=tensors))
