@@ -1036,7 +1036,7 @@ def test_result_of_a_missing_site_and_bad_sample_count():
 def test_save_something_that_is_not_a_posterior(tmp_path):
     from ppinfer.updates import save
 
-    with pytest.raises(ConfigError, match="save\\(\\) takes the Posterior of an IBIS run, .*got str"):
+    with pytest.raises(ConfigError, match=r"save\(\) takes the Posterior of an IBIS run .*, got str"):
         save("x", tmp_path / "p.safetensors")
 
 
