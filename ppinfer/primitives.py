@@ -35,15 +35,9 @@ def observe(name: str, fn: Any, value: Any) -> Any:
     weight and returns ``value``.
 
     A concrete ``value`` containing NaN raises :class:`~ppinfer.errors.DataError` (NaN data would
-    otherwise turn every weight into NaN silently); ``None`` raises :class:`~ppinfer.errors.DataError`
-    (NumPyro would silently make the site a latent choice; use :func:`sample` for that).
+    otherwise turn every weight into NaN silently).
     """
-    if value is None:
-        raise DataError(
-            f"observe({name!r}): the observed value is None (missing data?); pass the data, or use "
-            "pp.sample for a latent choice"
-        )
-    if not isinstance(value, jax.core.Tracer):
+    if not isinstance(value, jax.core.Tracer) and value is not None:
         arr = np.asarray(value)
         if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
             raise DataError(f"observe({name!r}): the observed value contains NaN")

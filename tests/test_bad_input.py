@@ -1020,11 +1020,6 @@ def test_num_particles_beyond_int32(cls):
         cls(2**32)
 
 
-def test_observe_none_is_a_data_error():
-    with pytest.raises(DataError, match=r"observe\('y'\): the observed value is None"):
-        pp.infer(normal_model, None, algorithm=pp.Importance(4))
-
-
 def test_result_of_a_missing_site_and_bad_sample_count():
     r = pp.infer(normal_model, 0.5, algorithm=pp.Importance(8))
     with pytest.raises(ConfigError, match=r"no site 'nope' in this result; its sites are \['mu'\]"):
