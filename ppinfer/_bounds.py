@@ -68,6 +68,14 @@ def check_step_indices(program: Any, args: tuple) -> None:
     if key is not None and key in _CHECKED:
         _CHECKED.move_to_end(key)
         return
+    _check(program, dyn, rebuild, num_steps)  # raises ModelError when out of range
+    if key is not None:  # passed (or not checkable here): not traced again for these shapes
+        _CHECKED[key] = True
+        if len(_CHECKED) > _CHECKED_SIZE:
+            _CHECKED.popitem(last=False)
+
+
+def _check(program: Any, dyn: list, rebuild: Callable, num_steps: int) -> None:
     try:
         closed, n_dyn = _step_jaxpr(program, dyn, rebuild)
     except Exception:  # the run traces the same code and reports its own error
@@ -81,10 +89,6 @@ def check_step_indices(program: Any, args: tuple) -> None:
             raise ModelError(_message(e, t, num_steps)) from None
         except Exception:  # a primitive this walk does not model: no verdict
             return
-    if key is not None:
-        _CHECKED[key] = True
-        if len(_CHECKED) > _CHECKED_SIZE:
-            _CHECKED.popitem(last=False)
 
 
 def _message(e: _OutOfRange, t: int, num_steps: int) -> str:
