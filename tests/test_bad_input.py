@@ -974,8 +974,10 @@ def test_batched_and_eager_enumeration_agree_and_prune_zero_probability_choices(
         b = pp.sample("b", dist.Categorical(probs))  # b = 0 is impossible when a = 2
         pp.observe("y", dist.Normal(a + b, 1.0), 1.5)
 
-    batched = pp.infer(m, algorithm=pp.Enumerate())
+    batched = pp.infer(m, algorithm=pp.Enumerate(batched=True))
     eager = pp.infer(m, algorithm=pp.Enumerate(batched=False))
+    auto = pp.infer(m, algorithm=pp.Enumerate())  # 1 + 3 + 6 <= EAGER_NODES executions: eager
+    assert not auto.extras["batched"] and auto.log_evidence == pytest.approx(eager.log_evidence)
     assert batched.extras["batched"] and not eager.extras["batched"]
     for r in (batched, eager):
         assert r.num_particles == 3  # (0,0), (0,1), (2,1): the zero-probability branches are never run
@@ -997,13 +999,13 @@ def test_python_control_flow_falls_back_to_eager_enumeration():
         if int(a) == 1:  # Python control flow on a choice: not traceable as one batch
             pp.sample("b", dist.Bernoulli(0.5))
 
-    r = pp.infer(m, algorithm=pp.Enumerate())
+    r = pp.infer(m, algorithm=pp.Enumerate(batched=True))
     assert not r.extras["batched"] and r.num_particles == 3
     assert r.log_evidence == pytest.approx(0.0, abs=1e-6)
 
 
 def test_enumerate_batched_setting():
-    with pytest.raises(ConfigError, match="batched must be True or False"):
+    with pytest.raises(ConfigError, match="batched must be True, False or None"):
         pp.Enumerate(batched="yes")
 
 

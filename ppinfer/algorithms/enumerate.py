@@ -60,11 +60,13 @@ class Enumerate:
         max_seconds: stop with :class:`~ppinfer.errors.EnumerationError` when the enumeration has
             run this long (``None``: no time limit).
 
-        batched: run the executions level by level, each level (every partial execution that
-            has fixed the same choices) as one compiled, vmapped batch — the default. A program
+        batched: ``True``: run the executions level by level, each level (every partial
+            execution that has fixed the same choices) as one compiled, vmapped batch. A program
             the batch cannot trace (Python control flow on a choice, a sequential program that
             calls :func:`~ppinfer.stop`, a support that depends on earlier choices) falls back to
-            one eager execution per branch; ``False`` forces that path.
+            one eager execution per branch; ``False`` forces that path. ``None`` (default): batched
+            unless the tree is tiny (at most :data:`EAGER_NODES` executions by the product of the
+            supports), where compiling costs more than running each branch eagerly.
 
     Branches whose weight is already zero before they are complete (a failed condition, an
     impossible observation or choice, a choice of probability zero) are not expanded further.
@@ -74,15 +76,15 @@ class Enumerate:
 
     max_branches: int = 100_000
     max_seconds: float | None = 300.0
-    batched: bool = True
+    batched: bool | None = None
     name = "Enumerate"
 
     def __post_init__(self):
         from ppinfer.checks import check_int
 
         check_int("max_branches", self.max_branches, 1)
-        if not isinstance(self.batched, bool):
-            raise ConfigError(f"batched must be True or False, got {self.batched!r}")
+        if self.batched is not None and not isinstance(self.batched, bool):
+            raise ConfigError(f"batched must be True, False or None (automatic), got {self.batched!r}")
         if self.max_seconds is not None and (
             isinstance(self.max_seconds, bool)
             or not isinstance(self.max_seconds, int | float)
@@ -92,8 +94,8 @@ class Enumerate:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         t0 = time.perf_counter()
-        fn, fn_args = (unroll(program, args), ()) if is_sequential(program) else (program, args)
-        runs = _enumerate(fn, fn_args, {}, None, self.max_branches, True, self.max_seconds, self.batched)
+        fn = _Unrolled(program) if is_sequential(program) else program
+        runs = _enumerate(fn, args, {}, None, self.max_branches, True, self.max_seconds, self.batched)
         extras: dict[str, Any] = {"executions": runs.executions, "batched": runs.batched}
         if runs.num_branches == 0:  # every branch was pruned: each has weight zero
             raise ZeroEvidenceError(
@@ -139,7 +141,7 @@ def enumerate_runs(
     max_branches: int = 100_000,
     prune: bool = False,
     max_seconds: float | None = None,
-    batched: bool = True,
+    batched: bool | None = None,
 ) -> list[Branch]:
     """Every execution of ``fn(*args, **kwargs)`` with its sampling probability and weight, in
     lexicographic order of the choices' support indices; latent choices made by ``proposal`` (same
@@ -196,11 +198,17 @@ class _Stacked(NamedTuple):
         ]
 
 
+EAGER_NODES = 16
+"""With ``batched=None``, trees of at most this many executions (an upper bound from the product of
+the supports) run eagerly: one compilation costs more than that many eager runs."""
+
+
 def _enumerate(fn, args, kwargs, proposal, max_branches, prune, max_seconds, batched):
     start = time.perf_counter()
-    if batched and proposal is None:
+    if batched is not False and proposal is None:
+        small = 0 if batched else EAGER_NODES
         try:
-            return _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start)
+            return _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start, small)
         except PPInferError:
             raise
         except Exception:  # not traceable as one batch: one eager execution per branch
@@ -281,12 +289,21 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
     row: per row the log density of every sample site in trace order (``site_lp``), each latent
     site's distribution over its whole support (``support_lp``, ``[K, *batch]``) and support (to
     check that it does not depend on earlier choices), and the completed run's weights, choices,
-    value and stop flag."""
+    value and stop flag.
 
-    def one(values):
+    The arguments' arrays are inputs of the compiled function, not constants, and it is cached
+    (:func:`~ppinfer._compile.cached_jit`) under ``fn``, the static arguments and the sites' supports:
+    enumerating the same program again, on new data of the same shapes, does not recompile."""
+    from ppinfer._compile import cached_jit, split_args
+
+    dyn, static_key, rebuild = split_args((args, kwargs))
+    supports = tuple((n, sup.shape, str(sup.dtype), sup.tobytes(), w) for n, sup, _, w in sites)
+
+    def one(values, dyn):
+        a, kw = rebuild(dyn)
         stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
         with handlers.trace() as tr, handlers.seed(rng_seed=0), _given_values(values), stops, seen:
-            value = fn(*args, **kwargs)
+            value = fn(*a, **kw)
         samples = [s for s in tr.values() if s["type"] == "sample"]
         zero = jnp.zeros((), jnp.result_type(float))
         return {
@@ -300,7 +317,24 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
             "stopped": jnp.asarray(stops.stopped if seen.seen else False),
         }
 
-    return jax.jit(jax.vmap(one))
+    try:
+        key = ("enumerate", fn, static_key, supports)
+        hash(key)
+    except TypeError:  # an unhashable program: compiled for this call only
+        key = ("enumerate", _ById(fn), static_key, supports)
+    run, _ = cached_jit(key, lambda: jax.vmap(one, in_axes=(0, None)))
+    return lambda values: run(values, dyn)
+
+
+class _ById:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.value is self.value
 
 
 def _run_rows(run, values: dict, rows: int, deadline: Callable[[], None]) -> dict:
@@ -317,16 +351,25 @@ def _run_rows(run, values: dict, rows: int, deadline: Callable[[], None]) -> dic
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start) -> _Stacked:
+def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start, small=0) -> _Stacked:
     """Breadth-first enumeration. One eager run finds the latent sites in order (giving each the
     first value of its support); then level ``d`` runs every partial execution that has fixed the
     first ``d`` choices — as rows of one compiled, vmapped run of the whole program, the later
     choices at their first value, which cannot change what comes before them — reads off each
-    row's mass so far and the probabilities of choice ``d + 1``, and expands it."""
+    row's mass so far and the probabilities of choice ``d + 1``, and expands it. Raises
+    :class:`_NotBatchable` when the tree has at most ``small`` executions (eager is quicker)."""
     structure = _first_values()
     with handlers.trace() as tr, handlers.seed(rng_seed=0), structure, collect_stops():
         fn(*args, **kwargs)
     sites = structure.sites
+    nodes, width = 1, 1
+    for _, sup, batch, _ in sites:
+        width *= sup.shape[0] ** int(np.prod(batch))
+        nodes += width
+        if nodes > small:
+            break
+    if nodes <= small:
+        raise _NotBatchable
     order = [n for n, s in tr.items() if s["type"] == "sample"]
     position = [order.index(n) for n, _, _, _ in sites]  # among the sample sites, in trace order
     run = _full_run(fn, args, kwargs, sites)
@@ -383,6 +426,23 @@ def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start
     return _Stacked(
         out["choices"], out["log_prob"], out["log_weight"], out["value"], out["stopped"], executions
     )
+
+
+class _Unrolled:
+    """``_Unrolled(program)(*args)`` runs :func:`unroll` ``(program, args)``; equal for the same
+    program, so the batched enumeration's compiled run is reused across calls."""
+
+    def __init__(self, program: SequentialProgram):
+        self.program = program
+
+    def __call__(self, *args: Any) -> Any:
+        return unroll(self.program, args)()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Unrolled) and other.program is self.program
+
+    def __hash__(self) -> int:
+        return hash((_Unrolled, id(self.program)))
 
 
 def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
