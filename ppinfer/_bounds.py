@@ -58,7 +58,10 @@ def check_step_indices(program: Any, args: tuple) -> None:
     docstring). A program whose step cannot be traced here is left to the run to report."""
     from ppinfer._compile import split_args
 
-    num_steps = program.steps_for(args)
+    try:
+        num_steps = program.steps_for(args)
+    except Exception:  # an algorithm that passes the program other arguments (PMMH, SMC², PG)
+        return
     dyn, static_key, rebuild = split_args(args)
     try:
         key = (program, num_steps, static_key, tuple(_leaf_key(x) for x in dyn))
