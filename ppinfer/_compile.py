@@ -14,6 +14,7 @@ concurrent ``infer`` calls trace one at a time but execute their compiled runs i
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ppinfer.errors import DataError
+from ppinfer.errors import ConfigError, DataError
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
@@ -138,6 +139,10 @@ class _Jitted:
             with TRACE_LOCK.released():
                 return jax.block_until_ready(self._jitted(*args))
         with TRACE_LOCK:
+            if sig is not None:
+                # Compile first (jit reuses this executable for the call below) and refuse a run
+                # whose buffers cannot fit before any of them is allocated.
+                check_memory(self._jitted.lower(*args).compile())
             out = self._jitted(*args)
             if sig is not None:
                 self._compiled.add(sig)
@@ -145,6 +150,63 @@ class _Jitted:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)
+
+
+class MemoryEstimateError(ConfigError):
+    """A compiled run would need more memory than is available (raised before it allocates)."""
+
+    def __init__(self, message: str, needed: int, available: int):
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+def check_memory(compiled: Any) -> None:
+    """Raise :class:`MemoryEstimateError` if ``compiled`` (a ``jax.stages.Compiled``) needs more
+    memory for its temporaries and outputs — XLA's own buffer assignment, ``memory_analysis()`` —
+    than the device has free (an accelerator's ``memory_stats()``: limit − in use; on CPU the host's
+    ``MemAvailable``). Skipped when either figure is unknown, or with ``PPINFER_MEMORY_CHECK=0``."""
+    if os.environ.get("PPINFER_MEMORY_CHECK", "1") == "0":
+        return
+    try:
+        ma = compiled.memory_analysis()
+        needed = int(ma.temp_size_in_bytes) + int(ma.output_size_in_bytes)
+    except Exception:  # no analysis on this backend
+        return
+    available, where = available_memory()
+    if available is None or needed <= available:
+        return
+    raise MemoryEstimateError(
+        f"the compiled run needs an estimated {_gib(needed)} of memory (XLA's buffer assignment: "
+        f"{_gib(ma.temp_size_in_bytes)} of temporaries, {_gib(ma.output_size_in_bytes)} of outputs) "
+        f"but only {_gib(available)} is available on {where}: use fewer particles (or fewer steps, "
+        "smaller data per particle); refused before allocating anything",
+        needed,
+        available,
+    )
+
+
+def available_memory() -> tuple[int | None, str]:
+    """``(bytes free, where)`` on the default device: an accelerator's limit minus what is in use,
+    or for the CPU backend the host's ``MemAvailable`` (``None`` when unknown)."""
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind}"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "the host (CPU backend)"
+    except OSError:
+        pass
+    return None, "the host"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _signature(args: Any) -> Hashable | None:

@@ -34,6 +34,8 @@ __all__ = [
 def check_num_particles(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ConfigError(f"num_particles must be an integer >= 1, got {n!r}")
+    if n > np.iinfo(np.int32).max:  # particle indices are int32 (and 2^31 particles fill a device)
+        raise ConfigError(f"num_particles must be below 2^31 = {2**31}, got {n!r}")
     return int(n)
 
 

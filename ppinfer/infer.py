@@ -7,7 +7,8 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from ppinfer._compile import TRACE_LOCK, check_data
+from ppinfer._bounds import check_step_indices
+from ppinfer._compile import TRACE_LOCK, MemoryEstimateError, check_data
 from ppinfer.algorithms import SMC, Importance
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.program import is_sequential
@@ -62,10 +63,17 @@ def infer(
     check_data(args)
     key = _as_key(key)
     with TRACE_LOCK:
+        if is_sequential(program):
+            check_step_indices(program, args)  # num_steps longer than the data, before compiling
         try:
             return algorithm.run(key, program, args)
         except _CONCRETE_VALUE_ERRORS as e:
             raise ModelError(_concrete_value_message(e)) from e
+        except MemoryEstimateError as e:
+            n = getattr(algorithm, "num_particles", None)
+            what = f" with num_particles={n}" if n is not None else ""
+            name = getattr(algorithm, "name", type(algorithm).__name__)
+            raise MemoryEstimateError(f"{name}{what}: {e}", e.needed, e.available) from None
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -174,6 +182,8 @@ def _bind_keywords(program: Any, algorithm: Any, args: tuple, kwargs: dict) -> t
 
 def _as_key(key: Any) -> jax.Array:
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise ConfigError(f"an int seed must fit in 64 bits (-2^63 <= key < 2^63), got {key!r}")
         return jax.random.PRNGKey(int(key))
     if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == np.uint32:
         return key

@@ -281,8 +281,9 @@ class StepSpec:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prm is not None and not callable(self.prm):
             raise ConfigError(f"prm must be a callable (question, solution) -> float, got {self.prm!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        from ppinfer.tokens import check_temperature
+
+        check_temperature(self.temperature)
         if not 0 < self.clip < 0.5:
             raise ConfigError(f"clip must be in (0, 0.5), got {self.clip}")
 

@@ -147,6 +147,10 @@ class Result:
 
     def mean(self, name: str) -> jax.Array:
         """Posterior mean of site ``name`` (shape of one particle's value)."""
+        if name not in self.samples:
+            from ppinfer.errors import ConfigError
+
+            raise ConfigError(f"no site {name!r} in this result; its sites are {sorted(self.samples)}")
         return self.expectation(lambda s: s[name])
 
     def var(self, name: str) -> jax.Array:
@@ -178,7 +182,9 @@ class Result:
     def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
         replacement ∝ weight (multinomial)."""
-        n = self.num_particles if num_samples is None else int(num_samples)
+        from ppinfer.checks import check_int
+
+        n = self.num_particles if num_samples is None else check_int("num_samples", num_samples, 1)
         key = jax.random.PRNGKey(key) if isinstance(key, int) else key
         idx = jax.random.categorical(key, normalize(self.log_weights), shape=(n,))
         return jax.tree.map(lambda x: x[idx], self.samples)

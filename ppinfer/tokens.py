@@ -137,8 +137,9 @@ class Context(NamedTuple):
         return Context(tokens, jnp.zeros((), jnp.int32), cache, p.first_logp)
 
     def next_token(self, temperature: float | jax.Array = 1.0) -> dist.Categorical:
-        """The LM's distribution of the next token (tempered by ``temperature``)."""
-        return dist.Categorical(logits=_finite(self.logp / temperature))
+        """The LM's distribution of the next token (tempered by ``temperature``: a finite number
+        > 0; :class:`~ppinfer.errors.ConfigError` otherwise, checked when it is a concrete value)."""
+        return dist.Categorical(logits=_finite(self.logp / check_temperature(temperature)))
 
     def extend(self, p: LMPrompt, token: jax.Array) -> Context:
         """Append ``token`` and run the LM one step (one forward pass for this particle)."""
@@ -153,8 +154,9 @@ def masked_next_token(ctx: Context, mask: jax.Array, temperature: float = 1.0) -
     *locally constrained* proposal. Used as a proposal for a site sampled from ``ctx.next_token()``
     and conditioned on ``mask[tok]``, its weight ``p/q`` is exactly the allowed mass
     ``log Σ_{v ∈ mask} p(v)``. If nothing is allowed it falls back to the unmasked LM (the target's
-    condition then gives the particle weight zero)."""
-    logits = _finite(ctx.logp / temperature)
+    condition then gives the particle weight zero). ``temperature``: as in
+    :meth:`Context.next_token`."""
+    logits = _finite(ctx.logp / check_temperature(temperature))
     masked = jnp.where(mask, logits, _IMPOSSIBLE)
     return dist.Categorical(logits=jnp.where(jnp.any(mask), masked, logits))
 
@@ -352,12 +354,13 @@ def constrained(
         twist: optional ``ψ(ctx) -> f32[]`` of the context after each token, applied as a twist
             (:func:`twist`: ``ψ_t − ψ_{t−1}``, removed at the end, so the target is unchanged).
         require_eos: see Target.
-        temperature: the LM's temperature in the target (1: the LM itself).
+        temperature: the LM's temperature in the target (1: the LM itself), a finite number > 0.
         vocab_bytes: the vocabulary's bytes; default ``prompt.lm.vocab_bytes``.
         eos_id: the EOS token; default ``prompt.eos_id`` (the LM's).
     """
     if proposal not in ("local", "bootstrap"):
         raise ConfigError(f"proposal must be 'local' or 'bootstrap', got {proposal!r}")
+    temperature = check_temperature(temperature)
     if not isinstance(prompt, LMPrompt):
         raise ConfigError(
             "constrained(prompt, ...) needs the LMPrompt of tokens.prompt(lm, text, max_new_tokens)"
@@ -435,6 +438,28 @@ def constrained(
 # A logit of −1e30 has probability exactly 0 after normalisation yet passes NumPyro's validation
 # (which rejects −inf logits), and sums of a few of them stay finite.
 _IMPOSSIBLE = -1e30
+
+
+def check_temperature(temperature: Any) -> Any:
+    """``temperature`` if it is a finite number > 0 (a Python or NumPy number, or a scalar array),
+    else :class:`~ppinfer.errors.ConfigError`: ``logp / T`` is no distribution for ``T <= 0`` (0
+    divides by zero; a negative one favours the least likely tokens), NaN or ±inf. A traced value
+    (inside a compiled function) cannot be checked and is passed through."""
+    if isinstance(temperature, jax.core.Tracer):
+        return temperature
+    bad = isinstance(temperature, bool | np.bool_ | str | bytes)
+    if not bad:
+        try:
+            value = np.asarray(temperature)
+            bad = value.ndim != 0 or value.dtype.kind not in "iuf"
+        except Exception:
+            bad = True
+    if bad or not (np.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"temperature must be a finite number > 0, got {temperature!r} (a sampling distribution "
+            "needs T > 0; for greedy decoding use lm.generate(..., temperature=0))"
+        )
+    return temperature
 
 
 def _finite(logits: jax.Array) -> jax.Array:

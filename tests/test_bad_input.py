@@ -811,3 +811,248 @@ def test_keyword_programs_keep_the_identity_of_their_program():
     ident = lambda p: program_identity(_KeywordProgram(p, ("y",)))
     assert ident(a) == ident(beta_bernoulli(1.0, 1.0)) != ident(b)
     assert _KeywordProgram(a, ("y",)) == _KeywordProgram(a, ("y",)) != _KeywordProgram(a, ("x",))
+
+
+# ---------------------------------------------------------- num_steps against the data (item 5)
+
+
+def _walk(index):
+    """A random walk observed at ``index(ys, t)``."""
+
+    def init(ys):
+        return jnp.zeros(())
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), index(ys, t))
+        return x
+
+    return init, step
+
+
+@pytest.mark.parametrize("algorithm", [pp.SMC(4), pp.Enumerate()], ids=["SMC", "Enumerate"])
+def test_num_steps_longer_than_the_data(algorithm):
+    init, step = _walk(lambda ys, t: ys[t])
+    program = pp.sequential(init, step, 7)
+    for _ in range(2):  # a refused program is checked again, not remembered as checked
+        with pytest.raises(ModelError, match=r"num_steps=7 is longer than the data \(5 along that axis\)"):
+            pp.infer(program, jnp.arange(5.0), algorithm=algorithm)
+
+
+@pytest.mark.parametrize(
+    "index, data, match",
+    [
+        (lambda ys, t: ys[:, t], jnp.zeros((3, 5)), "reads element 6 of an array axis 1 of length 5"),
+        (lambda ys, t: ys[t + 1], jnp.zeros(7), "step t=6 .* reads element 7 of an array axis 0 of length 7"),
+        (lambda ys, t: jax.jit(lambda a, i: a[i])(ys, t), jnp.zeros(5), "reads element 6 .* length 5"),
+        (lambda ys, t: ys[ys.astype(jnp.int32)[t] + 9], jnp.zeros(7, jnp.int32), "reads element 9 of"),
+        (lambda ys, t: ys[6 - t], jnp.zeros(5), "step t=0 .* reads element 6 of an array axis 0 of length 5"),
+    ],
+    ids=["column", "t+1", "jitted", "data-index", "reversed"],
+)
+def test_out_of_range_step_indices(index, data, match):
+    from ppinfer._bounds import check_step_indices
+
+    init, step = _walk(index)
+    with pytest.raises(ModelError, match=match):
+        check_step_indices(pp.sequential(init, step, 7), (data,))
+
+
+def test_writing_past_the_end_of_a_state_buffer():
+    from ppinfer._bounds import check_step_indices
+
+    def step(buf, t, ys):
+        return buf.at[t].set(pp.sample("x", dist.Normal(0.0, 1.0)))
+
+    prog = pp.sequential(lambda ys: jnp.zeros(4), step, 6)
+    match = r"writes element 5 of .* length 4.*num_steps=6 is longer than the array"
+    with pytest.raises(ModelError, match=match):
+        check_step_indices(prog, (jnp.zeros(6),))
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        lambda ys, t: ys[t],  # num_steps == len(ys)
+        lambda ys, t: jnp.where(t + 1 < 5, ys[jnp.minimum(t + 1, 4)], 0.0),  # clamped on purpose
+        lambda ys, t: jnp.take(ys, t + 1, mode="clip"),  # an explicit mode
+    ],
+    ids=["exact", "clamped", "take-clip"],
+)
+def test_in_range_step_indices_pass_the_check(index):
+    from ppinfer._bounds import check_step_indices
+
+    init, step = _walk(index)
+    check_step_indices(pp.sequential(init, step, 5), (jnp.arange(5.0),))
+
+
+# ------------------------------------------------------------------ memory estimate (item 10)
+
+
+def test_too_many_particles_are_refused_before_allocating(monkeypatch):
+    import resource
+
+    import ppinfer._compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "available_memory", lambda: (2**30, "a test device"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=r"num_particles=100000000: the compiled run needs an estimated "
+                       r"[\d.]+ GiB .* only 1.0 GiB is available on a test device") as e:
+        pp.infer(normal_model, 0.5, algorithm=pp.Importance(10**8))
+    assert e.value.needed > 10**8 * 8  # at least the samples and log weights
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 10**6  # the run (> 2 GB) never allocated
+
+
+def test_the_memory_check_lets_small_runs_through(monkeypatch):
+    import ppinfer._compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "available_memory", lambda: (2**30, "a test device"))
+    r = pp.infer(normal_model, 0.5, algorithm=pp.Importance(1000))
+    assert r.num_particles == 1000
+
+
+# -------------------------------------------------------------- sampling temperature (item 10)
+
+
+BAD_TEMPERATURES = [-1.0, 0.0, 0, float("nan"), float("inf"), "hot", True, np.array([1.0, 2.0])]
+
+
+@pytest.mark.parametrize("temperature", BAD_TEMPERATURES)
+def test_next_token_temperature(temperature):
+    from ppinfer import tokens as tk
+
+    ctx = tk.Context(jnp.zeros(3, jnp.int32), jnp.zeros((), jnp.int32), None, jnp.log(jnp.ones(4) / 4))
+    with pytest.raises(ConfigError, match="temperature must be a finite number > 0"):
+        ctx.next_token(temperature)
+    with pytest.raises(ConfigError, match="temperature must be a finite number > 0"):
+        tk.masked_next_token(ctx, jnp.ones(4, bool), temperature)
+    assert ctx.next_token(0.5).logits.shape == (4,)
+
+
+@pytest.mark.parametrize("temperature", [-0.5, 0.0])
+def test_constrained_program_temperature(tiny_lm, temperature):
+    from ppinfer import constraints
+    from ppinfer import tokens as tk
+
+    p = tk.prompt(tiny_lm, [1, 2], 4)
+    vocab = [bytes([97 + i]) for i in range(V)]
+    with pytest.raises(ConfigError, match=f"temperature must be a finite number > 0, got {temperature}"):
+        tk.constrained(p, constraints.Regex("a+"), temperature=temperature, vocab_bytes=vocab, eos_id=0)
+
+
+# ----------------------------------------------------------------- batched enumeration (item 7)
+
+
+def _hmm(k, t):
+    from models.classic import discrete_hmm
+
+    init = np.full(k, 1.0 / k)
+    trans = np.full((k, k), 0.2 / k) + np.eye(k) * 0.8
+    means = np.arange(k, dtype=float)
+    ys = jnp.asarray(np.linspace(-0.5, k - 0.5, t), jnp.float32)
+    return discrete_hmm(init, trans, means, 1.0), ys, (init, trans, means)
+
+
+def test_batched_enumeration_is_exact_on_an_hmm():
+    from scipy.stats import norm
+
+    from semantics.exact import hmm_forward
+
+    prog, ys, (init, trans, means) = _hmm(2, 8)
+    r = pp.infer(prog, ys, algorithm=pp.Enumerate())
+    assert r.extras["batched"] and r.num_particles == 2**8
+    assert r.extras["executions"] == 2**9 - 1  # every level of the tree once
+    exact = hmm_forward(init, trans, norm.logpdf(np.asarray(ys, np.float64)[:, None], means, 1.0))[0]
+    assert r.log_evidence == pytest.approx(exact, abs=1e-4)
+
+
+def test_batched_and_eager_enumeration_agree_and_prune_zero_probability_choices():
+    def m():
+        a = pp.sample("a", dist.Categorical(jnp.array([0.5, 0.0, 0.5])))  # a = 1 is impossible
+        probs = jnp.where(a == 2, jnp.array([0.0, 1.0]), jnp.array([0.7, 0.3]))
+        b = pp.sample("b", dist.Categorical(probs))  # b = 0 is impossible when a = 2
+        pp.observe("y", dist.Normal(a + b, 1.0), 1.5)
+
+    batched = pp.infer(m, algorithm=pp.Enumerate(batched=True))
+    eager = pp.infer(m, algorithm=pp.Enumerate(batched=False))
+    auto = pp.infer(m, algorithm=pp.Enumerate())  # 1 + 3 + 6 <= EAGER_NODES executions: eager
+    assert not auto.extras["batched"] and auto.log_evidence == pytest.approx(eager.log_evidence)
+    assert batched.extras["batched"] and not eager.extras["batched"]
+    for r in (batched, eager):
+        assert r.num_particles == 3  # (0,0), (0,1), (2,1): the zero-probability branches are never run
+    np.testing.assert_allclose(np.asarray(batched.samples["a"]), np.asarray(eager.samples["a"]))
+    np.testing.assert_allclose(batched.log_weights, eager.log_weights, rtol=1e-5)
+    assert batched.log_evidence == pytest.approx(eager.log_evidence, rel=1e-6)
+
+
+def test_enumeration_level_over_budget_is_refused_before_it_runs():
+    prog, ys, _ = _hmm(3, 12)
+    match = r"max_branches=1000 .* choice 7 of 12 .* 2187 partial executions"
+    with pytest.raises(EnumerationError, match=match):
+        pp.infer(prog, ys, algorithm=pp.Enumerate(max_branches=1000))
+
+
+def test_python_control_flow_falls_back_to_eager_enumeration():
+    def m():
+        a = pp.sample("a", dist.Bernoulli(0.3))
+        if int(a) == 1:  # Python control flow on a choice: not traceable as one batch
+            pp.sample("b", dist.Bernoulli(0.5))
+
+    r = pp.infer(m, algorithm=pp.Enumerate(batched=True))
+    assert not r.extras["batched"] and r.num_particles == 3
+    assert r.log_evidence == pytest.approx(0.0, abs=1e-6)
+
+
+def test_enumerate_batched_setting():
+    with pytest.raises(ConfigError, match="batched must be True, False or None"):
+        pp.Enumerate(batched="yes")
+
+
+# ------------------------------------------------------------- found by probing again (item 4)
+
+
+@pytest.mark.parametrize("key", [2**64, -(2**63) - 1])
+def test_seed_beyond_64_bits(key):
+    with pytest.raises(ConfigError, match="an int seed must fit in 64 bits"):
+        pp.infer(normal_model, 0.5, algorithm=pp.Importance(4), key=key)
+
+
+@pytest.mark.parametrize("cls", [pp.SMC, pp.Importance])
+def test_num_particles_beyond_int32(cls):
+    with pytest.raises(ConfigError, match=r"num_particles must be below 2\^31"):
+        cls(2**32)
+
+
+def test_result_of_a_missing_site_and_bad_sample_count():
+    r = pp.infer(normal_model, 0.5, algorithm=pp.Importance(8))
+    with pytest.raises(ConfigError, match=r"no site 'nope' in this result; its sites are \['mu'\]"):
+        r.mean("nope")
+    with pytest.raises(ConfigError, match="num_samples must be an integer >= 1, got -1"):
+        r.sample(-1)
+
+
+def test_save_something_that_is_not_a_posterior(tmp_path):
+    from ppinfer.updates import save
+
+    with pytest.raises(ConfigError, match=r"save\(\) takes the Posterior of an IBIS run .*, got str"):
+        save("x", tmp_path / "p.safetensors")
+
+
+def test_load_a_checkpoint_from_none():
+    with pytest.raises(CheckpointError, match="load\\(\\) takes a checkpoint folder path, got NoneType"):
+        load_lm(None)
+
+
+@pytest.mark.parametrize("value", [-1e-5, 0.0, "x", float("nan")])
+def test_malformed_norm_epsilon(tmp_path, value):
+    with pytest.raises(CheckpointError, match="layer_norm_epsilon must be a finite number > 0"):
+        load_lm(_folder(tmp_path, config=_config(layer_norm_epsilon=value)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_checkpoint_with_non_finite_weights(tmp_path, bad):
+    tensors = _gpt2_tensors()
+    tensors["h.0.mlp.c_fc.weight"][3, 2] = bad
+    with pytest.raises(CheckpointError, match="'h.0.mlp.c_fc.weight' .* contains NaN or infinite values"):
+        load_lm(_folder(tmp_path, tensors=tensors))

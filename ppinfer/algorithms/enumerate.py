@@ -24,8 +24,8 @@ from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from ppinfer.errors import ConfigError, EnumerationError, ZeroEvidenceError
-from ppinfer.primitives import collect_stops
+from ppinfer.errors import ConfigError, EnumerationError, PPInferError, ZeroEvidenceError
+from ppinfer.primitives import STOP_MESSAGE, collect_stops, watch_messages
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
 from ppinfer.weighted import choices_of, site_log_prob, weight_from_traces
@@ -60,18 +60,31 @@ class Enumerate:
         max_seconds: stop with :class:`~ppinfer.errors.EnumerationError` when the enumeration has
             run this long (``None``: no time limit).
 
+        batched: ``True``: run the executions level by level, each level (every partial
+            execution that has fixed the same choices) as one compiled, vmapped batch. A program
+            the batch cannot trace (Python control flow on a choice, a sequential program that
+            calls :func:`~ppinfer.stop`, a support that depends on earlier choices) falls back to
+            one eager execution per branch; ``False`` forces that path. ``None`` (default): batched
+            unless the tree is tiny (at most :data:`EAGER_NODES` executions by the product of the
+            supports), where compiling costs more than running each branch eagerly.
+
     Branches whose weight is already zero before they are complete (a failed condition, an
-    impossible observation or choice) are not expanded further.
+    impossible observation or choice, a choice of probability zero) are not expanded further.
+    The number of partial executions of the next level is known before it runs: more than
+    ``max_branches`` is refused then, before running them.
     """
 
     max_branches: int = 100_000
     max_seconds: float | None = 300.0
+    batched: bool | None = None
     name = "Enumerate"
 
     def __post_init__(self):
         from ppinfer.checks import check_int
 
         check_int("max_branches", self.max_branches, 1)
+        if self.batched is not None and not isinstance(self.batched, bool):
+            raise ConfigError(f"batched must be True, False or None (automatic), got {self.batched!r}")
         if self.max_seconds is not None and (
             isinstance(self.max_seconds, bool)
             or not isinstance(self.max_seconds, int | float)
@@ -81,27 +94,35 @@ class Enumerate:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         t0 = time.perf_counter()
-        fn, fn_args = (unroll(program, args), ()) if is_sequential(program) else (program, args)
-        branches = enumerate_runs(
-            fn, fn_args, max_branches=self.max_branches, prune=True, max_seconds=self.max_seconds
-        )
-        if not branches:  # every branch was pruned: each has weight zero
+        fn = _Unrolled(program) if is_sequential(program) else program
+        runs = _enumerate(fn, args, {}, None, self.max_branches, True, self.max_seconds, self.batched)
+        extras: dict[str, Any] = {"executions": runs.executions, "batched": runs.batched}
+        if runs.num_branches == 0:  # every branch was pruned: each has weight zero
             raise ZeroEvidenceError(
                 "every execution has weight zero (every branch fails a condition or an observation "
                 "before it completes): the observations or conditions are impossible"
             )
-        log_masses = jnp.asarray([b.log_prob + b.log_weight for b in branches])
-        extras = {}
-        if is_sequential(program):
-            samples, extras["active"], extras["site_kinds"] = _as_trajectories(
-                [b.choices for b in branches], program.steps_for(args)
-            )
+        if isinstance(runs, _Stacked):
+            log_masses = jnp.asarray(runs.log_prob + runs.log_weight)
+            if is_sequential(program):
+                samples, extras["active"], extras["site_kinds"] = _stacked_trajectories(
+                    runs.choices, program.steps_for(args)
+                )
+            else:
+                samples = {k: jnp.asarray(v) for k, v in runs.choices.items()}
         else:
-            samples = _stack([b.choices for b in branches])
+            branches = runs.branches
+            log_masses = jnp.asarray([b.log_prob + b.log_weight for b in branches])
+            if is_sequential(program):
+                samples, extras["active"], extras["site_kinds"] = _as_trajectories(
+                    [b.choices for b in branches], program.steps_for(args)
+                )
+            else:
+                samples = _stack([b.choices for b in branches])
         log_z = float(logsumexp(log_masses))
         from ppinfer.checks import raise_if_dead
 
-        raise_if_dead(log_z, "(every execution has zero weight)", len(branches))
+        raise_if_dead(log_z, "(every execution has zero weight)", runs.num_branches)
         return Result(
             samples=samples,
             log_weights=log_masses,
@@ -120,18 +141,85 @@ def enumerate_runs(
     max_branches: int = 100_000,
     prune: bool = False,
     max_seconds: float | None = None,
+    batched: bool | None = None,
 ) -> list[Branch]:
-    """Every execution of ``fn(*args, **kwargs)`` with its sampling probability and weight; latent
-    choices made by ``proposal`` (same arguments) are drawn from it. Eager (not jitted).
+    """Every execution of ``fn(*args, **kwargs)`` with its sampling probability and weight, in
+    lexicographic order of the choices' support indices; latent choices made by ``proposal`` (same
+    arguments) are drawn from it.
 
     ``prune``: do not expand a partial execution whose mass is already zero (its choices so far
-    have probability zero, or its observations/conditions so far weight zero): every completion
-    has mass zero, so only zero-mass branches are left out. ``max_seconds``: raise
-    :class:`EnumerationError` when enumerating takes longer."""
-    kwargs = kwargs or {}
+    have probability zero, or its observations/conditions so far weight zero), nor a choice of
+    probability zero: every completion has mass zero, so only zero-mass branches are left out.
+    ``max_seconds``: raise :class:`EnumerationError` when enumerating takes longer.
+    ``batched``: run each level of the execution tree as one compiled vmapped batch (see
+    :class:`Enumerate`) when there is no proposal and the program can be traced; else one eager
+    execution per branch."""
+    runs = _enumerate(fn, args, kwargs or {}, proposal, max_branches, prune, max_seconds, batched)
+    return runs.branches
+
+
+class _Eager(NamedTuple):
+    branches: list[Branch]
+    executions: int
+    batched: bool = False
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+
+class _Stacked(NamedTuple):
+    """Every execution of a batched enumeration, stacked along a leading axis ``B`` (every one has
+    the same sites: a traced program's control flow does not depend on its choices)."""
+
+    choices: dict[str, np.ndarray]
+    log_prob: np.ndarray
+    log_weight: np.ndarray
+    value: Any
+    stopped: np.ndarray
+    executions: int
+    batched: bool = True
+
+    @property
+    def num_branches(self) -> int:
+        return int(self.log_prob.shape[0])
+
+    @property
+    def branches(self) -> list[Branch]:
+        return [
+            Branch(
+                {k: v[i] for k, v in self.choices.items()},
+                float(self.log_prob[i]),
+                float(self.log_weight[i]),
+                jax.tree.map(lambda x, i=i: x[i], self.value),
+                bool(self.stopped[i]),
+            )
+            for i in range(self.num_branches)
+        ]
+
+
+EAGER_NODES = 16
+"""With ``batched=None``, trees of at most this many executions (an upper bound from the product of
+the supports) run eagerly: one compilation costs more than that many eager runs."""
+
+
+def _enumerate(fn, args, kwargs, proposal, max_branches, prune, max_seconds, batched):
+    start = time.perf_counter()
+    if batched is not False and proposal is None:
+        small = 0 if batched else EAGER_NODES
+        try:
+            return _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start, small)
+        except PPInferError:
+            raise
+        except Exception:  # not traceable as one batch: one eager execution per branch
+            pass
+    return _enumerate_eager(fn, args, kwargs, proposal, max_branches, prune, max_seconds, start)
+
+
+def _enumerate_eager(fn, args, kwargs, proposal, max_branches, prune, max_seconds, start) -> _Eager:
     branches: list[Branch] = []
     pending: list[dict] = [{}]
-    start = time.perf_counter()
+    executions = 0
     while pending:
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             raise EnumerationError(
@@ -140,19 +228,221 @@ def enumerate_runs(
                 "exactly; use a sampling algorithm (SMC, Importance) or raise max_seconds"
             )
         prefix = pending.pop()
+        executions += 1
         try:
             branches.append(_run_branch(fn, args, kwargs, proposal, prefix))
         except _Branching as b:
             if prune and b.dead:
                 continue
-            if len(branches) + len(pending) + len(b.values) > max_branches:
+            values = [v for v, lp in zip(b.values, b.log_probs, strict=True) if not (prune and lp == -np.inf)]
+            if len(branches) + len(pending) + len(values) > max_branches:
                 raise EnumerationError(
                     f"more than max_branches={max_branches} executions to enumerate"
                 ) from None
-            pending.extend({**prefix, b.key: v} for v in reversed(b.values))
+            pending.extend({**prefix, b.key: v} for v in reversed(values))
         if len(branches) > max_branches:
             raise EnumerationError(f"more than max_branches={max_branches} executions to enumerate")
-    return branches
+    return _Eager(branches, executions)
+
+
+_CHUNK_SIZES = (256, 1 << 14)  # rows per compiled call (padded up): at most two compilations
+
+
+class _NotBatchable(Exception):
+    pass
+
+
+class _first_values(Messenger):
+    """Records the latent sites in order (name, support, batch shape, masked/scaled) and gives each
+    the first value of its support (the structure run of a batched enumeration)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[tuple[str, np.ndarray, tuple, bool]] = []
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return
+        d = msg["fn"]
+        if not getattr(d, "has_enumerate_support", False):
+            support_values(msg["name"], d)  # raises the EnumerationError
+        support = np.asarray(d.enumerate_support(expand=True))
+        weighted = msg.get("mask") is not None or msg.get("scale") is not None
+        self.sites.append((msg["name"], support, tuple(d.batch_shape), weighted))
+        msg["value"] = jnp.asarray(support[0])
+
+
+class _given_values(Messenger):
+    """Gives each latent site its value from ``values`` (name → value)."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+
+
+def _full_run(fn, args, kwargs, sites) -> Callable:
+    """A jitted function of every latent site's value (name → ``[B, …]``) running ``fn`` once per
+    row: per row the log density of every sample site in trace order (``site_lp``), each latent
+    site's distribution over its whole support (``support_lp``, ``[K, *batch]``) and support (to
+    check that it does not depend on earlier choices), and the completed run's weights, choices,
+    value and stop flag.
+
+    The arguments' arrays are inputs of the compiled function, not constants, and it is cached
+    (:func:`~ppinfer._compile.cached_jit`) under ``fn``, the static arguments and the sites' supports:
+    enumerating the same program again, on new data of the same shapes, does not recompile."""
+    from ppinfer._compile import cached_jit, split_args
+
+    dyn, static_key, rebuild = split_args((args, kwargs))
+    supports = tuple((n, sup.shape, str(sup.dtype), sup.tobytes(), w) for n, sup, _, w in sites)
+
+    def one(values, dyn):
+        a, kw = rebuild(dyn)
+        stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
+        with handlers.trace() as tr, handlers.seed(rng_seed=0), _given_values(values), stops, seen:
+            value = fn(*a, **kw)
+        samples = [s for s in tr.values() if s["type"] == "sample"]
+        zero = jnp.zeros((), jnp.result_type(float))
+        return {
+            "site_lp": jnp.stack([site_log_prob(s).astype(zero.dtype) for s in samples]),
+            "support_lp": {n: tr[n]["fn"].log_prob(jnp.asarray(sup)) for n, sup, _, _ in sites},
+            "support": {n: tr[n]["fn"].enumerate_support(expand=True) for n, _, _, _ in sites},
+            "log_prob": sum((site_log_prob(s) for s in samples if _latent(s)), zero),
+            "log_weight": weight_from_traces(tr)[0],
+            "choices": choices_of(tr),
+            "value": value,
+            "stopped": jnp.asarray(stops.stopped if seen.seen else False),
+        }
+
+    try:
+        key = ("enumerate", fn, static_key, supports)
+        hash(key)
+    except TypeError:  # an unhashable program: compiled for this call only
+        key = ("enumerate", _ById(fn), static_key, supports)
+    run, _ = cached_jit(key, lambda: jax.vmap(one, in_axes=(0, None)))
+    return lambda values: run(values, dyn)
+
+
+class _ById:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.value is self.value
+
+
+def _run_rows(run, values: dict, rows: int, deadline: Callable[[], None]) -> dict:
+    """``run`` over ``rows`` rows of ``values`` in chunks (padded to one of :data:`_CHUNK_SIZES`),
+    outputs as NumPy arrays."""
+    size = _CHUNK_SIZES[0] if rows <= _CHUNK_SIZES[0] else _CHUNK_SIZES[1]
+    outs = []
+    for lo in range(0, rows, size):
+        deadline()
+        idx = np.arange(lo, lo + size)
+        idx[idx >= rows] = 0
+        out = jax.tree.map(np.asarray, run({k: v[idx] for k, v in values.items()}))
+        outs.append(jax.tree.map(lambda x, n=rows - lo: x[:n], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start, small=0) -> _Stacked:
+    """Breadth-first enumeration. One eager run finds the latent sites in order (giving each the
+    first value of its support); then level ``d`` runs every partial execution that has fixed the
+    first ``d`` choices — as rows of one compiled, vmapped run of the whole program, the later
+    choices at their first value, which cannot change what comes before them — reads off each
+    row's mass so far and the probabilities of choice ``d + 1``, and expands it. Raises
+    :class:`_NotBatchable` when the tree has at most ``small`` executions (eager is quicker)."""
+    structure = _first_values()
+    with handlers.trace() as tr, handlers.seed(rng_seed=0), structure, collect_stops():
+        fn(*args, **kwargs)
+    sites = structure.sites
+    nodes, width = 1, 1
+    for _, sup, batch, _ in sites:
+        width *= sup.shape[0] ** int(np.prod(batch))
+        nodes += width
+        if nodes > small:
+            break
+    if nodes <= small:
+        raise _NotBatchable
+    order = [n for n, s in tr.items() if s["type"] == "sample"]
+    position = [order.index(n) for n, _, _, _ in sites]  # among the sample sites, in trace order
+    run = _full_run(fn, args, kwargs, sites)
+    pad = {n: sup[0] for n, sup, _, _ in sites}
+    fixed: dict[str, np.ndarray] = {}
+    rows, executions = 1, 0
+
+    def deadline():
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            raise EnumerationError(
+                f"enumeration exceeded max_seconds={max_seconds} after {executions} executions "
+                f"(at choice {len(fixed) + 1} of {len(sites)}, {rows} partial executions): too many "
+                "branches to enumerate exactly; use a sampling algorithm (SMC, Importance) or raise "
+                "max_seconds"
+            )
+
+    for depth in range(len(sites) + 1):
+        deadline()
+        if rows == 0:
+            return _Stacked({}, np.zeros(0), np.zeros(0), None, np.zeros(0, bool), executions)
+        values = {n: fixed[n] if n in fixed else np.broadcast_to(pad[n], (rows,) + pad[n].shape) for n in pad}
+        out = _run_rows(run, values, rows, deadline)
+        executions += rows
+        for n, sup, _, _ in sites:
+            if not (out["support"][n] == sup[None]).all():
+                raise _NotBatchable  # a support that depends on earlier choices
+        if depth == len(sites):
+            break
+        name, support, batch, weighted = sites[depth]
+        partial = out["site_lp"][:, : position[depth]].sum(1)
+        k, size = support.shape[0], int(np.prod(batch))
+        if k**size > 1_000_000:
+            raise EnumerationError(f"site {name!r} has {k}^{size} joint values: too many to enumerate")
+        combos = np.array(list(itertools.product(range(k), repeat=size)), np.int64).reshape(-1, size)
+        pos = np.arange(size)
+        flat = support.reshape((k, size) + support.shape[1 + len(batch) :])
+        choice_values = flat[combos, pos].reshape((len(combos),) + support.shape[1:])
+        joint = out["support_lp"][name].reshape(rows, k, size)[:, combos, pos].sum(-1)  # [rows, C]
+        keep = np.ones(joint.shape, bool)
+        if prune:
+            keep &= (partial > -np.inf)[:, None]
+            if not weighted:
+                keep &= joint > -np.inf
+        count = int(keep.sum())
+        if count > max_branches:
+            raise EnumerationError(
+                f"more than max_branches={max_branches} executions to enumerate: choice {depth + 1} "
+                f"of {len(sites)} (site {name!r}) alone has {count} partial executions"
+            )
+        b_idx, c_idx = np.nonzero(keep)  # prefix-major, value-minor: lexicographic order
+        fixed = {n: v[b_idx] for n, v in fixed.items()}
+        fixed[name] = choice_values[c_idx]
+        rows = count
+    return _Stacked(
+        out["choices"], out["log_prob"], out["log_weight"], out["value"], out["stopped"], executions
+    )
+
+
+class _Unrolled:
+    """``_Unrolled(program)(*args)`` runs :func:`unroll` ``(program, args)``; equal for the same
+    program, so the batched enumeration's compiled run is reused across calls."""
+
+    def __init__(self, program: SequentialProgram):
+        self.program = program
+
+    def __call__(self, *args: Any) -> Any:
+        return unroll(self.program, args)()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Unrolled) and other.program is self.program
+
+    def __hash__(self) -> int:
+        return hash((_Unrolled, id(self.program)))
 
 
 def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
@@ -161,15 +451,15 @@ def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
     num_steps = program.steps_for(args)
 
     def unrolled():
-        stops = collect_stops()
-        with handlers.scope(prefix="init", divider="/"), stops:
+        stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
+        with handlers.scope(prefix="init", divider="/"), stops, seen:
             state = program.init(*args)
         state = jax.tree.map(jnp.asarray, state)
         for t in range(num_steps):
-            if bool(stops.stopped):
+            if seen.seen and bool(stops.stopped):  # traced (batched enumeration): not batchable
                 break
-            stops = collect_stops()
-            with handlers.scope(prefix=str(t), divider="/"), stops:
+            stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
+            with handlers.scope(prefix=str(t), divider="/"), stops, seen:
                 state = program.step(state, jnp.asarray(t, jnp.int32), *args)
         return state
 
@@ -177,8 +467,8 @@ def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
 
 
 class _Branching(Exception):
-    def __init__(self, key, values):
-        self.key, self.values = key, values
+    def __init__(self, key, values, log_probs):
+        self.key, self.values, self.log_probs = key, values, log_probs
         self.dead = False  # whether the partial execution before this site already has mass zero
 
 
@@ -196,7 +486,10 @@ class _fix_choices(Messenger):
         if key in self.prefix:
             msg["value"] = self.prefix[key]
         else:
-            raise _Branching(key, support_values(msg["name"], msg["fn"]))
+            values = support_values(msg["name"], msg["fn"])
+            weighted = msg.get("mask") is not None or msg.get("scale") is not None
+            log_probs = [0.0 if weighted else float(jnp.sum(msg["fn"].log_prob(v))) for v in values]
+            raise _Branching(key, values, log_probs)
 
 
 def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
@@ -267,6 +560,19 @@ def _latent(site) -> bool:
 def _stack(dicts: list[dict]) -> dict:
     names = [n for n in dicts[0] if all(n in d for d in dicts)]
     return {n: jnp.asarray(np.stack([d[n] for d in dicts])) for n in names}
+
+
+def _stacked_trajectories(choices: dict, num_steps: int) -> tuple[dict, jax.Array, dict]:
+    """:func:`_as_trajectories` for stacked choices of a batched enumeration (every branch ran
+    every step: a program that stops is not batched)."""
+    from ppinfer.algorithms.smc import sample_names
+
+    init = {k[5:]: jnp.asarray(v) for k, v in choices.items() if k.startswith("init/")}
+    names = {k.split("/", 1)[1] for k in choices if not k.startswith("init/")}
+    steps = {n: jnp.asarray(np.stack([choices[f"{t}/{n}"] for t in range(num_steps)], 1)) for n in names}
+    rows = next(iter(choices.values())).shape[0] if choices else 0
+    samples, kinds = sample_names(init, steps)
+    return samples, jnp.ones((rows, num_steps), bool), kinds
 
 
 def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Array, dict]:

@@ -191,6 +191,11 @@ class _Getter:
             raise CheckpointError(
                 f"tensor {name!r} in {self.path} has shape {array.shape}, config implies {shape}"
             )
+        if not np.isfinite(array).all():
+            raise CheckpointError(
+                f"tensor {name!r} in {self.path} contains NaN or infinite values: the checkpoint is "
+                "corrupt (every logit would be NaN)"
+            )
         return array
 
     def layers(self, template: str, shape: tuple[int, ...], num_layers: int) -> np.ndarray:

@@ -117,7 +117,7 @@ def _gpt2_config(hf: dict[str, Any]) -> TransformerConfig:
         head_dim=hidden // heads,
         intermediate_size=hf.get("n_inner") or 4 * hidden,
         max_position_embeddings=hf["n_positions"],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=_positive(hf, "layer_norm_epsilon", 1e-5),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
@@ -149,8 +149,8 @@ def _llama_config(hf: dict[str, Any]) -> TransformerConfig:
         head_dim=hf.get("head_dim") or hidden // heads,
         intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=_positive(hf, "rms_norm_eps", 1e-6),
+        rope_theta=_positive({"rope_theta": rope.get("rope_theta", hf.get("rope_theta", 1e4))}, "rope_theta"),
         # Qwen2 always has q/k/v biases and none on o_proj; Llama/Mistral follow attention_bias.
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,
@@ -169,6 +169,15 @@ def _count(hf: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CheckpointError(f"config.json: {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def _positive(hf: dict[str, Any], key: str, default: float | None = None) -> float:
+    """``hf[key]`` (or ``default`` when absent) as a float if it is a finite number > 0, else
+    :class:`CheckpointError` (a negative epsilon or a string would give NaN or a raw error later)."""
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise CheckpointError(f"config.json: {key} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _single_id(value: int | list[int] | None) -> int | None:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import numbers
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -193,6 +194,8 @@ def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
     Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
     weights, truncated files, missing tensors or wrong shapes; the tokenizer is optional.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"load() takes a checkpoint folder path, got {type(path).__name__} {path!r}")
     path = Path(path)
     config, _ = read_config(path)
     params = load_params(path, config, dtype)

@@ -51,6 +51,11 @@ def save(posterior: Posterior, path: str | os.PathLike, key: bytes | None = None
     if the folder of ``path`` does not exist or cannot be written."""
     from safetensors.numpy import save_file
 
+    if not isinstance(posterior, Posterior):
+        raise ConfigError(
+            f"save() takes the Posterior of an IBIS run (pp.infer(..., algorithm=pp.IBIS(...))), "
+            f"got {type(posterior).__name__}"
+        )
     _check_key(key)
     path = Path(path)
     if not path.parent.is_dir():
