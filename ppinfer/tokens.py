@@ -76,12 +76,27 @@ class LMPrompt:
 
     def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos_id: int | None):
         self.lm, self.prompt_cache, self.first_logp = lm, prompt_cache, first_logp
-        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+        self.max_new_tokens, self._eos_id = max_new_tokens, eos_id
+
+    @property
+    def eos_id(self) -> int:
+        """The LM's end-of-sequence token; :class:`ConfigError` if it has none (so that
+        ``pp.stop(tok == p.eos_id)`` cannot silently compare with None and never stop)."""
+        if self._eos_id is None:
+            raise ConfigError(
+                f"this {type(self.lm).__name__} has no EOS token (eos_id is None): give the model one "
+                "(e.g. NGramLM.from_probs(..., eos_id=...)) or stop on another condition"
+            )
+        return self._eos_id
+
+    @property
+    def has_eos(self) -> bool:
+        return self._eos_id is not None
 
     def tree_flatten(self):
         field = _array_field(self.lm)
         children = (getattr(self.lm, field), self.prompt_cache, self.first_logp)
-        return children, (_Template(self.lm), field, self.max_new_tokens, self.eos_id)
+        return children, (_Template(self.lm), field, self.max_new_tokens, self._eos_id)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -408,7 +423,7 @@ def constrained(
     vocab_bytes = list(vocab_bytes)
     if len(vocab_bytes) != prompt.vocab_size:
         raise ConfigError(f"vocab_bytes has {len(vocab_bytes)} tokens, the LM {prompt.vocab_size}")
-    eos = prompt.eos_id if eos_id is None else int(eos_id)
+    eos = prompt._eos_id if eos_id is None else int(eos_id)
     if eos is None and require_eos:
         raise ConfigError("require_eos=True needs an LM with an EOS token; pass require_eos=False")
     from ppinfer.constraints import TokenAutomaton
