@@ -196,7 +196,8 @@ tr.finished td.text::after { content: " [finished]"; color: #888; }
   <button id="next">&rarr;</button>
   <span id="step-label"></span>
 </div>
-<div class="legend">Weight: normalised, after the step's reweighting and before its selection.
+<div class="legend">Weight: normalised, after the step's reweighting and before its selection (bars
+relative to the step's heaviest particle).
 Copies: how many particles the selection made of this one (grey: dropped, or weight zero). Green edge: an
 ancestor of a final particle. Highlighted: the text the step added.</div>
 <table><thead><tr><th>#</th><th>parent</th><th>weight</th><th>copies</th><th>text</th></tr></thead>
@@ -291,6 +292,7 @@ ancestor of a final particle. Highlighted: the text the step added.</div>
         dropped: st.copies[k] === 0 || st.weights[k] === 0,
         lineage: st.lineage[k], finished: !st.active[k]});
     }
+    var wmax = Math.max.apply(null, rows.map(function (r) { return r.w; }).concat([1e-300]));
     rows.forEach(function (r) {
       var tr = document.createElement("tr");
       tr.className = "particle" + (r.dropped ? " dropped" : "") + (r.lineage ? " lineage" : "") +
@@ -303,7 +305,7 @@ ancestor of a final particle. Highlighted: the text the step added.</div>
         else td.className = "num";
         if (c === 2) {
           var bar = document.createElement("span");
-          bar.className = "bar"; bar.style.width = Math.round(60 * r.w) + "px";
+          bar.className = "bar"; bar.style.width = Math.round(60 * r.w / wmax) + "px";
           td.appendChild(bar); td.appendChild(document.createTextNode(" " + r.w.toFixed(4)));
         } else if (c === 4) {
           var head = r.piece && r.text.slice(-r.piece.length) === r.piece
