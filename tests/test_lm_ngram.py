@@ -97,7 +97,7 @@ def test_eos_start_and_tokenizer():
     w = np.asarray(exact.weights, np.float64)
     # exact: P(the sequence is "a", EOS) = 0.9 * 0.5; without the stop it would be spread over
     # 4^5 continuations of (a, EOS)
-    mass = sum(wi for row, act, wi in zip(toks, active, w) if row[act].tolist() == [1, 3])
+    mass = sum(wi for row, act, wi in zip(toks, active, w, strict=True) if row[act].tolist() == [1, 3])
     assert abs(mass - 0.9 * 0.5) < 1e-5
     smc = pp.infer(program, p, algorithm=pp.SMC(2000), key=0)
     shown = tk.texts(smc, lm.tokenizer)  # positive-weight (text, weight); EOS left out
@@ -121,7 +121,7 @@ def test_no_eos_is_an_error_not_a_silent_false():
     lm = NGramLM.from_probs(np.full((3, 3), 1 / 3), vocab=["^", "x", "y"])
     p = tk.prompt(lm, "x", max_new_tokens=2)
     with pytest.raises(ConfigError, match="no EOS"):
-        p.eos_id
+        _ = p.eos_id
     with pytest.raises(TokenizerError, match="no token"):
         lm.encode("xz")
     with pytest.raises(DataError, match="token ids"):
