@@ -1,6 +1,17 @@
 """Inference-time scaling on one arithmetic question: particle filtering and particle Gibbs with an
-exact process reward model against best-of-N, majority vote and beam search, on the embedded model
-(a few seconds).
+exact process reward model against best-of-N, majority vote and beam search, on the embedded model.
+
+The embedded 1.6M-parameter model is weak at arithmetic (its model card: 9-11% of two-operand
+problems right alone), so the default question is one it can be steered to: "Q: 8+1 = ?". With
+N = 4, 8 or 16 and key 0, the methods that check the arithmetic (best-of-N with the exact verifier,
+beam search, the particle filter and the Feynman-Kac filter, all with the exact step reward) answer
+9; plain sampling, majority vote and particle Gibbs (N/4 particles × 4 sweeps) answer wrongly. On a
+harder question ("Q: 7+2*4 = ?") none of the seven finds 15 at N = 8.
+
+Time: about 30 s of CPU time (31 s measured with an empty compilation cache, 26 s on a second run
+with it: most of the time is tracing and compiling the seven programs, and the persistent cache saves
+little here), so about half a minute on an idle 2-core machine; once compiled, each method takes well
+under a second (a further question in the same process: 0.6 s of CPU for all seven).
 
     .venv/bin/python examples/reasoning_arithmetic.py
 """
@@ -12,7 +23,7 @@ from ppinfer import reasoning as rs
 from ppinfer.lm import load_default
 
 
-def main(num_particles: int = 8, question: str = "Q: 7+2*4 = ?") -> dict:
+def main(num_particles: int = 8, question: str = "Q: 8+1 = ?") -> dict:
     """Prints one line per method; returns ``truth`` and, per method name, its ``algorithm``, its
     ``result`` and the ``answer``, ``generated_tokens`` and ``reward_calls`` read from it."""
     lm = load_default()

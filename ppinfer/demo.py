@@ -1,13 +1,16 @@
 """The main job (``make demo``).
 
 1. Constrained generation with the embedded language model: continue ``def`` so that the text
-   matches a regular expression for a function header, ends with EOS, and compiles as Python.
-   SMC with the locally constrained proposal vs plain sampling with rejection: acceptance, log Ẑ,
-   ESS, wall time, the top posterior samples; a genealogy/ESS plot (``out/demo_lm.png``).
+   matches a regular expression for a function header, ends with EOS, and compiles as Python
+   (``tk.constrained(prompt, Regex(...) & Predicate(...))``). SMC with the locally constrained
+   proposal vs plain sampling with rejection: acceptance, log Ẑ, ESS, wall time, the top posterior
+   samples; a genealogy/ESS plot (``out/demo_lm.png``) and an HTML view of the run
+   (``out/demo_lm.html``, :meth:`Result.to_html`).
 2. Structured output: a JSON schema as an exact constraint on the same LM, in one call
    (``tk.constrained``): every weighted particle is a document valid under the schema.
 3. Classic models with exact answers: SMC on a linear-Gaussian state-space model (vs the Kalman
-   filter) and a 3-state hidden Markov model (vs the forward algorithm); ``out/demo.png``.
+   filter) and a 3-state hidden Markov model (vs the forward algorithm); ``out/demo.png`` plots the
+   SMC filtering mean ``E[x_t | y_0:t]`` (every step, from one run) against the Kalman filter's.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax  # noqa: E402
 
 import ppinfer as pp  # noqa: E402
 from models.classic import discrete_hmm, lgssm, simulate_hmm, simulate_lgssm  # noqa: E402
-from models.lm_programs import PYTHON_DEF_PATTERN, parses_as_def, python_def  # noqa: E402
+from models.lm_programs import parses_as_def  # noqa: E402
 from ppinfer import tokens as tk  # noqa: E402
 from semantics import hmm_forward, kalman_filter  # noqa: E402
 
@@ -41,26 +44,28 @@ HMM = dict(
 )
 
 
-def run_lgssm(num_particles: int = 2000, num_steps: int = 100):
+def run_lgssm(num_particles: int = 2000, num_steps: int = 100, out=print):
     ys = simulate_lgssm(0, num_steps, **LG)
     log_z, means, variances = kalman_filter(LG["a"], LG["q"], LG["c"], LG["r"], 0.0, 1.0, ys)
     t0 = time.perf_counter()
     result = pp.infer(lgssm(**LG), ys, algorithm=pp.SMC(num_particles), key=0)
     elapsed = time.perf_counter() - t0
-    print(f"== Linear-Gaussian SSM: T={num_steps}, N={num_particles} (bootstrap SMC) ==")
-    print(
+    out(f"== Linear-Gaussian SSM: T={num_steps}, N={num_particles} (bootstrap SMC) ==")
+    out(
         f"log Z: SMC {result.log_evidence:.3f}   exact (Kalman) {log_z:.3f}   "
         f"error {result.log_evidence - log_z:+.3f}"
     )
     last = float(result.mean("x")[-1]), float(result.std("x")[-1])
-    print(
+    out(
         f"x_T posterior: SMC mean {last[0]:.3f} sd {last[1]:.3f}   "
         f"exact mean {means[-1]:.3f} sd {np.sqrt(variances[-1]):.3f}"
     )
-    print(
+    gap = np.abs(np.asarray(result.filtering_mean("x")) - np.asarray(means))
+    out(f"filtering mean E[x_t | y_0:t], SMC vs Kalman: largest |difference| over t {gap.max():.3f}")
+    out(
         f"ESS: mean {float(np.mean(result.ess)):.0f}, min {float(np.min(result.ess)):.0f}; "
         f"resampled {int(np.sum(result.resampled))} of {num_steps} steps; "
-        f"{elapsed:.2f} s (compilation included)"
+        f"{elapsed:.2f} s (compilation included; run alongside the LM jobs)"
     )
     figures = {
         "log_z": float(result.log_evidence),
@@ -69,11 +74,15 @@ def run_lgssm(num_particles: int = 2000, num_steps: int = 100):
         "exact_mean_T": float(means[-1]),
         "exact_var_T": float(variances[-1]),
         "final_ess": result.final_ess,
+        "filtering_mean": np.asarray(result.filtering_mean("x"), np.float64),  # the plotted series
+        "exact_filtering_mean": np.asarray(means, np.float64),
+        "exact_filtering_var": np.asarray(variances, np.float64),
+        "ess": np.asarray(result.ess, np.float64),
     }
     return ys, result, means, figures
 
 
-def run_hmm(num_particles: int = 2000, num_steps: int = 50):
+def run_hmm(num_particles: int = 2000, num_steps: int = 50, out=print):
     ys = simulate_hmm(1, num_steps, **HMM)
     ll = np.stack([-0.5 * (ys - m) ** 2 - 0.5 * np.log(2 * np.pi) for m in HMM["means"]], 1)
     log_z, filt = hmm_forward(HMM["init_probs"], HMM["transition"], ll)
@@ -81,16 +90,16 @@ def run_hmm(num_particles: int = 2000, num_steps: int = 50):
     last = np.asarray(result.samples["x"][:, -1])
     w = np.asarray(result.weights)
     smc_filter = np.array([w[last == k].sum() for k in range(3)])
-    print(f"\n== Hidden Markov model: 3 states, T={num_steps}, N={num_particles} ==")
-    print(f"log Z: SMC {result.log_evidence:.3f}   exact (forward algorithm) {log_z:.3f}")
-    print(
+    out(f"\n== Hidden Markov model: 3 states, T={num_steps}, N={num_particles} ==")
+    out(f"log Z: SMC {result.log_evidence:.3f}   exact (forward algorithm) {log_z:.3f}")
+    out(
         "p(x_T | y): SMC "
         + " ".join(f"{p:.3f}" for p in smc_filter)
         + "   exact "
         + " ".join(f"{p:.3f}" for p in filt[-1])
     )
-    print(f"ESS: mean {float(np.mean(result.ess)):.0f}; resampled {int(np.sum(result.resampled))} times")
-    print(result)
+    out(f"ESS: mean {float(np.mean(result.ess)):.0f}; resampled {int(np.sum(result.resampled))} times")
+    out(str(result))
     figures = {
         "log_z": float(result.log_evidence),
         "exact_log_z": float(log_z),
@@ -110,8 +119,8 @@ def plot(ys, lg_result, kalman_means, hmm_result, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     ax = axes[0]
     ax.plot(ys, ".", color="0.6", label="observations")
-    ax.plot(kalman_means, label="Kalman filtering mean (exact)")
-    ax.plot(np.asarray(lg_result.mean("x")), "--", label="SMC smoothing mean (genealogy)")
+    ax.plot(kalman_means, label="Kalman filter: E[x_t | y_0:t] (exact)")
+    ax.plot(np.asarray(lg_result.filtering_mean("x")), "--", label="SMC filtering mean: E[x_t | y_0:t]")
     ax.set_title("Linear-Gaussian SSM")
     ax.set_xlabel("t")
     ax.legend(fontsize=8)
@@ -127,16 +136,36 @@ def plot(ys, lg_result, kalman_means, hmm_result, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 1024):
+# The function header the LM job asks for, after the prompt "def": a name and a parenthesised list
+# of names separated by ", ", then a colon. Every match but those using a keyword as a name or
+# repeating a parameter compiles; the Predicate below checks that part when the particle ends.
+DEF_PATTERN = r" [a-z_]+\((?:[a-z_]+(?:, [a-z_]+)*)?\):"
+
+
+def def_constraint():
+    """The LM job's constraint: :data:`DEF_PATTERN` and ``def`` + the text compiles as Python."""
+    from ppinfer.constraints import Predicate, Regex
+
+    return Regex(DEF_PATTERN) & Predicate(parses_as_def)
+
+
+def run_lm(
+    num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 1024, html: Path | None = None
+):
+    """Constrained generation: plain sampling with rejection vs SMC under ``tk.constrained`` (the
+    locally constrained proposal; the regex automaton's masks only allow tokens after which the text
+    can still match *and end with EOS within the tokens left*, and EOS only where the text compiles,
+    so a particle is not killed by the final checks)."""
     from ppinfer.lm import load_default
 
     lm = load_default()
-    program, args, proposal = python_def(lm, max_new_tokens)
+    constraint = def_constraint()
+    program = tk.constrained(tk.prompt(lm, "<|endoftext|>def", max_new_tokens), constraint)
     num_params = sum(x.size for x in jax.tree.leaves(lm.params))
     print(f"== Constrained generation with the embedded LM ({num_params:,} parameters) ==")
     print(
-        f"prompt 'def', constraint: regex {PYTHON_DEF_PATTERN!r} + EOS within {max_new_tokens} "
-        "tokens + compiles as Python"
+        f"prompt 'def', constraint: regex {DEF_PATTERN!r} + compiles as Python + EOS within "
+        f"{max_new_tokens} tokens"
     )
 
     t0 = time.perf_counter()
@@ -150,47 +179,46 @@ def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 
         row = [int(t) for t in row[:n]]
         if row and row[-1] == lm.eos_id:
             text = lm.tokenizer.decode(row[:-1])
-            if re.fullmatch(PYTHON_DEF_PATTERN, text) and parses_as_def(text):
+            if constraint.validate(text):  # the regex (Python re) and the compile check
                 accepted.append(text)
     print(
         f"plain sampling + rejection: {len(accepted)} of {num_plain} samples accepted "
         f"({len(accepted) / num_plain:.4f}); {t_plain:.1f} s (compilation included)"
     )
 
-    algorithm = pp.SMC(num_particles, proposal=proposal)
+    algorithm = pp.SMC(num_particles)
     t0 = time.perf_counter()
-    pp.infer(program, *args, algorithm=algorithm, key=0)
-    t_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = pp.infer(program, *args, algorithm=algorithm, key=1)
+    result = pp.infer(program, algorithm=algorithm, key=1)
     t_smc = time.perf_counter() - t0
-    texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_id)
+    weighted = tk.texts(result)  # [(text, weight)] of the positive-weight particles
     print(
         f"SMC, N={num_particles}, locally constrained proposal: log Ẑ = {result.log_evidence:.2f} "
         f"(so rejection would accept about 1 in {np.exp(-result.log_evidence):.2g} samples); "
-        f"ESS min {float(np.min(result.ess)):.1f}, final {result.final_ess:.1f}; "
-        f"resampled {int(np.sum(result.resampled))} times; {t_smc:.2f} s "
-        f"({t_first:.1f} s with compilation)"
+        f"ESS min {float(np.min(result.ess)):.1f}, final {result.final_ess:.1f} of {num_particles}; "
+        f"{len(weighted)} particles of positive weight; resampled {int(np.sum(result.resampled))} "
+        f"times; {t_smc:.1f} s (compilation included)"
     )
-    valid = [bool(re.fullmatch(PYTHON_DEF_PATTERN, t)) and parses_as_def(t) for t in texts]
-    w = np.asarray(result.weights)
-    print(
-        f"every particle with positive weight satisfies the constraint: "
-        f"{all(v for v, wi in zip(valid, w, strict=True) if wi > 0)}"
-    )
+    valid = all(bool(re.fullmatch(DEF_PATTERN, t)) and parses_as_def(t) for t, _ in weighted)
+    print(f"every particle with positive weight satisfies the constraint: {valid}")
     posterior: dict[str, float] = {}
-    for text, wi in zip(texts, w, strict=True):
-        posterior[text] = posterior.get(text, 0.0) + float(wi)
+    for text, wi in weighted:
+        posterior[text] = posterior.get(text, 0.0) + wi
     print("top posterior samples:")
     for text, wi in sorted(posterior.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  {wi:6.3f}  def{text}")
-    toks, lens = jax.device_get((result.state[0].tokens, result.state[0].length))
+    if html is not None:
+        result.to_html(html, title="The demo's LM job: SMC over tokens, prompt 'def'")
+        print(f"HTML view of the run written to {html}")
+    ctx = result.state.ctx
+    toks, lens = jax.device_get((ctx.tokens, ctx.length))
     figures = {
+        "num_particles": num_particles,
         "num_plain": num_plain,
         "num_accepted": len(accepted),
         "log_z": float(result.log_evidence),
         "final_ess": result.final_ess,
-        "texts": texts,
+        "min_ess": float(np.min(result.ess)),
+        "texts": [t for t, _ in tk.texts(result, all_particles=True)],
         "log_weights": np.asarray(result.log_weights, np.float64),
         "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
     }
@@ -253,13 +281,23 @@ def plot_lm(result, path: Path) -> None:
 def main() -> dict:
     """Runs the parts, prints them, writes the plots; returns each part's figures
     (``{"lm": …, "json": …, "lgssm": …, "hmm": …}``: the estimates next to the exact values)."""
-    lm_result, lm_figures = run_lm()
-    plot_lm(lm_result, REPO / "out" / "demo_lm.png")
-    print(f"plot written to {REPO / 'out' / 'demo_lm.png'}\n")
-    json_figures = run_json()
-    print()
-    ys, lg_result, means, lg_figures = run_lgssm()
-    hmm_result, hmm_figures = run_hmm()
+    from concurrent.futures import ThreadPoolExecutor
+
+    lines: list[str] = []
+
+    def classic():  # compiled and run in a second thread, alongside the LM jobs; printed after them
+        say = lambda *parts: lines.append(" ".join(map(str, parts)))  # noqa: E731
+        return run_lgssm(out=say), run_hmm(out=say)
+
+    with ThreadPoolExecutor(1) as pool:
+        classic_parts = pool.submit(classic)
+        lm_result, lm_figures = run_lm(html=REPO / "out" / "demo_lm.html")
+        plot_lm(lm_result, REPO / "out" / "demo_lm.png")
+        print(f"plot written to {REPO / 'out' / 'demo_lm.png'}\n")
+        json_figures = run_json()
+        print()
+        (ys, lg_result, means, lg_figures), (hmm_result, hmm_figures) = classic_parts.result()
+    print("\n".join(lines))
     path = REPO / "out" / "demo.png"
     plot(ys, lg_result, means, hmm_result, path)
     print(f"\nplot written to {path}")

@@ -205,6 +205,13 @@ class Result:
         stats = {"log_weight": np.asarray(self.log_weights)[None]}
         return az.from_dict(posterior=posterior, sample_stats=stats)
 
+    def to_html(self, path, tokenizer=None, site: str = "tok", title: str | None = None):
+        """Write a self-contained HTML page of this SMC run over tokens (per step: each particle's
+        text, weight, parent and copies; ESS, resampling events, log Ẑ): see :mod:`ppinfer.html`."""
+        from ppinfer.html import write_smc_html
+
+        return write_smc_html(self, path, tokenizer=tokenizer, site=site, title=title)
+
     def __repr__(self) -> str:
         z = self.log_evidence
         evidence = "no evidence" if z is None else f"log_evidence={float(z):.4f}"

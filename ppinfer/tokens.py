@@ -76,12 +76,27 @@ class LMPrompt:
 
     def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos_id: int | None):
         self.lm, self.prompt_cache, self.first_logp = lm, prompt_cache, first_logp
-        self.max_new_tokens, self.eos_id = max_new_tokens, eos_id
+        self.max_new_tokens, self._eos_id = max_new_tokens, eos_id
+
+    @property
+    def eos_id(self) -> int:
+        """The LM's end-of-sequence token; :class:`ConfigError` if it has none (so that
+        ``pp.stop(tok == p.eos_id)`` cannot silently compare with None and never stop)."""
+        if self._eos_id is None:
+            raise ConfigError(
+                f"this {type(self.lm).__name__} has no EOS token (eos_id is None): give the model one "
+                "(e.g. NGramLM.from_probs(..., eos_id=...)) or stop on another condition"
+            )
+        return self._eos_id
+
+    @property
+    def has_eos(self) -> bool:
+        return self._eos_id is not None
 
     def tree_flatten(self):
         field = _array_field(self.lm)
         children = (getattr(self.lm, field), self.prompt_cache, self.first_logp)
-        return children, (_Template(self.lm), field, self.max_new_tokens, self.eos_id)
+        return children, (_Template(self.lm), field, self.max_new_tokens, self._eos_id)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -234,37 +249,74 @@ def score_tokens(ctx: Context, p: LMPrompt, tokens: jax.Array) -> tuple[jax.Arra
     return jnp.sum(log_probs), ctx
 
 
-def texts(result: Any, tokenizer: Any = None, eos_id: int | None = None) -> list:
-    """Decoded texts.
+def texts(
+    result: Any, tokenizer: Any = None, eos_id: int | None = None, *, all_particles: bool = False
+) -> list:
+    """Decoded texts (EOS left out).
 
-    - ``texts(result)`` — ``result`` of a program from :func:`constrained` (or any result whose
-      state holds a :class:`ConstrainedState`): the particles of positive weight as
-      ``[(text, normalised_weight), …]``, heaviest first (one entry per particle, EOS left out).
+    - ``texts(result)`` or ``texts(result, tokenizer)`` — ``result`` a :class:`~ppinfer.Result` of a
+      token-level program: ``[(text, normalised_weight), …]`` of the particles of **positive weight**,
+      heaviest first (one entry per particle; resampled copies of a text appear once per copy). The
+      LM context is the :class:`ConstrainedState` of a :func:`constrained` program (decoded with its
+      own vocabulary: no tokenizer needed), the state itself if it is a :class:`Context`, else the
+      first :class:`Context` in the state pytree (e.g. ``(context, automaton_state)``), which needs
+      ``tokenizer``. ``all_particles=True``: every particle in particle order, zero weights included.
     - ``texts(contexts, tokenizer, eos_id)`` — every particle's text of a :class:`Context` with a
-      leading particle axis, cut at its length and without EOS (``tokenizer.decode``).
+      leading particle axis (no weights), cut at its length.
+
+    ``eos_id`` defaults to ``tokenizer.eos_id``.
     """
-    if tokenizer is None and hasattr(result, "log_weights") and hasattr(result, "state"):
+    if eos_id is None and tokenizer is not None:
+        eos_id = getattr(tokenizer, "eos_id", None)
+    if hasattr(result, "log_weights") and hasattr(result, "state"):
         state = result.state
-        if not isinstance(state, ConstrainedState):
-            raise ConfigError(
-                "texts(result) needs the result of a tokens.constrained program; for other token "
-                "programs call texts(contexts, tokenizer, eos_id)"
-            )
-        toks, lens = jax.device_get((state.ctx.tokens, state.ctx.length))
+        if isinstance(state, ConstrainedState):
+            contexts = state.ctx
+            decode = state.decoder.decode if tokenizer is None else _tokenizer_decode(tokenizer, eos_id)
+        else:
+            contexts = _find_context(state)
+            if contexts is None:
+                raise ConfigError(
+                    "texts(result): the result's state holds no tokens.Context (is it a token-level "
+                    "program?); for a batch of contexts call texts(contexts, tokenizer, eos_id)"
+                )
+            if tokenizer is None:
+                raise ConfigError(
+                    "texts(result, tokenizer) needs the tokenizer (lm.tokenizer) for a program not made "
+                    "by tokens.constrained"
+                )
+            decode = _tokenizer_decode(tokenizer, eos_id)
+        toks, lens = jax.device_get((contexts.tokens, contexts.length))
         w = np.asarray(jax.device_get(result.weights), np.float64)
-        decode = state.decoder.decode
-        out = [(decode(row[:n]), float(wi)) for row, n, wi in zip(toks, lens, w, strict=True) if wi > 0]
-        return sorted(out, key=lambda tw: -tw[1])
+        out = [(decode(row[:n]), float(wi)) for row, n, wi in zip(toks, lens, w, strict=True)]
+        if all_particles:
+            return out
+        return sorted([tw for tw in out if tw[1] > 0], key=lambda tw: -tw[1])
     if tokenizer is None:
         raise ConfigError(
-            "texts(contexts, tokenizer, eos_id) needs a tokenizer (or pass a constrained result)"
+            "texts(contexts, tokenizer, eos_id) needs a tokenizer (or pass the Result of a token program)"
         )
     contexts = result
     toks, lens = jax.device_get((contexts.tokens, contexts.length))
-    return [
-        tokenizer.decode([int(t) for t in row[:n] if eos_id is None or t != eos_id])
-        for row, n in zip(toks, lens, strict=True)
+    decode = _tokenizer_decode(tokenizer, eos_id)
+    return [decode(row[:n]) for row, n in zip(toks, lens, strict=True)]
+
+
+def _tokenizer_decode(tokenizer: Any, eos_id: int | None) -> Callable[[Sequence[int]], str]:
+    def decode(ids) -> str:
+        return tokenizer.decode([int(t) for t in ids if eos_id is None or int(t) != eos_id])
+
+    return decode
+
+
+def _find_context(state: Any) -> Context | None:
+    """The first :class:`Context` in a state pytree (depth-first), or None."""
+    found = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, Context))
+        if isinstance(leaf, Context)
     ]
+    return found[0] if found else None
 
 
 # --- constrained generation in one call -----------------------------------------------------------
@@ -374,7 +426,7 @@ def constrained(
     vocab_bytes = list(vocab_bytes)
     if len(vocab_bytes) != prompt.vocab_size:
         raise ConfigError(f"vocab_bytes has {len(vocab_bytes)} tokens, the LM {prompt.vocab_size}")
-    eos = prompt.eos_id if eos_id is None else int(eos_id)
+    eos = prompt._eos_id if eos_id is None else int(eos_id)
     if eos is None and require_eos:
         raise ConfigError("require_eos=True needs an LM with an EOS token; pass require_eos=False")
     from ppinfer.constraints import TokenAutomaton

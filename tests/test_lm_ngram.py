@@ -66,3 +66,67 @@ def test_invalid_table():
         NGramLM.from_probs(np.full((3, 3), 0.5))
     with pytest.raises(ModelError):
         NGramLM.from_probs(np.full((3, 2), 0.5))
+
+
+# --- the transformer's interface: EOS, start distribution, encode/tokenizer, generate ----------
+
+
+def test_eos_start_and_tokenizer():
+    """A bigram over the words "a", "b", "." with EOS (id 3) and BOS (id 0): the start distribution
+    is the all-BOS row, set by ``start``; encode/decode round-trip; a prompt of "" starts there."""
+    import ppinfer as pp
+    from ppinfer import tokens as tk
+
+    vocab = ["<s>", "a", "b", "</s>"]
+    probs = np.array([[0, 0.5, 0.5, 0], [0, 0.2, 0.3, 0.5], [0, 0.6, 0.1, 0.3], [0.25] * 4])
+    lm = NGramLM.from_probs(probs, bos_id=0, eos_id=3, vocab=vocab, start=[0, 0.9, 0.1, 0])
+    np.testing.assert_allclose(np.exp(lm.start_log_probs), [0, 0.9, 0.1, 0], atol=1e-7)
+    assert lm.tokenizer.encode("abba") == [1, 2, 2, 1] and lm.encode("ab").tolist() == [0, 1, 2]
+    assert lm.tokenizer.decode([0, 1, 2, 3]) == "ab" and lm.tokenizer.eos_id == 3
+    p = tk.prompt(lm, "", max_new_tokens=6)
+    np.testing.assert_allclose(np.exp(p.first_logp), [0, 0.9, 0.1, 0], atol=1e-6)
+
+    def step(ctx, t, p):
+        tok = pp.sample("tok", ctx.next_token())
+        pp.stop(tok == p.eos_id)  # true at EOS: particles stop
+        return ctx.extend(p, tok)
+
+    program = pp.sequential(tk.Context.start, step, 6)
+    exact = pp.infer(program, p, algorithm=pp.Enumerate())
+    toks, active = np.asarray(exact.samples["tok"]), np.asarray(exact.extras["active"])
+    w = np.asarray(exact.weights, np.float64)
+    # exact: P(the sequence is "a", EOS) = 0.9 * 0.5; without the stop it would be spread over
+    # 4^5 continuations of (a, EOS)
+    mass = sum(wi for row, act, wi in zip(toks, active, w, strict=True) if row[act].tolist() == [1, 3])
+    assert abs(mass - 0.9 * 0.5) < 1e-5
+    smc = pp.infer(program, p, algorithm=pp.SMC(2000), key=0)
+    shown = tk.texts(smc, lm.tokenizer)  # positive-weight (text, weight); EOS left out
+    p_a = sum(wi for text, wi in shown if text == "a")
+    assert abs(p_a - 0.45) < 4 * np.sqrt(0.45 * 0.55 / smc.final_ess)
+
+    gen = lm.generate("", key=0, num_particles=4000, max_new_tokens=2)
+    first = np.asarray(gen.tokens[:, 0])
+    assert abs(np.mean(first == 1) - 0.9) < 4 * np.sqrt(0.09 / 4000)
+    ended = np.asarray(gen.tokens[:, 1] == 3)
+    assert np.all(np.asarray(gen.lengths)[ended] == 2)
+    assert set(lm.complete("b", key=1, num_particles=8, max_new_tokens=3)) <= {
+        "".join(w) for n in range(4) for w in __import__("itertools").product("ab", repeat=n)
+    }
+
+
+def test_no_eos_is_an_error_not_a_silent_false():
+    from ppinfer import tokens as tk
+    from ppinfer.errors import ConfigError, DataError, TokenizerError
+
+    lm = NGramLM.from_probs(np.full((3, 3), 1 / 3), vocab=["^", "x", "y"])
+    p = tk.prompt(lm, "x", max_new_tokens=2)
+    with pytest.raises(ConfigError, match="no EOS"):
+        _ = p.eos_id
+    with pytest.raises(TokenizerError, match="no token"):
+        lm.encode("xz")
+    with pytest.raises(DataError, match="token ids"):
+        lm.encode([0, 5])
+    with pytest.raises(ModelError, match="eos_id"):
+        NGramLM.from_probs(np.full((3, 3), 1 / 3), eos_id=3)
+    with pytest.raises(ModelError, match="start"):
+        NGramLM.from_probs(np.full((3, 3), 1 / 3), start=[0.5, 0.5])

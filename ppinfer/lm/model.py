@@ -35,6 +35,7 @@ from ppinfer.lm.transformer import (
     Params,
     ParticleCache,
     PromptCache,
+    batched_step,
     decode,
     init_particle_cache,
     lm_step,
@@ -157,7 +158,8 @@ class LanguageModel:
         temperature: float = 1.0,
     ) -> Generation:
         """Sample ``num_particles`` continuations (greedy when ``temperature == 0``), stopping
-        each at EOS. One jitted scan; no Python loop over tokens."""
+        each at EOS: one batched decode step per token for all sequences, in one jitted loop that
+        ends once every sequence has emitted EOS (no Python loop over tokens)."""
         key = jax.random.key(key) if isinstance(key, int) else key
         eos = -1 if self.eos_id is None else self.eos_id
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
@@ -234,22 +236,34 @@ def _generate(
     temperature: float,
     eos_id: int,
 ) -> Generation:
+    """One batched decode per token for all sequences (:func:`batched_step`, the step SMC's token
+    programs use), in a ``while_loop`` that ends once every sequence has emitted EOS. Step ``i``
+    draws with ``jax.random.split(key, max_new_tokens)[i]``; a finished sequence is fed (and
+    records) ``max(eos_id, 0)``."""
     logits, prompt_cache = prefill(params, config, prompt)
     logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
     cache = init_particle_cache(config, num_particles, max_new_tokens, params["embed"].dtype)
-    step = jax.vmap(lm_step, in_axes=(None, None, None, 0, 0))
+    keys = jax.random.split(key, max_new_tokens)
+    pad = max(eos_id, 0)
 
-    def body(carry, key):
-        logits, cache, done = carry
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, cache, done, tokens, lengths = carry
         if temperature == 0.0:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
-            token = jax.random.categorical(key, logits / temperature).astype(jnp.int32)
-        token = jnp.where(done, max(eos_id, 0), token)
-        logits, cache = step(params, config, prompt_cache, cache, token)
-        return (logits, cache, done | (token == eos_id)), (token, done)
+            token = jax.random.categorical(keys[i], logits / temperature).astype(jnp.int32)
+        token = jnp.where(done, pad, token)
+        logits, cache = batched_step(params, config, prompt_cache, cache, token)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
+        return i + 1, logits, cache, done | (token == eos_id), tokens, lengths + (~done).astype(jnp.int32)
 
     done = jnp.zeros((num_particles,), bool)
-    _, (tokens, was_done) = jax.lax.scan(body, (logits, cache, done), jax.random.split(key, max_new_tokens))
-    lengths = jnp.sum(~was_done, axis=0).astype(jnp.int32)
-    return Generation(tokens=tokens.T, lengths=lengths)
+    tokens = jnp.full((num_particles, max_new_tokens), pad, jnp.int32)
+    lengths = jnp.zeros((num_particles,), jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), logits, cache, done, tokens, lengths)
+    _, _, _, _, tokens, lengths = jax.lax.while_loop(cond, body, carry)
+    return Generation(tokens=tokens, lengths=lengths)
