@@ -153,10 +153,11 @@ def describe(key: Hashable) -> str:
     """A short human name for a cache key: its kind (first string) and the program's name."""
     parts = key if isinstance(key, tuple) else (key,)
     kind = next((p for p in parts if isinstance(p, str)), "program")
+    kind = {"loop": "the SMC loop", "anneal": "tempered SMC", "ibis": "IBIS"}.get(kind, kind)
     for p in parts:
         if callable(p) or hasattr(p, "step"):
             fn = p if hasattr(p, "__name__") else getattr(p, "step", p)
-            return f"{kind} of {getattr(fn, '__name__', type(p).__name__)}"
+            return f"{kind} of `{getattr(fn, '__name__', type(p).__name__)}`"
     return kind
 
 

@@ -32,6 +32,10 @@ logger = logging.getLogger("ppinfer")
 NOTICE_AFTER_S = 1.0
 """Compilations longer than this (seconds) are announced on stderr."""
 
+CHUNK_SECONDS = 0.25
+"""Target duration of one compiled chunk of a long run (MCMC transitions, VI steps): a progress bar
+moves, and Ctrl-C lands, between chunks."""
+
 _VERBOSITY: int | None = None
 
 

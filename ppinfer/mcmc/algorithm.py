@@ -26,7 +26,7 @@ from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import _signature, split_args
-from ppinfer._talk import compile_notice, progress_bar
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, progress_bar
 from ppinfer.errors import ConfigError, DivergenceWarning
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
@@ -281,9 +281,6 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     cat = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))
     return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
 
-
-CHUNK_SECONDS = 0.25
-"""Target duration of one compiled chunk of MCMC transitions: Ctrl-C lands within about this."""
 
 FIRST_CHUNK = 8
 """Transitions in the first chunk (before a chunk has been timed)."""
