@@ -120,6 +120,7 @@ def test_interrupted_run_leaves_no_trace(monkeypatch):
 
 CTRL_C = textwrap.dedent(
     """
+    import time
     import numpy as np, numpyro.distributions as dist, ppinfer as pp
     from ppinfer import _talk
     from ppinfer.mcmc import MCMC, SingleSiteMH
@@ -130,8 +131,11 @@ CTRL_C = textwrap.dedent(
         pp.observe("y", dist.Normal(mu, 1.0), y)
 
     y = np.zeros(10, np.float32)
-    # 4 x 5 million transitions: minutes of work.
-    pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 50_000, 0, 4, thinning=100), key=0)
+    try:  # 4 x 5 million transitions: minutes of work
+        pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 50_000, 0, 4, thinning=100), key=0)
+    except KeyboardInterrupt:
+        print("CAUGHT", time.time(), flush=True)
+        raise
     print("FINISHED", flush=True)
     """
 )
@@ -152,15 +156,19 @@ def test_ctrl_c_stops_a_long_mcmc_run_promptly():
         else:
             pytest.fail("the child ended before compiling: " + "".join(lines)[-2000:])
         time.sleep(1.0)
-        sent = time.perf_counter()
+        sent = time.time()
         child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=30)
-        waited = time.perf_counter() - sent
+        out, err = child.communicate(timeout=60)
+        exited = time.time() - sent
     finally:
         child.kill()
     assert "FINISHED" not in out
-    assert "KeyboardInterrupt" in err, err[-2000:]
-    assert waited < 5.0, f"the run took {waited:.1f} s to stop after Ctrl-C"
+    assert "KeyboardInterrupt" in err and child.returncode != 0, err[-2000:]
+    # The interrupt reaches Python between chunks (~0.25 s each); the process then exits (the
+    # interpreter's teardown takes seconds more on a loaded machine).
+    caught = float(next(line for line in out.splitlines() if line.startswith("CAUGHT")).split()[1])
+    assert caught - sent < 2.0, f"the run took {caught - sent:.1f} s to stop after Ctrl-C"
+    assert exited < 20.0
 
 
 Y8 = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], np.float32)
