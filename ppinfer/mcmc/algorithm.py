@@ -1,8 +1,9 @@
 """``MCMC(kernel, num_samples, num_warmup, num_chains)``: an :func:`ppinfer.infer` algorithm.
 
-Runs ``num_chains`` independent chains (``vmap``) of the kernel built by a factory (e.g.
-:class:`~ppinfer.mcmc.NUTS`, :class:`~ppinfer.mcmc.SingleSiteMH`), each a ``lax.scan`` of
-``num_warmup`` discarded transitions followed by ``num_samples`` recorded ones. The
+Runs ``num_chains`` independent chains (``vmap`` or ``lax.map``) of the kernel built by a factory
+(e.g. :class:`~ppinfer.mcmc.NUTS`, :class:`~ppinfer.mcmc.SingleSiteMH`): ``num_warmup`` discarded
+transitions followed by ``num_samples`` recorded ones, in compiled chunks driven from Python (see
+:func:`run_chains`: progress bar, Ctrl-C, draws independent of the chunking). The
 :class:`MCMCResult` holds the ``C·S`` draws with equal weights; ``to_arviz()`` keeps the
 ``(chain, draw)`` dimensions so R-hat and ESS are computed per chain by ArviZ.
 """
