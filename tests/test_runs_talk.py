@@ -142,7 +142,7 @@ CTRL_C = textwrap.dedent(
 
 
 def test_ctrl_c_stops_a_long_mcmc_run_promptly():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PPINFER_COMPILATION_CACHE": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the persistent cache as configured
     child = subprocess.Popen(
         [sys.executable, "-c", CTRL_C], env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True,
