@@ -6,6 +6,7 @@ Write a program with the primitives (NumPyro's ``sample``/``factor``/``determini
 
 from ppinfer import mcmc, updates, vi
 from ppinfer._jaxcache import enable_persistent_cache
+from ppinfer._talk import set_verbosity
 from ppinfer.algorithms import FFBS, SMC, Enumerate, Importance, Steer
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.pmmh import PMMH
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "infer",
+    "set_verbosity",
     "SMC",
     "Steer",
     "Importance",

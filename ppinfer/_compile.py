@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ppinfer._talk import compile_notice
 from ppinfer.errors import ConfigError, DataError
 
 _CACHE: OrderedDict = OrderedDict()
@@ -113,7 +114,7 @@ def cached_jit(key: Hashable, build: Callable[[], Callable]) -> tuple[Callable, 
         if fn is not None:
             _CACHE.move_to_end(key)
             return fn, False
-        fn = _Jitted(jax.jit(build()))
+        fn = _Jitted(jax.jit(build()), describe(key))
         _CACHE[key] = fn
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -129,21 +130,22 @@ def forget(key: Hashable) -> None:
 class _Jitted:
     """A jitted function that traces under :data:`TRACE_LOCK` and runs compiled code outside it."""
 
-    def __init__(self, jitted: Callable):
+    def __init__(self, jitted: Callable, what: str = "a ppinfer program"):
         self._jitted = jitted
         self._compiled: set = set()
+        self._what = what
 
     def __call__(self, *args: Any) -> Any:
         sig = _signature(args)
         if sig is not None and sig in self._compiled:
             with TRACE_LOCK.released():
                 return jax.block_until_ready(self._jitted(*args))
-        with TRACE_LOCK:
+        with TRACE_LOCK, compile_notice(self._what):  # the one-line notice (ppinfer._talk)
             if sig is not None:
                 # Compile first (jit reuses this executable for the call below) and refuse a run
                 # whose buffers cannot fit before any of them is allocated.
                 check_memory(self._jitted.lower(*args).compile())
-            out = self._jitted(*args)
+            out = jax.block_until_ready(self._jitted(*args))
             if sig is not None:
                 self._compiled.add(sig)
         return out
@@ -207,6 +209,18 @@ def available_memory() -> tuple[int | None, str]:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def describe(key: Hashable) -> str:
+    """A short human name for a cache key: its kind (first string) and the program's name."""
+    parts = key if isinstance(key, tuple) else (key,)
+    kind = next((p for p in parts if isinstance(p, str)), "program")
+    kind = {"loop": "the SMC loop", "anneal": "tempered SMC", "ibis": "IBIS"}.get(kind, kind)
+    for p in parts:
+        if callable(p) or hasattr(p, "step"):
+            fn = p if hasattr(p, "__name__") else getattr(p, "step", p)
+            return f"{kind} of `{getattr(fn, '__name__', type(p).__name__)}`"
+    return kind
 
 
 def _signature(args: Any) -> Hashable | None:

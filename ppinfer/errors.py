@@ -48,3 +48,13 @@ class TokenizerError(PPInferError, ValueError):
 class ConstraintError(ConfigError):
     """A generation constraint (regular expression, JSON schema, grammar) is invalid, unsupported,
     or too large to compile within its size and time limits."""
+
+
+class PPInferWarning(UserWarning):
+    """Base class of the warnings ppinfer issues about a run whose results may be unreliable."""
+
+
+class DivergenceWarning(PPInferWarning):
+    """NUTS/HMC transitions diverged after warm-up: the sampler could not follow the posterior's
+    geometry there, so its draws may be biased (reparametrise, e.g. non-centred, or raise
+    ``target_accept_prob``)."""

@@ -19,7 +19,7 @@ from ppinfer.population import Population, normalize
 from ppinfer.population import ess as _ess
 from ppinfer.resample import resample as _resample
 
-__all__ = ["Result", "Deferred", "DeferredExtras"]
+__all__ = ["Result", "Filtering", "Deferred", "DeferredExtras"]
 
 
 class Deferred:
@@ -86,6 +86,66 @@ class DeferredExtras(dict):
 
     def __len__(self) -> int:
         return super().__len__() + len(self._deferred)
+
+
+class Filtering:
+    """Every step's filtering approximation from one SMC run.
+
+    Step ``t``'s approximation of ``p(x_t | y_{0:t})`` is its particles right after the step's
+    reweighting and before its resampling, weighted by the filtering weights (the weight carried
+    from step ``t−1`` times the step's incremental weight); particles that had already finished
+    (``stop``) are left out of step ``t``. Built from the records SMC keeps with
+    ``history=True`` (``Result.extras["filtering"]``), the same ones :class:`~ppinfer.FFBS`'s
+    backward pass uses.
+
+    Attributes:
+        weights: ``f32[T, M]``, each step's normalised filtering weights (0 for finished particles).
+        ess: ``f32[T]``, each step's ESS ``1 / Σ w²``.
+    """
+
+    def __init__(self, records: dict):
+        self._records = records
+        lw = jnp.where(records["active"], records["log_weights"], -jnp.inf)
+        self.weights = jnp.exp(lw - jax.scipy.special.logsumexp(lw, axis=1, keepdims=True))
+        self.ess = 1.0 / jnp.sum(self.weights**2, axis=1)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def sites(self) -> list[str]:
+        """The step sites recorded."""
+        return list(self._records["choices"])
+
+    def _site(self, name: str) -> jax.Array:
+        from ppinfer.errors import ConfigError
+
+        if name not in self._records["choices"]:
+            raise ConfigError(f"no filtering records of step site {name!r}; recorded: {self.sites}")
+        return self._records["choices"][name]
+
+    def expectation(self, fn: Callable[[jax.Array], jax.Array], name: str) -> jax.Array:
+        """``[T, …]``: ``E[fn(x_t) | y_{0:t}]`` of step site ``name`` at every step."""
+        x = fn(self._site(name))
+        w = self.weights.reshape(self.weights.shape + (1,) * (x.ndim - 2)).astype(jnp.result_type(float))
+        return jnp.sum(w * x, axis=1)
+
+    def mean(self, name: str) -> jax.Array:
+        """``[T, …]``: the filtering mean ``E[x_t | y_{0:t}]`` of step site ``name``."""
+        return self.expectation(lambda x: x, name)
+
+    def var(self, name: str) -> jax.Array:
+        """``[T, …]``: the filtering variance ``Var[x_t | y_{0:t}]`` of step site ``name``."""
+        m = self.mean(name)
+        return self.expectation(lambda x: (x - m[:, None]) ** 2, name)
+
+    def std(self, name: str) -> jax.Array:
+        return jnp.sqrt(self.var(name))
+
+    def __repr__(self) -> str:
+        low = float(jnp.min(self.ess))
+        return f"Filtering({self.num_steps} steps, sites {self.sites}, min ESS {low:.1f})"
 
 
 @dataclass
@@ -161,23 +221,26 @@ class Result:
     def std(self, name: str) -> jax.Array:
         return jnp.sqrt(self.var(name))
 
-    def filtering_mean(self, name: str) -> jax.Array:
-        """``[T, …]``: the filtering mean ``E[x_t | y_{0:t}]`` of step site ``name`` at every step,
-        from the weighted particles right after step ``t``'s reweighting (before its resampling)
-        — every step's filtering approximation from one SMC run (``history=True``), not only the
-        last. Particles that had already finished at step ``t`` are left out of step ``t``."""
+    @property
+    def filtering(self) -> Filtering:
+        """Every step's filtering approximation ``p(x_t | y_{0:t})`` from this one SMC run (SMC,
+        Steer, FFBS with ``history=True``): :class:`Filtering`, with per-step ``mean``, ``var``,
+        ``std`` of a step site and the per-step ``ess``. Raises :class:`~ppinfer.errors.ConfigError`
+        for a result without the records."""
         from ppinfer.errors import ConfigError
 
         records = self.extras.get("filtering") if isinstance(self.extras, dict) else None
-        if records is None or name not in records["choices"]:
+        if records is None:
             raise ConfigError(
-                f"no filtering records of step site {name!r}: they come from SMC/Steer with history=True"
+                f"{self.algorithm} recorded no filtering history: it comes from SMC, Steer or FFBS "
+                "with history=True on a sequential program"
             )
-        lw = jnp.where(records["active"], records["log_weights"], -jnp.inf)
-        w = jnp.exp(lw - jax.scipy.special.logsumexp(lw, axis=1, keepdims=True))
-        x = records["choices"][name]
-        w = w.reshape(w.shape + (1,) * (x.ndim - 2)).astype(jnp.result_type(float))
-        return jnp.sum(w * x, axis=1)
+        return Filtering(records)
+
+    def filtering_mean(self, name: str) -> jax.Array:
+        """``[T, …]``: the filtering mean ``E[x_t | y_{0:t}]`` of step site ``name`` at every step
+        (``result.filtering.mean(name)``; see :class:`Filtering`)."""
+        return self.filtering.mean(name)
 
     def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
@@ -195,15 +258,48 @@ class Result:
         pop, _ = _resample(key, Population(self.samples, self.log_weights), "systematic")
         return pop.particles
 
-    def to_arviz(self, key: int | jax.Array = 0):
-        """An ``arviz.InferenceData`` whose ``posterior`` holds N equally weighted draws (systematic
-        resampling of the particles; one chain), and ``sample_stats`` the log weights."""
+    def to_arviz(self, key: int | jax.Array = 0, num_chains: int = 4, num_draws: int | None = None):
+        """An ``arviz.InferenceData`` of equally weighted draws standing for the weighted particles.
+
+        ArviZ has no weighted draws, so ``posterior`` holds ``num_draws`` draws by systematic
+        resampling ∝ weight (in random order), split into ``num_chains`` groups of equal size.
+        The default ``num_draws`` is the final ESS, rounded (at least 4 per group): draws that carry
+        about as much information as the weighted particles do, so ArviZ's ESS and MCSE of a
+        posterior mean agree with the particle system's own (``final_ess``), instead of counting
+        every copy of a resampled particle as a new draw. The groups are exchangeable, not Markov
+        chains: R-hat is ≈ 1 by construction and checks nothing. ``attrs`` hold
+        ``log_evidence``, ``num_particles`` and ``final_ess``; the weighted particles themselves are
+        ``samples`` and ``weights``. ``sample_stats`` is empty (no per-draw diagnostics)."""
         import arviz as az
 
-        draws = self.resampled_samples(key)
-        posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
-        stats = {"log_weight": np.asarray(self.log_weights)[None]}
-        return az.from_dict(posterior=posterior, sample_stats=stats)
+        from ppinfer import checks
+
+        checks.check_int("num_chains", num_chains, 1)
+        if num_draws is None:
+            m = max(4 * num_chains, int(round(self.final_ess)))
+        else:
+            m = checks.check_int("num_draws", num_draws, num_chains)
+        m -= m % num_chains
+        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        k_u, k_perm = jax.random.split(key)
+        w = np.asarray(self.weights, np.float64)
+        cdf = np.cumsum(w / w.sum())
+        u = (float(jax.random.uniform(k_u)) + np.arange(m)) / m
+        idx = np.minimum(np.searchsorted(cdf, u, side="right"), len(w) - 1)
+        idx = idx[np.asarray(jax.random.permutation(k_perm, m))]
+        posterior = {}
+        for name, value in self.samples.items():
+            v = np.asarray(value)
+            if np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_:
+                posterior[name] = v[idx].reshape(num_chains, m // num_chains, *v.shape[1:])
+        z = self.log_evidence
+        attrs = {
+            "algorithm": self.algorithm,
+            "num_particles": self.num_particles,
+            "final_ess": self.final_ess,
+            "log_evidence": float("nan") if z is None else float(z),
+        }
+        return az.from_dict(posterior=posterior, attrs=attrs)
 
     def to_html(self, path, tokenizer=None, site: str = "tok", title: str | None = None):
         """Write a self-contained HTML page of this SMC run over tokens (per step: each particle's

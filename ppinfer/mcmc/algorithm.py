@@ -1,8 +1,9 @@
 """``MCMC(kernel, num_samples, num_warmup, num_chains)``: an :func:`ppinfer.infer` algorithm.
 
-Runs ``num_chains`` independent chains (``vmap``) of the kernel built by a factory (e.g.
-:class:`~ppinfer.mcmc.NUTS`, :class:`~ppinfer.mcmc.SingleSiteMH`), each a ``lax.scan`` of
-``num_warmup`` discarded transitions followed by ``num_samples`` recorded ones. The
+Runs ``num_chains`` independent chains (``vmap`` or ``lax.map``) of the kernel built by a factory
+(e.g. :class:`~ppinfer.mcmc.NUTS`, :class:`~ppinfer.mcmc.SingleSiteMH`): ``num_warmup`` discarded
+transitions followed by ``num_samples`` recorded ones, in compiled chunks driven from Python (see
+:func:`run_chains`: progress bar, Ctrl-C, draws independent of the chunking). The
 :class:`MCMCResult` holds the ``C·S`` draws with equal weights; ``to_arviz()`` keeps the
 ``(chain, draw)`` dimensions so R-hat and ESS are computed per chain by ArviZ.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +26,9 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
-from ppinfer._compile import split_args
-from ppinfer.errors import ConfigError
+from ppinfer._compile import _signature, split_args
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, progress_bar
+from ppinfer.errors import ConfigError, DivergenceWarning
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 from ppinfer.traced import latent_sites
@@ -46,17 +49,24 @@ class MCMC:
             infos into the result's extras (``extras(infos) -> dict``).
         num_samples: recorded draws per chain, ≥ 1.
         num_warmup: discarded transitions per chain before recording (adaptation for NUTS/HMC), ≥ 0.
-        num_chains: independent chains, ≥ 1 (vmapped).
+        num_chains: independent chains, ≥ 1 (default 4, so that R-hat is defined).
         thinning: keep every ``thinning``-th transition, ≥ 1.
-        progress_bar: show a tqdm bar (the run is then compiled in chunks of transitions).
+        progress_bar: a tqdm bar on stderr; ``None`` (default): shown when stderr is a terminal and
+            ppinfer is not quiet (``PPINFER_QUIET``, :func:`ppinfer.set_verbosity`). The run is
+            compiled once and driven in short chunks either way, so the bar never changes the
+            draws, and Ctrl-C stops the run within a chunk (about a quarter of a second).
+        chain_method: ``"vectorized"`` (the chains are ``vmap``ped: one batched transition) or
+            ``"sequential"`` (``lax.map`` over the chains inside each chunk). Same draws either
+            way, up to floating-point reassociation.
     """
 
     kernel: Any
     num_samples: int = 1000
     num_warmup: int = 500
-    num_chains: int = 1
+    num_chains: int = 4
     thinning: int = 1
-    progress_bar: bool = False
+    progress_bar: bool | None = None
+    chain_method: str = "vectorized"
 
     name = "MCMC"
 
@@ -70,6 +80,10 @@ class MCMC:
             ("thinning", self.thinning, 1),
         ):
             checks.check_int(what, v, low)
+        if self.chain_method not in ("vectorized", "sequential"):
+            raise ConfigError(
+                f"chain_method must be 'vectorized' or 'sequential', got {self.chain_method!r}"
+            )
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
         if is_sequential(program) and not getattr(self.kernel, "sequential", False):
@@ -78,10 +92,10 @@ class MCMC:
                 "PMMH or ParticleGibbs"
             )
         t0 = time.perf_counter()
-        draws, infos = run_chains(key, program, args, self)
+        draws, infos = run_chains(key, program, args, self)  # returns when every chunk has run
         n = self.num_chains * self.num_samples
         samples = {k: jnp.reshape(v, (n, *v.shape[2:])) for k, v in draws.items()}
-        return MCMCResult(
+        result = MCMCResult(
             samples=samples,
             log_weights=jnp.full((n,), -math.log(n)),
             log_evidence=None,
@@ -89,6 +103,8 @@ class MCMC:
             wall_time=time.perf_counter() - t0,
             extras={"num_chains": self.num_chains, "info": infos, **_kernel_extras(self.kernel, infos)},
         )
+        _warn_divergences(result)
+        return result
 
 
 class MCMCResult(Result):
@@ -109,17 +125,47 @@ class MCMCResult(Result):
         c = self.num_chains
         return {k: jnp.reshape(v, (c, -1, *v.shape[1:])) for k, v in self.samples.items()}
 
+    def sample_stats(self) -> dict[str, np.ndarray]:
+        """The kernel's per-draw diagnostics under ArviZ's names, each ``[C, S]``: for NUTS/HMC
+        ``diverging``, ``acceptance_rate``, ``step_size``, ``n_steps`` (leapfrog steps),
+        ``energy``, ``lp`` and (NUTS) ``tree_depth``; for the MH kernels ``acceptance_rate``."""
+        info = self.extras.get("info")
+        if hasattr(info, "_asdict"):
+            info = info._asdict()
+        if not isinstance(info, dict):
+            return {}
+        shape = (self.num_chains, self.num_particles // self.num_chains)
+        out = {}
+        for key, value in info.items():
+            name = _STAT_NAMES.get(key)
+            value = np.asarray(value) if name is not None else None
+            if value is not None and value.shape == shape and name not in out:
+                out[name] = value
+        return out
+
+    @property
+    def num_divergences(self) -> int | None:
+        """Divergent transitions among the recorded draws (``None`` for a kernel that has none)."""
+        d = self.sample_stats().get("diverging")
+        return None if d is None else int(np.sum(d))
+
     def to_arviz(self, key: int | jax.Array = 0):
-        """An ``arviz.InferenceData`` with ``(chain, draw)`` dimensions (no resampling needed)."""
+        """An ``arviz.InferenceData`` with ``(chain, draw)`` dimensions (no resampling needed):
+        ``posterior`` the draws, ``sample_stats`` :meth:`sample_stats` (``diverging``,
+        ``tree_depth``, ``step_size``, ``acceptance_rate``, ``energy``, ``n_steps``, ``lp`` for
+        NUTS)."""
         import arviz as az
 
-        return az.from_dict(posterior={k: np.asarray(v) for k, v in self.chains().items()})
+        stats = self.sample_stats() or None
+        posterior = {k: np.asarray(v) for k, v in self.chains().items()}
+        return az.from_dict(posterior=posterior, sample_stats=stats)
 
     def __repr__(self) -> str:
         from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 
         c = self.num_chains
         lines = [f"MCMCResult({self.algorithm}, {c} chains x {self.num_particles // c} draws, no evidence)"]
+        lines += _stats_lines(self.sample_stats())
         for name, value in self.chains().items():
             x = np.asarray(value)
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
@@ -132,16 +178,62 @@ class MCMCResult(Result):
         return "\n".join(lines)
 
 
+_STAT_NAMES = {
+    "diverging": "diverging",
+    "accept_prob": "acceptance_rate",
+    "acceptance_rate": "acceptance_rate",
+    "step_size": "step_size",
+    "num_steps": "n_steps",
+    "tree_depth": "tree_depth",
+    "energy": "energy",
+    "lp": "lp",
+}
+
+
+def _stats_lines(stats: dict) -> list[str]:
+    """The printout's diagnostics line(s) from :meth:`MCMCResult.sample_stats`."""
+    parts = []
+    if "diverging" in stats:
+        d = stats["diverging"]
+        per_chain = ", ".join(str(int(x)) for x in d.sum(axis=1))
+        parts.append(f"divergences={int(d.sum())} ({100 * d.mean():.1f}%; per chain {per_chain})")
+    if "acceptance_rate" in stats:
+        parts.append(f"acceptance={float(np.mean(stats['acceptance_rate'])):.2f}")
+    if "step_size" in stats:
+        parts.append(f"step_size={float(np.mean(stats['step_size'])):.3g}")
+    if "tree_depth" in stats:
+        t = stats["tree_depth"]
+        parts.append(f"tree_depth mean={float(t.mean()):.1f} max={int(t.max())}")
+    return ["  " + ", ".join(parts)] if parts else []
+
+
+def _warn_divergences(result: MCMCResult) -> None:
+    n = result.num_divergences
+    if n:
+        total = result.num_particles
+        warnings.warn(
+            f"{result.algorithm}: {n} of {total} transitions after warm-up diverged "
+            f"({100 * n / total:.1f}%): the sampler could not follow the posterior there, so the "
+            "draws may be biased. Reparametrise (e.g. a non-centred hierarchy) or raise "
+            "target_accept_prob; result.to_arviz().sample_stats.diverging shows where.",
+            DivergenceWarning,
+            stacklevel=4,
+        )
+
+
 def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MCMC) -> tuple[dict, Any]:
     """Compile and run ``cfg.num_chains`` chains; returns ``(draws, infos)``, leaves ``[C, S, …]``.
 
-    Without a progress bar the whole run — chain initialisation, warm-up, sampling and the selection
-    of the recorded (post-warm-up, thinned) draws — is ONE compiled program (one XLA compilation of
-    the kernel, no eager array work per run). With a progress bar it runs in ~20 compiled chunks,
-    each chunk's transition keys derived from the chain key and the chunk's offset."""
+    The run is compiled once (chain initialisation, and a chunk of transitions: a loop with a traced
+    start and length, so every chunk reuses one compilation) and driven from Python in chunks
+    sized to last about :data:`CHUNK_SECONDS` each: a progress bar moves between chunks, and Ctrl-C
+    (``KeyboardInterrupt``) stops the run within one chunk, discarding it. Transition ``i`` of a
+    chain draws with ``fold_in(chain_key, i)``, so the draws do not depend on the chunking: the
+    same key gives bit-identical draws with and without a progress bar."""
     dyn, static_key, rebuild = split_args(args)
-    settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.progress_bar)
+    settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.chain_method)
     cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
+    what = f"MCMC({type(cfg.kernel).__name__}) of {getattr(program, '__name__', type(program).__name__)}"
     if cache_key not in _FACTORIES and getattr(cfg.kernel, "sequential", False):
         # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
         _FACTORIES[cache_key] = _compiled(cfg.kernel.build_for(program, args, cfg.num_warmup), rebuild, cfg)
@@ -155,38 +247,60 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
         if len(_FACTORIES) > 16:
             _FACTORIES.popitem(last=False)
     fns = _FACTORIES[cache_key]
-    if not cfg.progress_bar:
-        return fns.run(key, dyn)
     total = _total(cfg)
-    size = max(1, math.ceil(total / 20))
-    state, run_keys = fns.init(key, dyn)
+    sig = _signature(dyn)
+    if sig is None or sig not in fns.ready:
+        with compile_notice(what):
+            state, run_keys = fns.init(key, dyn)
+            buffer = _buffer_size(state, cfg)
+            # A zero-length chunk compiles the transition loop without running it (so the first
+            # timed chunk measures transitions, not the compilation).
+            jax.block_until_ready(fns.chunk(state, run_keys, dyn, _i32(0), _i32(0), buffer))
+        if sig is not None:
+            fns.ready.add(sig)
+    else:
+        state, run_keys = fns.init(key, dyn)
+        buffer = _buffer_size(state, cfg)
     draws, infos = [], []
-    done = 0
-    with _progress(total) as bar:
+    done, length = 0, min(total, FIRST_CHUNK)
+    with progress_bar(total, _bar_name(cfg), cfg.progress_bar) as bar:
         while done < total:
-            length = min(size, total - done)
-            state, (pos, info) = fns.chunk(state, run_keys, dyn, done, length)
+            length = min(length, total - done, buffer)
+            t0 = time.perf_counter()
+            state, (pos, info) = fns.chunk(state, run_keys, dyn, _i32(done), _i32(length), buffer)
+            pos, info = jax.device_get((pos, info))  # waits for the chunk: Ctrl-C lands here
+            seconds = time.perf_counter() - t0
             record = np.flatnonzero(_recorded(cfg, done, length))
             if record.size:
                 draws.append(_take(pos, record))
                 infos.append(_take(info, record))
             done += length
             bar.update(length)
-    cat = lambda *xs: jnp.concatenate(xs, axis=1)
+            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold per chunk).
+            per_step = seconds / length
+            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+    cat = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))
     return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
 
+
+FIRST_CHUNK = 8
+"""Transitions in the first chunk (before a chunk has been timed)."""
+
+_BUFFER_BYTES = 1 << 26
+"""At most this many bytes of per-transition output (positions and infos) per chunk."""
 
 _FACTORIES: OrderedDict = OrderedDict()
 
 
 class _Compiled(NamedTuple):
-    """``run(key, dyn) -> (draws, infos)`` (the whole run), and for chunked runs ``init(key, dyn) ->
-    (state, run_keys)`` and ``chunk(state, run_keys, dyn, offset, length) -> (state, (pos, info))``
-    (``length`` static: at most two compilations, the last chunk may be shorter)."""
+    """``init(key, dyn) -> (state, run_keys)`` and ``chunk(state, run_keys, dyn, start, length,
+    buffer) -> (state, (pos, info))``, leaves ``[C, buffer, …]`` of which the first ``length`` are
+    the transitions ``start … start + length − 1`` (``start`` and ``length`` traced, ``buffer``
+    static: one compilation); ``ready`` holds the argument signatures already compiled."""
 
-    run: Callable
     init: Callable
     chunk: Callable
+    ready: set
 
 
 def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
@@ -196,27 +310,44 @@ def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
         state = jax.vmap(lambda k: kernel.init(k, args))(jax.random.split(k_init, cfg.num_chains))
         return state, jax.random.split(k_run, cfg.num_chains)
 
-    def chunk(state, run_keys, dyn, offset, length):
+    def transition(s, k, args):
+        s, info = kernel.step(k, s, args)
+        return s, (kernel.position(s, args), info)
+
+    def one_chain(s, run_key, dyn, start, length, buffer):
         args = rebuild(dyn)
+        out_shape = jax.eval_shape(transition, s, run_key, args)[1]
+        buf = jax.tree.map(lambda a: jnp.zeros((buffer, *a.shape), a.dtype), out_shape)
 
-        def chain(s, ks):
-            def body(s, k):
-                s, info = kernel.step(k, s, args)
-                return s, (kernel.position(s, args), info)
+        def body(i, carry):
+            s, buf = carry
+            s, out = transition(s, jax.random.fold_in(run_key, start + i), args)
+            return s, jax.tree.map(lambda b, o: b.at[i].set(o), buf, out)
 
-            return jax.lax.scan(body, s, ks)
+        return jax.lax.fori_loop(0, length, body, (s, buf))
 
-        return jax.vmap(chain)(state, _chunk_keys(run_keys, offset, length))
+    def chunk(state, run_keys, dyn, start, length, buffer):
+        f = lambda s, k: one_chain(s, k, dyn, start, length, buffer)
+        if cfg.chain_method == "sequential":
+            return jax.lax.map(lambda a: f(*a), (state, run_keys))
+        return jax.vmap(f)(state, run_keys)
 
-    @jax.jit
-    def run(key, dyn):
-        state, run_keys = init(key, dyn)
-        total = _total(cfg)
-        _, (pos, info) = chunk(state, run_keys, dyn, 0, total)
-        record = np.flatnonzero(_recorded(cfg, 0, total))
-        return _take(pos, record), _take(info, record)
+    return _Compiled(jax.jit(init), jax.jit(chunk, static_argnums=5), set())
 
-    return _Compiled(run, jax.jit(init), jax.jit(chunk, static_argnums=4))
+
+def _buffer_size(state: Any, cfg: MCMC) -> int:
+    """Transitions per chunk buffer: the whole run if it fits in :data:`_BUFFER_BYTES`, the chain
+    state's size standing in for one transition's output (positions and infos)."""
+    per_step = sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
+    return int(min(_total(cfg), max(16, _BUFFER_BYTES // max(1, per_step))))
+
+
+def _i32(x: int) -> jax.Array:
+    return np.asarray(x, np.int32)
+
+
+def _bar_name(cfg: MCMC) -> str:
+    return f"{type(cfg.kernel).__name__} {cfg.num_chains} chains"
 
 
 def _kernel_extras(kernel: Any, infos: Any) -> dict:
@@ -246,15 +377,5 @@ def _improper_at_init(program: Callable[..., Any]) -> Callable[..., Any]:
     return lambda *args: handlers.substitute(handlers.seed(program, 0), substitute_fn=value)(*args)
 
 
-def _chunk_keys(run_keys: jax.Array, offset: int, length: int) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, offset), length))(run_keys)
-
-
 def _take(tree: Any, idx: np.ndarray) -> Any:
     return jax.tree.map(lambda x: x[:, idx], tree)
-
-
-def _progress(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="MCMC")

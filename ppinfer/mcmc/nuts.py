@@ -85,19 +85,33 @@ class HMC:
 
 def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
     """Wrap a NumPyro ``MCMCKernel`` built on a model as a pure :class:`~ppinfer.mcmc.Kernel`; its
-    state is NumPyro's (``HMCState``: unconstrained ``z``, adaptation state), its info
-    ``(accept_prob, diverging, num_steps)``."""
+    state is NumPyro's (``HMCState``: unconstrained ``z``, adaptation state), its info a dict of
+    per-transition scalars: ``accept_prob`` (the Metropolis acceptance probability, averaged over
+    the trajectory for NUTS), ``diverging``, ``num_steps`` (leapfrog steps), ``step_size`` (the one
+    used), ``energy`` (the Hamiltonian at the new state), ``lp`` (``−`` the potential energy: the
+    log joint on the unconstrained space, Jacobian included) and, for NUTS, ``tree_depth``
+    (``⌊log₂ num_steps⌋ + 1``: a depth-``d`` tree has ``2^(d−1) … 2^d − 1`` leapfrog steps)."""
+    import jax.numpy as jnp
+
+    is_nuts = isinstance(nk, ninfer.NUTS)
 
     def init(key, args):
         return nk.init(key, int(num_warmup), model_args=tuple(args))
 
     def step(key, state, args):
+        step_size = state.adapt_state.step_size
         state = nk.sample(state._replace(rng_key=key), tuple(args), {})
-        return state, {
+        info = {
             "accept_prob": state.accept_prob,
             "diverging": state.diverging,
             "num_steps": state.num_steps,
+            "step_size": step_size,
+            "energy": state.energy,
+            "lp": -state.potential_energy,
         }
+        if is_nuts:
+            info["tree_depth"] = jnp.floor(jnp.log2(jnp.maximum(state.num_steps, 1))).astype(jnp.int32) + 1
+        return state, info
 
     def position(state, args):
         return nk.postprocess_fn(tuple(args), {})(state.z)

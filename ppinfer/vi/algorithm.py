@@ -8,7 +8,6 @@ each; the Python loop runs once per chunk, to report progress and stop on a non-
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from numpyro import handlers
 
 from ppinfer import checks
 from ppinfer._compile import split_args
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, progress_bar
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.errors import ConfigError, InferenceError
 from ppinfer.program import is_sequential
@@ -59,8 +59,11 @@ class VI:
             ``log Ẑ`` (``E[Ẑ] = Z``) with the fitted guide as proposal; ``"equal"``: the same draws
             and ``log_evidence`` with equal weights ``log Ẑ − log N`` (plain draws from the guide).
             For a sequential program the Result is an SMC run (N particles) with the fitted proposal.
-        progress: print the objective after every chunk (to stderr).
-        chunk_size: optimisation steps per compiled chunk.
+        progress: a tqdm progress bar with the objective (stderr); ``None`` (default): shown when
+            stderr is a terminal and ppinfer is not quiet. Never changes the result.
+        chunk_size: the most optimisation steps per compiled chunk (chunks are sized to last about
+            a quarter of a second, so Ctrl-C stops the fit promptly; step ``i`` always draws with
+            ``fold_in(key, i)``, so the chunking does not change the result).
         init_params: optional *constrained* initial values, name → array, overriding the programs'.
 
     The Result's ``extras``: ``params`` (fitted, constrained), ``objective_trace: f32[num_steps]``
@@ -75,7 +78,7 @@ class VI:
     estimators: Estimators = None
     baseline_decay: float = 0.9
     weighting: str = "importance"
-    progress: bool = False
+    progress: bool | None = None
     chunk_size: int = 500
     init_params: dict[str, Any] | None = None
     name = "VI"
@@ -231,7 +234,7 @@ def fit(
     estimators: Estimators = None,
     baseline_decay: float = 0.9,
     chunk_size: int = 500,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> tuple[dict[str, jax.Array], np.ndarray]:
     """Maximise ``objective`` from ``spec.init`` with :func:`build_step`; step ``i`` draws with
     ``fold_in(key, i)``. Returns the fitted *unconstrained* params and the objective trace
@@ -256,21 +259,30 @@ def fit(
 
     state = init_fit_state(spec.init, optimizer)
     traces = []
-    for start in range(0, num_steps, chunk):
-        length = min(chunk, num_steps - start)
-        state, mon, finite = run_chunk(state, dyn, jnp.asarray(length, jnp.int32))
-        mon, finite = np.asarray(mon)[:length], np.asarray(finite)[:length]
-        bad = np.flatnonzero(~finite)
-        if bad.size:
-            raise InferenceError(
-                f"the objective or its gradient was not finite (NaN/inf) at optimisation step "
-                f"{start + int(bad[0])}: value {mon[bad[0]]}; lower the learning rate or check the "
-                "model and guide for invalid parameters"
-            )
-        traces.append(mon)
-        if progress:
-            done = start + length
-            print(f"VI step {done}/{num_steps}: {objective.name} = {mon[-1]:.4f}", file=sys.stderr)
+    with compile_notice(f"VI ({objective.name}) of {getattr(model, '__name__', type(model).__name__)}"):
+        # A zero-length chunk compiles the loop without taking a step.
+        jax.block_until_ready(run_chunk(state, dyn, jnp.asarray(0, jnp.int32)))
+    start, length = 0, min(chunk, 8)
+    with progress_bar(num_steps, f"VI {objective.name}", progress) as bar:
+        while start < num_steps:
+            length = min(length, chunk, num_steps - start)
+            t0 = time.perf_counter()
+            state, mon, finite = run_chunk(state, dyn, jnp.asarray(length, jnp.int32))
+            mon, finite = np.asarray(mon)[:length], np.asarray(finite)[:length]  # Ctrl-C lands here
+            seconds = time.perf_counter() - t0
+            bad = np.flatnonzero(~finite)
+            if bad.size:
+                raise InferenceError(
+                    f"the objective or its gradient was not finite (NaN/inf) at optimisation step "
+                    f"{start + int(bad[0])}: value {mon[bad[0]]}; lower the learning rate or check the "
+                    "model and guide for invalid parameters"
+                )
+            traces.append(mon)
+            start += length
+            bar.update(length)
+            bar.set_postfix_str(f"{objective.name}={mon[-1]:.4g}")
+            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold).
+            length = int(min(8 * length, max(1, CHUNK_SECONDS * length / max(seconds, 1e-9))))
     return state.params, np.concatenate(traces)
 
 

@@ -1,0 +1,174 @@
+"""Runs that talk: the compile notice, progress bars and the verbosity switch.
+
+- **Compile notice.** :func:`compile_notice` wraps a call that may compile. The time JAX spends
+  tracing, lowering and compiling inside it (JAX's own monitoring events, so execution is not
+  counted) is logged at ``INFO`` on the ``ppinfer`` logger; when it exceeds
+  :data:`NOTICE_AFTER_S` seconds it is also printed as one line on stderr (unless quiet, below, or
+  the ``ppinfer`` logger already shows ``INFO`` records). A first call still running after
+  :data:`NOTICE_AFTER_S` seconds prints ``compiling …`` at once, so a long compilation is not
+  silent.
+- **Progress bars.** :func:`progress_bar` is a tqdm bar on stderr, shown only when stderr is a
+  terminal and the run is not quiet (``progress=True`` forces it, ``False`` turns it off). Bars
+  are updated between compiled chunks of a run; they never touch the random stream.
+- **Quiet.** ``PPINFER_QUIET=1`` in the environment, or :func:`set_verbosity` (``0`` quiet,
+  ``1`` default), turns the stderr notices and the automatic bars off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["set_verbosity", "verbose", "compile_notice", "progress_bar", "NOTICE_AFTER_S", "logger"]
+
+logger = logging.getLogger("ppinfer")
+
+NOTICE_AFTER_S = 1.0
+"""Compilations longer than this (seconds) are announced on stderr."""
+
+CHUNK_SECONDS = 0.25
+"""Target duration of one compiled chunk of a long run (MCMC transitions, VI steps): a progress bar
+moves, and Ctrl-C lands, between chunks."""
+
+_VERBOSITY: int | None = None
+
+
+def set_verbosity(level: int | bool) -> None:
+    """``0``/``False``: no compile notices on stderr and no automatic progress bars; ``1``/``True``:
+    the default (notices for compilations over a second, bars on a terminal). Overrides
+    ``PPINFER_QUIET``. The ``ppinfer`` logger gets the notices at ``INFO`` either way."""
+    from ppinfer.errors import ConfigError
+
+    if isinstance(level, bool):
+        level = int(level)
+    if not isinstance(level, int) or level not in (0, 1):
+        raise ConfigError(f"set_verbosity takes 0 (quiet) or 1 (default), got {level!r}")
+    global _VERBOSITY
+    _VERBOSITY = level
+
+
+def verbose() -> bool:
+    """Whether notices go to stderr: :func:`set_verbosity`, else not ``PPINFER_QUIET=1``."""
+    if _VERBOSITY is not None:
+        return _VERBOSITY > 0
+    return os.environ.get("PPINFER_QUIET", "").lower() not in ("1", "true", "yes", "on")
+
+
+# JAX reports the time each compilation phase took through its monitoring events; the listener adds
+# them to the innermost active notice of the calling thread (compilation runs in the caller's thread).
+_PHASES = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "xla",
+}
+_LOCAL = threading.local()
+_LISTENING = False
+
+
+def _listener(event: str, duration: float, **_: Any) -> None:
+    phase = _PHASES.get(event)
+    stack = getattr(_LOCAL, "stack", None)
+    if phase is not None and stack:
+        stack[-1][phase] = stack[-1].get(phase, 0.0) + float(duration)
+
+
+def _cache_hit_listener(event: str, **_: Any) -> None:
+    stack = getattr(_LOCAL, "stack", None)
+    if event == "/jax/compilation_cache/cache_hits" and stack:
+        stack[-1]["cache_hits"] = stack[-1].get("cache_hits", 0) + 1
+
+
+def _listen() -> None:
+    global _LISTENING
+    if not _LISTENING:
+        from jax import monitoring
+
+        monitoring.register_event_duration_secs_listener(_listener)
+        monitoring.register_event_listener(_cache_hit_listener)
+        _LISTENING = True
+
+
+def _to_stderr() -> bool:
+    # Not twice: a user whose logging already shows ppinfer's INFO records sees the notice there.
+    return verbose() and not (logger.isEnabledFor(logging.INFO) and logger.hasHandlers())
+
+
+@contextmanager
+def compile_notice(what: str) -> Iterator[dict]:
+    """Time the compilation inside the block (see the module docstring); yields the dict of phase
+    times (``trace``, ``lower``, ``xla`` seconds, ``cache_hits``) filled as the block runs."""
+    _listen()
+    record: dict = {}
+    stack = _LOCAL.__dict__.setdefault("stack", [])
+    stack.append(record)
+    announced = threading.Event()
+
+    def announce() -> None:
+        announced.set()
+        print(f"ppinfer: compiling {what} (first call with these shapes; later calls reuse it)…",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    timer = threading.Timer(NOTICE_AFTER_S, announce) if _to_stderr() else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    t0 = time.perf_counter()
+    try:
+        yield record
+    finally:
+        if timer is not None:
+            timer.cancel()
+        stack.pop()
+        total = time.perf_counter() - t0
+        compile_s = sum(record.get(k, 0.0) for k in ("trace", "lower", "xla"))
+        if compile_s > 0 or announced.is_set():
+            hits = record.get("cache_hits", 0)
+            cached = f", {hits} program(s) loaded from the persistent cache" if hits else ""
+            msg = (
+                f"compiled {what} in {compile_s:.1f} s (tracing {record.get('trace', 0.0):.1f} s, "
+                f"XLA {record.get('xla', 0.0):.1f} s{cached}); first call {total:.1f} s in all"
+            )
+            logger.info(msg)
+            if (compile_s > NOTICE_AFTER_S or announced.is_set()) and _to_stderr():
+                print(f"ppinfer: {msg}", file=sys.stderr, flush=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to show a bar: ``progress`` if given, else when stderr is a terminal and not quiet."""
+    if progress is not None:
+        return bool(progress)
+    isatty = getattr(sys.stderr, "isatty", None)
+    return verbose() and bool(isatty and isatty())
+
+
+@contextmanager
+def progress_bar(total: int, desc: str, progress: bool | None) -> Iterator[Any]:
+    """A tqdm bar of ``total`` units on stderr (a no-op bar when :func:`show_progress` says no);
+    closed when the block ends, also by an exception (e.g. ``KeyboardInterrupt``)."""
+    if not show_progress(progress):
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -1,0 +1,276 @@
+"""Runs that talk and results that show (issue 18; issue 17 item 9): the compile notice, progress
+bars that never change the random stream, Ctrl-C between compiled chunks, NUTS diagnostics and
+divergence warnings, ``to_arviz`` of weighted results, and ``Result.filtering``."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import arviz as az
+import jax
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+
+import ppinfer as pp
+from ppinfer import _talk
+from ppinfer.errors import ConfigError, DivergenceWarning
+from ppinfer.mcmc import MCMC, NUTS, SingleSiteMH
+from ppinfer.mcmc import algorithm as mcmc_algorithm
+from ppinfer.vi import elbo
+
+ROOT = Path(__file__).resolve().parents[1]
+Y = np.random.default_rng(2).normal(0.7, 1.0, 10).astype(np.float32)
+
+
+def conjugate(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 2.0))
+    pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+@pytest.fixture
+def default_verbosity():
+    yield
+    _talk._VERBOSITY = None
+
+
+def fresh_program():
+    """A sequential program no earlier test compiled (a new function object: a compile-cache miss)."""
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(0.5 * x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), ys[t])
+        return x
+
+    return pp.sequential(lambda ys: 0.0, step, lambda ys: ys.shape[0])
+
+
+def test_compile_notice_on_stderr_and_in_the_log(capsys, caplog, monkeypatch, default_verbosity):
+    monkeypatch.setattr(_talk, "NOTICE_AFTER_S", 0.0)  # announce every compilation
+    ys = np.zeros(4, np.float32)
+    program = fresh_program()
+    pp.infer(program, ys, algorithm=pp.SMC(16), key=0)
+    err = capsys.readouterr().err
+    assert "ppinfer: compiled the SMC loop of `step` in" in err and "XLA" in err
+    # A second call with the same shapes compiles nothing: no notice.
+    pp.infer(program, ys + 1, algorithm=pp.SMC(16), key=1)
+    assert "compiled" not in capsys.readouterr().err
+    # Quiet: the log only.
+    pp.set_verbosity(0)
+    with caplog.at_level(logging.INFO, logger="ppinfer"):
+        pp.infer(fresh_program(), ys, algorithm=pp.SMC(16), key=0)
+    assert "ppinfer: compiled" not in capsys.readouterr().err
+    assert any("compiled the SMC loop" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="set_verbosity"):
+        pp.set_verbosity(3)
+
+
+def mh_draws(**cfg):
+    r = pp.infer(conjugate, Y, key=3, algorithm=MCMC(SingleSiteMH(), 40, 9, 3, thinning=2, **cfg))
+    return np.asarray(r.chains()["mu"]), jax.tree.map(np.asarray, r.extras["info"])
+
+
+def test_mcmc_draws_do_not_depend_on_chunks_or_progress_bar(monkeypatch, capsys):
+    one_chunk, info_a = mh_draws(progress_bar=False)  # a chunk of 8, then the other 81 at once
+    monkeypatch.setattr(mcmc_algorithm, "FIRST_CHUNK", 1)
+    monkeypatch.setattr(mcmc_algorithm, "CHUNK_SECONDS", 0.0)  # one transition per chunk
+    many_chunks, info_b = mh_draws(progress_bar=True)
+    assert "3 chains" in capsys.readouterr().err  # the bar was drawn
+    np.testing.assert_array_equal(one_chunk, many_chunks)
+    jax.tree.map(np.testing.assert_array_equal, info_a, info_b)
+    assert one_chunk.shape == (3, 40)
+
+
+def test_interrupted_run_leaves_no_trace(monkeypatch):
+    """A KeyboardInterrupt between chunks propagates, and the next run with the same key gives the
+    draws of an uninterrupted run (nothing half-written is cached)."""
+    reference, _ = mh_draws()
+    monkeypatch.setattr(mcmc_algorithm, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(mcmc_algorithm, "CHUNK_SECONDS", 0.0)
+
+    class Bar:
+        updates = 0
+
+        def update(self, n):
+            Bar.updates += 1
+            if Bar.updates == 5:
+                raise KeyboardInterrupt
+
+    @contextmanager
+    def bar(*_):
+        yield Bar()
+
+    with monkeypatch.context() as m:
+        m.setattr(mcmc_algorithm, "progress_bar", bar)
+        with pytest.raises(KeyboardInterrupt):
+            mh_draws()
+    assert Bar.updates == 5
+    again, _ = mh_draws()
+    np.testing.assert_array_equal(again, reference)
+
+
+CTRL_C = textwrap.dedent(
+    """
+    import time
+    import numpy as np, numpyro.distributions as dist, ppinfer as pp
+    from ppinfer import _talk
+    from ppinfer.mcmc import MCMC, SingleSiteMH
+    _talk.NOTICE_AFTER_S = 0.0  # print the compile notice: the parent waits for it
+
+    def conjugate(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 2.0))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    y = np.zeros(10, np.float32)
+    try:  # 4 x 5 million transitions: minutes of work
+        pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 50_000, 0, 4, thinning=100), key=0)
+    except KeyboardInterrupt:
+        print("CAUGHT", time.time(), flush=True)
+        raise
+    print("FINISHED", flush=True)
+    """
+)
+
+
+def test_ctrl_c_stops_a_long_mcmc_run_promptly():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the persistent cache as configured
+    child = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C], env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in child.stderr:  # the compile notice ends when the first chunk starts
+            lines.append(line)
+            if "ppinfer: compiled" in line:
+                break
+        else:
+            pytest.fail("the child ended before compiling: " + "".join(lines)[-2000:])
+        time.sleep(1.0)
+        sent = time.time()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+        exited = time.time() - sent
+    finally:
+        child.kill()
+    assert "FINISHED" not in out
+    assert "KeyboardInterrupt" in err and child.returncode != 0, err[-2000:]
+    # The interrupt reaches Python between chunks (~0.25 s each); the process then exits (the
+    # interpreter's teardown takes seconds more on a loaded machine).
+    caught = float(next(line for line in out.splitlines() if line.startswith("CAUGHT")).split()[1])
+    assert caught - sent < 2.0, f"the run took {caught - sent:.1f} s to stop after Ctrl-C"
+    assert exited < 20.0
+
+
+Y8 = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], np.float32)
+SIGMA8 = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], np.float32)
+
+
+def eight_schools_centred(y, sigma):
+    mu = pp.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pp.sample("tau", dist.HalfCauchy(5.0))
+    with pp.plate("J", 8):
+        theta = pp.sample("theta", dist.Normal(mu, tau))
+        pp.observe("y", dist.Normal(theta, sigma), y)
+
+
+def test_nuts_reports_the_divergences_of_centred_eight_schools():
+    algorithm = MCMC(NUTS(), num_samples=300, num_warmup=300)  # 4 chains by default
+    with pytest.warns(DivergenceWarning, match="diverged") as caught:
+        r = pp.infer(eight_schools_centred, Y8, SIGMA8, algorithm=algorithm, key=0)
+    stats = r.sample_stats()
+    names = {"diverging", "tree_depth", "step_size", "acceptance_rate", "energy", "n_steps", "lp"}
+    assert set(stats) == names and all(v.shape == (4, 300) for v in stats.values())
+    n_div = int(stats["diverging"].sum())
+    assert n_div > 0 and r.num_divergences == n_div and f" {n_div} of 1200 " in str(caught[0].message)
+    steps = stats["n_steps"]
+    assert np.all((2 ** (stats["tree_depth"] - 1) <= steps) & (steps < 2 ** stats["tree_depth"]))
+    assert np.all((stats["acceptance_rate"] >= 0) & (stats["acceptance_rate"] <= 1))
+    assert np.all(stats["step_size"] > 0)
+    idata = r.to_arviz()
+    assert set(idata.sample_stats.data_vars) == names
+    assert int(idata.sample_stats["diverging"].sum()) == n_div
+    assert np.isfinite(float(az.rhat(idata)["mu"]))  # 4 chains: R-hat is defined
+    assert f"divergences={n_div}" in repr(r) and "tree_depth" in repr(r)
+    # wall_time times the run, not its dispatch.
+    t0 = time.perf_counter()
+    with pytest.warns(DivergenceWarning):
+        again = pp.infer(eight_schools_centred, Y8, SIGMA8, algorithm=algorithm, key=1)
+    elapsed = time.perf_counter() - t0
+    assert 0.5 * elapsed < again.wall_time <= elapsed
+
+
+def test_vi_progress_and_chunking_do_not_change_the_fit(monkeypatch, capsys):
+    def guide(y):
+        m = numpyro.param("m", 0.0)
+        pp.sample("mu", dist.Normal(m, 0.5))
+
+    def fit(**kw):
+        alg = pp.VI(elbo(4), guide, optax.adam(0.05), num_steps=30, num_particles=8, **kw)
+        r = pp.infer(conjugate, Y, algorithm=alg, key=0)
+        return np.asarray(r.extras["objective_trace"]), float(r.extras["params"]["m"])
+
+    a = fit(progress=False, chunk_size=8)  # chunks of 8 (the same compiled loop as below)
+    from ppinfer.vi import algorithm as vi_algorithm
+
+    monkeypatch.setattr(vi_algorithm, "CHUNK_SECONDS", 0.0)  # 1 step per chunk after the first 8
+    b = fit(progress=True, chunk_size=8)
+    assert "VI" in capsys.readouterr().err
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+@pytest.fixture(scope="module")
+def lgssm_run():
+    from models.classic import lgssm, simulate_lgssm
+
+    ys = simulate_lgssm(2, 12, 0.9, 0.5, 1.0, 1.0)
+    return ys, pp.infer(lgssm(0.9, 0.5, 1.0, 1.0), ys, algorithm=pp.SMC(4000), key=1)
+
+
+def test_smc_to_arviz_has_no_warnings_and_the_smc_ess(lgssm_run):
+    _, r = lgssm_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any shape or diagnostics warning fails the test
+        idata = r.to_arviz()
+        summary = az.summary(idata, var_names=["x"])
+    m = int(round(r.final_ess)) // 4 * 4
+    assert dict(idata.posterior.sizes) == {"chain": 4, "draw": m // 4, "x_dim_0": 12}
+    assert idata.attrs["final_ess"] == pytest.approx(r.final_ess)
+    # ArviZ's ESS of the last step (draws from the final weights) agrees with the SMC's own ESS.
+    ess_last = float(summary["ess_bulk"].iloc[-1])
+    assert 0.7 * r.final_ess < ess_last < 1.3 * r.final_ess, (ess_last, r.final_ess)
+    last = float(r.expectation(lambda s: s["x"][-1]))
+    sd = float(np.sqrt(r.expectation(lambda s: (s["x"][-1] - last) ** 2)))
+    assert abs(float(summary["mean"].iloc[-1]) - last) < 4.5 * sd / np.sqrt(r.final_ess)
+    big = r.to_arviz(num_chains=2, num_draws=1000)
+    assert dict(big.posterior.sizes)["draw"] == 500
+
+
+def test_filtering_means_and_variances_match_the_kalman_filter(lgssm_run):
+    from semantics import kalman_filter
+
+    ys, r = lgssm_run
+    f = r.filtering
+    _, mean, var = kalman_filter(0.9, 0.5, 1.0, 1.0, 0.0, 1.0, np.asarray(ys, np.float64))
+    ess = np.asarray(f.ess)
+    np.testing.assert_allclose(ess, np.asarray(r.ess), rtol=1e-3)  # the SMC's own per-step ESS
+    m, v = np.asarray(f.mean("x")), np.asarray(f.var("x"))
+    assert m.shape == v.shape == (12,) and f.num_steps == 12
+    # 4.5-sigma bounds per step from the filter's own ESS (Var of a Gaussian sample variance: 2σ⁴/n).
+    assert np.all(np.abs(m - mean) < 4.5 * np.sqrt(var / ess)), m - mean
+    assert np.all(np.abs(v - var) < 4.5 * var * np.sqrt(2 / ess)), v - var
+    np.testing.assert_allclose(r.filtering_mean("x"), m)
+    with pytest.raises(ConfigError, match="'z'"):
+        f.mean("z")
+    with pytest.raises(ConfigError, match="history=True"):
+        _ = pp.infer(conjugate, Y, algorithm=pp.Importance(16)).filtering
