@@ -148,7 +148,7 @@ def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 
     accepted = []
     for row, n in zip(toks, lens, strict=True):
         row = [int(t) for t in row[:n]]
-        if row and row[-1] == lm.eos_id:
+        if row and row[-1] in lm.eos_ids:
             text = lm.tokenizer.decode(row[:-1])
             if re.fullmatch(PYTHON_DEF_PATTERN, text) and parses_as_def(text):
                 accepted.append(text)
@@ -164,7 +164,7 @@ def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 
     t0 = time.perf_counter()
     result = pp.infer(program, *args, algorithm=algorithm, key=1)
     t_smc = time.perf_counter() - t0
-    texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_id)
+    texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_ids)
     print(
         f"SMC, N={num_particles}, locally constrained proposal: log Ẑ = {result.log_evidence:.2f} "
         f"(so rejection would accept about 1 in {np.exp(-result.log_evidence):.2g} samples); "
@@ -192,7 +192,7 @@ def run_lm(num_particles: int = 128, max_new_tokens: int = 24, num_plain: int = 
         "final_ess": result.final_ess,
         "texts": texts,
         "log_weights": np.asarray(result.log_weights, np.float64),
-        "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
+        "finished": [n > 0 and int(row[n - 1]) in lm.eos_ids for row, n in zip(toks, lens, strict=True)],
     }
     return result, figures
 
