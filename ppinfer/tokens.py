@@ -57,6 +57,7 @@ __all__ = [
     "LMPrompt",
     "Context",
     "prompt",
+    "check_token_ids",
     "masked_next_token",
     "twist",
     "require_eos",
