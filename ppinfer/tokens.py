@@ -143,9 +143,10 @@ def prompt(
 
     Raises, before anything is compiled: :class:`~ppinfer.errors.ConfigError` for a bad
     ``max_new_tokens``, both or neither of ``text``/``messages``, a prompt plus ``max_new_tokens``
-    longer than the model's context, or a model without a chat template;
+    longer than the model's context, or ``messages`` for a model without a tokenizer;
     :class:`~ppinfer.errors.DataError` for token ids outside the vocabulary or a prompt longer than
-    the context; :class:`~ppinfer.errors.TokenizerError` if the template fails.
+    the context; :class:`~ppinfer.errors.TokenizerError` if the tokenizer has no chat template or
+    the template fails.
     """
     if max_new_tokens is None:
         raise ConfigError("tokens.prompt needs max_new_tokens (the most tokens a particle generates)")
