@@ -129,7 +129,7 @@ def prompt(
     max_new_tokens: int | None = None,
     *,
     messages: Sequence[dict] | None = None,
-    add_generation_prompt: bool = True,
+    add_generation_prompt: bool | None = None,
     **template_kwargs: Any,
 ) -> LMPrompt:
     """Run a prompt through ``lm`` once and return the shared :class:`LMPrompt` for programs
@@ -138,8 +138,10 @@ def prompt(
     The prompt is ``text`` (a string, encoded without BOS/EOS, or token ids) or ``messages``, a
     chat (``[{"role": "user", "content": "..."}, ...]``) rendered with the model's chat template
     (:meth:`ppinfer.lm.Tokenizer.apply_chat_template`, with ``add_generation_prompt=True`` by
-    default so that the model writes the assistant's turn; ``template_kwargs`` such as ``tools``,
-    ``chat_template`` or ``date_string`` go to the template) and encoded.
+    default so that the model writes the assistant's turn — or, with
+    ``continue_final_message=True``, continues the last message, e.g. a partly written answer;
+    ``template_kwargs`` such as ``tools``, ``chat_template`` or ``date_string`` go to the
+    template) and encoded.
 
     Raises, before anything is compiled: :class:`~ppinfer.errors.ConfigError` for a bad
     ``max_new_tokens``, both or neither of ``text``/``messages``, a prompt plus ``max_new_tokens``
@@ -163,11 +165,14 @@ def prompt(
         tokenizer = getattr(lm, "tokenizer", None)
         if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
             raise ConfigError(f"{type(lm).__name__} has no tokenizer with a chat template: pass token ids")
+        if add_generation_prompt is None:
+            add_generation_prompt = not template_kwargs.get("continue_final_message", False)
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_kwargs
         )
-    elif template_kwargs:
-        raise ConfigError(f"chat template arguments {sorted(template_kwargs)} need messages=[...]")
+    elif template_kwargs or add_generation_prompt is not None:
+        names = sorted(template_kwargs) + ([] if add_generation_prompt is None else ["add_generation_prompt"])
+        raise ConfigError(f"chat template arguments {names} need messages=[...]")
     else:
         ids = lm.encode(text) if isinstance(text, str) else text
     ids = check_token_ids(lm, ids, "the prompt")

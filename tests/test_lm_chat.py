@@ -289,6 +289,30 @@ def test_strftime_now_and_raise_exception(template_pairs):
         gemma.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+def test_continue_final_message(template_pairs, chat_lm):
+    """The text ends inside the last (partly written) message, as in transformers; tk.prompt then
+    leaves the generation prompt out."""
+    chat = [*CHATS["user"], {"role": "assistant", "content": "The answer is "}]
+    for name in ("llama3.2", "llama3", "qwen2.5"):
+        ours, theirs = template_pairs[name]
+        a, b = _render_both(ours, theirs, chat, continue_final_message=True, date_string="26 Jul 2024")
+        assert a == b and a.rstrip().endswith("The answer is"), name
+    ours, _ = template_pairs["qwen2.5"]
+    with pytest.raises(TokenizerError, match="exclude each other"):
+        ours.apply_chat_template(chat, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(TokenizerError, match="does not appear"):
+        render_template(
+            "{{ messages[0].role }}{{ messages[0]['content'][:3] }}", chat[:1], continue_final_message=True
+        )
+    lm = chat_lm[0]
+    p = tk.prompt(lm, messages=chat, max_new_tokens=2, continue_final_message=True, date_string="26 Jul 2024")
+    expected = lm.tokenizer.apply_chat_template(
+        chat, tokenize=True, continue_final_message=True, date_string="26 Jul 2024"
+    )
+    assert int(p.prompt_cache.length) == len(expected)
+    assert lm.tokenizer.decode(expected).endswith("assistant\n\nThe answer is")
+
+
 def test_template_sources_and_selection(tmp_path):
     """A list of named templates in tokenizer_config.json, chat_template.jinja taking priority,
     named templates in additional_chat_templates/, and transformers agreeing on the choice."""

@@ -138,14 +138,17 @@ def render_template(
     tools: Sequence[Mapping[str, Any]] | None = None,
     documents: Sequence[Mapping[str, Any]] | None = None,
     special_tokens: Mapping[str, str] | None = None,
+    continue_final_message: bool = False,
     **kwargs: Any,
 ) -> str:
     """Render a chat ``template`` (Jinja2 source) for ``messages``, as
     ``transformers``' ``apply_chat_template(messages, tokenize=False, ...)``: message keys whose value
     is None are dropped, ``special_tokens`` (``{"bos_token": "<s>", …}``) and ``kwargs`` become template
-    variables (``kwargs`` win). Raises :class:`TokenizerError` for an invalid message list, a
-    template that does not compile, or one that fails (``raise_exception`` included) — the message
-    names the cause."""
+    variables (``kwargs`` win). ``continue_final_message``: the text ends inside the last message
+    (its end-of-turn markup cut off), so that the model continues it — e.g. a partly written
+    assistant answer. Raises :class:`TokenizerError` for an invalid message list, a template that
+    does not compile, or one that fails (``raise_exception`` included) — the message names the
+    cause."""
     import jinja2
 
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
@@ -166,12 +169,17 @@ def render_template(
     if documents is not None and not all(isinstance(doc, Mapping) for doc in documents):
         raise TokenizerError("documents must be a list of dicts with 'title' and 'text'")
     variables = {**dict(special_tokens or {}), **{k: _plain(v) for k, v in kwargs.items()}}
+    final = None
+    if continue_final_message:
+        if add_generation_prompt:
+            raise TokenizerError("continue_final_message and add_generation_prompt exclude each other")
+        final = _tag_final_message(chat, template)
     try:
         compiled = _compile(template)
     except jinja2.TemplateSyntaxError as error:
         raise TokenizerError(f"the chat template does not compile: {error} (line {error.lineno})") from None
     try:
-        return compiled.render(
+        text = compiled.render(
             messages=chat,
             tools=_plain(tools),
             documents=_plain(documents),
@@ -180,6 +188,43 @@ def render_template(
         )
     except jinja2.TemplateError as error:
         raise TokenizerError(f"the chat template failed: {error}") from None
+    if final is None:
+        return text
+    mark = _CONTINUE_TAG.strip()
+    if final.strip() not in text or mark not in text:
+        raise TokenizerError(
+            "continue_final_message: the final message does not appear in the rendered chat (the "
+            "template changes or drops it)"
+        )
+    at = text.rindex(mark)
+    # The template kept the text as written, or trimmed trailing spaces that the message had.
+    return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(chat: list[dict], template: str) -> str:
+    """Append the continuation tag to the last message's content (its last text block); returns
+    the content before the tag."""
+    last = chat[-1]
+    content = last.get("content")
+    if content is None:
+        raise TokenizerError('continue_final_message: the final message has no "content" to continue')
+    if "content" not in template:
+        raise TokenizerError("continue_final_message: the chat template does not read a message's content")
+    if isinstance(content, str):
+        last["content"] = content + _CONTINUE_TAG
+        return content
+    if isinstance(content, (list, tuple)):
+        blocks = [dict(block) if isinstance(block, Mapping) else block for block in content]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and "text" in block:
+                before = block["text"]
+                block["text"] = before + _CONTINUE_TAG
+                last["content"] = blocks
+                return before
+    raise TokenizerError("continue_final_message: the final message has no text to continue")
 
 
 def _plain(value: Any) -> Any:
