@@ -343,6 +343,24 @@ def test_template_sources_and_selection(tmp_path):
         Tokenizer.from_folder(none).apply_chat_template(CHATS["user"])
 
 
+def test_special_tokens_from_config_files(tmp_path):
+    """bos/eos text from tokenizer_config.json (serialised AddedToken dicts too), missing ones from
+    special_tokens_map.json; the tokenizer's EOS follows them; invalid JSON is a TokenizerError."""
+    eot = {"__type": "AddedToken", "content": "<|eot_id|>", "lstrip": False, "special": True}
+    folder = _template_folder(tmp_path, LLAMA_3, "added", extra={"eos_token": eot, "bos_token": None})
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>"}))
+    ours = Tokenizer.from_folder(folder)
+    assert ours.special_tokens == {"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>"}
+    assert ours.eos_id == ours.backend.token_to_id("<|eot_id|>")
+    assert ours.bos_id == ours.backend.token_to_id("<|begin_of_text|>")
+    assert ours.apply_chat_template(CHATS["user"]).startswith("<|begin_of_text|><|start_header_id|>user")
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        Tokenizer.from_folder(folder)
+    with pytest.raises(TokenizerError, match="does not exist"):
+        Tokenizer.from_folder(tmp_path / "missing")
+
+
 def test_template_environment_is_the_immutable_sandbox():
     chat = CHATS["user"]
     assert render_template("{{ messages[0].content | tojson }}", chat) == json.dumps(

@@ -88,7 +88,9 @@ class Tokenizer:
         special_map = _read_json(folder / "special_tokens_map.json")
         special = {}
         for name in SPECIAL_TOKEN_NAMES:
-            value = config.get(name, special_map.get(name))
+            value = config.get(name)
+            if value is None:
+                value = special_map.get(name)
             if isinstance(value, dict):  # a serialised AddedToken
                 value = value.get("content")
             if isinstance(value, str):
