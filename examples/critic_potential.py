@@ -39,20 +39,20 @@ def main(num_particles: int = 64, max_new_tokens: int = 12) -> dict:
     def step(state, t, p, use_twist):
         ctx, psi = state
         tok = pp.sample("tok", ctx.next_token())
-        done = (tok == p.eos_id) | (t == max_new_tokens - 1)
+        done = p.is_eos(tok) | (t == max_new_tokens - 1)
         ctx = ctx.extend(p, tok)
         value = score(ctx)
         pp.factor("reward", jnp.where(done, value, 0.0))
         if use_twist:
             psi = tk.twist("critic", value, psi, final=done)
-        pp.stop(tok == p.eos_id)
+        pp.stop(p.is_eos(tok))
         return ctx, psi
 
     out = {}
     for use_twist in (False, True):
         program = pp.sequential(init, partial(step, use_twist=use_twist), max_new_tokens)
         r = pp.infer(program, p, algorithm=pp.SMC(num_particles), key=0)
-        texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
+        texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_ids)
         mean_words = float(np.sum(np.asarray(r.weights) * np.array([len(t.split()) for t in texts])))
         print(
             f"twist={use_twist!s:>5}: log Ẑ {r.log_evidence:6.2f}  mean ESS {float(np.mean(r.ess)):5.1f}  "

@@ -36,7 +36,7 @@ def main(num_particles: int = 64, max_steps_tokens: int = 24, question: str = "1
     def step(ctx, t, p):
         tok = pp.sample("tok", ctx.next_token())
         # The steps must not write their own answer or end early: the suffix supplies them.
-        pp.condition("no_answer_yet", (tok != answer_marker) & (tok != p.eos_id))
+        pp.condition("no_answer_yet", (tok != answer_marker) & ~p.is_eos(tok))
         ctx = ctx.extend(p, tok)
         suffix_lp = jax.lax.cond(
             t == num_steps - 1, lambda c: score_suffix(c, p), lambda c: jnp.zeros(()), ctx
@@ -49,7 +49,7 @@ def main(num_particles: int = 64, max_steps_tokens: int = 24, question: str = "1
 
     program = pp.sequential(init, step, num_steps)
     result = pp.infer(program, p, algorithm=pp.SMC(num_particles), key=0)
-    texts = tk.texts(result.state, lm.tokenizer, lm.eos_id)
+    texts = tk.texts(result.state, lm.tokenizer, lm.eos_ids)
     print(f"Q: {question} = ?   conditioned on the answer {answer}: log Ẑ = {result.log_evidence:.2f}")
     best = {}
     for text, w in zip(texts, np.asarray(result.weights), strict=True):

@@ -32,7 +32,7 @@ def main(num_particles: int = 64, max_new_tokens: int = 20) -> dict:
             print(f"{name:>24}: every particle broke the constraint ({str(e)[:60]}…)")
             out[name] = {"log_z": None}
             continue
-        texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_id)
+        texts = tk.texts(r.state[0], lm.tokenizer, lm.eos_ids)
         toks, lens = np.asarray(r.state[0].tokens), np.asarray(r.state[0].length)
         alive = np.asarray(r.weights) > 0
         valid = all(
@@ -50,7 +50,7 @@ def main(num_particles: int = 64, max_new_tokens: int = 20) -> dict:
             "texts": texts,
             "weights": np.asarray(r.weights, np.float64),
             "log_weights": np.asarray(r.log_weights, np.float64),
-            "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
+            "finished": [n > 0 and int(row[n - 1]) in lm.eos_ids for row, n in zip(toks, lens, strict=True)],
         }
     return out
 

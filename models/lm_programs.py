@@ -43,7 +43,7 @@ def regex_step(state, t, p: tk.LMPrompt, a: Any):
     ctx, s = state
     tok = pp.sample("tok", ctx.next_token())
     pp.condition("regex", a.allowed(s)[tok])
-    pp.stop(tok == p.eos_id)
+    pp.stop(p.is_eos(tok))
     return ctx.extend(p, tok), a.advance(s, tok)
 
 
@@ -76,7 +76,7 @@ def python_def(lm: Any, max_new_tokens: int = 24, prompt: str = "<|endoftext|>de
         ctx, s = state
         tok = pp.sample("tok", ctx.next_token())
         pp.condition("regex", a.allowed(s)[tok])
-        done = tok == p.eos_id
+        done = p.is_eos(tok)
         ok = tk.text_predicate(parses_as_def, decode, ctx.tokens, ctx.length, when=done)
         pp.condition("parses", ok)
         tk.require_eos("finished", done, t, max_new_tokens)

@@ -177,7 +177,7 @@ def run_lm(
     accepted = []
     for row, n in zip(toks, lens, strict=True):
         row = [int(t) for t in row[:n]]
-        if row and row[-1] == lm.eos_id:
+        if row and row[-1] in lm.eos_ids:
             text = lm.tokenizer.decode(row[:-1])
             if constraint.validate(text):  # the regex (Python re) and the compile check
                 accepted.append(text)
@@ -220,7 +220,7 @@ def run_lm(
         "min_ess": float(np.min(result.ess)),
         "texts": [t for t, _ in tk.texts(result, all_particles=True)],
         "log_weights": np.asarray(result.log_weights, np.float64),
-        "finished": [n > 0 and int(row[n - 1]) == lm.eos_id for row, n in zip(toks, lens, strict=True)],
+        "finished": [n > 0 and int(row[n - 1]) in lm.eos_ids for row, n in zip(toks, lens, strict=True)],
     }
     return result, figures
 

@@ -12,10 +12,15 @@ log-probabilities). Its ``step`` samples a token and weights it, written for ONE
     def step(ctx, t, p):
         tok = pp.sample("tok", ctx.next_token())           # the LM is the prior over tokens
         pp.condition("no_e", ~has_e[tok])                   # constraints, potentials, twists…
-        pp.stop(tok == p.eos_id)                            # end the particle at EOS
+        pp.stop(p.is_eos(tok))                              # end the particle at any EOS token
         return ctx.extend(p, tok)                           # feed the token to the LM
 
     result = pp.infer(pp.sequential(init, step, 32), p, algorithm=pp.SMC(64))
+
+A chat model's prompt is its chat template rendered for a list of messages:
+``tokens.prompt(lm, messages=[{"role": "user", "content": "Hi"}], max_new_tokens=32)``; the
+particles then stop on any of the model's EOS ids (``p.is_eos(tok)``: Llama 3 Instruct ends its
+turn with ``<|eot_id|>``).
 
 Because the whole LM context is particle state, resampling gathers the KV caches with the
 particles. The prompt's keys and values (:class:`LMPrompt`) are computed once and shared by every
@@ -35,6 +40,7 @@ the final target is unchanged.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ConfigError, DataError, ModelError
 from ppinfer.primitives import condition, factor, sample, stop
 from ppinfer.program import SequentialProgram
 
@@ -51,6 +57,7 @@ __all__ = [
     "LMPrompt",
     "Context",
     "prompt",
+    "check_token_ids",
     "masked_next_token",
     "twist",
     "require_eos",
@@ -69,41 +76,53 @@ class LMPrompt:
     """A language model with its prompt run once (shared by all particles; no particle axis).
 
     Pytree: the model's arrays, ``prompt_cache`` and ``first_logp: f32[V]`` (log-probabilities of
-    the first new token) are traced; the model's structure, ``max_new_tokens`` and ``eos_id`` are
+    the first new token) are traced; the model's structure, ``max_new_tokens`` and the EOS ids are
     static. Works with :class:`ppinfer.lm.LanguageModel` and :class:`ppinfer.lm.NGramLM` (anything
     with ``prefill``, ``init_particle_cache`` and a one-particle ``step``).
+
+    ``eos`` is one EOS id, several (a tuple: every one ends a sequence), or None. ``eos_ids`` is
+    the tuple, ``eos_id`` its first element (None if there is none).
     """
 
-    def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos_id: int | None):
+    def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos: int | Sequence[int] | None):
         self.lm, self.prompt_cache, self.first_logp = lm, prompt_cache, first_logp
-        self.max_new_tokens, self._eos_id = max_new_tokens, eos_id
+        self.max_new_tokens, self.eos_ids = max_new_tokens, _eos_tuple(eos)
 
     @property
     def eos_id(self) -> int:
-        """The LM's end-of-sequence token; :class:`ConfigError` if it has none (so that
-        ``pp.stop(tok == p.eos_id)`` cannot silently compare with None and never stop)."""
-        if self._eos_id is None:
+        """The LM's (first) end-of-sequence token; :class:`ConfigError` if it has none (so that
+        ``pp.stop(tok == p.eos_id)`` cannot silently compare with None and never stop). A model
+        with several EOS ids (``eos_ids``): stop with :meth:`is_eos`."""
+        if not self.eos_ids:
             raise ConfigError(
                 f"this {type(self.lm).__name__} has no EOS token (eos_id is None): give the model one "
                 "(e.g. NGramLM.from_probs(..., eos_id=...)) or stop on another condition"
             )
-        return self._eos_id
+        return self.eos_ids[0]
 
     @property
     def has_eos(self) -> bool:
-        return self._eos_id is not None
+        return bool(self.eos_ids)
+
+    def is_eos(self, token: jax.Array) -> jax.Array:
+        """``bool`` (shape of ``token``): whether ``token`` is one of the EOS ids (False if none)."""
+        token = jnp.asarray(token)
+        out = jnp.zeros(token.shape, jnp.bool_)
+        for eos in self.eos_ids:
+            out = out | (token == eos)
+        return out
 
     def tree_flatten(self):
         field = _array_field(self.lm)
         children = (getattr(self.lm, field), self.prompt_cache, self.first_logp)
-        return children, (_Template(self.lm), field, self.max_new_tokens, self._eos_id)
+        return children, (_Template(self.lm), field, self.max_new_tokens, self.eos_ids)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        template, field, max_new_tokens, eos_id = aux
+        template, field, max_new_tokens, eos_ids = aux
         arrays, prompt_cache, first_logp = children
         lm = dataclasses.replace(template.lm, **{field: arrays})
-        return cls(lm, prompt_cache, first_logp, max_new_tokens, eos_id)
+        return cls(lm, prompt_cache, first_logp, max_new_tokens, eos_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -115,18 +134,115 @@ class LMPrompt:
         return jax.nn.log_softmax(logits.astype(jnp.float32)), cache
 
 
-def prompt(lm: Any, text: str | Sequence[int], max_new_tokens: int) -> LMPrompt:
-    """Run ``text`` (a string, or token ids) through ``lm`` once and return the shared
-    :class:`LMPrompt` for programs generating at most ``max_new_tokens`` tokens."""
-    if int(max_new_tokens) < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = lm.encode(text) if isinstance(text, str) else jnp.asarray(text, jnp.int32)
+def prompt(
+    lm: Any,
+    text: str | Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    messages: Sequence[dict] | None = None,
+    add_generation_prompt: bool | None = None,
+    **template_kwargs: Any,
+) -> LMPrompt:
+    """Run a prompt through ``lm`` once and return the shared :class:`LMPrompt` for programs
+    generating at most ``max_new_tokens`` tokens.
+
+    The prompt is ``text`` (a string, encoded without BOS/EOS, or token ids) or ``messages``, a
+    chat (``[{"role": "user", "content": "..."}, ...]``) rendered with the model's chat template
+    (:meth:`ppinfer.lm.Tokenizer.apply_chat_template`, with ``add_generation_prompt=True`` by
+    default so that the model writes the assistant's turn — or, with
+    ``continue_final_message=True``, continues the last message, e.g. a partly written answer;
+    ``template_kwargs`` such as ``tools``, ``chat_template`` or ``date_string`` go to the
+    template) and encoded.
+
+    Raises, before anything is compiled: :class:`~ppinfer.errors.ConfigError` for a bad
+    ``max_new_tokens``, both or neither of ``text``/``messages``, a prompt plus ``max_new_tokens``
+    longer than the model's context, or ``messages`` for a model without a tokenizer;
+    :class:`~ppinfer.errors.DataError` for token ids outside the vocabulary or a prompt longer than
+    the context; :class:`~ppinfer.errors.TokenizerError` if the tokenizer has no chat template or
+    the template fails.
+    """
+    if max_new_tokens is None:
+        raise ConfigError("tokens.prompt needs max_new_tokens (the most tokens a particle generates)")
+    try:
+        count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = count
+    if (text is None) == (messages is None):
+        raise ConfigError("tokens.prompt takes a text (or token ids) or messages=[...], exactly one of them")
+    if messages is not None:
+        tokenizer = getattr(lm, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+            raise ConfigError(f"{type(lm).__name__} has no tokenizer with a chat template: pass token ids")
+        if add_generation_prompt is None:
+            add_generation_prompt = not template_kwargs.get("continue_final_message", False)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **template_kwargs
+        )
+    elif template_kwargs or add_generation_prompt is not None:
+        names = sorted(template_kwargs) + ([] if add_generation_prompt is None else ["add_generation_prompt"])
+        raise ConfigError(f"chat template arguments {names} need messages=[...]")
+    else:
+        ids = lm.encode(text) if isinstance(text, str) else text
+    ids = check_token_ids(lm, ids, "the prompt")
     if ids.ndim != 1 or ids.shape[0] < 1:
         raise ModelError("the prompt must be at least one token (prefix it with BOS/EOS if empty)")
+    if hasattr(lm, "_check_ids") and hasattr(lm, "_check_room"):  # a transformer: its context
+        lm._check_ids(ids)
+        lm._check_room(int(ids.shape[0]), int(max_new_tokens))
     logits, prompt_cache = lm.prefill(ids)
-    eos = getattr(lm, "eos_id", None)
+    eos = getattr(lm, "eos_ids", None)
+    if eos is None:
+        eos = getattr(lm, "eos_id", None)
     first = jax.nn.log_softmax(logits[-1].astype(jnp.float32))
     return LMPrompt(lm, prompt_cache, first, int(max_new_tokens), eos)
+
+
+def check_token_ids(lm: Any, ids: Any, what: str = "token ids") -> jax.Array:
+    """``ids`` as ``i32`` if they are integers in ``[0, V)`` (``V``: the model's vocabulary size);
+    else :class:`~ppinfer.errors.DataError` naming the first bad id. Traced ids (inside ``jit``)
+    cannot be checked and pass unchanged."""
+    if isinstance(ids, jax.core.Tracer):
+        return ids
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be integer token ids, got {type(ids).__name__}") from None
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{what} must be integer token ids, got dtype {arr.dtype}")
+    V = _vocab_size(lm)
+    if arr.size and V is not None:
+        bad = arr[(arr < 0) | (arr >= V)]
+        if bad.size:
+            raise DataError(
+                f"{what}: token id {int(bad.flat[0])} is out of range for a vocabulary of {V} "
+                f"(ids 0..{V - 1})"
+            )
+    return jnp.asarray(arr, jnp.int32)
+
+
+def _vocab_size(lm: Any) -> int | None:
+    if isinstance(lm, LMPrompt):
+        return lm.vocab_size
+    config = getattr(lm, "config", None)
+    if config is not None and hasattr(config, "vocab_size"):
+        return int(config.vocab_size)
+    size = getattr(lm, "vocab_size", None)
+    return None if size is None else int(size)
+
+
+def _eos_tuple(eos: Any) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
+        return (int(eos),)
+    if isinstance(eos, (tuple, list)) and all(
+        isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos
+    ):
+        return tuple(dict.fromkeys(int(e) for e in eos))
+    raise ConfigError(f"the EOS token must be an id, a list of ids or None, got {eos!r}")
 
 
 class Context(NamedTuple):
@@ -157,8 +273,9 @@ class Context(NamedTuple):
         return dist.Categorical(logits=_finite(self.logp / check_temperature(temperature)))
 
     def extend(self, p: LMPrompt, token: jax.Array) -> Context:
-        """Append ``token`` and run the LM one step (one forward pass for this particle)."""
-        token = jnp.asarray(token, jnp.int32)
+        """Append ``token`` and run the LM one step (one forward pass for this particle). A concrete
+        ``token`` outside the vocabulary is a :class:`~ppinfer.errors.DataError`."""
+        token = check_token_ids(p, token, "Context.extend")
         logp, cache = p.step(self.cache, token)
         tokens = self.tokens.at[jnp.minimum(self.length, self.tokens.shape[0] - 1)].set(token)
         return Context(tokens, self.length + 1, cache, logp)
@@ -245,12 +362,16 @@ def score_tokens(ctx: Context, p: LMPrompt, tokens: jax.Array) -> tuple[jax.Arra
     def body(c, tok):
         return c.extend(p, tok), c.logp[tok]
 
-    ctx, log_probs = jax.lax.scan(body, ctx, jnp.asarray(tokens, jnp.int32))
+    ctx, log_probs = jax.lax.scan(body, ctx, check_token_ids(p, tokens, "score_tokens"))
     return jnp.sum(log_probs), ctx
 
 
 def texts(
-    result: Any, tokenizer: Any = None, eos_id: int | None = None, *, all_particles: bool = False
+    result: Any,
+    tokenizer: Any = None,
+    eos_id: int | Sequence[int] | None = None,
+    *,
+    all_particles: bool = False,
 ) -> list:
     """Decoded texts (EOS left out).
 
@@ -262,9 +383,9 @@ def texts(
       first :class:`Context` in the state pytree (e.g. ``(context, automaton_state)``), which needs
       ``tokenizer``. ``all_particles=True``: every particle in particle order, zero weights included.
     - ``texts(contexts, tokenizer, eos_id)`` — every particle's text of a :class:`Context` with a
-      leading particle axis (no weights), cut at its length.
+      leading particle axis (no weights), cut at its length and without EOS.
 
-    ``eos_id`` defaults to ``tokenizer.eos_id``.
+    ``eos_id`` is one id or several (``lm.eos_ids``); default ``tokenizer.eos_id``.
     """
     if eos_id is None and tokenizer is not None:
         eos_id = getattr(tokenizer, "eos_id", None)
@@ -302,9 +423,11 @@ def texts(
     return [decode(row[:n]) for row, n in zip(toks, lens, strict=True)]
 
 
-def _tokenizer_decode(tokenizer: Any, eos_id: int | None) -> Callable[[Sequence[int]], str]:
+def _tokenizer_decode(tokenizer: Any, eos_id: Any) -> Callable[[Sequence[int]], str]:
+    eos = set(_eos_tuple(eos_id))
+
     def decode(ids) -> str:
-        return tokenizer.decode([int(t) for t in ids if eos_id is None or int(t) != eos_id])
+        return tokenizer.decode([int(t) for t in ids if int(t) not in eos])
 
     return decode
 
@@ -325,12 +448,12 @@ def _find_context(state: Any) -> Context | None:
 class _Decoder:
     """Bytes of a vocabulary → text (static data of a :class:`ConstrainedState`, compared by identity)."""
 
-    def __init__(self, vocab_bytes: Sequence[bytes], eos_id: int | None):
+    def __init__(self, vocab_bytes: Sequence[bytes], eos_ids: tuple[int, ...]):
         self.vocab = [bytes(b) for b in vocab_bytes]
-        self.eos_id = eos_id
+        self.eos_ids = frozenset(eos_ids)
 
     def decode(self, ids) -> str:
-        keep = [int(t) for t in ids if int(t) != self.eos_id and 0 <= int(t) < len(self.vocab)]
+        keep = [int(t) for t in ids if int(t) not in self.eos_ids and 0 <= int(t) < len(self.vocab)]
         data = b"".join(self.vocab[t] for t in keep)
         return data.decode("utf-8", errors="replace")
 
@@ -382,7 +505,7 @@ def constrained(
     require_eos: bool = True,
     temperature: float | jax.Array = 1.0,
     vocab_bytes: Sequence[bytes] | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
 ) -> ConstrainedProgram:
     """The LM's continuations of ``prompt`` conditioned on ``constraint``, as a sequential program:
     ``pp.infer(constrained(p, c), algorithm=pp.SMC(N), key=k)``; then ``texts(result)``.
@@ -407,8 +530,12 @@ def constrained(
             (:func:`twist`: ``ψ_t − ψ_{t−1}``, removed at the end, so the target is unchanged).
         require_eos: see Target.
         temperature: the LM's temperature in the target (1: the LM itself), a finite number > 0.
-        vocab_bytes: the vocabulary's bytes; default ``prompt.lm.vocab_bytes``.
-        eos_id: the EOS token; default ``prompt.eos_id`` (the LM's).
+        vocab_bytes: the vocabulary's bytes; default ``prompt.lm.vocab_bytes`` with the
+            tokenizer's special tokens (``<|start_header_id|>``…) left out: they are control
+            tokens, never text a constraint can match.
+        eos_id: the EOS token, or several; default ``prompt.eos_ids`` (the LM's). Every one of
+            them ends a sequence exactly where the first one may (the constraint is compiled with
+            the first; the others get its mask).
     """
     if proposal not in ("local", "bootstrap"):
         raise ConfigError(f"proposal must be 'local' or 'bootstrap', got {proposal!r}")
@@ -417,26 +544,37 @@ def constrained(
         raise ConfigError(
             "constrained(prompt, ...) needs the LMPrompt of tokens.prompt(lm, text, max_new_tokens)"
         )
+    V = prompt.vocab_size
+    control: frozenset[int] = frozenset()
     if vocab_bytes is None:
         vocab_bytes = getattr(prompt.lm, "vocab_bytes", None)
         if vocab_bytes is None:
             raise ConfigError(
                 f"{type(prompt.lm).__name__} has no vocab_bytes: pass constrained(..., vocab_bytes=...)"
             )
+        control = getattr(getattr(prompt.lm, "tokenizer", None), "special_ids", frozenset())
     vocab_bytes = list(vocab_bytes)
-    if len(vocab_bytes) != prompt.vocab_size:
-        raise ConfigError(f"vocab_bytes has {len(vocab_bytes)} tokens, the LM {prompt.vocab_size}")
-    eos = prompt._eos_id if eos_id is None else int(eos_id)
+    if len(vocab_bytes) != V:
+        raise ConfigError(f"vocab_bytes has {len(vocab_bytes)} tokens, the LM {V}")
+    eos_ids = prompt.eos_ids if eos_id is None else _eos_tuple(eos_id)
+    bad = [e for e in eos_ids if not 0 <= e < V]
+    if bad:
+        raise ConfigError(f"eos_id {bad[0]} is not a token id of this LM (vocabulary of {V})")
+    eos = eos_ids[0] if eos_ids else None
     if eos is None and require_eos:
         raise ConfigError("require_eos=True needs an LM with an EOS token; pass require_eos=False")
+    # Control tokens and the other EOS ids are not text: the constraint never allows them as such.
+    hidden = (set(control) | set(eos_ids)) - {eos}
+    if hidden:
+        vocab_bytes = [b"" if i in hidden else b for i, b in enumerate(vocab_bytes)]
     from ppinfer.constraints import TokenAutomaton
 
     compiled = constraint.compile(vocab_bytes, eos) if hasattr(constraint, "compile") else constraint
     potentials = tuple(potentials)
-    decoder = _Decoder(vocab_bytes, eos)
+    decoder = _Decoder(vocab_bytes, eos_ids)
     num_steps = prompt.max_new_tokens
-    V = prompt.vocab_size
-    is_eos = jnp.arange(V) == (-1 if eos is None else eos)
+    is_eos = jnp.isin(jnp.arange(V), jnp.asarray(eos_ids if eos_ids else (-1,)))
+    several_eos = len(eos_ids) > 1
     local = proposal == "local"
 
     def init():
@@ -454,6 +592,8 @@ def constrained(
             mask = compiled.allowed_within(cs, ctx.tokens, ctx.length, budget)
         else:
             mask = compiled.allowed(cs, ctx.tokens, ctx.length)
+        if several_eos:  # every EOS id ends the text where the first may
+            mask = jnp.where(is_eos, mask[..., eos], mask)
         if require_eos:
             mask = jnp.where(last, mask & is_eos, mask)
         logits = _finite(ctx.logp / temperature)
@@ -472,7 +612,8 @@ def constrained(
             factor(f"potential_{i}", potential(ctx, tok))
         done = is_eos[tok]
         new_ctx = ctx.extend(prompt, tok)
-        new_cs = compiled.advance(cs, tok, ctx.tokens, ctx.length)
+        ctok = jnp.where(done, eos, tok) if several_eos else tok  # the constraint sees one EOS id
+        new_cs = compiled.advance(cs, ctok, ctx.tokens, ctx.length)
         if not require_eos:
             ok = compiled.complete(new_cs, new_ctx.tokens, new_ctx.length)
             condition("complete", done | ~last | ok)

@@ -728,7 +728,11 @@ def test_generation_past_the_context(tiny_lm):
 def test_token_program_generating_past_the_context_is_refused(tiny_lm):
     from ppinfer import tokens as tk
 
-    p = tk.prompt(tiny_lm, [1, 2, 3, 4], P)  # 4 + 16 tokens > 16 positions
+    with pytest.raises(ConfigError, match="lower max_new_tokens to at most 12"):
+        tk.prompt(tiny_lm, [1, 2, 3, 4], P)  # 4 + 16 tokens > 16 positions: refused before compiling
+    # An LMPrompt made by hand with too many new tokens is still refused when the program is traced.
+    fits = tk.prompt(tiny_lm, [1, 2, 3, 4], P - 4)
+    p = tk.LMPrompt(fits.lm, fits.prompt_cache, fits.first_logp, P, fits.eos_ids)
 
     def init(p):
         return tk.Context.start(p)

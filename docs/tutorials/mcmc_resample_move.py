@@ -116,8 +116,8 @@ is_eos = jnp.arange(has_e.shape[0]) == lm.eos_id
 def token_step(ctx, t, p):
     tok = pp.sample("tok", ctx.next_token())
     pp.condition("no_e", ~has_e[tok])
-    pp.condition("min_length", (tok != p.eos_id) | (t >= MIN_LEN))
-    pp.stop(tok == p.eos_id)
+    pp.condition("min_length", ~p.is_eos(tok) | (t >= MIN_LEN))
+    pp.stop(p.is_eos(tok))
     return ctx.extend(p, tok)
 
 

@@ -24,7 +24,7 @@ def step(state, t, p, a):
     ctx, s = state
     tok = pp.sample("tok", ctx.next_token())  # the LM is the prior over the next token
     pp.condition("regex", a.allowed(s)[tok])  # the constraint: weight 0 if the token breaks it
-    done = tok == p.eos_id
+    done = p.is_eos(tok)
     tk.require_eos("finished", done, t, T)  # target: complete matches within T tokens
     pp.stop(done)
     return ctx.extend(p, tok), a.advance(s, tok)
@@ -39,7 +39,7 @@ program = pp.sequential(init, step, T)
 result = pp.infer(program, p, automaton, algorithm=pp.SMC(32, proposal=locally_constrained), key=0)
 print(result)
 
-texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_id)
+texts = tk.texts(result.state[0], lm.tokenizer, lm.eos_ids)
 weights = np.asarray(result.weights)
 z = np.exp(result.log_evidence)
 print(f"log Z = {result.log_evidence:.2f}: P(the LM writes such a header unaided) ≈ {z:.1e}")

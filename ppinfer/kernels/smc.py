@@ -196,7 +196,9 @@ def step(
     ess_t = ess(log_weights, lse)
 
     given = getattr(base, "given", None)
-    selection_shapes = () if given is None else jax.eval_shape(lambda p: given(p)[1], seq.population.particles)
+    selection_shapes = ()
+    if given is not None:
+        selection_shapes = jax.eval_shape(lambda p: given(p)[1], seq.population.particles)
 
     def select(operand):
         particles, carried = operand

@@ -1,7 +1,8 @@
 """The language-model layer: a JAX transformer (GPT-2, Llama, Qwen2, Mistral) with a particle KV
-cache, Hugging Face checkpoint loading, tokenizers with byte-level vocabularies, an exact n-gram LM,
-and the small embedded default model (:func:`load_default`)."""
+cache, Hugging Face checkpoint loading, tokenizers with byte-level vocabularies and chat templates,
+an exact n-gram LM and the small embedded default model (:func:`load_default`)."""
 
+from ppinfer.lm.chat import ChatTemplates, render_template
 from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig, config_from_hf
 from ppinfer.lm.model import Generation, LanguageModel, load, load_default
@@ -18,6 +19,7 @@ from ppinfer.lm.transformer import (
 )
 
 __all__ = [
+    "ChatTemplates",
     "Generation",
     "LanguageModel",
     "NGramCache",
@@ -35,5 +37,6 @@ __all__ = [
     "load_params",
     "prefill",
     "read_config",
+    "render_template",
     "sequence_logits",
 ]

@@ -24,6 +24,10 @@ class TransformerConfig:
     ``arch`` selects the block layout: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP, fused
     biased projections) or ``"llama"`` (RoPE, RMSNorm, SwiGLU, grouped-query attention; Qwen2 adds
     biases on the q/k/v projections).
+
+    ``eos_token_id`` is the first end-of-sequence id; ``eos_token_ids`` all of them (config.json and
+    generation_config.json may list several, e.g. Llama 3 Instruct's ``<|eot_id|>``), filled by
+    :func:`ppinfer.lm.load`.
     """
 
     arch: Architecture
@@ -44,6 +48,7 @@ class TransformerConfig:
     model_type: str = "gpt2"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in (

@@ -62,10 +62,20 @@ class LanguageModel:
 
     @property
     def eos_id(self) -> int | None:
-        """End-of-sequence token id (config first, then the tokenizer's special tokens)."""
+        """The first end-of-sequence token id (config first, then the tokenizer's special tokens);
+        generation stops on any of :attr:`eos_ids`."""
         if self.config.eos_token_id is not None:
             return self.config.eos_token_id
         return self.tokenizer.eos_id if self.tokenizer else None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every token id that ends a sequence, :attr:`eos_id` first: the ids ``config.json`` and
+        ``generation_config.json`` list (Llama 3 Instruct: ``<|end_of_text|>``, ``<|eot_id|>``…),
+        else the one :attr:`eos_id`; ``()`` if none is known."""
+        if self.config.eos_token_ids:
+            return tuple(self.config.eos_token_ids)
+        return () if self.eos_id is None else (self.eos_id,)
 
     @property
     def vocab_bytes(self) -> list[bytes]:
@@ -158,10 +168,11 @@ class LanguageModel:
         temperature: float = 1.0,
     ) -> Generation:
         """Sample ``num_particles`` continuations (greedy when ``temperature == 0``), stopping
-        each at EOS: one batched decode step per token for all sequences, in one jitted loop that
-        ends once every sequence has emitted EOS (no Python loop over tokens)."""
+        each at the first token of :attr:`eos_ids`: one batched decode step per token for all
+        sequences, in one jitted loop that ends once every sequence has ended (no Python loop over
+        tokens)."""
         key = jax.random.key(key) if isinstance(key, int) else key
-        eos = -1 if self.eos_id is None else self.eos_id
+        eos = self.eos_ids or (-1,)
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
         if not (ok and 0.0 <= float(temperature) < float("inf")):
             raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
@@ -181,36 +192,64 @@ class LanguageModel:
     def complete(self, prompt: str, **kwargs) -> list[str]:
         """Text of :meth:`generate`'s continuations, each cut before its EOS."""
         tokens, lengths = jax.device_get(self.generate(prompt, **kwargs))
-        eos = self.eos_id
+        eos = set(self.eos_ids)
         return [
-            self.tokenizer.decode([t for t in row[:n] if t != eos])
+            self.tokenizer.decode([t for t in row[:n] if t not in eos])
             for row, n in zip(tokens, lengths, strict=True)
         ]
 
 
 def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
-    ``model.safetensors.index.json``, ``tokenizer.json``) as a :class:`LanguageModel` in ``dtype``
-    (``jnp.float32`` or ``jnp.bfloat16``).
+    ``model.safetensors.index.json``, ``tokenizer.json`` with ``tokenizer_config.json`` and the chat
+    templates, ``generation_config.json``) as a :class:`LanguageModel` in ``dtype`` (``jnp.float32``
+    or ``jnp.bfloat16``).
+
+    The end-of-sequence ids are those of ``config.json`` then ``generation_config.json`` (each an
+    int or a list), in that order without repeats (:attr:`LanguageModel.eos_ids`).
 
     Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
-    weights, truncated files, missing tensors or wrong shapes; the tokenizer is optional.
+    weights, truncated files, missing tensors or wrong shapes, or EOS ids that are not token ids;
+    the tokenizer is optional (a bad one is a :class:`~ppinfer.errors.TokenizerError`).
     """
     if not isinstance(path, str | os.PathLike):
         raise CheckpointError(f"load() takes a checkpoint folder path, got {type(path).__name__} {path!r}")
     path = Path(path)
-    config, _ = read_config(path)
+    config, hf = read_config(path)
+    eos_ids = _eos_ids(path, hf, config.vocab_size)
+    if eos_ids:
+        config = dataclasses.replace(config, eos_token_id=eos_ids[0], eos_token_ids=eos_ids)
     params = load_params(path, config, dtype)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(
-            path / "tokenizer.json", eos_id=config.eos_token_id, bos_id=config.bos_token_id
-        )
-    if config.eos_token_id is None and (path / "generation_config.json").is_file():
-        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
-        if eos is not None:
-            config = dataclasses.replace(config, eos_token_id=eos[0] if isinstance(eos, list) else eos)
+        tokenizer = Tokenizer.from_folder(path, eos_id=config.eos_token_id, bos_id=config.bos_token_id)
     return LanguageModel(params=params, config=config, tokenizer=tokenizer)
+
+
+def _eos_ids(path: Path, hf: dict, vocab_size: int) -> tuple[int, ...]:
+    """The EOS ids of config.json then generation_config.json, without repeats."""
+    sources = [("config.json", hf.get("eos_token_id"))]
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        try:
+            gen = json.loads(generation.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{generation} is not valid JSON: {error}") from None
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{generation} must hold a JSON object, got a {type(gen).__name__}")
+        sources.append(("generation_config.json", gen.get("eos_token_id")))
+    out: list[int] = []
+    for name, value in sources:
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+                raise CheckpointError(
+                    f"{name}: eos_token_id must be a token id (an integer in [0, {vocab_size})) or a "
+                    f"list of them, got {value!r}"
+                )
+            if v not in out:
+                out.append(v)
+    return tuple(out)
 
 
 @functools.cache
@@ -234,17 +273,17 @@ def _generate(
     num_particles: int,
     max_new_tokens: int,
     temperature: float,
-    eos_id: int,
+    eos_ids: tuple[int, ...],
 ) -> Generation:
     """One batched decode per token for all sequences (:func:`batched_step`, the step SMC's token
     programs use), in a ``while_loop`` that ends once every sequence has emitted EOS. Step ``i``
     draws with ``jax.random.split(key, max_new_tokens)[i]``; a finished sequence is fed (and
-    records) ``max(eos_id, 0)``."""
+    records) ``max(eos_ids[0], 0)``; a sequence ends at any of ``eos_ids``."""
     logits, prompt_cache = prefill(params, config, prompt)
     logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
     cache = init_particle_cache(config, num_particles, max_new_tokens, params["embed"].dtype)
     keys = jax.random.split(key, max_new_tokens)
-    pad = max(eos_id, 0)
+    pad = max(eos_ids[0], 0)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -259,7 +298,8 @@ def _generate(
         token = jnp.where(done, pad, token)
         logits, cache = batched_step(params, config, prompt_cache, cache, token)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
-        return i + 1, logits, cache, done | (token == eos_id), tokens, lengths + (~done).astype(jnp.int32)
+        done_now = done | jnp.isin(token, jnp.asarray(eos_ids))
+        return i + 1, logits, cache, done_now, tokens, lengths + (~done).astype(jnp.int32)
 
     done = jnp.zeros((num_particles,), bool)
     tokens = jnp.full((num_particles, max_new_tokens), pad, jnp.int32)
