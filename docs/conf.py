@@ -7,8 +7,11 @@ re-executes only the notebooks whose code changed. ``PPINFER_DOCS_EXECUTE=off`` 
 executing anything (outputs left empty), for quick edits of the prose.
 """
 
+import hashlib
 import os
+import shutil
 import sys
+from importlib.metadata import version as _installed_version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,8 +40,36 @@ myst_dmath_double_inline = True
 myst_heading_anchors = 3
 
 # --- notebooks: executed on the first build, then served from the cache until their code changes.
+# jupyter-cache keys a notebook by its code cells only, so the cache folder is keyed by the library
+# too: a change to ppinfer/, semantics/, the embedded model or the JAX/NumPyro versions re-executes
+# every notebook (their printed outputs must come from the current code); folders of older keys are
+# removed.
+
+
+def _library_key() -> str:
+    digest = hashlib.sha256()
+    files = [*sorted((ROOT / "ppinfer").rglob("*.py")), *sorted((ROOT / "semantics").rglob("*.py"))]
+    files += sorted((ROOT / "models" / "default_lm").glob("*"))
+    for file in files:
+        digest.update(file.relative_to(ROOT).as_posix().encode() + b"\0" + file.read_bytes())
+    for package in ("jax", "jaxlib", "numpyro"):
+        digest.update(f"{package}=={_installed_version(package)}".encode())
+    return digest.hexdigest()[:12]
+
+
+_CACHE_ROOT = HERE / "_build" / ".jupyter_cache"
+_CACHE = _CACHE_ROOT / _library_key()
+if _CACHE_ROOT.is_dir():
+    for old in _CACHE_ROOT.iterdir():
+        if old.is_dir() and old != _CACHE:
+            shutil.rmtree(old, ignore_errors=True)
 nb_execution_mode = os.environ.get("PPINFER_DOCS_EXECUTE", "cache")
-nb_execution_cache_path = str(HERE / "_build" / ".jupyter_cache")
+nb_execution_cache_path = str(_CACHE)
+print(
+    f"docs: notebooks execute in mode {nb_execution_mode!r}; cache {_CACHE.relative_to(HERE)} "
+    f"({'present' if _CACHE.is_dir() else 'empty: every notebook runs once'})",
+    flush=True,
+)
 nb_execution_timeout = 1800
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -72,3 +103,13 @@ html_title = "ppinfer"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"navigation_with_keys": True}
+
+
+def _drop_namedtuple_noise(app, what, name, obj, options, lines):
+    """A NamedTuple field without its own docstring gets "Alias for field number N": say nothing."""
+    if len(lines) == 1 and lines[0].startswith("Alias for field number"):
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_namedtuple_noise)
