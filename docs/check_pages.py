@@ -4,7 +4,8 @@ saves a full-page screenshot, and checks that
 
 - the page's rendered text (code blocks excluded) holds no raw TeX: no ``$…$`` pair, no ``\\frac``,
   ``\\mathbb``-style command, no ``\\(``/``\\[`` delimiters — i.e. every formula was typeset;
-- MathJax reported no formula it could not parse (no ``mjx-merror`` element);
+- MathJax reported no formula it could not parse and no undefined macro (no ``mjx-merror`` element,
+  nothing MathJax drew in red — how it shows an unknown command such as ``\\llbracket``);
 - no code block (``pre``) is wider than its box: ``scrollWidth <= clientWidth`` (no horizontal scroll).
 
 Usage::
@@ -70,7 +71,9 @@ PAGE_PROBE = r"""
   return JSON.stringify({
     text: clone.innerText,
     math: document.querySelectorAll('mjx-container').length,
-    mathErrors: document.querySelectorAll('mjx-merror').length,
+    mathErrors: Array.from(document.querySelectorAll(
+      'mjx-merror, mjx-container [style*="color: red"], mjx-container [mathcolor="red"]'))
+      .map(e => e.textContent.slice(0, 80)).filter(t => t.trim()),
     codeBlocks: document.querySelectorAll('pre').length,
     contentWidth: (document.querySelector('article') || document.body).clientWidth,
     overflow: overflow,
@@ -94,7 +97,7 @@ class PageReport:
     math: int = 0
     code_blocks: int = 0
     tex: list[str] = field(default_factory=list)
-    math_errors: int = 0
+    math_errors: list[str] = field(default_factory=list)
     overflow: list[dict] = field(default_factory=list)
     js_errors: list[str] = field(default_factory=list)
     screenshot: str = ""
@@ -235,11 +238,12 @@ def check_page(tools: DevTools, url: str, rel: str, shots: Path | None) -> PageR
 
 
 def pages_of(root: Path) -> list[str]:
-    skip = {"search.html", "genindex.html", "py-modindex.html"}
+    """Every HTML page of the site (the generated index and search pages included), not the files
+    under ``_static``/``_sources``."""
     return sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*.html")
-        if not any(part.startswith("_") for part in p.relative_to(root).parts) and p.name not in skip
+        if not any(part.startswith("_") for part in p.relative_to(root).parts)
     )
 
 
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshots", type=Path, default=None, help="folder for one PNG per page")
     parser.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     parser.add_argument("--report", type=Path, default=None, help="write the per-page results as JSON")
+    parser.add_argument("--pages", nargs="*", default=None, help="only these pages (paths under html/)")
     args = parser.parse_args(argv)
 
     if not (args.html / "index.html").is_file():
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.screenshots, ignore_errors=True)
         args.screenshots.mkdir(parents=True)
 
-    pages = pages_of(args.html)
+    pages = pages_of(args.html) if not args.pages else args.pages
     server, base = serve(args.html)
     profile = Path(tempfile.mkdtemp(prefix="ppinfer-docs-chromium-"))
     try:
@@ -294,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{i:2d}/{len(pages)}] {status} {rel:40s} math {report.math:3d}  code blocks "
                 f"{report.code_blocks:3d}  raw TeX {len(report.tex)}  overflowing {len(report.overflow)}"
-                + (f"  MathJax errors {report.math_errors}" if report.math_errors else "")
+                + (f"  MathJax errors {len(report.math_errors)}" if report.math_errors else "")
                 + (f"  JS errors {len(report.js_errors)}" if report.js_errors else ""),
                 flush=True,
             )
             for snippet in report.tex[:5]:
                 print(f"        raw TeX {snippet}")
+            for snippet in report.math_errors[:5]:
+                print(f"        MathJax could not typeset: {snippet!r}")
             for block in report.overflow[:5]:
                 print(
                     f"        code block {block['index']} overflows ({block['scrollWidth']} > "

@@ -38,6 +38,14 @@ suppress_warnings = ["myst.header"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_dmath_double_inline = True
 myst_heading_anchors = 3
+mathjax3_config = {
+    "tex": {
+        "macros": {  # the semantic brackets ⟦p⟧ (stmaryrd's commands, which MathJax lacks)
+            "llbracket": "\\mathopen{[\\![}",
+            "rrbracket": "\\mathclose{]\\!]}",
+        }
+    }
+}
 
 # --- notebooks: executed on the first build, then served from the cache until their code changes.
 # jupyter-cache keys a notebook by its code cells only, so the cache folder is keyed by the library
@@ -46,8 +54,14 @@ myst_heading_anchors = 3
 # removed.
 
 
+# The notebooks' kernels inherit this environment. tqdm.auto (imported by ppinfer) warns in a kernel
+# without ipywidgets, printing the build machine's paths into every notebook: not for the reader.
+_KERNEL_WARNINGS = "ignore:IProgress not found"
+os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), _KERNEL_WARNINGS]))
+
+
 def _library_key() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_KERNEL_WARNINGS.encode())
     files = [*sorted((ROOT / "ppinfer").rglob("*.py")), *sorted((ROOT / "semantics").rglob("*.py"))]
     files += sorted((ROOT / "models" / "default_lm").glob("*"))
     for file in files:
