@@ -59,3 +59,42 @@ def test_clean_page_passes_and_broken_pages_fail(tmp_path, capsys):
     assert "FAIL" in lines["wide.html"] and "overflowing 1" in lines["wide.html"]
     assert sorted(p.name for p in shots.iterdir()) == ["index.png", "tex.png", "wide.png"]
     assert all(p.stat().st_size > 1000 for p in shots.iterdir())
+
+
+def _mathjax_dir() -> Path | None:
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")  # the docs extra's bundled MathJax 3
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0]) / "static" / "mathjax"
+    return folder if (folder / "tex-chtml.js").is_file() else None
+
+
+MATH_PAGE = (
+    "<!doctype html><html><head><script>window.MathJax = {{tex: {{macros: {{ok: '\\\\mathbb{{E}}'}}}}}};"
+    "</script><script src='mathjax/tex-chtml.js'></script></head>"
+    "<body><article><p>Weight <span class='math'>\\({formula}\\)</span>.</p></article></body></html>"
+)
+
+
+def test_typeset_math_passes_and_an_undefined_macro_fails(tmp_path, capsys):
+    mathjax = _mathjax_dir()
+    if mathjax is None:
+        pytest.skip("sphinx-mathjax-offline (the docs extra) is not installed")
+    site = tmp_path / "html"
+    site.mkdir()
+    (site / "mathjax").symlink_to(mathjax)
+    (site / "index.html").write_text(PAGE.format(text="Index.", code="x = 1"))
+    (site / "good.html").write_text(MATH_PAGE.format(formula=r"\ok[\hat Z] = \frac{p}{q}"))
+    (site / "undefined.html").write_text(MATH_PAGE.format(formula=r"\llbracket p \rrbracket"))
+    code = check_pages.main([str(site), "--pages", "good.html", "undefined.html"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    lines = {
+        w: line
+        for line in out.splitlines()
+        if line.startswith("[")
+        for w in line.split()
+        if w.endswith(".html")
+    }
+    assert "ok" in lines["good.html"] and "math   1" in lines["good.html"], out
+    assert "FAIL" in lines["undefined.html"] and "MathJax errors" in lines["undefined.html"], out
