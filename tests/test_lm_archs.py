@@ -246,6 +246,37 @@ def test_fp16_checkpoint_keeps_its_dtype(name, tmp_root, tmp_path):
     assert np.abs(got - exact).max() <= FP16_TOL
 
 
+def test_gemma3_multimodal_checkpoint_reads_its_language_model(tmp_path):
+    """``model_type: gemma3`` (Gemma3ForConditionalGeneration): the text_config and the
+    ``language_model.*`` tensors are read, the vision tower is ignored; text-only logits match."""
+    torch.manual_seed(1)
+    _, kwargs = CASES["gemma3_text"]
+    text = {key: value for key, value in {**COMMON, **kwargs}.items() if key != "initializer_range"}
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(vision, image_size=28, patch_size=14),
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 3,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 1,
+        initializer_range=0.1,
+    )
+    config._attn_implementation = "eager"
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param_name, tensor in model.named_parameters():
+            if "norm" in param_name:
+                tensor.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path)
+    lm = load(tmp_path)
+    assert lm.config.model_type == "gemma3" and lm.config.layer_window == (6, 0)
+    tokens = sequences() % (VOCAB - 3)  # no image tokens
+    expected = torch_logits(model, tokens)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(cached_logits(lm, tokens, "dense"), expected, atol=FP32_TOL, rtol=0)
+
+
 # --- CheckpointErrors for what is not supported ---------------------------------------------------
 
 
