@@ -73,7 +73,11 @@ CASES = {
         "Llama",
         dict(rope_parameters=dict(ROPE, rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
     ),
-    "qwen2": ("Qwen2", dict(rope_parameters=ROPE)),
+    # Qwen2's optional sliding window, from layer max_window_layers on: here layer 1 only.
+    "qwen2": (
+        "Qwen2",
+        dict(use_sliding_window=True, sliding_window=7, max_window_layers=1, rope_parameters=ROPE),
+    ),
     "qwen3": ("Qwen3", dict(head_dim=24, rope_parameters=ROPE)),
     "gemma2": (
         "Gemma2",
@@ -104,6 +108,9 @@ CASES = {
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, rope_parameters=ROPE)),
 }
 
+# Sliding window per layer (0: none) that each windowed checkpoint must load with.
+WINDOWS = {"qwen2": (0, 7), "gemma2": (6, 0), "gemma3_text": (6, 0), "phi3": (9, 9), "mistral-window": (8, 8)}
+
 # RoPE-scaling variants of Llama: only the RoPE table differs from "llama-llama3-rope", so the
 # blocked-attention and bf16 runs (the same code) are done once, on llama3.
 ROPE_ONLY = ("llama-linear-rope", "llama-dynamic-rope", "llama-yarn-rope")
@@ -115,6 +122,7 @@ BROKEN = {
     "llama-linear-rope": lambda c: dataclasses.replace(c, rope_tables=None),
     "llama-yarn-rope": lambda c: dataclasses.replace(c, rope_attention_scaling=(1.0,)),
     "qwen3": lambda c: dataclasses.replace(c, qk_norm=False),
+    "qwen2": lambda c: dataclasses.replace(c, layer_window=(0, 0)),
     "gemma2": lambda c: dataclasses.replace(c, attn_softcap=None),
     "gemma3_text": lambda c: dataclasses.replace(c, layer_rope=(0, 0)),
     "phi3": lambda c: dataclasses.replace(c, layer_window=(0, 0)),
@@ -190,6 +198,8 @@ def test_fp32_parity_prefill_and_cached_decode(name, tmp_root, monkeypatch):
     model, folder = checkpoint(name, tmp_root)
     lm = load(folder)
     assert lm.config.model_type == model.config.model_type
+    if name in WINDOWS:
+        assert lm.config.layer_window == WINDOWS[name]
     tokens = sequences()
     expected = torch_logits(model, tokens)
     assert np.abs(expected).max() > 0.5  # logits large enough for the tolerance to mean something

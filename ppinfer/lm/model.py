@@ -185,10 +185,10 @@ class LanguageModel:
         ]
 
 
-def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
+def load(path: str | Path, dtype: DTypeLike | None = jnp.float32) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
     ``model.safetensors.index.json``, ``tokenizer.json``) as a :class:`LanguageModel` in ``dtype``
-    (``jnp.float32`` or ``jnp.bfloat16``).
+    (``jnp.float32``, ``jnp.bfloat16``, ``jnp.float16``; None: the checkpoint's own dtype).
 
     Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
     weights, truncated files, missing tensors or wrong shapes; the tokenizer is optional.
