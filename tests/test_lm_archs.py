@@ -287,6 +287,57 @@ def test_gemma3_multimodal_checkpoint_reads_its_language_model(tmp_path):
     np.testing.assert_allclose(cached_logits(lm, tokens, "dense"), expected, atol=FP32_TOL, rtol=0)
 
 
+LEGACY = {
+    # transformers 4 style config.json entries (rope_scaling + rope_theta; Gemma 3's
+    # rope_local_base_freq and sliding_window_pattern) as Hub checkpoints still have them.
+    "Llama": dict(
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    "Gemma3TextConfig": dict(
+        rope_theta=1e6,
+        rope_local_base_freq=1e4,
+        rope_scaling=dict(rope_type="linear", factor=8.0),
+        sliding_window=16,
+        sliding_window_pattern=3,
+        num_hidden_layers=6,
+    ),
+}
+
+
+FAMILIES = sorted({family for family, _ in CASES.values()} - {"Gemma3"} | {"Gemma3TextConfig"})
+
+
+@pytest.mark.parametrize("family", sorted(LEGACY) + [f"sparse-{family}" for family in FAMILIES])
+def test_legacy_and_sparse_configs_read_like_transformers(family):
+    """An old-style dict, or one with only the sizes (every other key left to the config class's
+    default), read directly gives the config that transformers' own normalisation of it
+    (``to_dict()`` of the config class) gives."""
+    family = family.removeprefix("sparse-")
+    cls = getattr(transformers, family if family.endswith("Config") else f"{family}Config")
+    legacy = {**COMMON, "model_type": cls.model_type}
+    legacy.update(LEGACY.get(family, {}))
+    kwargs = {key: value for key, value in legacy.items() if key != "model_type"}
+    normalised = cls(**kwargs).to_dict()
+    assert config_from_hf(legacy) == config_from_hf(normalised)
+    config = config_from_hf(legacy)
+    if family not in LEGACY:
+        return
+    if family == "Llama":
+        plain = dataclasses.replace(config, rope_tables=None).rope_table()[0]
+        scaled = config.rope_table()[0]
+        assert scaled[0] == plain[0] and scaled[-1] == pytest.approx(plain[-1] / 8, rel=1e-6)
+    else:
+        assert config.layer_window == (16, 16, 0, 16, 16, 0) and config.layer_rope == (1, 1, 0, 1, 1, 0)
+        assert len(set(config.rope_tables)) == 2
+
+
 # --- CheckpointErrors for what is not supported ---------------------------------------------------
 
 

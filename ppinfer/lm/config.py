@@ -242,9 +242,44 @@ def _gpt2_config(hf: dict[str, Any]) -> TransformerConfig:
 
 GEMMA = ("gemma2", "gemma3_text", "gemma3")
 
+# What transformers' config classes (5.23) assume for keys a config.json may omit, where that
+# differs between model types and changes the logits (the generic fallbacks are in _llama_config).
+_GEMMA3_DEFAULTS = {
+    "head_dim": 256,
+    "sliding_window": 4096,
+    "query_pre_attn_scalar": 256,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 131072,
+}
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": {"max_position_embeddings": 32768},
+    "qwen3": {"head_dim": 128, "max_position_embeddings": 32768},
+    "mistral": {"sliding_window": 4096, "max_position_embeddings": 131072},
+    "mixtral": {
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+    "gemma2": {
+        "head_dim": 256,
+        "sliding_window": 4096,
+        "query_pre_attn_scalar": 256,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+    },
+    "gemma3_text": _GEMMA3_DEFAULTS,
+    "gemma3": _GEMMA3_DEFAULTS,
+}
+
 
 def _llama_config(hf: dict[str, Any]) -> TransformerConfig:
     model_type = hf["model_type"]
+    hf = {**_CLASS_DEFAULTS.get(model_type, {}), **hf}
     gemma = model_type in GEMMA
     hidden = _count(hf, "hidden_size")
     heads = _count(hf, "num_attention_heads")
