@@ -1,6 +1,7 @@
-"""The language-model layer: a JAX transformer (GPT-2, Llama, Qwen2, Mistral) with a particle KV
-cache, Hugging Face checkpoint loading, tokenizers with byte-level vocabularies and chat templates,
-an exact n-gram LM and the small embedded default model (:func:`load_default`)."""
+"""The language-model layer: a JAX transformer (GPT-2, Llama, Qwen2/3, Mistral, Mixtral, Phi-3,
+Gemma 2/3) with a particle KV cache, Hugging Face checkpoint loading, tokenizers with byte-level
+vocabularies and chat templates, an exact n-gram LM, and the small embedded default model
+(:func:`load_default`)."""
 
 from ppinfer.lm.chat import ChatTemplates, render_template
 from ppinfer.lm.checkpoint import load_params, read_config

@@ -43,17 +43,27 @@ def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
     return config_from_hf(hf), hf
 
 
-def load_params(path: str | Path, config: TransformerConfig, dtype: DTypeLike = jnp.float32) -> Params:
-    """Read every safetensors file of ``path`` into the params pytree of ``config``, cast to dtype.
+def load_params(path: str | Path, config: TransformerConfig, dtype: DTypeLike | None = jnp.float32) -> Params:
+    """Read every safetensors file of ``path`` into the params pytree of ``config``, cast to dtype
+    (None: the checkpoint's own floating dtype, that of its token embedding: BF16, F16 or F32; an
+    F64 checkpoint becomes float32, JAX's default).
 
     Raises :class:`CheckpointError` for missing/truncated files, missing tensors and wrong shapes.
     """
     tensors = read_safetensors_folder(Path(path))
     strip = _prefix_stripper(tensors)
     named = {strip(name): array for name, array in tensors.items()}
+    get = _Getter(named, path)
     build = _gpt2_params if config.arch == "gpt2" else _llama_params
-    params = build(config, _Getter(named, path))
+    params = build(config, get)
+    if dtype is None:
+        dtype = checkpoint_dtype(params["embed"])
     return _cast(params, dtype)
+
+
+def checkpoint_dtype(array: np.ndarray) -> np.dtype:
+    """The dtype params keep with ``load(..., dtype=None)``: the array's, float64 -> float32."""
+    return np.dtype(np.float32) if array.dtype == np.float64 else array.dtype
 
 
 def read_safetensors_folder(path: Path) -> dict[str, np.ndarray]:
@@ -168,6 +178,21 @@ def _prefix_stripper(tensors: dict[str, np.ndarray]) -> Callable[[str], str]:
     # Hub checkpoints name GPT-2 tensors with or without the "transformer." prefix.
     if any(name.startswith("transformer.") for name in tensors):
         return lambda name: name.removeprefix("transformer.")
+    # The multimodal Gemma 3 checkpoint nests its language model (transformers 4 and 5 layouts).
+    renames = (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    )
+    if any(name.startswith(old) for name in tensors for old, _ in renames):
+
+        def rename(name: str) -> str:
+            for old, new in renames:
+                if name.startswith(old):
+                    return new + name.removeprefix(old)
+            return name
+
+        return rename
     return lambda name: name
 
 
@@ -243,8 +268,9 @@ def _gpt2_params(config: TransformerConfig, get: _Getter) -> Params:
 
 def _llama_params(config: TransformerConfig, get: _Getter) -> Params:
     d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
-    q_out = config.num_heads * config.head_dim
-    kv_out = config.num_kv_heads * config.head_dim
+    hd = config.head_dim
+    q_out = config.num_heads * hd
+    kv_out = config.num_kv_heads * hd
     prefix = "model.layers.{}."
 
     def linear(name, out_features, in_features, bias):
@@ -255,27 +281,83 @@ def _llama_params(config: TransformerConfig, get: _Getter) -> Params:
             p["b"] = get.layers(prefix + name + ".bias", (out_features,), n)
         return p
 
+    def norm(name, size=d):
+        return {"scale": get.layers(prefix + name + ".weight", (size,), n)}
+
+    layers = {"attn_norm": norm("input_layernorm")}
+    if config.sandwich_norms:  # Gemma 2/3: norms before and after attention and the MLP
+        layers["post_attn_norm"] = norm("post_attention_layernorm")
+        layers["mlp_norm"] = norm("pre_feedforward_layernorm")
+        layers["post_mlp_norm"] = norm("post_feedforward_layernorm")
+    else:
+        layers["mlp_norm"] = norm("post_attention_layernorm")
+    if config.model_type == "phi3":  # fused q/k/v and gate/up projections, split here
+        qkv = get.layers(prefix + "self_attn.qkv_proj.weight", (q_out + 2 * kv_out, d), n)
+        qkv = np.swapaxes(qkv, 1, 2)
+        layers["q"] = {"w": qkv[..., :q_out]}
+        layers["k"] = {"w": qkv[..., q_out : q_out + kv_out]}
+        layers["v"] = {"w": qkv[..., q_out + kv_out :]}
+    else:
+        layers["q"] = linear("self_attn.q_proj", q_out, d, config.qkv_bias)
+        layers["k"] = linear("self_attn.k_proj", kv_out, d, config.qkv_bias)
+        layers["v"] = linear("self_attn.v_proj", kv_out, d, config.qkv_bias)
+    layers["o"] = linear("self_attn.o_proj", d, q_out, config.o_bias)
+    if config.qk_norm:
+        layers["q_norm"] = norm("self_attn.q_norm", hd)
+        layers["k_norm"] = norm("self_attn.k_norm", hd)
+    if config.num_experts:
+        layers.update(_expert_params(config, get))
+    elif config.model_type == "phi3":
+        gate_up = np.swapaxes(get.layers(prefix + "mlp.gate_up_proj.weight", (2 * f, d), n), 1, 2)
+        layers["gate"] = {"w": gate_up[..., :f]}
+        layers["up"] = {"w": gate_up[..., f:]}
+        layers["down"] = linear("mlp.down_proj", d, f, False)
+    else:
+        layers["gate"] = linear("mlp.gate_proj", f, d, config.mlp_bias)
+        layers["up"] = linear("mlp.up_proj", f, d, config.mlp_bias)
+        layers["down"] = linear("mlp.down_proj", d, f, config.mlp_bias)
     params = {
         "embed": get("model.embed_tokens.weight", (config.vocab_size, d)),
         "final_norm": {"scale": get("model.norm.weight", (d,))},
-        "layers": {
-            "attn_norm": {"scale": get.layers(prefix + "input_layernorm.weight", (d,), n)},
-            "mlp_norm": {"scale": get.layers(prefix + "post_attention_layernorm.weight", (d,), n)},
-            "q": linear("self_attn.q_proj", q_out, d, config.qkv_bias),
-            "k": linear("self_attn.k_proj", kv_out, d, config.qkv_bias),
-            "v": linear("self_attn.v_proj", kv_out, d, config.qkv_bias),
-            "o": linear("self_attn.o_proj", d, q_out, config.o_bias),
-            "gate": linear("mlp.gate_proj", f, d, config.mlp_bias),
-            "up": linear("mlp.up_proj", f, d, config.mlp_bias),
-            "down": linear("mlp.down_proj", d, f, config.mlp_bias),
-        },
+        "layers": layers,
     }
     if not config.tie_word_embeddings:
         params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T
     return params
 
 
+def _expert_params(config: TransformerConfig, get: _Getter) -> Params:
+    """Mixtral's router ``{w: [Lyr, D, E]}`` and experts ``{gate, up: [Lyr, E, D, F], down: [Lyr, E,
+    F, D]}``, from the per-expert layout of Hub checkpoints (``block_sparse_moe.experts.j.w1/w3/w2``)
+    or the fused one of transformers 5 (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``)."""
+    d, f, n, e = config.hidden_size, config.intermediate_size, config.num_layers, config.num_experts
+    fused = "model.layers.0.mlp.experts.gate_up_proj" in get.tensors
+    if fused:
+        router = get.layers("model.layers.{}.mlp.gate.weight", (e, d), n)
+        gate_up = get.layers("model.layers.{}.mlp.experts.gate_up_proj", (e, 2 * f, d), n)
+        down = get.layers("model.layers.{}.mlp.experts.down_proj", (e, d, f), n)
+        gate, up = gate_up[:, :, :f], gate_up[:, :, f:]
+    else:
+        base = "model.layers.{}.block_sparse_moe."
+        router = get.layers(base + "gate.weight", (e, d), n)
+
+        def experts(name, shape):
+            return np.stack(
+                [get.layers(base + f"experts.{j}.{name}.weight", shape, n) for j in range(e)], axis=1
+            )
+
+        gate, up, down = experts("w1", (f, d)), experts("w3", (f, d)), experts("w2", (d, f))
+    return {
+        "router": {"w": np.swapaxes(router, 1, 2)},
+        "experts": {
+            "gate": np.swapaxes(gate, 2, 3),
+            "up": np.swapaxes(up, 2, 3),
+            "down": np.swapaxes(down, 2, 3),
+        },
+    }
+
+
 def _cast(params: Params, dtype: DTypeLike) -> Params:
     if isinstance(params, dict):
         return {key: _cast(value, dtype) for key, value in params.items()}
-    return jnp.asarray(np.asarray(params, dtype=np.float32), dtype=dtype)
+    return jnp.asarray(np.asarray(params), dtype=dtype)

@@ -199,11 +199,11 @@ class LanguageModel:
         ]
 
 
-def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
+def load(path: str | Path, dtype: DTypeLike | None = jnp.float32) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
     ``model.safetensors.index.json``, ``tokenizer.json`` with ``tokenizer_config.json`` and the chat
-    templates, ``generation_config.json``) as a :class:`LanguageModel` in ``dtype`` (``jnp.float32``
-    or ``jnp.bfloat16``).
+    templates, ``generation_config.json``) as a :class:`LanguageModel` in ``dtype`` (``jnp.float32``,
+    ``jnp.bfloat16``, ``jnp.float16``; None: the checkpoint's own dtype).
 
     The end-of-sequence ids are those of ``config.json`` then ``generation_config.json`` (each an
     int or a list), in that order without repeats (:attr:`LanguageModel.eos_ids`).

@@ -8,7 +8,14 @@ layers run under one ``lax.scan`` (compile time independent of depth)::
     layers: {attn_norm, mlp_norm: {scale: [Lyr, D], bias: [Lyr, D] (gpt2)},
              q: {w: [Lyr, D, H*hd], b?}, k, v: {w: [Lyr, D, Hkv*hd], b?},
              o: {w: [Lyr, H*hd, D], b?},
-             up: {w: [Lyr, D, F], b?}, gate: {w: [Lyr, D, F]} (llama), down: {w: [Lyr, F, D], b?}}
+             up: {w: [Lyr, D, F], b?}, gate: {w: [Lyr, D, F]} (llama), down: {w: [Lyr, F, D], b?},
+             q_norm, k_norm: {scale: [Lyr, hd]} (qk_norm), post_attn_norm, post_mlp_norm:
+             {scale: [Lyr, D]} (sandwich_norms), router: {w: [Lyr, D, E]} and experts: {gate, up:
+             [Lyr, E, D, F], down: [Lyr, E, F, D]} instead of gate/up/down (mixture of experts)}
+
+Per-layer differences of the Llama-family variants (a sliding window on some layers, Gemma 3's two
+RoPE tables) are stacked arrays scanned with the layer weights (:func:`_layer_extras`), never a
+Python branch per layer.
 
 Caching for sequential Monte Carlo: the prompt is run once by :func:`prefill` into a
 :class:`PromptCache` shared by every particle (no particle axis). Each particle owns a
@@ -109,13 +116,17 @@ def prefill(
     x = _embed(params, config, tokens, positions)
     causal = positions[:, None] >= positions[None, :]
 
-    def layer_fn(x, layer):
-        q, k, v = _qkv(config, layer, x, positions)
+    def layer_fn(x, inputs):
+        layer, extra = inputs
+        q, k, v = _qkv(config, layer, x, positions, extra)
         scores = _scores(config, q, k)
-        out = _weighted_values(config, _softmax(jnp.where(causal, scores, _NEG)), v)
+        mask = causal
+        if "window" in extra:
+            mask = causal & _in_window(extra["window"], positions[:, None], positions[None, :])
+        out = _weighted_values(config, _softmax(jnp.where(mask, scores, _NEG)), v)
         return _finish_block(config, layer, x, out), (k, v)
 
-    x, (k, v) = jax.lax.scan(layer_fn, x, params["layers"])
+    x, (k, v) = jax.lax.scan(layer_fn, x, (params["layers"], _layer_extras(config)))
     return _logits(params, config, x), PromptCache(k=k, v=v, length=length)
 
 
@@ -166,24 +177,43 @@ def _step(params, config, prompt_cache, particle_cache, token, attention, live_b
     attention = _choose(attention, particle_cache.k.shape[2])
     position = prompt_cache.length + particle_cache.length
     x = _embed(params, config, token[None], position[None])
-    prompt_mask = jnp.arange(prompt_cache.k.shape[2]) < prompt_cache.length
+    prompt_positions = jnp.arange(prompt_cache.k.shape[2])
+    prompt_mask = prompt_positions < prompt_cache.length
 
     def layer_fn(x, inputs):
-        index, layer, prompt_k, prompt_v = inputs
-        q, k, v = _qkv(config, layer, x, position[None])
+        index, layer, prompt_k, prompt_v, extra = inputs
+        q, k, v = _qkv(config, layer, x, position[None], extra)
         # The particle cache is read in place at this layer (it is not a scanned input: slicing a
         # batch [N, Lyr, ...] along its layer axis would transpose the whole cache every step).
         # The new token's keys are written once, after all layers.
+        layer_prompt_mask, own_start = prompt_mask, None
+        if "window" in extra:  # sliding window: keys at positions <= position - window are masked
+            layer_prompt_mask = prompt_mask & _in_window(extra["window"], position, prompt_positions)
+            own_start = jnp.where(
+                extra["window"] > 0, position - extra["window"] + 1 - prompt_cache.length, 0
+            )
         if attention == "dense":
-            out = _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, particle_cache, index)
+            out = _attend_dense(
+                config, q, k, v, prompt_k, prompt_v, layer_prompt_mask, particle_cache, index, own_start
+            )
         else:
             out = _attend_blocked(
-                config, q, k, v, prompt_k, prompt_v, prompt_mask, particle_cache, index, live_blocks
+                config,
+                q,
+                k,
+                v,
+                prompt_k,
+                prompt_v,
+                layer_prompt_mask,
+                particle_cache,
+                index,
+                live_blocks,
+                own_start,
             )
         return _finish_block(config, layer, x, out), (k[:, 0], v[:, 0])
 
     layers = jnp.arange(config.num_layers)
-    inputs = (layers, params["layers"], prompt_cache.k, prompt_cache.v)
+    inputs = (layers, params["layers"], prompt_cache.k, prompt_cache.v, _layer_extras(config))
     x, (k, v) = jax.lax.scan(layer_fn, x, inputs)
     slot = particle_cache.length
     new_cache = ParticleCache(
@@ -194,12 +224,15 @@ def _step(params, config, prompt_cache, particle_cache, token, attention, live_b
     return _logits(params, config, x)[0], new_cache
 
 
-def _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index):
-    """Softmax over prompt, all T cache positions (masked at the length) and the new token."""
+def _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index, own_start=None):
+    """Softmax over prompt, all T cache positions (masked at the length, and below ``own_start``
+    under a sliding window) and the new token."""
     own_k = jax.lax.dynamic_index_in_dim(cache.k, index, 0, keepdims=False)
     own_v = jax.lax.dynamic_index_in_dim(cache.v, index, 0, keepdims=False)
     prompt_len = prompt_k.shape[1]
     own_mask = jnp.arange(own_k.shape[1]) < cache.length
+    if own_start is not None:
+        own_mask = own_mask & (jnp.arange(own_k.shape[1]) >= own_start)
     mask = jnp.concatenate([prompt_mask, own_mask, jnp.ones((1,), bool)])
     # Scores and values are taken from the three parts separately: concatenating the keys would
     # broadcast the shared prompt cache to every particle under vmap.
@@ -212,9 +245,12 @@ def _attend_dense(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index
     )
 
 
-def _attend_blocked(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index, live_blocks):
+def _attend_blocked(
+    config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, index, live_blocks, own_start=None
+):
     """The same softmax, accumulated online: prompt and new token first, then the cache in blocks
-    of :data:`BLOCK_SIZE` positions up to the particle's length (or ``live_blocks`` blocks)."""
+    of :data:`BLOCK_SIZE` positions up to the particle's length (or ``live_blocks`` blocks);
+    positions below ``own_start`` (sliding window) are masked."""
     max_new = cache.k.shape[2]
     block = min(BLOCK_SIZE, max_new)
     # Running maximum m, normaliser z and unnormalised output acc, all f32: [Hkv, G, 1(, hd)].
@@ -234,6 +270,8 @@ def _attend_blocked(config, q, k, v, prompt_k, prompt_v, prompt_mask, cache, ind
         start = jnp.minimum(j * block, max_new - block)
         positions = start + jnp.arange(block)
         valid = (positions >= j * block) & (positions < cache.length)
+        if own_start is not None:
+            valid = valid & (positions >= own_start)
         shape = (1, cache.k.shape[1], block, cache.k.shape[3])
         kb = jax.lax.dynamic_slice(cache.k, (index, 0, start, 0), shape)[0]
         vb = jax.lax.dynamic_slice(cache.v, (index, 0, start, 0), shape)[0]
@@ -310,17 +348,41 @@ def _embed(params: Params, config: TransformerConfig, tokens, positions):
     x = params["embed"][tokens]
     if config.arch == "gpt2":
         x = x + params["pos_embed"][positions]
+    if config.embed_scale:  # Gemma: sqrt(D), rounded to the params' dtype as transformers does
+        x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
     return x
 
 
-def _qkv(config: TransformerConfig, layer, x, positions):
+def _layer_extras(config: TransformerConfig) -> dict:
+    """Per-layer scalars scanned with the layer weights, only those the config needs:
+    ``window: i32[Lyr]`` (0: full attention) when a layer has a sliding window, ``inv_freq:
+    f32[Lyr, rotary_dim / 2]`` and ``rope_scale: f32[Lyr]`` when layers use different RoPE tables."""
+    extras = {}
+    if config.windowed:
+        extras["window"] = jnp.asarray(config.layer_window, jnp.int32)
+    if config.per_layer_rope:
+        tables = [config.rope_table(i) for i in config.layer_rope]
+        extras["inv_freq"] = jnp.asarray([table for table, _ in tables], jnp.float32)
+        extras["rope_scale"] = jnp.asarray([scale for _, scale in tables], jnp.float32)
+    return extras
+
+
+def _in_window(window, query_pos, key_pos):
+    """Whether a key is inside a query's sliding window (``window == 0``: no window): keys at
+    positions ``query - window < key <= query`` (causality is masked separately)."""
+    return (window == 0) | (query_pos - key_pos < window)
+
+
+def _qkv(config: TransformerConfig, layer, x, positions, extra=None):
     """q: [L, H, hd], k, v: [Hkv, L, hd] for hidden states x: [L, D]."""
     h = _norm(config, layer["attn_norm"], x)
     q = _dense(layer["q"], h).reshape(x.shape[0], config.num_heads, config.head_dim)
     k = _dense(layer["k"], h).reshape(x.shape[0], config.num_kv_heads, config.head_dim)
     v = _dense(layer["v"], h).reshape(x.shape[0], config.num_kv_heads, config.head_dim)
+    if config.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head, before RoPE
+        q, k = _norm(config, layer["q_norm"], q), _norm(config, layer["k_norm"], k)
     if config.arch == "llama":
-        cos, sin = _rope_angles(config, positions)
+        cos, sin = _rope_angles(config, positions, extra)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     return q, jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
 
@@ -329,7 +391,13 @@ def _scores(config: TransformerConfig, q, k):
     """Attention logits f32[Hkv, G, Lq, Lk]; query heads are grouped onto their shared kv head."""
     q = q.reshape(q.shape[0], config.num_kv_heads, config.group_size, config.head_dim)
     scores = jnp.einsum("qkgd,ksd->kgqs", q, k, preferred_element_type=jnp.float32)
-    return scores / jnp.sqrt(jnp.float32(config.head_dim))
+    if config.attn_scale is None:
+        scores = scores / jnp.sqrt(jnp.float32(config.head_dim))
+    else:
+        scores = scores * jnp.float32(config.attn_scale)
+    if config.attn_softcap is not None:  # Gemma 2: c * tanh(s / c)
+        scores = config.attn_softcap * jnp.tanh(scores / config.attn_softcap)
+    return scores
 
 
 def _softmax(scores):
@@ -342,19 +410,55 @@ def _weighted_values(config: TransformerConfig, probs, v):
 
 
 def _finish_block(config: TransformerConfig, layer, x, attn_out):
-    x = x + _dense(layer["o"], attn_out)
+    a = _dense(layer["o"], attn_out)
+    if config.sandwich_norms:
+        a = _norm(config, layer["post_attn_norm"], a)
+    x = x + a
     h = _norm(config, layer["mlp_norm"], x)
     if config.arch == "gpt2":
-        h = jax.nn.gelu(_dense(layer["up"], h), approximate=True)
+        h = _dense(layer["down"], jax.nn.gelu(_dense(layer["up"], h), approximate=True))
+    elif config.num_experts:
+        h = _experts(config, layer, h)
     else:
-        h = jax.nn.silu(_dense(layer["gate"], h)) * _dense(layer["up"], h)
-    return x + _dense(layer["down"], h)
+        h = _dense(layer["down"], _activation(config, _dense(layer["gate"], h)) * _dense(layer["up"], h))
+    if config.sandwich_norms:
+        h = _norm(config, layer["post_mlp_norm"], h)
+    return x + h
+
+
+def _activation(config: TransformerConfig, x):
+    if config.activation == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=config.activation != "gelu")
+
+
+def _experts(config: TransformerConfig, layer, h):
+    """Mixture-of-experts MLP (Mixtral) for h: [L, D]: softmax router, the top-k experts of each
+    token weighted by their renormalised probabilities (transformers' order: softmax over all
+    experts, top-k, divide by the top-k sum).
+
+    Computed densely: every expert runs on every token and the others get weight 0, which costs
+    ``num_experts / experts_per_token`` times the MLP FLOPs of the experts actually used (4x for
+    Mixtral's 8 / 2), but has static shapes (no gather of expert weights per particle under vmap).
+    """
+    probs = jax.nn.softmax(_dense(layer["router"], h).astype(jnp.float32), axis=-1)  # [L, E]
+    top, index = jax.lax.top_k(probs, config.experts_per_token)
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+    weights = jnp.sum(jax.nn.one_hot(index, config.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+    experts = layer["experts"]
+    gate = jnp.einsum("ld,edf->lef", h, experts["gate"])
+    up = jnp.einsum("ld,edf->lef", h, experts["up"])
+    hidden = _activation(config, gate) * up * weights[..., None].astype(h.dtype)
+    return jnp.einsum("lef,efd->ld", hidden, experts["down"])
 
 
 def _logits(params: Params, config: TransformerConfig, x):
     h = _norm(config, params["final_norm"], x)
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.matmul(h, head, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(h, head, preferred_element_type=jnp.float32)
+    if config.final_softcap is not None:  # Gemma 2
+        logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+    return logits
 
 
 def _dense(p, x):
@@ -371,19 +475,34 @@ def _norm(config: TransformerConfig, p, x):
         y = (x32 - mean) * jax.lax.rsqrt(var + config.norm_eps)
         return (y * p["scale"] + p["bias"]).astype(x.dtype)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + config.norm_eps)
+    if config.norm_plus_one:  # Gemma: (1 + w) in f32, then cast
+        return (y * (1.0 + p["scale"].astype(jnp.float32))).astype(x.dtype)
     return p["scale"] * y.astype(x.dtype)
 
 
-def _rope_angles(config: TransformerConfig, positions):
-    """cos, sin: f32[L, 1, hd] in the half-split layout of transformers' ``rotate_half``."""
-    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
+def _rope_angles(config: TransformerConfig, positions, extra=None):
+    """cos, sin: f32[L, 1, rotary_dim] in the half-split layout of transformers' ``rotate_half``,
+    from the config's RoPE table (or this layer's, ``extra["inv_freq"]``), times its cos/sin factor
+    (YaRN's attention factor; 1 otherwise)."""
+    if extra and "inv_freq" in extra:
+        inv_freq, scale = extra["inv_freq"], extra["rope_scale"]
+    else:
+        table, scale = config.rope_table()
+        inv_freq = jnp.asarray(table, jnp.float32)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if not isinstance(scale, float) or scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos, sin
 
 
 def _rotate(x, cos, sin):
+    """RoPE on the first ``cos.shape[-1]`` features of each head (all of them unless the rotary
+    dimension is partial, as in Phi-3 with partial_rotary_factor < 1); the rest pass through."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return jnp.concatenate([_rotate(x[..., :dim], cos, sin), x[..., dim:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
