@@ -402,7 +402,7 @@ def _theta(hf: dict[str, Any], model_type: str) -> float:
     if model_type in ("gemma3_text", "gemma3") and FULL in rope:
         rope = rope[FULL] or {}
     default = 1_000_000.0 if model_type in ("gemma3_text", "gemma3") else 10000.0
-    return float(rope.get("rope_theta", hf.get("rope_theta", default)))
+    return rope.get("rope_theta", hf.get("rope_theta", default))  # checked by the caller
 
 
 def _rope(
