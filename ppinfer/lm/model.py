@@ -29,6 +29,7 @@ from jax.typing import DTypeLike
 from ppinfer.errors import CheckpointError, ConfigError, DataError
 from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig
+from ppinfer.lm.quantize import check_mode, quantize_params
 from ppinfer.lm.tokenizer import Tokenizer
 from ppinfer.lm.transformer import (
     Params,
@@ -75,6 +76,12 @@ class LanguageModel:
     @property
     def dtype(self) -> jnp.dtype:
         return self.params["embed"].dtype
+
+    def quantize(self, mode: str = "int8") -> LanguageModel:
+        """A copy of this model with weight-only quantised linear layers (``"int8"``: int8
+        weights with per-output-channel scales, see :mod:`ppinfer.lm.quantize`). Raises
+        :class:`ConfigError` for an unknown mode or a model already quantised."""
+        return dataclasses.replace(self, params=quantize_params(self.params, mode))
 
     def encode(self, prompt: str | Sequence[int]) -> jax.Array:
         """Prompt ids i32[Lp] from text (through the tokenizer) or from ids."""
@@ -185,17 +192,21 @@ class LanguageModel:
         ]
 
 
-def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
+def load(path: str | Path, dtype: DTypeLike = jnp.float32, quantize: str | None = None) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
     ``model.safetensors.index.json``, ``tokenizer.json``) as a :class:`LanguageModel` in ``dtype``
-    (``jnp.float32`` or ``jnp.bfloat16``).
+    (``jnp.float32`` or ``jnp.bfloat16``); ``quantize="int8"`` stores the linear layers' weights in
+    int8 (see :meth:`LanguageModel.quantize`).
 
     Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
     weights, truncated files, missing tensors or wrong shapes; the tokenizer is optional.
     """
+    check_mode(quantize)
     path = Path(path)
     config, _ = read_config(path)
     params = load_params(path, config, dtype)
+    if quantize is not None:
+        params = quantize_params(params, quantize)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(
@@ -209,15 +220,15 @@ def load(path: str | Path, dtype: DTypeLike = jnp.float32) -> LanguageModel:
 
 
 @functools.cache
-def load_default(dtype: DTypeLike = jnp.float32) -> LanguageModel:
+def load_default(dtype: DTypeLike = jnp.float32, quantize: str | None = None) -> LanguageModel:
     """The small GPT-2 trained by ``models/train_default_lm.py`` and committed in
-    ``models/default_lm`` (cached: loaded once per process)."""
+    ``models/default_lm`` (cached: loaded once per process); ``quantize`` as in :func:`load`."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise CheckpointError(
             f"the default model folder {DEFAULT_MODEL_DIR} is missing: ppinfer must be installed "
             "from a checkout of the repository (pip install -e .), which holds models/default_lm"
         )
-    return load(DEFAULT_MODEL_DIR, dtype)
+    return load(DEFAULT_MODEL_DIR, dtype, quantize)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
