@@ -179,3 +179,45 @@ def kv_bytes_per_token(config, itemsize: int) -> int:
     """Bytes of keys and values that one token adds to a particle's cache, for a ppinfer
     ``TransformerConfig``: ``2 · layers · kv_heads · head_dim · itemsize``."""
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+REGEX = r"[^eE]*"  # text that avoids the letter e, as in bench_lm_smc.py
+
+
+def regex_smc(lm, vocab_bytes: list[bytes], prompt_ids, num_particles: int, max_new_tokens: int):
+    """``run(seed) -> Result``: token-level SMC on ``lm`` under the regex :data:`REGEX` with the
+    locally constrained proposal (the token program of ``bench_lm_smc.py``: the automaton state is
+    particle state, ESS-adaptive resampling gathers every particle's KV cache). ``vocab_bytes``: the
+    bytes of each token id (``len == lm.config.vocab_size``); EOS is ``lm.eos_id``."""
+    import jax
+
+    import ppinfer as pp
+    from models.lm_programs import regex_init, regex_proposal, regex_step
+    from ppinfer import tokens as tk
+    from ppinfer.constraints import regex_automaton
+
+    p = tk.prompt(lm, list(prompt_ids), max_new_tokens)
+    automaton = regex_automaton(REGEX, vocab_bytes, lm.eos_id)
+    program = pp.sequential(regex_init, regex_step, max_new_tokens)
+    algorithm = pp.SMC(num_particles, proposal=regex_proposal)
+
+    def run(seed):
+        result = pp.infer(program, p, automaton, algorithm=algorithm, key=seed)
+        jax.block_until_ready(result.log_weights)
+        return result
+
+    return run
+
+
+def regex_ok(result, vocab_bytes: list[bytes], eos_id: int) -> bool:
+    """Whether every particle of positive weight of a :func:`regex_smc` result avoids ``e``/``E``."""
+    import numpy as np
+
+    ctx = result.state[0]
+    tokens, lengths = np.asarray(ctx.tokens), np.asarray(ctx.length)
+    weights = np.asarray(result.weights)
+    for row, n, w in zip(tokens, lengths, weights, strict=True):
+        text = b"".join(vocab_bytes[t] for t in row[:n] if t != eos_id)
+        if w > 0 and b"e" in text.lower():
+            return False
+    return True
