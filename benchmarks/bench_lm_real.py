@@ -4,8 +4,9 @@ Models (``_real_models.py``): random-weight GPT-2 small (124M) and a Llama-3.2-1
 written once as a Hugging Face folder (``config.json`` + ``model.safetensors``) that ppinfer
 (``ppinfer.lm.load``) and ``transformers`` (``AutoModelForCausalLM.from_pretrained``) both load, so
 the two sides run the same weights (checked: max |Δlogit| on the prompt). Both sides in **fp32**:
-XLA:CPU runs bf16 matrix products several times slower than fp32 on this machine (no AMX/bf16 dot
-path; ``--profile`` measures it), so bf16 would measure XLA's bf16 emulation, not the design.
+XLA:CPU runs bf16 matrix products several times slower than fp32 on this machine, where torch's
+are faster than fp32 (``--profile`` times the logits product both ways on both sides), so bf16
+would measure XLA:CPU's bf16 path, not ppinfer.
 
 Measured, in one process, interleaved (``K`` = ``--threads`` on both sides: ``torch.set_num_threads
 (K)`` and ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=K``, set
@@ -23,7 +24,7 @@ before JAX starts; the CPU seconds each side uses are printed to show it):
   tokens per particle, the prompt once; HF stores prompt + generated tokens per sequence), and the
   measured peak-RSS increase during a run at the largest N, divided by N.
 - int8 weight-only quantisation (``load(..., quantize="int8")``): max |Δlogit| and KL vs fp32 on
-  the prompt, bytes of the linear weights and of all params; ``--profile``/full runs also time it.
+  the prompt, bytes of the linear weights and of all params; ``--int8-decode`` also times decoding.
 - ``--profile`` (default on in full runs): where one decode step's time goes on each side.
 
 Ends with ``RESULT decode_ratio_vs_torch_124m_n16=<x> smc_over_plain_124m=<x>``: ppinfer tokens/s ÷
@@ -260,6 +261,8 @@ def ppinfer_step_profile(lm, n: int, t: int) -> dict[str, float]:
     out["layer matmuls, scan over stacked weights"] = cpu_ms(*_flat(layer_matmuls(lm.params, n, True)))
     out["layer matmuls, per-layer weights"] = cpu_ms(*_flat(layer_matmuls(lm.params, n, False)))
     out["logits matmul (tied embedding)"] = cpu_ms(logits_fn, h, head)
+    bf16 = jnp.bfloat16
+    out["same in bf16"] = cpu_ms(logits_fn, h.astype(bf16), head.astype(bf16))
     return out
 
 
@@ -283,12 +286,28 @@ def torch_step_profile(model, n: int, t: int) -> dict[str, float]:
             c0 = time.process_time()
             model(nxt, past_key_values=cache, use_cache=True)
             times.append(time.process_time() - c0)
+    head = model.get_output_embeddings().weight.detach()
+    h = torch.full((n, head.shape[1]), 0.01)
+    matmul = {}
+    with torch.inference_mode():
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = h.to(dtype), head.to(dtype)
+            a @ b.T
+            c0 = time.process_time()
+            for _ in range(5):
+                a @ b.T
+            matmul[name] = 1e3 * (time.process_time() - c0) / 5
     gen = torch_generate(model, PROMPT, n, t)
     gen(0)
     c0 = time.process_time()
     gen(1)
     per_token = (time.process_time() - c0) / t
-    return {"forward with KV cache": 1e3 * statistics.median(times), "generate, per token": 1e3 * per_token}
+    return {
+        "forward with KV cache": 1e3 * statistics.median(times),
+        "generate, per token": 1e3 * per_token,
+        "logits matmul fp32": matmul["fp32"],
+        "logits matmul bf16": matmul["bf16"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
