@@ -9,8 +9,9 @@ are faster than fp32 (``--profile`` times the logits product both ways on both s
 would measure XLA:CPU's bf16 path, not ppinfer.
 
 Measured, in one process, interleaved (``K`` = ``--threads`` on both sides: ``torch.set_num_threads
-(K)`` and ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=K``, set
-before JAX starts; the CPU seconds each side uses are printed to show it):
+(K)``, ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=K`` set
+before JAX starts, and the process pinned to K cores with ``os.sched_setaffinity`` — XLA:CPU's
+thread pool ignores those flags; the CPU seconds each side uses are printed to show it):
 
 - decode tokens/s at N = 1, 16, 64 sequences × T new tokens from a 16-token prompt: ppinfer's
   ``lm.generate`` (one jitted ``lax.scan`` over tokens; the prompt is run once and shared, each
@@ -51,6 +52,10 @@ if __name__ == "__main__":  # before JAX starts: the thread count is read when t
             _k = sys.argv[_i + 1]
         elif _a.startswith("--threads="):
             _k = _a.split("=", 1)[1]
+    # XLA:CPU (jax 0.10) still runs its own intra-op thread pool on every core whatever the flags
+    # below say (measured: CPU seconds > wall seconds), so the process is also pinned to K cores.
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(_k)])
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={_k}"
@@ -353,6 +358,8 @@ def run_shape(shape, layers, opts, folder: Path, out: dict) -> None:
 
     t, reps = opts.tokens, opts.reps
     sizes = [int(s) for s in opts.sizes.split(",")]
+    if opts.quick and shape != "gpt2-124m":
+        sizes = sizes[:1]  # --quick: the Llama shape at the first N only (time budget)
     print(f"decode: {len(PROMPT)}-token prompt, T={t} new tokens, median of {reps} (wall s | CPU s)")
     header = f"{'N':>4}{'ppinfer tok/s':>15}{'torch tok/s':>13}{'ratio wall':>12}{'ratio CPU':>11}"
     print(header + "  (CPU s ppinfer | torch)")
@@ -392,6 +399,9 @@ def run_shape(shape, layers, opts, folder: Path, out: dict) -> None:
 
     n = max(sizes)
     kv = kv_bytes_per_token(c, 4)
+    if opts.quick and shape != "gpt2-124m":
+        print(f"KV cache per token: {kv / 2**10:.0f} KiB (fp32); RSS not measured under --quick")
+        return
     gen_pp, gen_hf = ppinfer_generate(lm, PROMPT, n, t), torch_generate(model, PROMPT, n, t)
     with PeakRSS() as pp_rss:
         gen_pp(7)
@@ -415,10 +425,10 @@ def run_shape(shape, layers, opts, folder: Path, out: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N=1,16, T=8; 2-layer Llama without SMC")
+    parser.add_argument("--quick", action="store_true", help="N=1,16, T=8, 2 runs; 2-layer Llama at N=1 only")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and XLA (default 1)")
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per sequence (default 32)")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs (default 5; quick 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs (default 5; quick 2)")
     parser.add_argument("--sizes", default=None, help="decode N values (default 1,16,64; quick 1,16)")
     parser.add_argument("--smc-sizes", default=None, help="SMC N values (default 16,64; quick 16)")
     parser.add_argument("--llama-layers", type=int, default=None, help="Llama depth (default 16; quick 2)")
@@ -430,7 +440,7 @@ def main() -> None:
     opts = parser.parse_args()
     q = opts.quick
     opts.tokens = opts.tokens or (8 if q else 32)
-    opts.reps = opts.reps or (3 if q else 5)
+    opts.reps = opts.reps or (2 if q else 5)
     opts.sizes = opts.sizes or ("1,16" if q else "1,16,64")
     opts.smc_sizes = opts.smc_sizes or ("16" if q else "16,64")
     opts.llama_layers = opts.llama_layers or (2 if q else 16)
@@ -444,7 +454,8 @@ def main() -> None:
     print(
         f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {os.cpu_count()} CPUs (shared: timings noisy)"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; pinned to cores {sorted(os.sched_getaffinity(0))} "
+        f"of {os.cpu_count()} (shared machine: timings noisy)"
     )
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ppinfer_real_") as tmp:
