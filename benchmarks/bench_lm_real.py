@@ -28,11 +28,12 @@ thread pool ignores those flags; the CPU seconds each side uses are printed to s
   the prompt, bytes of the linear weights and of all params; ``--int8-decode`` also times decoding.
 - ``--profile`` (default on in full runs): where one decode step's time goes on each side.
 
-Findings (shared 2-core CPU, see ``docs/lm.md``): ppinfer makes 0.4–0.5× torch's tokens per CPU
-second at N = 1 and 0.7–0.87× at N = 16–64; the profile puts the gap in the layer ``lax.scan``,
+Findings (shared 2-core CPU, see ``docs/lm.md``): ppinfer makes 0.4–0.6× torch's tokens per CPU
+second at N = 1 and 0.7–0.99× at N = 16–64 (0.99 pinned on a lightly loaded machine); the
+profile puts the gap in the layer ``lax.scan``,
 where XLA:CPU copies each layer's weights out of the stacked ``[Lyr, …]`` params before every
 product (GPT-2 124M, N = 1: 128 ms of projections scanned vs 47 ms on per-layer arrays; torch's
-whole forward 69 ms). SMC costs 1.05–1.2× plain sampling.
+whole forward 69 ms). SMC costs 0.99–1.2× plain sampling.
 
 Ends with ``RESULT decode_ratio_vs_torch_124m_n16=<x> smc_over_plain_124m=<x>``: ppinfer tokens/s ÷
 torch tokens/s at N = 16, and SMC time ÷ plain sampling time at N = 16 (GPT-2 124M), then
