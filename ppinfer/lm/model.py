@@ -30,6 +30,7 @@ from jax.typing import DTypeLike
 from ppinfer.errors import CheckpointError, ConfigError, DataError
 from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig
+from ppinfer.lm.quantize import check_mode, quantize_params
 from ppinfer.lm.tokenizer import Tokenizer
 from ppinfer.lm.transformer import (
     Params,
@@ -87,6 +88,12 @@ class LanguageModel:
     @property
     def dtype(self) -> jnp.dtype:
         return self.params["embed"].dtype
+
+    def quantize(self, mode: str = "int8") -> LanguageModel:
+        """A copy of this model with weight-only quantised linear layers (``"int8"``: int8
+        weights with per-output-channel scales, see :mod:`ppinfer.lm.quantize`). Raises
+        :class:`ConfigError` for an unknown mode or a model already quantised."""
+        return dataclasses.replace(self, params=quantize_params(self.params, mode))
 
     def encode(self, prompt: str | Sequence[int]) -> jax.Array:
         """Prompt ids i32[Lp] from text (through the tokenizer) or from ids."""
@@ -199,7 +206,9 @@ class LanguageModel:
         ]
 
 
-def load(path: str | Path, dtype: DTypeLike | None = jnp.float32) -> LanguageModel:
+def load(
+    path: str | Path, dtype: DTypeLike | None = jnp.float32, quantize: str | None = None
+) -> LanguageModel:
     """Load a Hugging Face checkpoint folder (``config.json``, ``*.safetensors`` or a sharded
     ``model.safetensors.index.json``, ``tokenizer.json`` with ``tokenizer_config.json`` and the chat
     templates, ``generation_config.json``) as a :class:`LanguageModel` in ``dtype`` (``jnp.float32``,
@@ -207,6 +216,7 @@ def load(path: str | Path, dtype: DTypeLike | None = jnp.float32) -> LanguageMod
 
     The end-of-sequence ids are those of ``config.json`` then ``generation_config.json`` (each an
     int or a list), in that order without repeats (:attr:`LanguageModel.eos_ids`).
+    ``quantize="int8"`` stores the linear layers' weights in int8 (see :meth:`LanguageModel.quantize`).
 
     Raises :class:`CheckpointError` for a missing/invalid config, unknown architecture, pickle-only
     weights, truncated files, missing tensors or wrong shapes, or EOS ids that are not token ids;
@@ -214,12 +224,15 @@ def load(path: str | Path, dtype: DTypeLike | None = jnp.float32) -> LanguageMod
     """
     if not isinstance(path, str | os.PathLike):
         raise CheckpointError(f"load() takes a checkpoint folder path, got {type(path).__name__} {path!r}")
+    check_mode(quantize)
     path = Path(path)
     config, hf = read_config(path)
     eos_ids = _eos_ids(path, hf, config.vocab_size)
     if eos_ids:
         config = dataclasses.replace(config, eos_token_id=eos_ids[0], eos_token_ids=eos_ids)
     params = load_params(path, config, dtype)
+    if quantize is not None:
+        params = quantize_params(params, quantize)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_folder(path, eos_id=config.eos_token_id, bos_id=config.bos_token_id)
@@ -253,15 +266,15 @@ def _eos_ids(path: Path, hf: dict, vocab_size: int) -> tuple[int, ...]:
 
 
 @functools.cache
-def load_default(dtype: DTypeLike = jnp.float32) -> LanguageModel:
+def load_default(dtype: DTypeLike = jnp.float32, quantize: str | None = None) -> LanguageModel:
     """The small GPT-2 trained by ``models/train_default_lm.py`` and committed in
-    ``models/default_lm`` (cached: loaded once per process)."""
+    ``models/default_lm`` (cached: loaded once per process); ``quantize`` as in :func:`load`."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise CheckpointError(
             f"the default model folder {DEFAULT_MODEL_DIR} is missing: ppinfer must be installed "
             "from a checkout of the repository (pip install -e .), which holds models/default_lm"
         )
-    return load(DEFAULT_MODEL_DIR, dtype)
+    return load(DEFAULT_MODEL_DIR, dtype, quantize)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))

@@ -462,7 +462,13 @@ def _logits(params: Params, config: TransformerConfig, x):
 
 
 def _dense(p, x):
-    y = x @ p["w"]
+    """``x @ w (+ b)``. ``p["w"]``: float [in, out], or int8 [in, out] with per-output-channel
+    ``p["w_scale"]: [out]`` (weight-only int8, ``w ≈ w_int8 * scale``: see ``ppinfer.lm.quantize``),
+    converted to x's dtype inside the matmul and scaled after it."""
+    if "w_scale" in p:
+        y = (x @ p["w"].astype(x.dtype)) * p["w_scale"]
+    else:
+        y = x @ p["w"]
     return y + p["b"] if "b" in p else y
 
 
