@@ -309,7 +309,7 @@ def _allocate(table: jax.Array, wants: jax.Array, num_blocks: int):
     blocks = free_ids[jnp.clip(rank, 0, n - 1)]
     ok = wants & (blocks < num_blocks)
     in_use = num_blocks - jnp.sum(free) + jnp.sum(ok)
-    return jnp.where(ok, blocks, -1), ok, in_use.astype(jnp.int32)
+    return jnp.where(ok, blocks, -1).astype(jnp.int32), ok, in_use.astype(jnp.int32)
 
 
 def _compact(table, pool_k, pool_v, m):
