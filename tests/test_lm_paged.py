@@ -294,3 +294,18 @@ def test_generate_with_the_paged_cache_equals_dense():
     dense = lm.generate([1, 2], key=0, num_particles=3, max_new_tokens=10, temperature=0.0)
     pages = lm.generate([1, 2], key=0, num_particles=3, max_new_tokens=10, temperature=0.0, cache="paged")
     np.testing.assert_array_equal(np.asarray(pages.tokens), np.asarray(dense.tokens))
+
+
+def test_paged_decode_updates_the_pool_in_place():
+    """The compiled step aliases the donated cache to its output and never copies the pool."""
+    from test_lm_long import WHOLE_COPY, _element_count
+
+    params, config = model("llama")
+    n = 8
+    _, pc = prefill(params, config, jnp.arange(3, dtype=jnp.int32))
+    cache = paged.init_paged_cache(config, n, 96)
+    hlo = paged.decode.lower(params, config, pc, cache, jnp.zeros(n, jnp.int32)).compile().as_text()
+    assert hlo.count("may-alias") + hlo.count("must-alias") >= 8
+    pool = int(np.prod(cache.pool_k.shape))
+    copies = [line for line in hlo.splitlines() if (m := WHOLE_COPY.match(line))]
+    assert all(_element_count(WHOLE_COPY.match(line).group(1)) < pool for line in copies)

@@ -233,13 +233,23 @@ def decode_batch(
     tail_v = cache.tail_v.at[rows, :, :, slot].set(new_v, mode="drop")
     # A tail that is now full moves to a free pool block.
     commits = writes & (tail_len == block - 1) & (num_full < cache.table.shape[1])
-    blocks, ok, in_use = _allocate(cache.table, commits, n * share)
-    target = jnp.where(ok, blocks, n * share)
-    pool_k = pool_k.at[target].set(tail_k, mode="drop")
-    pool_v = pool_v.at[target].set(tail_v, mode="drop")
-    column = jnp.where(ok, num_full, cache.table.shape[1])
-    table = cache.table.at[rows, column].set(blocks, mode="drop")
-    lost = jnp.sum(commits & ~ok).astype(jnp.int32)
+
+    def commit(operand):
+        pool_k, pool_v, table = operand
+        blocks, ok, in_use = _allocate(table, commits, n * share)
+        target = jnp.where(ok, blocks, n * share)
+        pool_k = pool_k.at[target].set(tail_k, mode="drop")
+        pool_v = pool_v.at[target].set(tail_v, mode="drop")
+        column = jnp.where(ok, num_full, table.shape[1])
+        table = table.at[rows, column].set(blocks, mode="drop")
+        return pool_k, pool_v, table, jnp.sum(commits & ~ok).astype(jnp.int32), in_use
+
+    def skip(operand):
+        return *operand, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+
+    # Tails fill once every B steps: the allocation and the pool write run only then.
+    operand = (pool_k, pool_v, cache.table)
+    pool_k, pool_v, table, lost, in_use = jax.lax.cond(jnp.any(commits), commit, skip, operand)
     new_cache = PagedCache(
         pool_k=pool_k.reshape(cache.pool_k.shape),
         pool_v=pool_v.reshape(cache.pool_v.shape),
