@@ -307,5 +307,5 @@ def test_paged_decode_updates_the_pool_in_place():
     hlo = paged.decode.lower(params, config, pc, cache, jnp.zeros(n, jnp.int32)).compile().as_text()
     assert hlo.count("may-alias") + hlo.count("must-alias") >= 8
     pool = int(np.prod(cache.pool_k.shape))
-    copies = [line for line in hlo.splitlines() if (m := WHOLE_COPY.match(line))]
-    assert all(_element_count(WHOLE_COPY.match(line).group(1)) < pool for line in copies)
+    copies = [found.group(1) for line in hlo.splitlines() if (found := WHOLE_COPY.match(line))]
+    assert copies and all(_element_count(shape) < pool for shape in copies)
