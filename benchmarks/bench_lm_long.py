@@ -23,8 +23,10 @@ tails and lengths). The path ``cache="auto"`` takes (dense below
 ``paged.AUTO_PAGED_MIN_TOKENS``, paged from it) gives the headline figures.
 
 Ends with ``RESULT per_token_t512_over_t64=<x> paged_memory_over_dense=<x> smc_over_plain_t512=<x>``
-(SMC on the auto path; memory at the longest T). ``--quick``: N = 64, T = 64 and 512, one timed run
-each. Timings on the shared CPU machine are noisy (other jobs run beside it).
+(SMC on the auto path; memory at the longest T: both caches' arrays are allocated up front, so their
+bytes follow from their shapes). ``--quick``: N = 64, only what the RESULT needs (T = 64: SMC dense;
+T = 512: SMC paged and plain), one timed run each. Timings on the shared CPU machine are noisy
+(other jobs run beside it).
 """
 
 from __future__ import annotations
@@ -110,6 +112,15 @@ def resample_bytes(cache) -> int:
     return kv_bytes(cache)
 
 
+def cache_shapes(lm, cache: str, n: int, t: int, pool_factor: float):
+    """The particle cache a run of ``n`` particles and ``t`` tokens allocates (shapes only)."""
+    make = {
+        "dense": lambda: tr.init_particle_cache(lm.config, n, t),
+        "paged": lambda: paged.init_paged_cache(lm.config, n, t, pool_factor=pool_factor),
+    }[cache]
+    return jax.eval_shape(make)
+
+
 def make_smc(lm, cache: str, n: int, t: int, ess: float, pool_factor: float):
     p = tk.prompt(lm, PROMPT, t, cache=cache, pool_factor=pool_factor if cache == "paged" else None)
     automaton = regex_automaton(PATTERN, lm.vocab_bytes, lm.eos_id)
@@ -170,11 +181,18 @@ def main() -> None:
         f"{'peak blocks':>12}{'pool':>6}{'MB/resample':>12}"
     )
     table = {}
+    auto = {t: "paged" if t >= paged.AUTO_PAGED_MIN_TOKENS else "dense" for t in lengths}
+    short, long = lengths[0], lengths[-1]
     for t in lengths:
         runs, records, compile_s = {}, {}, {}
+        paths = ("dense", "paged", "plain")
+        if opts.quick:
+            paths = (auto[t], "plain") if t == long else (auto[t],)
         for cache in ("dense", "paged"):
-            runs[cache], records[cache] = make_smc(lm, cache, n, t, opts.ess_threshold, opts.pool_factor)
-        runs["plain"] = make_plain(lm, n, t)
+            if cache in paths:
+                runs[cache], records[cache] = make_smc(lm, cache, n, t, opts.ess_threshold, opts.pool_factor)
+        if "plain" in paths:
+            runs["plain"] = make_plain(lm, n, t)
         for name, fn in runs.items():
             t0 = time.perf_counter()
             try:
@@ -188,7 +206,7 @@ def main() -> None:
             line = f"{t:>4} {name:<7}{ms:>8.2f}{compile_s[name]:>10.1f}"
             if name in records:
                 rec = records[name]
-                cache = rec["cache"]
+                cache = cache_shapes(lm, name, n, t, opts.pool_factor)
                 mb, moved = kv_bytes(cache) / 1e6, resample_bytes(cache) / 1e6
                 peak = f"{max(rec['peak'])}" if rec["peak"] else "-"
                 pool = f"{math.prod(cache.pool_k.shape[:2])}" if rec["peak"] else "-"
@@ -197,21 +215,24 @@ def main() -> None:
             else:
                 table[t, name] = {"ms": ms}
             print(line, flush=True)
-    auto = {t: "paged" if t >= paged.AUTO_PAGED_MIN_TOKENS else "dense" for t in lengths}
-    short, long = lengths[0], lengths[-1]
     per_token = table[long, auto[long]]["ms"] / table[short, auto[short]]["ms"]
-    memory = table[long, "paged"]["mb"] / table[long, "dense"]["mb"]
+    memory = kv_bytes(cache_shapes(lm, "paged", n, long, opts.pool_factor)) / kv_bytes(
+        cache_shapes(lm, "dense", n, long, opts.pool_factor)
+    )
     over_plain = table[long, auto[long]]["ms"] / table[long, "plain"]["ms"]
     print(
         "ms/tok: wall ms per generated token of one run (N particles); KV MB: the cache's arrays; "
         "peak blocks: most pool blocks in use at once (of 'pool'); MB/resample: bytes one "
         "resampling copies"
     )
-    print(
-        f"auto path: {auto}; paged/dense ms per token at T={long}: "
-        f"{table[long, 'paged']['ms'] / table[long, 'dense']['ms']:.2f}; dense per token "
-        f"T={long}/T={short}: {table[long, 'dense']['ms'] / table[short, 'dense']['ms']:.2f}"
-    )
+    line = f"auto path: {auto}"
+    if (long, "dense") in table and (long, "paged") in table:
+        line += f"; paged/dense ms per token at T={long}: "
+        line += f"{table[long, 'paged']['ms'] / table[long, 'dense']['ms']:.2f}"
+    if (long, "dense") in table and (short, "dense") in table:
+        line += f"; dense per token T={long}/T={short}: "
+        line += f"{table[long, 'dense']['ms'] / table[short, 'dense']['ms']:.2f}"
+    print(line)
     print(
         f"RESULT per_token_t{long}_over_t{short}={per_token:.2f} paged_memory_over_dense={memory:.2f} "
         f"smc_over_plain_t{long}={over_plain:.2f}"
