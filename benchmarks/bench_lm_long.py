@@ -8,7 +8,8 @@ Llama-shaped transformer (RoPE, RMSNorm, SwiGLU, grouped-query attention: 4 laye
 excluded, interleaved medians of ``--reps`` runs:
 
 - SMC dense / SMC paged: token-level SMC with the regex constraint ``[^eE]*`` (text without the
-  letter e; about a third of the vocabulary is banned at every step), the locally constrained
+  letter e; about a third of the vocabulary is banned at every step, EOS included, so that every
+  particle generates T tokens: the ``tokens`` column), the locally constrained
   proposal, systematic resampling when ESS < ``--ess-threshold`` × N (0.9: resampling at most
   steps, which makes particles share prefixes); ``tokens.prompt(..., cache="dense" | "paged")``,
   paged with ``--pool-factor``;
@@ -93,7 +94,7 @@ def random_llama(seed: int = 0) -> LanguageModel:
         "final_norm": {"scale": jnp.ones((d,))},
         "layers": layers,
         # Logits of a few units: next-token distributions neither flat nor degenerate.
-        "lm_head": jax.random.normal(next(keys), (d, config.vocab_size)) * 3.0 * d**-0.5,
+        "lm_head": jax.random.normal(next(keys), (d, config.vocab_size)) * 6.0 * d**-0.5,
     }
     return LanguageModel(params=params, config=config, tokenizer=base.tokenizer)
 
@@ -123,7 +124,9 @@ def cache_shapes(lm, cache: str, n: int, t: int, pool_factor: float):
 
 def make_smc(lm, cache: str, n: int, t: int, ess: float, pool_factor: float):
     p = tk.prompt(lm, PROMPT, t, cache=cache, pool_factor=pool_factor if cache == "paged" else None)
-    automaton = regex_automaton(PATTERN, lm.vocab_bytes, lm.eos_id)
+    # EOS is not given to the automaton: its bytes (<|endoftext|>) contain an "e", so it is banned
+    # and every particle generates all T tokens (a run that ended early would not measure step T).
+    automaton = regex_automaton(PATTERN, lm.vocab_bytes, None)
     program = pp.sequential(regex_init, regex_step, t)
     algorithm = pp.SMC(n, proposal=regex_proposal, ess_threshold=ess, resampling="systematic")
     record = {"resampled": [], "peak": []}
@@ -132,6 +135,7 @@ def make_smc(lm, cache: str, n: int, t: int, ess: float, pool_factor: float):
         result = pp.infer(program, p, automaton, algorithm=algorithm, key=seed)
         jax.block_until_ready(result.state)
         record["resampled"].append(int(np.sum(result.resampled)))
+        record["length"] = float(np.mean(result.state[0].length))
         cache_out = result.state[0].cache
         if isinstance(cache_out, paged.PagedCache):
             record["peak"].append(int(jnp.max(cache_out.peak)))
@@ -178,7 +182,7 @@ def main() -> None:
     )
     print(
         f"{'T':>4} {'path':<7}{'ms/tok':>8}{'compile s':>10}{'resampled':>10}{'KV MB':>8}"
-        f"{'peak blocks':>12}{'pool':>6}{'MB/resample':>12}"
+        f"{'peak blocks':>12}{'pool':>6}{'MB/resample':>12}{'tokens':>9}"
     )
     table = {}
     auto = {t: "paged" if t >= paged.AUTO_PAGED_MIN_TOKENS else "dense" for t in lengths}
@@ -211,6 +215,7 @@ def main() -> None:
                 peak = f"{max(rec['peak'])}" if rec["peak"] else "-"
                 pool = f"{math.prod(cache.pool_k.shape[:2])}" if rec["peak"] else "-"
                 line += f"{np.median(rec['resampled']):>10.0f}{mb:>8.1f}{peak:>12}{pool:>6}{moved:>12.2f}"
+                line += f"{rec['length']:>9.0f}"
                 table[t, name] = {"ms": ms, "mb": mb, "moved": moved}
             else:
                 table[t, name] = {"ms": ms}
