@@ -1,28 +1,39 @@
-"""Long generations: ms per token against the number of new tokens T, dense vs blocked attention.
+"""Long generations: ms per token against the number of new tokens T; dense vs paged KV cache.
 
-Embedded default LM, N = 64 particles, T = 64, 128 and the longest the model's context allows
-(256 positions, minus the prompt, rounded down to a multiple of 16: 240). For each T, in one
-process, compile excluded, interleaved medians:
+The embedded model's context is 256 positions, too short for T = 512, so the model is a random
+Llama-shaped transformer (RoPE, RMSNorm, SwiGLU, grouped-query attention: 4 layers, hidden 256,
+8 query / 2 key-value heads of 32, MLP 688, context 1024) with the embedded model's tokenizer
+(vocabulary 2048), built in memory from a seed (no checkpoint). N = 64 particles, prompt
+``<|endoftext|>import``, T = 64, 256, 512 (``--lengths``). For each T, in one process, compile
+excluded, interleaved medians of ``--reps`` runs:
 
-- SMC: token-level SMC with the regex constraint ``[^eE]*`` (text without the letter e), the locally
-  constrained proposal and ESS-adaptive resampling (``--ess-threshold``; 1.0 resamples every step),
-- plain: ``LanguageModel.generate``'s jitted scan (64 sequences, no constraint),
-- decode: one batched ``decode`` step with every cache empty and with every cache full,
+- SMC dense / SMC paged: token-level SMC with the regex constraint ``[^eE]*`` (text without the
+  letter e; about a third of the vocabulary is banned at every step, EOS included, so that every
+  particle generates T tokens: the ``tokens`` column), the locally constrained
+  proposal, systematic resampling when ESS < ``--ess-threshold`` × N (0.9: resampling at most
+  steps, which makes particles share prefixes); ``tokens.prompt(..., cache="dense" | "paged")``,
+  paged with ``--pool-factor``;
+- plain: ``LanguageModel.generate`` (64 independent sequences, no constraint, dense cache, blocked
+  attention).
 
-each with the dense attention (all T cache positions every step) and the blocked one (blocks up to
-the longest live particle). The path is chosen when a function is traced, through
-``transformer.AUTO_BLOCKED_MIN_TOKENS``; each path gets its own model object and its own jitted
-functions (fresh Python functions: jax keys its trace cache on the function), so both stay
-compiled side by side.
+Figures per T: ms per generated token (one run of N particles), resamplings per run, the KV cache's
+bytes (dense: ``N * T`` positions per layer; paged: the block pool, tails and tables: what the
+run allocates), the most pool blocks in use at once (``PagedCache.peak``: the pool that would have
+sufficed), and the bytes one resampling copies (dense: every particle's whole cache; paged: tables,
+tails and lengths). The path ``cache="auto"`` takes (dense below
+``paged.AUTO_PAGED_MIN_TOKENS``, paged from it) gives the headline figures.
 
-Ends with ``RESULT per_token_t<T>_over_t64=<x> ...`` (SMC, blocked, which ``attention="auto"`` uses
-at these sizes) plus the dense figure and SMC/plain at the longest T.
+Ends with ``RESULT per_token_t512_over_t64=<x> paged_memory_over_dense=<x> smc_over_plain_t512=<x>``
+(SMC on the auto path; memory at the longest T: both caches' arrays are allocated up front, so their
+bytes follow from their shapes). ``--quick``: N = 64, only what the RESULT needs (T = 64: SMC dense;
+T = 512: SMC paged and plain), one timed run each. Timings on the shared CPU machine are noisy
+(other jobs run beside it).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import math
 import os
 import sys
 import time
@@ -40,144 +51,203 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_medians  # noqa: E402
 
 import ppinfer as pp  # noqa: E402
-from models.lm_programs import regex_program  # noqa: E402
-from ppinfer.lm import load_default  # noqa: E402
+from models.lm_programs import regex_init, regex_proposal, regex_step  # noqa: E402
+from ppinfer import tokens as tk  # noqa: E402
+from ppinfer.constraints import regex_automaton  # noqa: E402
+from ppinfer.lm import (  # noqa: E402
+    LanguageModel,
+    TransformerConfig,
+    load_default,
+    paged,  # noqa: E402
+)
 from ppinfer.lm import transformer as tr  # noqa: E402
 from ppinfer.lm.model import _generate  # noqa: E402
 
 PROMPT = "<|endoftext|>import"
 PATTERN = r"[^eE]*"  # text that avoids the letter e
-THRESHOLD = {"dense": 10**9, "blocked": 0}  # AUTO_BLOCKED_MIN_TOKENS forcing each path
 
 
-def traced_with(mode: str, fn):
-    """``fn`` with ``AUTO_BLOCKED_MIN_TOKENS`` set for ``mode`` while it runs (its first call
-    traces it; later calls reuse the compiled code)."""
+def random_llama(seed: int = 0) -> LanguageModel:
+    """A random Llama-shaped model (1k context) with the embedded model's tokenizer."""
+    base = load_default()
+    config = TransformerConfig(
+        arch="llama", vocab_size=base.config.vocab_size, hidden_size=256, num_layers=4, num_heads=8,
+        num_kv_heads=2, head_dim=32, intermediate_size=688, max_position_embeddings=1024,
+        norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, model_type="llama",
+        eos_token_id=base.eos_id, bos_token_id=base.eos_id,
+    )  # fmt: skip
+    keys = iter(jax.random.split(jax.random.key(seed), 16))
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
 
-    def wrapped(*args):
-        old = tr.AUTO_BLOCKED_MIN_TOKENS
-        tr.AUTO_BLOCKED_MIN_TOKENS = THRESHOLD[mode]
-        try:
-            return fn(*args)
-        finally:
-            tr.AUTO_BLOCKED_MIN_TOKENS = old
+    def dense(d_in, d_out):
+        return {"w": jax.random.normal(next(keys), (n, d_in, d_out)) * d_in**-0.5}
 
-    return wrapped
+    layers = {
+        "attn_norm": {"scale": jnp.ones((n, d))},
+        "mlp_norm": {"scale": jnp.ones((n, d))},
+        "q": dense(d, q_out), "k": dense(d, kv_out), "v": dense(d, kv_out), "o": dense(q_out, d),
+        "gate": dense(d, f), "up": dense(d, f), "down": dense(f, d),
+    }  # fmt: skip
+    params = {
+        "embed": jax.random.normal(next(keys), (config.vocab_size, d)),
+        "final_norm": {"scale": jnp.ones((d,))},
+        "layers": layers,
+        # Logits of a few units: next-token distributions neither flat nor degenerate.
+        "lm_head": jax.random.normal(next(keys), (d, config.vocab_size)) * 6.0 * d**-0.5,
+    }
+    return LanguageModel(params=params, config=config, tokenizer=base.tokenizer)
 
 
-def make_runs(lm, mode: str, n: int, t: int, ess: float):
-    """The SMC, plain and decode functions of one attention path, each ``fn(seed)``, blocking."""
-    lm = dataclasses.replace(lm)  # its own identity: its own entry in ppinfer's compile cache
-    program, args, proposal = regex_program(lm, PROMPT, PATTERN, t)
-    algorithm = pp.SMC(n, proposal=proposal, ess_threshold=ess)
-    resampled = []
+def kv_bytes(cache) -> int:
+    """Bytes of a particle cache's arrays (what the run holds for keys and values)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
-    def smc(seed):
-        result = pp.infer(program, *args, algorithm=algorithm, key=seed)
-        resampled.append(int(np.sum(result.resampled)))
+
+def resample_bytes(cache) -> int:
+    """Bytes one resampling copies: every per-particle leaf the gather moves (for the paged cache:
+    not the pool, which :meth:`PagedCache.reindex` shares)."""
+    if isinstance(cache, paged.PagedCache):
+        moved = (cache.table, cache.tail_k, cache.tail_v, cache.length, cache.peak, cache.missing)
+        return sum(x.size * x.dtype.itemsize for x in moved)
+    return kv_bytes(cache)
+
+
+def cache_shapes(lm, cache: str, n: int, t: int, pool_factor: float):
+    """The particle cache a run of ``n`` particles and ``t`` tokens allocates (shapes only)."""
+    make = {
+        "dense": lambda: tr.init_particle_cache(lm.config, n, t),
+        "paged": lambda: paged.init_paged_cache(lm.config, n, t, pool_factor=pool_factor),
+    }[cache]
+    return jax.eval_shape(make)
+
+
+def make_smc(lm, cache: str, n: int, t: int, ess: float, pool_factor: float):
+    p = tk.prompt(lm, PROMPT, t, cache=cache, pool_factor=pool_factor if cache == "paged" else None)
+    # EOS is not given to the automaton: its bytes (<|endoftext|>) contain an "e", so it is banned
+    # and every particle generates all T tokens (a run that ended early would not measure step T).
+    automaton = regex_automaton(PATTERN, lm.vocab_bytes, None)
+    program = pp.sequential(regex_init, regex_step, t)
+    algorithm = pp.SMC(n, proposal=regex_proposal, ess_threshold=ess, resampling="systematic")
+    record = {"resampled": [], "peak": []}
+
+    def run(seed):
+        result = pp.infer(program, p, automaton, algorithm=algorithm, key=seed)
+        jax.block_until_ready(result.state)
+        record["resampled"].append(int(np.sum(result.resampled)))
+        record["length"] = float(np.mean(result.state[0].length))
+        cache_out = result.state[0].cache
+        if isinstance(cache_out, paged.PagedCache):
+            record["peak"].append(int(jnp.max(cache_out.peak)))
+        record["cache"] = cache_out
         return result
 
+    return run, record
+
+
+def make_plain(lm, n: int, t: int):
     eos = -1 if lm.eos_id is None else lm.eos_id
     ids = lm.encode(PROMPT)
-    # Fresh Python functions: jax keys its trace cache on the function, so jitting the same one
-    # twice would reuse the first path's trace.
-    generate = jax.jit(lambda *a: _generate.__wrapped__(*a), static_argnums=(1, 4, 5, 6, 7))
 
-    def plain(seed):
-        key = jax.random.key(seed)
-        return jax.block_until_ready(generate(lm.params, lm.config, ids, key, n, t, 1.0, eos))
+    def run(seed):
+        out = _generate(lm.params, lm.config, ids, jax.random.key(seed), n, t, 1.0, eos)
+        return jax.block_until_ready(out)
 
-    _, prompt_cache = lm.prefill(ids)
-    step = jax.jit(lambda *a: tr.decode.__wrapped__(*a), static_argnums=1, donate_argnums=3)
-    tokens = jnp.ones((n,), jnp.int32)
-
-    def decode_at(fill):
-        def run(seed):
-            del seed
-            cache = tr.init_particle_cache(lm.config, n, t)
-            cache = cache._replace(length=jnp.full((n,), fill, jnp.int32))
-            jax.block_until_ready(cache)
-            t0 = time.perf_counter()
-            logits, _ = step(lm.params, lm.config, prompt_cache, cache, tokens)
-            jax.block_until_ready(logits)
-            return time.perf_counter() - t0
-
-        return run
-
-    runs = {
-        "smc": smc,
-        "plain": plain,
-        "decode_empty": decode_at(0),
-        "decode_full": decode_at(t - 1),
-    }
-    return {name: traced_with(mode, fn) for name, fn in runs.items()}, resampled
-
-
-def step_medians(fns, reps):
-    """Median of the in-function timings (decode: the step alone, not the cache set-up)."""
-    out = {}
-    for name, fn in fns.items():
-        out[name] = float(np.median([fn(i) for i in range(reps)]))
-    return out
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one timed run each")
+    parser.add_argument("--quick", action="store_true", help="T = 64 and 512, one timed run each")
     parser.add_argument("--particles", type=int, default=64)
-    parser.add_argument("--ess-threshold", type=float, default=0.5)
+    parser.add_argument("--lengths", default=None, help="comma-separated T values")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--ess-threshold", type=float, default=0.9)
+    parser.add_argument("--pool-factor", type=float, default=0.25)
     opts = parser.parse_args()
     n = opts.particles
-    reps = 1 if opts.quick else 3
-    lm = load_default()
-    room = lm.config.max_position_embeddings - int(lm.encode(PROMPT).shape[0])
-    lengths = [64, 128, min(256, room // 16 * 16)]
-    modes = ("dense", "blocked")
+    lengths = [64, 512] if opts.quick else [64, 256, 512]
+    if opts.lengths:
+        lengths = [int(v) for v in opts.lengths.split(",")]
+    reps = opts.reps or (1 if opts.quick else 3)
+    lm = random_llama()
+    c = lm.config
     print(
-        f"embedded LM, N={n}, regex {PATTERN!r}, ESS threshold {opts.ess_threshold}, "
-        f"block {tr.BLOCK_SIZE}, auto: blocked from T={tr.AUTO_BLOCKED_MIN_TOKENS}, "
-        f"device={jax.devices()[0].platform}"
+        f"random Llama-shaped LM (layers {c.num_layers}, hidden {c.hidden_size}, heads "
+        f"{c.num_heads}/{c.num_kv_heads}x{c.head_dim}, MLP {c.intermediate_size}, vocab {c.vocab_size}, "
+        f"context {c.max_position_embeddings}), N={n}, regex {PATTERN!r}, locally constrained "
+        f"proposal, ESS threshold {opts.ess_threshold}, block {tr.BLOCK_SIZE}, paged pool factor "
+        f"{opts.pool_factor}, auto: paged from T={paged.AUTO_PAGED_MIN_TOKENS}, "
+        f"device={jax.devices()[0].platform}, {reps} timed run(s) each, compile excluded"
     )
     print(
-        f"{'T':>4} {'path':<8}{'SMC ms/tok':>11}{'plain ms/tok':>13}{'SMC/plain':>10}"
-        f"{'step empty':>11}{'step full':>10}{'compile s':>10}{'resampled':>10}"
+        f"{'T':>4} {'path':<7}{'ms/tok':>8}{'compile s':>10}{'resampled':>10}{'KV MB':>8}"
+        f"{'peak blocks':>12}{'pool':>6}{'MB/resample':>12}{'tokens':>9}"
     )
-    table = {}
+    table, factors = {}, {}
+    auto = {t: "paged" if t >= paged.AUTO_PAGED_MIN_TOKENS else "dense" for t in lengths}
+    short, long = lengths[0], lengths[-1]
     for t in lengths:
-        runs, timed, resampled = {}, {}, {}
-        compile_s = {}
-        for mode in modes:
-            fns, resampled[mode] = make_runs(lm, mode, n, t, opts.ess_threshold)
+        runs, records, compile_s = {}, {}, {}
+        paths = ("dense", "paged", "plain")
+        if opts.quick:
+            paths = (auto[t], "plain") if t == long else (auto[t],)
+        for cache in ("dense", "paged"):
+            if cache in paths:
+                runs[cache], records[cache] = make_smc(lm, cache, n, t, opts.ess_threshold, opts.pool_factor)
+        if "plain" in paths:
+            runs["plain"] = make_plain(lm, n, t)
+        factor = {t: opts.pool_factor}
+        for name, fn in list(runs.items()):
             t0 = time.perf_counter()
-            fns["smc"](0)
-            fns["plain"](0)
-            fns["decode_empty"](0)
-            fns["decode_full"](0)
-            compile_s[mode] = time.perf_counter() - t0
-            runs.update({f"{name}/{mode}": fn for name, fn in fns.items() if name in ("smc", "plain")})
-            timed.update({f"{name}/{mode}": fn for name, fn in fns.items() if name.startswith("decode")})
+            try:
+                fn(0)
+            except pp.errors.InferenceError as error:
+                # Short runs share little (2 blocks per particle at T = 64): a small pool runs out.
+                print(f"T={t} {name}, pool factor {opts.pool_factor}: {str(error)[:90]}...; factor 1.0")
+                factor[t] = 1.0
+                runs[name], records[name] = make_smc(lm, name, n, t, opts.ess_threshold, 1.0)
+                t0 = time.perf_counter()
+                runs[name](0)
+            compile_s[name] = time.perf_counter() - t0
+        factors[t] = factor[t]
         medians = interleaved_medians(runs, reps)
-        steps = step_medians(timed, 5 if opts.quick else 9)
-        for mode in modes:
-            smc, plain = medians[f"smc/{mode}"] / t * 1e3, medians[f"plain/{mode}"] / t * 1e3
-            empty, full = steps[f"decode_empty/{mode}"] * 1e3, steps[f"decode_full/{mode}"] * 1e3
-            table[t, mode] = (smc, plain)
-            print(
-                f"{t:>4} {mode:<8}{smc:>11.2f}{plain:>13.2f}{smc / plain:>10.2f}{empty:>11.2f}"
-                f"{full:>10.2f}{compile_s[mode]:>10.1f}{np.median(resampled[mode]):>10.0f}",
-                flush=True,
-            )
-    long = lengths[-1]
-    ratio = table[long, "blocked"][0] / table[64, "blocked"][0]
-    ratio_dense = table[long, "dense"][0] / table[64, "dense"][0]
-    print(
-        "per token: ms per generated token of one run (N particles at once); step empty/full: one "
-        "decode call with every cache at length 0 / T-1 (ms)"
+        for name in runs:
+            ms = medians[name] / t * 1e3
+            line = f"{t:>4} {name:<7}{ms:>8.2f}{compile_s[name]:>10.1f}"
+            if name in records:
+                rec = records[name]
+                cache = cache_shapes(lm, name, n, t, factors[t])
+                mb, moved = kv_bytes(cache) / 1e6, resample_bytes(cache) / 1e6
+                peak = f"{max(rec['peak'])}" if rec["peak"] else "-"
+                pool = f"{math.prod(cache.pool_k.shape[:2])}" if rec["peak"] else "-"
+                line += f"{np.median(rec['resampled']):>10.0f}{mb:>8.1f}{peak:>12}{pool:>6}{moved:>12.2f}"
+                line += f"{rec['length']:>9.0f}"
+                table[t, name] = {"ms": ms, "mb": mb, "moved": moved}
+            else:
+                table[t, name] = {"ms": ms}
+            print(line, flush=True)
+    per_token = table[long, auto[long]]["ms"] / table[short, auto[short]]["ms"]
+    memory = kv_bytes(cache_shapes(lm, "paged", n, long, factors[long])) / kv_bytes(
+        cache_shapes(lm, "dense", n, long, 1.0)
     )
+    over_plain = table[long, auto[long]]["ms"] / table[long, "plain"]["ms"]
     print(
-        f"RESULT per_token_t{long}_over_t64={ratio:.2f} per_token_t{long}_over_t64_dense={ratio_dense:.2f} "
-        f"blocked_over_dense_t{long}={table[long, 'blocked'][0] / table[long, 'dense'][0]:.2f} "
-        f"smc_over_plain_t{long}={table[long, 'blocked'][0] / table[long, 'blocked'][1]:.2f}"
+        "ms/tok: wall ms per generated token of one run (N particles); KV MB: the cache's arrays; "
+        "peak blocks: most pool blocks in use at once (of 'pool'); MB/resample: bytes one "
+        "resampling copies"
+    )
+    line = f"auto path: {auto}"
+    if (long, "dense") in table and (long, "paged") in table:
+        line += f"; paged/dense ms per token at T={long}: "
+        line += f"{table[long, 'paged']['ms'] / table[long, 'dense']['ms']:.2f}"
+    if (long, "dense") in table and (short, "dense") in table:
+        line += f"; dense per token T={long}/T={short}: "
+        line += f"{table[long, 'dense']['ms'] / table[short, 'dense']['ms']:.2f}"
+    print(line)
+    print(
+        f"RESULT per_token_t{long}_over_t{short}={per_token:.2f} paged_memory_over_dense={memory:.2f} "
+        f"smc_over_plain_t{long}={over_plain:.2f}"
     )
 
 

@@ -25,19 +25,32 @@ Times are medians of ``--reps`` runs after a warm-up run (ppinfer compiles once 
 peers, with nothing to compile, warm up once at the first size), interleaved in one process
 (``_timing.interleaved_medians``). Peer tuning: auto-batching ``batch_size = N`` (a full batch is
 evaluated at once) and a 1 ms timeout (``--timeout``; it only matters once some particles have
-finished), and torch with one intra-op thread (``--torch-threads``): on the shared 2-core machine
-llamppl's N=16, T=20 run took 23.0 s with torch's default 2 threads and 3.6 s with 1. JAX keeps
-its defaults. Both peers' CPU path is genlm-backend's ``AsyncTransformer`` (HF transformers; vLLM
-is GPU-only and is not installed): it keeps the prompt's KV cache but re-runs every generated
-token of a sequence at each step (O(N·T²) token positions per run), where ppinfer feeds one new
-token per particle per step through its particle KV cache (O(N·T) positions; its per-step time
-still grows with the preallocated cache length T — plain ``lm.generate`` of 64 sequences took
-0.45 s for 20 tokens and 8.4 s for 128 here — which is why its lead shrinks from T=20 to T=128).
+finished).
+
+Equal threads: each thread count K of ``--threads`` (default ``1,2``) runs in its own child
+process pinned to K cores (``os.sched_setaffinity``), with torch's intra-op threads set to K and
+XLA's CPU client limited likewise (``XLA_FLAGS``, set before JAX starts), so both sides get the
+same cores. The table and the ``RESULT`` line report every K.
+
+What each backend does per token (per SMC step):
+
+- ppinfer: one jitted batched forward pass of the N particles' new tokens (N positions) through
+  the shared prompt cache and the particle KV cache (dense below T = 128, paged from there:
+  ``tokens.prompt(..., cache="auto")``), attention in blocks up to the longest particle; the
+  mask, the proposal, the weights and the resampling run in the same compiled loop (no Python per
+  token).
+- llamppl and genlm-control: genlm-backend's ``AsyncTransformer`` (HF transformers on torch;
+  vLLM is GPU-only and not installed). Its cache keeps the prompt's keys/values only
+  (``cache_kv``); each step, every particle's query is *all its generated tokens* after the prompt
+  (``next_token_logprobs`` walks the trie to the deepest node with keys/values — the prompt — and
+  sends ``token_ids[base:]``), batched with the other particles' queries into one padded forward;
+  identical sequences are deduplicated. So step t feeds about N·t positions (O(N·T²) per run,
+  against ppinfer's O(N·T)), plus Python/asyncio work per particle per step.
 
 Needs the ``peers`` extra (``pip install torch==2.13.0`` first, then llamppl and genlm-control);
 without it the script prints why and exits 0. Ends with
-``RESULT speedup_vs_llamppl_n64_t128=<x> speedup_vs_genlm_n64_t128=<x>`` (peer time ÷ ppinfer time;
-``--quick`` measures N=16, T=20 only and names its keys after that size).
+``RESULT speedup_vs_llamppl_n<N>_t<T>_threads<K>=<x> speedup_vs_genlm_...=<x> ...`` for every size
+and thread count (peer time ÷ ppinfer time; ``--quick`` measures N=16, T=20 only).
 """
 
 from __future__ import annotations
@@ -291,28 +304,32 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed runs per size (default 5)")
     parser.add_argument("--timeout", type=float, default=1e-3, help="peers' auto-batching timeout (s)")
     parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads for the peers (default 1: their fastest here, see the docstring)",
+        "--threads",
+        default="1,2",
+        help="thread counts, each run in a child process on that many cores, for torch and JAX alike",
     )
     parser.add_argument("--sizes", default=None, help="NxT,... e.g. 16x20,64x128 (overrides the default)")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     sizes = [(16, 20)] if opts.quick else [(16, 20), (16, 128), (64, 20), (64, 128)]
     if opts.sizes:
         sizes = [tuple(int(v) for v in size.split("x")) for size in opts.sizes.split(",")]
     reps = opts.reps or (3 if opts.quick else 5)
 
-    peers, missing = available_peers()
-    for peer, why in missing.items():
-        print(f"SKIP {peer}: not installed ({why}); install the peers extra: {INSTALL}")
-    if not peers:
-        print("SKIPPED: no peer library is installed, nothing to compare against")
+    if opts.child is None:
+        peers, missing = available_peers()
+        for peer, why in missing.items():
+            print(f"SKIP {peer}: not installed ({why}); install the peers extra: {INSTALL}")
+        if not peers:
+            print("SKIPPED: no peer library is installed, nothing to compare against")
+            return
+        run_children(opts, [int(k) for k in opts.threads.split(",")])
         return
+    peers, _ = available_peers()
 
     import torch
 
-    torch.set_num_threads(opts.torch_threads)
+    torch.set_num_threads(opts.child)
     lm = load_default()
     _VOCAB[:] = lm.vocab_bytes
     allowed = allowed_tokens(lm)
@@ -365,13 +382,55 @@ def main() -> None:
             line += "".join(f"{med[p] / med['ppinfer']:>15.1f}" for p in names[1:])
             print(line)
         print("(times: median wall seconds per SMC run; × = peer time ÷ ppinfer time)")
-        n, t_max, med = rows[-1]
-        result = " ".join(
-            f"speedup_vs_{p}_n{n}_t{t_max}={med[p] / med['ppinfer']:.2f}"
-            for p in ("llamppl", "genlm")
-            if p in med
-        )
-        print(f"RESULT {result}")
+        for n, t_max, med in rows:
+            print("ROW", n, t_max, " ".join(f"{name}={med[name]:.6f}" for name in names))
+
+
+def run_children(opts, thread_counts: list[int]) -> None:
+    """Run the comparison once per thread count K in a child process on K cores (torch threads
+    and XLA's CPU threads K as well), print each child's output, then the summary and RESULT."""
+    import os
+    import subprocess
+
+    cores = sorted(os.sched_getaffinity(0))
+    rows: dict[int, list] = {}
+    for k in thread_counts:
+        if not 1 <= k <= len(cores):
+            raise SystemExit(f"--threads {k}: this process may use {len(cores)} cores")
+        env = dict(os.environ)
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen={'false' if k == 1 else 'true'}".strip()
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(k)
+        argv = ["--timeout", str(opts.timeout), "--child", str(k)]
+        argv += ["--quick"] if opts.quick else []
+        argv += ["--reps", str(opts.reps)] if opts.reps else []
+        argv += ["--sizes", opts.sizes] if opts.sizes else []
+        cmd = ["taskset", "-c", ",".join(map(str, cores[:k])), sys.executable, __file__, *argv]
+        print(f"== {k} thread(s): cores {cores[:k]}, torch threads {k}, XLA {env['XLA_FLAGS']!r}", flush=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        sys.stdout.write(out.stdout)
+        if out.returncode:
+            sys.stdout.write(out.stderr[-3000:])
+            raise SystemExit(f"the {k}-thread run failed (exit {out.returncode})")
+        rows[k] = []
+        for line in out.stdout.splitlines():
+            if line.startswith("ROW "):
+                _, n, t_max, *pairs = line.split()
+                rows[k].append((int(n), int(t_max), {a: float(b) for a, b in (p.split("=") for p in pairs)}))
+    print("\nsummary (× = peer time ÷ ppinfer time, same cores and thread count on both sides)")
+    for k, table in rows.items():
+        for n, t_max, med in table:
+            ratios = "  ".join(f"× vs {p} {med[p] / med['ppinfer']:.1f}" for p in med if p != "ppinfer")
+            print(f"  threads {k}  N={n:>3} T={t_max:>3}  ppinfer {med['ppinfer']:.3f} s  {ratios}")
+    result = []
+    for k, table in rows.items():
+        for n, t_max, med in table:
+            result += [
+                f"speedup_vs_{p}_n{n}_t{t_max}_threads{k}={med[p] / med['ppinfer']:.2f}"
+                for p in ("llamppl", "genlm")
+                if p in med
+            ]
+    print("RESULT " + " ".join(result))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def infer(
         if is_sequential(program):
             check_step_indices(program, args)  # num_steps longer than the data, before compiling
         try:
-            return algorithm.run(key, program, args)
+            result = algorithm.run(key, program, args)
+            _check_state(getattr(result, "state", None))
+            return result
         except _CONCRETE_VALUE_ERRORS as e:
             raise ModelError(_concrete_value_message(e)) from e
         except MemoryEstimateError as e:
@@ -92,6 +94,17 @@ _CONCRETE_VALUE_ERRORS = (
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
 )
+
+
+def _check_state(state: Any) -> None:
+    """Raise if a node of the final state reports that the run was invalid (a state node with a
+    ``raise_if_exhausted`` method: the paged KV cache whose block pool ran out)."""
+    if state is None:
+        return
+    has_check = lambda x: callable(getattr(type(x), "raise_if_exhausted", None))
+    for node in jax.tree.leaves(state, is_leaf=has_check):
+        if has_check(node):
+            node.raise_if_exhausted()
 
 
 def _concrete_value_message(e: BaseException) -> str:

@@ -121,5 +121,17 @@ def collapse_from_uniform(u: jax.Array, pop: Population) -> tuple[Any, jax.Array
 def gather(particles: Any, ancestors: jax.Array) -> Any:
     """Particles indexed by ``ancestors: i32[M]`` along the particle axis (every leaf). Ancestors
     are in range by construction; ``mode="clip"`` clamps the M indices instead of masking every
-    element of the (possibly large: KV caches) gathered leaves."""
-    return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0, mode="clip"), particles)
+    element of the (possibly large: KV caches) gathered leaves. A node whose type defines
+    ``reindex(ancestors)`` (e.g. :class:`ppinfer.lm.paged.PagedCache`, whose block pool is shared,
+    not per particle) is resampled by that method instead."""
+
+    def take(x):
+        if _reindexable(x):
+            return x.reindex(ancestors)
+        return jnp.take(x, ancestors, axis=0, mode="clip")
+
+    return jax.tree.map(take, particles, is_leaf=_reindexable)
+
+
+def _reindexable(x: Any) -> bool:
+    return callable(getattr(type(x), "reindex", None))

@@ -23,8 +23,10 @@ particles then stop on any of the model's EOS ids (``p.is_eos(tok)``: Llama 3 In
 turn with ``<|eot_id|>``).
 
 Because the whole LM context is particle state, resampling gathers the KV caches with the
-particles. The prompt's keys and values (:class:`LMPrompt`) are computed once and shared by every
-particle; they and the LM's parameters are traced arguments of the compiled program, not constants.
+particles (a dense cache is copied; a paged one, ``prompt(..., cache="paged")``, copies only its
+block tables and partial last block: :mod:`ppinfer.lm.paged`). The prompt's keys and values
+(:class:`LMPrompt`) are computed once and shared by every particle; they and the LM's parameters are
+traced arguments of the compiled program, not constants.
 
 Target semantics at the length limit: the posterior is over sequences of at most ``num_steps``
 tokens; a particle still running at the limit is kept as it is (the target is the *truncated*
@@ -76,7 +78,8 @@ class LMPrompt:
     """A language model with its prompt run once (shared by all particles; no particle axis).
 
     Pytree: the model's arrays, ``prompt_cache`` and ``first_logp: f32[V]`` (log-probabilities of
-    the first new token) are traced; the model's structure, ``max_new_tokens`` and the EOS ids are
+    the first new token) are traced; the model's structure, ``max_new_tokens``, the EOS ids and the
+    particle cache's kind (``cache``: ``"dense"`` or ``"paged"``, and ``pool_factor``) are
     static. Works with :class:`ppinfer.lm.LanguageModel` and :class:`ppinfer.lm.NGramLM` (anything
     with ``prefill``, ``init_particle_cache`` and a one-particle ``step``).
 
@@ -84,9 +87,19 @@ class LMPrompt:
     the tuple, ``eos_id`` its first element (None if there is none).
     """
 
-    def __init__(self, lm, prompt_cache, first_logp, max_new_tokens: int, eos: int | Sequence[int] | None):
+    def __init__(
+        self,
+        lm,
+        prompt_cache,
+        first_logp,
+        max_new_tokens: int,
+        eos: int | Sequence[int] | None,
+        cache: str = "dense",
+        pool_factor: float | None = None,
+    ):
         self.lm, self.prompt_cache, self.first_logp = lm, prompt_cache, first_logp
         self.max_new_tokens, self.eos_ids = max_new_tokens, _eos_tuple(eos)
+        self.cache, self.pool_factor = cache, pool_factor
 
     @property
     def eos_id(self) -> int:
@@ -115,14 +128,24 @@ class LMPrompt:
     def tree_flatten(self):
         field = _array_field(self.lm)
         children = (getattr(self.lm, field), self.prompt_cache, self.first_logp)
-        return children, (_Template(self.lm), field, self.max_new_tokens, self.eos_ids)
+        aux = (_Template(self.lm), field, self.max_new_tokens, self.eos_ids, self.cache, self.pool_factor)
+        return children, aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        template, field, max_new_tokens, eos_ids = aux
+        template, field, max_new_tokens, eos_ids, cache, pool_factor = aux
         arrays, prompt_cache, first_logp = children
         lm = dataclasses.replace(template.lm, **{field: arrays})
-        return cls(lm, prompt_cache, first_logp, max_new_tokens, eos_ids)
+        return cls(lm, prompt_cache, first_logp, max_new_tokens, eos_ids, cache, pool_factor)
+
+    def init_cache(self, num_particles: int) -> Any:
+        """An empty particle cache of the chosen kind for ``num_particles`` particles."""
+        if self.cache == "paged":
+            return self.lm.init_particle_cache(
+                self.prompt_cache, num_particles, self.max_new_tokens, cache="paged",
+                pool_factor=self.pool_factor,
+            )  # fmt: skip
+        return self.lm.init_particle_cache(self.prompt_cache, num_particles, self.max_new_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -138,6 +161,8 @@ def prompt(
     lm: Any,
     text: str | Sequence[int] | None = None,
     max_new_tokens: int | None = None,
+    cache: str = "auto",
+    pool_factor: float | None = None,
     *,
     messages: Sequence[dict] | None = None,
     add_generation_prompt: bool | None = None,
@@ -153,6 +178,16 @@ def prompt(
     ``continue_final_message=True``, continues the last message, e.g. a partly written answer;
     ``template_kwargs`` such as ``tools``, ``chat_template`` or ``date_string`` go to the
     template) and encoded.
+
+    ``cache``: the particles' KV cache. ``"dense"``: each particle owns ``max_new_tokens``
+    positions (:class:`ppinfer.lm.ParticleCache`; resampling copies whole caches). ``"paged"``: a
+    pool of blocks shared by the particles with per-particle block tables
+    (:class:`ppinfer.lm.paged.PagedCache`; resampling copies tables and one partial block per
+    particle, memory follows the distinct blocks), transformers only. ``"auto"``: paged for a
+    transformer when ``max_new_tokens >= paged.AUTO_PAGED_MIN_TOKENS``, dense otherwise.
+    ``pool_factor`` (paged only; default :data:`ppinfer.lm.paged.DEFAULT_POOL_FACTOR`, 1: never
+    runs out): pool blocks per particle as a fraction of what a particle can fill; below 1 a run
+    that needs more distinct blocks fails with :class:`~ppinfer.errors.InferenceError`.
 
     Raises, before anything is compiled: :class:`~ppinfer.errors.ConfigError` for a bad
     ``max_new_tokens``, both or neither of ``text``/``messages``, a prompt plus ``max_new_tokens``
@@ -170,6 +205,7 @@ def prompt(
     if count is None or count < 1:
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     max_new_tokens = count
+    cache, pool_factor = _cache_choice(lm, cache, pool_factor, max_new_tokens)
     if (text is None) == (messages is None):
         raise ConfigError("tokens.prompt takes a text (or token ids) or messages=[...], exactly one of them")
     if messages is not None:
@@ -197,7 +233,30 @@ def prompt(
     if eos is None:
         eos = getattr(lm, "eos_id", None)
     first = jax.nn.log_softmax(logits[-1].astype(jnp.float32))
-    return LMPrompt(lm, prompt_cache, first, int(max_new_tokens), eos)
+    return LMPrompt(lm, prompt_cache, first, int(max_new_tokens), eos, cache, pool_factor)
+
+
+def _cache_choice(lm: Any, cache: str, pool_factor: float | None, max_new_tokens: int):
+    """``(cache, pool_factor)`` resolved: ``"dense"`` or ``"paged"`` (see :func:`prompt`)."""
+    from ppinfer.lm import paged
+    from ppinfer.lm.model import LanguageModel
+
+    if cache not in ("auto", "dense", "paged"):
+        raise ConfigError(f"cache must be 'auto', 'dense' or 'paged', got {cache!r}")
+    can_page = isinstance(lm, LanguageModel)
+    if cache == "paged" and not can_page:
+        raise ConfigError(f"cache='paged' needs a transformer LanguageModel, not {type(lm).__name__}")
+    if cache == "auto":
+        cache = "paged" if can_page and max_new_tokens >= paged.AUTO_PAGED_MIN_TOKENS else "dense"
+    if cache == "dense":
+        if pool_factor is not None:
+            raise ConfigError("pool_factor applies to cache='paged' only")
+        return "dense", None
+    factor = paged.DEFAULT_POOL_FACTOR if pool_factor is None else pool_factor
+    ok = isinstance(factor, int | float) and not isinstance(factor, bool)
+    if not (ok and 0 < factor < float("inf")):
+        raise ConfigError(f"pool_factor must be a number > 0, got {pool_factor!r}")
+    return "paged", float(factor)
 
 
 def check_token_ids(lm: Any, ids: Any, what: str = "token ids") -> jax.Array:
@@ -263,7 +322,7 @@ class Context(NamedTuple):
     @staticmethod
     def start(p: LMPrompt) -> Context:
         """The empty context right after the prompt."""
-        cache = jax.tree.map(lambda x: x[0], p.lm.init_particle_cache(p.prompt_cache, 1, p.max_new_tokens))
+        cache = jax.tree.map(lambda x: x[0], p.init_cache(1))
         tokens = jnp.zeros((p.max_new_tokens,), jnp.int32)
         return Context(tokens, jnp.zeros((), jnp.int32), cache, p.first_logp)
 

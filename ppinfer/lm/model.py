@@ -5,7 +5,9 @@ offers the same methods, so a token-level program does not care which one it run
 
 - ``prefill(prompt) -> (logits f32[Lp, V], prompt_cache)`` — once, shared by all particles;
 - ``init_particle_cache(prompt_cache, num_particles, max_new_tokens) -> particle_cache`` (leading
-  particle axis on every leaf: resampling is ``jax.tree.map(lambda x: x[ancestors], cache)``);
+  particle axis on every leaf; resampling is :func:`ppinfer.population.gather`: ``x[ancestors]``
+  on every leaf, or the cache's own ``reindex(ancestors)`` where its type has one — the paged
+  cache of :mod:`ppinfer.lm.paged` copies block tables, not keys and values);
 - ``step(prompt_cache, particle_cache, token) -> (logits f32[V], particle_cache)`` for ONE
   particle, pure, to be ``jax.vmap``-ped over the particle cache and tokens;
 - ``decode(prompt_cache, particle_cache, tokens, active=None)`` — the batched, jitted step.
@@ -28,6 +30,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from ppinfer.errors import CheckpointError, ConfigError, DataError
+from ppinfer.lm import paged
 from ppinfer.lm.checkpoint import load_params, read_config
 from ppinfer.lm.config import TransformerConfig
 from ppinfer.lm.quantize import check_mode, quantize_params
@@ -42,6 +45,8 @@ from ppinfer.lm.transformer import (
     lm_step,
     prefill,
 )
+
+CACHE_KINDS = ("auto", "dense", "paged")
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default_lm"
 
@@ -141,19 +146,35 @@ class LanguageModel:
         return prefill(self.params, self.config, self.encode(prompt), length)
 
     def init_particle_cache(
-        self, prompt_cache: PromptCache, num_particles: int, max_new_tokens: int
-    ) -> ParticleCache:
-        """An empty :class:`ParticleCache` for N particles (the prompt lives in prompt_cache).
+        self,
+        prompt_cache: PromptCache,
+        num_particles: int,
+        max_new_tokens: int,
+        cache: str = "dense",
+        pool_factor: float = paged.DEFAULT_POOL_FACTOR,
+    ) -> ParticleCache | paged.PagedCache:
+        """An empty particle cache for N particles (the prompt lives in prompt_cache):
+        ``cache="dense"`` a :class:`ParticleCache`, ``"paged"`` a
+        :class:`~ppinfer.lm.paged.PagedCache` whose pool holds ``pool_factor`` times the blocks
+        the particles can fill (``"auto"`` is dense: the choice for SMC is made by
+        :func:`ppinfer.tokens.prompt`). :meth:`step` and :meth:`decode` take either.
 
         Raises :class:`~ppinfer.errors.ConfigError` if the prompt and ``max_new_tokens`` together
-        exceed the model's context."""
+        exceed the model's context, or for an unknown ``cache``."""
         self._check_room(int(prompt_cache.k.shape[2]), max_new_tokens)
+        if _cache_kind(cache) == "paged":
+            return paged.init_paged_cache(
+                self.config, num_particles, max_new_tokens, self.dtype, pool_factor=pool_factor
+            )
         return init_particle_cache(self.config, num_particles, max_new_tokens, self.dtype)
 
     def step(
         self, prompt_cache: PromptCache, particle_cache: ParticleCache, token: jax.Array
     ) -> tuple[jax.Array, ParticleCache]:
-        """One particle, one token: :func:`ppinfer.lm.transformer.lm_step`."""
+        """One particle, one token: :func:`ppinfer.lm.transformer.lm_step` (or
+        :func:`ppinfer.lm.paged.step` for a paged cache)."""
+        if isinstance(particle_cache, paged.PagedCache):
+            return paged.step(self.params, self.config, prompt_cache, particle_cache, token)
         return lm_step(self.params, self.config, prompt_cache, particle_cache, token)
 
     def decode(
@@ -163,7 +184,10 @@ class LanguageModel:
         tokens: jax.Array,
         active: jax.Array | None = None,
     ) -> tuple[jax.Array, ParticleCache]:
-        """All particles, one token: :func:`ppinfer.lm.transformer.decode` (donates the cache)."""
+        """All particles, one token: :func:`ppinfer.lm.transformer.decode` or
+        :func:`ppinfer.lm.paged.decode` (donates the cache)."""
+        if isinstance(particle_cache, paged.PagedCache):
+            return paged.decode(self.params, self.config, prompt_cache, particle_cache, tokens, active)
         return decode(self.params, self.config, prompt_cache, particle_cache, tokens, active)
 
     def generate(
@@ -173,11 +197,15 @@ class LanguageModel:
         num_particles: int = 1,
         max_new_tokens: int = 32,
         temperature: float = 1.0,
+        cache: str = "auto",
     ) -> Generation:
         """Sample ``num_particles`` continuations (greedy when ``temperature == 0``), stopping
         each at the first token of :attr:`eos_ids`: one batched decode step per token for all
-        sequences, in one jitted loop that ends once every sequence has ended (no Python loop over
-        tokens)."""
+        sequences (:func:`ppinfer.lm.transformer.batched_step`, ``attention="auto"``: blocked
+        attention up to the longest sequence once ``max_new_tokens >= 64``), in one jitted loop that
+        ends once every sequence has ended (no Python loop over tokens); ``cache="paged"`` runs it on
+        a :class:`~ppinfer.lm.paged.PagedCache` instead (pool factor 1: independent sequences share
+        no blocks, so this saves nothing; ``"auto"`` is ``"dense"``)."""
         key = jax.random.key(key) if isinstance(key, int) else key
         eos = self.eos_ids or (-1,)
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
@@ -194,6 +222,7 @@ class LanguageModel:
             max_new_tokens,
             float(temperature),
             eos,
+            _cache_kind(cache) == "paged",
         )
 
     def complete(self, prompt: str, **kwargs) -> list[str]:
@@ -277,7 +306,13 @@ def load_default(dtype: DTypeLike = jnp.float32, quantize: str | None = None) ->
     return load(DEFAULT_MODEL_DIR, dtype, quantize)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
+def _cache_kind(cache: str) -> str:
+    if cache not in CACHE_KINDS:
+        raise ConfigError(f"cache must be one of {CACHE_KINDS}, got {cache!r}")
+    return cache
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7, 8))
 def _generate(
     params: Params,
     config: TransformerConfig,
@@ -287,6 +322,7 @@ def _generate(
     max_new_tokens: int,
     temperature: float,
     eos_ids: tuple[int, ...],
+    use_paged: bool = False,
 ) -> Generation:
     """One batched decode per token for all sequences (:func:`batched_step`, the step SMC's token
     programs use), in a ``while_loop`` that ends once every sequence has emitted EOS. Step ``i``
@@ -294,7 +330,13 @@ def _generate(
     records) ``max(eos_ids[0], 0)``; a sequence ends at any of ``eos_ids``."""
     logits, prompt_cache = prefill(params, config, prompt)
     logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
-    cache = init_particle_cache(config, num_particles, max_new_tokens, params["embed"].dtype)
+    dtype = params["embed"].dtype
+    if use_paged:
+        cache = paged.init_paged_cache(config, num_particles, max_new_tokens, dtype)
+        step = paged.decode_batch
+    else:
+        cache = init_particle_cache(config, num_particles, max_new_tokens, dtype)
+        step = batched_step
     keys = jax.random.split(key, max_new_tokens)
     pad = max(eos_ids[0], 0)
 
@@ -309,7 +351,7 @@ def _generate(
         else:
             token = jax.random.categorical(keys[i], logits / temperature).astype(jnp.int32)
         token = jnp.where(done, pad, token)
-        logits, cache = batched_step(params, config, prompt_cache, cache, token)
+        logits, cache = step(params, config, prompt_cache, cache, token)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         done_now = done | jnp.isin(token, jnp.asarray(eos_ids))
         return i + 1, logits, cache, done_now, tokens, lengths + (~done).astype(jnp.int32)
