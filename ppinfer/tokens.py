@@ -243,9 +243,13 @@ def _cache_choice(lm: Any, cache: str, pool_factor: float | None, max_new_tokens
 
     if cache not in ("auto", "dense", "paged"):
         raise ConfigError(f"cache must be 'auto', 'dense' or 'paged', got {cache!r}")
-    can_page = isinstance(lm, LanguageModel)
+    can_page = isinstance(lm, LanguageModel) and not paged.paged_unsupported(lm.config)
     if cache == "paged" and not can_page:
-        raise ConfigError(f"cache='paged' needs a transformer LanguageModel, not {type(lm).__name__}")
+        why = paged.paged_unsupported(lm.config) if isinstance(lm, LanguageModel) else []
+        raise ConfigError(
+            f"cache='paged' needs a transformer LanguageModel whose attention it implements, not "
+            f"{type(lm).__name__}" + (f" with {', '.join(why)}" if why else "")
+        )
     if cache == "auto":
         cache = "paged" if can_page and max_new_tokens >= paged.AUTO_PAGED_MIN_TOKENS else "dense"
     if cache == "dense":

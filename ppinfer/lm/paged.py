@@ -139,6 +139,18 @@ class PagedCache:
             )
 
 
+def paged_unsupported(config: TransformerConfig) -> list[str]:
+    """The attention features of ``config`` that the paged step does not implement (empty: fine)."""
+    out = []
+    if getattr(config, "layer_window", None) and any(config.layer_window):
+        out.append("sliding-window layers")
+    if getattr(config, "attn_scale", None) is not None:
+        out.append("a custom attention scale")
+    if getattr(config, "attn_softcap", None) is not None:
+        out.append("attention soft-capping")
+    return out
+
+
 def init_paged_cache(
     config: TransformerConfig,
     num_particles: int,
@@ -150,7 +162,15 @@ def init_paged_cache(
     """An empty :class:`PagedCache` for ``num_particles`` particles of at most ``max_new_tokens``.
 
     ``pool_factor`` (> 0): pool blocks per particle as a fraction of ``T // B``; ``block_size``:
-    positions per block (default :data:`ppinfer.lm.transformer.BLOCK_SIZE`)."""
+    positions per block (default :data:`ppinfer.lm.transformer.BLOCK_SIZE`). A model whose
+    attention has a sliding window, a custom score scale or soft-capping (Gemma, Mistral, Phi-3 with
+    a window) is a :class:`ConfigError`: the paged step does not implement them yet."""
+    unsupported = paged_unsupported(config)
+    if unsupported:
+        raise ConfigError(
+            f"cache='paged' does not support this model's attention ({', '.join(unsupported)}): "
+            "use cache='dense'"
+        )
     ok = isinstance(pool_factor, int | float) and not isinstance(pool_factor, bool)
     if not (ok and 0 < pool_factor < float("inf")):
         raise ConfigError(f"pool_factor must be a number > 0, got {pool_factor!r}")
