@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import ppinfer.lm.transformer as transformer
-from ppinfer.errors import CheckpointError
-from ppinfer.lm import config_from_hf, decode, lm_step, load, prefill
+from ppinfer.errors import CheckpointError, ConfigError
+from ppinfer.lm import config_from_hf, decode, lm_step, load, paged, prefill
 from ppinfer.lm.checkpoint import read_safetensors
 
 torch = pytest.importorskip("torch")
@@ -176,7 +176,10 @@ def cached_logits(lm, tokens: np.ndarray, mode: str) -> np.ndarray:
     """Logits f32[N, L, V] of prompt (prefill, shared) + continuation (one cached step a token)."""
     logits, prompt_cache = prefill(lm.params, lm.config, jnp.asarray(tokens[0, :PROMPT_LEN], jnp.int32))
     cache = transformer.init_particle_cache(lm.config, PARTICLES, STEPS, lm.dtype)
-    if mode == "dense":
+    if mode == "paged":  # blocks of 4 positions: the pool fills during the 20 steps
+        cache = paged.init_paged_cache(lm.config, PARTICLES, STEPS, lm.dtype, block_size=4)
+        step = functools.partial(paged.decode, lm.params, lm.config)
+    elif mode == "dense":
         step = functools.partial(decode, lm.params, lm.config, attention="dense")
     else:  # what SMC runs: the one-particle step, vmapped (traced afresh: BLOCK_SIZE is read then)
 
@@ -210,6 +213,14 @@ def test_fp32_parity_prefill_and_cached_decode(name, tmp_root, monkeypatch):
     # Blocked attention over blocks of 8 positions (T = 20: three blocks, the last one clamped).
     monkeypatch.setattr(transformer, "BLOCK_SIZE", 8)
     got = cached_logits(lm, tokens, "blocked")
+    np.testing.assert_allclose(got, expected, atol=FP32_TOL, rtol=0)
+    # The paged cache (chosen automatically for long token programs) on the architectures it
+    # implements; the others are refused, never silently wrong.
+    if paged.paged_unsupported(lm.config):
+        with pytest.raises(ConfigError, match="paged"):
+            paged.init_paged_cache(lm.config, PARTICLES, STEPS, lm.dtype)
+        return
+    got = cached_logits(lm, tokens, "paged")
     np.testing.assert_allclose(got, expected, atol=FP32_TOL, rtol=0)
 
 
