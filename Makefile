@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	# Headless Chromium for the HTML-view and docs-page tests (Debian's package; best effort: the
+	# tests skip, saying why, where it cannot be installed).
+	command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true
 	touch $@
 
 $(VENV)/.installed-docs: $(VENV)/.installed
