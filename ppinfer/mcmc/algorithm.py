@@ -316,7 +316,7 @@ def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
 
     def one_chain(s, run_key, dyn, start, length, buffer):
         args = rebuild(dyn)
-        out_shape = jax.eval_shape(transition, s, run_key, args)[1]
+        out_shape = jax.eval_shape(lambda s, k: transition(s, k, args), s, run_key)[1]  # args stay static
         buf = jax.tree.map(lambda a: jnp.zeros((buffer, *a.shape), a.dtype), out_shape)
 
         def body(i, carry):
