@@ -1,5 +1,13 @@
-import jax
-import pytest
+import os
+import tempfile
+
+# Each test process (each xdist worker) gets its own persistent compilation cache, shared only with
+# the subprocesses it starts: two processes compiling and writing the same entries at once, or a
+# process reading entries written under other XLA flags, is not what this suite tests.
+os.environ.setdefault("PPINFER_CACHE_DIR", tempfile.mkdtemp(prefix="ppinfer-test-jax-cache-"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture
@@ -22,6 +30,7 @@ def run_on_forced_devices(script: str, num_devices: int = 4, timeout: int = 600)
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
         PYTHONPATH=str(root),
+        PPINFER_COMPILATION_CACHE="0",  # other devices: nothing to share with the test process
     )
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=timeout
