@@ -441,10 +441,14 @@ def test_eos_set_from_config_and_generation_config(chat_lm, tmp_path):
         (copy / "config.json").write_text(json.dumps({**config, "eos_token_id": value}))
         got = load(copy).eos_ids
         assert got == (expected or (ids["<|end_of_text|>"], ids["<|eot_id|>"]))
-    for bad in ([1, "x"], 10**6, -1, True):
+    for bad in ([1, "x"], -1, True):
         (copy / "config.json").write_text(json.dumps({**config, "eos_token_id": bad}))
         with pytest.raises(CheckpointError, match="eos_token_id must be a token id"):
             load(copy)
+    # An id past the vocabulary (GPT2Config's default 50256 in a tiny config) is dropped with a warning.
+    (copy / "config.json").write_text(json.dumps({**config, "eos_token_id": [10**6, ids["<|eot_id|>"]]}))
+    with pytest.warns(UserWarning, match="outside the vocabulary"):
+        assert ids["<|eot_id|>"] in load(copy).eos_ids
 
 
 def test_generate_stops_on_any_eos(chat_lm):

@@ -20,6 +20,7 @@ import functools
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -257,8 +258,7 @@ def load(
     path = Path(path)
     config, hf = read_config(path)
     eos_ids = _eos_ids(path, hf, config.vocab_size)
-    if eos_ids:
-        config = dataclasses.replace(config, eos_token_id=eos_ids[0], eos_token_ids=eos_ids)
+    config = dataclasses.replace(config, eos_token_id=eos_ids[0] if eos_ids else None, eos_token_ids=eos_ids)
     params = load_params(path, config, dtype)
     if quantize is not None:
         params = quantize_params(params, quantize)
@@ -284,11 +284,19 @@ def _eos_ids(path: Path, hf: dict, vocab_size: int) -> tuple[int, ...]:
     for name, value in sources:
         values = value if isinstance(value, list) else [] if value is None else [value]
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise CheckpointError(
                     f"{name}: eos_token_id must be a token id (an integer in [0, {vocab_size})) or a "
                     f"list of them, got {value!r}"
                 )
+            if v >= vocab_size:
+                # Common in small configs (GPT2Config's default 50256 with a smaller vocabulary):
+                # a token the model can never emit stops nothing, so it is left out, loudly.
+                warnings.warn(
+                    f"{name}: eos_token_id {v} is outside the vocabulary ({vocab_size} tokens): ignored",
+                    stacklevel=3,
+                )
+                continue
             if v not in out:
                 out.append(v)
     return tuple(out)
