@@ -24,18 +24,24 @@ def state_bytes(post) -> int:
     return sum(np.asarray(x).nbytes for x in jax.tree.leaves(post.ibis))
 
 
-def test_time_and_memory_per_update_stay_flat():
+def test_time_and_memory_per_update_stay_flat(capfd):
     ys = np.random.default_rng(0).normal(0.5, 1.0, (160, 4)).astype(np.float32)
     cfg = IBIS(num_particles=256, num_moves=3, ess_threshold=1.0, sufficient_statistics=stats)
     post = pp.infer(model, ys[0], algorithm=cfg, key=0)  # resample and move at every update
+    post = post.update(ys[1])  # compiles the update
+    capfd.readouterr()
     times, sizes = [], []
-    for batch in ys[1:]:
+    for batch in ys[2:]:
         post = post.update(batch)
         times.append(post.wall_time)
         sizes.append(state_bytes(post))
-    early, late = np.median(times[10:50]), np.median(times[-40:])
-    # Medians of 40 updates each; a growing cost (as on the history path, ∝ t) would be ≥ 3× here.
-    assert late < 2.0 * early, (early, late)
+    # The deterministic half: every later update runs the one compiled program on a state of one
+    # size (the history path re-compiles as its buffer doubles and its state grows).
+    assert "compiling" not in capfd.readouterr().err
     assert len(set(sizes)) == 1
+    # The timed half, loose because a loaded CI machine is noisy: the fastest of 40 early updates
+    # against the fastest of the last 40. A cost ∝ t (the history path) would be ~4.7× here.
+    early, late = min(times[10:50]), min(times[-40:])
+    assert late < 3.0 * early, (early, late)
     exact_mean = ys.sum() / (ys.size + 1)
     assert abs(float(post.mean("mu")) - exact_mean) < 0.25 / np.sqrt(ys.size + 1)
