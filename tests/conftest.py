@@ -10,6 +10,25 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _import_arviz_once_per_machine_at_a_time() -> None:
+    """Import ArviZ holding a file lock. On its first import of a day, ArviZ 0.23 writes a stamp
+    file through a fixed temporary name, so two xdist workers importing it at once collide
+    (``FileNotFoundError`` at collection in one of them). The first import under the lock writes
+    the stamp; the other worker then finds it and writes nothing."""
+    import fcntl
+
+    from platformdirs import user_cache_dir
+
+    folder = user_cache_dir("arviz", "arviz")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ppinfer-tests.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        import arviz  # noqa: F401
+
+
+_import_arviz_once_per_machine_at_a_time()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """After each test module, drop the compiled programs it left in memory (ppinfer's compile
