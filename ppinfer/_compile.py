@@ -102,9 +102,11 @@ def split_args(args: Any) -> tuple[list, Hashable, Callable[[list], Any]]:
     return dyn_leaves, (treedef, static, dynamic), rebuild
 
 
-def cached_jit(key: Hashable, build: Callable[[], Callable]) -> tuple[Callable, bool]:
-    """The jitted function cached under ``key`` (built by ``build()`` on a miss) and whether it was
-    new.
+def cached_jit(
+    key: Hashable, build: Callable[[], Callable], donate_argnums: tuple[int, ...] = ()
+) -> tuple[Callable, bool]:
+    """The jitted function cached under ``key`` (built by ``build()`` on a miss, its arguments
+    ``donate_argnums`` donated) and whether it was new.
 
     The function traces and compiles holding :data:`TRACE_LOCK`; a call whose argument types,
     shapes and placements it has already compiled runs with the lock released (and waits for its
@@ -114,7 +116,7 @@ def cached_jit(key: Hashable, build: Callable[[], Callable]) -> tuple[Callable, 
         if fn is not None:
             _CACHE.move_to_end(key)
             return fn, False
-        fn = _Jitted(jax.jit(build()), describe(key))
+        fn = _Jitted(jax.jit(build(), donate_argnums=donate_argnums), describe(key))
         _CACHE[key] = fn
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -149,6 +151,11 @@ class _Jitted:
             if sig is not None:
                 self._compiled.add(sig)
         return out
+
+    def compiled_for(self, *args: Any) -> bool:
+        """Whether a call on ``args`` runs code already compiled (no tracing, no compilation)."""
+        sig = _signature(args)
+        return sig is not None and sig in self._compiled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._jitted, name)

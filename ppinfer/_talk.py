@@ -10,6 +10,9 @@
 - **Progress bars.** :func:`progress_bar` is a tqdm bar on stderr, shown only when stderr is a
   terminal and the run is not quiet (``progress=True`` forces it, ``False`` turns it off). Bars
   are updated between compiled chunks of a run; they never touch the random stream.
+- **Ctrl-C.** :func:`interruptible` turns SIGINT into a flag that a chunked run checks between
+  its chunks, so the interrupt lands there as ``KeyboardInterrupt`` (and is never raised, and
+  lost, inside a finaliser that happened to run when the signal arrived).
 - **Quiet.** ``PPINFER_QUIET=1`` in the environment, or :func:`set_verbosity` (``0`` quiet,
   ``1`` default), turns the stderr notices and the automatic bars off.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,7 +29,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["set_verbosity", "verbose", "compile_notice", "progress_bar", "NOTICE_AFTER_S", "logger"]
+__all__ = [
+    "set_verbosity",
+    "verbose",
+    "compile_notice",
+    "progress_bar",
+    "interruptible",
+    "NOTICE_AFTER_S",
+    "logger",
+]
 
 logger = logging.getLogger("ppinfer")
 
@@ -33,8 +45,8 @@ NOTICE_AFTER_S = 1.0
 """Compilations longer than this (seconds) are announced on stderr."""
 
 CHUNK_SECONDS = 0.25
-"""Target duration of one compiled chunk of a long run (MCMC transitions, VI steps): a progress bar
-moves, and Ctrl-C lands, between chunks."""
+"""Target duration of one compiled chunk of a long run (MCMC transitions, VI steps, SMC steps): a
+progress bar moves, and Ctrl-C lands, between chunks."""
 
 _VERBOSITY: int | None = None
 
@@ -102,10 +114,14 @@ def _to_stderr() -> bool:
 @contextmanager
 def compile_notice(what: str) -> Iterator[dict]:
     """Time the compilation inside the block (see the module docstring); yields the dict of phase
-    times (``trace``, ``lower``, ``xla`` seconds, ``cache_hits``) filled as the block runs."""
+    times (``trace``, ``lower``, ``xla`` seconds, ``cache_hits``) filled as the block runs. A
+    notice inside another (in the same thread) adds its times to the outer one and prints nothing."""
     _listen()
-    record: dict = {}
     stack = _LOCAL.__dict__.setdefault("stack", [])
+    if stack:  # inside another notice (a run of several compiled parts): that one reports it all
+        yield stack[-1]
+        return
+    record: dict = {}
     stack.append(record)
     announced = threading.Event()
 
@@ -172,3 +188,36 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Iterator[Any]:
         yield bar
     finally:
         bar.close()
+
+
+@contextmanager
+def interruptible() -> Iterator[Any]:
+    """For a run driven in compiled chunks: yields ``check()``, which raises ``KeyboardInterrupt``
+    if Ctrl-C (SIGINT) came since the block began. While the block runs, SIGINT only sets a flag
+    (a second one raises at once). Python's default handler raises wherever the main thread next
+    runs bytecode — possibly inside a finaliser (``__del__``, a weakref callback: JAX runs many),
+    where the exception is printed as "ignored" and the run goes on. Outside the main thread, or
+    when the program has its own SIGINT handler, ``check`` does nothing and the handler stays."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: None
+        return
+    hits: list[int] = []
+
+    def flag(signum: int, frame: Any) -> None:
+        hits.append(signum)
+        if len(hits) > 1:  # pressed again: the user insists
+            raise KeyboardInterrupt
+
+    def check() -> None:
+        if hits:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, flag)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()  # a signal after the last check still interrupts

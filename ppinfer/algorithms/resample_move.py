@@ -73,6 +73,8 @@ class ResampleMoveSMC:
         proposal: ``proposal(state, t, *args)`` proposing some of a step's latent sites, as in
             :class:`~ppinfer.SMC` (default: the step's prior); used by the SMC steps and by the
             suffix regeneration.
+        progress_bar: a progress bar over the steps, as :class:`~ppinfer.SMC`'s (it never changes
+            the result).
     """
 
     num_particles: int = 1000
@@ -82,6 +84,7 @@ class ResampleMoveSMC:
     ess_threshold: float = 0.5
     regenerate_suffix: int | None = None
     proposal: Callable[..., Any] | None = None
+    progress_bar: bool | None = None
 
     name = "ResampleMoveSMC"
 

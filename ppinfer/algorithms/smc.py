@@ -6,16 +6,19 @@ SMC is a short loop over the one kernel step (:func:`ppinfer.kernels.smc.step`),
     init (spawn N + init)  →  repeat T times: advance → [select if ESS < threshold · N]
 
 Every block is valid, so SMC's output measure is valid: ``E[Ẑ] = Z`` and the weighted particles
-estimate the posterior consistently. The loop (:func:`run_loop`, shared by SMC, Steer and
-Importance on sequential programs) is one ``lax.scan`` compiled with ``jax.jit`` (a ``while_loop``
-that ends early when every particle has finished); no selection happens after the last step (it
-would only add variance).
+estimate the posterior consistently. The loop (:func:`run_loop`, shared by SMC, Steer,
+resample-move and Importance on sequential programs) has three pure phases — :func:`loop_start`
+(``init``), :func:`loop_advance` (steps, in a ``while_loop`` that ends early when every particle
+has finished) and :func:`loop_output` — which the run wrapper (:func:`run_chunked`) compiles once
+each and drives in chunks of steps, so a long run shows progress and stops on Ctrl-C; no selection
+happens after the last step (it would only add variance).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, forget, split_args
+from ppinfer._compile import cached_jit, describe, forget, split_args
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
@@ -43,6 +47,11 @@ __all__ = [
     "run_sequential",
     "run_smc",
     "run_checked",
+    "run_chunked",
+    "LoopRun",
+    "loop_start",
+    "loop_advance",
+    "loop_output",
     "smc_run",
     "smc_selection",
     "smc_batch",
@@ -83,6 +92,11 @@ class SMC:
             ``[N, …]`` (the filtering distribution of the last step) and ``init``'s choices carried
             through resampling; ``ancestors`` and ``extras["active"]`` are ``None``. ``log_weights``,
             ``log_evidence``, the ESS / resampling / log Ẑ histories and ``state`` are the same.
+        progress_bar: a tqdm bar on stderr over the steps; ``None`` (default): shown on a terminal
+            for a run expected to last over a second. The steps run in compiled chunks either way
+            (a chunk lasts about a quarter of a second: Ctrl-C stops the run between chunks), and
+            step ``t`` draws with its own key, so neither the bar nor the chunking changes the
+            result.
     """
 
     num_particles: int = 1000
@@ -93,6 +107,7 @@ class SMC:
     devices: int | tuple | None = None
     local_resampling: bool = False
     history: bool = True
+    progress_bar: bool | None = None
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
@@ -150,10 +165,8 @@ def run_sequential(
     dyn, static_key, rebuild = split_args(args)
     cache_key = ("loop", program, loop, static_key)
 
-    def build():
-        return lambda key, dyn: run_loop(key, program, rebuild(dyn), loop)
-
-    out, log_z = run_checked(cache_key, build, key, dyn, program, args, cfg, name)
+    out = run_chunked(cache_key, key, dyn, rebuild, program, args, loop, cfg, name)
+    log_z = check_output(out, cfg, name)
     out, more = (out, {}) if post is None else post(out)
     common = {
         "log_weights": out["log_weights"],
@@ -198,20 +211,31 @@ def run_checked(
     cfg: Any,
     name: str,
 ) -> tuple[dict, float]:
-    """Run a particle algorithm's compiled core (cached under ``cache_key``; ``build()`` makes it:
-    ``fn(key, dyn)`` returning a dict with ``log_evidence``, ``log_evidence_init``,
-    ``log_evidence_history`` and ``nan_sites``) with the checks every such run needs: one eager
-    one-particle dry run per compilation (clear model errors), NaN sites, and a dead population
-    (log Ẑ = −inf), reported with the step where every particle became impossible. Returns
-    ``(out, log_z)``."""
+    """Run a particle algorithm's compiled core in one call (cached under ``cache_key``; ``build()``
+    makes it: ``fn(key, dyn)`` returning a dict with ``log_evidence``, ``log_evidence_init``,
+    ``log_evidence_history`` and ``nan_sites``) with the checks every such run needs
+    (:func:`dry_run_once`, :func:`check_output`). Returns ``(out, log_z)``."""
     fn, new = cached_jit(cache_key, build)
     if new:
-        try:
-            _dry_run(program, args, cfg)
-        except Exception:
-            forget(cache_key)  # a program that failed its checks must be checked again next time
-            raise
+        dry_run_once((cache_key,), program, args, cfg)
     out = jax.block_until_ready(fn(key, dyn))
+    return out, check_output(out, cfg, name)
+
+
+def dry_run_once(cache_keys: tuple, program: SequentialProgram, args: tuple, cfg: Any) -> None:
+    """The eager one-particle dry run of a program just compiled (clear model errors); on failure
+    the compiled code is dropped from the cache, so the program is checked again next time."""
+    try:
+        _dry_run(program, args, cfg)
+    except Exception:
+        for k in cache_keys:
+            forget(k)
+        raise
+
+
+def check_output(out: dict, cfg: Any, name: str) -> float:
+    """The checks after a particle run: NaN sites, and a dead population (log Ẑ = −inf) reported
+    with the step where every particle became impossible. Returns log Ẑ."""
     checks.raise_on_nan_sites(out["nan_sites"], name)
     log_z = float(out["log_evidence"])
     if not np.isfinite(log_z):
@@ -223,7 +247,87 @@ def run_checked(
             else (f"after step {int(dead[0])}" if dead.size else "at the end")
         )
         checks.raise_if_dead(log_z, where, cfg.num_particles)
-    return out, log_z
+    return log_z
+
+
+FIRST_CHUNK = 8
+"""SMC steps in a run's first chunk (before a chunk has been timed)."""
+
+BAR_AFTER_S = 1.0
+"""An SMC run shows its automatic progress bar only when it is expected to last longer than this."""
+
+
+def run_chunked(
+    cache_key: Any,
+    key: jax.Array,
+    dyn: Any,
+    rebuild: Callable,
+    program: SequentialProgram,
+    args: tuple,
+    loop: Loop,
+    cfg: Any,
+    name: str,
+) -> dict:
+    """:func:`run_loop`'s output, computed as three compiled parts driven from Python:
+    :func:`loop_start`, :func:`loop_advance` in chunks of steps sized to last about
+    :data:`~ppinfer._talk.CHUNK_SECONDS` each (one compilation: the chunk's end is traced), and
+    :func:`loop_output`. Between chunks a progress bar moves (``cfg.progress_bar``; by default on a
+    terminal, for a run expected to last over :data:`BAR_AFTER_S`) and Ctrl-C lands
+    (``KeyboardInterrupt``; the partial run is discarded). Step ``t`` draws with its own key, so
+    the result does not depend on the chunking: it equals :func:`run_loop` under ``jax.jit``."""
+    start, new_a = cached_jit(
+        (*cache_key, "start"), lambda: lambda key, dyn: loop_start(key, program, rebuild(dyn), loop)
+    )
+    advance, new_b = cached_jit(
+        (*cache_key, "advance"),
+        lambda: lambda run, dyn, stop: loop_advance(run, program, rebuild(dyn), loop, stop),
+        donate_argnums=(0,),
+    )
+    finish, new_c = cached_jit(
+        (*cache_key, "output"), lambda: lambda run, dyn: loop_output(run, program, rebuild(dyn), loop)
+    )
+    if new_a or new_b or new_c:
+        dry_run_once(tuple((*cache_key, p) for p in ("start", "advance", "output")), program, args, cfg)
+    total = loop.num_steps
+    if not start.compiled_for(key, dyn):
+        # The first call with these shapes: compile all three parts under one notice (a chunk of
+        # no steps compiles loop_advance), so the first timed chunk measures steps only.
+        with compile_notice(describe(cache_key)):
+            run = start(key, dyn)
+            run = advance(run, dyn, _i32(0))
+            jax.block_until_ready(finish(run, dyn))
+    else:
+        run = start(key, dyn)
+    progress = getattr(cfg, "progress_bar", None)
+    with ExitStack() as stack:
+        interrupted = stack.enter_context(interruptible())
+        bar, done, length = None, 0, FIRST_CHUNK
+        while done < total:
+            t0 = time.perf_counter()
+            run = advance(run, dyn, _i32(min(total, done + length)))
+            steps, alive = jax.device_get((run.steps_run, jnp.any(~run.state.particles.done)))
+            seconds = time.perf_counter() - t0
+            interrupted()  # the chunk has run: Ctrl-C lands here
+            ran, done = int(steps) - done, int(steps)
+            long_run = seconds / max(ran, 1) * total > BAR_AFTER_S
+            if bar is None and (progress or (progress is None and long_run)):
+                desc = f"{name} {loop.num_particles} particles"
+                bar = stack.enter_context(progress_bar(total, desc, progress))
+                bar.update(done - ran)
+            if bar is not None:
+                bar.update(ran)
+            if loop.early_exit and not alive:  # (only a program that can stop has finished particles)
+                if bar is not None:
+                    bar.update(total - done)  # every particle has finished
+                break
+            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold per chunk).
+            per_step = seconds / max(ran, 1)
+            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+        return finish(run, dyn)
+
+
+def _i32(x: int) -> np.ndarray:
+    return np.asarray(x, np.int32)
 
 
 @dataclass(frozen=True)
@@ -277,40 +381,43 @@ class LoopNoise(NamedTuple):
     steps: kernel.StepNoise
 
 
-def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopNoise | None = None) -> dict:
-    """The pure SMC loop over :func:`ppinfer.kernels.smc.step` (jit/vmap-able): ``init``, then T
-    steps in a ``lax.scan`` (or, with ``early_exit`` for a program that can stop, a ``while_loop``
-    that ends when every particle has). Returns a dict with ``log_weights: f32[N]``,
-    ``log_evidence: f32[]``, ``log_evidence_init: f32[]``, per step ``ess``/``resampled``/
-    ``log_evidence_history`` ``[T]``, the final ``state``, per-site NaN flags ``nan_sites`` and
+class LoopRun(NamedTuple):
+    """A run of :func:`run_loop` between its steps: what :func:`loop_start` returns,
+    :func:`loop_advance` carries on and :func:`loop_output` summarises (arrays only, so a run can be
+    driven in compiled chunks from Python).
 
-    - with ``history``: ``ancestors: i32[T, N]`` (the child each particle copies, see
-      :func:`~ppinfer.kernels.smc.trace_genealogy`) and either the genealogy-traced
-      ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]`` and ``active: bool[N, T]``
-      (``genealogy``) or the untraced ``init_choices`` and ``history = {"choices": [T, M, …],
-      "active": bool[T, M]}`` for :func:`trace_history`; and ``filtering``: each step's choices,
-      pre-selection ``log_weights: f32[T, M]`` and ``active`` — the filtering approximation of
-      every step from one run;
-    - without: ``final_choices`` (each particle's latest step choices ``[N, …]``) and
-      ``init_choices`` carried through the selections.
+    Attributes:
+        state: the :class:`~ppinfer.kernels.smc.SMCState` after ``steps_run`` steps.
+        last: each particle's latest step choices ``[N·K, …]`` (a pure filter of a program that
+            cannot stop), else ``None``.
+        records: per-step records stacked ``[T, …]`` (zeros for the steps not run yet).
+        steps_run: ``i32[]``, the steps run so far.
+        xs: the per-step inputs ``(keys [T, 2], noise steps or None)``.
+        init: ``init``'s choices, NaN flags, ``log_evidence_init`` and (with injected noise) the
+            law of its draws.
+    """
 
-    Steps not run (early exit) are recorded as inactive, not selected, identity ancestors. With
-    ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[N]``,
-    ``log_prob_draws: f32[T, M]`` (the law of the injected values), ``pre_log_weights: f32[T, M]`` and
-    ``step_active: bool[T, M]``."""
-    n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
-    sharding = loop.sharding
-    k_init, k_loop = jax.random.split(key)
+    state: Any
+    last: Any
+    records: dict
+    steps_run: jax.Array
+    xs: tuple
+    init: dict
+
+
+class _LoopFns(NamedTuple):
+    may_stop: bool
+    step: Callable
+    body: Callable
+    move: Callable | None
+    update_carried: Callable | None
+
+
+def _loop_fns(program: Any, args: tuple, loop: Loop) -> _LoopFns:
+    """The loop's step and scan body for ``program(*args)``: Python closures, the same for every
+    phase (start, advance, output) of a run."""
+    num_steps, k, sharding = loop.num_steps, loop.extensions, loop.sharding
     may_stop = can_stop(program, args, loop.proposal, loop.init_proposal)
-    state, init_info = kernel.init(
-        k_init, program, args, n, proposal=loop.init_proposal, values=None if noise is None else noise.init
-    )
-    if sharding is not None:
-        state = state._replace(
-            particles=_constrain(sharding, state.particles),
-            log_weights=_constrain(sharding, state.log_weights),
-        )
-    log_z_init = log_evidence(state.log_weights)
 
     move = None
     if loop.move is not None:
@@ -321,7 +428,7 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             own, info = loop.move(key_m, state._replace(carried=state.carried["move"]), program, args)
             return own._replace(carried={**state.carried, "move": own.carried}), info
 
-    def _step(key_t, state, noise_t, update=None, with_move=True):
+    def step(key_t, state, noise_t, update=None, with_move=True):
         select_now = True if loop.select_last else state.t < num_steps - 1
         return kernel.step(
             key_t,
@@ -342,31 +449,20 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
     # history=False: init's choices and (for a program that can stop) each particle's latest step
     # choices ride along with the particles through the selections instead of being recorded; a
     # program that cannot stop only needs the last step's choices, after which nothing selects.
-    update_carried, last = None, None
+    update_carried = None
     if loop.move is not None:
-        shapes = jax.eval_shape(lambda s, k_: _step(k_, s, None, with_move=False)[1].choices, state, k_loop)
-        start = loop.move.start(program, args, init_info.choices, shapes, num_steps)
-        state = state._replace(carried={"move": start})
 
         def update_carried(carried, choices, active, t):
             return {**carried, "move": loop.move.update(carried["move"], choices, active, t)}
-    elif not loop.history:
-        carried = {"init": init_info.choices}
-        shapes = jax.eval_shape(lambda s, k_: _step(k_, s, None)[1].choices, state, k_loop)
-        zeros = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
-        if may_stop:
-            carried["step"] = zeros
+    elif not loop.history and may_stop:
 
-            def update_carried(carried, choices, active, t):
-                return {**carried, "step": keep_finished(~active, choices, carried["step"])}
-        else:
-            last = zeros
-        state = state._replace(carried=carried)
+        def update_carried(carried, choices, active, t):
+            return {**carried, "step": keep_finished(~active, choices, carried["step"])}
 
     def body(carry, xs):
         state, last = carry
         key_t, noise_t = xs
-        state, info = _step(key_t, state, noise_t, update_carried)
+        state, info = step(key_t, state, noise_t, update_carried)
         if last is not None:
             last = info.choices
         record = {"ess": info.ess, "resampled": info.selected, "lse": info.log_evidence}
@@ -380,29 +476,95 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
             record["extra"] = loop.record(state, info)
         if move is not None:
             record["move"] = info.move
-        if noise is not None:
+        if noise_t is not None:
             record.update(draws=info.log_prob_draws, pre=info.log_weights, step_active=info.active)
         return (state, last), record
 
-    keys = jax.random.split(k_loop, num_steps)
-    xs = (keys, None if noise is None else noise.steps)
-    if loop.early_exit and may_stop:
-        alive = lambda c: jnp.any(~c[0].particles.done)
-        (state, last), records, steps_run = scan_while(body, (state, last), xs, alive)
-    else:
-        (state, last), records = jax.lax.scan(body, (state, last), xs)
-        steps_run = None
+    return _LoopFns(may_stop, step, body, move, update_carried)
+
+
+def loop_start(
+    key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopNoise | None = None
+) -> LoopRun:
+    """``init`` (spawn N particles), before any step: the :class:`LoopRun` that
+    :func:`loop_advance` continues. Pure (jit/vmap-able)."""
+    fns = _loop_fns(program, args, loop)
+    n, num_steps, sharding = loop.num_particles, loop.num_steps, loop.sharding
+    k_init, k_loop = jax.random.split(key)
+    state, init_info = kernel.init(
+        k_init, program, args, n, proposal=loop.init_proposal, values=None if noise is None else noise.init
+    )
+    if sharding is not None:
+        state = state._replace(
+            particles=_constrain(sharding, state.particles),
+            log_weights=_constrain(sharding, state.log_weights),
+        )
+    init = {"choices": init_info.choices, "nan_sites": init_info.nan_sites}
+    init["log_z"] = log_evidence(state.log_weights)
+    if noise is not None:
+        init["log_prob_draws"] = init_info.log_prob_draws
+
+    last = None
+    if loop.move is not None:
+        choices_of = lambda s, k_: fns.step(k_, s, None, with_move=False)[1].choices
+        shapes = jax.eval_shape(choices_of, state, k_loop)
+        start = loop.move.start(program, args, init_info.choices, shapes, num_steps)
+        state = state._replace(carried={"move": start})
+    elif not loop.history:
+        carried = {"init": init_info.choices}
+        shapes = jax.eval_shape(lambda s, k_: fns.step(k_, s, None)[1].choices, state, k_loop)
+        zeros = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
+        if fns.may_stop:
+            carried["step"] = zeros
+        else:
+            last = zeros
+        state = state._replace(carried=carried)
+
+    xs = (jax.random.split(k_loop, num_steps), None if noise is None else noise.steps)
+    x0 = jax.tree.map(lambda x: x[0], xs)
+    _, shapes = jax.eval_shape(fns.body, (state, last), x0)
+    records = jax.tree.map(lambda a: jnp.zeros((num_steps, *a.shape), a.dtype), shapes)
+    return LoopRun(state, last, records, jnp.zeros((), jnp.int32), xs, init)
+
+
+def loop_advance(run: LoopRun, program: Any, args: tuple, loop: Loop, stop: Any) -> LoopRun:
+    """Run steps ``run.steps_run … stop − 1`` (``stop`` may be traced: one compilation serves
+    every chunk), ending early when every particle has finished (``loop.early_exit``). A step's
+    randomness is its own key ``xs[0][t]``, so how a run is cut into chunks does not change it.
+    Pure (jit/vmap-able)."""
+    fns = _loop_fns(program, args, loop)
+    early = loop.early_exit and fns.may_stop
+
+    def one(r: LoopRun) -> LoopRun:
+        i = r.steps_run
+        (state, last), rec = fns.body((r.state, r.last), jax.tree.map(lambda x: x[i], r.xs))
+        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
+        return r._replace(state=state, last=last, records=jax.tree.map(put, r.records, rec), steps_run=i + 1)
+
+    def cond(r: LoopRun) -> jax.Array:
+        going = r.steps_run < jnp.minimum(stop, loop.num_steps)
+        return going & jnp.any(~r.state.particles.done) if early else going
+
+    return jax.lax.while_loop(cond, one, run)
+
+
+def loop_output(run: LoopRun, program: Any, args: tuple, loop: Loop) -> dict:
+    """:func:`run_loop`'s output dict from a finished :class:`LoopRun` (see there)."""
+    fns = _loop_fns(program, args, loop)
+    n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
+    state, last, records, init = run.state, run.last, run.records, run.init
     ess_h, log_z_h = records["ess"], records["lse"]
-    if steps_run is not None:
-        ran = jnp.arange(num_steps) < steps_run
+    ran = None
+    if loop.early_exit and fns.may_stop:
+        ran = jnp.arange(num_steps) < run.steps_run
         final_lse = log_evidence(state.log_weights)
         ess_h = jnp.where(ran, ess_h, ess(state.log_weights, final_lse))
         log_z_h = jnp.where(ran, log_z_h, final_lse)
-    nan_sites = {**init_info.nan_sites, **{s: jnp.any(v) for s, v in records["nan"].items()}}
+    nan_sites = {**init["nan_sites"], **{s: jnp.any(v) for s, v in records["nan"].items()}}
     out = {
         "log_weights": state.log_weights,
         "log_evidence": log_evidence(state.log_weights),
-        "log_evidence_init": log_z_init,
+        "log_evidence_init": init["log_z"],
         "log_evidence_history": log_z_h,
         "ess": ess_h,
         "resampled": records["resampled"],
@@ -411,14 +573,14 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
     }
     if loop.record is not None:
         out["records"] = records["extra"]
-    if noise is not None:
+    if "log_prob_draws" in init:
         out.update(
-            log_prob_draws_init=init_info.log_prob_draws,
+            log_prob_draws_init=init["log_prob_draws"],
             log_prob_draws=records["draws"],
             pre_log_weights=records["pre"],
             step_active=records["step_active"],
         )
-    if move is not None:
+    if fns.move is not None:
         return {**out, "move": records["move"], **loop.move.output(state.carried["move"])}
     if not loop.history:
         final = state.carried["step"] if last is None else last
@@ -426,15 +588,51 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
     choices, active, ancestors = records["choices"], records["active"], records["ancestors"]
     if active is None:
         active = jnp.ones((num_steps, n * k), bool)
-    if steps_run is not None:
+    if ran is not None:
         ancestors = jnp.where(ran[:, None], ancestors, jnp.arange(n, dtype=jnp.int32) * k)
     history = {"choices": choices, "active": active}
     if loop.genealogy:
-        traced = trace_history(ancestors, init_info.choices, history, k)
+        traced = trace_history(ancestors, init["choices"], history, k)
     else:
-        traced = {"init_choices": init_info.choices, "history": history}
+        traced = {"init_choices": init["choices"], "history": history}
     filtering = {"choices": choices, "log_weights": records["weights"], "active": active}
     return {**out, **traced, "ancestors": ancestors, "filtering": filtering}
+
+
+def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopNoise | None = None) -> dict:
+    """The pure SMC loop over :func:`ppinfer.kernels.smc.step` (jit/vmap-able):
+    :func:`loop_start` (``init``), all T steps (:func:`loop_advance`'s ``while_loop``, which ends
+    when every particle has finished, with ``early_exit`` for a program that can stop; else a
+    ``lax.scan`` of the same body), then
+    :func:`loop_output`; the run wrapper (:func:`run_sequential`) drives the same three phases in
+    compiled chunks. Returns a dict with ``log_weights: f32[N]``,
+    ``log_evidence: f32[]``, ``log_evidence_init: f32[]``, per step ``ess``/``resampled``/
+    ``log_evidence_history`` ``[T]``, the final ``state``, per-site NaN flags ``nan_sites`` and
+
+    - with ``history``: ``ancestors: i32[T, N]`` (the child each particle copies, see
+      :func:`~ppinfer.kernels.smc.trace_genealogy`) and either the genealogy-traced
+      ``init_choices`` ``[N, …]``, ``trajectories`` ``[N, T, …]`` and ``active: bool[N, T]``
+      (``genealogy``) or the untraced ``init_choices`` and ``history = {"choices": [T, M, …],
+      "active": bool[T, M]}`` for :func:`trace_history`; and ``filtering``: each step's choices,
+      pre-selection ``log_weights: f32[T, M]`` and ``active`` — the filtering approximation of
+      every step from one run;
+    - without: ``final_choices`` (each particle's latest step choices ``[N, …]``) and
+      ``init_choices`` carried through the selections.
+
+    Steps not run (early exit) are recorded as inactive, not selected, identity ancestors. With
+    ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[N]``,
+    ``log_prob_draws: f32[T, M]`` (the law of the injected values), ``pre_log_weights: f32[T, M]`` and
+    ``step_active: bool[T, M]``."""
+    run = loop_start(key, program, args, loop, noise)
+    fns = _loop_fns(program, args, loop)
+    if loop.early_exit and fns.may_stop:
+        run = loop_advance(run, program, args, loop, loop.num_steps)
+    else:
+        # All T steps: a ``scan`` (reverse-differentiable, unlike the ``while_loop``; VSMC's gradient
+        # goes through it), drawing exactly what loop_advance's chunks draw.
+        (state, last), records = jax.lax.scan(fns.body, (run.state, run.last), run.xs)
+        run = run._replace(state=state, last=last, records=records, steps_run=jnp.int32(loop.num_steps))
+    return loop_output(run, program, args, loop)
 
 
 def smc_run(

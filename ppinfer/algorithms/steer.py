@@ -78,6 +78,8 @@ class Steer:
         proposal: ``proposal(state, t, *args)`` proposing some of the step's latent sites (default:
             the program's own prior). Weighted by ``log p − log q``.
         init_proposal: the same for ``init``: ``init_proposal(*args)``.
+        progress_bar: a progress bar over the steps, as :class:`~ppinfer.SMC`'s (it never changes
+            the result).
 
     The :class:`~ppinfer.Result` has ``log_weights: f32[N]`` (unnormalised; the survivors are not
     equally weighted: ``logsumexp`` is ``log Ẑ``, an unbiased estimate of ``Z`` on the linear
@@ -94,6 +96,7 @@ class Steer:
     resampling: str = "systematic"
     proposal: Callable[..., Any] | None = None
     init_proposal: Callable[..., Any] | None = None
+    progress_bar: bool | None = None
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)

@@ -27,7 +27,7 @@ from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import _signature, split_args
-from ppinfer._talk import CHUNK_SECONDS, compile_notice, progress_bar
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
 from ppinfer.errors import ConfigError, DivergenceWarning
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
@@ -81,9 +81,7 @@ class MCMC:
         ):
             checks.check_int(what, v, low)
         if self.chain_method not in ("vectorized", "sequential"):
-            raise ConfigError(
-                f"chain_method must be 'vectorized' or 'sequential', got {self.chain_method!r}"
-            )
+            raise ConfigError(f"chain_method must be 'vectorized' or 'sequential', got {self.chain_method!r}")
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
         if is_sequential(program) and not getattr(self.kernel, "sequential", False):
@@ -263,13 +261,14 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
         buffer = _buffer_size(state, cfg)
     draws, infos = [], []
     done, length = 0, min(total, FIRST_CHUNK)
-    with progress_bar(total, _bar_name(cfg), cfg.progress_bar) as bar:
+    with progress_bar(total, _bar_name(cfg), cfg.progress_bar) as bar, interruptible() as interrupted:
         while done < total:
             length = min(length, total - done, buffer)
             t0 = time.perf_counter()
             state, (pos, info) = fns.chunk(state, run_keys, dyn, _i32(done), _i32(length), buffer)
-            pos, info = jax.device_get((pos, info))  # waits for the chunk: Ctrl-C lands here
+            pos, info = jax.device_get((pos, info))  # waits for the chunk
             seconds = time.perf_counter() - t0
+            interrupted()  # Ctrl-C lands here
             record = np.flatnonzero(_recorded(cfg, done, length))
             if record.size:
                 draws.append(_take(pos, record))

@@ -50,7 +50,8 @@ the data (the program's arguments).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -61,6 +62,8 @@ from jax.scipy.special import logsumexp
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, check_data, locked
+from ppinfer._talk import interruptible
+from ppinfer._talk import progress_bar as _progress_bar
 from ppinfer.errors import ConfigError, DataError
 from ppinfer.kernels.anneal import Position, next_temperature, rw_move
 from ppinfer.kernels.space import space_of
@@ -278,6 +281,32 @@ class Posterior(Result):
     def log_evidence_increments(self) -> np.ndarray:
         """``f[t]``: ``log Ẑ(s | 1:s−1)`` of each update (they sum to ``log_evidence``)."""
         return np.diff(np.asarray(self.log_evidence_history), prepend=0.0)
+
+    def update_all(self, batches: Iterable[Any], progress_bar: bool | None = None) -> Posterior:
+        """Absorb ``batches`` in turn (an iterable; each item one batch: a tuple of
+        :meth:`update`'s arguments, or a single argument) and return the last posterior.
+
+        Equal to calling :meth:`update` on each (each update is one compiled call). A tqdm bar
+        on stderr counts the updates (``None``: shown on a terminal when the iterable has a length
+        and the updates are expected to last over a second); Ctrl-C between two updates raises
+        ``KeyboardInterrupt`` and leaves this posterior as it was."""
+        items = list(batches) if not isinstance(batches, Iterator) else batches
+        total = len(items) if isinstance(items, list) else None
+        post = self
+        with ExitStack() as stack:
+            interrupted = stack.enter_context(interruptible())
+            bar, t0 = None, time.perf_counter()
+            for i, batch in enumerate(items):
+                post = post.update(*(batch if isinstance(batch, tuple) else (batch,)))
+                interrupted()
+                if bar is None and progress_bar is not False:
+                    per_update = (time.perf_counter() - t0) / (i + 1)
+                    if progress_bar or (total is not None and per_update * total > 1.0):
+                        bar = stack.enter_context(_progress_bar(total, "IBIS updates", progress_bar))
+                        bar.update(i)
+                if bar is not None:
+                    bar.update(1)
+        return post
 
     @locked  # thread-safe, like infer
     def update(self, *batch: Any) -> Posterior:

@@ -21,7 +21,7 @@ from numpyro import handlers
 
 from ppinfer import checks
 from ppinfer._compile import split_args
-from ppinfer._talk import CHUNK_SECONDS, compile_notice, progress_bar
+from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.errors import ConfigError, InferenceError
 from ppinfer.program import is_sequential
@@ -263,13 +263,14 @@ def fit(
         # A zero-length chunk compiles the loop without taking a step.
         jax.block_until_ready(run_chunk(state, dyn, jnp.asarray(0, jnp.int32)))
     start, length = 0, min(chunk, 8)
-    with progress_bar(num_steps, f"VI {objective.name}", progress) as bar:
+    with progress_bar(num_steps, f"VI {objective.name}", progress) as bar, interruptible() as interrupted:
         while start < num_steps:
             length = min(length, chunk, num_steps - start)
             t0 = time.perf_counter()
             state, mon, finite = run_chunk(state, dyn, jnp.asarray(length, jnp.int32))
-            mon, finite = np.asarray(mon)[:length], np.asarray(finite)[:length]  # Ctrl-C lands here
+            mon, finite = np.asarray(mon)[:length], np.asarray(finite)[:length]  # waits for the chunk
             seconds = time.perf_counter() - t0
+            interrupted()  # Ctrl-C lands here
             bad = np.flatnonzero(~finite)
             if bad.size:
                 raise InferenceError(
