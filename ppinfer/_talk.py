@@ -25,8 +25,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "compile_notice",
     "progress_bar",
     "interruptible",
+    "run_in_chunks",
     "NOTICE_AFTER_S",
     "logger",
 ]
@@ -221,3 +222,48 @@ def interruptible() -> Iterator[Any]:
     finally:
         signal.signal(signal.SIGINT, previous)
     check()  # a signal after the last check still interrupts
+
+
+FIRST_CHUNK = 8
+"""Steps in the first chunk of :func:`run_in_chunks` (before a chunk has been timed)."""
+
+BAR_AFTER_S = 1.0
+"""A chunked run shows its automatic progress bar only when it is expected to last longer."""
+
+
+def run_in_chunks(
+    advance: Callable[[Any, int], Any],
+    position: Callable[[Any], tuple[int, bool]],
+    carry: Any,
+    total: int,
+    desc: str,
+    progress: bool | None,
+) -> Any:
+    """Drive a compiled loop of at most ``total`` steps in chunks from Python and return its final
+    carry. ``advance(carry, stop)`` runs the steps up to ``stop`` (fewer if the loop ends first;
+    ``stop`` should be traced, so one compilation serves every chunk); ``position(carry)`` reads
+    ``(steps done, finished)`` back (waiting for the chunk). Chunks are sized to last about
+    :data:`CHUNK_SECONDS` (the first has :data:`FIRST_CHUNK` steps; growth at most 8-fold per
+    chunk). Between chunks a bar moves (``progress``; ``None``: on a terminal, for a run expected
+    to last over :data:`BAR_AFTER_S`) and Ctrl-C lands as ``KeyboardInterrupt``
+    (:func:`interruptible`), discarding the run."""
+    with ExitStack() as stack:
+        interrupted = stack.enter_context(interruptible())
+        bar, done, length = None, 0, FIRST_CHUNK
+        while done < total:
+            t0 = time.perf_counter()
+            carry = advance(carry, min(total, done + length))
+            steps, finished = position(carry)
+            seconds = time.perf_counter() - t0
+            interrupted()  # the chunk has run: Ctrl-C lands here
+            ran, done = steps - done, steps
+            per_step = seconds / max(ran, 1)
+            if bar is None and (progress or (progress is None and per_step * total > BAR_AFTER_S)):
+                bar = stack.enter_context(progress_bar(total, desc, progress))
+                bar.update(done - ran)
+            if bar is not None:
+                bar.update(ran if not finished else total - done + ran)
+            if finished:
+                break
+            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+    return carry

@@ -32,17 +32,15 @@ _import_arviz_once_per_machine_at_a_time()
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """After each test module, drop the compiled programs it left in memory (ppinfer's compile
-    caches and JAX's): a worker runs dozens of modules, and without this its memory grows by every
+    cache and JAX's): a worker runs dozens of modules, and without this its memory grows by every
     program compiled so far — enough, with two workers, to make XLA's compiler fail an allocation."""
     yield
     import gc
 
     from ppinfer import _compile
-    from ppinfer.mcmc import algorithm as mcmc_algorithm
 
     with _compile.TRACE_LOCK:
         _compile._CACHE.clear()
-    mcmc_algorithm._FACTORIES.clear()
     jax.clear_caches()
     gc.collect()
 

@@ -226,8 +226,8 @@ def test_smc_chunks_and_progress_bar_do_not_change_the_result(name, monkeypatch,
     make, cfg = SMC_CONFIGS[name]
     program = make()
     default = pp.infer(program, YS, algorithm=cfg, key=5)
-    monkeypatch.setattr(smc_algorithm, "FIRST_CHUNK", 1)
-    monkeypatch.setattr(smc_algorithm, "CHUNK_SECONDS", 0.0)  # one step per chunk
+    monkeypatch.setattr(_talk, "FIRST_CHUNK", 1)
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)  # one step per chunk
     chunked = pp.infer(program, YS, algorithm=dataclasses.replace(cfg, progress_bar=True), key=5)
     assert f"{cfg.name} {cfg.num_particles} particles" in capsys.readouterr().err  # the bar was drawn
     a, b = arrays_of(default), arrays_of(chunked)
@@ -247,8 +247,8 @@ def test_interrupted_smc_run_leaves_no_trace(monkeypatch):
     program = fresh_program()
     cfg = pp.SMC(32, progress_bar=True)
     reference = pp.infer(program, YS, algorithm=cfg, key=1)
-    monkeypatch.setattr(smc_algorithm, "FIRST_CHUNK", 2)
-    monkeypatch.setattr(smc_algorithm, "CHUNK_SECONDS", 0.0)
+    monkeypatch.setattr(_talk, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)
 
     class Bar:
         updates = 0
@@ -263,7 +263,7 @@ def test_interrupted_smc_run_leaves_no_trace(monkeypatch):
         yield Bar()
 
     with monkeypatch.context() as m:
-        m.setattr(smc_algorithm, "progress_bar", bar)
+        m.setattr(_talk, "progress_bar", bar)
         with pytest.raises(KeyboardInterrupt):
             pp.infer(program, YS, algorithm=cfg, key=1)
     assert Bar.updates == 5
@@ -394,3 +394,22 @@ def test_ibis_update_all_equals_the_updates_one_by_one_and_shows_a_bar(capsys):
     same = post.update_all(iter([(b,) for b in ys[1:]]), progress_bar=False)  # tuples, an iterator
     np.testing.assert_array_equal(np.asarray(same.log_weights), np.asarray(one_by_one.log_weights))
     assert post.step == 1  # the posterior it started from is unchanged
+
+
+def test_tempered_smc_chunks_and_progress_bar_do_not_change_the_result(monkeypatch, capsys):
+    from ppinfer.algorithms.tempered import anneal_run
+
+    cfg = pp.TemperedSMC(64, ess_target=0.95, num_moves=2)
+    default = pp.infer(conjugate, Y, algorithm=cfg, key=2)
+    monkeypatch.setattr(_talk, "FIRST_CHUNK", 1)
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)  # one temperature per chunk
+    chunked = pp.infer(conjugate, Y, algorithm=dataclasses.replace(cfg, progress_bar=True), key=2)
+    assert "TemperedSMC" in capsys.readouterr().err  # the bar was drawn
+    assert default.extras["num_steps"] == chunked.extras["num_steps"] > 2
+    np.testing.assert_array_equal(np.asarray(default.log_weights), np.asarray(chunked.log_weights))
+    np.testing.assert_array_equal(np.asarray(default.samples["mu"]), np.asarray(chunked.samples["mu"]))
+    np.testing.assert_array_equal(default.extras["lambdas"], chunked.extras["lambdas"])
+    whole = jax.jit(
+        lambda key, y: anneal_run(key, conjugate, (y,), 64, 2, ("temper", None), ("adaptive", 0.95, 100))
+    )(jax.random.PRNGKey(2), Y)
+    np.testing.assert_array_equal(np.asarray(whole["log_weights"]), np.asarray(default.log_weights))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -29,7 +28,7 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, describe, forget, split_args
-from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
+from ppinfer._talk import compile_notice, run_in_chunks
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
@@ -250,13 +249,6 @@ def check_output(out: dict, cfg: Any, name: str) -> float:
     return log_z
 
 
-FIRST_CHUNK = 8
-"""SMC steps in a run's first chunk (before a chunk has been timed)."""
-
-BAR_AFTER_S = 1.0
-"""An SMC run shows its automatic progress bar only when it is expected to last longer than this."""
-
-
 def run_chunked(
     cache_key: Any,
     key: jax.Array,
@@ -271,10 +263,10 @@ def run_chunked(
     """:func:`run_loop`'s output, computed as three compiled parts driven from Python:
     :func:`loop_start`, :func:`loop_advance` in chunks of steps sized to last about
     :data:`~ppinfer._talk.CHUNK_SECONDS` each (one compilation: the chunk's end is traced), and
-    :func:`loop_output`. Between chunks a progress bar moves (``cfg.progress_bar``; by default on a
-    terminal, for a run expected to last over :data:`BAR_AFTER_S`) and Ctrl-C lands
-    (``KeyboardInterrupt``; the partial run is discarded). Step ``t`` draws with its own key, so
-    the result does not depend on the chunking: it equals :func:`run_loop` under ``jax.jit``."""
+    :func:`loop_output`. Between chunks a progress bar moves (``cfg.progress_bar``) and Ctrl-C
+    lands (:func:`~ppinfer._talk.run_in_chunks`; the partial run is discarded). Step ``t`` draws
+    with its own key, so the result does not depend on the chunking: it equals :func:`run_loop`
+    under ``jax.jit``."""
     start, new_a = cached_jit(
         (*cache_key, "start"), lambda: lambda key, dyn: loop_start(key, program, rebuild(dyn), loop)
     )
@@ -298,32 +290,16 @@ def run_chunked(
             jax.block_until_ready(finish(run, dyn))
     else:
         run = start(key, dyn)
-    progress = getattr(cfg, "progress_bar", None)
-    with ExitStack() as stack:
-        interrupted = stack.enter_context(interruptible())
-        bar, done, length = None, 0, FIRST_CHUNK
-        while done < total:
-            t0 = time.perf_counter()
-            run = advance(run, dyn, _i32(min(total, done + length)))
-            steps, alive = jax.device_get((run.steps_run, jnp.any(~run.state.particles.done)))
-            seconds = time.perf_counter() - t0
-            interrupted()  # the chunk has run: Ctrl-C lands here
-            ran, done = int(steps) - done, int(steps)
-            long_run = seconds / max(ran, 1) * total > BAR_AFTER_S
-            if bar is None and (progress or (progress is None and long_run)):
-                desc = f"{name} {loop.num_particles} particles"
-                bar = stack.enter_context(progress_bar(total, desc, progress))
-                bar.update(done - ran)
-            if bar is not None:
-                bar.update(ran)
-            if loop.early_exit and not alive:  # (only a program that can stop has finished particles)
-                if bar is not None:
-                    bar.update(total - done)  # every particle has finished
-                break
-            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold per chunk).
-            per_step = seconds / max(ran, 1)
-            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
-        return finish(run, dyn)
+
+    def position(run: LoopRun) -> tuple[int, bool]:
+        steps, alive = jax.device_get((run.steps_run, jnp.any(~run.state.particles.done)))
+        # Only a program that can stop has finished particles; the loop ends when all have.
+        return int(steps), bool(loop.early_exit and not alive) or int(steps) >= total
+
+    desc = f"{name} {loop.num_particles} particles"
+    advance_to = lambda run, stop: advance(run, dyn, _i32(stop))
+    run = run_in_chunks(advance_to, position, run, total, desc, getattr(cfg, "progress_bar", None))
+    return finish(run, dyn)
 
 
 def _i32(x: int) -> np.ndarray:

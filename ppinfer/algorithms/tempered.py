@@ -29,14 +29,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
+from ppinfer._compile import cached_jit, describe, split_args
+from ppinfer._talk import compile_notice, run_in_chunks
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import anneal
 from ppinfer.kernels.space import space_of
@@ -64,6 +66,9 @@ class TemperedSMC:
             :class:`~ppinfer.kernels.anneal.NUTSMove`: step size, leapfrog steps or tree depth,
             target acceptance for tuning). ``Result.extras`` records per temperature ``lambdas``,
             ``acceptance_rate`` and the ``step_size`` each move used.
+        progress_bar: a tqdm bar over the steps (up to ``max_steps``; it completes when λ reaches
+            1), as :class:`~ppinfer.SMC`'s: the steps run in compiled chunks, so Ctrl-C stops the
+            run between chunks, and neither changes the result.
     """
 
     num_particles: int = 1000
@@ -72,6 +77,7 @@ class TemperedSMC:
     temperatures: Sequence[float] | None = None
     max_steps: int = 100
     move: Any = "rw"
+    progress_bar: bool | None = None
 
     name = "TemperedSMC"
 
@@ -87,13 +93,14 @@ class TemperedSMC:
 @dataclass(frozen=True)
 class DataAnnealedSMC:
     """Data-annealed SMC: ``num_data`` observations added ``batch_size`` at a time (``move`` as
-    for :class:`TemperedSMC`)."""
+    for :class:`TemperedSMC`, and ``progress_bar``)."""
 
     num_particles: int = 1000
     num_data: int = 1
     batch_size: int = 1
     num_moves: int = 5
     move: Any = "rw"
+    progress_bar: bool | None = None
 
     name = "DataAnnealedSMC"
 
@@ -137,15 +144,51 @@ def anneal_run(
     ``num_selected``, ``keep_chain`` and ``reweight_fn`` are passed to the step. Returns
     ``log_weights: f32[N]``, ``log_evidence``, ``choices`` ``[N, …]`` (latent and deterministic),
     ``lambdas``/``ess``/``acceptance_rate``/``step_size``/``log_evidence_history``
-    ``[max_steps]`` (padded with NaN), ``num_steps``."""
+    ``[max_steps]`` (padded with NaN), ``num_steps``. The same three phases as the run wrapper
+    drives in chunks: :func:`anneal_start`, :func:`anneal_continue`, :func:`anneal_output`."""
+    options = {
+        "move": move,
+        "num_selected": num_selected,
+        "keep_chain": keep_chain,
+        "reweight_fn": reweight_fn,
+    }
+    parts = _anneal_parts(program, args, n, num_moves, path, schedule, transforms, **options)
+    run = anneal_start(key, parts)
+    return anneal_output(anneal_continue(run, parts, parts.max_steps), parts)
+
+
+class AnnealParts(NamedTuple):
+    """The closures of one annealed run (rebuilt, identical, in each compiled phase)."""
+
+    draw: Callable
+    move: Any
+    step: Callable
+    constrained: Callable
+    n: int
+    max_steps: int
+    lam_end: float
+
+
+def _anneal_parts(
+    program,
+    args,
+    n,
+    num_moves,
+    path,
+    schedule,
+    transforms=None,
+    *,
+    move,
+    num_selected,
+    keep_chain,
+    reweight_fn,
+) -> AnnealParts:
     kind, num_data = path
     mode, spec, max_steps = schedule
     move = anneal.as_move(move)
     space = space_of(program, args)
     if transforms is not None:
         space = space._replace(transforms={name: transforms[name] for name in space.names})
-    k_init, k_loop = jax.random.split(key)
-    u0 = jax.vmap(lambda i: space.draw(jax.random.fold_in(k_init, i), *args))(jnp.arange(n))
     log_prior = lambda u: space.log_prior(u, *args)
 
     def log_lik(u, lam):
@@ -177,20 +220,35 @@ def anneal_run(
             reweight_fn=reweight_fn,
         )
 
-    lam_end = 1.0 if kind == "temper" else float(num_data)
-    state, hist, steps = anneal.anneal_loop(
-        k_loop, anneal.init(u0, move), step, max_steps=max_steps, lam_end=lam_end
-    )
-
     def constrained(u):
         x, _ = space.constrain(u)
         return {**x, **assess(program, args, x).deterministics}
 
+    lam_end = 1.0 if kind == "temper" else float(num_data)
+    draw = lambda k: space.draw(k, *args)
+    return AnnealParts(draw, move, step, constrained, n, max_steps, lam_end)
+
+
+def anneal_start(key: jax.Array, parts: AnnealParts) -> anneal.AnnealRun:
+    """``n`` prior draws (unconstrained), before the first annealing step."""
+    k_init, k_loop = jax.random.split(key)
+    u0 = jax.vmap(lambda i: parts.draw(jax.random.fold_in(k_init, i)))(jnp.arange(parts.n))
+    return anneal.anneal_begin(k_loop, anneal.init(u0, parts.move), parts.step, parts.max_steps)
+
+
+def anneal_continue(run: anneal.AnnealRun, parts: AnnealParts, stop: Any) -> anneal.AnnealRun:
+    """Annealing steps up to step ``stop`` (traced) or the end of the path."""
+    return anneal.anneal_advance(run, parts.step, stop=stop, max_steps=parts.max_steps, lam_end=parts.lam_end)
+
+
+def anneal_output(run: anneal.AnnealRun, parts: AnnealParts) -> dict:
+    """:func:`anneal_run`'s dict from a finished run."""
+    state, hist = run.state, run.history
     return {
-        "choices": jax.vmap(constrained)(state.particles),
+        "choices": jax.vmap(parts.constrained)(state.particles),
         "log_weights": state.log_weights,
         "log_evidence": log_evidence(state.log_weights),
-        "num_steps": steps,
+        "num_steps": run.steps,
         "lambdas": hist.lam,
         "ess": hist.ess,
         "acceptance_rate": hist.acceptance_rate,
@@ -234,15 +292,31 @@ def _run(
     space_of(program, args, what=cfg.name)  # raises ModelError for a discrete site
     settings = (cfg.num_particles, num_moves, path, schedule, cfg.move, num_selected, keep_chain)
 
-    def build():
-        def compiled(key, dyn):
-            options = {"move": cfg.move, "num_selected": num_selected, "keep_chain": keep_chain}
-            return anneal_run(key, program, rebuild(dyn), *settings[:4], **options)
+    options = {"move": cfg.move, "num_selected": num_selected, "keep_chain": keep_chain, "reweight_fn": None}
+    parts = lambda dyn: _anneal_parts(program, rebuild(dyn), *settings[:4], **options)
+    cache_key = ("anneal", program, settings, static_key)
+    start, _ = cached_jit((*cache_key, "start"), lambda: lambda key, dyn: anneal_start(key, parts(dyn)))
+    advance, _ = cached_jit(
+        (*cache_key, "advance"),
+        lambda: lambda run, dyn, stop: anneal_continue(run, parts(dyn), stop),
+        donate_argnums=(0,),
+    )
+    finish, _ = cached_jit((*cache_key, "output"), lambda: lambda run, dyn: anneal_output(run, parts(dyn)))
+    if not start.compiled_for(key, dyn):
+        with compile_notice(describe(cache_key)):  # all three phases under one notice
+            run = advance(start(key, dyn), dyn, np.int32(0))
+            jax.block_until_ready(finish(run, dyn))
+    run = start(key, dyn)
+    max_steps = schedule[2]
+    lam_end = 1.0 if path[0] == "temper" else float(path[1])
 
-        return compiled
+    def position(run: anneal.AnnealRun) -> tuple[int, bool]:
+        steps, lam = jax.device_get((run.steps, run.state.lam))
+        return int(steps), bool(lam >= lam_end) or int(steps) >= max_steps
 
-    fn, _ = cached_jit(("anneal", program, settings, static_key), build)
-    out = jax.block_until_ready(fn(key, dyn))
+    advance_to = lambda run, stop: advance(run, dyn, np.int32(stop))
+    run = run_in_chunks(advance_to, position, run, max_steps, cfg.name, getattr(cfg, "progress_bar", None))
+    out = finish(run, dyn)
     checks.raise_if_dead(float(out["log_evidence"]), "", cfg.num_particles)
     steps = int(out["num_steps"])
     return Result(

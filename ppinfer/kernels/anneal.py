@@ -71,6 +71,9 @@ __all__ = [
     "init",
     "anneal_step",
     "anneal_loop",
+    "anneal_begin",
+    "anneal_advance",
+    "AnnealRun",
     "next_temperature",
     "reweight",
     "tune_step_size",
@@ -330,6 +333,39 @@ def anneal_step(
     return new, AnnealInfo(lam_new, ess(log_weights, lse), lse, rate, step_size)
 
 
+class AnnealRun(NamedTuple):
+    """An annealing loop between steps: the step key ``key``, steps done ``steps: i32[]``, the
+    :class:`AnnealState` and the infos so far ``history`` ``[max_steps]`` (NaN after the last)."""
+
+    key: jax.Array
+    steps: jax.Array
+    state: AnnealState
+    history: AnnealInfo
+
+
+def anneal_begin(key: jax.Array, state: AnnealState, step: Callable, max_steps: int) -> AnnealRun:
+    """The :class:`AnnealRun` before the first step of ``step(key_i, state, i) -> (state, info)``."""
+    shapes = jax.eval_shape(step, key, state, jnp.zeros((), jnp.int32))[1]
+    history = jax.tree.map(lambda s: jnp.full((max_steps, *s.shape), jnp.nan, s.dtype), shapes)
+    return AnnealRun(key, jnp.zeros((), jnp.int32), state, history)
+
+
+def anneal_advance(
+    run: AnnealRun, step: Callable, *, stop: Any, max_steps: int, lam_end: float = 1.0
+) -> AnnealRun:
+    """Run steps (``key_i = fold_in(key, i)``) until ``state.lam ≥ lam_end``, ``max_steps`` steps
+    or step ``stop`` (may be traced: a run driven in chunks compiles this once), in a
+    ``lax.while_loop``."""
+
+    def body(r: AnnealRun) -> AnnealRun:
+        state, info = step(jax.random.fold_in(r.key, r.steps), r.state, r.steps)
+        history = jax.tree.map(lambda h, v: h.at[r.steps].set(v), r.history, info)
+        return AnnealRun(r.key, r.steps + 1, state, history)
+
+    cond = lambda r: (r.state.lam < lam_end) & (r.steps < jnp.minimum(stop, max_steps))
+    return jax.lax.while_loop(cond, body, run)
+
+
 def anneal_loop(
     key: jax.Array,
     state: AnnealState,
@@ -339,19 +375,11 @@ def anneal_loop(
     lam_end: float = 1.0,
 ) -> tuple[AnnealState, AnnealInfo, jax.Array]:
     """Run ``step(key_i, state, i) -> (state, info)`` until ``state.lam ≥ lam_end`` or ``max_steps``
-    steps (a ``lax.while_loop``; ``key_i = fold_in(key, i)``). Returns the final state, the infos
-    ``[max_steps]`` (NaN after the last step) and the number of steps ``i32[]``."""
-    shapes = jax.eval_shape(step, key, state, jnp.zeros((), jnp.int32))[1]
-    history = jax.tree.map(lambda s: jnp.full((max_steps, *s.shape), jnp.nan, s.dtype), shapes)
-
-    def body(carry):
-        i, state, history = carry
-        state, info = step(jax.random.fold_in(key, i), state, i)
-        return i + 1, state, jax.tree.map(lambda h, v: h.at[i].set(v), history, info)
-
-    cond = lambda c: (c[1].lam < lam_end) & (c[0] < max_steps)
-    steps, state, history = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, history))
-    return state, history, steps
+    steps (:func:`anneal_begin`, then :func:`anneal_advance` to the end). Returns the final state,
+    the infos ``[max_steps]`` (NaN after the last step) and the number of steps ``i32[]``."""
+    run = anneal_begin(key, state, step, max_steps)
+    run = anneal_advance(run, step, stop=max_steps, max_steps=max_steps, lam_end=lam_end)
+    return run.state, run.history, run.steps
 
 
 def next_temperature(

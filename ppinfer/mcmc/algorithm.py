@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
-from ppinfer._compile import _signature, split_args
+from ppinfer._compile import cached_jit, split_args
 from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
 from ppinfer.errors import ConfigError, DivergenceWarning
 from ppinfer.program import is_sequential
@@ -232,40 +232,41 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.chain_method)
     cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
     what = f"MCMC({type(cfg.kernel).__name__}) of {getattr(program, '__name__', type(program).__name__)}"
-    if cache_key not in _FACTORIES and getattr(cfg.kernel, "sequential", False):
-        # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
-        _FACTORIES[cache_key] = _compiled(cfg.kernel.build_for(program, args, cfg.num_warmup), rebuild, cfg)
-    if cache_key not in _FACTORIES:
-        checked = _improper_at_init(program)
-        checks.dry_run(checked, args, None, "running the program once")
-        sites = latent_sites(checked, args)
-        checks.require_latent(list(sites))
-        kernel = cfg.kernel.build(program, cfg.num_warmup, sites)
-        _FACTORIES[cache_key] = _compiled(kernel, rebuild, cfg)
-        if len(_FACTORIES) > 16:
-            _FACTORIES.popitem(last=False)
-    fns = _FACTORIES[cache_key]
+    built: list = []
+
+    def kernel() -> Any:
+        """The kernel for this program, built (and the program checked) on a compile-cache miss."""
+        if not built:
+            if getattr(cfg.kernel, "sequential", False):
+                # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
+                built.append(cfg.kernel.build_for(program, args, cfg.num_warmup))
+            else:
+                checked = _improper_at_init(program)
+                checks.dry_run(checked, args, None, "running the program once")
+                sites = latent_sites(checked, args)
+                checks.require_latent(list(sites))
+                built.append(cfg.kernel.build(program, cfg.num_warmup, sites))
+        return built[0]
+
+    init, _ = cached_jit((*cache_key, "init"), lambda: _init_fn(kernel(), rebuild, cfg))
     total = _total(cfg)
-    sig = _signature(dyn)
-    if sig is None or sig not in fns.ready:
-        with compile_notice(what):
-            state, run_keys = fns.init(key, dyn)
-            buffer = _buffer_size(state, cfg)
+    first = not init.compiled_for(key, dyn)
+    with compile_notice(what) if first else nullcontext():
+        state, run_keys = init(key, dyn)
+        buffer = _buffer_size(state, cfg)
+        build_chunk = lambda: _chunk_fn(kernel(), rebuild, cfg, buffer)
+        chunk, _ = cached_jit((*cache_key, "chunk", buffer), build_chunk)
+        if first:
             # A zero-length chunk compiles the transition loop without running it (so the first
             # timed chunk measures transitions, not the compilation).
-            jax.block_until_ready(fns.chunk(state, run_keys, dyn, _i32(0), _i32(0), buffer))
-        if sig is not None:
-            fns.ready.add(sig)
-    else:
-        state, run_keys = fns.init(key, dyn)
-        buffer = _buffer_size(state, cfg)
+            chunk(state, run_keys, dyn, _i32(0), _i32(0))
     draws, infos = [], []
     done, length = 0, min(total, FIRST_CHUNK)
     with progress_bar(total, _bar_name(cfg), cfg.progress_bar) as bar, interruptible() as interrupted:
         while done < total:
             length = min(length, total - done, buffer)
             t0 = time.perf_counter()
-            state, (pos, info) = fns.chunk(state, run_keys, dyn, _i32(done), _i32(length), buffer)
+            state, (pos, info) = chunk(state, run_keys, dyn, _i32(done), _i32(length))
             pos, info = jax.device_get((pos, info))  # waits for the chunk
             seconds = time.perf_counter() - t0
             interrupted()  # Ctrl-C lands here
@@ -288,32 +289,28 @@ FIRST_CHUNK = 8
 _BUFFER_BYTES = 1 << 26
 """At most this many bytes of per-transition output (positions and infos) per chunk."""
 
-_FACTORIES: OrderedDict = OrderedDict()
+def _init_fn(kernel, rebuild, cfg: MCMC) -> Callable:
+    """``init(key, dyn) -> (state, run_keys)``: every chain's initial state, and its run key."""
 
-
-class _Compiled(NamedTuple):
-    """``init(key, dyn) -> (state, run_keys)`` and ``chunk(state, run_keys, dyn, start, length,
-    buffer) -> (state, (pos, info))``, leaves ``[C, buffer, …]`` of which the first ``length`` are
-    the transitions ``start … start + length − 1`` (``start`` and ``length`` traced, ``buffer``
-    static: one compilation); ``ready`` holds the argument signatures already compiled."""
-
-    init: Callable
-    chunk: Callable
-    ready: set
-
-
-def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
     def init(key, dyn):
         args = rebuild(dyn)
         k_init, k_run = jax.random.split(key)
         state = jax.vmap(lambda k: kernel.init(k, args))(jax.random.split(k_init, cfg.num_chains))
         return state, jax.random.split(k_run, cfg.num_chains)
 
+    return init
+
+
+def _chunk_fn(kernel, rebuild, cfg: MCMC, buffer: int) -> Callable:
+    """``chunk(state, run_keys, dyn, start, length) -> (state, (pos, info))``, leaves
+    ``[C, buffer, …]`` of which the first ``length`` are the transitions ``start … start + length −
+    1`` (``start`` and ``length`` traced: one compilation per buffer size)."""
+
     def transition(s, k, args):
         s, info = kernel.step(k, s, args)
         return s, (kernel.position(s, args), info)
 
-    def one_chain(s, run_key, dyn, start, length, buffer):
+    def one_chain(s, run_key, dyn, start, length):
         args = rebuild(dyn)
         out_shape = jax.eval_shape(lambda s, k: transition(s, k, args), s, run_key)[1]  # args stay static
         buf = jax.tree.map(lambda a: jnp.zeros((buffer, *a.shape), a.dtype), out_shape)
@@ -325,13 +322,13 @@ def _compiled(kernel, rebuild, cfg: MCMC) -> _Compiled:
 
         return jax.lax.fori_loop(0, length, body, (s, buf))
 
-    def chunk(state, run_keys, dyn, start, length, buffer):
-        f = lambda s, k: one_chain(s, k, dyn, start, length, buffer)
+    def chunk(state, run_keys, dyn, start, length):
+        f = lambda s, k: one_chain(s, k, dyn, start, length)
         if cfg.chain_method == "sequential":
             return jax.lax.map(lambda a: f(*a), (state, run_keys))
         return jax.vmap(f)(state, run_keys)
 
-    return _Compiled(jax.jit(init), jax.jit(chunk, static_argnums=5), set())
+    return chunk
 
 
 def _buffer_size(state: Any, cfg: MCMC) -> int:
