@@ -289,6 +289,7 @@ FIRST_CHUNK = 8
 _BUFFER_BYTES = 1 << 26
 """At most this many bytes of per-transition output (positions and infos) per chunk."""
 
+
 def _init_fn(kernel, rebuild, cfg: MCMC) -> Callable:
     """``init(key, dyn) -> (state, run_keys)``: every chain's initial state, and its run key."""
 
