@@ -93,6 +93,25 @@ def test_mcmc_draws_do_not_depend_on_chunks_or_progress_bar(monkeypatch, capsys)
     assert one_chunk.shape == (3, 40)
 
 
+def interrupting_bar(after: int):
+    """A ``progress_bar`` stand-in whose ``after``-th update raises ``KeyboardInterrupt`` (as Ctrl-C
+    between two chunks would): ``(context manager, its Bar class counting the updates)``."""
+
+    class Bar:
+        updates = 0
+
+        def update(self, n):
+            Bar.updates += 1
+            if Bar.updates == after:
+                raise KeyboardInterrupt
+
+    @contextmanager
+    def bar(*_):
+        yield Bar()
+
+    return bar, Bar
+
+
 def test_interrupted_run_leaves_no_trace(monkeypatch):
     """A KeyboardInterrupt between chunks propagates, and the next run with the same key gives the
     draws of an uninterrupted run (nothing half-written is cached)."""
@@ -100,18 +119,7 @@ def test_interrupted_run_leaves_no_trace(monkeypatch):
     monkeypatch.setattr(mcmc_algorithm, "FIRST_CHUNK", 2)
     monkeypatch.setattr(mcmc_algorithm, "CHUNK_SECONDS", 0.0)
 
-    class Bar:
-        updates = 0
-
-        def update(self, n):
-            Bar.updates += 1
-            if Bar.updates == 5:
-                raise KeyboardInterrupt
-
-    @contextmanager
-    def bar(*_):
-        yield Bar()
-
+    bar, Bar = interrupting_bar(after=5)
     with monkeypatch.context() as m:
         m.setattr(mcmc_algorithm, "progress_bar", bar)
         with pytest.raises(KeyboardInterrupt):
@@ -250,18 +258,7 @@ def test_interrupted_smc_run_leaves_no_trace(monkeypatch):
     monkeypatch.setattr(_talk, "FIRST_CHUNK", 2)
     monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)
 
-    class Bar:
-        updates = 0
-
-        def update(self, n):
-            Bar.updates += 1
-            if Bar.updates == 5:
-                raise KeyboardInterrupt
-
-    @contextmanager
-    def bar(*_):
-        yield Bar()
-
+    bar, Bar = interrupting_bar(after=5)
     with monkeypatch.context() as m:
         m.setattr(_talk, "progress_bar", bar)
         with pytest.raises(KeyboardInterrupt):

@@ -169,23 +169,14 @@ class AnnealParts(NamedTuple):
     lam_end: float
 
 
-def _anneal_parts(
-    program,
-    args,
-    n,
-    num_moves,
-    path,
-    schedule,
-    transforms=None,
-    *,
-    move,
-    num_selected,
-    keep_chain,
-    reweight_fn,
-) -> AnnealParts:
+def _anneal_parts(program, args, n, num_moves, path, schedule, transforms=None, **options) -> AnnealParts:
+    """:func:`anneal_run`'s closures; ``options``: its ``move``, ``num_selected``, ``keep_chain``
+    and ``reweight_fn``."""
+    num_selected, keep_chain = options.get("num_selected"), options.get("keep_chain", False)
+    reweight_fn = options.get("reweight_fn")
     kind, num_data = path
     mode, spec, max_steps = schedule
-    move = anneal.as_move(move)
+    move = anneal.as_move(options.get("move", "rw"))
     space = space_of(program, args)
     if transforms is not None:
         space = space._replace(transforms={name: transforms[name] for name in space.names})
