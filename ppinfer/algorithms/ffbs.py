@@ -75,8 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import split_args
-from ppinfer.algorithms.smc import SMC, Loop, run_checked, run_loop, sample_names
+from ppinfer._compile import cached_jit, split_args
+from ppinfer.algorithms.smc import SMC, Loop, check_output, run_chunked, run_loop, sample_names
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.kernels.select import as_selection
 from ppinfer.population import gather
@@ -85,7 +85,7 @@ from ppinfer.result import Result
 from ppinfer.suspended import can_stop, match_state
 from ppinfer.traced import assess, latent_sites
 
-__all__ = ["FFBS", "ffbs_run", "backward_sample", "transition_log_density", "record_states"]
+__all__ = ["FFBS", "ffbs_run", "ffbs_backward", "backward_sample", "transition_log_density", "record_states"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class FFBS:
         num_particles: N ≥ 1, the forward filter's particles.
         num_paths: P ≥ 1, smoothed trajectories drawn (cost O(T·N·P)).
         resampling, ess_threshold, proposal, init_proposal: the forward filter's, as :class:`~ppinfer.SMC`'s.
+        progress_bar: the forward filter's bar, as :class:`~ppinfer.SMC`'s (it runs in compiled
+            chunks: Ctrl-C stops it between chunks; neither changes the result).
     """
 
     num_particles: int = 1000
@@ -105,6 +107,7 @@ class FFBS:
     ess_threshold: float = 0.5
     proposal: Callable[..., Any] | None = None
     init_proposal: Callable[..., Any] | None = None
+    progress_bar: bool | None = None
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
@@ -146,11 +149,16 @@ class FFBS:
         dyn, static_key, rebuild = split_args(args)
         num_paths = self.num_paths
 
-        def build():
-            return lambda key, dyn: ffbs_run(key, program, rebuild(dyn), loop, num_paths)
-
         cache_key = ("ffbs", program, loop, num_paths, static_key)
-        out, log_z = run_checked(cache_key, build, key, dyn, program, args, self, self.name)
+        # The forward filter in compiled chunks (progress bar, Ctrl-C), then the backward pass.
+        forward = run_chunked(cache_key, key, dyn, rebuild, program, args, loop, self, self.name)
+        log_z = check_output(forward, self, self.name)  # NaN sites, a dead population
+        backward, _ = cached_jit(
+            (*cache_key, "backward"),
+            lambda: lambda key, dyn, fwd: ffbs_backward(key, program, rebuild(dyn), num_paths, fwd),
+        )
+        out = backward(key, dyn, forward)
+        checks.raise_on_nan_sites(out["nan_sites"], self.name)
         _raise_on_backward_flags(out)
         samples, site_kinds = sample_names(out["init_path"], out["paths"])
         p = num_paths
@@ -186,7 +194,12 @@ def ffbs_run(key: jax.Array, program: SequentialProgram, args: tuple, loop: Loop
     record :func:`record_states`, with ``history``) from ``key``, then :func:`backward_sample` from
     ``fold_in(key, ·)``. Returns run_loop's summaries (``log_weights``, ``log_evidence``, histories,
     ``nan_sites``, ``filtering``) and the backward pass's outputs (see :func:`backward_sample`)."""
-    out = run_loop(key, program, args, loop)
+    return ffbs_backward(key, program, args, num_paths, run_loop(key, program, args, loop))
+
+
+def ffbs_backward(key: jax.Array, program: SequentialProgram, args: tuple, num_paths: int, out: dict) -> dict:
+    """FFBS after its forward run ``out`` (:func:`~ppinfer.algorithms.smc.run_loop`'s dict, from
+    ``key``): :func:`backward_sample` from ``fold_in(key, ·)``, and :func:`ffbs_run`'s dict."""
     back = backward_sample(
         jax.random.fold_in(key, 0xFFB5),
         program,

@@ -45,7 +45,6 @@ __all__ = [
     "run_loop",
     "run_sequential",
     "run_smc",
-    "run_checked",
     "run_chunked",
     "LoopRun",
     "loop_start",
@@ -156,8 +155,9 @@ def run_sequential(
     name: str,
     post: Callable[[dict], tuple[dict, dict]] | None = None,
 ) -> Result:
-    """The run wrapper of every algorithm on :func:`run_loop`: the compiled loop (cached under the
-    program, the :class:`Loop` and the static arguments), its checks (:func:`run_checked`), and the
+    """The run wrapper of every algorithm on :func:`run_loop`: the compiled loop in chunks
+    (:func:`run_chunked`, cached under the program, the :class:`Loop` and the static arguments),
+    its checks (:func:`check_output`), and the
     :class:`Result` — trajectories traced through the genealogy lazily, on first access.
     ``post(out) -> (out, extras)`` adapts the loop's output and adds algorithm-specific extras."""
     t0 = time.perf_counter()
@@ -198,27 +198,6 @@ def run_sequential(
         ),
         **common,
     )
-
-
-def run_checked(
-    cache_key: Any,
-    build: Callable,
-    key: jax.Array,
-    dyn: Any,
-    program: SequentialProgram,
-    args: tuple,
-    cfg: Any,
-    name: str,
-) -> tuple[dict, float]:
-    """Run a particle algorithm's compiled core in one call (cached under ``cache_key``; ``build()``
-    makes it: ``fn(key, dyn)`` returning a dict with ``log_evidence``, ``log_evidence_init``,
-    ``log_evidence_history`` and ``nan_sites``) with the checks every such run needs
-    (:func:`dry_run_once`, :func:`check_output`). Returns ``(out, log_z)``."""
-    fn, new = cached_jit(cache_key, build)
-    if new:
-        dry_run_once((cache_key,), program, args, cfg)
-    out = jax.block_until_ready(fn(key, dyn))
-    return out, check_output(out, cfg, name)
 
 
 def dry_run_once(cache_keys: tuple, program: SequentialProgram, args: tuple, cfg: Any) -> None:
