@@ -3,7 +3,8 @@
 For a finite program and a tiny population, every random input of an algorithm can be enumerated:
 the value of every discrete latent choice of every particle (init and each step) and, at every
 selection, every cell of the uniforms the selection reads. :func:`check_exact` runs **the same loop
-and kernel step that** :func:`ppinfer.infer` **runs** (:func:`ppinfer.algorithms.smc.run_loop` over
+and kernel step that** :func:`ppinfer.infer` **runs** (:func:`ppinfer.algorithms.smc.run_phases`:
+the start, chunked advance and output phases of the run wrapper over
 :func:`ppinfer.kernels.smc.step`, with the algorithm's own selection, proposal, early exit, finished-
 particle masks, history and extensions) on each such input, injected in place of the key
 (:class:`~ppinfer.kernels.smc.StepNoise`), weighs it by its probability, and compares the expected
@@ -46,7 +47,7 @@ from numpyro.primitives import Messenger
 from ppinfer import checks
 from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
-from ppinfer.algorithms.smc import SMC, LoopNoise, run_loop, trace_history
+from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
 from ppinfer.algorithms.steer import Steer
 from ppinfer.errors import EnumerationError
 from ppinfer.kernels.select import parts
@@ -188,7 +189,7 @@ def _exact_loop(program, args, loop):
     base, _ = parts(loop.selection)
     finder = _CellFinder(base, n)
     key = jax.random.PRNGKey(0)
-    run = jax.jit(jax.vmap(lambda nz: run_loop(key, program, args, loop, nz)))
+    run = jax.jit(jax.vmap(lambda nz: run_phases(key, program, args, loop, nz)))
 
     def dummy_steps(count):
         choices = {s: np.broadcast_to(v[0], (count, num_steps, m, *v.shape[1:])).copy()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import norm
 
-from ppinfer.algorithms.smc import SMC, run_loop
+from ppinfer.algorithms.smc import SMC, run_phases
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
@@ -94,15 +94,15 @@ def log_evidence_replicates(
     program: SequentialProgram, args: tuple, num_replicates: int, algorithm: Any, key: int = 0
 ) -> np.ndarray:
     """``f32[R]``: ``log Ẑ`` of ``R`` independent runs of ``algorithm`` (an SMC-family config with
-    ``.loop``: :class:`~ppinfer.SMC`, :class:`~ppinfer.Steer`) — the loop :func:`ppinfer.infer`
-    compiles for it (early exit, finished-particle masks, history setting, selection), vmapped over
-    keys."""
+    ``.loop``: :class:`~ppinfer.SMC`, :class:`~ppinfer.Steer`) — the phases :func:`ppinfer.infer`
+    runs for it (:func:`~ppinfer.algorithms.smc.run_phases`: early exit, finished-particle masks,
+    history setting, selection), vmapped over keys."""
     loop = algorithm.loop(program, args)
     args = _as_jax(args)
 
     @jax.jit
     def run(keys):
-        return jax.vmap(lambda k: run_loop(k, program, args, loop)["log_evidence"])(keys)
+        return jax.vmap(lambda k: run_phases(k, program, args, loop)["log_evidence"])(keys)
 
     return np.asarray(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))
 

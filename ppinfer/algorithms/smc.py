@@ -46,6 +46,7 @@ __all__ = [
     "run_sequential",
     "run_smc",
     "run_chunked",
+    "run_phases",
     "LoopRun",
     "loop_start",
     "loop_advance",
@@ -587,6 +588,26 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
         # goes through it), drawing exactly what loop_advance's chunks draw.
         (state, last), records = jax.lax.scan(fns.body, (run.state, run.last), run.xs)
         run = run._replace(state=state, last=last, records=records, steps_run=jnp.int32(loop.num_steps))
+    return loop_output(run, program, args, loop)
+
+
+def run_phases(
+    key: jax.Array,
+    program: Any,
+    args: tuple,
+    loop: Loop,
+    noise: LoopNoise | None = None,
+    stops: tuple[int, ...] = (1,),
+) -> dict:
+    """What :func:`run_chunked` computes for ``pp.infer``, as one pure function (jit/vmap-able):
+    :func:`loop_start`, :func:`loop_advance` to each of ``stops`` (chunk boundaries) and then to
+    T, and :func:`loop_output` — the same while-loop advance for every program (:func:`run_loop`
+    uses a ``scan`` when the program cannot stop). The exact and replicate checks
+    (``semantics.check_exact``, ``semantics.stats``) run this: the code users run, a chunk
+    boundary included."""
+    run = loop_start(key, program, args, loop, noise)
+    for stop in (*stops, loop.num_steps):
+        run = loop_advance(run, program, args, loop, min(stop, loop.num_steps))
     return loop_output(run, program, args, loop)
 
 
