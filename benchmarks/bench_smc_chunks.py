@@ -46,7 +46,8 @@ A, Q, C, R, M0, P0 = 0.9, 0.5, 1.0, 1.0, 0.0, 1.0
 
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the test)
     import numpy as np, numpyro.distributions as dist, ppinfer as pp
     from ppinfer import _talk
     _talk.NOTICE_AFTER_S = 0.0
