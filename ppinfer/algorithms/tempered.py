@@ -295,9 +295,10 @@ def _run(
     finish, _ = cached_jit((*cache_key, "output"), lambda: lambda run, dyn: anneal_output(run, parts(dyn)))
     if not start.compiled_for(key, dyn):
         with compile_notice(describe(cache_key)):  # all three phases under one notice
-            run = advance(start(key, dyn), dyn, np.int32(0))
+            run = advance(start(key, dyn), dyn, np.int32(0))  # a chunk of no steps: compiles it
             jax.block_until_ready(finish(run, dyn))
-    run = start(key, dyn)
+    else:
+        run = start(key, dyn)
     max_steps = schedule[2]
     lam_end = 1.0 if path[0] == "temper" else float(path[1])
 
