@@ -35,6 +35,7 @@ __all__ = [
     "compile_notice",
     "progress_bar",
     "interruptible",
+    "next_chunk",
     "run_in_chunks",
     "NOTICE_AFTER_S",
     "logger",
@@ -231,6 +232,20 @@ BAR_AFTER_S = 1.0
 """A chunked run shows its automatic progress bar only when it is expected to last longer."""
 
 
+def next_chunk(length: int, seconds: float) -> int:
+    """The length of the chunk after one of ``length`` steps that took ``seconds``: about
+    :data:`CHUNK_SECONDS`, growing at most 8-fold. In a multi-process run (``jax.distributed``)
+    the timing is ignored and chunks grow 8-fold: every process must run the same chunks, since
+    each compiled chunk meets the other processes in its collectives (timed chunks differ between
+    processes and deadlock them)."""
+    import jax
+
+    if jax.process_count() > 1:
+        return 8 * length
+    per_step = seconds / max(length, 1)
+    return int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+
+
 def run_in_chunks(
     advance: Callable[[Any, int], Any],
     position: Callable[[Any], tuple[int, bool]],
@@ -265,5 +280,5 @@ def run_in_chunks(
                 bar.update(ran if not finished else total - done + ran)
             if finished:
                 break
-            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+            length = next_chunk(length, per_step * length)
     return carry

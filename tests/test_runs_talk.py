@@ -85,7 +85,7 @@ def mh_draws(**cfg):
 def test_mcmc_draws_do_not_depend_on_chunks_or_progress_bar(monkeypatch, capsys):
     one_chunk, info_a = mh_draws(progress_bar=False)  # a chunk of 8, then the other 81 at once
     monkeypatch.setattr(mcmc_algorithm, "FIRST_CHUNK", 1)
-    monkeypatch.setattr(mcmc_algorithm, "CHUNK_SECONDS", 0.0)  # one transition per chunk
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)  # one transition per chunk
     many_chunks, info_b = mh_draws(progress_bar=True)
     assert "3 chains" in capsys.readouterr().err  # the bar was drawn
     np.testing.assert_array_equal(one_chunk, many_chunks)
@@ -117,7 +117,7 @@ def test_interrupted_run_leaves_no_trace(monkeypatch):
     draws of an uninterrupted run (nothing half-written is cached)."""
     reference, _ = mh_draws()
     monkeypatch.setattr(mcmc_algorithm, "FIRST_CHUNK", 2)
-    monkeypatch.setattr(mcmc_algorithm, "CHUNK_SECONDS", 0.0)
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)
 
     bar, Bar = interrupting_bar(after=5)
     with monkeypatch.context() as m:
@@ -323,9 +323,8 @@ def test_vi_progress_and_chunking_do_not_change_the_fit(monkeypatch, capsys):
         return np.asarray(r.extras["objective_trace"]), float(r.extras["params"]["m"])
 
     a = fit(progress=False, chunk_size=8)  # chunks of 8 (the same compiled loop as below)
-    from ppinfer.vi import algorithm as vi_algorithm
 
-    monkeypatch.setattr(vi_algorithm, "CHUNK_SECONDS", 0.0)  # 1 step per chunk after the first 8
+    monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)  # 1 step per chunk after the first 8
     b = fit(progress=True, chunk_size=8)
     assert "VI" in capsys.readouterr().err
     np.testing.assert_array_equal(a[0], b[0])

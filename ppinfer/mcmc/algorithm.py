@@ -27,7 +27,7 @@ from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
-from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
+from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
 from ppinfer.errors import ConfigError, DivergenceWarning
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
@@ -276,9 +276,7 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
                 infos.append(_take(info, record))
             done += length
             bar.update(length)
-            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold per chunk).
-            per_step = seconds / length
-            length = int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
+            length = next_chunk(length, seconds)
     cat = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))
     return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
 

@@ -21,7 +21,7 @@ from numpyro import handlers
 
 from ppinfer import checks
 from ppinfer._compile import split_args
-from ppinfer._talk import CHUNK_SECONDS, compile_notice, interruptible, progress_bar
+from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.errors import ConfigError, InferenceError
 from ppinfer.program import is_sequential
@@ -282,8 +282,7 @@ def fit(
             start += length
             bar.update(length)
             bar.set_postfix_str(f"{objective.name}={mon[-1]:.4g}")
-            # The next chunk lasts about CHUNK_SECONDS (growing at most 8-fold).
-            length = int(min(8 * length, max(1, CHUNK_SECONDS * length / max(seconds, 1e-9))))
+            length = next_chunk(length, seconds)
     return state.params, np.concatenate(traces)
 
 
