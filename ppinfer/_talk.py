@@ -246,6 +246,13 @@ def next_chunk(length: int, seconds: float) -> int:
     return int(min(8 * length, max(1, CHUNK_SECONDS / max(per_step, 1e-9))))
 
 
+_PACE: dict = {}
+"""Seconds per step of the last chunked run of each compiled loop (its ``pace`` key): a later run
+sizes its first chunk from it (a short run then takes one chunk)."""
+
+_PACE_SIZE = 512
+
+
 def run_in_chunks(
     advance: Callable[[Any, int], Any],
     position: Callable[[Any], tuple[int, bool]],
@@ -253,18 +260,25 @@ def run_in_chunks(
     total: int,
     desc: str,
     progress: bool | None,
+    pace: Any = None,
 ) -> Any:
     """Drive a compiled loop of at most ``total`` steps in chunks from Python and return its final
     carry. ``advance(carry, stop)`` runs the steps up to ``stop`` (fewer if the loop ends first;
     ``stop`` should be traced, so one compilation serves every chunk); ``position(carry)`` reads
     ``(steps done, finished)`` back (waiting for the chunk). Chunks are sized to last about
-    :data:`CHUNK_SECONDS` (the first has :data:`FIRST_CHUNK` steps; growth at most 8-fold per
-    chunk). Between chunks a bar moves (``progress``; ``None``: on a terminal, for a run expected
-    to last over :data:`BAR_AFTER_S`) and Ctrl-C lands as ``KeyboardInterrupt``
-    (:func:`interruptible`), discarding the run."""
+    :data:`CHUNK_SECONDS` (:func:`next_chunk`). The first has :data:`FIRST_CHUNK` steps, or, when
+    an earlier run of the same loop (the hashable ``pace`` key) was timed, as many as fit in
+    :data:`CHUNK_SECONDS` at its pace: a short run is then one compiled call. Between chunks a bar
+    moves (``progress``; ``None``: on a terminal, for a run expected to last over
+    :data:`BAR_AFTER_S`) and Ctrl-C lands as ``KeyboardInterrupt`` (:func:`interruptible`),
+    discarding the run."""
+    import jax
+
+    known = _PACE.get(pace) if pace is not None and jax.process_count() == 1 else None
+    length = FIRST_CHUNK if known is None else max(1, int(CHUNK_SECONDS / max(known, 1e-9)))
     with ExitStack() as stack:
         interrupted = stack.enter_context(interruptible())
-        bar, done, length = None, 0, FIRST_CHUNK
+        bar, done = None, 0
         while done < total:
             t0 = time.perf_counter()
             carry = advance(carry, min(total, done + length))
@@ -273,6 +287,11 @@ def run_in_chunks(
             interrupted()  # the chunk has run: Ctrl-C lands here
             ran, done = steps - done, steps
             per_step = seconds / max(ran, 1)
+            if pace is not None and ran:
+                _PACE.pop(pace, None)
+                _PACE[pace] = per_step
+                if len(_PACE) > _PACE_SIZE:
+                    _PACE.pop(next(iter(_PACE)))
             if bar is None and (progress or (progress is None and per_step * total > BAR_AFTER_S)):
                 bar = stack.enter_context(progress_bar(total, desc, progress))
                 bar.update(done - ran)

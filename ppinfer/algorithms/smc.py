@@ -250,11 +250,13 @@ def run_chunked(
     start, new_a = cached_jit(
         (*cache_key, "start"), lambda: lambda key, dyn: loop_start(key, program, rebuild(dyn), loop)
     )
-    advance, new_b = cached_jit(
-        (*cache_key, "advance"),
-        lambda: lambda run, dyn, stop: loop_advance(run, program, rebuild(dyn), loop, stop),
-        donate_argnums=(0,),
-    )
+
+    def advance_alive(run, dyn, stop):
+        run = loop_advance(run, program, rebuild(dyn), loop, stop)
+        return run, jnp.any(~run.state.particles.done)
+
+    # Returns whether any particle is still running (read between chunks without an eager op).
+    advance, new_b = cached_jit((*cache_key, "advance"), lambda: advance_alive, donate_argnums=(0,))
     finish, new_c = cached_jit(
         (*cache_key, "output"), lambda: lambda run, dyn: loop_output(run, program, rebuild(dyn), loop)
     )
@@ -266,19 +268,21 @@ def run_chunked(
         # no steps compiles loop_advance), so the first timed chunk measures steps only.
         with compile_notice(describe(cache_key)):
             run = start(key, dyn)
-            run = advance(run, dyn, _i32(0))
+            run, _ = advance(run, dyn, _i32(0))
             jax.block_until_ready(finish(run, dyn))
     else:
         run = start(key, dyn)
 
-    def position(run: LoopRun) -> tuple[int, bool]:
-        steps, alive = jax.device_get((run.steps_run, jnp.any(~run.state.particles.done)))
+    def position(carry: tuple[LoopRun, Any]) -> tuple[int, bool]:
+        run, alive = carry
+        steps, alive = jax.device_get((run.steps_run, alive))
         # Only a program that can stop has finished particles; the loop ends when all have.
         return int(steps), bool(loop.early_exit and not alive) or int(steps) >= total
 
     desc = f"{name} {loop.num_particles} particles"
-    advance_to = lambda run, stop: advance(run, dyn, _i32(stop))
-    run = run_in_chunks(advance_to, position, run, total, desc, getattr(cfg, "progress_bar", None))
+    advance_to = lambda carry, stop: advance(carry[0], dyn, _i32(stop))
+    progress = getattr(cfg, "progress_bar", None)
+    run, _ = run_in_chunks(advance_to, position, (run, None), total, desc, progress, pace=cache_key)
     return finish(run, dyn)
 
 

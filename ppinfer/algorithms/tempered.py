@@ -307,7 +307,8 @@ def _run(
         return int(steps), bool(lam >= lam_end) or int(steps) >= max_steps
 
     advance_to = lambda run, stop: advance(run, dyn, np.int32(stop))
-    run = run_in_chunks(advance_to, position, run, max_steps, cfg.name, getattr(cfg, "progress_bar", None))
+    progress = getattr(cfg, "progress_bar", None)
+    run = run_in_chunks(advance_to, position, run, max_steps, cfg.name, progress, pace=cache_key)
     out = finish(run, dyn)
     checks.raise_if_dead(float(out["log_evidence"]), "", cfg.num_particles)
     steps = int(out["num_steps"])
