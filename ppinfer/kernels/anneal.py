@@ -54,9 +54,11 @@ from numpyro.infer.hmc_util import build_tree, euclidean_kinetic_energy, velocit
 
 from ppinfer.checks import check_int
 from ppinfer.errors import ConfigError
+from ppinfer.kernels import smc
 from ppinfer.kernels.mh import accept
-from ppinfer.kernels.select import Systematic, draw_uniforms
+from ppinfer.kernels.select import Systematic
 from ppinfer.population import ess
+from ppinfer.suspended import Particle
 
 __all__ = [
     "AnnealState",
@@ -298,7 +300,6 @@ def anneal_step(
     dtype = state.log_weights.dtype
     lam_new = jnp.asarray(lam_new, dtype)
     select = Systematic() if select is None else select
-    k_sel, k_move = jax.random.split(key)
 
     # One vmapped evaluation: for a tempering path the program runs once per particle (XLA merges
     # the identical likelihood computations at λ and λ').
@@ -306,31 +307,44 @@ def anneal_step(
         particles
     )
     log_weights = (reweight_fn or reweight)(state.log_weights, ll_new, ll_old)
-    lse = logsumexp(log_weights)
     mean, var = weighted_moments(particles, log_weights)
     step_size = tune_step_size(state.step_size, state.acceptance_rate, move.target_acceptance)
     params = MoveParams(step_size, mean, var)
-
-    ancestors, selected_lw = select(draw_uniforms(select, k_sel, m, dtype), log_weights)
     target = _log_target(log_prior, log_lik, lam_new)
-    selected = particles[ancestors]
-    grad = jax.vmap(jax.grad(target))(selected) if move.uses_grad else None
-    position = Position(selected, _nan_to_neg_inf(lp + ll_new)[ancestors], grad)
 
-    def transition(position, k):
-        position, rate = move(k, position, target, params)
-        return position, (position.u if keep_chain else None, jnp.mean(rate))
+    def mh_moves(k_move: jax.Array, selected: smc.SMCState) -> tuple[smc.SMCState, jax.Array]:
+        """``num_moves`` transitions of ``move`` from each selected particle (``M`` of them)."""
+        u = selected.particles.state
+        grad = jax.vmap(jax.grad(target))(u) if move.uses_grad else None
+        position = Position(u, selected.carried, grad)
 
-    position, (chain, rates) = jax.lax.scan(transition, position, jax.random.split(k_move, num_moves))
-    if keep_chain:
-        copies = num_moves + 1
-        new_particles = jnp.concatenate([selected[None], chain]).reshape(copies * m, -1)
-        new_log_weights = jnp.tile(selected_lw, copies) - jnp.log(copies)
-    else:
-        new_particles, new_log_weights = position.u, selected_lw
-    rate = jnp.mean(rates)
-    new = AnnealState(new_particles, new_log_weights, lam_new, step_size, rate)
-    return new, AnnealInfo(lam_new, ess(log_weights, lse), lse, rate, step_size)
+        def transition(position, k):
+            position, rate = move(k, position, target, params)
+            return position, (position.u if keep_chain else None, jnp.mean(rate))
+
+        position, (chain, rates) = jax.lax.scan(transition, position, jax.random.split(k_move, num_moves))
+        new_u, new_log_weights = position.u, selected.log_weights
+        if keep_chain:
+            copies = num_moves + 1
+            new_u = jnp.concatenate([u[None], chain]).reshape(copies * m, -1)
+            new_log_weights = jnp.tile(selected.log_weights, copies) - jnp.log(copies)
+        done = jnp.zeros(new_u.shape[0], bool)
+        return smc.SMCState(Particle(new_u, done), new_log_weights, selected.t), jnp.mean(rates)
+
+    # The SMC step: advance (the reweighting), select M, move. The move starts from each selected
+    # particle's log target, carried through the selection.
+    before = smc.SMCState(
+        Particle(particles, jnp.zeros(n, bool)),
+        state.log_weights,
+        jnp.zeros((), jnp.int32),
+        _nan_to_neg_inf(lp + ll_new),
+    )
+    after, info = smc.step(
+        key, before, smc.Reweighting(log_weights), (), selection=select, move=mh_moves, num_selected=m
+    )
+    rate = info.move
+    new = AnnealState(after.particles.state, after.log_weights, lam_new, step_size, rate)
+    return new, AnnealInfo(lam_new, info.ess, info.log_evidence, rate, step_size)
 
 
 class AnnealRun(NamedTuple):

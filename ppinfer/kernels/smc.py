@@ -9,7 +9,9 @@
   weight ``w/K`` (a finished particle: one child of weight ``w``). Deterministic; the measure is
   unchanged.
 - **advance** (:func:`~ppinfer.suspended.advance`): every running child runs the program's step and
-  multiplies its weight by the *incremental* weight ``p/q`` of that step. Valid.
+  multiplies its weight by the *incremental* weight ``p/q`` of that step. Valid. Along a path of
+  targets on a fixed space (tempered, data-annealed and waste-free SMC, IBIS) no program step
+  runs: a :class:`Reweighting` carries the weights times ``γ_{t+1}/γ_t``, also valid.
 - **select** (a :mod:`~ppinfer.kernels.select` selection of ``N`` slots out of ``N·K`` children,
   when ``select_now`` and the selection's trigger hold). Valid when the selection is.
 - **move** (optional, resample-move): after a selection, a Markov kernel ``move(key, state) ->
@@ -39,12 +41,13 @@ import jax.numpy as jnp
 from ppinfer.errors import ConfigError
 from ppinfer.kernels.select import draw_uniforms, parts
 from ppinfer.population import Population, ess, gather, log_evidence
-from ppinfer.suspended import Particle, Sequential, advance, start
+from ppinfer.suspended import Particle, Sequential, StepInfo, advance, start
 
 __all__ = [
     "SMCState",
     "SMCInfo",
     "StepNoise",
+    "Reweighting",
     "init",
     "step",
     "extend",
@@ -148,10 +151,13 @@ def step(
     noise: StepNoise | None = None,
     move: Callable[[jax.Array, SMCState], tuple[SMCState, Any]] | None = None,
     pinned: tuple[dict, jax.Array] | None = None,
+    num_selected: int | None = None,
 ) -> tuple[SMCState, SMCInfo]:
     """One SMC step (see the module docstring). Returns the next state and :class:`SMCInfo`.
 
     Args:
+        program: the sequential program whose step advances every particle, or a
+            :class:`Reweighting` (a path of targets with no program step: the caller's new weights).
         selection: a :mod:`~ppinfer.kernels.select` selection; with a ``trigger`` (ESS-adaptive) it
             runs only when the trigger holds, and the population is then gathered only in that case.
         proposal: ``proposal(state, t, *args)`` for the step's latent sites (default: the prior).
@@ -168,12 +174,16 @@ def step(
             step did not select), leaving the target after this step invariant (resample-move).
         pinned: ``(values, on)``: particle 0 takes one reference's latent values for this step
             where ``on: bool[]`` holds (conditional SMC; with :class:`~ppinfer.kernels.select.Conditional`).
+        num_selected: the selection's ``M`` slots (default N); ``M ≠ N`` needs a step that always
+            selects, and a ``move`` that returns the next population (waste-free SMC: M chains
+            of P states each).
 
     A selection whose choice depends on the advanced particles themselves, not only their weights
     (conditional SMC's ancestor sampling), has a method ``given(particles) -> (selection, info)``:
     the step calls it before selecting and records ``info`` in :attr:`SMCInfo.selection`.
     """
     n = state.log_weights.shape[0]
+    m = n if num_selected is None else int(num_selected)
     k_adv, k_sel = jax.random.split(key)
     pop = Population(state.particles, state.log_weights)
     carried = state.carried
@@ -182,7 +192,13 @@ def step(
         carried = gather(carried, jnp.repeat(jnp.arange(n), extensions))
     active = ~pop.particles.done
     values = None if noise is None else noise.choices
-    seq, info = advance(k_adv, Sequential(pop, state.t), program, args, proposal, may_stop, values, pinned)
+    if isinstance(program, Reweighting):
+        if extensions > 1:
+            raise ConfigError("a Reweighting step has no program to extend: extensions must be 1")
+        seq, info = program.advance(pop, state.t)
+    else:
+        seq = Sequential(pop, state.t)
+        seq, info = advance(k_adv, seq, program, args, proposal, may_stop, values, pinned)
     if update_carried is not None:
         carried = update_carried(carried, info.choices, active, state.t)
     base, trigger = parts(selection)
@@ -206,8 +222,8 @@ def step(
         # The built-in selections take the log-sum-exp the step already has (no second pass over N).
         kwargs = {"lse": lse} if _takes_lse(chosen) else {}
         # Drawn inside the branch: a step that does not select draws nothing.
-        u = draw_uniforms(chosen, k_sel, n, log_weights.dtype) if noise is None else noise.uniforms
-        ancestors, new_log_weights = _checked(chosen(u, log_weights, **kwargs), n, log_weights.dtype)
+        u = draw_uniforms(chosen, k_sel, m, log_weights.dtype) if noise is None else noise.uniforms
+        ancestors, new_log_weights = _checked(chosen(u, log_weights, **kwargs), m, log_weights.dtype)
         moved = _gather(sharding, chosen, (particles, carried), ancestors)
         return (moved, new_log_weights, ancestors), selection_info
 
@@ -221,6 +237,8 @@ def step(
         ((particles, carried), new_log_weights, ancestors), selection_info = select(operand)
         selected = jnp.asarray(True)
     else:
+        if m != n:
+            raise ConfigError(f"a step that may skip its selection keeps N = {n} particles: num_selected={m}")
         selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights, ess_t))
         selected_out = jax.lax.cond(selected, select, keep, operand)
         ((particles, carried), new_log_weights, ancestors), selection_info = selected_out
@@ -251,6 +269,24 @@ def step(
         selection=selection_info,
     )
     return new, step_info
+
+
+class Reweighting(NamedTuple):
+    """The advance block of a step along a path of targets ``γ_0, γ_1, …`` on a fixed space, with
+    no program step to run (tempered and data-annealed SMC, IBIS): every particle's new log weight
+    ``log_weights: f[N] = log w + log γ_{t+1}(x)/γ_t(x)``, computed by the caller. Valid like a
+    program's advance when ``γ_t > 0`` wherever ``γ_{t+1} > 0``: if ``(x, w)`` is properly
+    weighted for ``γ_t``, ``(x, w·γ_{t+1}/γ_t)`` is for ``γ_{t+1}``. Pass it to :func:`step` as
+    the program (with ``args = ()``); the step's choices are ``choices`` (site → ``[N, …]``)."""
+
+    log_weights: jax.Array
+    choices: dict = {}
+
+    def advance(self, pop: Population, t: jax.Array) -> tuple[Sequential, StepInfo]:
+        old, new = pop.log_weights, self.log_weights.astype(pop.log_weights.dtype)
+        increments = jnp.where(jnp.isneginf(old), 0.0, new - old)
+        info = StepInfo(dict(self.choices), increments, {}, jnp.zeros_like(new))
+        return Sequential(Population(pop.particles, new), t + 1), info
 
 
 def extend(pop: Population, k: int) -> Population:

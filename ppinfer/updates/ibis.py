@@ -2,7 +2,9 @@
 
 For a static program whose likelihood factorises over data batches ``y_1, y_2, …`` the target after
 ``t`` batches is ``π_t(θ) ∝ γ_t(θ) = p(θ) Π_{s ≤ t} p(y_s | θ)``, whose mass is the evidence
-``Z_t = p(y_{1:t})``. One update absorbs ``y_t`` by the blocks
+``Z_t = p(y_{1:t})``. One update (each tempered stage of one) is the one SMC step,
+:func:`ppinfer.kernels.smc.step`, with a :class:`~ppinfer.kernels.smc.Reweighting` advance, a
+systematic selection and a move:
 
 - **reweight**: ``log_weights += log p(y_t | θ_i)`` (the incremental weight ``γ_t / γ_{t−1}``);
 - **resample** (systematic) when ``ESS < ess_threshold · N``: the measure is unchanged in expectation;
@@ -65,12 +67,14 @@ from ppinfer._compile import cached_jit, check_data, locked
 from ppinfer._talk import interruptible
 from ppinfer._talk import progress_bar as _progress_bar
 from ppinfer.errors import ConfigError, DataError
+from ppinfer.kernels import smc
 from ppinfer.kernels.anneal import Position, next_temperature, rw_move
+from ppinfer.kernels.select import Systematic
 from ppinfer.kernels.space import space_of
-from ppinfer.population import Population, ess
+from ppinfer.population import ess
 from ppinfer.program import is_sequential
-from ppinfer.resample import resample
 from ppinfer.result import Result
+from ppinfer.suspended import Particle
 from ppinfer.traced import assess, generate
 
 __all__ = [
@@ -429,7 +433,7 @@ def update_state(
     choice of ``λ_k`` from the same particles adds an ``O(1/N)`` bias, as in every adaptive SMC
     sampler). ``None``: one stage, as plain IBIS."""
     n = state.log_weights.shape[0]
-    key, k_res, k_move = jax.random.split(state.key, 3)
+    key, k_step = jax.random.split(state.key)
     step = state.step
     new_data = data_model.absorb(state.data, batch, step)
     prior_args = new_data if data_model.kind == "statistics" else batch
@@ -445,22 +449,29 @@ def update_state(
         out = data_model.log_joint(x, new_data, step + 1, batch) + log_det
         return jnp.where(jnp.isnan(out), -jnp.inf, out)
 
+    def smc_step(k, flat, lw_old, lw_new, select_now, target, carried=(), after_move=None):
+        """The one SMC step (:func:`ppinfer.kernels.smc.step`): advance by reweighting to
+        ``lw_new``, then, where ``select_now``, systematic selection and ``num_moves`` moves
+        targeting ``target`` (``after_move(flat)`` recomputes the carried values of moved
+        particles). Returns ``(flat, log_weights, acceptance rate or 0, carried)``."""
+
+        def moves(k_move, s):
+            moved, rate = _moves(k_move, s.particles.state, target, num_moves)
+            carried = s.carried if after_move is None else after_move(moved)
+            return s._replace(particles=Particle(moved, s.particles.done), carried=carried), rate
+
+        before = smc.SMCState(Particle(flat, jnp.zeros(n, bool)), lw_old, step, carried)
+        after, info = smc.step(
+            k, before, smc.Reweighting(lw_new), (), selection=Systematic(), select_now=select_now, move=moves
+        )
+        return after.particles.state, after.log_weights, info.move, after.carried
+
     inc = jax.vmap(increment)(state.particles)
     lw = state.log_weights + inc
     ess_t = ess(lw)
     if tempering_ess is None:
         do = (ess_t < ess_threshold * n) | (ess_threshold >= 1.0)
-
-        def resample_move(operand):
-            flat, lw = operand
-            pop, _ = resample(k_res, Population(flat, lw), "systematic")
-            flat, rate = _moves(k_move, pop.particles, log_target, num_moves)
-            return flat, pop.log_weights, rate
-
-        def keep(operand):
-            return operand[0], operand[1], jnp.zeros((), lw.dtype)
-
-        flat, lw_out, rate = jax.lax.cond(do, resample_move, keep, (state.particles, lw))
+        flat, lw_out, rate, _ = smc_step(k_step, state.particles, state.log_weights, lw, do, log_target)
         info = UpdateInfo(
             logsumexp(lw) - logsumexp(state.log_weights), ess_t, do, rate, jnp.ones((), jnp.int32)
         )
@@ -487,24 +498,14 @@ def update_state(
         return (c["lam"] < 1.0) & jnp.isfinite(logsumexp(c["lw"]))
 
     def body(c):
-        k_stage_res = jax.random.fold_in(k_res, c["stage"])
-        k_stage_move = jax.random.fold_in(k_move, c["stage"])
         last = c["stage"] >= max_stages - 1
         lam = next_temperature(c["lw"], c["inc"], c["lam"], tempering_ess, conditional=True)
         lam = jnp.where(last, 1.0, lam)
         lw = c["lw"] + jnp.where(c["inc"] == -jnp.inf, -jnp.inf, (lam - c["lam"]) * c["inc"])
         do = (lam < 1.0) | (ess(lw) < ess_threshold * n) | (ess_threshold >= 1.0)
-
-        def resample_move(operand):
-            flat, lw = operand
-            pop, _ = resample(k_stage_res, Population(flat, lw), "systematic")
-            flat, rate = _moves(k_stage_move, pop.particles, stage_target(lam), num_moves)
-            return flat, pop.log_weights, rate, jax.vmap(increment)(flat)
-
-        def keep(operand):
-            return operand[0], operand[1], jnp.zeros((), lw.dtype), c["inc"]
-
-        flat, lw, rate, inc = jax.lax.cond(do, resample_move, keep, (c["flat"], lw))
+        k = jax.random.fold_in(k_step, c["stage"])
+        moved_inc = jax.vmap(increment)
+        flat, lw, rate, inc = smc_step(k, c["flat"], c["lw"], lw, do, stage_target(lam), c["inc"], moved_inc)
         return {
             "flat": flat,
             "lw": lw,
