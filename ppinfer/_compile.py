@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ppinfer._talk import compile_notice
+from ppinfer._talk import compile_notice, run_in_chunks
 from ppinfer.errors import ConfigError, DataError
 
 _CACHE: OrderedDict = OrderedDict()
@@ -121,6 +121,46 @@ def cached_jit(
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
         return fn, True
+
+
+def chunked_run(
+    cache_key: tuple,
+    key: Any,
+    dyn: Any,
+    *,
+    start: Callable[[Any, Any], Any],
+    advance: Callable[[Any, Any, Any], Any],
+    output: Callable[[Any, Any], Any],
+    position: Callable[[Any], tuple[int, bool]],
+    total: int,
+    desc: str,
+    progress: bool | None = None,
+    on_compile: Callable[[tuple], None] | None = None,
+) -> Any:
+    """The one run wrapper of a compiled loop in three pure phases, ``start(key, dyn) -> run``,
+    ``advance(run, dyn, stop) -> run`` (steps up to ``stop``, traced, or the loop's end) and
+    ``output(run, dyn) -> out``: each compiled once under ``(*cache_key, phase)`` (the run donated
+    to ``advance``), all three on the first call under one compile notice (a chunk of no steps
+    compiles ``advance``, so the first timed chunk measures steps only), then ``advance`` driven
+    in chunks (:func:`~ppinfer._talk.run_in_chunks`: progress bar, Ctrl-C between chunks, chunks
+    sized from this loop's last pace). ``position(run) -> (steps done, finished)``;
+    ``on_compile(keys)`` runs when a phase was just built (e.g. an eager dry run whose failure
+    drops them). Returns ``output``'s result."""
+    keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))
+    start_c, new_a = cached_jit(keys[0], lambda: start)
+    advance_c, new_b = cached_jit(keys[1], lambda: advance, donate_argnums=(0,))
+    output_c, new_c = cached_jit(keys[2], lambda: output)
+    if on_compile is not None and (new_a or new_b or new_c):
+        on_compile(keys)
+    if not start_c.compiled_for(key, dyn):
+        with compile_notice(describe(cache_key)):
+            run = advance_c(start_c(key, dyn), dyn, np.int32(0))
+            jax.block_until_ready(output_c(run, dyn))
+    else:
+        run = start_c(key, dyn)
+    advance_to = lambda run, stop: advance_c(run, dyn, np.int32(stop))
+    run = run_in_chunks(advance_to, position, run, total, desc, progress, pace=cache_key)
+    return output_c(run, dyn)
 
 
 def forget(key: Hashable) -> None:

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, describe, forget, split_args
-from ppinfer._talk import compile_notice, run_in_chunks
+from ppinfer._compile import chunked_run, forget, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
@@ -239,51 +238,44 @@ def run_chunked(
     loop: Loop,
     cfg: Any,
     name: str,
+    dry_run: bool = True,
 ) -> dict:
-    """:func:`run_loop`'s output, computed as three compiled parts driven from Python:
+    """:func:`run_loop`'s output, computed as three compiled parts driven from Python
+    (:func:`~ppinfer._compile.chunked_run`; ``dry_run``: the eager one-particle run of a program
+    just compiled, :func:`dry_run_once`):
     :func:`loop_start`, :func:`loop_advance` in chunks of steps sized to last about
     :data:`~ppinfer._talk.CHUNK_SECONDS` each (one compilation: the chunk's end is traced), and
     :func:`loop_output`. Between chunks a progress bar moves (``cfg.progress_bar``) and Ctrl-C
     lands (:func:`~ppinfer._talk.run_in_chunks`; the partial run is discarded). Step ``t`` draws
     with its own key, so the result does not depend on the chunking: it equals :func:`run_loop`
     under ``jax.jit``."""
-    start, new_a = cached_jit(
-        (*cache_key, "start"), lambda: lambda key, dyn: loop_start(key, program, rebuild(dyn), loop)
-    )
 
-    def advance_alive(run, dyn, stop):
-        run = loop_advance(run, program, rebuild(dyn), loop, stop)
+    def start(key, dyn):
+        return loop_start(key, program, rebuild(dyn), loop), jnp.asarray(True)
+
+    def advance(carry, dyn, stop):
+        # Also returns whether any particle still runs (read between chunks without an eager op).
+        run = loop_advance(carry[0], program, rebuild(dyn), loop, stop)
         return run, jnp.any(~run.state.particles.done)
 
-    # Returns whether any particle is still running (read between chunks without an eager op).
-    advance, new_b = cached_jit((*cache_key, "advance"), lambda: advance_alive, donate_argnums=(0,))
-    finish, new_c = cached_jit(
-        (*cache_key, "output"), lambda: lambda run, dyn: loop_output(run, program, rebuild(dyn), loop)
-    )
-    if new_a or new_b or new_c:
-        dry_run_once(tuple((*cache_key, p) for p in ("start", "advance", "output")), program, args, cfg)
-    total = loop.num_steps
-    if not start.compiled_for(key, dyn):
-        # The first call with these shapes: compile all three parts under one notice (a chunk of
-        # no steps compiles loop_advance), so the first timed chunk measures steps only.
-        with compile_notice(describe(cache_key)):
-            run = start(key, dyn)
-            run, _ = advance(run, dyn, _i32(0))
-            jax.block_until_ready(finish(run, dyn))
-    else:
-        run = start(key, dyn)
-
     def position(carry: tuple[LoopRun, Any]) -> tuple[int, bool]:
-        run, alive = carry
-        steps, alive = jax.device_get((run.steps_run, alive))
+        steps, alive = jax.device_get((carry[0].steps_run, carry[1]))
         # Only a program that can stop has finished particles; the loop ends when all have.
-        return int(steps), bool(loop.early_exit and not alive) or int(steps) >= total
+        return int(steps), bool(loop.early_exit and not alive) or int(steps) >= loop.num_steps
 
-    desc = f"{name} {loop.num_particles} particles"
-    advance_to = lambda carry, stop: advance(carry[0], dyn, _i32(stop))
-    progress = getattr(cfg, "progress_bar", None)
-    run, _ = run_in_chunks(advance_to, position, (run, None), total, desc, progress, pace=cache_key)
-    return finish(run, dyn)
+    return chunked_run(
+        cache_key,
+        key,
+        dyn,
+        start=start,
+        advance=advance,
+        output=lambda carry, dyn: loop_output(carry[0], program, rebuild(dyn), loop),
+        position=position,
+        total=loop.num_steps,
+        desc=f"{name} {loop.num_particles} particles",
+        progress=getattr(cfg, "progress_bar", None),
+        on_compile=(lambda keys: dry_run_once(keys, program, args, cfg)) if dry_run else None,
+    )
 
 
 def _i32(x: int) -> np.ndarray:

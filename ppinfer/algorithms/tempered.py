@@ -33,12 +33,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, describe, split_args
-from ppinfer._talk import compile_notice, run_in_chunks
+from ppinfer._compile import chunked_run, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import anneal
 from ppinfer.kernels.space import space_of
@@ -286,19 +284,6 @@ def _run(
     options = {"move": cfg.move, "num_selected": num_selected, "keep_chain": keep_chain, "reweight_fn": None}
     parts = lambda dyn: _anneal_parts(program, rebuild(dyn), *settings[:4], **options)
     cache_key = ("anneal", program, settings, static_key)
-    start, _ = cached_jit((*cache_key, "start"), lambda: lambda key, dyn: anneal_start(key, parts(dyn)))
-    advance, _ = cached_jit(
-        (*cache_key, "advance"),
-        lambda: lambda run, dyn, stop: anneal_continue(run, parts(dyn), stop),
-        donate_argnums=(0,),
-    )
-    finish, _ = cached_jit((*cache_key, "output"), lambda: lambda run, dyn: anneal_output(run, parts(dyn)))
-    if not start.compiled_for(key, dyn):
-        with compile_notice(describe(cache_key)):  # all three phases under one notice
-            run = advance(start(key, dyn), dyn, np.int32(0))  # a chunk of no steps: compiles it
-            jax.block_until_ready(finish(run, dyn))
-    else:
-        run = start(key, dyn)
     max_steps = schedule[2]
     lam_end = 1.0 if path[0] == "temper" else float(path[1])
 
@@ -306,10 +291,18 @@ def _run(
         steps, lam = jax.device_get((run.steps, run.state.lam))
         return int(steps), bool(lam >= lam_end) or int(steps) >= max_steps
 
-    advance_to = lambda run, stop: advance(run, dyn, np.int32(stop))
-    progress = getattr(cfg, "progress_bar", None)
-    run = run_in_chunks(advance_to, position, run, max_steps, cfg.name, progress, pace=cache_key)
-    out = finish(run, dyn)
+    out = chunked_run(
+        cache_key,
+        key,
+        dyn,
+        start=lambda key, dyn: anneal_start(key, parts(dyn)),
+        advance=lambda run, dyn, stop: anneal_continue(run, parts(dyn), stop),
+        output=lambda run, dyn: anneal_output(run, parts(dyn)),
+        position=position,
+        total=max_steps,
+        desc=cfg.name,
+        progress=getattr(cfg, "progress_bar", None),
+    )
     checks.raise_if_dead(float(out["log_evidence"]), "", cfg.num_particles)
     steps = int(out["num_steps"])
     return Result(
