@@ -69,7 +69,7 @@ from numpyro.primitives import prng_key
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
-from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
+from ppinfer.algorithms.smc import Loop, run_chunked, smc_selection
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import (
@@ -996,17 +996,20 @@ class _Run(NamedTuple):
 
 
 def _run(key: jax.Array, program: ReasoningProgram, args: tuple, loop: Loop) -> _Run:
-    """``run_loop``, compiled once per program, loop and static arguments (no eager dry run: it
+    """``run_loop``'s output through the run wrapper of every SMC-family algorithm
+    (:func:`~ppinfer.algorithms.smc.run_chunked`: compiled once per program, loop and static
+    arguments, in chunks with a progress bar and Ctrl-C between them; no eager dry run, which
     would call the reward outside the accounting); the reward's host errors are raised after it."""
     t0 = time.perf_counter()
     scored = program.weighting != "plain"
     if scored:
         check_reward(program.spec.prm, "process reward")
     dyn, static_key, rebuild = split_args(args)
-    fn, _ = cached_jit(
-        ("reasoning", program, loop, static_key), lambda: lambda k, d: run_loop(k, program, rebuild(d), loop)
+    cache_key = ("reasoning", program, loop, static_key)
+    run = lambda k, d: run_chunked(
+        cache_key, k, d, rebuild, program, args, loop, None, "Reasoning", dry_run=False
     )
-    return _Run(_host_checked(fn, key, dyn), t0, args, program.spec, scored)
+    return _Run(_host_checked(run, key, dyn), t0, args, program.spec, scored)
 
 
 def _host_checked(fn: Callable, *inputs: Any) -> Any:
