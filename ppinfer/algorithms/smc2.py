@@ -36,10 +36,11 @@ SMC sampler on the extended space: the weighted θ estimate ``p(θ | y)`` consis
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ from numpyro import handlers
 from numpyro.primitives import prng_key
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
+from ppinfer._compile import chunked_run, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.mh import accept
@@ -75,6 +76,9 @@ class SMC2:
         num_moves: PMMH moves after each outer resampling (≥ 1).
         resampling: the outer selection (a scheme name or a :mod:`~ppinfer.kernels.select` one).
         inner_resampling, inner_ess_threshold: the inner filters' selection and ESS trigger.
+        progress_bar: a bar over the outer steps; ``None`` (default): on a terminal, for a run
+            expected to last over a second. The steps run in compiled chunks either way (Ctrl-C
+            stops the run between chunks); the chunking does not change the result.
 
     The :class:`~ppinfer.Result` holds θ's sites ``[N_θ, …]`` with the outer ``log_weights``,
     ``log_evidence`` (``log Ẑ``), per-step ``ess`` / ``resampled`` / ``log_evidence_history`` and
@@ -89,6 +93,7 @@ class SMC2:
     resampling: Any = "systematic"
     inner_resampling: Any = "systematic"
     inner_ess_threshold: float = 0.5
+    progress_bar: bool | None = None
 
     name = "SMC2"
 
@@ -111,10 +116,26 @@ class SMC2:
         num_steps = program.steps_for((None, *args))
         may_stop = can_stop(program, (space.constrain(space.u0)[0], *args))
         dyn, static_key, rebuild = split_args(args)
-        cache_key = ("smc2", program, self, static_key, num_steps, may_stop)
-        build = lambda: lambda k, d: self._run(k, program, rebuild(d), num_steps, may_stop)
-        fn, _ = cached_jit(cache_key, build)
-        out = jax.block_until_ready(fn(key, dyn))
+        settings = dataclasses.replace(self, progress_bar=None)  # the bar does not change the code
+        cache_key = ("smc2", program, settings, static_key, num_steps, may_stop)
+        parts = lambda d: self._parts(program, rebuild(d), num_steps, may_stop)
+
+        def position(run: kernel.ScanRun) -> tuple[int, bool]:
+            steps = int(jax.device_get(run.steps))
+            return steps, steps >= num_steps
+
+        out = chunked_run(
+            cache_key,
+            key,
+            dyn,
+            start=lambda key, d: parts(d).start(key),
+            advance=lambda run, d, stop: kernel.scan_advance(parts(d).body, run, stop),
+            output=lambda run, d: parts(d).output(run),
+            position=position,
+            total=num_steps,
+            desc=f"{self.name} {self.num_particles}x{self.num_inner} particles",
+            progress=self.progress_bar,
+        )
         log_z = float(out["log_evidence"])
         checks.raise_if_dead(log_z, "at the end", self.num_particles)
         return Result(
@@ -130,9 +151,16 @@ class SMC2:
         )
 
     def _run(self, key, program, args, num_steps: int, may_stop: bool) -> dict:
-        """The whole run (traced once) — the one SMC step (:func:`ppinfer.kernels.smc.step`) looped
-        over the *outer* program below, with the PMMH rejuvenation as the step's ``move``: returns θ,
-        outer weights and the per-step records."""
+        """The whole run as one pure function (what :meth:`run` computes in compiled chunks)."""
+        parts = self._parts(program, args, num_steps, may_stop)
+        return parts.output(kernel.scan_advance(parts.body, parts.start(key)))
+
+    def _parts(self, program, args, num_steps: int, may_stop: bool) -> _Parts:
+        """The run's three pure phases — the one SMC step (:func:`ppinfer.kernels.smc.step`) looped
+        over the *outer* program below, with the PMMH rejuvenation as the step's ``move``: ``start``
+        (the outer population), ``body`` (one outer step and its records: a scan body for
+        :func:`~ppinfer.kernels.smc.scan_advance`) and ``output`` (θ, outer weights, the per-step
+        records)."""
         n, space = self.num_particles, space_of(self.prior, args, what="SMC2")
         inner_sel = as_selection(self.inner_resampling, self.inner_ess_threshold)
         theta_of = lambda u: space.constrain(u)[0]
@@ -193,8 +221,11 @@ class SMC2:
             return state._replace(particles=particles), jnp.mean(rates)
 
         selection = Adaptive(as_selection(self.resampling), float(self.ess_threshold))
-        k_init, k_loop = jax.random.split(key)
-        state, _ = kernel.init(k_init, outer, (), n)
+
+        def start(key):
+            k_init, k_loop = jax.random.split(key)
+            state, _ = kernel.init(k_init, outer, (), n)
+            return kernel.scan_begin(body, state, jax.random.split(k_loop, num_steps))
 
         def body(state, k):
             state, info = kernel.step(k, state, outer, (), selection=selection, may_stop=False, move=move)
@@ -206,14 +237,23 @@ class SMC2:
                 "rate": rate,
             }
 
-        state, rec = jax.lax.scan(body, state, jax.random.split(k_loop, num_steps))
-        u, _ = state.particles.state
-        return {
-            "theta": jax.vmap(theta_of)(u),
-            "log_weights": state.log_weights,
-            "log_evidence": logsumexp(state.log_weights),
-            "ess": rec["ess"],
-            "resampled": rec["resampled"],
-            "log_evidence_history": rec["lse"],
-            "acceptance_rate": rec["rate"],
-        }
+        def output(run: kernel.ScanRun) -> dict:
+            state, rec = run.carry, run.records
+            u, _ = state.particles.state
+            return {
+                "theta": jax.vmap(theta_of)(u),
+                "log_weights": state.log_weights,
+                "log_evidence": logsumexp(state.log_weights),
+                "ess": rec["ess"],
+                "resampled": rec["resampled"],
+                "log_evidence_history": rec["lse"],
+                "acceptance_rate": rec["rate"],
+            }
+
+        return _Parts(start, body, output)
+
+
+class _Parts(NamedTuple):
+    start: Callable
+    body: Callable
+    output: Callable

@@ -51,6 +51,9 @@ __all__ = [
     "init",
     "step",
     "extend",
+    "ScanRun",
+    "scan_begin",
+    "scan_advance",
     "scan_while",
     "trace_genealogy",
 ]
@@ -303,27 +306,53 @@ def extend(pop: Population, k: int) -> Population:
     return Population(Particle(particles.state, particles.done), lw)
 
 
+class ScanRun(NamedTuple):
+    """A :func:`scan_while` between chunks: the ``carry``, the per-step inputs ``xs`` ``[T, …]``,
+    the ``records`` so far (``[T, …]``, zeros for the steps not run) and ``steps: i32[]`` run."""
+
+    carry: Any
+    xs: Any
+    records: Any
+    steps: jax.Array
+
+
+def scan_begin(body: Callable, carry: Any, xs: Any) -> ScanRun:
+    """The :class:`ScanRun` of ``lax.scan(body, carry, xs)`` before its first step (records
+    preallocated, shapes from ``eval_shape``)."""
+    length = jax.tree.leaves(xs)[0].shape[0]
+    _, shapes = jax.eval_shape(body, carry, jax.tree.map(lambda x: x[0], xs))
+    records = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), shapes)
+    return ScanRun(carry, xs, records, jnp.zeros((), jnp.int32))
+
+
+def scan_advance(
+    body: Callable, run: ScanRun, stop: Any = None, keep_going: Callable[[Any], jax.Array] | None = None
+) -> ScanRun:
+    """Steps ``run.steps … stop − 1`` of the scan (``stop`` may be traced, so one compilation
+    serves every chunk; default: to the end), stopping before a step when ``keep_going(carry)``
+    is false. Step ``i`` reads ``xs[i]``, so how a scan is cut into chunks does not change it."""
+    length = jax.tree.leaves(run.xs)[0].shape[0]
+    end = length if stop is None else jnp.minimum(stop, length)
+
+    def one(r: ScanRun) -> ScanRun:
+        i = r.steps
+        carry, rec = body(r.carry, jax.tree.map(lambda x: x[i], r.xs))
+        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
+        return r._replace(carry=carry, records=jax.tree.map(put, r.records, rec), steps=i + 1)
+
+    def cond(r: ScanRun) -> jax.Array:
+        going = r.steps < end
+        return going if keep_going is None else going & keep_going(r.carry)
+
+    return jax.lax.while_loop(cond, one, run)
+
+
 def scan_while(body: Callable, carry: Any, xs: Any, keep_going: Callable[[Any], jax.Array]):
     """``lax.scan(body, carry, xs)`` that stops before a step when ``keep_going(carry)`` is false.
     Returns ``(carry, records, steps_run)``: ``records`` stacked ``[T, …]`` like ``scan``'s, zeros
-    for the steps not run. A ``while_loop`` over preallocated records (shapes from ``eval_shape``)."""
-    length = jax.tree.leaves(xs)[0].shape[0]
-    x_at = lambda i: jax.tree.map(lambda x: x[i], xs)
-    _, shapes = jax.eval_shape(body, carry, x_at(0))
-    records = jax.tree.map(lambda a: jnp.zeros((length, *a.shape), a.dtype), shapes)
-
-    def one(state):
-        i, c, recs = state
-        c, rec = body(c, x_at(i))
-        put = lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0)
-        return i + 1, c, jax.tree.map(put, recs, rec)
-
-    def cond(state):
-        i, c, _ = state
-        return (i < length) & keep_going(c)
-
-    steps, carry, records = jax.lax.while_loop(cond, one, (jnp.zeros((), jnp.int32), carry, records))
-    return carry, records, steps
+    for the steps not run (:func:`scan_begin` then :func:`scan_advance` to the end)."""
+    run = scan_advance(body, scan_begin(body, carry, xs), keep_going=keep_going)
+    return run.carry, run.records, run.steps
 
 
 def trace_genealogy(ancestors: jax.Array, history: Any, extensions: int = 1) -> tuple[Any, jax.Array]:
