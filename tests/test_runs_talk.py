@@ -331,6 +331,33 @@ def test_vi_progress_and_chunking_do_not_change_the_fit(monkeypatch, capsys):
     assert a[1] == b[1]
 
 
+def test_a_second_vi_fit_reuses_the_compiled_fit(monkeypatch):
+    """VI's optimisation loop and its final draw live in the one compile cache: a second fit with
+    the same model, guide and settings (new key, new data of the same shape) builds no new step
+    and gives what a fit with a fresh cache gives."""
+    from ppinfer import _compile
+    from ppinfer.vi import algorithm as vi_algorithm
+
+    built = []
+    real_build = vi_algorithm.build_step
+    monkeypatch.setattr(vi_algorithm, "build_step", lambda *a, **k: built.append(1) or real_build(*a, **k))
+
+    def guide(y):
+        m = numpyro.param("m", 0.0)
+        pp.sample("mu", dist.Normal(m, 0.5))
+
+    alg = pp.VI(elbo(4), guide, optax.adam(0.05), num_steps=20, num_particles=8)
+    pp.infer(conjugate, Y, algorithm=alg, key=0)
+    assert len(built) == 1
+    second = pp.infer(conjugate, Y + 1.0, algorithm=alg, key=1)
+    assert len(built) == 1  # reused: nothing traced again
+    _compile._CACHE.clear()
+    fresh = pp.infer(conjugate, Y + 1.0, algorithm=alg, key=1)
+    assert len(built) == 2
+    np.testing.assert_array_equal(second.extras["objective_trace"], fresh.extras["objective_trace"])
+    np.testing.assert_array_equal(np.asarray(second.samples["mu"]), np.asarray(fresh.samples["mu"]))
+
+
 @pytest.fixture(scope="module")
 def lgssm_run():
     from models.classic import lgssm, simulate_lgssm

@@ -20,7 +20,7 @@ import optax
 from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer._compile import split_args
+from ppinfer._compile import _hashable, cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.errors import ConfigError, InferenceError
@@ -136,12 +136,15 @@ class VI:
 
     def _draw(self, key: jax.Array, model: Any, params: dict, args: tuple) -> Result:
         n, full = self.num_particles, self.objective.full_coverage
-        draw = jax.jit(
-            lambda key, params: sample_particles(
-                key, model, self.guide, params, args, n, fixed_samples=True, full_coverage=full
+        dyn, static_key, rebuild = split_args(args)
+
+        def build():
+            return lambda key, params, dyn: sample_particles(
+                key, model, self.guide, params, rebuild(dyn), n, fixed_samples=True, full_coverage=full
             )
-        )
-        ps = draw(key, params)
+
+        draw, _ = cached_jit(("vi-draw", model, self.guide, n, full, static_key), build)
+        ps = draw(key, params, dyn)
         log_w = ps.log_weight - math.log(n)
         log_z = jax.scipy.special.logsumexp(log_w)
         checks.raise_if_dead(float(log_z), "under the fitted guide", n)
@@ -243,19 +246,29 @@ def fit(
 
     Raises :class:`InferenceError` at the first step whose objective or gradient is not finite (the
     run stops; no parameters are returned)."""
-    dyn, _, rebuild = split_args(args)
+    dyn, static_key, rebuild = split_args(args)
     chunk = min(chunk_size, num_steps)
-    step = build_step(model, guide, objective, optimizer, spec.constraints, estimators, baseline_decay)
+    constraints = tuple(sorted((name, _hashable(c)) for name, c in spec.constraints.items()))
+    settings = (objective, optimizer, constraints, estimators, baseline_decay, chunk)
+    cache_key = ("vi", model, guide, tuple(_hashable(x) for x in settings), static_key)
 
-    @jax.jit
-    def run_chunk(state, dyn, length):
-        def body(i, carry):
-            s, mon, finite = carry
-            s, info = step(jax.random.fold_in(key, s.step), s, rebuild(dyn))
-            return s, mon.at[i].set(info.objective), finite.at[i].set(info.finite)
+    def build():
+        step = build_step(model, guide, objective, optimizer, spec.constraints, estimators, baseline_decay)
 
-        init = (state, jnp.zeros(chunk, jnp.result_type(float)), jnp.ones(chunk, bool))
-        return jax.lax.fori_loop(0, length, body, init)
+        def run_chunk(state, key, dyn, length):
+            def body(i, carry):
+                s, mon, finite = carry
+                s, info = step(jax.random.fold_in(key, s.step), s, rebuild(dyn))
+                return s, mon.at[i].set(info.objective), finite.at[i].set(info.finite)
+
+            init = (state, jnp.zeros(chunk, jnp.result_type(float)), jnp.ones(chunk, bool))
+            return jax.lax.fori_loop(0, length, body, init)
+
+        return run_chunk
+
+    # The one compile cache: a second fit of the same model, guide and settings reuses the code.
+    compiled, _ = cached_jit(cache_key, build)
+    run_chunk = lambda state, dyn, length: compiled(state, key, dyn, length)
 
     state = init_fit_state(spec.init, optimizer)
     traces = []
