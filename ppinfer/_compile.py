@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -141,7 +142,8 @@ def chunked_run(
     ``advance(run, dyn, stop) -> run`` (steps up to ``stop``, traced, or the loop's end) and
     ``output(run, dyn) -> out``: each compiled once under ``(*cache_key, phase)`` (the run donated
     to ``advance``), all three on the first call under one compile notice (a chunk of no steps
-    compiles ``advance``, so the first timed chunk measures steps only), then ``advance`` driven
+    compiles ``advance``, so the first timed chunk measures steps only; the run is donated to
+    ``advance`` and to ``output``), then ``advance`` driven
     in chunks (:func:`~ppinfer._talk.run_in_chunks`: progress bar, Ctrl-C between chunks, chunks
     sized from this loop's last pace). ``position(run) -> (steps done, finished)``;
     ``on_compile(keys)`` runs when a phase was just built (e.g. an eager dry run whose failure
@@ -149,13 +151,14 @@ def chunked_run(
     keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))
     start_c, new_a = cached_jit(keys[0], lambda: start)
     advance_c, new_b = cached_jit(keys[1], lambda: advance, donate_argnums=(0,))
-    output_c, new_c = cached_jit(keys[2], lambda: output)
+    # The run is donated to output too: its records become the output's arrays without a copy.
+    output_c, new_c = cached_jit(keys[2], lambda: output, donate_argnums=(0,))
     if on_compile is not None and (new_a or new_b or new_c):
         on_compile(keys)
     if not start_c.compiled_for(key, dyn):
         with compile_notice(describe(cache_key)):
             run = advance_c(start_c(key, dyn), dyn, np.int32(0))
-            jax.block_until_ready(output_c(run, dyn))
+            jax.block_until_ready(output_c(jax.tree.map(jax.numpy.copy, run), dyn))
     else:
         run = start_c(key, dyn)
     advance_to = lambda run, stop: advance_c(run, dyn, np.int32(stop))
@@ -182,7 +185,9 @@ class _Jitted:
         if sig is not None and sig in self._compiled:
             with TRACE_LOCK.released():
                 return jax.block_until_ready(self._jitted(*args))
-        with TRACE_LOCK, compile_notice(self._what):  # the one-line notice (ppinfer._talk)
+        with TRACE_LOCK, compile_notice(self._what), warnings.catch_warnings():  # the notice: _talk
+            # A donated run whose small leaves (flags, counters) no output can reuse: nothing to tell.
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
             if sig is not None:
                 # Compile first (jit reuses this executable for the call below) and refuse a run
                 # whose buffers cannot fit before any of them is allocated.

@@ -476,7 +476,20 @@ def loop_start(
     x0 = jax.tree.map(lambda x: x[0], xs)
     _, shapes = jax.eval_shape(fns.body, (state, last), x0)
     records = jax.tree.map(lambda a: jnp.zeros((num_steps, *a.shape), a.dtype), shapes)
-    return LoopRun(state, last, records, jnp.zeros((), jnp.int32), xs, init)
+    return LoopRun(state, last, _shard_records(records, loop), jnp.zeros((), jnp.int32), xs, init)
+
+
+def _shard_records(records: Any, loop: Loop) -> Any:
+    """Per-particle records ``[T, N·K, …]`` sharded along their particle axis like the particles
+    (else XLA may replicate the ``[T, N]`` histories on every device, zeroing and carrying ``D``
+    copies between chunks)."""
+    if loop.sharding is None:
+        return records
+    spec = jax.sharding.PartitionSpec(None, *loop.sharding.spec)
+    along = jax.sharding.NamedSharding(loop.sharding.mesh, spec)
+    m = loop.num_particles * loop.extensions
+    shard = lambda x: jax.lax.with_sharding_constraint(x, along) if x.ndim >= 2 and x.shape[1] == m else x
+    return jax.tree.map(shard, records)
 
 
 def loop_advance(run: LoopRun, program: Any, args: tuple, loop: Loop, stop: Any) -> LoopRun:
@@ -497,7 +510,8 @@ def loop_advance(run: LoopRun, program: Any, args: tuple, loop: Loop, stop: Any)
         going = r.steps_run < jnp.minimum(stop, loop.num_steps)
         return going & jnp.any(~r.state.particles.done) if early else going
 
-    return jax.lax.while_loop(cond, one, run)
+    run = jax.lax.while_loop(cond, one, run)
+    return run._replace(records=_shard_records(run.records, loop))
 
 
 def loop_output(run: LoopRun, program: Any, args: tuple, loop: Loop) -> dict:
