@@ -235,7 +235,7 @@ DEMO_SCHEMA = {
 }
 
 
-def run_json(num_particles: int = 32, max_new_tokens: int = 32) -> dict:
+def run_json(num_particles: int = 128, max_new_tokens: int = 32) -> dict:
     """SMC under :data:`DEMO_SCHEMA` on the embedded LM; prints the heaviest documents and checks
     each weighted one against the schema."""
     from ppinfer.constraints import JSONSchema
@@ -256,9 +256,18 @@ def run_json(num_particles: int = 32, max_new_tokens: int = 32) -> dict:
     merged: dict[str, float] = {}
     for text, w in texts:  # resampled copies of one document, added up
         merged[text] = merged.get(text, 0.0) + w
+    weights = np.array([w for _, w in texts])
+    ess = float(1.0 / np.sum((weights / weights.sum()) ** 2))
+    print(f"{len(merged)} distinct documents (ESS {ess:.0f} of {num_particles}); the heaviest:")
     for text, w in sorted(merged.items(), key=lambda kv: -kv[1])[:3]:
         print(f"  {w:6.3f}  {text}")
-    return {"log_z": float(result.log_evidence), "texts": texts, "all_valid": valid}
+    return {
+        "log_z": float(result.log_evidence),
+        "texts": texts,
+        "all_valid": valid,
+        "distinct": len(merged),
+        "ess": ess,
+    }
 
 
 def plot_lm(result, path: Path) -> None:

@@ -215,6 +215,7 @@ def test_demo(tmp_path, monkeypatch):
     validator = jsonschema.Draft202012Validator(demo.DEMO_SCHEMA)
     assert doc["texts"] and doc["all_valid"] and doc["log_z"] <= 0.0
     assert all(validator.is_valid(json.loads(text)) for text, _ in doc["texts"])
+    assert doc["distinct"] >= 4  # not collapsed onto one or two documents (9 at key 0, N = 128)
 
     lg = out["lgssm"]
     assert abs(lg["log_z"] - lg["exact_log_z"]) < 1.0
