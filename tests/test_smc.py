@@ -177,7 +177,10 @@ def test_start_advance_finish_blocks():
 
 
 def test_smc_batch_equals_individual_runs():
-    from ppinfer.algorithms.smc import smc_batch, smc_run
+    """Run b of smc_batch is pp.infer's run on dataset b with key split(key, B)[b]; a second batch
+    of the same shapes reuses the compiled runs."""
+    from ppinfer import _compile
+    from ppinfer.algorithms.smc import smc_batch
 
     datasets = np.stack([simulate_lgssm(s, 12, **LG) for s in range(3)])
     prog = lgssm(**LG)
@@ -186,10 +189,16 @@ def test_smc_batch_equals_individual_runs():
     out = smc_batch(key, prog, (datasets,), cfg)
     assert out["log_evidence"].shape == (3,)
     for b, k in enumerate(jax.random.split(key, 3)):
-        single = jax.jit(lambda k, ys: smc_run(k, prog, (ys,), 128, 12, "systematic", 0.5)["log_evidence"])
-        np.testing.assert_allclose(out["log_evidence"][b], single(k, jnp.asarray(datasets[b])), rtol=1e-5)
+        single = pp.infer(prog, datasets[b], algorithm=cfg, key=k)
+        np.testing.assert_allclose(out["log_evidence"][b], single.log_evidence, rtol=1e-5)
+        np.testing.assert_allclose(out["log_weights"][b], single.log_weights, rtol=1e-5, atol=1e-5)
         exact = kalman_filter(LG["a"], LG["q"], LG["c"], LG["r"], 0.0, 1.0, datasets[b])[0]
         assert float(out["log_evidence"][b]) == pytest.approx(exact, abs=1.0)
+    batch_entries = lambda: [f for k, f in _compile._CACHE.items() if k[0] == "smc_batch"]
+    (compiled,) = batch_entries()
+    again = smc_batch(jax.random.PRNGKey(10), prog, (datasets + 1.0,), cfg)
+    assert batch_entries() == [compiled] and len(compiled._compiled) == 1  # one compilation, reused
+    assert np.all(np.isfinite(np.asarray(again["log_evidence"])))
 
 
 def test_smc_batch_shares_shared_args_and_refuses_mismatched_batches():
@@ -309,7 +318,7 @@ def test_filtering_means_at_every_step_match_the_kalman_filter():
     _, exact, variances = kalman_filter(0.9, 0.5, 1.0, 1.0, 0.0, 1.0, np.asarray(ys, np.float64))
     ess = np.asarray(result.ess)
     assert means.shape == (15,)
-    assert np.all(np.abs(means - exact) < 4.5 * np.sqrt(variances / ess)), (means - exact)
+    assert np.all(np.abs(means - exact) < 4.5 * np.sqrt(variances / ess)), means - exact
     # The last step's filtering mean is the plain weighted mean of the final particles' last values.
     last = float(result.expectation(lambda s: s["x"][-1]))
     assert means[-1] == pytest.approx(last, rel=1e-4, abs=1e-5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import chunked_run, forget, split_args
+from ppinfer._compile import cached_jit, chunked_run, forget, split_args
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
@@ -679,7 +679,9 @@ def smc_batch(
     prompt per run; a non-array leaf, e.g. a Python number, is the same for every run), followed by
     ``shared_args`` (passed whole to every run, never sliced), and key ``split(key, B)[b]``. The
     runs are vmapped, and with ``devices`` the batch axis is sharded over them (B must be a multiple
-    of their number). Returns :func:`smc_run`'s dict with a leading batch axis (``log_evidence:
+    of their number). Each run is the loop :func:`ppinfer.infer` runs for ``cfg`` (``cfg.loop``,
+    compiled whole, which equals the chunked run), compiled once per program, configuration and
+    argument layout. Returns :func:`run_loop`'s dict with a leading batch axis (``log_evidence:
     f32[B]``, ``log_weights: f32[B, N]``, …)."""
     if not isinstance(batched_args, tuple) or not isinstance(shared_args, tuple):
         raise ConfigError("smc_batch takes batched_args and shared_args as tuples of program arguments")
@@ -696,30 +698,29 @@ def smc_batch(
     b = sizes[0]
     axes = jax.tree.map(lambda x: 0 if is_array(x) else None, batched_args)
     first = jax.tree.map(lambda x, a: x[0] if a == 0 else x, batched_args, axes)
-    num_steps = program.steps_for((*first, *shared_args))
+    # The loop pp.infer runs for cfg on one run (its particles unsharded: here the batch axis is).
+    loop = replace(cfg.loop(program, (*first, *shared_args)), sharding=None)
+    dyn, static_key, rebuild = split_args((batched_args, shared_args))
+    layout = tuple(is_array(x) for x in jax.tree.leaves(batched_args))
 
-    def one(k, args, shared):
-        return smc_run(
-            k,
-            program,
-            (*args, *shared),
-            cfg.num_particles,
-            num_steps,
-            cfg.resampling,
-            cfg.ess_threshold,
-            cfg.proposal,
-            cfg.init_proposal,
-        )
+    def build():
+        def one(k, args, shared):
+            return run_loop(k, program, (*args, *shared), loop)
 
+        run = jax.vmap(one, in_axes=(0, axes, None))
+        return lambda keys, dyn: run(keys, *rebuild(dyn))
+
+    # The one compile cache: another batch of the same shapes reuses the compiled runs.
+    run, _ = cached_jit(("smc_batch", program, loop, layout, static_key), build)
     keys = jax.random.split(key, b)
-    run = jax.jit(jax.vmap(one, in_axes=(0, axes, None)))
     if devices is not None:
         sharding = particle_sharding(devices, b)
         keys = jax.device_put(keys, sharding)
         batched_args = jax.tree.map(
             lambda x, a: jax.device_put(jnp.asarray(x), sharding) if a == 0 else x, batched_args, axes
         )
-    return run(keys, batched_args, shared_args)
+        dyn, _, _ = split_args((batched_args, shared_args))
+    return run(keys, dyn)
 
 
 def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.NamedSharding:
