@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ppinfer as pp  # noqa: E402
 import ppinfer.vi  # noqa: E402, F401
 from models.classic import lgssm, simulate_lgssm  # noqa: E402
-from ppinfer.algorithms.smc import smc_run  # noqa: E402
+from ppinfer.algorithms.smc import run_loop  # noqa: E402
 from ppinfer.vi import VI, VSMC, affine_gaussian_proposal  # noqa: E402
 from semantics import kalman_filter  # noqa: E402
 
@@ -40,12 +40,11 @@ def features(x, t, ys):
 
 def replicate(program, ys, n, reps, proposal):
     """``(log Ẑ: f[R], mean ESS / N: f[R])`` of R independent SMC runs (vmapped, jitted)."""
-    steps = program.steps_for((ys,))
 
     @jax.jit
     def run(keys):
         def one(k):
-            out = smc_run(k, program, (ys,), n, steps, "systematic", 0.5, proposal)
+            out = run_loop(k, program, (ys,), pp.SMC(n, proposal=proposal).loop(program, (ys,)))
             return out["log_evidence"], jnp.mean(out["ess"]) / n
 
         return jax.vmap(one)(keys)

@@ -37,9 +37,10 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ppinfer as pp  # noqa: E402
 from models.lm_programs import PYTHON_DEF_PATTERN  # noqa: E402
 from ppinfer import tokens as tk  # noqa: E402
-from ppinfer.algorithms.smc import smc_run  # noqa: E402
+from ppinfer.algorithms.smc import run_loop  # noqa: E402
 from ppinfer.constraints import regex_automaton  # noqa: E402
 from ppinfer.lm import load_default  # noqa: E402
 from ppinfer.vi import token_twist as tt  # noqa: E402
@@ -48,13 +49,13 @@ from ppinfer.vi import token_twist as tt  # noqa: E402
 def replicate(p, automaton, program, n, reps, seed):
     """A jitted ``run(twist) -> (log Ẑ: f[R], mean step ESS/N: f[R], final ESS/N: f[R])`` of R
     independent SMC runs; the twist (and its strength) is an argument: one compilation for both."""
-    steps = p.max_new_tokens
     keys = jax.random.split(jax.random.PRNGKey(seed), reps)
 
     @jax.jit
     def run(twist):
         def one(k):
-            out = smc_run(k, program, (p, automaton, twist), n, steps, "systematic", 0.5, tt.twisted_proposal)
+            args = (p, automaton, twist)
+            out = run_loop(k, program, args, pp.SMC(n, proposal=tt.twisted_proposal).loop(program, args))
             lw = out["log_weights"]
             final = jnp.exp(2 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2 * lw)) / n
             return out["log_evidence"], jnp.mean(out["ess"]) / n, jnp.nan_to_num(final)

@@ -113,13 +113,12 @@ def test_group_resampling_keeps_groups_and_their_mass(scheme):
 def test_local_resampling_smc_is_unbiased():
     # Island resampling (4 groups) keeps E[Ẑ] = Z (CLT bound, false-failure rate 1e-3).
     from models.classic import lgssm, simulate_lgssm
-    from ppinfer.algorithms.smc import smc_run
+    from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
     from semantics import check_unbiased_evidence, kalman_filter
 
     ys = jnp.asarray(simulate_lgssm(5, 10, 0.9, 0.5, 1.0, 1.0))
     prog = lgssm(0.9, 0.5, 1.0, 1.0)
-    run = jax.jit(
-        jax.vmap(lambda k: smc_run(k, prog, (ys,), 32, 10, "systematic", 1.0, num_groups=4)["log_evidence"])
-    )
+    loop = Loop(32, 10, smc_selection("systematic", 1.0, num_groups=4), history=False)
+    run = jax.jit(jax.vmap(lambda k: run_loop(k, prog, (ys,), loop)["log_evidence"]))
     lz = np.asarray(run(jax.random.split(jax.random.PRNGKey(0), 2000)))
     assert check_unbiased_evidence(lz, kalman_filter(0.9, 0.5, 1.0, 1.0, 0.0, 1.0, np.asarray(ys))[0])

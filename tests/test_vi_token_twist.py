@@ -12,7 +12,7 @@ import pytest
 
 import ppinfer as pp
 from ppinfer import tokens as tk
-from ppinfer.algorithms.smc import smc_run
+from ppinfer.algorithms.smc import run_loop
 from ppinfer.constraints import regex_automaton
 from ppinfer.lm import NGramLM
 from ppinfer.vi import token_twist as tt
@@ -65,7 +65,8 @@ def replicate(keys: jax.Array, twist: tt.TokenTwist):
     ``length: i32[R, N]`` of the final particles."""
 
     def one(k):
-        out = smc_run(k, PROGRAM, (P, AUTOMATON, twist), 8, T, "systematic", 0.5, tt.twisted_proposal)
+        args = (P, AUTOMATON, twist)
+        out = run_loop(k, PROGRAM, args, pp.SMC(8, proposal=tt.twisted_proposal).loop(PROGRAM, args))
         ctx = out["state"][0]
         return out["log_evidence"], out["log_weights"], ctx.tokens, ctx.length
 

@@ -50,7 +50,6 @@ __all__ = [
     "loop_start",
     "loop_advance",
     "loop_output",
-    "smc_run",
     "smc_selection",
     "smc_batch",
     "particle_sharding",
@@ -619,39 +618,6 @@ def run_phases(
     for stop in (*stops, loop.num_steps):
         run = loop_advance(run, program, args, loop, min(stop, loop.num_steps))
     return loop_output(run, program, args, loop)
-
-
-def smc_run(
-    key,
-    program,
-    args,
-    n,
-    num_steps,
-    scheme,
-    threshold,
-    proposal=None,
-    init_proposal=None,
-    sharding=None,
-    num_groups=1,
-    genealogy=True,
-    early_exit=False,
-    history=True,
-):
-    """:func:`run_loop` with SMC's settings given one by one (resampling ``scheme`` name or
-    selection, ESS ``threshold``, ``num_groups`` island groups): the form VI, PMMH, the benchmarks
-    and the statistical checks call. Same output dict."""
-    loop = Loop(
-        n,
-        num_steps,
-        smc_selection(scheme, threshold, num_groups),
-        proposal,
-        init_proposal,
-        sharding=sharding,
-        history=history,
-        early_exit=early_exit,
-        genealogy=genealogy,
-    )
-    return run_loop(key, program, args, loop)
 
 
 def smc_selection(resampling: Any, ess_threshold: float, num_groups: int = 1) -> Any:

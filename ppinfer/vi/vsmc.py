@@ -10,14 +10,14 @@ choices: the standard (slightly biased) VSMC gradient, which drops the resamplin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 from numpyro import handlers
 
 from ppinfer import checks
-from ppinfer.algorithms.smc import smc_run
+from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
 from ppinfer.errors import ConfigError
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.resample import check_scheme
@@ -64,9 +64,9 @@ class VSMC:
         if not is_sequential(model):
             raise ConfigError("the VSMC objective needs a sequential program (ppinfer.sequential)")
         with handlers.substitute(data=params):
-            out = smc_run(
-                key, model, args, self.num_particles, model.steps_for(args), self.resampling,
-                self.ess_threshold, guide, self.init_proposal,
-            )  # fmt: skip
+            # early_exit=False: run_loop's scan path, which reverse-mode differentiation goes through.
+            selection = smc_selection(self.resampling, self.ess_threshold)
+            loop = Loop(self.num_particles, model.steps_for(args), selection, guide, self.init_proposal)
+            out = run_loop(key, model, args, replace(loop, early_exit=False, history=False))
         log_z = out["log_evidence"]
         return log_z, jax.lax.stop_gradient(log_z)
