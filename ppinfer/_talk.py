@@ -251,6 +251,7 @@ _PACE: dict = {}
 sizes its first chunk from it (a short run then takes one chunk)."""
 
 _PACE_SIZE = 512
+_PACE_LOCK = threading.Lock()
 
 
 def run_in_chunks(
@@ -288,10 +289,11 @@ def run_in_chunks(
             ran, done = steps - done, steps
             per_step = seconds / max(ran, 1)
             if pace is not None and ran:
-                _PACE.pop(pace, None)
-                _PACE[pace] = per_step
-                if len(_PACE) > _PACE_SIZE:
-                    _PACE.pop(next(iter(_PACE)))
+                with _PACE_LOCK:  # two threads' runs may finish at once
+                    _PACE.pop(pace, None)
+                    _PACE[pace] = per_step
+                    if len(_PACE) > _PACE_SIZE:
+                        _PACE.pop(next(iter(_PACE)))
             if bar is None and (progress or (progress is None and per_step * total > BAR_AFTER_S)):
                 bar = stack.enter_context(progress_bar(total, desc, progress))
                 bar.update(done - ran)
