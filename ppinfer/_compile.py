@@ -140,12 +140,11 @@ def chunked_run(
 ) -> Any:
     """The one run wrapper of a compiled loop in three pure phases, ``start(key, dyn) -> run``,
     ``advance(run, dyn, stop) -> run`` (steps up to ``stop``, traced, or the loop's end) and
-    ``output(run, dyn) -> out``: each compiled once under ``(*cache_key, phase)`` (the run donated
-    to ``advance``), all three on the first call under one compile notice (a chunk of no steps
-    compiles ``advance``, so the first timed chunk measures steps only; the run is donated to
-    ``advance`` and to ``output``), then ``advance`` driven
-    in chunks (:func:`~ppinfer._talk.run_in_chunks`: progress bar, Ctrl-C between chunks, chunks
-    sized from this loop's last pace). ``position(run) -> (steps done, finished)``;
+    ``output(run, dyn) -> out``: each compiled once under ``(*cache_key, phase)``, the run donated
+    to ``advance`` and to ``output``; all three compile on the first call under one compile notice
+    (a chunk of no steps compiles ``advance``, so the first timed chunk measures steps only); then
+    ``advance`` is driven in chunks (:func:`~ppinfer._talk.run_in_chunks`: progress bar, Ctrl-C
+    between chunks, chunks sized from this loop's last pace). ``position(run) -> (steps done, finished)``;
     ``on_compile(keys)`` runs when a phase was just built (e.g. an eager dry run whose failure
     drops them). Returns ``output``'s result."""
     keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))

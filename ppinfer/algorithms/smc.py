@@ -277,10 +277,6 @@ def run_chunked(
     )
 
 
-def _i32(x: int) -> np.ndarray:
-    return np.asarray(x, np.int32)
-
-
 @dataclass(frozen=True)
 class Loop:
     """The static description of one SMC-family run over the kernel step
