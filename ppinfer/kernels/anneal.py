@@ -11,7 +11,9 @@ a path of unnormalised targets
 **log weights carry the 1/N**: ``logsumexp(log_weights) = log Ẑ_λ``, an estimate of the mass
 ``Z_λ = ∫ γ_λ``.
 
-One :func:`anneal_step` from ``λ`` to ``λ'``:
+One :func:`anneal_step` from ``λ`` to ``λ'`` is the one SMC step (:func:`ppinfer.kernels.smc.step`)
+with a :class:`~ppinfer.kernels.smc.Reweighting` advance, a selection of ``M`` and an MH move; the
+choices of ``λ'`` and of the move's scale, which read the whole population, are made before it:
 
 1. **reweight** (:func:`reweight`): ``log_weights += log L_λ'(u) − log L_λ(u)``, the incremental
    weight ``γ_λ' / γ_λ``: if ``E[Σ_i w_i f(u_i)] = ∫ f γ_λ`` for every ``f`` (the population is
@@ -272,7 +274,8 @@ def anneal_step(
     keep_chain: bool = False,
     reweight_fn: Callable | None = None,
 ) -> tuple[AnnealState, AnnealInfo]:
-    """Reweight from ``state.lam`` to ``lam_new``, select, move (see the module docstring).
+    """Reweight from ``state.lam`` to ``lam_new``, select, move: :func:`ppinfer.kernels.smc.step`
+    with a :class:`~ppinfer.kernels.smc.Reweighting` and the MH move (see the module docstring).
 
     Args:
         key: the step's PRNG key.
