@@ -71,9 +71,10 @@ def dry_run(
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         try:
-            with validation_enabled(), tracker:
+            # One eager run (the outer trace sees the program's sites, and the proposal's of the
+            # same names): an eager LM step compiles every op it meets, so it is not run twice.
+            with validation_enabled(), tracker, _SampleSites() as trace:
                 weighted, info = simulate(key, fn, args, proposal=proposal)
-                trace = handlers.trace(handlers.seed(fn, key)).get_trace(*args)
         except PPInferError:
             raise
         except UserWarning as w:
@@ -85,6 +86,15 @@ def dry_run(
     raise_on_nan_sites(info.nan_sites, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
+
+
+class _SampleSites(handlers.trace):
+    """The sample sites of a run, by name; a proposal's site is replaced by the program's site of
+    the same name (which comes after it), where NumPyro's ``trace`` refuses the repeated name."""
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "sample":
+            self.trace[msg["name"]] = msg.copy()
 
 
 def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
