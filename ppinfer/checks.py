@@ -70,6 +70,9 @@ def dry_run(
     tracker = _last_site()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
+        # JAX's notes on its persistent cache (an entry another process is still writing is read
+        # as a miss, and compiled again) are not model errors: they stay warnings.
+        warnings.filterwarnings("default", "Error (reading|writing) persistent compilation cache")
         try:
             # One eager run (the outer trace sees the program's sites, and the proposal's of the
             # same names): an eager LM step compiles every op it meets, so it is not run twice.

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 SCRIPT = """
 import jax, numpy as np, ppinfer as pp, numpyro.distributions as dist
 print("DIR", jax.config.jax_compilation_cache_dir)
@@ -43,3 +45,24 @@ def test_cache_opt_out(tmp_path):
     folder = tmp_path / "cache"
     d, _ = run({"PPINFER_CACHE_DIR": str(folder), "PPINFER_COMPILATION_CACHE": "0"}, tmp_path)
     assert d == "None" and not folder.exists()
+
+
+def test_a_cache_warning_during_the_dry_run_is_not_a_model_error():
+    """Every compilation is cached, the eager dry run's small op programs included, so a process
+    may read an entry another process is still writing: JAX warns and compiles again. The dry run
+    turns NumPyro's UserWarnings into model errors, but not that one."""
+    import warnings
+
+    import numpyro.distributions as dist
+    import pytest
+
+    import ppinfer as pp
+
+    def model():
+        message = "Error reading persistent compilation cache entry for 'jit_add': EOFError: truncated"
+        warnings.warn(message, UserWarning, stacklevel=1)
+        pp.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.warns(UserWarning, match="persistent compilation cache"):
+        r = pp.infer(model, algorithm=pp.Importance(10), key=0)
+    assert np.isfinite(r.log_evidence)
