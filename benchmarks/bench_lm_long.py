@@ -23,6 +23,10 @@ sufficed), and the bytes one resampling copies (dense: every particle's whole ca
 tails and lengths). The path ``cache="auto"`` takes (dense below
 ``paged.AUTO_PAGED_MIN_TOKENS``, paged from it) gives the headline figures.
 
+Then one paged decode step alone (no SMC: :func:`decode_step_ms`) at the shortest and the longest
+length, and with ``--real-step`` the same on a random GPT-2 124M-shaped checkpoint (about a minute
+more): what a token's attention costs as the cache grows, apart from the run around it.
+
 Ends with ``RESULT per_token_t512_over_t64=<x> paged_memory_over_dense=<x> smc_over_plain_t512=<x>``
 (SMC on the auto path; memory at the longest T: both caches' arrays are allocated up front, so their
 bytes follow from their shapes). ``--quick``: N = 64, only what the RESULT needs (T = 64: SMC dense;
@@ -57,11 +61,11 @@ from ppinfer.constraints import regex_automaton  # noqa: E402
 from ppinfer.lm import (  # noqa: E402
     LanguageModel,
     TransformerConfig,
+    load,
     load_default,
     paged,  # noqa: E402
 )
 from ppinfer.lm import transformer as tr  # noqa: E402
-from ppinfer.lm.model import _generate  # noqa: E402
 
 PROMPT = "<|endoftext|>import"
 PATTERN = r"[^eE]*"  # text that avoids the letter e
@@ -146,14 +150,59 @@ def make_smc(lm, cache: str, n: int, t: int, ess: float, pool_factor: float):
 
 
 def make_plain(lm, n: int, t: int):
-    eos = -1 if lm.eos_id is None else lm.eos_id
-    ids = lm.encode(PROMPT)
-
     def run(seed):
-        out = _generate(lm.params, lm.config, ids, jax.random.key(seed), n, t, 1.0, eos)
+        out = lm.generate(PROMPT, num_particles=n, max_new_tokens=t, key=jax.random.key(seed))
         return jax.block_until_ready(out)
 
     return run
+
+
+def decode_step_ms(lm, n: int, lengths, reps: int = 5) -> dict[int, float]:
+    """Median ms of one paged decode step (:func:`ppinfer.lm.paged.decode_batch`, jitted) for ``n``
+    particles that each hold ``L`` cached positions, for each ``L`` of ``lengths``: random pool
+    contents and block tables (distinct blocks per particle), an 8-token prompt. Isolates what a
+    token costs at a given length, without the SMC around it."""
+    config, params = lm.config, lm.params
+    _, prompt_cache = tr.prefill(params, config, jnp.arange(8, dtype=jnp.int32))
+    t_max = max(lengths) + tr.BLOCK_SIZE
+    # Logits only: the updated cache is not an output, so no copy of the pool is timed (a run
+    # updates it in place).
+    step = jax.jit(lambda cache, tokens: paged.decode_batch(params, config, prompt_cache, cache, tokens)[0])
+    tokens = jnp.zeros((n,), jnp.int32)
+    out = {}
+    for length in lengths:
+        cache = paged.init_paged_cache(config, n, t_max, pool_factor=1.0)
+        full = length // cache.block_size
+        table = np.full(cache.table.shape, -1, np.int32)
+        table[:, :full] = np.arange(n * full).reshape(n, full)  # block i of particle p: p*full + i
+        noise = jax.random.normal(jax.random.key(0), cache.pool_k.shape, cache.pool_k.dtype)
+        cache = cache.replace(
+            pool_k=noise, pool_v=noise, table=jnp.asarray(table), length=jnp.full((n,), length, jnp.int32)
+        )
+        jax.block_until_ready(step(cache, tokens))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(cache, tokens))
+            times.append(time.perf_counter() - t0)
+        out[length] = float(np.median(times)) * 1e3
+    return out
+
+
+def real_shape_steps(n: int) -> None:
+    """``--real-step``: :func:`decode_step_ms` on a random GPT-2 124M-shaped checkpoint (written to a
+    temporary folder and loaded with ``ppinfer.lm.load``) at 64 and 500 cached positions."""
+    import tempfile
+
+    from _real_models import write_checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        lm = load(write_checkpoint(folder, "gpt2-124m"))
+        ms = decode_step_ms(lm, n, (64, 500), reps=3)
+    print(
+        f"GPT-2 124M shape, paged decode step, N={n}: {ms[64]:.0f} ms at 64 cached positions, "
+        f"{ms[500]:.0f} ms at 500 (ratio {ms[500] / ms[64]:.2f})"
+    )
 
 
 def main() -> None:
@@ -164,6 +213,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--ess-threshold", type=float, default=0.9)
     parser.add_argument("--pool-factor", type=float, default=0.25)
+    parser.add_argument(
+        "--real-step", action="store_true",
+        help="also time one paged decode step of a GPT-2 124M-shaped model at 64 and 500 positions",
+    )  # fmt: skip
     opts = parser.parse_args()
     n = opts.particles
     lengths = [64, 512] if opts.quick else [64, 256, 512]
@@ -245,6 +298,13 @@ def main() -> None:
         line += f"; dense per token T={long}/T={short}: "
         line += f"{table[long, 'dense']['ms'] / table[short, 'dense']['ms']:.2f}"
     print(line)
+    steps = decode_step_ms(lm, n, (short, long - tr.BLOCK_SIZE // 2))
+    print(
+        f"one paged decode step (no SMC), N={n}: {steps[short]:.1f} ms at {short} cached positions, "
+        f"{steps[long - tr.BLOCK_SIZE // 2]:.1f} ms at {long - tr.BLOCK_SIZE // 2}"
+    )
+    if opts.real_step:
+        real_shape_steps(n)
     print(
         f"RESULT per_token_t{long}_over_t{short}={per_token:.2f} paged_memory_over_dense={memory:.2f} "
         f"smc_over_plain_t{long}={over_plain:.2f}"

@@ -49,12 +49,18 @@ def prompt_cache_of(arch):
     return params, config, prefill(params, config, PROMPT, jnp.int32(5))[1]  # one padding position
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_paged_logits_equal_dense_with_ragged_lengths(arch):
+@pytest.mark.parametrize(
+    "arch, max_new, columns",
+    [("gpt2", 10, paged.COLUMNS), ("llama", 10, paged.COLUMNS), ("llama", 30, 3)],
+)
+def test_paged_logits_equal_dense_with_ragged_lengths(arch, max_new, columns, monkeypatch):
     """Batched ``decode`` and the engine's per-particle ``vmap(step)`` against the dense path, for
-    more steps than the cache holds (T = 10 is not a multiple of the block)."""
+    more steps than the cache holds (T = 10 is not a multiple of the block). With T = 30 (7 block
+    columns) and 3 columns per loop iteration, the attention runs two groups of 3 then one column
+    alone, with particles' lengths ragged inside a group."""
+    monkeypatch.setattr(paged, "COLUMNS", columns)
     params, config, pc = prompt_cache_of(arch)
-    n, max_new = 5, 10
+    n = 5
     rng = np.random.default_rng(1)
     dense = init_particle_cache(config, n, max_new)
     batch = paged.init_paged_cache(config, n, max_new)

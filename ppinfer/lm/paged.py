@@ -284,46 +284,69 @@ def decode_batch(
     return logits, new_cache
 
 
+COLUMNS = 8
+"""Block columns of the table read per iteration of :func:`_attend`'s main loop (``COLUMNS * B``
+positions; the last ``live % COLUMNS`` columns one at a time): fewer, larger gathers and products
+than one block per iteration. With the particle-major layout, a decode step at 500 cached positions
+took 19.7 ms against 26.0 ms before (one block per iteration, head-major), 12.6 against 17.4 at
+256 (``bench_lm_long``'s model, N = 64, CPU)."""
+
+
 def _attend(config, q, k, v, prompt_k, prompt_v, prompt_mask, pool_k, pool_v, cache, index,
             num_full, tail_len, live):  # fmt: skip
     """Online softmax of each particle's query over the prompt, its new token, its tail and its
-    full pool blocks (a loop over block columns ``j < live``). Returns [N, H*hd]."""
+    full pool blocks (a loop over groups of :data:`COLUMNS` block columns up to column ``live``).
+    Everything is particle-major (``[N, Hkv, G, ...]``), the layout the gathered blocks come in, so
+    the loop transposes nothing. Returns [N, H*hd]."""
     n, hkv, g, hd = q.shape[0], config.num_kv_heads, config.group_size, config.head_dim
     scale = 1.0 / jnp.sqrt(jnp.float32(hd))
     qg = q.reshape(n, hkv, g, hd)
     dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    # Scores f32[Hkv, G, N, S]; running maximum m, normaliser z: [Hkv, G, N]; acc: [.., hd].
-    s_prompt = jnp.where(prompt_mask, tr._scores(config, q, prompt_k), -jnp.inf)
-    s_new = dot("nkgd,knd->kgn", qg, k) * scale
+    # Scores f32[N, Hkv, G, S]; running maximum m, normaliser z: [N, Hkv, G]; acc: [.., hd].
+    s_prompt = jnp.where(prompt_mask, dot("nkgd,ksd->nkgs", qg, prompt_k) * scale, -jnp.inf)
+    s_new = dot("nkgd,knd->nkg", qg, k) * scale
     tail_k = jax.lax.dynamic_index_in_dim(cache.tail_k, index, 1, keepdims=False)  # [N, Hkv, B, hd]
     tail_v = jax.lax.dynamic_index_in_dim(cache.tail_v, index, 1, keepdims=False)
     block = tail_k.shape[2]
-    tail_ok = jnp.arange(block)[None, :] < tail_len[:, None]  # [N, B]
-    s_tail = jnp.where(tail_ok, dot("nkgd,nksd->kgns", qg, tail_k) * scale, -jnp.inf)
+    tail_ok = (jnp.arange(block)[None, :] < tail_len[:, None])[:, None, None, :]  # [N, 1, 1, B]
+    s_tail = jnp.where(tail_ok, dot("nkgd,nksd->nkgs", qg, tail_k) * scale, -jnp.inf)
     m = jnp.maximum(jnp.maximum(jnp.max(s_prompt, -1), s_new), jnp.max(s_tail, -1))
     p_prompt = jnp.exp(s_prompt - m[..., None])
     p_new = jnp.exp(s_new - m)
     p_tail = jnp.exp(s_tail - m[..., None])
     z = jnp.sum(p_prompt, -1) + p_new + jnp.sum(p_tail, -1)
-    acc = dot("kgns,ksd->kgnd", p_prompt.astype(prompt_v.dtype), prompt_v)
-    acc = acc + p_new[..., None] * v[:, None].astype(jnp.float32)
-    acc = acc + dot("kgns,nksd->kgnd", p_tail.astype(tail_v.dtype), tail_v)
+    acc = dot("nkgs,ksd->nkgd", p_prompt.astype(prompt_v.dtype), prompt_v)
+    acc = acc + p_new[..., None] * jnp.transpose(v, (1, 0, 2))[:, :, None].astype(jnp.float32)
+    acc = acc + dot("nkgs,nksd->nkgd", p_tail.astype(tail_v.dtype), tail_v)
+    columns = cache.table.shape[1]
 
-    def body(j, carry):
-        m, z, acc = carry
-        ids = jnp.clip(cache.table[:, j], 0, pool_k.shape[0] - 1)
-        kb, vb = pool_k[ids, index], pool_v[ids, index]  # [N, Hkv, B, hd]: one gather each
-        s = dot("nkgd,nksd->kgns", qg, kb) * scale
-        s = jnp.where((j < num_full)[:, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, -1))
-        p = jnp.exp(s - m_new[..., None])
-        rescale = jnp.exp(m - m_new)
-        acc = acc * rescale[..., None] + dot("kgns,nksd->kgnd", p.astype(vb.dtype), vb)
-        return m_new, z * rescale + jnp.sum(p, -1), acc
+    def group(width, first):
+        """The loop body over ``width`` block columns from ``first(j)``."""
 
-    m, z, acc = jax.lax.fori_loop(0, live, body, (m, z, acc))
-    out = (acc / z[..., None]).astype(v.dtype)  # [Hkv, G, N, hd]
-    return jnp.transpose(out, (2, 0, 1, 3)).reshape(n, config.num_heads * hd)
+        def body(j, carry):
+            m, z, acc = carry
+            cols = first(j) + jnp.arange(width)
+            ids = cache.table[:, jnp.minimum(cols, columns - 1)]  # [N, width]
+            ids = jnp.clip(ids, 0, pool_k.shape[0] - 1)
+            kb, vb = pool_k[ids, index], pool_v[ids, index]  # [N, width, Hkv, B, hd]: one gather each
+            s = dot("nkgd,ncksd->nkgcs", qg, kb) * scale
+            ok = cols[None, :] < num_full[:, None]  # [N, width]
+            s = jnp.where(ok[:, None, None, :, None], s, -jnp.inf).reshape(n, hkv, g, width * block)
+            m_new = jnp.maximum(m, jnp.max(s, -1))
+            p = jnp.exp(s - m_new[..., None])
+            rescale = jnp.exp(m - m_new)
+            pv = dot("nkgcs,ncksd->nkgd", p.reshape(n, hkv, g, width, block).astype(vb.dtype), vb)
+            return m_new, z * rescale + jnp.sum(p, -1), acc * rescale[..., None] + pv
+
+        return body
+
+    # Groups of COLUMNS columns, then the rest one at a time: no column past ``live`` is read.
+    width = min(COLUMNS, columns)
+    grouped = live // width * width
+    carry = jax.lax.fori_loop(0, live // width, group(width, lambda j: j * width), (m, z, acc))
+    m, z, acc = jax.lax.fori_loop(grouped, live, group(1, lambda j: j), carry)
+    out = (acc / z[..., None]).astype(v.dtype)  # [N, Hkv, G, hd]
+    return out.reshape(n, config.num_heads * hd)
 
 
 def _allocate(table: jax.Array, wants: jax.Array, num_blocks: int):
