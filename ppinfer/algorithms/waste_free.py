@@ -40,6 +40,9 @@ class WasteFreeSMC:
         max_steps: cap on adaptive steps (the last step jumps to λ = 1).
         move: ``"rw"``, ``"hmc"``, ``"nuts"`` or a move object, as for
             :class:`~ppinfer.algorithms.tempered.TemperedSMC` (one transition per chain step).
+        progress_bar: a tqdm bar over the steps, as for
+            :class:`~ppinfer.algorithms.tempered.TemperedSMC` (``None``: on a terminal, for a run
+            expected to last over a second); it does not change the draws.
     """
 
     num_particles: int = 1000
@@ -48,6 +51,7 @@ class WasteFreeSMC:
     temperatures: Sequence[float] | None = None
     max_steps: int = 100
     move: Any = "rw"
+    progress_bar: bool | None = None
 
     name = "WasteFreeSMC"
 
