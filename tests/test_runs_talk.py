@@ -322,13 +322,18 @@ def test_vi_progress_and_chunking_do_not_change_the_fit(monkeypatch, capsys):
         r = pp.infer(conjugate, Y, algorithm=alg, key=0)
         return np.asarray(r.extras["objective_trace"]), float(r.extras["params"]["m"])
 
-    a = fit(progress=False, chunk_size=8)  # chunks of 8 (the same compiled loop as below)
+    a = fit(progress_bar=False, chunk_size=8)  # chunks of 8 (the same compiled loop as below)
 
     monkeypatch.setattr(_talk, "CHUNK_SECONDS", 0.0)  # 1 step per chunk after the first 8
-    b = fit(progress=True, chunk_size=8)
+    b = fit(progress_bar=True, chunk_size=8)
     assert "VI" in capsys.readouterr().err
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
+    c = fit(progress=True, chunk_size=8)  # the older name still works
+    assert "VI" in capsys.readouterr().err
+    np.testing.assert_array_equal(a[0], c[0])
+    with pytest.raises(ConfigError, match="progress_bar"):
+        pp.VI(elbo(4), guide, optax.adam(0.05), num_steps=3, progress=True, progress_bar=False)
 
 
 def test_a_second_vi_fit_reuses_the_compiled_fit(monkeypatch):

@@ -59,8 +59,9 @@ class VI:
             ``log Ẑ`` (``E[Ẑ] = Z``) with the fitted guide as proposal; ``"equal"``: the same draws
             and ``log_evidence`` with equal weights ``log Ẑ − log N`` (plain draws from the guide).
             For a sequential program the Result is an SMC run (N particles) with the fitted proposal.
-        progress: a tqdm progress bar with the objective (stderr); ``None`` (default): shown when
-            stderr is a terminal and ppinfer is not quiet. Never changes the result.
+        progress_bar: a tqdm progress bar with the objective (stderr); ``None`` (default): shown
+            when stderr is a terminal and ppinfer is not quiet. Never changes the result. (The
+            name every algorithm uses; ``progress`` is its older name, still accepted.)
         chunk_size: the most optimisation steps per compiled chunk (chunks are sized to last about
             a quarter of a second, so Ctrl-C stops the fit promptly; step ``i`` always draws with
             ``fold_in(key, i)``, so the chunking does not change the result).
@@ -81,6 +82,7 @@ class VI:
     progress: bool | None = None
     chunk_size: int = 500
     init_params: dict[str, Any] | None = None
+    progress_bar: bool | None = None
     name = "VI"
 
     def __post_init__(self):
@@ -89,6 +91,11 @@ class VI:
             raise ConfigError(f"VI needs num_steps >= 1, got {n!r}")
         checks.check_num_particles(self.num_particles)
         checks.check_num_particles(self.chunk_size)
+        if None not in (self.progress, self.progress_bar) and self.progress != self.progress_bar:
+            raise ConfigError(
+                f"progress={self.progress!r} and progress_bar={self.progress_bar!r} disagree: "
+                "progress is the older name of progress_bar; give one"
+            )
         checks.check_probability("baseline_decay", self.baseline_decay)
         check_estimators(self.estimators)
         if self.weighting not in WEIGHTINGS:
@@ -112,7 +119,8 @@ class VI:
             raise ConfigError("the guide has no numpyro.param site: nothing to optimise")
         u, trace = fit(
             k_fit, program, self.guide, self.objective, self.optimizer, spec, args, self.num_steps,
-            self.estimators, self.baseline_decay, self.chunk_size, self.progress,
+            self.estimators, self.baseline_decay, self.chunk_size,
+            self.progress if self.progress_bar is None else self.progress_bar,
         )  # fmt: skip
         params = constrain(u, spec.constraints)
         if sequential:
