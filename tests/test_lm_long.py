@@ -120,8 +120,10 @@ def run_ragged(arch, max_new, num_particles=5, block=8, seed=0):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("max_new", [5, 16, 21])
+@pytest.mark.parametrize("max_new", [5, 16, 21, 60])
 def test_blocked_attention_equals_dense_with_ragged_lengths(arch, max_new):
+    """Blocks of 8: T = 5 (one short block), 16 (one span of two blocks), 21 (a span, then a block
+    clamped back inside the cache), 60 (spans of four blocks, the second clamped)."""
     steps, lengths = run_ragged(arch, max_new)
     assert len(set(lengths.tolist())) > 1  # particles of different lengths
     assert lengths.max() > max_new  # and a full cache (its next keys dropped: both paths alike)
