@@ -14,10 +14,14 @@ from ``result.extras``.
 2. The 12-step HMM with 3 states (``--large K,T``; 3^12 = 531,441 paths), batched only, once: time,
    executions, |log Z − exact|; the eager path's time for it is *projected* (executions × its
    measured per-execution time on the small HMM), not run.
+3. A token program that stops at EOS (a bigram ``NGramLM`` over ``a``, ``b`` and EOS, 6 tokens:
+   ``pp.stop(tok == eos)``), both paths, first calls and warm medians: the batched path runs a
+   stopped particle's later steps dormant (before, a program calling ``pp.stop`` always ran eagerly).
 
 Ends with ``RESULT speedup_small=<old/new, warm> speedup_small_first=<old/new, first calls>
 new_s_small=<> new_s_small_first=<> old_s_small=<> old_s_per_execution=<>
-new_s_large=<> executions_large=<> paths_large=<> logz_abs_err_large=<> old_projected_h_large=<>``.
+new_s_large=<> executions_large=<> paths_large=<> logz_abs_err_large=<> old_projected_h_large=<>
+speedup_stop=<old/new, warm> speedup_stop_first=<old/new, first calls>``.
 Timings are wall-clock on a shared CPU: noisy.
 """
 
@@ -55,6 +59,25 @@ def hmm(k: int, t: int):
 
 def run(program, ys, batched: bool, max_branches: int = 10**6) -> pp.Result:
     return pp.infer(program, ys, algorithm=pp.Enumerate(batched=batched, max_branches=max_branches))
+
+
+def token_program():
+    """The bigram token program of section 3 and its prompt."""
+    from ppinfer import tokens as tk
+    from ppinfer.lm import NGramLM
+
+    probs = np.array([[0, 0.5, 0.5, 0], [0, 0.2, 0.3, 0.5], [0, 0.6, 0.1, 0.3], [0.25] * 4])
+    lm = NGramLM.from_probs(
+        probs, bos_id=0, eos_id=3, vocab=["<s>", "a", "b", "</s>"], start=[0, 0.9, 0.1, 0]
+    )
+    prompt = tk.prompt(lm, "", max_new_tokens=6)
+
+    def step(ctx, t, p):
+        tok = pp.sample("tok", ctx.next_token())
+        pp.stop(tok == p.eos_id)
+        return ctx.extend(p, tok)
+
+    return pp.sequential(tk.Context.start, step, 6), prompt
 
 
 def main() -> None:
@@ -101,12 +124,35 @@ def main() -> None:
         f"batched {new_large:.1f} s; log Z {r.log_evidence:.5f} (exact {exact:.5f}, |err| {err:.2e}); "
         f"eager projected {projected_h:.1f} h"
     )
+    program, prompt = token_program()
+    first = {}
+    for name, batched in (("new", True), ("old", False)):
+        t0 = time.perf_counter()
+        out = pp.infer(program, prompt, algorithm=pp.Enumerate(batched=batched))
+        first[name] = time.perf_counter() - t0
+        assert out.extras["batched"] == batched
+        first[name + "_logz"], first[name + "_n"] = out.log_evidence, out.num_particles
+    assert first["new_n"] == first["old_n"]
+    np.testing.assert_allclose(first["new_logz"], first["old_logz"], atol=1e-5)
+    stop = interleaved_medians(
+        {
+            "new": lambda s: pp.infer(program, prompt, algorithm=pp.Enumerate(batched=True)),
+            "old": lambda s: pp.infer(program, prompt, algorithm=pp.Enumerate(batched=False)),
+        },
+        a.reps,
+    )
+    print(
+        f"token program with stop: {first['new_n']} paths; eager {stop['old']:.2f} s, batched "
+        f"{stop['new']:.2f} s warm ({stop['old'] / stop['new']:.1f}x); first calls eager "
+        f"{first['old']:.2f} s, batched {first['new']:.2f} s ({first['old'] / first['new']:.1f}x)"
+    )
     print(
         f"RESULT speedup_small={med['old'] / med['new']:.2f} speedup_small_first={old_first / new_first:.2f} "
         f"new_s_small={med['new']:.2f} new_s_small_first={new_first:.2f} "
         f"old_s_small={med['old']:.2f} old_s_per_execution={per_exec:.4f} new_s_large={new_large:.1f} "
         f"executions_large={r.extras['executions']} paths_large={r.num_particles} "
-        f"logz_abs_err_large={err:.2e} old_projected_h_large={projected_h:.1f}"
+        f"logz_abs_err_large={err:.2e} old_projected_h_large={projected_h:.1f} "
+        f"speedup_stop={stop['old'] / stop['new']:.2f} speedup_stop_first={first['old'] / first['new']:.2f}"
     )
 
 

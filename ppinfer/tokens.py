@@ -340,7 +340,10 @@ class Context(NamedTuple):
         ``token`` outside the vocabulary is a :class:`~ppinfer.errors.DataError`."""
         token = check_token_ids(p, token, "Context.extend")
         logp, cache = p.step(self.cache, token)
-        tokens = self.tokens.at[jnp.minimum(self.length, self.tokens.shape[0] - 1)].set(token)
+        # A token drawn under float64 (x64: int64) is stored in the int32 record without a cast
+        # warning (a future JAX error).
+        at = jnp.minimum(self.length, self.tokens.shape[0] - 1)
+        tokens = self.tokens.at[at].set(jnp.asarray(token).astype(self.tokens.dtype))
         return Context(tokens, self.length + 1, cache, logp)
 
 

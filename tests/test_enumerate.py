@@ -14,9 +14,7 @@ def test_sprinkler_exact_posterior():
     # P(rain | wet) by hand: joint masses 0.2·0.01·0.99 + 0.2·0.99·0.8 over the evidence.
     z = 0.8 * 0.4 * 0.9 + 0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99
     assert np.exp(r.log_evidence) == pytest.approx(z, rel=1e-5)
-    assert float(r.mean("rain")) == pytest.approx(
-        (0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99) / z, rel=1e-5
-    )
+    assert float(r.mean("rain")) == pytest.approx((0.2 * 0.99 * 0.8 + 0.2 * 0.01 * 0.99) / z, rel=1e-5)
 
 
 def test_control_flow_depending_on_choices():
@@ -67,6 +65,48 @@ def test_sequential_program_with_stop(x64):
     active = np.asarray(r.extras["active"])
     assert sorted(active.sum(1).tolist()) == [1, 2, 3, 3]
     assert measure_of(r).max_abs_diff(denote(prog)) < 1e-12
+
+
+def test_a_program_that_stops_is_enumerated_batched_like_eagerly(x64):
+    """The batched enumeration runs every step of a program that calls ``pp.stop``, a stopped
+    particle's later steps dormant (masked, state kept, no branching): the same executions,
+    masses, trajectories (dormant steps zero-filled, inactive) and stop flags as one eager
+    execution per branch, and the measure ``denote`` gives. Without the dormant mask the later
+    steps' choices branch again (81 executions, not 31); without keeping the state, the final
+    states differ."""
+
+    def init():
+        return jnp.zeros((), jnp.int32)
+
+    def step(n, t):
+        c = pp.sample("c", dist.Categorical(jnp.array([0.5, 0.3, 0.2])))
+        pp.observe("y", dist.Normal(c.astype(float), 1.0), 0.7)
+        pp.deterministic("total", n + c)
+        pp.stop(c == 2)
+        return n + c + 1  # the state counts the steps taken: a dormant step must not change it
+
+    prog = pp.sequential(init, step, 4)
+    batched = pp.infer(prog, algorithm=pp.Enumerate(batched=True))
+    eager = pp.infer(prog, algorithm=pp.Enumerate(batched=False))
+    assert batched.extras["batched"] and not eager.extras["batched"]
+    assert batched.num_particles == eager.num_particles == 1 + 2 * (1 + 2 * (1 + 2 * (1 + 2)))
+    np.testing.assert_allclose(np.asarray(batched.log_weights), np.asarray(eager.log_weights), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(batched.extras["active"]), np.asarray(eager.extras["active"]))
+    for name in ("c", "total"):
+        np.testing.assert_array_equal(np.asarray(batched.samples[name]), np.asarray(eager.samples[name]))
+    assert measure_of(batched).max_abs_diff(denote(prog)) < 1e-12
+    runs_b = enumerate_runs(prog_fn(prog), batched=True)
+    runs_e = enumerate_runs(prog_fn(prog), batched=False)
+    assert [sorted(r.choices) for r in runs_b] == [sorted(r.choices) for r in runs_e]
+    assert [r.stopped for r in runs_b] == [r.stopped for r in runs_e]
+    assert [int(r.value) for r in runs_b] == [int(r.value) for r in runs_e]
+    np.testing.assert_allclose([r.log_prob for r in runs_b], [r.log_prob for r in runs_e], rtol=1e-12)
+
+
+def prog_fn(prog):
+    from ppinfer.algorithms.enumerate import _Unrolled
+
+    return _Unrolled(prog)
 
 
 def test_continuous_choice_is_an_error():

@@ -61,10 +61,11 @@ class Enumerate:
             run this long (``None``: no time limit).
 
         batched: ``True``: run the executions level by level, each level (every partial
-            execution that has fixed the same choices) as one compiled, vmapped batch. A program
-            the batch cannot trace (Python control flow on a choice, a sequential program that
-            calls :func:`~ppinfer.stop`, a support that depends on earlier choices) falls back to
-            one eager execution per branch; ``False`` forces that path. ``None`` (default): batched
+            execution that has fixed the same choices) as one compiled, vmapped batch; a
+            sequential program that calls :func:`~ppinfer.stop` runs every step there, a stopped
+            particle's later steps dormant (see :func:`unroll`). A program the batch cannot trace
+            (Python control flow on a choice, a support that depends on earlier choices) falls
+            back to one eager execution per branch; ``False`` forces that path. ``None`` (default): batched
             unless the tree is tiny (at most :data:`EAGER_NODES` executions by the product of the
             supports), where compiling costs more than running each branch eagerly.
 
@@ -106,7 +107,7 @@ class Enumerate:
             log_masses = jnp.asarray(runs.log_prob + runs.log_weight)
             if is_sequential(program):
                 samples, extras["active"], extras["site_kinds"] = _stacked_trajectories(
-                    runs.choices, program.steps_for(args)
+                    runs.choices, program.steps_for(args), runs.step_ran
                 )
             else:
                 samples = {k: jnp.asarray(v) for k, v in runs.choices.items()}
@@ -179,16 +180,22 @@ class _Stacked(NamedTuple):
     stopped: np.ndarray
     executions: int
     batched: bool = True
+    step_ran: np.ndarray | None = None  # bool[B, T] for a sequential program: which steps ran
 
     @property
     def num_branches(self) -> int:
         return int(self.log_prob.shape[0])
 
+    def _ran(self, site: str, i: int) -> bool:
+        """Whether branch ``i`` ran the step of ``site`` (``<t>/<name>``; not a dormant step)."""
+        step = site.split("/", 1)[0]
+        return self.step_ran is None or not step.isdigit() or bool(self.step_ran[i, int(step)])
+
     @property
     def branches(self) -> list[Branch]:
         return [
             Branch(
-                {k: v[i] for k, v in self.choices.items()},
+                {k: v[i] for k, v in self.choices.items() if self._ran(k, i)},
                 float(self.log_prob[i]),
                 float(self.log_weight[i]),
                 jax.tree.map(lambda x, i=i: x[i], self.value),
@@ -207,8 +214,10 @@ def _enumerate(fn, args, kwargs, proposal, max_branches, prune, max_seconds, bat
     start = time.perf_counter()
     if batched is not False and proposal is None:
         small = 0 if batched else EAGER_NODES
+        # A sequential program runs every step in the batch, a stopped particle's later ones dormant.
+        traced = _Unrolled(fn.program, dormant=True) if isinstance(fn, _Unrolled) else fn
         try:
-            return _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start, small)
+            return _enumerate_batched(traced, args, kwargs, max_branches, prune, max_seconds, start, small)
         except PPInferError:
             raise
         except Exception:  # not traceable as one batch: one eager execution per branch
@@ -267,7 +276,8 @@ class _first_values(Messenger):
         if not getattr(d, "has_enumerate_support", False):
             support_values(msg["name"], d)  # raises the EnumerationError
         support = np.asarray(d.enumerate_support(expand=True))
-        weighted = msg.get("mask") is not None or msg.get("scale") is not None
+        own_mask = msg.get("mask") is not None and not msg.get("ppinfer_stop_mask", False)
+        weighted = own_mask or msg.get("scale") is not None
         self.sites.append((msg["name"], support, tuple(d.batch_shape), weighted))
         msg["value"] = jnp.asarray(support[0])
 
@@ -301,8 +311,8 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
 
     def one(values, dyn):
         a, kw = rebuild(dyn)
-        stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
-        with handlers.trace() as tr, handlers.seed(rng_seed=0), _given_values(values), stops, seen:
+        stops, seen, flags = collect_stops(), watch_messages(STOP_MESSAGE), _step_flags()
+        with handlers.trace() as tr, handlers.seed(rng_seed=0), _given_values(values), stops, seen, flags:
             value = fn(*a, **kw)
         samples = [s for s in tr.values() if s["type"] == "sample"]
         zero = jnp.zeros((), jnp.result_type(float))
@@ -315,6 +325,9 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
             "choices": choices_of(tr),
             "value": value,
             "stopped": jnp.asarray(stops.stopped if seen.seen else False),
+            # A stopped particle's later steps (unroll's dormant steps): which ran, which sites slept.
+            "step_ran": dict(flags.ran),
+            "dormant": {n: jnp.asarray(tr[n].get("ppinfer_dormant", False)) for n, _, _, _ in sites},
         }
 
     try:
@@ -409,10 +422,13 @@ def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start
         choice_values = flat[combos, pos].reshape((len(combos),) + support.shape[1:])
         joint = out["support_lp"][name].reshape(rows, k, size)[:, combos, pos].sum(-1)  # [rows, C]
         keep = np.ones(joint.shape, bool)
+        # A dormant site (its particle stopped earlier) has no choice: its first value stands in.
+        asleep = np.asarray(out["dormant"][name], bool).reshape(rows)
+        keep &= ~asleep[:, None] | (np.arange(len(combos)) == 0)[None, :]
         if prune:
             keep &= (partial > -np.inf)[:, None]
             if not weighted:
-                keep &= joint > -np.inf
+                keep &= (joint > -np.inf) | asleep[:, None]
         count = int(keep.sum())
         if count > max_branches:
             raise EnumerationError(
@@ -423,31 +439,51 @@ def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start
         fixed = {n: v[b_idx] for n, v in fixed.items()}
         fixed[name] = choice_values[c_idx]
         rows = count
+    ran = None
+    if isinstance(fn, _Unrolled):
+        ran = np.ones((rows, fn.program.steps_for(args)), bool)
+        for t, flag in out["step_ran"].items():
+            ran[:, t] = np.asarray(flag, bool).reshape(rows)
     return _Stacked(
-        out["choices"], out["log_prob"], out["log_weight"], out["value"], out["stopped"], executions
-    )
+        out["choices"], out["log_prob"], out["log_weight"], out["value"], out["stopped"], executions,
+        step_ran=ran,
+    )  # fmt: skip
 
 
 class _Unrolled:
     """``_Unrolled(program)(*args)`` runs :func:`unroll` ``(program, args)``; equal for the same
-    program, so the batched enumeration's compiled run is reused across calls."""
+    program (and ``dormant``), so the batched enumeration's compiled run is reused across calls."""
 
-    def __init__(self, program: SequentialProgram):
-        self.program = program
+    def __init__(self, program: SequentialProgram, dormant: bool = False):
+        self.program, self.dormant = program, dormant
 
     def __call__(self, *args: Any) -> Any:
-        return unroll(self.program, args)()
+        return unroll(self.program, args, self.dormant)()
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Unrolled) and other.program is self.program
+        return (
+            isinstance(other, _Unrolled) and other.program is self.program and other.dormant == self.dormant
+        )
 
     def __hash__(self) -> int:
-        return hash((_Unrolled, id(self.program)))
+        return hash((_Unrolled, id(self.program), self.dormant))
 
 
-def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
+STEP_MESSAGE = "ppinfer_step_ran"
+"""The message :func:`unroll` (with ``dormant=True``) sends before step ``t``: ``args = (t, ran)``,
+``ran: bool[]`` whether the particle had not stopped before it."""
+
+
+def unroll(program: SequentialProgram, args: tuple, dormant: bool = False) -> Callable[[], Any]:
     """A static program running ``init`` then every step (until the particle stops); sites are named
-    ``init/<name>`` and ``<t>/<name>``."""
+    ``init/<name>`` and ``<t>/<name>``.
+
+    ``dormant=True`` (the batched enumeration, where whether a particle stopped is traced): every
+    step runs, and once the particle has stopped the later steps are *dormant*: their sample sites
+    are masked out (log density 0, the site marked ``ppinfer_dormant``), and the state keeps its
+    value (:func:`~ppinfer.suspended.keep_finished`, the SMC engine's rule for finished particles).
+    Before each step a :data:`STEP_MESSAGE` says whether it ran. A program that never calls
+    :func:`~ppinfer.stop` runs exactly as without ``dormant``."""
     num_steps = program.steps_for(args)
 
     def unrolled():
@@ -455,15 +491,69 @@ def unroll(program: SequentialProgram, args: tuple) -> Callable[[], Any]:
         with handlers.scope(prefix="init", divider="/"), stops, seen:
             state = program.init(*args)
         state = jax.tree.map(jnp.asarray, state)
+        done = stops.stopped if seen.seen else None
         for t in range(num_steps):
-            if seen.seen and bool(stops.stopped):  # traced (batched enumeration): not batchable
+            if not dormant and seen.seen and bool(stops.stopped):  # traced: not batchable
                 break
+            if dormant and done is not None:
+                _step_ran(t, jnp.logical_not(done))
             stops, seen = collect_stops(), watch_messages(STOP_MESSAGE)
-            with handlers.scope(prefix=str(t), divider="/"), stops, seen:
-                state = program.step(state, jnp.asarray(t, jnp.int32), *args)
+            with handlers.scope(prefix=str(t), divider="/"), stops, seen, _asleep(done if dormant else None):
+                new = program.step(state, jnp.asarray(t, jnp.int32), *args)
+            if dormant and done is not None:
+                new = _keep_one(done, jax.tree.map(jnp.asarray, new), state)
+            state = new
+            if dormant and seen.seen:
+                done = stops.stopped if done is None else jnp.logical_or(done, stops.stopped)
         return state
 
     return unrolled
+
+
+def _step_ran(t: int, ran: jax.Array) -> None:
+    from numpyro.primitives import apply_stack
+
+    apply_stack({"type": STEP_MESSAGE, "fn": lambda *a: None, "args": (t, ran), "kwargs": {}, "value": None})
+
+
+def _keep_one(done: jax.Array, new: Any, old: Any) -> Any:
+    """:func:`~ppinfer.suspended.keep_finished` for one particle (no particle axis)."""
+    from ppinfer.suspended import keep_finished
+
+    add = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
+    return jax.tree.map(lambda x: x[0], keep_finished(jnp.reshape(done, (1,)), add(new), add(old)))
+
+
+class _asleep(Messenger):
+    """Masks every sample site out where ``done`` (a stopped particle's later steps) and marks it
+    ``ppinfer_dormant``; ``stop_mask`` says the mask is only this one (not the program's own).
+    ``done=None``: nothing to do."""
+
+    def __init__(self, done: jax.Array | None):
+        super().__init__()
+        self.done = done
+
+    def process_message(self, msg):
+        if self.done is None or msg["type"] not in ("sample", "deterministic"):
+            return
+        msg["ppinfer_dormant"] = self.done
+        if msg["type"] == "sample":
+            awake = jnp.logical_not(self.done)
+            msg["ppinfer_stop_mask"] = msg.get("mask") is None
+            msg["mask"] = awake if msg.get("mask") is None else jnp.logical_and(msg["mask"], awake)
+
+
+class _step_flags(Messenger):
+    """Collects :data:`STEP_MESSAGE` s: ``ran[t]`` for each step that sent one."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran: dict[int, jax.Array] = {}
+
+    def process_message(self, msg):
+        if msg["type"] == STEP_MESSAGE:
+            t, ran = msg["args"]
+            self.ran[t] = ran
 
 
 class _Branching(Exception):
@@ -562,17 +652,27 @@ def _stack(dicts: list[dict]) -> dict:
     return {n: jnp.asarray(np.stack([d[n] for d in dicts])) for n in names}
 
 
-def _stacked_trajectories(choices: dict, num_steps: int) -> tuple[dict, jax.Array, dict]:
-    """:func:`_as_trajectories` for stacked choices of a batched enumeration (every branch ran
-    every step: a program that stops is not batched)."""
+def _stacked_trajectories(
+    choices: dict, num_steps: int, ran: np.ndarray | None = None
+) -> tuple[dict, jax.Array, dict]:
+    """:func:`_as_trajectories` for stacked choices of a batched enumeration: every branch ran
+    every step, a stopped particle's later steps dormant (``ran: bool[B, T]`` false there); as in
+    the eager path those steps are zero-filled and marked inactive."""
     from ppinfer.algorithms.smc import sample_names
 
+    rows = next(iter(choices.values())).shape[0] if choices else 0
+    ran = np.ones((rows, num_steps), bool) if ran is None else ran
     init = {k[5:]: jnp.asarray(v) for k, v in choices.items() if k.startswith("init/")}
     names = {k.split("/", 1)[1] for k in choices if not k.startswith("init/")}
-    steps = {n: jnp.asarray(np.stack([choices[f"{t}/{n}"] for t in range(num_steps)], 1)) for n in names}
-    rows = next(iter(choices.values())).shape[0] if choices else 0
+
+    def trajectory(n):
+        values = np.stack([choices[f"{t}/{n}"] for t in range(num_steps)], 1)
+        asleep = ~ran.reshape(ran.shape + (1,) * (values.ndim - 2))
+        return jnp.asarray(np.where(asleep, np.zeros_like(values), values))
+
+    steps = {n: trajectory(n) for n in names}
     samples, kinds = sample_names(init, steps)
-    return samples, jnp.ones((rows, num_steps), bool), kinds
+    return samples, jnp.asarray(ran), kinds
 
 
 def _as_trajectories(choices: list[dict], num_steps: int) -> tuple[dict, jax.Array, dict]:
