@@ -172,3 +172,43 @@ def test_ancestor_sampling_rejects_non_markov_program():
     algorithm = ParticleGibbs(4, num_samples=5, num_warmup=0, num_chains=1, ancestor_sampling=True)
     with pytest.raises(pp.ModelError, match="Markov"):
         pp.infer(program, YS, algorithm=algorithm)
+
+
+def test_progress_bar_is_an_option_that_changes_neither_the_draws_nor_the_compiled_chain(capsys):
+    """``ParticleGibbs`` and ``PMMH`` take ``progress_bar`` like every algorithm; it is handed to the
+    MCMC driver, is not part of the kernel's identity (equal kernels, so no recompilation) and never
+    changes the draws."""
+    from ppinfer import _talk
+
+    def prior(ys):
+        pp.sample("a", dist.Uniform(-1.0, 1.0))
+
+    def init(theta, ys):
+        return jnp.zeros(())
+
+    def step(x, t, theta, ys):
+        x = pp.sample("x", dist.Normal(theta["a"] * x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), ys[t])
+        return x
+
+    program = pp.sequential(init, step, 3)
+    for make in (
+        lambda bar: ParticleGibbs(
+            4, num_samples=6, num_warmup=2, num_chains=2, prior=prior, progress_bar=bar
+        ),
+        lambda bar: pp.PMMH(
+            prior, num_particles=8, num_samples=6, num_warmup=2, num_chains=2, progress_bar=bar
+        ),
+    ):
+        assert make(True) == make(False) and hash(make(True)) == hash(make(False))
+        quiet = pp.infer(program, YS, algorithm=make(False), key=1)
+        capsys.readouterr()
+        old = _talk.NOTICE_AFTER_S
+        _talk.NOTICE_AFTER_S = 0.0  # announce any compilation
+        try:
+            shown = pp.infer(program, YS, algorithm=make(True), key=1)
+        finally:
+            _talk.NOTICE_AFTER_S = old
+        err = capsys.readouterr().err
+        assert make(True).name in err and "compiled" not in err  # the bar, and no recompilation
+        np.testing.assert_array_equal(np.asarray(quiet.chains()["a"]), np.asarray(shown.chains()["a"]))

@@ -59,7 +59,7 @@ re-scored under the proposed θ). Both updates leave ``p(θ, x | y)`` invariant,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -313,6 +313,8 @@ class ParticleGibbs:
         theta_moves: MH updates of θ per sweep, ≥ 1.
         step_size: initial random-walk scale of θ in the unconstrained space, adapted during warm-up
             towards ``target_accept`` and then frozen.
+        progress_bar: a tqdm bar over the transitions, as for :class:`~ppinfer.MCMC` (``None``:
+            shown when stderr is a terminal and ppinfer is not quiet); it never changes the draws.
 
     The result's ``extras``: ``acceptance_rate: f[C]`` (θ moves), ``update_rate: f[C, T]`` (fraction
     of sweeps in which step ``t``'s choices changed).
@@ -327,6 +329,8 @@ class ParticleGibbs:
     theta_moves: int = 1
     step_size: float = 0.2
     target_accept: float = 0.3
+    # Not part of equality: the bar never changes the compiled chain (no recompilation).
+    progress_bar: bool | None = field(default=None, compare=False)
 
     name = "ParticleGibbs"
 
@@ -349,7 +353,8 @@ class ParticleGibbs:
     sequential = True  # the MCMC driver hands it a sequential program
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
-        return MCMC(self, self.num_samples, self.num_warmup, self.num_chains).run(key, program, args)
+        mcmc = MCMC(self, self.num_samples, self.num_warmup, self.num_chains, progress_bar=self.progress_bar)
+        return mcmc.run(key, program, args)
 
     def extras(self, infos: dict) -> dict:
         """Check the run (NaN sites, a dead first sweep, a non-Markov program under ancestor

@@ -17,7 +17,7 @@ with ``Ẑ(θ)`` kept from when θ was accepted (re-estimating it would break va
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -65,6 +65,8 @@ class PMMH:
             starts from its own prior draw).
         step_size: initial random-walk scale in the unconstrained space (adapted during warm-up).
         resampling, ess_threshold: the inner SMC's settings.
+        progress_bar: a tqdm bar over the transitions, as for :class:`~ppinfer.MCMC` (``None``:
+            shown when stderr is a terminal and ppinfer is not quiet); it never changes the draws.
 
     ``extras["acceptance_rate"]: f[C]`` is each chain's acceptance rate over the recorded draws.
     """
@@ -77,6 +79,8 @@ class PMMH:
     step_size: float = 0.2
     resampling: str = "systematic"
     ess_threshold: float = 0.5
+    # Not part of equality: the bar never changes the compiled chain (no recompilation).
+    progress_bar: bool | None = field(default=None, compare=False)
 
     name = "PMMH"
     sequential = True  # the MCMC driver hands it a sequential program
@@ -97,7 +101,8 @@ class PMMH:
             raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
-        return MCMC(self, self.num_samples, self.num_warmup, self.num_chains).run(key, program, args)
+        mcmc = MCMC(self, self.num_samples, self.num_warmup, self.num_chains, progress_bar=self.progress_bar)
+        return mcmc.run(key, program, args)
 
     def extras(self, infos: dict) -> dict:
         """The result's extras from the recorded infos (``[C, S]``)."""
