@@ -325,9 +325,7 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
             "choices": choices_of(tr),
             "value": value,
             "stopped": jnp.asarray(stops.stopped if seen.seen else False),
-            # A stopped particle's later steps (unroll's dormant steps): which ran, which sites slept.
-            "step_ran": dict(flags.ran),
-            "dormant": {n: jnp.asarray(tr[n].get("ppinfer_dormant", False)) for n, _, _, _ in sites},
+            "step_ran": dict(flags.ran),  # step t → whether it ran (not dormant), once a stop was seen
         }
 
     try:
@@ -423,7 +421,7 @@ def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start
         joint = out["support_lp"][name].reshape(rows, k, size)[:, combos, pos].sum(-1)  # [rows, C]
         keep = np.ones(joint.shape, bool)
         # A dormant site (its particle stopped earlier) has no choice: its first value stands in.
-        asleep = np.asarray(out["dormant"][name], bool).reshape(rows)
+        asleep = ~_ran_rows(out["step_ran"], name, rows)
         keep &= ~asleep[:, None] | (np.arange(len(combos)) == 0)[None, :]
         if prune:
             keep &= (partial > -np.inf)[:, None]
@@ -441,13 +439,19 @@ def _enumerate_batched(fn, args, kwargs, max_branches, prune, max_seconds, start
         rows = count
     ran = None
     if isinstance(fn, _Unrolled):
-        ran = np.ones((rows, fn.program.steps_for(args)), bool)
-        for t, flag in out["step_ran"].items():
-            ran[:, t] = np.asarray(flag, bool).reshape(rows)
+        steps = fn.program.steps_for(args)
+        ran = np.stack([_ran_rows(out["step_ran"], f"{t}/", rows) for t in range(steps)], 1)
     return _Stacked(
         out["choices"], out["log_prob"], out["log_weight"], out["value"], out["stopped"], executions,
         step_ran=ran,
     )  # fmt: skip
+
+
+def _ran_rows(step_ran: dict, site: str, rows: int) -> np.ndarray:
+    """``bool[rows]``: whether each row ran the step of ``site`` (``<t>/<name>``: not dormant)."""
+    step = site.split("/", 1)[0]
+    flag = step_ran.get(int(step), True) if step.isdigit() else True
+    return np.broadcast_to(np.asarray(flag, bool).reshape(-1), (rows,))
 
 
 class _Unrolled:
@@ -480,7 +484,7 @@ def unroll(program: SequentialProgram, args: tuple, dormant: bool = False) -> Ca
 
     ``dormant=True`` (the batched enumeration, where whether a particle stopped is traced): every
     step runs, and once the particle has stopped the later steps are *dormant*: their sample sites
-    are masked out (log density 0, the site marked ``ppinfer_dormant``), and the state keeps its
+    are masked out (log density 0), and the state keeps its
     value (:func:`~ppinfer.suspended.keep_finished`, the SMC engine's rule for finished particles).
     Before each step a :data:`STEP_MESSAGE` says whether it ran. A program that never calls
     :func:`~ppinfer.stop` runs exactly as without ``dormant``."""
@@ -525,8 +529,8 @@ def _keep_one(done: jax.Array, new: Any, old: Any) -> Any:
 
 
 class _asleep(Messenger):
-    """Masks every sample site out where ``done`` (a stopped particle's later steps) and marks it
-    ``ppinfer_dormant``; ``stop_mask`` says the mask is only this one (not the program's own).
+    """Masks every sample site out where ``done`` (a stopped particle's later steps: log density
+    0); ``ppinfer_stop_mask`` says the mask is only this one (not the program's own).
     ``done=None``: nothing to do."""
 
     def __init__(self, done: jax.Array | None):
@@ -534,13 +538,11 @@ class _asleep(Messenger):
         self.done = done
 
     def process_message(self, msg):
-        if self.done is None or msg["type"] not in ("sample", "deterministic"):
+        if self.done is None or msg["type"] != "sample":
             return
-        msg["ppinfer_dormant"] = self.done
-        if msg["type"] == "sample":
-            awake = jnp.logical_not(self.done)
-            msg["ppinfer_stop_mask"] = msg.get("mask") is None
-            msg["mask"] = awake if msg.get("mask") is None else jnp.logical_and(msg["mask"], awake)
+        awake = jnp.logical_not(self.done)
+        msg["ppinfer_stop_mask"] = msg.get("mask") is None
+        msg["mask"] = awake if msg.get("mask") is None else jnp.logical_and(msg["mask"], awake)
 
 
 class _step_flags(Messenger):

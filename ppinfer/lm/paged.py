@@ -320,12 +320,12 @@ def _attend(config, q, k, v, prompt_k, prompt_v, prompt_mask, pool_k, pool_v, ca
     acc = acc + dot("nkgs,nksd->nkgd", p_tail.astype(tail_v.dtype), tail_v)
     columns = cache.table.shape[1]
 
-    def group(width, first):
-        """The loop body over ``width`` block columns from ``first(j)``."""
+    def group(width):
+        """The loop body over the ``width`` block columns from ``j * width``."""
 
         def body(j, carry):
             m, z, acc = carry
-            cols = first(j) + jnp.arange(width)
+            cols = j * width + jnp.arange(width)
             ids = cache.table[:, jnp.minimum(cols, columns - 1)]  # [N, width]
             ids = jnp.clip(ids, 0, pool_k.shape[0] - 1)
             kb, vb = pool_k[ids, index], pool_v[ids, index]  # [N, width, Hkv, B, hd]: one gather each
@@ -340,11 +340,7 @@ def _attend(config, q, k, v, prompt_k, prompt_v, prompt_mask, pool_k, pool_v, ca
 
         return body
 
-    # Groups of COLUMNS columns, then the rest one at a time: no column past ``live`` is read.
-    width = min(COLUMNS, columns)
-    grouped = live // width * width
-    carry = jax.lax.fori_loop(0, live // width, group(width, lambda j: j * width), (m, z, acc))
-    m, z, acc = jax.lax.fori_loop(grouped, live, group(1, lambda j: j), carry)
+    m, z, acc = tr.spans_then_blocks(live, min(COLUMNS, columns), group, (m, z, acc))
     out = (acc / z[..., None]).astype(v.dtype)  # [N, Hkv, G, hd]
     return out.reshape(n, config.num_heads * hd)
 

@@ -36,7 +36,8 @@ differentiable: differentiate through ``attention="dense"`` (or :func:`sequence_
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,14 +292,20 @@ def _attend_blocked(
 
         return body
 
-    # Spans of BLOCK_COLUMNS blocks (fewer, larger slices and products), then the rest block by
-    # block: nothing past the live blocks is read.
     width = max(1, min(BLOCK_COLUMNS, max_new // block))
-    carry = jax.lax.fori_loop(0, live_blocks // width, over(width * block), (m, z, acc))
-    m, z, acc = jax.lax.fori_loop(live_blocks // width * width, live_blocks, over(block), carry)
+    m, z, acc = spans_then_blocks(live_blocks, width, lambda w: over(w * block), (m, z, acc))
     out = (acc / z[..., None]).astype(v.dtype)  # [Hkv, G, 1, hd]
     out = jnp.transpose(out, (2, 0, 1, 3))
     return out.reshape(out.shape[0], config.num_heads * config.head_dim)
+
+
+def spans_then_blocks(live: jax.Array, width: int, body_of: Callable, carry: Any) -> Any:
+    """A ``fori_loop`` over blocks ``0 … live − 1`` (``live`` may be traced) in spans of ``width``
+    blocks, then the last ``live % width`` blocks one at a time, so that nothing past block
+    ``live`` is read: ``body_of(w)`` is the loop body ``(j, carry) -> carry`` over the ``w``
+    blocks from ``j * w``. Fewer, larger slices and products than one block per iteration."""
+    carry = jax.lax.fori_loop(0, live // width, body_of(width), carry)
+    return jax.lax.fori_loop(live // width * width, live, body_of(1), carry)
 
 
 def _block_values(probs, v):
