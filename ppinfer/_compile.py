@@ -159,7 +159,7 @@ def chunked_run(
             run = advance_c(start_c(key, dyn), dyn, np.int32(0))
             jax.block_until_ready(output_c(jax.tree.map(jax.numpy.copy, run), dyn))
     else:
-        run = start_c(key, dyn)
+        run = start_c.dispatch(key, dyn)  # no wait: the first chunk queues behind it
     advance_to = lambda run, stop: advance_c(run, dyn, np.int32(stop))
     run = run_in_chunks(advance_to, position, run, total, desc, progress, pace=cache_key)
     return output_c(run, dyn)
@@ -195,6 +195,13 @@ class _Jitted:
             if sig is not None:
                 self._compiled.add(sig)
         return out
+
+    def dispatch(self, *args: Any) -> Any:
+        """Like calling it, but code already compiled for ``args`` is only dispatched: the result
+        may still be computing (a later call can take it as input without a wait in between)."""
+        if self.compiled_for(*args):
+            return self._jitted(*args)
+        return self(*args)
 
     def compiled_for(self, *args: Any) -> bool:
         """Whether a call on ``args`` runs code already compiled (no tracing, no compilation)."""
@@ -301,7 +308,7 @@ def check_data(args: Any) -> None:
     """Raise :class:`DataError` if an argument is data ppinfer cannot use: a floating-point array
     or scalar containing NaN, complex numbers, an object array, or a pandas object."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
-        where = jax.tree_util.keystr(path) or "argument"
+        where = _Where(path)  # spelled out only in an error
         if type(leaf).__module__.split(".")[0] == "pandas":
             raise DataError(
                 f"program argument {where} is a pandas {type(leaf).__name__}: pass its values as "
@@ -326,6 +333,16 @@ def check_data(args: Any) -> None:
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
             raise DataError(f"program argument {where} contains NaN")
+
+
+class _Where:
+    """An argument's path, as ``keystr`` spells it, computed only when formatted."""
+
+    def __init__(self, path: Any):
+        self.path = path
+
+    def __format__(self, spec: str) -> str:
+        return format(jax.tree_util.keystr(self.path) or "argument", spec)
 
 
 def _is_dynamic_or_array(x: Any) -> bool:

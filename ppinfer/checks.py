@@ -101,7 +101,8 @@ class _SampleSites(handlers.trace):
 
 
 def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
-    bad = sorted(name for name, flag in nan_sites.items() if bool(np.any(np.asarray(flag))))
+    flags = jax.device_get(nan_sites)  # one transfer for every site
+    bad = sorted(name for name, flag in flags.items() if bool(np.any(flag)))
     if bad:
         raise ModelError(
             f"{what}: the log density at site(s) {bad} was NaN or +inf — invalid distribution "

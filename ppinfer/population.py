@@ -25,6 +25,7 @@ __all__ = [
     "normalized_weights",
     "normalize",
     "log_evidence",
+    "log_evidence_and_ess",
     "collapse",
     "collapse_from_uniform",
     "gather",
@@ -96,6 +97,20 @@ def normalize(log_weights: jax.Array) -> jax.Array:
     shifted = log_weights - jnp.where(jnp.isfinite(top), top, 0.0)
     lse = logsumexp(shifted)
     return jnp.where(jnp.isfinite(lse), shifted - lse, log_weights)
+
+
+def log_evidence_and_ess(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log Ẑ, ESS)`` of ``log_weights: f32[N]``: :func:`log_evidence` and :func:`ess` from one
+    shift by the largest weight and two sums over ``w = exp(log_weights − max)`` (which XLA fuses
+    into one pass): ``log Ẑ = max + log Σ w`` and ``ESS = (Σ w)² / Σ w²``. Exact at every scale
+    (no ``w − log Ẑ`` round-off for weights far from 0) and differentiable in ``log Ẑ`` like
+    ``logsumexp``. Every weight zero: ``(−inf, 0)``."""
+    top = jax.lax.stop_gradient(jnp.max(log_weights))
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(log_weights - shift)
+    total = jnp.sum(w)
+    ess_value = jax.lax.stop_gradient(jnp.where(total > 0, total * total / jnp.sum(w * w), 0.0))
+    return jnp.log(total) + shift, ess_value
 
 
 def log_evidence(log_weights: jax.Array) -> jax.Array:

@@ -138,12 +138,14 @@ def advance(
     may_stop: bool = True,
     values: dict[str, jax.Array] | None = None,
     pinned: tuple[dict[str, jax.Array], jax.Array] | None = None,
+    reduce_nan: bool = True,
 ) -> tuple[Sequential, StepInfo]:
     """Run step ``seq.t`` for every particle (vmapped); see the module docstring. With
     ``may_stop=False`` — a promise that no particle has stopped or will (:func:`can_stop` is false)
     — the finished-particle masks are skipped: every particle takes its new state and increment.
     ``values`` (site → ``[N, …]``) injects the latent draws (:func:`~ppinfer.weighted.simulate`);
-    ``pinned`` as in :func:`start`."""
+    ``pinned`` as in :func:`start`. With ``reduce_nan=False`` the returned ``nan_sites`` are per
+    particle (``bool[N]``, false for a finished particle) for the caller to reduce."""
     particles: Particle = seq.population.particles
     n = seq.population.num_particles
     t = seq.t
@@ -162,9 +164,9 @@ def advance(
         state = keep_finished(done, new_state, particles.state)
         increments = jnp.where(done, 0.0, weighted.log_weight)
         live, done = ~done, done | info.stopped
-    nan_sites = {
-        name: jnp.any(flag if live is None else flag & live) for name, flag in info.nan_sites.items()
-    }
+    nan_sites = {name: flag if live is None else flag & live for name, flag in info.nan_sites.items()}
+    if reduce_nan:
+        nan_sites = _any(nan_sites)
     pop = Population(Particle(state, done), seq.population.log_weights + increments)
     step_info = StepInfo(weighted.choices, increments, nan_sites, info.log_prob_draws)
     return Sequential(pop, t + 1), step_info

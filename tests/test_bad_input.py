@@ -168,6 +168,25 @@ def test_infinite_factor_in_a_sequential_step_is_a_model_error():
         pp.infer(pp.sequential(init, step, 3), algorithm=pp.SMC(8))
 
 
+@pytest.mark.parametrize("value", [jnp.inf, jnp.nan])
+@pytest.mark.parametrize("stops", [False, True])
+def test_nan_or_infinite_site_for_a_few_particles_of_a_later_step_is_named(value, stops):
+    # The step checks its sites only when the step's log-sum-exp is NaN or +inf (what a bad site
+    # at a live particle makes it): a gate that missed +inf, or a particle, would let this run end.
+    def init():
+        return jnp.zeros(())
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.factor("tail", jnp.where((t == 3) & (x > 2.5), value, 0.0))
+        if stops:
+            pp.stop(t == 5)
+        return x
+
+    with pytest.raises(ModelError, match="'tail'"):
+        pp.infer(pp.sequential(init, step, 6), algorithm=pp.SMC(4096), key=3)
+
+
 def test_minus_infinity_drops_the_particle():
     def m():
         x = pp.sample("x", dist.Normal(0.0, 1.0))
@@ -1020,6 +1039,20 @@ def test_enumerate_batched_setting():
 def test_seed_beyond_64_bits(key):
     with pytest.raises(ConfigError, match="an int seed must fit in 64 bits"):
         pp.infer(normal_model, 0.5, algorithm=pp.Importance(4), key=key)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_an_int_seed_is_jax_s_own_key(wide):
+    # infer computes the threefry key of an int seed on the host: it must be PRNGKey's, bit for bit
+    # (with and without x64, where JAX keeps only the low 32 bits), so a seed means the same run.
+    from ppinfer.infer import _as_key
+
+    with jax.enable_x64(wide):
+        for seed in [0, 1, 7, 2**31, 2**32 - 1, 2**32, 2**40 + 5, 2**63 - 1, -1, -5, -(2**31) - 1, -(2**63)]:
+            np.testing.assert_array_equal(np.asarray(_as_key(seed)), np.asarray(jax.random.PRNGKey(seed)))
+        r1 = pp.infer(normal_model, 0.5, algorithm=pp.Importance(8), key=2**40 + 5)
+        r2 = pp.infer(normal_model, 0.5, algorithm=pp.Importance(8), key=jax.random.PRNGKey(2**40 + 5))
+        np.testing.assert_array_equal(np.asarray(r1.log_weights), np.asarray(r2.log_weights))
 
 
 @pytest.mark.parametrize("cls", [pp.SMC, pp.Importance])

@@ -28,6 +28,34 @@ def test_ess_uniform_and_degenerate():
     assert float(pp.ess(lw - 1e4)) == pytest.approx(float(pp.ess(lw)), rel=1e-3)
 
 
+@pytest.mark.parametrize("shift", [0.0, -1e4, -1e8, 300.0])
+def test_log_evidence_and_ess_match_float64_at_every_scale(shift):
+    from ppinfer.population import log_evidence_and_ess
+
+    rng = np.random.default_rng(0)
+    lw = rng.normal(size=1000) * 3.0
+    lw[::7] = -np.inf
+    x = (lw + shift).astype(np.float32)
+    lse, ess = log_evidence_and_ess(jnp.asarray(x))
+    x = x.astype(np.float64)  # the reference: the same float32 inputs, in float64
+    top = x[np.isfinite(x)].max()
+    w = np.exp(x - top)
+    assert float(lse) == pytest.approx(np.log(w.sum()) + top, rel=1e-6, abs=1e-5)
+    assert float(ess) == pytest.approx(w.sum() ** 2 / (w**2).sum(), rel=1e-5)
+
+
+def test_log_evidence_and_ess_dead_nan_and_gradient():
+    from ppinfer.population import log_evidence_and_ess
+
+    lse, ess = log_evidence_and_ess(jnp.full(4, -jnp.inf))
+    assert float(lse) == -np.inf and float(ess) == 0.0
+    assert np.isnan(float(log_evidence_and_ess(jnp.array([0.0, jnp.nan]))[0]))
+    assert float(log_evidence_and_ess(jnp.array([0.0, jnp.inf]))[0]) == np.inf
+    lw = jnp.array([0.3, -1.2, 2.0, -jnp.inf])
+    grad = jax.grad(lambda x: log_evidence_and_ess(x)[0])(lw)  # VSMC differentiates log Ẑ
+    np.testing.assert_allclose(grad, jax.grad(jax.scipy.special.logsumexp)(lw), rtol=1e-6)
+
+
 def test_normalize_and_log_evidence():
     lw = jnp.array([1.0, 2.0, -jnp.inf])
     p = jnp.exp(pp.normalize(lw))
