@@ -160,9 +160,16 @@ def chunked_run(
             jax.block_until_ready(output_c(jax.tree.map(jax.numpy.copy, run), dyn))
     else:
         run = start_c.dispatch(key, dyn)  # no wait: the first chunk queues behind it
-    advance_to = lambda run, stop: advance_c(run, dyn, np.int32(stop))
-    run = run_in_chunks(advance_to, position, run, total, desc, progress, pace=cache_key)
-    return output_c(run, dyn)
+
+    def wait_for(run: Any) -> tuple[int, bool]:
+        with TRACE_LOCK.released():  # other threads may trace while this chunk runs
+            return position(run)
+
+    # Chunks are only dispatched: reading the position waits for one, and the last goes straight
+    # to the output, which waits once for both (a short run is three dispatches and one wait).
+    advance_to = lambda run, stop: advance_c.dispatch(run, dyn, np.int32(stop))
+    finish = lambda run: output_c(run, dyn)
+    return run_in_chunks(advance_to, wait_for, run, total, desc, progress, pace=cache_key, finish=finish)
 
 
 def forget(key: Hashable) -> None:

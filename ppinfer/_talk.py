@@ -262,6 +262,7 @@ def run_in_chunks(
     desc: str,
     progress: bool | None,
     pace: Any = None,
+    finish: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Drive a compiled loop of at most ``total`` steps in chunks from Python and return its final
     carry. ``advance(carry, stop)`` runs the steps up to ``stop`` (fewer if the loop ends first;
@@ -272,7 +273,11 @@ def run_in_chunks(
     :data:`CHUNK_SECONDS` at its pace: a short run is then one compiled call. Between chunks a bar
     moves (``progress``; ``None``: on a terminal, for a run expected to last over
     :data:`BAR_AFTER_S`) and Ctrl-C lands as ``KeyboardInterrupt`` (:func:`interruptible`),
-    discarding the run."""
+    discarding the run.
+
+    With ``finish(carry) -> out`` the result is ``finish``'s, and the chunk that reaches ``total``
+    goes to ``finish`` without its position being read: the loop has ended there whatever it says
+    (``advance`` may then only dispatch its work, and ``finish`` wait once for both)."""
     import jax
 
     known = _PACE.get(pace) if pace is not None and jax.process_count() == 1 else None
@@ -282,8 +287,13 @@ def run_in_chunks(
         bar, done = None, 0
         while done < total:
             t0 = time.perf_counter()
-            carry = advance(carry, min(total, done + length))
-            steps, finished = position(carry)
+            stop = min(total, done + length)
+            carry = advance(carry, stop)
+            if finish is not None and stop == total:
+                carry, finish = finish(carry), None  # the last chunk: one wait for it and the output
+                steps, finished = total, True  # at most: a loop may end early (pace errs fast)
+            else:
+                steps, finished = position(carry)
             seconds = time.perf_counter() - t0
             interrupted()  # the chunk has run: Ctrl-C lands here
             ran, done = steps - done, steps
@@ -302,4 +312,4 @@ def run_in_chunks(
             if finished:
                 break
             length = next_chunk(length, per_step * length)
-    return carry
+    return carry if finish is None else finish(carry)  # a loop that ended before ``total``

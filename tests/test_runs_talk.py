@@ -451,3 +451,33 @@ def test_annealed_smc_chunks_and_progress_bar_do_not_change_the_result(cfg, monk
             lambda key, y: anneal_run(key, conjugate, (y,), 64, 2, ("temper", None), ("adaptive", 0.95, 100))
         )(jax.random.PRNGKey(2), Y)
         np.testing.assert_array_equal(np.asarray(whole["log_weights"]), np.asarray(default.log_weights))
+
+
+@pytest.mark.parametrize("ends_at", [10, 4])
+def test_run_in_chunks_hands_the_last_chunk_to_finish_without_reading_its_position(ends_at):
+    # The chunk that reaches the end goes straight to finish (one wait for both); a loop that ends
+    # earlier (all particles done) is finished after its position says so. Either way finish runs
+    # once, on the final carry.
+    calls = {"position": [], "finish": []}
+
+    def advance(carry, stop):
+        return min(stop, ends_at)
+
+    def position(carry):
+        calls["position"].append(carry)
+        return carry, carry >= ends_at
+
+    def finish(carry):
+        calls["finish"].append(carry)
+        return ("out", carry)
+
+    out = _talk.run_in_chunks(advance, position, 0, 10, "t", False, finish=finish)
+    assert out == ("out", ends_at) and calls["finish"] == [ends_at]
+    # FIRST_CHUNK = 8 steps: one position read (after step 8) when the loop runs to 10; when it
+    # ends at 4, the read after the first chunk says so.
+    assert calls["position"] == [8 if ends_at == 10 else 4]
+    known = ("pace", ends_at)
+    _talk._PACE[known] = 1e-6  # a known fast pace: the whole run is one chunk, no read at all
+    calls["position"].clear(), calls["finish"].clear()
+    out = _talk.run_in_chunks(advance, position, 0, 10, "t", False, pace=known, finish=finish)
+    assert out == ("out", ends_at) and calls == {"position": [], "finish": [ends_at]}

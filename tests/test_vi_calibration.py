@@ -129,3 +129,18 @@ def test_bad_inputs_raise_clear_errors():
 
     with pytest.raises(pp.ModelError, match="'pos'"):
         vsbc(with_condition, exact_guide, (0.0,), num_simulations=2)
+
+
+def test_vsbc_holds_the_trace_lock_while_it_traces():
+    # NumPyro's handler stack is process-global: vsbc traces the model and guide under ppinfer's
+    # trace lock, as infer does, so another thread's infer cannot interleave its handlers.
+    from ppinfer._compile import TRACE_LOCK
+
+    seen = []
+
+    def watched(y):
+        seen.append(TRACE_LOCK.held())
+        model(y)
+
+    vsbc(watched, exact_guide, (Y,), num_steps=2, num_simulations=2, num_draws=4, key=1)
+    assert seen and all(seen)

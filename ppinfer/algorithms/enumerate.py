@@ -304,7 +304,7 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
     The arguments' arrays are inputs of the compiled function, not constants, and it is cached
     (:func:`~ppinfer._compile.cached_jit`) under ``fn``, the static arguments and the sites' supports:
     enumerating the same program again, on new data of the same shapes, does not recompile."""
-    from ppinfer._compile import cached_jit, split_args
+    from ppinfer._compile import _ById, cached_jit, split_args
 
     dyn, static_key, rebuild = split_args((args, kwargs))
     supports = tuple((n, sup.shape, str(sup.dtype), sup.tobytes(), w) for n, sup, _, w in sites)
@@ -335,17 +335,6 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
         key = ("enumerate", _ById(fn), static_key, supports)
     run, _ = cached_jit(key, lambda: jax.vmap(one, in_axes=(0, None)))
     return lambda values: run(values, dyn)
-
-
-class _ById:
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __hash__(self) -> int:
-        return id(self.value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ById) and other.value is self.value
 
 
 def _run_rows(run, values: dict, rows: int, deadline: Callable[[], None]) -> dict:

@@ -219,9 +219,15 @@ def step(
     if given is not None:
         selection_shapes = jax.eval_shape(lambda p: given(p)[1], seq.population.particles)
 
+    # A program that cannot stop has no finished particle: ``done`` stays all false and is not
+    # gathered (one array less through every selection).
+    done_fixed = not may_stop and not isinstance(program, Reweighting)
+    whole = lambda state, size: Particle(state, jnp.zeros(size, bool))
+
     def select(operand):
         particles, carried = operand
-        chosen, selection_info = (base, ()) if given is None else given(particles)
+        particles_in = whole(particles, log_weights.shape[0]) if done_fixed else particles
+        chosen, selection_info = (base, ()) if given is None else given(particles_in)
         # The built-in selections take the log-sum-exp the step already has (no second pass over N).
         kwargs = {"lse": lse} if _takes_lse(chosen) else {}
         # Drawn inside the branch: a step that does not select draws nothing.
@@ -234,7 +240,7 @@ def step(
         skipped = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), selection_shapes)
         return (operand, log_weights, jnp.arange(n, dtype=jnp.int32)), skipped
 
-    operand = (seq.population.particles, carried)
+    operand = (seq.population.particles.state if done_fixed else seq.population.particles, carried)
     always = trigger is None and isinstance(select_now, bool) and select_now
     if always or extensions > 1:
         ((particles, carried), new_log_weights, ancestors), selection_info = select(operand)
@@ -245,6 +251,8 @@ def step(
         selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights, ess_t))
         selected_out = jax.lax.cond(selected, select, keep, operand)
         ((particles, carried), new_log_weights, ancestors), selection_info = selected_out
+    if done_fixed:
+        particles = whole(particles, new_log_weights.shape[0])
     if sharding is not None:
         particles, carried, new_log_weights = _constrain(sharding, (particles, carried, new_log_weights))
     new = SMCState(particles, new_log_weights, seq.t, carried)

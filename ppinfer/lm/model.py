@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from ppinfer._compile import cached_jit
 from ppinfer.errors import CheckpointError, ConfigError, DataError
 from ppinfer.lm import paged
 from ppinfer.lm.checkpoint import load_params, read_config
@@ -214,17 +215,11 @@ class LanguageModel:
             raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
         ids = self.encode(prompt)
         self._check_room(int(ids.shape[0]), max_new_tokens)
-        return _generate(
-            self.params,
-            self.config,
-            ids,
-            key,
-            num_particles,
-            max_new_tokens,
-            float(temperature),
-            eos,
-            _cache_kind(cache) == "paged",
-        )
+        # The one compile cache (its lock, memory check and compile notice), keyed by the settings.
+        settings = (num_particles, max_new_tokens, float(temperature), eos, _cache_kind(cache) == "paged")
+        build = lambda: functools.partial(_generate, config=self.config, settings=settings)
+        run, _ = cached_jit(("generate", self.config, settings), build)
+        return run(self.params, ids, key)
 
     def complete(self, prompt: str, **kwargs) -> list[str]:
         """Text of :meth:`generate`'s continuations, each cut before its EOS."""
@@ -320,22 +315,16 @@ def _cache_kind(cache: str) -> str:
     return cache
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7, 8))
 def _generate(
-    params: Params,
-    config: TransformerConfig,
-    prompt: jax.Array,
-    key: jax.Array,
-    num_particles: int,
-    max_new_tokens: int,
-    temperature: float,
-    eos_ids: tuple[int, ...],
-    use_paged: bool = False,
+    params: Params, prompt: jax.Array, key: jax.Array, *, config: TransformerConfig, settings: tuple
 ) -> Generation:
     """One batched decode per token for all sequences (:func:`batched_step`, the step SMC's token
-    programs use), in a ``while_loop`` that ends once every sequence has emitted EOS. Step ``i``
-    draws with ``jax.random.split(key, max_new_tokens)[i]``; a finished sequence is fed (and
-    records) ``max(eos_ids[0], 0)``; a sequence ends at any of ``eos_ids``."""
+    programs use), in a ``while_loop`` that ends once every sequence has emitted EOS. ``settings``
+    is ``(num_particles, max_new_tokens, temperature, eos_ids, use_paged)``. Step ``i`` draws with
+    ``jax.random.split(key, max_new_tokens)[i]``; a finished sequence is fed (and records)
+    ``max(eos_ids[0], 0)``; a sequence ends at any of ``eos_ids``. Pure; compiled by
+    :meth:`LanguageModel.generate` through :func:`~ppinfer._compile.cached_jit`."""
+    num_particles, max_new_tokens, temperature, eos_ids, use_paged = settings
     logits, prompt_cache = prefill(params, config, prompt)
     logits = jnp.broadcast_to(logits[-1], (num_particles, config.vocab_size))
     dtype = params["embed"].dtype

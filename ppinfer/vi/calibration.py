@@ -41,6 +41,7 @@ from numpyro.distributions.distribution import Unit
 from scipy.stats import kstest
 
 from ppinfer import checks
+from ppinfer._compile import locked
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.infer import _as_key
 from ppinfer.program import is_sequential
@@ -89,6 +90,7 @@ class VSBCResult(NamedTuple):
         return not any(bool(np.any(f)) for f in self.flagged(test).values())
 
 
+@locked  # traces programs under NumPyro's global handler stack: thread-safe, like infer
 def vsbc(
     model: Callable[..., Any],
     guide: Callable[..., Any],

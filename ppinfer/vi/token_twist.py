@@ -55,6 +55,7 @@ import numpyro.distributions as dist
 import optax
 
 from ppinfer import tokens as tk
+from ppinfer._compile import locked
 from ppinfer.constraints import TokenAutomaton
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.primitives import condition, sample, stop
@@ -369,6 +370,7 @@ class FitInfo(NamedTuple):
     seconds: float
 
 
+@locked  # traces programs under NumPyro's global handler stack: thread-safe, like infer
 def fit_token_twist(
     key: jax.Array | int,
     p: tk.LMPrompt,
