@@ -101,10 +101,11 @@ def normalize(log_weights: jax.Array) -> jax.Array:
 
 def log_evidence_and_ess(log_weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(log Ẑ, ESS)`` of ``log_weights: f32[N]``: :func:`log_evidence` and :func:`ess` from one
-    shift by the largest weight and two sums over ``w = exp(log_weights − max)`` (which XLA fuses
-    into one pass): ``log Ẑ = max + log Σ w`` and ``ESS = (Σ w)² / Σ w²``. Exact at every scale
-    (no ``w − log Ẑ`` round-off for weights far from 0) and differentiable in ``log Ẑ`` like
-    ``logsumexp``. Every weight zero: ``(−inf, 0)``."""
+    shift by the largest weight and two sums over ``w = exp(log_weights − max)``:
+    ``log Ẑ = max + log Σ w`` and ``ESS = (Σ w)² / Σ w²`` (no branch, no second normalisation
+    pass). Exact at every scale (no ``w − log Ẑ`` round-off for weights far from 0) and
+    differentiable in ``log Ẑ`` like ``logsumexp`` (the ESS is not differentiated). Every weight
+    zero: ``(−inf, 0)``; a NaN or +inf weight gives a NaN or +inf log Ẑ."""
     top = jax.lax.stop_gradient(jnp.max(log_weights))
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     w = jnp.exp(log_weights - shift)

@@ -479,5 +479,8 @@ def test_run_in_chunks_hands_the_last_chunk_to_finish_without_reading_its_positi
     known = ("pace", ends_at)
     _talk._PACE[known] = 1e-6  # a known fast pace: the whole run is one chunk, no read at all
     calls["position"].clear(), calls["finish"].clear()
-    out = _talk.run_in_chunks(advance, position, 0, 10, "t", False, pace=known, finish=finish)
+    try:
+        out = _talk.run_in_chunks(advance, position, 0, 10, "t", False, pace=known, finish=finish)
+    finally:
+        _talk._PACE.pop(known, None)
     assert out == ("out", ends_at) and calls == {"position": [], "finish": [ends_at]}
