@@ -137,6 +137,7 @@ def chunked_run(
     desc: str,
     progress: bool | None = None,
     on_compile: Callable[[tuple], None] | None = None,
+    ended: Callable[[Any], Any] | None = None,
 ) -> Any:
     """The one run wrapper of a compiled loop in three pure phases, ``start(key, dyn) -> run``,
     ``advance(run, dyn, stop) -> run`` (steps up to ``stop``, traced, or the loop's end) and
@@ -146,7 +147,17 @@ def chunked_run(
     ``advance`` is driven in chunks (:func:`~ppinfer._talk.run_in_chunks`: progress bar, Ctrl-C
     between chunks, chunks sized from this loop's last pace). ``position(run) -> (steps done, finished)``;
     ``on_compile(keys)`` runs when a phase was just built (e.g. an eager dry run whose failure
-    drops them). Returns ``output``'s result."""
+    drops them). Returns ``output``'s result.
+
+    With ``ended(run) -> bool[]`` (traced: the loop has run its last step) the three phases are
+    compiled as ONE program, for a loop whose run and output are small (they are returned side by
+    side, copied): ``start`` under a ``cond`` on a first-chunk flag (the first chunk's input run
+    is zeros made on the host), then the chunk, then ``output`` under a ``cond`` on ``ended`` (zeros
+    before the last chunk). A run that fits in one chunk is then one launch and one wait, as a
+    hand-written ``jit`` loop, and a new program compiles one program instead of three."""
+    if ended is not None:
+        return _fused_run(cache_key, key, dyn, start, advance, output, ended, position, total, desc,
+                          progress, on_compile)  # fmt: skip
     keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))
     start_c, new_a = cached_jit(keys[0], lambda: start)
     advance_c, new_b = cached_jit(keys[1], lambda: advance, donate_argnums=(0,))
@@ -170,6 +181,64 @@ def chunked_run(
     advance_to = lambda run, stop: advance_c.dispatch(run, dyn, np.int32(stop))
     finish = lambda run: output_c(run, dyn)
     return run_in_chunks(advance_to, wait_for, run, total, desc, progress, pace=cache_key, finish=finish)
+
+
+_ZERO_RUNS: OrderedDict = OrderedDict()
+"""(cache key, argument signature) → the host zeros a fused loop's first chunk takes as its run."""
+
+
+def _fused_run(
+    cache_key, key, dyn, start, advance, output, ended, position, total, desc, progress, on_compile
+):
+    """:func:`chunked_run` with ``ended``: the three phases as one compiled program (see there)."""
+    import jax.numpy as jnp
+
+    def chunk(run, key, dyn, stop, first):
+        fresh = lambda _: jax.tree.map(lambda x, like: x.astype(like.dtype), start(key, dyn), run)
+        run = advance(jax.lax.cond(first, fresh, lambda r: r, run), dyn, stop)
+        shapes = jax.eval_shape(output, run, dyn)
+        zeros = lambda _: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        return run, jax.lax.cond(ended(run), lambda r: output(r, dyn), zeros, run)
+
+    fused_key = (*cache_key, "fused")
+    chunk_c, new = cached_jit(fused_key, lambda: chunk, donate_argnums=(0,))
+    if on_compile is not None and new:
+        on_compile((fused_key,))
+    arg_sig = _signature((key, dyn))
+    sig = (fused_key, arg_sig)
+    with TRACE_LOCK:
+        zero_run = _ZERO_RUNS.get(sig) if arg_sig is not None else None
+        if zero_run is None:
+            shapes = jax.eval_shape(start, key, dyn)
+            zero_run = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+            if arg_sig is not None:
+                _ZERO_RUNS[sig] = zero_run
+                if len(_ZERO_RUNS) > _CACHE_SIZE:
+                    _ZERO_RUNS.popitem(last=False)
+    state = {"first": True}
+
+    def advance_to(carry: Any, stop: int) -> Any:
+        run = zero_run if state["first"] else carry[0]
+        args = (run, key, dyn, np.int32(stop), np.bool_(state["first"]))
+        state["first"] = False
+        return chunk_c.dispatch(*args)
+
+    def wait_for(carry: Any) -> tuple[int, bool]:
+        with TRACE_LOCK.released():  # other threads may trace while this chunk runs
+            return position(carry[0])
+
+    def finish(carry: Any) -> Any:
+        with TRACE_LOCK.released():
+            return jax.block_until_ready(carry[1])
+
+    if not chunk_c.compiled_for(zero_run, key, dyn, np.int32(0), np.bool_(True)):
+        with compile_notice(describe(cache_key)):  # a first chunk of no steps: compiles, times nothing
+            carry = advance_to(None, 0)
+    else:
+        carry = None
+    if state["first"] is False and position(carry[0])[1]:
+        return finish(carry)  # a loop with nothing to run
+    return run_in_chunks(advance_to, wait_for, carry, total, desc, progress, pace=cache_key, finish=finish)
 
 
 def forget(key: Hashable) -> None:

@@ -263,6 +263,15 @@ def run_chunked(
         # Only a program that can stop has finished particles; the loop ends when all have.
         return int(steps), bool(loop.early_exit and not alive) or int(steps) >= loop.num_steps
 
+    def ended(carry: tuple[LoopRun, Any]) -> jax.Array:
+        """``position``'s verdict, traced."""
+        over = carry[0].steps_run >= loop.num_steps
+        return over | ~carry[1] if loop.early_exit else over
+
+    # A pure filter's run and output are small (no [T, N] records): its three phases compile as one
+    # program (a short run: one launch, one wait).
+    small = not loop.history and loop.move is None and loop.record is None and loop.sharding is None
+
     return chunked_run(
         cache_key,
         key,
@@ -275,6 +284,7 @@ def run_chunked(
         desc=f"{name} {loop.num_particles} particles",
         progress=getattr(cfg, "progress_bar", None),
         on_compile=(lambda keys: dry_run_once(keys, program, args, cfg)) if dry_run else None,
+        ended=ended if small else None,
     )
 
 
