@@ -155,9 +155,10 @@ def chunked_run(
     is zeros made on the host), then the chunk, then ``output`` under a ``cond`` on ``ended`` (zeros
     before the last chunk). A run that fits in one chunk is then one launch and one wait, as a
     hand-written ``jit`` loop, and a new program compiles one program instead of three."""
-    if ended is not None:
-        return _fused_run(cache_key, key, dyn, start, advance, output, ended, position, total, desc,
-                          progress, on_compile)  # fmt: skip
+    zero_run = None if ended is None else _zero_run(cache_key, key, dyn, start)
+    if zero_run is not None:
+        return _fused_run(cache_key, key, dyn, zero_run, start, advance, output, ended, position,
+                          total, desc, progress, on_compile)  # fmt: skip
     keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))
     start_c, new_a = cached_jit(keys[0], lambda: start)
     advance_c, new_b = cached_jit(keys[1], lambda: advance, donate_argnums=(0,))
@@ -184,11 +185,40 @@ def chunked_run(
 
 
 _ZERO_RUNS: OrderedDict = OrderedDict()
-"""(cache key, argument signature) → the host zeros a fused loop's first chunk takes as its run."""
+"""(cache key, argument signature) → the host zeros a fused loop's first chunk takes as its run
+(``None``: too large to fuse)."""
+
+
+FUSE_MAX_BYTES = 2 << 20
+"""A loop whose run is larger than this keeps its three programs even with ``ended``: fused, the
+output is copied beside the run (not donated to it), and the first chunk's zeros are copied in."""
+
+
+def _zero_run(cache_key: tuple, key: Any, dyn: Any, start: Callable) -> Any:
+    """The host zeros shaped like ``start(key, dyn)`` (cached per loop and argument signature), or
+    ``None`` when the run is over :data:`FUSE_MAX_BYTES` or cannot be traced here (the three-phase
+    path then reports the program's error)."""
+    arg_sig = _signature((key, dyn))
+    sig = (cache_key, arg_sig)
+    with TRACE_LOCK:
+        if arg_sig is not None and sig in _ZERO_RUNS:
+            _ZERO_RUNS.move_to_end(sig)
+            return _ZERO_RUNS[sig]
+        try:
+            shapes = jax.eval_shape(start, key, dyn)
+        except Exception:
+            return None
+        small = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes)) <= FUSE_MAX_BYTES
+        zero_run = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes) if small else None
+        if arg_sig is not None:
+            _ZERO_RUNS[sig] = zero_run
+            if len(_ZERO_RUNS) > _CACHE_SIZE:
+                _ZERO_RUNS.popitem(last=False)
+        return zero_run
 
 
 def _fused_run(
-    cache_key, key, dyn, start, advance, output, ended, position, total, desc, progress, on_compile
+    cache_key, key, dyn, zero_run, start, advance, output, ended, position, total, desc, progress, on_compile
 ):
     """:func:`chunked_run` with ``ended``: the three phases as one compiled program (see there)."""
     import jax.numpy as jnp
@@ -204,17 +234,6 @@ def _fused_run(
     chunk_c, new = cached_jit(fused_key, lambda: chunk, donate_argnums=(0,))
     if on_compile is not None and new:
         on_compile((fused_key,))
-    arg_sig = _signature((key, dyn))
-    sig = (fused_key, arg_sig)
-    with TRACE_LOCK:
-        zero_run = _ZERO_RUNS.get(sig) if arg_sig is not None else None
-        if zero_run is None:
-            shapes = jax.eval_shape(start, key, dyn)
-            zero_run = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
-            if arg_sig is not None:
-                _ZERO_RUNS[sig] = zero_run
-                if len(_ZERO_RUNS) > _CACHE_SIZE:
-                    _ZERO_RUNS.popitem(last=False)
     state = {"first": True}
 
     def advance_to(carry: Any, stop: int) -> Any:

@@ -486,13 +486,16 @@ def test_run_in_chunks_hands_the_last_chunk_to_finish_without_reading_its_positi
     assert out == ("out", ends_at) and calls == {"position": [], "finish": [ends_at]}
 
 
-@pytest.mark.parametrize("history", [False, True])
-def test_a_short_warm_run_waits_once(history, monkeypatch):
+@pytest.mark.parametrize("history,large", [(False, False), (True, False), (False, True)])
+def test_a_short_warm_run_waits_once(history, large, monkeypatch):
     # A pure filter's phases are one compiled program: a warm run that fits in one chunk is one
-    # launch, and its only wait is for the output. With history the start and the chunk are
-    # dispatched without a wait and the output waits for both.
+    # launch, and its only wait is for the output. With history (or a run too large to copy beside
+    # its output) the start and the chunk are dispatched without a wait and the output waits.
     from ppinfer import _compile
 
+    if large:
+        monkeypatch.setattr(_compile, "FUSE_MAX_BYTES", 64)
+    three = history or large  # the three-program path
     program, cfg = fresh_program(), pp.SMC(32, history=history)
     first = pp.infer(program, YS, algorithm=cfg, key=1)
     pp.infer(program, YS, algorithm=cfg, key=2)  # the pace of this loop is now known
@@ -501,7 +504,7 @@ def test_a_short_warm_run_waits_once(history, monkeypatch):
     real_call = _compile._Jitted.__call__
     monkeypatch.setattr(_compile._Jitted, "__call__", lambda self, *a: waits.append(1) or real_call(self, *a))
     again = pp.infer(program, YS, algorithm=cfg, key=1)
-    assert (len(launches), len(waits)) == ((1, 0) if not history else (2, 1))
+    assert (len(launches), len(waits)) == ((2, 1) if three else (1, 0))
     np.testing.assert_array_equal(np.asarray(again.log_weights), np.asarray(first.log_weights))
     keys = [k for k in _compile._CACHE if k[:2] == ("loop", program)]
-    assert sorted(k[-1] for k in keys) == (["fused"] if not history else ["advance", "output", "start"])
+    assert sorted(k[-1] for k in keys) == (["advance", "output", "start"] if three else ["fused"])
