@@ -64,6 +64,7 @@ def _programs():
         (static_b, pp.Importance(8)),
         (walk, pp.SMC(8)),
         (static_a, pp.Importance(32)),
+        (walk, pp.SMC(8, history=False)),  # a pure filter: its phases are one compiled program
     ]
 
 
