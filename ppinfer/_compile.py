@@ -173,15 +173,22 @@ def chunked_run(
     else:
         run = start_c.dispatch(key, dyn)  # no wait: the first chunk queues behind it
 
-    def wait_for(run: Any) -> tuple[int, bool]:
-        with TRACE_LOCK.released():  # other threads may trace while this chunk runs
-            return position(run)
-
     # Chunks are only dispatched: reading the position waits for one, and the last goes straight
     # to the output, which waits once for both (a short run is three dispatches and one wait).
     advance_to = lambda run, stop: advance_c.dispatch(run, dyn, np.int32(stop))
     finish = lambda run: output_c(run, dyn)
+    wait_for = _released(position)
     return run_in_chunks(advance_to, wait_for, run, total, desc, progress, pace=cache_key, finish=finish)
+
+
+def _released(fn: Callable) -> Callable:
+    """``fn`` run with :data:`TRACE_LOCK` set aside (a wait for a chunk: other threads may trace)."""
+
+    def call(*args: Any) -> Any:
+        with TRACE_LOCK.released():
+            return fn(*args)
+
+    return call
 
 
 _ZERO_RUNS: OrderedDict = OrderedDict()
@@ -224,6 +231,8 @@ def _fused_run(
     import jax.numpy as jnp
 
     def chunk(run, key, dyn, stop, first):
+        # Cast to the host zeros' dtypes: both branches of the cond must have the same types, and
+        # a weakly typed leaf of ``start`` would not.
         fresh = lambda _: jax.tree.map(lambda x, like: x.astype(like.dtype), start(key, dyn), run)
         run = advance(jax.lax.cond(first, fresh, lambda r: r, run), dyn, stop)
         shapes = jax.eval_shape(output, run, dyn)
@@ -234,29 +243,18 @@ def _fused_run(
     chunk_c, new = cached_jit(fused_key, lambda: chunk, donate_argnums=(0,))
     if on_compile is not None and new:
         on_compile((fused_key,))
-    state = {"first": True}
 
     def advance_to(carry: Any, stop: int) -> Any:
-        run = zero_run if state["first"] else carry[0]
-        args = (run, key, dyn, np.int32(stop), np.bool_(state["first"]))
-        state["first"] = False
-        return chunk_c.dispatch(*args)
+        """The chunk up to ``stop``; ``carry`` is ``(run, out)``, ``None`` before the first chunk."""
+        first = carry is None
+        return chunk_c.dispatch(zero_run if first else carry[0], key, dyn, np.int32(stop), np.bool_(first))
 
-    def wait_for(carry: Any) -> tuple[int, bool]:
-        with TRACE_LOCK.released():  # other threads may trace while this chunk runs
-            return position(carry[0])
-
-    def finish(carry: Any) -> Any:
-        with TRACE_LOCK.released():
-            return jax.block_until_ready(carry[1])
-
+    carry = None
     if not chunk_c.compiled_for(zero_run, key, dyn, np.int32(0), np.bool_(True)):
         with compile_notice(describe(cache_key)):  # a first chunk of no steps: compiles, times nothing
             carry = advance_to(None, 0)
-    else:
-        carry = None
-    if state["first"] is False and position(carry[0])[1]:
-        return finish(carry)  # a loop with nothing to run
+    wait_for = _released(lambda carry: position(carry[0]))
+    finish = _released(lambda carry: jax.block_until_ready(carry[1]))
     return run_in_chunks(advance_to, wait_for, carry, total, desc, progress, pace=cache_key, finish=finish)
 
 

@@ -811,6 +811,18 @@ def test_generation_temperature(tiny_lm, temperature):
         tiny_lm.generate([1, 2], max_new_tokens=2, temperature=temperature)
 
 
+@pytest.mark.parametrize(
+    "settings,name",
+    [({"num_particles": 0}, "num_particles"), ({"num_particles": 2.5}, "num_particles"),
+     ({"num_particles": [1]}, "num_particles"), ({"max_new_tokens": 0}, "max_new_tokens"),
+     ({"max_new_tokens": "4"}, "max_new_tokens")],
+)  # fmt: skip
+def test_generation_sizes(tiny_lm, settings, name):
+    # Before: 0 particles returned an empty generation, the others crashed inside JAX.
+    with pytest.raises(ConfigError, match=f"{name} must be an integer >= 1"):
+        tiny_lm.generate([1, 2], **{"max_new_tokens": 2, **settings})
+
+
 # ------------------------------------------------------------------------------------- resources
 
 

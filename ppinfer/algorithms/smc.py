@@ -258,15 +258,16 @@ def run_chunked(
         run = loop_advance(carry[0], program, rebuild(dyn), loop, stop)
         return run, jnp.any(~run.state.particles.done)
 
+    def ended(carry: tuple[LoopRun, Any]) -> Any:
+        """Whether the loop has run its last step: all T, or (early exit) every particle finished
+        (only a program that can stop has finished particles). Traced, or on fetched values."""
+        steps, alive = carry[0].steps_run, carry[1]
+        over = steps >= loop.num_steps
+        return over | ~alive if loop.early_exit else over
+
     def position(carry: tuple[LoopRun, Any]) -> tuple[int, bool]:
         steps, alive = jax.device_get((carry[0].steps_run, carry[1]))
-        # Only a program that can stop has finished particles; the loop ends when all have.
-        return int(steps), bool(loop.early_exit and not alive) or int(steps) >= loop.num_steps
-
-    def ended(carry: tuple[LoopRun, Any]) -> jax.Array:
-        """``position``'s verdict, traced."""
-        over = carry[0].steps_run >= loop.num_steps
-        return over | ~carry[1] if loop.early_exit else over
+        return int(steps), bool(ended((carry[0]._replace(steps_run=steps), alive)))
 
     # A pure filter's run and output are small (no [T, N] records): its three phases compile as one
     # program (a short run: one launch, one wait).

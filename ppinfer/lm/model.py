@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from ppinfer import checks
 from ppinfer._compile import cached_jit
 from ppinfer.errors import CheckpointError, ConfigError, DataError
 from ppinfer.lm import paged
@@ -213,6 +214,8 @@ class LanguageModel:
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
         if not (ok and 0.0 <= float(temperature) < float("inf")):
             raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        num_particles = checks.check_num_particles(num_particles)
+        max_new_tokens = checks.check_int("max_new_tokens", max_new_tokens, 1)
         ids = self.encode(prompt)
         self._check_room(int(ids.shape[0]), max_new_tokens)
         # The one compile cache (its lock, memory check and compile notice), keyed by the settings.
