@@ -155,10 +155,14 @@ def chunked_run(
     is zeros made on the host), then the chunk, then ``output`` under a ``cond`` on ``ended`` (zeros
     before the last chunk). A run that fits in one chunk is then one launch and one wait, as a
     hand-written ``jit`` loop, and a new program compiles one program instead of three."""
-    zero_run = None if ended is None else _zero_run(cache_key, key, dyn, start)
+    arg_sig = None if ended is None else _signature((key, dyn))
+    zero_run = None if ended is None else _zero_run(cache_key, arg_sig, key, dyn, start)
     if zero_run is not None:
-        return _fused_run(cache_key, key, dyn, zero_run, start, advance, output, ended, position,
-                          total, desc, progress, on_compile)  # fmt: skip
+        # The first chunk's arguments are these zeros (fixed by the loop and ``arg_sig``), the key,
+        # ``dyn`` and two scalars: ``arg_sig`` tells its compiled code (one signature per call).
+        first_sig = None if arg_sig is None else ("first chunk", arg_sig)
+        return _fused_run(cache_key, key, dyn, zero_run, first_sig, start, advance, output, ended,
+                          position, total, desc, progress, on_compile)  # fmt: skip
     keys = tuple((*cache_key, phase) for phase in ("start", "advance", "output"))
     start_c, new_a = cached_jit(keys[0], lambda: start)
     advance_c, new_b = cached_jit(keys[1], lambda: advance, donate_argnums=(0,))
@@ -201,11 +205,10 @@ FUSE_MAX_BYTES = 2 << 20
 output is copied beside the run (not donated to it), and the first chunk's zeros are copied in."""
 
 
-def _zero_run(cache_key: tuple, key: Any, dyn: Any, start: Callable) -> Any:
-    """The host zeros shaped like ``start(key, dyn)`` (cached per loop and argument signature), or
-    ``None`` when the run is over :data:`FUSE_MAX_BYTES` or cannot be traced here (the three-phase
-    path then reports the program's error)."""
-    arg_sig = _signature((key, dyn))
+def _zero_run(cache_key: tuple, arg_sig: Hashable | None, key: Any, dyn: Any, start: Callable) -> Any:
+    """The host zeros shaped like ``start(key, dyn)`` (cached per loop and argument signature
+    ``arg_sig``, that of ``(key, dyn)``), or ``None`` when the run is over :data:`FUSE_MAX_BYTES`
+    or cannot be traced here (the three-phase path then reports the program's error)."""
     sig = (cache_key, arg_sig)
     with TRACE_LOCK:
         if arg_sig is not None and sig in _ZERO_RUNS:
@@ -225,8 +228,9 @@ def _zero_run(cache_key: tuple, key: Any, dyn: Any, start: Callable) -> Any:
 
 
 def _fused_run(
-    cache_key, key, dyn, zero_run, start, advance, output, ended, position, total, desc, progress, on_compile
-):
+    cache_key, key, dyn, zero_run, first_sig, start, advance, output, ended, position, total, desc, progress,
+    on_compile,
+):  # fmt: skip
     """:func:`chunked_run` with ``ended``: the three phases as one compiled program (see there)."""
     import jax.numpy as jnp
 
@@ -246,11 +250,12 @@ def _fused_run(
 
     def advance_to(carry: Any, stop: int) -> Any:
         """The chunk up to ``stop``; ``carry`` is ``(run, out)``, ``None`` before the first chunk."""
-        first = carry is None
-        return chunk_c.dispatch(zero_run if first else carry[0], key, dyn, np.int32(stop), np.bool_(first))
+        if carry is None:
+            return chunk_c.dispatch(zero_run, key, dyn, np.int32(stop), np.bool_(True), sig=first_sig)
+        return chunk_c.dispatch(carry[0], key, dyn, np.int32(stop), np.bool_(False))
 
     carry = None
-    if not chunk_c.compiled_for(zero_run, key, dyn, np.int32(0), np.bool_(True)):
+    if not chunk_c.compiled_for(zero_run, key, dyn, np.int32(0), np.bool_(True), sig=first_sig):
         with compile_notice(describe(cache_key)):  # a first chunk of no steps: compiles, times nothing
             carry = advance_to(None, 0)
     wait_for = _released(lambda carry: position(carry[0]))
@@ -264,6 +269,10 @@ def forget(key: Hashable) -> None:
         _CACHE.pop(key, None)
 
 
+_UNKNOWN = object()
+"""A signature not given: :func:`_signature` computes it."""
+
+
 class _Jitted:
     """A jitted function that traces under :data:`TRACE_LOCK` and runs compiled code outside it."""
 
@@ -272,8 +281,11 @@ class _Jitted:
         self._compiled: set = set()
         self._what = what
 
-    def __call__(self, *args: Any) -> Any:
-        sig = _signature(args)
+    def __call__(self, *args: Any, sig: Any = _UNKNOWN) -> Any:
+        """Run on ``args`` (waiting for the result). ``sig``: their signature if the caller knows
+        it (a hashable that tells this function's compiled code apart; default
+        :func:`_signature`)."""
+        sig = _signature(args) if sig is _UNKNOWN else sig
         if sig is not None and sig in self._compiled:
             with TRACE_LOCK.released():
                 return jax.block_until_ready(self._jitted(*args))
@@ -289,16 +301,17 @@ class _Jitted:
                 self._compiled.add(sig)
         return out
 
-    def dispatch(self, *args: Any) -> Any:
+    def dispatch(self, *args: Any, sig: Any = _UNKNOWN) -> Any:
         """Like calling it, but code already compiled for ``args`` is only dispatched: the result
         may still be computing (a later call can take it as input without a wait in between)."""
-        if self.compiled_for(*args):
+        sig = _signature(args) if sig is _UNKNOWN else sig
+        if sig is not None and sig in self._compiled:
             return self._jitted(*args)
-        return self(*args)
+        return self(*args, sig=sig)
 
-    def compiled_for(self, *args: Any) -> bool:
+    def compiled_for(self, *args: Any, sig: Any = _UNKNOWN) -> bool:
         """Whether a call on ``args`` runs code already compiled (no tracing, no compilation)."""
-        sig = _signature(args)
+        sig = _signature(args) if sig is _UNKNOWN else sig
         return sig is not None and sig in self._compiled
 
     def __getattr__(self, name: str) -> Any:

@@ -500,9 +500,9 @@ def test_a_short_warm_run_waits_once(history, large, monkeypatch):
     first = pp.infer(program, YS, algorithm=cfg, key=1)
     pp.infer(program, YS, algorithm=cfg, key=2)  # the pace of this loop is now known
     launches, waits = [], []
-    monkeypatch.setattr(_compile._Jitted, "dispatch", lambda self, *a: launches.append(1) or self._jitted(*a))
+    monkeypatch.setattr(_compile._Jitted, "dispatch", lambda self, *a, **k: launches.append(1) or self._jitted(*a))
     real_call = _compile._Jitted.__call__
-    monkeypatch.setattr(_compile._Jitted, "__call__", lambda self, *a: waits.append(1) or real_call(self, *a))
+    monkeypatch.setattr(_compile._Jitted, "__call__", lambda self, *a, **k: waits.append(1) or real_call(self, *a, **k))
     again = pp.infer(program, YS, algorithm=cfg, key=1)
     assert (len(launches), len(waits)) == ((2, 1) if three else (1, 0))
     np.testing.assert_array_equal(np.asarray(again.log_weights), np.asarray(first.log_weights))
