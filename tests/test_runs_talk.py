@@ -500,9 +500,11 @@ def test_a_short_warm_run_waits_once(history, large, monkeypatch):
     first = pp.infer(program, YS, algorithm=cfg, key=1)
     pp.infer(program, YS, algorithm=cfg, key=2)  # the pace of this loop is now known
     launches, waits = [], []
-    monkeypatch.setattr(_compile._Jitted, "dispatch", lambda self, *a, **k: launches.append(1) or self._jitted(*a))
     real_call = _compile._Jitted.__call__
-    monkeypatch.setattr(_compile._Jitted, "__call__", lambda self, *a, **k: waits.append(1) or real_call(self, *a, **k))
+    launch = lambda self, *a, **k: launches.append(1) or self._jitted(*a)
+    wait = lambda self, *a, **k: waits.append(1) or real_call(self, *a, **k)
+    monkeypatch.setattr(_compile._Jitted, "dispatch", launch)
+    monkeypatch.setattr(_compile._Jitted, "__call__", wait)
     again = pp.infer(program, YS, algorithm=cfg, key=1)
     assert (len(launches), len(waits)) == ((2, 1) if three else (1, 0))
     np.testing.assert_array_equal(np.asarray(again.log_weights), np.asarray(first.log_weights))
