@@ -192,37 +192,46 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Iterator[Any]:
         bar.close()
 
 
-@contextmanager
-def interruptible() -> Iterator[Any]:
-    """For a run driven in compiled chunks: yields ``check()``, which raises ``KeyboardInterrupt``
-    if Ctrl-C (SIGINT) came since the block began. While the block runs, SIGINT only sets a flag
-    (a second one raises at once). Python's default handler raises wherever the main thread next
-    runs bytecode — possibly inside a finaliser (``__del__``, a weakref callback: JAX runs many),
-    where the exception is printed as "ignored" and the run goes on. Outside the main thread, or
-    when the program has its own SIGINT handler, ``check`` does nothing and the handler stays."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield lambda: None
-        return
-    hits: list[int] = []
+class interruptible:  # noqa: N801 (a context manager used like a function)
+    """For a run driven in compiled chunks: ``with interruptible() as check:`` gives ``check()``,
+    which raises ``KeyboardInterrupt`` if Ctrl-C (SIGINT) came since the block began. While the
+    block runs, SIGINT only sets a flag (a second one raises at once). Python's default handler
+    raises wherever the main thread next runs bytecode — possibly inside a finaliser (``__del__``,
+    a weakref callback: JAX runs many), where the exception is printed as "ignored" and the run
+    goes on. Outside the main thread, or when the program has its own SIGINT handler, ``check``
+    does nothing and the handler stays. (A class, not a generator: a short run enters it on every
+    call.)"""
 
-    def flag(signum: int, frame: Any) -> None:
-        hits.append(signum)
-        if len(hits) > 1:  # pressed again: the user insists
+    __slots__ = ("_hits", "_previous")
+
+    def __enter__(self) -> Callable[[], None]:
+        self._hits, self._previous = [], None
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            return _no_check
+        self._previous = signal.signal(signal.SIGINT, self._flag)
+        return self._check
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            if exc[0] is None:
+                self._check()  # a signal after the last check still interrupts
+
+    def _flag(self, signum: int, frame: Any) -> None:
+        self._hits.append(signum)
+        if len(self._hits) > 1:  # pressed again: the user insists
             raise KeyboardInterrupt
 
-    def check() -> None:
-        if hits:
+    def _check(self) -> None:
+        if self._hits:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, flag)
-    try:
-        yield check
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    check()  # a signal after the last check still interrupts
+
+def _no_check() -> None:
+    pass
 
 
 FIRST_CHUNK = 8
@@ -247,7 +256,8 @@ def next_chunk(length: int, seconds: float) -> int:
 
 
 _PACE: dict = {}
-"""Seconds per step of the last chunked run of each compiled loop (its ``pace`` key): a later run
+"""Seconds per step of the last chunked run of each compiled loop, by ``hash`` of its ``pace`` key
+(hashed once per run; two keys of one hash would only size each other's chunks): a later run
 sizes its first chunk from it (a short run then takes one chunk)."""
 
 _PACE_SIZE = 512
@@ -280,10 +290,10 @@ def run_in_chunks(
     (``advance`` may then only dispatch its work, and ``finish`` wait once for both)."""
     import jax
 
+    pace = None if pace is None else hash(pace)
     known = _PACE.get(pace) if pace is not None and jax.process_count() == 1 else None
     length = FIRST_CHUNK if known is None else max(1, int(CHUNK_SECONDS / max(known, 1e-9)))
-    with ExitStack() as stack:
-        interrupted = stack.enter_context(interruptible())
+    with interruptible() as interrupted, ExitStack() as stack:  # the stack: a bar, if one is shown
         bar, done = None, 0
         while done < total:
             t0 = time.perf_counter()

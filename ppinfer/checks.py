@@ -101,8 +101,10 @@ class _SampleSites(handlers.trace):
 
 
 def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
+    """Raise :class:`ModelError` naming the sites whose flag (any shape, on the device or the
+    host) is set: a log density that was NaN or +inf there."""
     flags = jax.device_get(nan_sites)  # one transfer for every site
-    bad = sorted(name for name, flag in flags.items() if bool(np.any(flag)))
+    bad = sorted(name for name, flag in flags.items() if np.any(flag))
     if bad:
         raise ModelError(
             f"{what}: the log density at site(s) {bad} was NaN or +inf — invalid distribution "

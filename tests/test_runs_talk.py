@@ -477,12 +477,12 @@ def test_run_in_chunks_hands_the_last_chunk_to_finish_without_reading_its_positi
     # ends at 4, the read after the first chunk says so.
     assert calls["position"] == [8 if ends_at == 10 else 4]
     known = ("pace", ends_at)
-    _talk._PACE[known] = 1e-6  # a known fast pace: the whole run is one chunk, no read at all
+    _talk._PACE[hash(known)] = 1e-6  # a known fast pace: the whole run is one chunk, no read at all
     calls["position"].clear(), calls["finish"].clear()
     try:
         out = _talk.run_in_chunks(advance, position, 0, 10, "t", False, pace=known, finish=finish)
     finally:
-        _talk._PACE.pop(known, None)
+        _talk._PACE.pop(hash(known), None)
     assert out == ("out", ends_at) and calls == {"position": [], "finish": [ends_at]}
 
 

@@ -213,9 +213,9 @@ def dry_run_once(cache_keys: tuple, program: SequentialProgram, args: tuple, cfg
 def check_output(out: dict, cfg: Any, name: str) -> float:
     """The checks after a particle run: NaN sites, and a dead population (log Ẑ = −inf) reported
     with the step where every particle became impossible. Returns log Ẑ."""
-    nan_sites, log_z = jax.device_get((out["nan_sites"], out["log_evidence"]))  # one transfer
-    checks.raise_on_nan_sites(nan_sites, name)
-    log_z = float(log_z)
+    log_z = float(out["log_evidence"])
+    if any(map(bool, out["nan_sites"].values())):  # scalars, fetched one by one (no tree walks)
+        checks.raise_on_nan_sites(out["nan_sites"], name)
     if not np.isfinite(log_z):
         history = np.asarray(out["log_evidence_history"])
         dead = np.flatnonzero(~np.isfinite(history))
