@@ -20,6 +20,7 @@ past the end on purpose (the value discarded by a ``jnp.where``) must clamp the 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -113,11 +114,11 @@ def _message(e: _OutOfRange, t: int, num_steps: int) -> str:
 
 
 def _leaf_key(x: Any) -> Any:
-    shape = np.shape(x)
+    shape = x.shape if hasattr(x, "shape") else np.shape(x)
     dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
-    if np.issubdtype(dtype, np.integer) and int(np.prod(shape)) <= 4096:
-        return shape, str(dtype), np.asarray(x).tobytes()  # integer data may be indices
-    return shape, str(dtype)
+    if dtype.kind in "iu" and math.prod(shape) <= 4096:
+        return shape, dtype, np.asarray(x).tobytes()  # integer data may be indices
+    return shape, dtype
 
 
 def _step_jaxpr(program: Any, dyn: list, rebuild: Callable) -> tuple[ClosedJaxpr, int]:

@@ -18,8 +18,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
@@ -56,19 +55,31 @@ class _TraceLock:
         """Whether the calling thread holds the lock."""
         return self._depth() > 0
 
-    @contextmanager
-    def released(self) -> Iterator[None]:
+    def released(self) -> _Released:
         """Release the lock (if this thread holds it) for the duration of the block."""
-        depth = self._depth()
+        return _Released(self)
+
+
+class _Released:
+    """:meth:`_TraceLock.released`'s context (a class, not a generator: entered on every run)."""
+
+    __slots__ = ("_lock", "_depth")
+
+    def __init__(self, lock: _TraceLock):
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        lock = self._lock
+        self._depth = depth = lock._depth()
         for _ in range(depth):
-            self._lock.release()
-        self._local.depth = 0
-        try:
-            yield
-        finally:
-            for _ in range(depth):
-                self._lock.acquire()
-            self._local.depth = depth
+            lock._lock.release()
+        lock._local.depth = 0
+
+    def __exit__(self, *exc: Any) -> None:
+        lock = self._lock
+        for _ in range(self._depth):
+            lock._lock.acquire()
+        lock._local.depth = self._depth
 
 
 TRACE_LOCK = _TraceLock()
@@ -90,8 +101,8 @@ def locked(fn: Callable) -> Callable:
 def split_args(args: Any) -> tuple[list, Hashable, Callable[[list], Any]]:
     """``(dynamic_leaves, static_key, rebuild)`` for a pytree of program arguments."""
     leaves, treedef = jax.tree.flatten(args)
-    dynamic = tuple(_is_dynamic(x) for x in leaves)
-    static = tuple(None if d else _hashable(x) for x, d in zip(leaves, dynamic, strict=True))
+    dynamic = tuple([_is_dynamic(x) for x in leaves])  # lists, not generators: called on every run
+    static = tuple([None if d else _hashable(x) for x, d in zip(leaves, dynamic, strict=True)])
     dyn_leaves = [x for x, d in zip(leaves, dynamic, strict=True) if d]
     static_values = [None if d else x for x, d in zip(leaves, dynamic, strict=True)]
 
@@ -200,6 +211,8 @@ _ZERO_RUNS: OrderedDict = OrderedDict()
 (``None``: too large to fuse)."""
 
 
+_MISSING = object()
+
 FUSE_MAX_BYTES = 2 << 20
 """A loop whose run is larger than this keeps its three programs even with ``ended``: fused, the
 output is copied beside the run (not donated to it), and the first chunk's zeros are copied in."""
@@ -211,9 +224,10 @@ def _zero_run(cache_key: tuple, arg_sig: Hashable | None, key: Any, dyn: Any, st
     or cannot be traced here (the three-phase path then reports the program's error)."""
     sig = (cache_key, arg_sig)
     with TRACE_LOCK:
-        if arg_sig is not None and sig in _ZERO_RUNS:
+        zero_run = _MISSING if arg_sig is None else _ZERO_RUNS.get(sig, _MISSING)
+        if zero_run is not _MISSING:
             _ZERO_RUNS.move_to_end(sig)
-            return _ZERO_RUNS[sig]
+            return zero_run
         try:
             shapes = jax.eval_shape(start, key, dyn)
         except Exception:
@@ -259,8 +273,17 @@ def _fused_run(
         with compile_notice(describe(cache_key)):  # a first chunk of no steps: compiles, times nothing
             carry = advance_to(None, 0)
     wait_for = _released(lambda carry: position(carry[0]))
-    finish = _released(lambda carry: jax.block_until_ready(carry[1]))
+    finish = _released(lambda carry: _ready(carry[1]))
     return run_in_chunks(advance_to, wait_for, carry, total, desc, progress, pace=cache_key, finish=finish)
+
+
+def _ready(out: Any) -> Any:
+    """``out`` (the outputs of ONE dispatched executable) once it has run: all its buffers are
+    ready together, so waiting for the first is waiting for all (no walk over every leaf)."""
+    leaves = jax.tree.leaves(out)
+    if leaves:
+        leaves[0].block_until_ready()
+    return out
 
 
 def forget(key: Hashable) -> None:
@@ -430,14 +453,14 @@ def check_data(args: Any) -> None:
                 f"program argument {where} is an array of Python objects (dtype object): pass a "
                 "numeric array (mixed types, strings or None in the data?)"
             )
-        if np.issubdtype(dtype, np.complexfloating):
+        if dtype.kind == "c":
             raise DataError(
                 f"program argument {where} has complex dtype {dtype}: complex data is not supported"
             )
         if dtype.kind in "USV":
             continue  # strings and bytes: static values, the program decides what they mean
         arr = np.asarray(leaf)
-        if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+        if arr.dtype.kind == "f" and np.isnan(arr).any():
             raise DataError(f"program argument {where} contains NaN")
 
 

@@ -45,6 +45,8 @@ class SequentialProgram:
 
 def _check_steps(n: Any) -> int:
     """``n`` as an ``int`` ≥ 1, or :class:`ModelError` (a float such as 2.5, a bool, an array)."""
+    if type(n) is int and n >= 1:  # the usual case, checked on every call
+        return n
     if isinstance(n, bool | np.bool_):
         raise ModelError(f"num_steps must be an int, got {n!r}")
     try:
