@@ -27,6 +27,7 @@ __all__ = [
     "require_latent",
     "draws_key",
     "raise_on_nan_sites",
+    "require_sequential",
     "raise_if_dead",
 ]
 
@@ -110,6 +111,18 @@ def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
             f"{what}: the log density at site(s) {bad} was NaN or +inf — invalid distribution "
             "parameters (e.g. a negative scale), data outside the support, or an infinite factor "
             "(a log weight may be -inf, an impossible execution, but never +inf or NaN)"
+        )
+
+
+def require_sequential(program: Any, what: str, static_alternative: str = "Importance or Enumerate") -> None:
+    """Raise :class:`ConfigError` unless ``program`` is a :class:`~ppinfer.SequentialProgram`
+    (``what``: the algorithm; ``static_alternative``: what to use for a static program)."""
+    from ppinfer.program import is_sequential
+
+    if not is_sequential(program):
+        raise ConfigError(
+            f"{what} needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
+            f"for a static program use {static_alternative}"
         )
 
 

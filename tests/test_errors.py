@@ -51,6 +51,21 @@ def test_bad_settings():
         pp.infer(42)
 
 
+@pytest.mark.parametrize(
+    "algorithm, name, alternative",
+    [
+        (pp.SMC(10), "SMC", "Importance or Enumerate"),
+        (pp.Steer(10), "Steer", "Importance or Enumerate"),
+        (pp.FFBS(10), "FFBS", "Importance or Enumerate"),
+        (pp.ResampleMoveSMC(10, move_sites=("x",)), "ResampleMoveSMC", "Importance or Enumerate"),
+        (pp.ParticleGibbs(4, num_samples=2, num_warmup=1, num_chains=1), "ParticleGibbs", "MCMC"),
+    ],
+)
+def test_sequential_algorithms_refuse_a_static_program_by_name(algorithm, name, alternative):
+    with pytest.raises(pp.ConfigError, match=f"^{name} needs a sequential program.*use {alternative}$"):
+        pp.infer(normal_model, 0.3, algorithm=algorithm)
+
+
 def test_invalid_distribution_parameters():
     def bad(y):
         s = pp.sample("s", dist.Normal(0.0, 1.0))

@@ -80,7 +80,7 @@ from ppinfer.algorithms.smc import SMC, Loop, check_output, run_chunked, run_loo
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.kernels.select import as_selection
 from ppinfer.population import gather
-from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.program import SequentialProgram
 from ppinfer.result import Result
 from ppinfer.suspended import can_stop, match_state
 from ppinfer.traced import assess, latent_sites
@@ -134,11 +134,7 @@ class FFBS:
         return dataclasses.replace(self.filter().loop(program, args), early_exit=False, record=record_states)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        if not is_sequential(program):
-            raise ConfigError(
-                "FFBS needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
-                "for a static program use Importance or Enumerate"
-            )
+        checks.require_sequential(program, "FFBS")
         if can_stop(program, args, self.proposal, self.init_proposal):
             raise ConfigError(
                 "FFBS needs every particle to run every step, but this program can end a particle "

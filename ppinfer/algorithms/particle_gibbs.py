@@ -384,11 +384,7 @@ class ParticleGibbs:
         :class:`PGState` chain): ``init`` draws θ from the prior and the first reference by an
         unconditional sweep; ``step`` is a CSMC sweep given θ, then ``theta_moves`` random-walk MH
         updates of θ given the trajectory (scale adapted during the first ``num_warmup`` steps)."""
-        if not is_sequential(program):
-            raise ConfigError(
-                "ParticleGibbs needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
-                "for a static program use MCMC"
-            )
+        checks.require_sequential(program, "ParticleGibbs", "MCMC")
         space = (
             None
             if self.prior is None

@@ -47,7 +47,7 @@ from ppinfer.algorithms.smc import Loop, run_sequential, smc_selection
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.kernels.mh import accept
 from ppinfer.kernels.space import space_of
-from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.program import SequentialProgram
 from ppinfer.resample import check_scheme
 from ppinfer.result import Result
 from ppinfer.suspended import Particle, match_state
@@ -109,8 +109,7 @@ class ResampleMoveSMC:
     init_proposal = None  # not configurable: init is drawn from its prior
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        if not is_sequential(program):
-            raise ConfigError("ResampleMoveSMC needs a sequential program (ppinfer.sequential)")
+        checks.require_sequential(program, "ResampleMoveSMC")
         step_names = _check_program(program, args, self.move_sites, self.proposal)
         move = Rejuvenate(self.move_sites, self.num_moves, self.regenerate_suffix, self.proposal, step_names)
         loop = Loop(

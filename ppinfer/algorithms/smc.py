@@ -33,7 +33,7 @@ from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
 from ppinfer.kernels.smc import _constrain, scan_while, trace_genealogy
 from ppinfer.population import ess, log_evidence
-from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.program import SequentialProgram
 from ppinfer.result import Deferred, DeferredExtras, Result
 from ppinfer.suspended import can_stop, keep_finished, match_state
 
@@ -118,11 +118,7 @@ class SMC:
     name = "SMC"
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        if not is_sequential(program):
-            raise ConfigError(
-                "SMC needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
-                "for a static program use Importance or Enumerate"
-            )
+        checks.require_sequential(program, "SMC")
         return run_smc(key, program, args, self, self.name)
 
     def loop(self, program: SequentialProgram, args: tuple) -> Loop:

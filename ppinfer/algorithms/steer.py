@@ -46,7 +46,7 @@ from ppinfer.errors import ConfigError
 from ppinfer.kernels.select import FearnheadClifford, fearnhead_clifford_threshold
 from ppinfer.kernels.smc import extend
 from ppinfer.population import Population, ess, gather
-from ppinfer.program import SequentialProgram, is_sequential
+from ppinfer.program import SequentialProgram
 from ppinfer.result import Result
 
 __all__ = [
@@ -106,11 +106,7 @@ class Steer:
     name = "Steer"
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
-        if not is_sequential(program):
-            raise ConfigError(
-                "Steer needs a sequential program (ppinfer.sequential(init, step, num_steps)); "
-                "for a static program use Importance or Enumerate"
-            )
+        checks.require_sequential(program, "Steer")
         return run_steer(key, program, args, self)
 
     def loop(self, program: SequentialProgram, args: tuple) -> Loop:
