@@ -166,7 +166,7 @@ def chunked_run(
     is zeros made on the host), then the chunk, then ``output`` under a ``cond`` on ``ended`` (zeros
     before the last chunk). A run that fits in one chunk is then one launch and one wait, as a
     hand-written ``jit`` loop, and a new program compiles one program instead of three."""
-    arg_sig = None if ended is None else _signature((key, dyn))
+    arg_sig = _signature((key, dyn))
     zero_run = None if ended is None else _zero_run(cache_key, arg_sig, key, dyn, start)
     if zero_run is not None:
         # The first chunk's arguments are these zeros (fixed by the loop and ``arg_sig``), the key,
@@ -181,17 +181,21 @@ def chunked_run(
     output_c, new_c = cached_jit(keys[2], lambda: output, donate_argnums=(0,))
     if on_compile is not None and (new_a or new_b or new_c):
         on_compile(keys)
-    if not start_c.compiled_for(key, dyn):
+    # The run's types and placements are those ``start`` gives for ``(key, dyn)``: ``arg_sig``
+    # tells the compiled code of every phase (one signature per call, not one per phase and chunk
+    # over the run's many leaves).
+    run_sig = _UNKNOWN if arg_sig is None else ("run", arg_sig)
+    if not start_c.compiled_for(key, dyn, sig=arg_sig):
         with compile_notice(describe(cache_key)):
-            run = advance_c(start_c(key, dyn), dyn, np.int32(0))
-            jax.block_until_ready(output_c(jax.tree.map(jax.numpy.copy, run), dyn))
+            run = advance_c(start_c(key, dyn, sig=arg_sig), dyn, np.int32(0), sig=run_sig)
+            jax.block_until_ready(output_c(jax.tree.map(jax.numpy.copy, run), dyn, sig=run_sig))
     else:
-        run = start_c.dispatch(key, dyn)  # no wait: the first chunk queues behind it
+        run = start_c.dispatch(key, dyn, sig=arg_sig)  # no wait: the first chunk queues behind it
 
     # Chunks are only dispatched: reading the position waits for one, and the last goes straight
     # to the output, which waits once for both (a short run is three dispatches and one wait).
-    advance_to = lambda run, stop: advance_c.dispatch(run, dyn, np.int32(stop))
-    finish = lambda run: output_c(run, dyn)
+    advance_to = lambda run, stop: advance_c.dispatch(run, dyn, np.int32(stop), sig=run_sig)
+    finish = lambda run: output_c(run, dyn, sig=run_sig)
     wait_for = _released(position)
     return run_in_chunks(advance_to, wait_for, run, total, desc, progress, pace=cache_key, finish=finish)
 
@@ -311,7 +315,7 @@ class _Jitted:
         sig = _signature(args) if sig is _UNKNOWN else sig
         if sig is not None and sig in self._compiled:
             with TRACE_LOCK.released():
-                return jax.block_until_ready(self._jitted(*args))
+                return _ready(self._jitted(*args))
         with TRACE_LOCK, compile_notice(self._what), warnings.catch_warnings():  # the notice: _talk
             # A donated run whose small leaves (flags, counters) no output can reuse: nothing to tell.
             warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
