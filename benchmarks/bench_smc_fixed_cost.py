@@ -12,12 +12,14 @@ The pure filter's time is also split: a fourth function in each round calls the 
 program that ``SMC(history=False)`` runs (``_compile``'s fused run, captured from ``infer``'s first
 chunk) directly on the same arguments, so ``host_share_filter`` = (``infer`` − that program) ÷ the
 hand-written filter, the median over rounds, is ``infer``'s work outside compiled code (checks,
-cache lookups, the launch, the ``Result``). ``python_calls_per_infer`` counts the Python function
-calls of one warm ``infer`` (``cProfile``; deterministic, unlike the times).
+cache lookups, the launch, the ``Result``). ``python_calls_per_infer`` (``_history``: of
+``SMC()``) counts the Python function calls of one warm ``infer`` (``cProfile``; deterministic,
+unlike the times).
 
 ``--root DIR`` imports ``ppinfer`` (and the model) from another checkout, to compare two versions
 with the same script, one after the other. Ends with ``RESULT paired_ratio_filter=<x>
-paired_ratio_history=<x> host_share_filter=<x> python_calls_per_infer=<n>``: the ratios are
+paired_ratio_history=<x> host_share_filter=<x> python_calls_per_infer=<n>
+python_calls_per_infer_history=<n>``: the ratios are
 medians over rounds of a time ÷ the hand-written filter's in the same round.
 """
 
@@ -70,9 +72,13 @@ def main() -> None:
         fn(0)  # compile
     fns["compiled"] = compiled_program(_compile, lambda: fns["filter"](0))
     fns["compiled"](0)
-    calls = cProfile.Profile()
-    calls.runcall(fns["filter"], 1)
-    calls_per_infer = pstats.Stats(calls).total_calls
+
+    def python_calls(fn):
+        profile = cProfile.Profile()
+        profile.runcall(fn, 1)
+        return pstats.Stats(profile).total_calls
+
+    calls_filter, calls_history = python_calls(fns["filter"]), python_calls(fns["history"])
     times = interleaved_times(fns, opts.rounds)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     host = statistics.median(
@@ -83,7 +89,8 @@ def main() -> None:
     print(
         f"RESULT paired_ratio_filter={paired_ratio(times, 'filter', 'hand'):.3f} "
         f"paired_ratio_history={paired_ratio(times, 'history', 'hand'):.3f} "
-        f"host_share_filter={host:.3f} python_calls_per_infer={calls_per_infer}"
+        f"host_share_filter={host:.3f} python_calls_per_infer={calls_filter} "
+        f"python_calls_per_infer_history={calls_history}"
     )
 
 
