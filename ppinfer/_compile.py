@@ -277,13 +277,14 @@ def _fused_run(
         with compile_notice(describe(cache_key)):  # a first chunk of no steps: compiles, times nothing
             carry = advance_to(None, 0)
     wait_for = _released(lambda carry: position(carry[0]))
-    finish = _released(lambda carry: _ready(carry[1]))
+    finish = _released(lambda carry: _ready(carry[1]))  # computed under the ``cond``: not an input
     return run_in_chunks(advance_to, wait_for, carry, total, desc, progress, pace=cache_key, finish=finish)
 
 
 def _ready(out: Any) -> Any:
-    """``out`` (the outputs of ONE dispatched executable) once it has run: all its buffers are
-    ready together, so waiting for the first is waiting for all (no walk over every leaf)."""
+    """``out`` (the outputs of ONE dispatched executable, none of them an input passed through,
+    which ``jit`` would return without running anything) once it has run: its buffers are ready
+    together, so waiting for the first is waiting for all (no walk over every leaf)."""
     leaves = jax.tree.leaves(out)
     if leaves:
         leaves[0].block_until_ready()
@@ -315,7 +316,7 @@ class _Jitted:
         sig = _signature(args) if sig is _UNKNOWN else sig
         if sig is not None and sig in self._compiled:
             with TRACE_LOCK.released():
-                return _ready(self._jitted(*args))
+                return jax.block_until_ready(self._jitted(*args))
         with TRACE_LOCK, compile_notice(self._what), warnings.catch_warnings():  # the notice: _talk
             # A donated run whose small leaves (flags, counters) no output can reuse: nothing to tell.
             warnings.filterwarnings("ignore", "Some donated buffers were not usable", UserWarning)
