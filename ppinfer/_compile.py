@@ -210,12 +210,14 @@ def _released(fn: Callable) -> Callable:
     return call
 
 
+_UNKNOWN = object()
+"""Not given (a signature: :func:`_signature` computes it) or not found (a cache entry)."""
+
+
 _ZERO_RUNS: OrderedDict = OrderedDict()
 """(cache key, argument signature) → the host zeros a fused loop's first chunk takes as its run
 (``None``: too large to fuse)."""
 
-
-_MISSING = object()
 
 FUSE_MAX_BYTES = 2 << 20
 """A loop whose run is larger than this keeps its three programs even with ``ended``: fused, the
@@ -228,8 +230,8 @@ def _zero_run(cache_key: tuple, arg_sig: Hashable | None, key: Any, dyn: Any, st
     or cannot be traced here (the three-phase path then reports the program's error)."""
     sig = (cache_key, arg_sig)
     with TRACE_LOCK:
-        zero_run = _MISSING if arg_sig is None else _ZERO_RUNS.get(sig, _MISSING)
-        if zero_run is not _MISSING:
+        zero_run = _UNKNOWN if arg_sig is None else _ZERO_RUNS.get(sig, _UNKNOWN)
+        if zero_run is not _UNKNOWN:
             _ZERO_RUNS.move_to_end(sig)
             return zero_run
         try:
@@ -295,10 +297,6 @@ def forget(key: Hashable) -> None:
     """Drop ``key`` from the cache (e.g. when the program failed its checks after compilation)."""
     with TRACE_LOCK:
         _CACHE.pop(key, None)
-
-
-_UNKNOWN = object()
-"""A signature not given: :func:`_signature` computes it."""
 
 
 class _Jitted:

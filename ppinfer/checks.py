@@ -18,6 +18,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger
 
 from ppinfer.errors import ConfigError, DataError, ModelError, PPInferError, ZeroEvidenceError
+from ppinfer.program import is_sequential
 
 __all__ = [
     "check_num_particles",
@@ -117,8 +118,6 @@ def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:
 def require_sequential(program: Any, what: str, static_alternative: str = "Importance or Enumerate") -> None:
     """Raise :class:`ConfigError` unless ``program`` is a :class:`~ppinfer.SequentialProgram`
     (``what``: the algorithm; ``static_alternative``: what to use for a static program)."""
-    from ppinfer.program import is_sequential
-
     if not is_sequential(program):
         raise ConfigError(
             f"{what} needs a sequential program (ppinfer.sequential(init, step, num_steps)); "

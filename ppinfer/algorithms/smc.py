@@ -210,7 +210,8 @@ def check_output(out: dict, cfg: Any, name: str) -> float:
     """The checks after a particle run: NaN sites, and a dead population (log Ẑ = −inf) reported
     with the step where every particle became impossible. Returns log Ẑ."""
     log_z = float(out["log_evidence"])
-    if any(map(bool, out["nan_sites"].values())):  # scalars, fetched one by one (no tree walks)
+    # Fetched flag by flag (no tree walks: this runs after every run); a site's flag is bool[].
+    if any(np.asarray(flag).any() for flag in out["nan_sites"].values()):
         checks.raise_on_nan_sites(out["nan_sites"], name)
     if not np.isfinite(log_z):
         history = np.asarray(out["log_evidence_history"])
