@@ -10,7 +10,7 @@ import numpy as np
 from ppinfer._bounds import check_step_indices
 from ppinfer._compile import TRACE_LOCK, MemoryEstimateError, check_data
 from ppinfer.algorithms import SMC, Importance
-from ppinfer.errors import ConfigError, InferenceError, ModelError
+from ppinfer.errors import ConfigError, InferenceError, ModelError, PPInferError
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 
@@ -77,6 +77,9 @@ def infer(
             name = getattr(algorithm, "name", type(algorithm).__name__)
             raise MemoryEstimateError(f"{name}{what}: {e}", e.needed, e.available) from None
         except jax.errors.JaxRuntimeError as e:
+            host_error = host_callback_error(e)
+            if host_error is not None:
+                raise host_error from e
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
             n = getattr(algorithm, "num_particles", None)
@@ -86,6 +89,29 @@ def infer(
                 f"memory: use fewer particles (or shorter programs / smaller data per particle). "
                 f"XLA said: {str(e).strip().splitlines()[0][:300]}"
             ) from e
+        except (ValueError, RuntimeError) as e:  # how XLA may re-raise a host callback's failure
+            host_error = None if isinstance(e, PPInferError) else host_callback_error(e)
+            if host_error is None:
+                raise
+            raise host_error from e
+
+
+def host_callback_error(e: BaseException) -> ModelError | None:
+    """The :class:`ModelError` for a Python function that the compiled program calls on the host (a
+    reward, critic, scorer or constraint through ``jax.pure_callback``) and that raised: XLA stops
+    the run and reports the Python traceback as text, whose last line names the exception. ``None``
+    when ``e`` is not such a failure."""
+    text = str(e)
+    if "callback" not in text.lower() or "Traceback" not in text:
+        return None
+    last = text.strip().splitlines()[-1].strip()
+    own = "ppinfer.errors."
+    if last.startswith(own):  # a ppinfer error raised on the host says what failed itself
+        return ModelError(last.split(": ", 1)[1] if ": " in last else last)
+    return ModelError(
+        "a Python function that the program calls on the host (a reward, critic, scorer or "
+        f"constraint) raised {last}"
+    )
 
 
 # JAX's errors for Python control flow or conversions on a traced value inside a program.

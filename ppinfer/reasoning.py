@@ -500,7 +500,8 @@ def reward_values(
     """``f32[]``: ``reward(question_text, solution_text)`` of ONE particle, computed on the host where
     ``when`` holds (1.0 elsewhere, without a call). Under ``vmap`` the host receives the whole batch:
     one call per step. A value outside [0, 1] is clipped into it and NaN counts as 0; an exception
-    scores 0 and is recorded, and the algorithms raise it as a :class:`ModelError` after the run."""
+    stops the run, and :func:`ppinfer.infer` raises it as a :class:`ModelError` naming the solution
+    (from the run that called the reward: two runs in two threads never see each other's errors)."""
 
     def host(q, qlen, toks, lens, whens):
         q, qlen, toks, lens, whens = (np.asarray(x) for x in (q, qlen, toks, lens, whens))
@@ -514,9 +515,10 @@ def reward_values(
             solution = decode([int(x) for x in ts[j][: ls[j]] if x != eos_id])
             try:
                 out[j] = _as_score(reward(question_text, solution))
-            except Exception as e:  # reported as a ModelError after the run, not inside XLA
-                _HOST_ERRORS.append(f"{type(e).__name__}: {e} (on solution {solution!r})")
-                out[j] = 0.0
+            except Exception as e:  # stops the run; infer raises it as a ModelError
+                raise ModelError(
+                    f"the process reward failed on solution {solution!r}: {type(e).__name__}: {e}"
+                ) from e
         return out.reshape(shape)
 
     when = jnp.asarray(when, bool)
@@ -527,9 +529,6 @@ def reward_values(
     return jax.pure_callback(
         host, shape, question, question_length, ctx.tokens, ctx.length, when, vmap_method="expand_dims"
     )
-
-
-_HOST_ERRORS: list[str] = []
 
 
 def potential(r: jax.Array, clip: float, tau: float) -> jax.Array:
@@ -950,7 +949,7 @@ class ParticleGibbs:
         reference_length = generated = forced = calls = 0
         references, sweeps = [], []
         for m in range(self.num_iterations):
-            out, index = _host_checked(fn, jax.random.fold_in(key, m), jnp.asarray(m > 0), reference, dyn)
+            out, index = fn(jax.random.fold_in(key, m), jnp.asarray(m > 0), reference, dyn)
             run = _Run({**out, "state": out["state"].reasoning}, t0, args, spec, True)
             _, tokens, reward_calls = _accounting(run)
             forced += reference_length  # 0 before the first reference
@@ -999,27 +998,15 @@ def _run(key: jax.Array, program: ReasoningProgram, args: tuple, loop: Loop) -> 
     """``run_loop``'s output through the run wrapper of every SMC-family algorithm
     (:func:`~ppinfer.algorithms.smc.run_chunked`: compiled once per program, loop and static
     arguments, in chunks with a progress bar and Ctrl-C between them; no eager dry run, which
-    would call the reward outside the accounting); the reward's host errors are raised after it."""
+    would call the reward outside the accounting)."""
     t0 = time.perf_counter()
     scored = program.weighting != "plain"
     if scored:
         check_reward(program.spec.prm, "process reward")
     dyn, static_key, rebuild = split_args(args)
     cache_key = ("reasoning", program, loop, static_key)
-    run = lambda k, d: run_chunked(
-        cache_key, k, d, rebuild, program, args, loop, None, "Reasoning", dry_run=False
-    )
-    return _Run(_host_checked(run, key, dyn), t0, args, program.spec, scored)
-
-
-def _host_checked(fn: Callable, *inputs: Any) -> Any:
-    _HOST_ERRORS.clear()
-    out = jax.block_until_ready(fn(*inputs))
-    if _HOST_ERRORS:
-        first, count = _HOST_ERRORS[0], len(_HOST_ERRORS)
-        _HOST_ERRORS.clear()
-        raise ModelError(f"the process reward failed {count} time(s) during the run; first: {first}")
-    return out
+    out = run_chunked(cache_key, key, dyn, rebuild, program, args, loop, None, "Reasoning", dry_run=False)
+    return _Run(out, t0, args, program.spec, scored)
 
 
 def _accounting(run: _Run) -> tuple[int, int, int]:

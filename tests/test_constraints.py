@@ -400,6 +400,24 @@ def test_predicate_and_combination():
     assert all(ok(t) for t, _ in tk.texts(r))
 
 
+def test_a_predicate_that_raises_is_a_model_error():
+    # A Python check run on the host inside the compiled run: its exception stops the run and
+    # infer names it (not a JAX runtime error).
+    vocab = [b"<eos>", b"a", b"b"]
+
+    def fragile(text):
+        if "b" in text:
+            raise KeyError("no b please")
+        return True
+
+    _, lm = lm_for(vocab, 3)
+    prog = tk.constrained(
+        tk.prompt(lm, [EOS], 4), Predicate(fragile, prefix=fragile), vocab_bytes=vocab, eos_id=EOS
+    )
+    with pytest.raises(pp.ModelError, match=r"calls on the host .* raised KeyError: 'no b please'"):
+        pp.infer(prog, algorithm=pp.SMC(16), key=0)
+
+
 def test_blow_up_fails_fast_and_clearly():
     t = time.perf_counter()
     with pytest.raises(pp.ConstraintError, match="automaton states"):

@@ -2,6 +2,8 @@
 its compute accounting checked exactly."""
 
 import dataclasses
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -159,8 +161,12 @@ def test_accounting_stops_at_eos():
     probs[A, EOS] = probs[B, EOS] = probs[DOT, EOS] = 1.0
     prm = Counter()
     spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=4, max_steps=5, prm=prm)
-    r = pp.infer(rs.reasoning_program(spec), rs.question_args(bigram(probs), spec, [EOS]),
-                 algorithm=rs.FeynmanKacFilter(6), key=0)
+    r = pp.infer(
+        rs.reasoning_program(spec),
+        rs.question_args(bigram(probs), spec, [EOS]),
+        algorithm=rs.FeynmanKacFilter(6),
+        key=0,
+    )
     assert r.extras["generated_tokens"] == 12 and r.extras["reward_calls"] == prm.calls == 6
     assert r.extras["num_steps"] == 1 and r.extras["solutions"] == ["a"] * 6
     assert bool(jnp.all(r.state.finished))
@@ -174,8 +180,12 @@ def embedded():
     lm = load_default()
     prm = Counter(rs.arithmetic_prm)
     spec = rs.StepSpec(
-        decode=lm.tokenizer.decode, delimiters=tuple(lm.tokenizer.encode(".")), eos_id=lm.eos_id,
-        max_chunk=8, max_steps=3, prm=prm,
+        decode=lm.tokenizer.decode,
+        delimiters=tuple(lm.tokenizer.encode(".")),
+        eos_id=lm.eos_id,
+        max_chunk=8,
+        max_steps=3,
+        prm=prm,
     )
     args = rs.question_args(lm, spec, "<|endoftext|>Q: 7+2 = ?", pad_to=16)
     return rs.reasoning_program(spec), args, prm
@@ -298,6 +308,45 @@ def test_reward_failing_during_the_run_is_a_model_error(fixed_lengths):
     spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=fragile)
     with pytest.raises(pp.ModelError, match="no b please"):
         pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=0)
+
+
+def test_reward_errors_belong_to_the_run_that_raised_them(fixed_lengths):
+    """Two threads, one reward that fails on some solutions and one that never does: every run of the
+    first raises (naming its solution), no run of the second does. (With one process-wide error list
+    read after each run, the runs saw each other's errors: 7 of 15 in each thread went wrong.)"""
+    _, args, _ = fixed_lengths
+
+    def slow(fail):
+        def reward(question, solution):
+            time.sleep(0.002)  # long host calls: the two runs overlap
+            if fail and "b" in solution:
+                raise KeyError("no b please")
+            return 0.5
+
+        return reward
+
+    outcomes = {True: [], False: []}
+
+    def work(fail):
+        spec = rs.StepSpec(
+            decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=slow(fail)
+        )
+        for i in range(8):
+            try:
+                pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=i)
+                outcomes[fail].append("ok")
+            except pp.ModelError as e:
+                outcomes[fail].append(str(e))
+
+    pool = [threading.Thread(target=work, args=(fail,)) for fail in (True, False)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert outcomes[False] == ["ok"] * 8
+    assert len(outcomes[True]) == 8
+    for message in outcomes[True]:
+        assert "the process reward failed on solution" in message and "no b please" in message
 
 
 def test_particle_filter_weights_are_softmax_of_potentials(fixed_lengths):
