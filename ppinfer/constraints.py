@@ -498,7 +498,12 @@ class Predicate(Constraint):
                 cache.popitem(last=False)
             return mask
 
-        masks = _by_prefix(one, V)
+        by_prefix, lock = _by_prefix(one, V), threading.Lock()
+
+        def masks(toks: np.ndarray, lens: np.ndarray) -> np.ndarray:
+            with lock:  # two threads' runs of one program share the cache (and the user's functions)
+                return by_prefix(toks, lens)
+
         return HostConstraint(masks, V, eos)
 
     def validate(self, text: str) -> bool:
