@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Protocol
 
 import jax
@@ -99,19 +101,36 @@ def infer(
 def host_callback_error(e: BaseException) -> ModelError | None:
     """The :class:`ModelError` for a Python function that the compiled program calls on the host (a
     reward, critic, scorer or constraint through ``jax.pure_callback``) and that raised: XLA stops
-    the run and reports the Python traceback as text, whose last line names the exception. ``None``
-    when ``e`` is not such a failure."""
+    the run and reports the Python traceback as text, whose last line names the exception and whose
+    last frame is where it was raised. ``None`` when ``e`` is not such a failure."""
     text = str(e)
     if "callback" not in text.lower() or "Traceback" not in text:
         return None
-    last = text.strip().splitlines()[-1].strip()
+    lines = text.strip().splitlines()
+    last = lines[-1].strip()
     own = "ppinfer.errors."
     if last.startswith(own):  # a ppinfer error raised on the host says what failed itself
         return ModelError(last.split(": ", 1)[1] if ": " in last else last)
+    frames = [ln.strip() for ln in lines if ln.strip().startswith('File "')]
+    where = ""
+    if frames:  # 'File "/path/x.py", line 12, in fn' -> ' (x.py:12, in fn)'
+        path, _, rest = frames[-1][len('File "') :].partition('", line ')
+        where = f" ({os.path.basename(path)}:{rest})"
     return ModelError(
         "a Python function that the program calls on the host (a reward, critic, scorer or "
-        f"constraint) raised {last}"
+        f"constraint) raised {last}{where}"
     )
+
+
+class _QuietOwnErrors(logging.Filter):
+    """Drops JAX's log of a host callback that raised a ppinfer error: :func:`infer` raises that error
+    itself, with the same message (a user's own exception keeps JAX's logged traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], PPInferError))
+
+
+logging.getLogger("jax._src.callback").addFilter(_QuietOwnErrors())
 
 
 # JAX's errors for Python control flow or conversions on a traced value inside a program.
@@ -146,8 +165,6 @@ def _concrete_value_message(e: BaseException) -> str:
 
 def _user_frame(tb: Any) -> str:
     """`` at file:line (function)`` of the innermost traceback frame outside jax/numpyro/ppinfer."""
-    import os
-
     found = ""
     skip = ("jax", "jaxlib", "numpyro", "ppinfer")
     while tb is not None:

@@ -414,7 +414,10 @@ def test_a_predicate_that_raises_is_a_model_error():
     prog = tk.constrained(
         tk.prompt(lm, [EOS], 4), Predicate(fragile, prefix=fragile), vocab_bytes=vocab, eos_id=EOS
     )
-    with pytest.raises(pp.ModelError, match=r"calls on the host .* raised KeyError: 'no b please'"):
+    with pytest.raises(
+        pp.ModelError,
+        match=r"calls on the host .* raised KeyError: 'no b please' \(test_constraints.py:\d+, in fragile\)",
+    ):
         pp.infer(prog, algorithm=pp.SMC(16), key=0)
 
 
