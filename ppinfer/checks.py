@@ -17,7 +17,7 @@ from numpyro import handlers
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger
 
-from ppinfer.errors import ConfigError, DataError, ModelError, PPInferError, ZeroEvidenceError
+from ppinfer.errors import ConfigError, DataError, InferenceError, ModelError, PPInferError, ZeroEvidenceError
 from ppinfer.program import is_sequential
 
 __all__ = [
@@ -126,6 +126,13 @@ def require_sequential(program: Any, what: str, static_alternative: str = "Impor
 
 
 def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
+    """:class:`ZeroEvidenceError` when every particle has weight zero (``log_evidence = −inf``);
+    :class:`InferenceError` when it is NaN or +inf (never a valid estimate: a silent NaN result)."""
+    if np.isnan(log_evidence) or log_evidence == np.inf:
+        raise InferenceError(
+            f"log Ẑ is {log_evidence} {where}".rstrip() + ": a log weight became NaN or +inf (a site's "
+            "log density, a selection, a move or a proposal returned one)"
+        )
     if not np.isfinite(log_evidence) and log_evidence < 0:
         raise ZeroEvidenceError(
             f"all {num_particles} particles have weight zero (log weight -inf) {where}: every "

@@ -131,3 +131,34 @@ def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
 
     with pytest.raises(pp.ConfigError, match="a selection must return"):
         pp.infer(prog, algorithm=pp.SMC(8, resampling=WrongShape()), key=0)
+    # A user's selection that cannot be called as select(u, log_weights), that raises, or whose values
+    # are out of range is named in a clear error (before: a raw TypeError or ZeroDivisionError from
+    # inside the traced step, and a silent NaN log Ẑ or a silently clamped gather).
+    with pytest.raises(pp.ConfigError, match=r"called as select\(u: f32\[n_out\], log_weights"):
+        pp.SMC(8, resampling=lambda u: u)
+
+    def raises(u, lw):
+        return 1 / 0
+
+    with pytest.raises(
+        pp.ConfigError, match=r"selection .*raises.* failed on \(u: f32\[8\], .*ZeroDivisionError"
+    ):
+        pp.infer(prog, algorithm=pp.SMC(8, resampling=raises), key=0)
+
+    def nan_weights(u, lw):
+        return Systematic()(u, lw)[0], jnp.full_like(lw, jnp.nan)
+
+    def out_of_range(u, lw):
+        return Systematic()(u, lw)[0] + lw.shape[0], lw
+
+    def plus_inf(u, lw):
+        return Systematic()(u, lw)[0], jnp.full_like(lw, jnp.inf)
+
+    for broken in (nan_weights, out_of_range, plus_inf):
+        with pytest.raises(
+            pp.InferenceError, match="selection .* returned an ancestor out of range or a NaN"
+        ):
+            pp.infer(prog, algorithm=pp.SMC(8, resampling=broken, ess_threshold=1.0), key=0)
+    # The check costs the built-in selections nothing and passes a valid user selection.
+    c = pp.infer(prog, algorithm=pp.SMC(64, resampling=lambda u, lw: Stratified()(u, lw)), key=2)
+    assert np.array_equal(np.asarray(a.log_weights), np.asarray(c.log_weights))

@@ -20,6 +20,7 @@ from models.classic import lgssm_unknown_coefficient, simulate_lgssm
 from ppinfer import _compile
 from ppinfer.algorithms import smc2 as smc2_module
 from ppinfer.kernels.mh import accept
+from ppinfer.kernels.select import Systematic
 from semantics.exact import lgssm_coefficient_log_evidence, lgssm_coefficient_posterior
 
 Q, C, R = 0.5, 1.0, 0.5
@@ -103,6 +104,17 @@ def test_smc2_needs_a_sequential_program():
         pp.SMC2(3)
     with pytest.raises(pp.ConfigError, match="sequential"):
         pp.infer(prior, YS, algorithm=pp.SMC2(prior))
+
+
+@pytest.mark.parametrize("which", ["resampling", "inner_resampling"])
+def test_a_selection_returning_nan_weights_is_an_error(which):
+    # Before: log_evidence nan, returned as a result.
+    def nan_weights(u, lw):
+        return Systematic()(u, lw)[0], jnp.full_like(lw, jnp.nan)
+
+    algorithm = pp.SMC2(prior, num_particles=16, num_inner=8, ess_threshold=1.0, **{which: nan_weights})
+    with pytest.raises(pp.InferenceError, match="log Ẑ is nan at the end: a log weight became NaN"):
+        pp.infer(LGSSM, YS[:10], algorithm=algorithm, key=0)
 
 
 def test_chunks_and_progress_bar_do_not_change_the_run(monkeypatch, capsys):

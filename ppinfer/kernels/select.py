@@ -62,6 +62,7 @@ __all__ = [
     "ParentWeights",
     "Beam",
     "as_selection",
+    "built_in",
     "draw_uniforms",
     "parts",
     "fearnhead_clifford_threshold",
@@ -109,6 +110,7 @@ def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callabl
             raise ConfigError(
                 f"a selection must be hashable (e.g. a frozen dataclass or a function); got {resampling!r}"
             ) from e
+        _check_signature(resampling)
         base = resampling
     else:
         raise ConfigError(
@@ -118,6 +120,35 @@ def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callabl
     if ess_threshold is None or ess_threshold >= 1.0:
         return base
     return Adaptive(base, float(ess_threshold))
+
+
+def _check_signature(selection: Callable) -> None:
+    """A clear :class:`ConfigError` now, not a ``TypeError`` deep in the traced step, for a callable
+    that cannot be called as ``select(u, log_weights)``."""
+    import inspect
+
+    try:
+        signature = inspect.signature(selection)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as e:
+        raise ConfigError(
+            f"a selection is called as select(u: f32[n_out], log_weights: f32[n_in]) -> (ancestors, "
+            f"log_weights); {selection!r} cannot be: {e}"
+        ) from e
+
+
+def built_in(selection: Callable) -> bool:
+    """Whether ``selection`` is one of this module's, built on built-in selections only: its output
+    is in range by construction (ancestors in ``[0, n_in)``, no NaN or +inf weight from finite or
+    −inf ones), so the kernel need not check it."""
+    if type(selection) in (Multinomial, Stratified, Systematic, Residual, FearnheadClifford, Beam):
+        return True
+    if type(selection) in (Adaptive, Grouped, Conditional, ParentWeights):
+        return built_in(selection.base)
+    return False
 
 
 def _equal(ancestors: jax.Array, log_weights: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ppinfer.errors import ConfigError
-from ppinfer.kernels.select import draw_uniforms, parts
+from ppinfer.errors import ConfigError, PPInferError
+from ppinfer.kernels.select import built_in, draw_uniforms, parts
 from ppinfer.population import Population, gather, log_evidence_and_ess
 from ppinfer.suspended import Particle, Sequential, StepInfo, advance, start
 
@@ -232,7 +232,9 @@ def step(
         kwargs = {"lse": lse} if _takes_lse(chosen) else {}
         # Drawn inside the branch: a step that does not select draws nothing.
         u = draw_uniforms(chosen, k_sel, m, log_weights.dtype) if noise is None else noise.uniforms
-        ancestors, new_log_weights = _checked(chosen(u, log_weights, **kwargs), m, log_weights.dtype)
+        ancestors, new_log_weights = _checked(_call(chosen, u, log_weights, kwargs), m, log_weights.dtype)
+        if not built_in(chosen):
+            new_log_weights = _poisoned(ancestors, new_log_weights, log_weights.shape[0])
         moved = _gather(sharding, chosen, (particles, carried), ancestors)
         return (moved, new_log_weights, ancestors), selection_info
 
@@ -407,6 +409,40 @@ def _takes_lse(selection) -> bool:
         return "lse" in inspect.signature(selection).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _call(selection, u, log_weights, kwargs):
+    """``selection(u, log_weights, **kwargs)``; an exception it raises while the step is traced is a
+    :class:`ConfigError` naming the selection (JAX's errors about traced values pass through, so
+    that :func:`ppinfer.infer` explains them)."""
+    try:
+        return selection(u, log_weights, **kwargs)
+    except _PASS_THROUGH:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"the selection {selection!r} failed on (u: f32[{u.shape[0]}], log_weights: "
+            f"f32[{log_weights.shape[0]}]): {type(e).__name__}: {e}"
+        ) from e
+
+
+_PASS_THROUGH = (
+    PPInferError,
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+def _poisoned(ancestors: jax.Array, log_weights: jax.Array, n_in: int) -> jax.Array:
+    """A user's selection's new log weights, all NaN when it returned an ancestor outside
+    ``[0, n_in)`` or a NaN or +inf log weight: a gather would silently clamp the index, so the run's
+    log Ẑ is made NaN instead and the run wrapper reports the selection (one pass over N, paid only
+    by selections that are not :func:`~ppinfer.kernels.select.built_in`)."""
+    bad = jnp.any((ancestors < 0) | (ancestors >= n_in)) | jnp.any(
+        jnp.isnan(log_weights) | (log_weights == jnp.inf)
+    )
+    return jnp.where(bad, jnp.nan, log_weights)
 
 
 def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
