@@ -37,6 +37,7 @@ reference), :class:`ParentWeights` (weights that are scores, re-read at every se
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -125,8 +126,6 @@ def as_selection(resampling: Any, ess_threshold: float | None = None) -> Callabl
 def _check_signature(selection: Callable) -> None:
     """A clear :class:`ConfigError` now, not a ``TypeError`` deep in the traced step, for a callable
     that cannot be called as ``select(u, log_weights)``."""
-    import inspect
-
     try:
         signature = inspect.signature(selection)
     except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
