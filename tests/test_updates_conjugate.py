@@ -92,10 +92,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("tempering_ess", [0.5, None], ids=["tempered", "plain"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_sequential_matches_batch_posterior_and_evidence_unbiased(case):
+def test_sequential_matches_batch_posterior_and_evidence_unbiased(case, tempering_ess):
+    """Both update paths: tempered stages (the default) and plain IBIS (one reweighting per batch,
+    ``tempering_ess=None``; no test ran it before)."""
     program, data, stats, site, mean, m2, log_z = CASES[case]
-    cfg = IBIS(num_particles=200, num_moves=5, sufficient_statistics=stats)
+    cfg = IBIS(num_particles=200, num_moves=5, sufficient_statistics=stats, tempering_ess=tempering_ess)
     run = lambda k: _final_moments(k, program, jnp.asarray(data), cfg, site)
     keys = jax.random.split(jax.random.PRNGKey(0), 100)
     log_z_hat, means, m2s = jax.jit(jax.vmap(run))(keys)
