@@ -47,10 +47,14 @@ def data():
     return ys, mean, sd
 
 
-def test_resample_move_rejuvenates_static_parameter(data):
+@pytest.mark.parametrize("suffix", [None, 2], ids=["static-moves", "static-and-suffix-moves"])
+def test_resample_move_rejuvenates_static_parameter(data, suffix):
+    """``move_sites`` alone, and with ``regenerate_suffix`` (each of the ``num_moves`` rounds then
+    moves ``a`` and regenerates the last steps; no test ran that combination before)."""
     ys, mean, sd = data
     plain = pp.infer(PROGRAM, ys, algorithm=pp.SMC(400), key=0)
-    rm = pp.infer(PROGRAM, ys, algorithm=ResampleMoveSMC(400, move_sites=("a",), num_moves=2), key=0)
+    algorithm = ResampleMoveSMC(400, move_sites=("a",), num_moves=2, regenerate_suffix=suffix)
+    rm = pp.infer(PROGRAM, ys, algorithm=algorithm, key=0)
     unique_plain = len(np.unique(np.asarray(plain.samples["a"])))
     unique_rm = len(np.unique(np.asarray(rm.samples["a"])))
     # Plain SMC never redraws `a`: resampling collapses it onto a handful of values.
