@@ -148,6 +148,26 @@ def test_errors():
         ParticleGibbs(4, theta_moves=0)
     with pytest.raises(pp.ConfigError, match="sequential"):
         pp.infer(prior, YS, algorithm=ParticleGibbs(4))
+    with pytest.raises(pp.ConfigError, match="csmc needs a sequential program"):
+        csmc(prior, (YS,), 4)
+    for bad in (0.0, -1.0, "0.2", None, float("nan")):
+        with pytest.raises(pp.ConfigError, match="step_size must be a number > 0"):
+            ParticleGibbs(4, step_size=bad)
+    for bad in (0.0, 1.0, "0.3", float("nan")):
+        with pytest.raises(pp.ConfigError, match=r"target_accept must be a number in \(0, 1\)"):
+            ParticleGibbs(4, target_accept=bad)
+    with pytest.raises(pp.ConfigError, match="prior must be a program"):
+        ParticleGibbs(4, prior=3)
+
+    # A parameter site that is also a site of the program would be sampled twice.
+    def clash(ys):
+        pp.sample("a", dist.Uniform(-1.0, 1.0))
+        pp.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(pp.ModelError, match=r"parameter site\(s\) \['x'\] are also sites of the program"):
+        pp.infer(
+            LGSSM, YS, algorithm=ParticleGibbs(4, num_samples=2, num_warmup=0, num_chains=1, prior=clash)
+        )
     with pytest.raises(pp.ConfigError, match="discrete"):
         pp.infer(LGSSM, YS, algorithm=ParticleGibbs(4, prior=lambda ys: pp.sample("a", dist.Bernoulli(0.5))))
 

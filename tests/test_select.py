@@ -16,6 +16,7 @@ import pytest
 import ppinfer as pp
 from ppinfer.kernels.select import (
     Adaptive,
+    Beam,
     FearnheadClifford,
     Grouped,
     Multinomial,
@@ -108,6 +109,11 @@ def test_as_selection_names_and_errors():
 
     with pytest.raises(pp.ConfigError, match="hashable"):
         pp.SMC(8, resampling=Unhashable())
+    for keep in (0, 1.5, True, "2"):
+        with pytest.raises(pp.ConfigError, match="Beam's keep must be an integer >= 1"):
+            Beam(keep)
+    with pytest.raises(pp.ConfigError, match="unknown selection scheme 'multinomial' for Steer"):
+        FearnheadClifford("multinomial")
 
 
 def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
