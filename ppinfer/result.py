@@ -51,15 +51,33 @@ class DeferredExtras(dict):
         self._deferred = dict(deferred)
 
     def _fill(self) -> None:
-        while self._deferred:
-            name, value = self._deferred.popitem()
-            self[name] = value()
+        if not self._deferred:
+            return
+        from ppinfer._compile import TRACE_LOCK
+
+        # Under the lock, a key leaves ``_deferred`` only once its value is in the dict: another
+        # thread reading meanwhile waits, instead of finding it in neither (a None or a KeyError).
+        with TRACE_LOCK:
+            for name, value in list(self._deferred.items()):
+                self[name] = value()
+                del self._deferred[name]
 
     def __missing__(self, name):
         if name in self._deferred:
             self._fill()
-            return self[name]
+        if super().__contains__(name):
+            return super().__getitem__(name)
         raise KeyError(name)
+
+    def __repr__(self) -> str:
+        self._fill()
+        return super().__repr__()
+
+    def __eq__(self, other: object) -> bool:
+        self._fill()
+        return super().__eq__(other)
+
+    __hash__ = None  # a dict is not hashable
 
     def get(self, name, default=None):
         self._fill()

@@ -34,9 +34,7 @@ def test_mean_var_expectation(result):
     m = result.mean("x")
     assert m.shape == (12,)
     w = np.asarray(result.weights)
-    np.testing.assert_allclose(
-        m, (w[:, None] * np.asarray(result.samples["x"])).sum(0), rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(m, (w[:, None] * np.asarray(result.samples["x"])).sum(0), rtol=1e-4, atol=1e-5)
     x = np.asarray(result.samples["x"], np.float64)
     mean = (w[:, None] * x).sum(0)
     np.testing.assert_allclose(result.var("x"), (w[:, None] * (x - mean) ** 2).sum(0), rtol=1e-4, atol=1e-6)
@@ -57,3 +55,45 @@ def test_repr_is_readable(result):
     assert "SMC" in text and "log_evidence" in text and "resampled" in text
     text = repr(pp.infer(sprinkler(), algorithm=pp.Enumerate()))
     assert "rain: mean=" in text
+
+
+def test_deferred_extras_read_by_many_threads_and_printed():
+    """``Result.extras`` computes its deferred entries once; threads reading an entry at the same
+    moment all get it (before: a thread could find the entry neither deferred nor filled yet and get
+    ``None`` from ``get`` or a ``KeyError``), and ``repr``/``==`` see the deferred entries."""
+    import threading
+    import time
+
+    from ppinfer.result import Deferred, DeferredExtras
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+        return 2
+
+    for read in (lambda d: d.get("b"), lambda d: d["b"]):
+        extras = DeferredExtras({"a": 1}, {"b": Deferred(slow), "c": Deferred(lambda: 3)})
+        barrier, seen, errors = threading.Barrier(8), [], []
+
+        def worker(extras=extras, barrier=barrier, seen=seen, errors=errors, read=read):
+            barrier.wait()
+            try:
+                seen.append(read(extras))
+            except Exception as e:  # noqa: BLE001 (collected and reported below)
+                errors.append(repr(e))
+
+        pool = [threading.Thread(target=worker) for _ in range(8)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        assert errors == [] and seen == [2] * 8
+    assert len(calls) == 2  # once per DeferredExtras
+    extras = DeferredExtras({"a": 1}, {"b": Deferred(lambda: 2)})
+    assert repr(extras) == "{'a': 1, 'b': 2}"
+    extras = DeferredExtras({"a": 1}, {"b": Deferred(lambda: 2)})
+    assert extras == {"a": 1, "b": 2} and len(extras) == 2 and "b" in extras
+    with pytest.raises(KeyError):
+        extras["missing"]
