@@ -88,6 +88,12 @@ def test_smoothed_marginals_match_rts_and_filtering_means_match_kalman(data):
     filtering = np.asarray(result.filtering_mean("x"))
     ess = np.asarray(result.ess)
     assert np.all(np.abs(filtering - filt_means) < 4.5 * np.sqrt(filt_vars / ess)), filtering - filt_means
+    # Filtering variances (Result.filtering): a weighted variance of a Gaussian has
+    # relative sd about sqrt(2 / ESS); 5 of those is a bound no correct run crosses in practice.
+    flt = result.filtering
+    filt_var_hat = np.asarray(flt.var("x"))
+    assert np.all(np.abs(filt_var_hat / filt_vars - 1.0) < 5.0 * np.sqrt(2.0 / ess)), filt_var_hat / filt_vars
+    np.testing.assert_allclose(np.asarray(flt.std("x")), np.sqrt(filt_var_hat), rtol=1e-6)
     smc = pp.infer(program, ys, algorithm=pp.SMC(N), key=0)
     np.testing.assert_allclose(filtering, np.asarray(smc.filtering_mean("x")), rtol=1e-5, atol=1e-5)
     assert result.log_evidence == pytest.approx(smc.log_evidence, abs=1e-4)
