@@ -108,9 +108,9 @@ def host_callback_error(e: BaseException) -> ModelError | None:
         return None
     lines = text.strip().splitlines()
     last = lines[-1].strip()
-    own = "ppinfer.errors."
-    if last.startswith(own):  # a ppinfer error raised on the host says what failed itself
-        return ModelError(last.split(": ", 1)[1] if ": " in last else last)
+    kind, _, message = last.partition(": ")
+    if kind.rsplit(".", 1)[-1] in _OWN_ERRORS and message:  # a ppinfer error says what failed itself
+        return ModelError(message)
     frames = [ln.strip() for ln in lines if ln.strip().startswith('File "')]
     where = ""
     if frames:  # 'File "/path/x.py", line 12, in fn' -> ' (x.py:12, in fn)'
@@ -120,6 +120,13 @@ def host_callback_error(e: BaseException) -> ModelError | None:
         "a Python function that the program calls on the host (a reward, critic, scorer or "
         f"constraint) raised {last}{where}"
     )
+
+
+def _error_names(cls: type) -> set[str]:
+    return {cls.__name__}.union(*(_error_names(c) for c in cls.__subclasses__()))
+
+
+_OWN_ERRORS = frozenset(_error_names(PPInferError))
 
 
 class _QuietOwnErrors(logging.Filter):
