@@ -48,6 +48,11 @@ def check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def is_number(value: Any) -> bool:
+    """A real Python or NumPy number (not a bool, a string or None)."""
+    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
 def check_probability(name: str, value: Any) -> float:
     try:
         v = float(value)

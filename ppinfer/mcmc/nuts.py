@@ -18,6 +18,7 @@ from typing import Any
 
 import numpyro.infer as ninfer
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.mcmc.base import Kernel
 
@@ -37,10 +38,8 @@ class NUTS:
     options: tuple = field(default=())
 
     def __post_init__(self):
-        if not 0.0 < self.target_accept_prob < 1.0:
-            raise ConfigError(f"target_accept_prob must be in (0, 1), got {self.target_accept_prob}")
-        if int(self.max_tree_depth) < 1:
-            raise ConfigError(f"max_tree_depth must be >= 1, got {self.max_tree_depth}")
+        _check_settings(self.target_accept_prob, self.step_size)
+        checks.check_int("max_tree_depth", self.max_tree_depth, 1)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         check_continuous(sites, "NUTS")
@@ -58,7 +57,8 @@ class NUTS:
 
 @dataclass(frozen=True)
 class HMC:
-    """Hamiltonian Monte Carlo with a fixed trajectory length (NumPyro's, with adaptation)."""
+    """Hamiltonian Monte Carlo with ``num_steps`` leapfrog steps per transition (NumPyro's), its step
+    size adapted during warm-up towards ``target_accept_prob`` from ``step_size``."""
 
     num_steps: int = 10
     target_accept_prob: float = 0.8
@@ -67,20 +67,30 @@ class HMC:
     init_strategy: Callable = ninfer.init_to_uniform
 
     def __post_init__(self):
-        if int(self.num_steps) < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+        _check_settings(self.target_accept_prob, self.step_size)
+        checks.check_int("num_steps", self.num_steps, 1)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         check_continuous(sites, "HMC")
         nk = ninfer.HMC(
             program,
             num_steps=self.num_steps,
+            # No trajectory length: with both, NumPyro fixes the step size at 2π / num_steps and
+            # neither adapts it nor reads ``step_size``.
+            trajectory_length=None,
             target_accept_prob=self.target_accept_prob,
             dense_mass=self.dense_mass,
             step_size=self.step_size,
             init_strategy=self.init_strategy,
         )
         return numpyro_kernel(nk, num_warmup)
+
+
+def _check_settings(target_accept_prob: Any, step_size: Any) -> None:
+    if not (checks.is_number(target_accept_prob) and 0.0 < target_accept_prob < 1.0):
+        raise ConfigError(f"target_accept_prob must be a number in (0, 1), got {target_accept_prob!r}")
+    if not (checks.is_number(step_size) and step_size > 0):
+        raise ConfigError(f"step_size must be a number > 0, got {step_size!r}")
 
 
 def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
