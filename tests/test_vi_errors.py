@@ -82,3 +82,37 @@ def test_learned_proposal_lowers_log_evidence_variance():
     # The benchmark (T = 30, N = 32) measures a ratio ≈ 11; 2 leaves room for a shorter fit and seed noise.
     assert np.var(boot) > 2 * np.var(good)
     assert pp.SMC(16, proposal=learned).proposal is learned
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"estimators": "score"}, "unknown gradient estimator 'score'"),
+        ({"estimators": {"z": "score"}}, "unknown gradient estimator 'score'"),
+        ({"estimators": 3}, "estimators must be a str or a dict"),
+        ({"weighting": "uniform"}, "weighting must be one of"),
+        ({"guide": 3}, "guide must be a program"),
+        ({"optimizer": "adam"}, "optimizer must be an optax GradientTransformation"),
+    ],
+)
+def test_settings_are_checked(kwargs, match):
+    settings = {"objective": elbo(), "guide": guide, "optimizer": optax.adam(0.1), "num_steps": 5, **kwargs}
+    with pytest.raises(pp.ConfigError, match=match):
+        VI(**settings)
+
+
+def test_init_params_start_the_fit_and_unknown_ones_are_refused():
+    # Constrained initial values: with a zero learning rate the fit stays where it started.
+    def scaled(y):
+        m = numpyro.param("m", 0.0)
+        s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
+        pp.sample("z", dist.Normal(m, s))
+
+    start = {"m": 2.5, "s": 0.3}
+    r = pp.infer(
+        model, 1.0, algorithm=VI(elbo(), scaled, optax.sgd(0.0), 2, num_particles=8, init_params=start)
+    )
+    assert float(r.extras["params"]["m"]) == pytest.approx(2.5, abs=1e-6)
+    assert float(r.extras["params"]["s"]) == pytest.approx(0.3, rel=1e-5)
+    with pytest.raises(pp.ConfigError, match="init_params names 'q', which is not a param site"):
+        pp.infer(model, 1.0, algorithm=VI(elbo(), scaled, optax.sgd(0.0), 2, init_params={"q": 1.0}))
