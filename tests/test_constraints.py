@@ -363,6 +363,49 @@ def test_regex_program_denotes_the_exact_target():
     assert report.ok, report
 
 
+def _two_a(text):
+    return text.count("a") >= 2
+
+
+REQUIRE_EOS_CASES = {  # vocabulary, constraint, validity of a finished text
+    "regex": (CASES["regex-unicode"][0], CASES["regex-unicode"][1], CASES["regex-unicode"][2]),
+    "predicate": ([b"<eos>", b"a", b"b"], lambda: Predicate(_two_a), _two_a),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUIRE_EOS_CASES))
+def test_require_eos_false_also_keeps_complete_texts_that_fill_the_budget(case):
+    """``require_eos=False`` (no test ran it before): the target adds the T-token texts without EOS
+    whose text is complete, and ⟦program⟧ (both proposals) equals it by brute force; SMC's exact
+    expected output equals ⟦program⟧. A regex automaton masks by the budget left; a predicate has
+    no such mask, so only the program's completeness condition keeps its incomplete texts out."""
+    vocab, make, ok = REQUIRE_EOS_CASES[case]
+    T = 3
+    with jax.enable_x64(True):
+        for proposal in ("local", "bootstrap"):
+            probs, lm = lm_for(vocab, 0)
+            p = tk.prompt(lm, [EOS], T)
+            prog = tk.constrained(
+                p, make(), proposal=proposal, vocab_bytes=vocab, eos_id=EOS, require_eos=False
+            )
+            target = dict(exact_posterior(vocab, probs, ok, T).mass)
+            for body in itertools.product(range(1, len(vocab)), repeat=T):
+                text = decode(vocab, body)
+                if text is not None and ok(text):
+                    target[body] = float(
+                        np.prod([probs[a, b] for a, b in zip((EOS,) + body[:-1], body, strict=True)])
+                    )
+            by_seq: dict = {}
+            for key, mass in denote(prog).mass.items():
+                seq = tuple(int(v) for k, v in key if k.endswith("/tok"))
+                seq = seq[: seq.index(EOS) + 1] if EOS in seq else seq
+                by_seq[seq] = by_seq.get(seq, 0.0) + mass
+            assert Measure(by_seq.items()).max_abs_diff(Measure(target.items())) < 1e-6
+            assert any(EOS not in seq for seq in by_seq)  # the new texts are there
+        report = check_exact(prog, algorithm=pp.SMC(2, ess_threshold=1.0), tol=1e-6)
+    assert report.ok, report
+
+
 # --- outputs validate across seeds ---------------------------------------------------------------------
 
 
