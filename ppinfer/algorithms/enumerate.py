@@ -4,9 +4,9 @@ A program whose latent choices are finitely many discrete values denotes a finit
 executions. :func:`enumerate_runs` visits every execution depth-first by re-running the program with a
 prefix of fixed choices (a handler that branches at the first unfixed latent site), so control flow
 may depend on earlier choices. Each :class:`Branch` records the probability of reaching it when the
-latent choices are *sampled* (from the proposal where it makes them, else from the prior) and its
-:func:`~ppinfer.weighted.weight_from_traces` weight — the very weight the sampling algorithms use —
-so the branch's mass ``exp(log_prob + log_weight)`` is its unnormalised posterior mass.
+latent choices are *sampled* from the prior and its :func:`~ppinfer.weighted.weight_from_traces`
+weight — the very weight the sampling algorithms use — so the branch's mass
+``exp(log_prob + log_weight)`` is its unnormalised posterior mass.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Branch(NamedTuple):
     Attributes:
         choices: latent and deterministic site values (numpy arrays), name → value.
         log_prob: log probability of drawing this branch's latent choices when sampling.
-        log_weight: the execution's log weight (log p/q of proposed choices + log likelihood).
+        log_weight: the execution's log weight (its log likelihood: observations, factors).
         value: the program's return value.
         stopped: whether the program called :func:`~ppinfer.stop` (for sequential steps).
     """
@@ -96,7 +96,7 @@ class Enumerate:
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         t0 = time.perf_counter()
         fn = _Unrolled(program) if is_sequential(program) else program
-        runs = _enumerate(fn, args, {}, None, self.max_branches, True, self.max_seconds, self.batched)
+        runs = _enumerate(fn, args, {}, self.max_branches, True, self.max_seconds, self.batched)
         extras: dict[str, Any] = {"executions": runs.executions, "batched": runs.batched}
         if runs.num_branches == 0:  # every branch was pruned: each has weight zero
             raise ZeroEvidenceError(
@@ -138,24 +138,21 @@ def enumerate_runs(
     fn: Callable[..., Any],
     args: tuple = (),
     kwargs: dict | None = None,
-    proposal: Callable[..., Any] | None = None,
     max_branches: int = 100_000,
     prune: bool = False,
     max_seconds: float | None = None,
     batched: bool | None = None,
 ) -> list[Branch]:
     """Every execution of ``fn(*args, **kwargs)`` with its sampling probability and weight, in
-    lexicographic order of the choices' support indices; latent choices made by ``proposal`` (same
-    arguments) are drawn from it.
+    lexicographic order of the choices' support indices.
 
     ``prune``: do not expand a partial execution whose mass is already zero (its choices so far
     have probability zero, or its observations/conditions so far weight zero), nor a choice of
     probability zero: every completion has mass zero, so only zero-mass branches are left out.
     ``max_seconds``: raise :class:`EnumerationError` when enumerating takes longer.
     ``batched``: run each level of the execution tree as one compiled vmapped batch (see
-    :class:`Enumerate`) when there is no proposal and the program can be traced; else one eager
-    execution per branch."""
-    runs = _enumerate(fn, args, kwargs or {}, proposal, max_branches, prune, max_seconds, batched)
+    :class:`Enumerate`) when the program can be traced; else one eager execution per branch."""
+    runs = _enumerate(fn, args, kwargs or {}, max_branches, prune, max_seconds, batched)
     return runs.branches
 
 
@@ -210,9 +207,9 @@ EAGER_NODES = 16
 the supports) run eagerly: one compilation costs more than that many eager runs."""
 
 
-def _enumerate(fn, args, kwargs, proposal, max_branches, prune, max_seconds, batched):
+def _enumerate(fn, args, kwargs, max_branches, prune, max_seconds, batched):
     start = time.perf_counter()
-    if batched is not False and proposal is None:
+    if batched is not False:
         small = 0 if batched else EAGER_NODES
         # A sequential program runs every step in the batch, a stopped particle's later ones dormant.
         traced = _Unrolled(fn.program, dormant=True) if isinstance(fn, _Unrolled) else fn
@@ -222,10 +219,10 @@ def _enumerate(fn, args, kwargs, proposal, max_branches, prune, max_seconds, bat
             raise
         except Exception:  # not traceable as one batch: one eager execution per branch
             pass
-    return _enumerate_eager(fn, args, kwargs, proposal, max_branches, prune, max_seconds, start)
+    return _enumerate_eager(fn, args, kwargs, max_branches, prune, max_seconds, start)
 
 
-def _enumerate_eager(fn, args, kwargs, proposal, max_branches, prune, max_seconds, start) -> _Eager:
+def _enumerate_eager(fn, args, kwargs, max_branches, prune, max_seconds, start) -> _Eager:
     branches: list[Branch] = []
     pending: list[dict] = [{}]
     executions = 0
@@ -239,7 +236,7 @@ def _enumerate_eager(fn, args, kwargs, proposal, max_branches, prune, max_second
         prefix = pending.pop()
         executions += 1
         try:
-            branches.append(_run_branch(fn, args, kwargs, proposal, prefix))
+            branches.append(_run_branch(fn, args, kwargs, prefix))
         except _Branching as b:
             if prune and b.dead:
                 continue
@@ -556,14 +553,14 @@ class _Branching(Exception):
 class _fix_choices(Messenger):
     """Fixes latent sites from ``prefix``; raises :class:`_Branching` at the first one not in it."""
 
-    def __init__(self, prefix: dict, tag: str, skip: frozenset = frozenset()):
+    def __init__(self, prefix: dict):
         super().__init__()
-        self.prefix, self.tag, self.skip = prefix, tag, skip
+        self.prefix = prefix
 
     def process_message(self, msg):
-        if msg["type"] != "sample" or msg["is_observed"] or msg["name"] in self.skip:
+        if msg["type"] != "sample" or msg["is_observed"]:
             return
-        key = (self.tag, msg["name"])
+        key = msg["name"]
         if key in self.prefix:
             msg["value"] = self.prefix[key]
         else:
@@ -573,30 +570,17 @@ class _fix_choices(Messenger):
             raise _Branching(key, values, log_probs)
 
 
-def _run_branch(fn, args, kwargs, proposal, prefix) -> Branch:
-    q_trace, q_values = None, {}
-    log_prob = 0.0
-    if proposal is not None:
-        with handlers.trace() as q_trace, handlers.seed(rng_seed=0), _fix_choices(prefix, "q"):
-            proposal(*args, **kwargs)
-        q_values = {n: s["value"] for n, s in q_trace.items() if _latent(s)}
-        log_prob += sum(float(site_log_prob(s)) for s in q_trace.values() if _latent(s))
+def _run_branch(fn, args, kwargs, prefix) -> Branch:
     stops = collect_stops()
     p_trace: dict = {}
     try:
-        with (
-            handlers.trace() as p_trace,
-            handlers.seed(rng_seed=0),
-            handlers.substitute(data=q_values),
-            _fix_choices(prefix, "p", frozenset(q_values)),
-            stops,
-        ):
+        with handlers.trace() as p_trace, handlers.seed(rng_seed=0), _fix_choices(prefix), stops:
             value = fn(*args, **kwargs)
     except _Branching as b:
         b.dead = _partial_mass(p_trace) == -np.inf
         raise
-    log_prob += sum(float(site_log_prob(s)) for n, s in p_trace.items() if _latent(s) and n not in q_values)
-    log_weight = float(weight_from_traces(p_trace, q_trace)[0])
+    log_prob = sum((float(site_log_prob(s)) for s in p_trace.values() if _latent(s)), 0.0)
+    log_weight = float(weight_from_traces(p_trace, None)[0])
     choices = {k: np.asarray(v) for k, v in choices_of(p_trace).items()}
     return Branch(choices, log_prob, log_weight, value, bool(stops.stopped))
 
