@@ -563,6 +563,57 @@ def test_json_schema_regex_agrees_with_jsonschema():
     assert min(seen.values()) > 20
 
 
+def test_json_schema_composition_keywords_agree_with_jsonschema():
+    """The keywords the first schema does not use (coverage: never run): ``anyOf``, ``oneOf`` with
+    disjoint branches, a one-element ``allOf``, ``$ref`` into ``$defs``, ``const``, ``prefixItems``
+    with and without further ``items``, ``minItems``, exclusive integer bounds and a schema whose
+    type is inferred from its keywords: documents match iff ``jsonschema`` accepts them."""
+    import jsonschema
+
+    schema = {
+        "$defs": {"small": {"type": "integer", "exclusiveMinimum": -2, "exclusiveMaximum": 3}},
+        "type": "object",
+        "properties": {
+            "id": {"anyOf": [{"$ref": "#/$defs/small"}, {"type": "string", "maxLength": 2}]},
+            "kind": {"oneOf": [{"const": "a"}, {"type": "integer", "minimum": 10, "maximum": 12}]},
+            "wrapped": {"allOf": [{"type": "boolean"}]},
+            "pair": {
+                "type": "array",
+                "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                "items": False,
+            },
+            "head": {
+                "type": "array",
+                "prefixItems": [{"const": 1}],
+                "items": {"type": "boolean"},
+                "minItems": 2,
+                "maxItems": 3,
+            },
+            "inferred": {"maxLength": 1},  # a string, by its keyword
+        },
+        "required": ["id"],
+    }
+    dfa = _regex.compile_regex(JSONSchema(schema).regex)
+    validator = jsonschema.Draft202012Validator(schema)
+    rng = np.random.default_rng(5)
+    values = {
+        "id": [-2, -1, 0, 2, 3, "", "ab", "abc", None, 1.5],
+        "kind": ["a", "b", 9, 10, 12, 13],
+        "wrapped": [True, False, 0, [True]],
+        "pair": [[], [1], [1, "x"], [1, "x", 2], ["x", 1], [1, 2]],
+        "head": [[1], [1, True], [1, True, False], [1, True, False, True], [2, True], [1, 1]],
+        "inferred": ["", "a", "ab"],
+    }
+    seen = {True: 0, False: 0}
+    for _ in range(1500):
+        doc = {k: v[rng.integers(len(v))] for k, v in values.items() if rng.random() < 0.75}
+        text = json.dumps(doc, ensure_ascii=bool(rng.random() < 0.3))
+        expected = validator.is_valid(doc)
+        assert dfa.fullmatch(text.encode()) == expected, text
+        seen[expected] += 1
+    assert min(seen.values()) > 20
+
+
 def test_texts_of_a_constrained_result():
     prog, _ = program("regex-unicode", "local")
     r = pp.infer(prog, algorithm=pp.SMC(64), key=0)
