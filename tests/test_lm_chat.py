@@ -297,7 +297,27 @@ def test_continue_final_message(template_pairs, chat_lm):
         ours, theirs = template_pairs[name]
         a, b = _render_both(ours, theirs, chat, continue_final_message=True, date_string="26 Jul 2024")
         assert a == b and a.rstrip().endswith("The answer is"), name
-    ours, _ = template_pairs["qwen2.5"]
+    # Content as text blocks (coverage: never run): the last text block is the one continued.
+    blocks = (
+        "{% for m in messages %}<{{ m.role }}>{% for b in m.content %}[{{ b.text }}]{% endfor %}"
+        "</{{ m.role }}>{% endfor %}"
+    )
+    chat_blocks = [
+        {"role": "user", "content": [{"type": "text", "text": "Q?"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "The "}, {"type": "text", "text": "answer"}],
+        },
+    ]
+    ours, theirs = template_pairs["qwen2.5"]
+    a, b = _render_both(ours, theirs, chat_blocks, continue_final_message=True, chat_template=blocks)
+    assert a == b == "<user>[Q?]</user><assistant>[The ][answer", (a, b)
+    with pytest.raises(TokenizerError, match="no text to continue"):
+        render_template(
+            blocks, [{"role": "user", "content": [{"type": "image"}]}], continue_final_message=True
+        )
+    with pytest.raises(TokenizerError, match='no "content" to continue'):
+        render_template(blocks, [{"role": "user"}], continue_final_message=True)
     with pytest.raises(TokenizerError, match="exclude each other"):
         ours.apply_chat_template(chat, continue_final_message=True, add_generation_prompt=True)
     with pytest.raises(TokenizerError, match="does not appear"):
