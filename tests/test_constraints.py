@@ -526,8 +526,6 @@ def test_recursive_schema_runs_on_llguidance():
 def test_json_schema_regex_agrees_with_jsonschema():
     """A schema with nesting, enums, bounds and optional properties: documents written by
     ``json.dumps`` match iff ``jsonschema`` accepts them."""
-    import jsonschema
-
     schema = {
         "type": "object",
         "properties": {
@@ -541,9 +539,6 @@ def test_json_schema_regex_agrees_with_jsonschema():
         },
         "required": ["name", "age"],
     }
-    dfa = _regex.compile_regex(JSONSchema(schema).regex)
-    validator = jsonschema.Draft202012Validator(schema)
-    rng = np.random.default_rng(4)
     values = {
         "name": ["", "é", "Ann", "日本😀", "toolongname", 'a"b'],
         "age": [-4, -3, 0, 7, 120, 121, 1.5],
@@ -553,9 +548,21 @@ def test_json_schema_regex_agrees_with_jsonschema():
         "zip": ["123", "12", "abc"],
         "ok": [True, False, None, 1],
     }
+    _assert_regex_agrees_with_jsonschema(schema, values, seed=4, keep=0.7)
+
+
+def _assert_regex_agrees_with_jsonschema(schema, values, seed, keep):
+    """1,500 documents, each property drawn from ``values`` with probability ``keep`` and written by
+    ``json.dumps``: the schema's regular expression matches iff ``jsonschema`` accepts the document
+    (both outcomes seen more than 20 times)."""
+    import jsonschema
+
+    dfa = _regex.compile_regex(JSONSchema(schema).regex)
+    validator = jsonschema.Draft202012Validator(schema)
+    rng = np.random.default_rng(seed)
     seen = {True: 0, False: 0}
     for _ in range(1500):
-        doc = {k: v[rng.integers(len(v))] for k, v in values.items() if rng.random() < 0.7}
+        doc = {k: v[rng.integers(len(v))] for k, v in values.items() if rng.random() < keep}
         text = json.dumps(doc, ensure_ascii=bool(rng.random() < 0.3))
         expected = validator.is_valid(doc)
         assert dfa.fullmatch(text.encode()) == expected, text
@@ -568,8 +575,6 @@ def test_json_schema_composition_keywords_agree_with_jsonschema():
     disjoint branches, a one-element ``allOf``, ``$ref`` into ``$defs``, ``const``, ``prefixItems``
     with and without further ``items``, ``minItems``, exclusive integer bounds and a schema whose
     type is inferred from its keywords: documents match iff ``jsonschema`` accepts them."""
-    import jsonschema
-
     schema = {
         "$defs": {"small": {"type": "integer", "exclusiveMinimum": -2, "exclusiveMaximum": 3}},
         "type": "object",
@@ -593,9 +598,6 @@ def test_json_schema_composition_keywords_agree_with_jsonschema():
         },
         "required": ["id"],
     }
-    dfa = _regex.compile_regex(JSONSchema(schema).regex)
-    validator = jsonschema.Draft202012Validator(schema)
-    rng = np.random.default_rng(5)
     values = {
         "id": [-2, -1, 0, 2, 3, "", "ab", "abc", None, 1.5],
         "kind": ["a", "b", 9, 10, 12, 13],
@@ -604,14 +606,7 @@ def test_json_schema_composition_keywords_agree_with_jsonschema():
         "head": [[1], [1, True], [1, True, False], [1, True, False, True], [2, True], [1, 1]],
         "inferred": ["", "a", "ab"],
     }
-    seen = {True: 0, False: 0}
-    for _ in range(1500):
-        doc = {k: v[rng.integers(len(v))] for k, v in values.items() if rng.random() < 0.75}
-        text = json.dumps(doc, ensure_ascii=bool(rng.random() < 0.3))
-        expected = validator.is_valid(doc)
-        assert dfa.fullmatch(text.encode()) == expected, text
-        seen[expected] += 1
-    assert min(seen.values()) > 20
+    _assert_regex_agrees_with_jsonschema(schema, values, seed=5, keep=0.75)
 
 
 def test_texts_of_a_constrained_result():
