@@ -125,6 +125,24 @@ def test_step_changing_state_shape():
 def test_bad_num_steps():
     with pytest.raises(pp.ModelError, match="num_steps"):
         pp.infer(pp.sequential(lambda: 0.0, lambda x, t: x, 0), algorithm=pp.SMC(10))
+    for bad, match in [
+        (0, "needs num_steps >= 1, got 0"),
+        (-2, "needs num_steps >= 1, got -2"),
+        (2.5, "a whole number of steps"),
+        (np.array([3]), r"num_steps must be an int, got array\(\[3\]\)"),
+        (True, "num_steps must be an int, got True"),
+        ("3", r"must be a whole number of steps \(an int\), got '3'"),
+        (None, "num_steps must be an int, got None"),
+    ]:
+        with pytest.raises(pp.ModelError, match=match):
+            pp.sequential(lambda: 0.0, lambda x, t: x, bad)
+    assert pp.sequential(lambda: 0.0, lambda x, t: x, np.int64(3)).steps_for(()) == 3
+    # A num_steps function is checked on the arguments of the call.
+    by_length = pp.sequential(lambda ys: 0.0, lambda x, t, ys: x, lambda ys: len(ys) - 3)
+    with pytest.raises(pp.ModelError, match="needs num_steps >= 1, got 0"):
+        pp.infer(by_length, np.zeros(3), algorithm=pp.SMC(10))
+    with pytest.raises(pp.ModelError, match="init and step must be callables"):
+        pp.sequential(0.0, lambda x, t: x, 3)
 
 
 def test_no_random_choice():
