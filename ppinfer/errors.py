@@ -54,6 +54,11 @@ class PPInferWarning(UserWarning):
     """Base class of the warnings ppinfer issues about a run whose results may be unreliable."""
 
 
+class UndefinedDensityWarning(PPInferWarning):
+    """MH proposals had a NaN log density and were rejected: the chain then samples the posterior
+    restricted to where the program's density is defined (check the distribution parameters)."""
+
+
 class DivergenceWarning(PPInferWarning):
     """NUTS/HMC transitions diverged after warm-up: the sampler could not follow the posterior's
     geometry there, so its draws may be biased (reparametrise, e.g. non-centred, or raise

@@ -190,6 +190,27 @@ def test_nuts_and_mh_recover_conjugate_posterior():
         assert r.samples["mu"].shape == (2 * n,)
 
 
+def test_mh_proposals_with_a_nan_density_are_reported():
+    """A program whose density is NaN for x > 0: the MH chain rejects every proposal there and samples
+    x < 0 only — before without a word, now with an ``UndefinedDensityWarning`` counting them; a
+    program defined everywhere gets none."""
+    import warnings
+
+    from ppinfer.errors import UndefinedDensityWarning
+
+    def half_defined(y):
+        x = pp.sample("x", dist.Normal(0.0, 1.0))
+        pp.factor("f", jnp.where(x > 0, jnp.nan, 0.0))
+
+    with pytest.warns(UndefinedDensityWarning, match=r"of 200 recorded MH proposals had a NaN log density"):
+        r = pp.infer(half_defined, 1.0, algorithm=MCMC(SingleSiteMH(), 100, 50, num_chains=2), key=0)
+    assert float(np.max(np.asarray(r.samples["x"]))) < 0
+    y = np.random.default_rng(0).normal(0.7, 1.0, 10).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UndefinedDensityWarning)
+        pp.infer(conjugate, y, algorithm=MCMC(SingleSiteMH(), 100, 50, num_chains=2), key=0)
+
+
 def test_hmc_adapts_its_step_size():
     """``HMC(num_steps=5)`` on a posterior of sd 0.1: the step size is adapted (before, NumPyro was
     also given its default trajectory length, which fixed the step at 2π/5 = 1.26 with a warning:

@@ -59,11 +59,14 @@ class MHInfo(NamedTuple):
             replaced by ``−inf`` (a NaN ratio rejects).
         acceptance_rate: ``f[B]`` the acceptance probability ``min(1, exp(log_alpha))`` (0 where the
             ratio was NaN): a Rao–Blackwellised acceptance rate, e.g. for step-size adaptation.
+        undefined: ``bool[B]`` the ratio was NaN — from a chain in the support, a proposal whose log
+            density is NaN (:class:`~ppinfer.MCMC` warns when a recorded transition had one).
     """
 
     accepted: jax.Array
     log_alpha: jax.Array
     acceptance_rate: jax.Array
+    undefined: Any = False
 
     @property
     def acceptance_probability(self) -> jax.Array:
@@ -96,14 +99,15 @@ def accept(key_or_uniform: Any, log_alpha: Any, proposed: Any, current: Any) -> 
     log_alpha = jnp.asarray(log_alpha)
     if not jnp.issubdtype(log_alpha.dtype, jnp.floating):
         log_alpha = log_alpha.astype(jnp.result_type(float))
-    log_alpha = jnp.where(jnp.isnan(log_alpha), -jnp.inf, log_alpha)
+    undefined = jnp.isnan(log_alpha)
+    log_alpha = jnp.where(undefined, -jnp.inf, log_alpha)
     if _is_key(key_or_uniform):
         u = jax.random.uniform(key_or_uniform, log_alpha.shape, log_alpha.dtype)
     else:
         u = jnp.asarray(key_or_uniform)
     accepted = jnp.log(u) < log_alpha
     state = jax.tree.map(lambda p, c: _select(accepted, p, c), proposed, current)
-    return state, MHInfo(accepted, log_alpha, jnp.exp(jnp.minimum(log_alpha, 0.0)))
+    return state, MHInfo(accepted, log_alpha, jnp.exp(jnp.minimum(log_alpha, 0.0)), undefined)
 
 
 def _is_key(x: Any) -> bool:

@@ -28,7 +28,8 @@ from numpyro.infer import init_to_uniform
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
-from ppinfer.errors import ConfigError, DivergenceWarning
+from ppinfer.errors import ConfigError, DivergenceWarning, UndefinedDensityWarning
+from ppinfer.kernels.mh import MHInfo
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
 from ppinfer.traced import latent_sites
@@ -102,6 +103,7 @@ class MCMC:
             extras={"num_chains": self.num_chains, "info": infos, **_kernel_extras(self.kernel, infos)},
         )
         _warn_divergences(result)
+        _warn_undefined(result)
         return result
 
 
@@ -203,6 +205,23 @@ def _stats_lines(stats: dict) -> list[str]:
         t = stats["tree_depth"]
         parts.append(f"tree_depth mean={float(t.mean()):.1f} max={int(t.max())}")
     return ["  " + ", ".join(parts)] if parts else []
+
+
+def _warn_undefined(result: MCMCResult) -> None:
+    """Warn when recorded MH transitions proposed a state whose log density is NaN (rejected, so the
+    chain avoids the region where the program is undefined instead of reporting it)."""
+    is_info = lambda x: isinstance(x, MHInfo)
+    infos = [x for x in jax.tree.leaves(result.extras.get("info"), is_leaf=is_info) if is_info(x)]
+    n = sum(int(np.sum(np.asarray(x.undefined))) for x in infos)
+    if n:
+        total = sum(int(np.size(np.asarray(x.log_alpha))) for x in infos)
+        warnings.warn(
+            f"{result.algorithm}: {n} of {total} recorded MH proposals had a NaN log density and were "
+            "rejected, so the draws are from the posterior restricted to where the program's density "
+            "is defined. Check the distribution parameters there (e.g. a negative scale).",
+            UndefinedDensityWarning,
+            stacklevel=4,
+        )
 
 
 def _warn_divergences(result: MCMCResult) -> None:
