@@ -53,6 +53,20 @@ def is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
 
 
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a float, or :class:`ConfigError` unless it is a number ``> 0``."""
+    if not (is_number(value) and value > 0):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """``value`` as a float, or :class:`ConfigError` unless it is a number in the open ``(0, 1)``."""
+    if not (is_number(value) and 0.0 < value < 1.0):
+        raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 def check_probability(name: str, value: Any) -> float:
     try:
         v = float(value)
@@ -132,11 +146,13 @@ def require_sequential(program: Any, what: str, static_alternative: str = "Impor
 
 def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
     """:class:`ZeroEvidenceError` when every particle has weight zero (``log_evidence = −inf``);
-    :class:`InferenceError` when it is NaN or +inf (never a valid estimate: a silent NaN result)."""
+    :class:`InferenceError` when it is NaN or +inf (never a valid estimate: a silent NaN result;
+    a site whose log density is NaN is reported by :func:`raise_on_nan_sites` before this)."""
     if np.isnan(log_evidence) or log_evidence == np.inf:
         raise InferenceError(
-            f"log Ẑ is {log_evidence} {where}".rstrip() + ": a log weight became NaN or +inf (a site's "
-            "log density, a selection, a move or a proposal returned one)"
+            f"log Ẑ is {log_evidence} {where}".rstrip() + ": a log weight became NaN or +inf — a "
+            "selection (resampling=…) returned one or an ancestor out of range, or a move, a "
+            "proposal or a site's log density did"
         )
     if not np.isfinite(log_evidence) and log_evidence < 0:
         raise ZeroEvidenceError(

@@ -77,8 +77,6 @@ class DeferredExtras(dict):
         self._fill()
         return super().__eq__(other)
 
-    __hash__ = None  # a dict is not hashable
-
     def get(self, name, default=None):
         self._fill()
         return super().get(name, default)

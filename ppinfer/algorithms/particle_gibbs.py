@@ -343,10 +343,8 @@ class ParticleGibbs:
             ("theta_moves", self.theta_moves, 1),
         ):
             checks.check_int(what, v, low)
-        if not (checks.is_number(self.step_size) and self.step_size > 0):
-            raise ConfigError(f"step_size must be a number > 0, got {self.step_size!r}")
-        if not (checks.is_number(self.target_accept) and 0.0 < self.target_accept < 1.0):
-            raise ConfigError(f"target_accept must be a number in (0, 1), got {self.target_accept!r}")
+        checks.check_positive("step_size", self.step_size)
+        checks.check_fraction("target_accept", self.target_accept)
         if self.prior is not None and not callable(self.prior):
             raise ConfigError(f"prior must be a program (a callable) or None, got {self.prior!r}")
 

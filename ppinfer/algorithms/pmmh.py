@@ -97,8 +97,7 @@ class PMMH:
             ("num_chains", self.num_chains, 1),
         ):
             checks.check_int(what, v, low)
-        if not float(self.step_size) > 0:
-            raise ConfigError(f"step_size must be > 0, got {self.step_size!r}")
+        checks.check_positive("step_size", self.step_size)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> MCMCResult:
         mcmc = MCMC(self, self.num_samples, self.num_warmup, self.num_chains, progress_bar=self.progress_bar)

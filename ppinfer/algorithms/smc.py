@@ -28,7 +28,7 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, chunked_run, forget, split_args
-from ppinfer.errors import ConfigError, InferenceError
+from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
 from ppinfer.kernels.smc import _constrain, scan_while, trace_genealogy
@@ -221,12 +221,6 @@ def check_output(out: dict, cfg: Any, name: str) -> float:
             if not np.isfinite(float(out["log_evidence_init"]))
             else (f"after step {int(dead[0])}" if dead.size else "at the end")
         )
-        if np.isnan(log_z) or log_z == np.inf:
-            raise InferenceError(
-                f"{name}: log Ẑ is {log_z} (non-finite {where}) although no site's log density was NaN "
-                "or +inf: a selection (resampling=…) or a move returned an ancestor out of range or a "
-                "NaN or +inf log weight"
-            )
         checks.raise_if_dead(log_z, where, cfg.num_particles)
     return log_z
 

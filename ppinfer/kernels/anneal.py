@@ -54,7 +54,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from numpyro.infer.hmc_util import build_tree, euclidean_kinetic_energy, velocity_verlet
 
-from ppinfer.checks import check_int
+from ppinfer.checks import check_fraction, check_int, check_positive
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc
 from ppinfer.kernels.mh import accept
@@ -606,8 +606,6 @@ def _inverse_mass(params: MoveParams) -> jax.Array:
 
 
 def _check_move(step_size: Any, target_acceptance: Any) -> None:
-    if isinstance(step_size, bool) or not isinstance(step_size, int | float) or not step_size > 0:
-        raise ConfigError(f"step_size must be a number > 0, got {step_size!r}")
-    ta = target_acceptance
-    if ta is not None and (isinstance(ta, bool) or not isinstance(ta, int | float) or not 0 < ta < 1):
-        raise ConfigError(f"target_acceptance must be None or in (0, 1), got {ta!r}")
+    check_positive("step_size", step_size)
+    if target_acceptance is not None:
+        check_fraction("target_acceptance", target_acceptance)

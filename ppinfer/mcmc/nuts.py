@@ -19,7 +19,7 @@ from typing import Any
 import numpyro.infer as ninfer
 
 from ppinfer import checks
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ModelError
 from ppinfer.mcmc.base import Kernel
 
 __all__ = ["NUTS", "HMC", "numpyro_kernel"]
@@ -38,7 +38,8 @@ class NUTS:
     options: tuple = field(default=())
 
     def __post_init__(self):
-        _check_settings(self.target_accept_prob, self.step_size)
+        checks.check_fraction("target_accept_prob", self.target_accept_prob)
+        checks.check_positive("step_size", self.step_size)
         checks.check_int("max_tree_depth", self.max_tree_depth, 1)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
@@ -67,7 +68,8 @@ class HMC:
     init_strategy: Callable = ninfer.init_to_uniform
 
     def __post_init__(self):
-        _check_settings(self.target_accept_prob, self.step_size)
+        checks.check_fraction("target_accept_prob", self.target_accept_prob)
+        checks.check_positive("step_size", self.step_size)
         checks.check_int("num_steps", self.num_steps, 1)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
@@ -84,13 +86,6 @@ class HMC:
             init_strategy=self.init_strategy,
         )
         return numpyro_kernel(nk, num_warmup)
-
-
-def _check_settings(target_accept_prob: Any, step_size: Any) -> None:
-    if not (checks.is_number(target_accept_prob) and 0.0 < target_accept_prob < 1.0):
-        raise ConfigError(f"target_accept_prob must be a number in (0, 1), got {target_accept_prob!r}")
-    if not (checks.is_number(step_size) and step_size > 0):
-        raise ConfigError(f"step_size must be a number > 0, got {step_size!r}")
 
 
 def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
