@@ -7,13 +7,18 @@ the site they happened at, instead of as NaN weights or a traceback from deep in
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger
 
@@ -94,6 +99,9 @@ def dry_run(
         # JAX's notes on its persistent cache (an entry another process is still writing is read
         # as a miss, and compiled again) are not model errors: they stay warnings.
         warnings.filterwarnings("default", "Error (reading|writing) persistent compilation cache")
+        # A value outside a support is checked below, site by site: it is an error only where the
+        # support is fixed (a latent-dependent one, Uniform(0, θ), makes some executions impossible).
+        warnings.filterwarnings("ignore", "Out-of-support values", UserWarning)
         try:
             # One eager run (the outer trace sees the program's sites, and the proposal's of the
             # same names): an eager LM step compiles every op it meets, so it is not run twice.
@@ -104,12 +112,127 @@ def dry_run(
         except UserWarning as w:
             kind = DataError if "support" in str(w).lower() else ModelError
             raise kind(f"{what}: {w} (at or after site {tracker.last!r})") from None
-        except (ValueError, TypeError, IndexError, AssertionError) as e:
+        except (ValueError, TypeError, IndexError, AttributeError, AssertionError) as e:
             where = "before any site" if tracker.last is None else f"after site {tracker.last!r}"
             raise ModelError(f"{what} failed {where}: {type(e).__name__}: {e}") from e
     raise_on_nan_sites(info.nan_sites, what)
+    _raise_on_data_outside_support(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
+
+
+def once_per_data(key: Any, args: tuple, check: Callable[[], None]) -> None:
+    """Run ``check()`` (e.g. a :func:`dry_run` on ``args``) unless it already passed for ``key`` on
+    arguments with these very values: a compiled run is reused for new data of the same shapes, and
+    data a program refuses must be refused on every call. The values are fingerprinted on the host
+    (a hash of their bytes); the last :data:`_CHECKED_SIZE` passes are remembered."""
+    fingerprint = _fingerprint(args)
+    memo = None if fingerprint is None else (key, fingerprint)
+    with _CHECKED_LOCK:
+        if memo is not None and memo in _CHECKED:
+            _CHECKED.move_to_end(memo)
+            return
+    check()
+    if memo is not None:
+        with _CHECKED_LOCK:
+            _CHECKED[memo] = None
+            if len(_CHECKED) > _CHECKED_SIZE:
+                _CHECKED.popitem(last=False)
+
+
+def _fingerprint(args: tuple) -> Any:
+    """A hashable summary of ``args``' values (arrays by dtype, shape and bytes), or ``None``."""
+    leaves, treedef = jax.tree.flatten(args)
+    parts: list = [treedef]
+    for x in leaves:
+        if isinstance(x, jax.Array | np.ndarray | np.generic):
+            if isinstance(x, jax.core.Tracer):
+                return None
+            arr = np.asarray(x)
+            parts.append((arr.dtype.str, arr.shape, hash(arr.tobytes())))
+        else:
+            try:
+                hash(x)
+            except TypeError:
+                return None
+            parts.append((type(x), x))
+    return tuple(parts)
+
+
+_CHECKED: OrderedDict = OrderedDict()
+_CHECKED_SIZE = 256
+_CHECKED_LOCK = threading.Lock()
+
+
+def _raise_on_data_outside_support(trace: dict, what: str) -> None:
+    """:class:`DataError` naming an observed site whose value lies outside a *fixed* support (one of
+    NumPyro's constraint objects, e.g. ``boolean``, ``positive``, ``simplex``: no parameter of the
+    program can make it possible). A support built from parameters (``Uniform(0, θ)``'s interval)
+    is left to the run, where such a value has density zero."""
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn = site["fn"]
+        while isinstance(fn, dist.MaskedDistribution | dist.Independent | dist.ExpandedDistribution):
+            fn = fn.base_dist
+        if not any(fn.support is c for c in _FIXED_SUPPORTS):
+            continue
+        ok = _in_support(site["fn"], site["value"])
+        if ok is not None and site.get("mask") is not None:
+            ok = ok | ~jnp.asarray(site["mask"])
+        if ok is not None and not bool(jnp.all(ok)):
+            raise DataError(
+                f"{what}: the observed value of site {name!r} lies outside the support of "
+                f"{type(fn).__name__} ({fn.support}): e.g. {_first_outside(site['value'], ok)}"
+            )
+
+
+def _in_support(fn: dist.Distribution, value: Any) -> jax.Array | None:
+    """``bool[…]`` shaped like ``fn.log_prob(value)``: whether each value lies in ``fn``'s support
+    (a masked-out element counts as inside). ``None`` when there is nothing to check: a real-valued
+    support (a NaN or infinite value already makes the density NaN or zero) or one NumPyro cannot
+    check (``dependent``)."""
+    ok = _support_check(fn, value)
+    if ok is None:
+        return None
+    batch_ndim = jnp.ndim(value) - len(fn.event_shape)
+    if ok.ndim > batch_ndim:  # a support whose event is smaller than the distribution's (Unit)
+        ok = jnp.all(ok, axis=tuple(range(batch_ndim, ok.ndim)))
+    return ok
+
+
+def _support_check(fn: dist.Distribution, value: Any) -> jax.Array | None:
+    if isinstance(fn, dist.MaskedDistribution):
+        mask = fn._mask
+        if mask is False:
+            return None
+        ok = _in_support(fn.base_dist, value)
+        return ok if ok is None or mask is True else ok | ~jnp.asarray(mask)
+    if isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+        return _in_support(fn.base_dist, value)  # a mask inside is kept
+    support = getattr(fn, "support", None)
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is None or support is constraints.real or isinstance(support, constraints._Dependent):
+        return None
+    try:
+        ok = jnp.asarray(support(value))
+    except Exception:  # a constraint NumPyro cannot evaluate here: nothing checked, as before
+        return None
+    return ok if ok.dtype == jnp.bool_ else None
+
+
+def _first_outside(value: Any, ok: jax.Array) -> str:
+    value, ok = np.asarray(value), np.asarray(ok)
+    if value.ndim == 0 or ok.ndim == 0:
+        return f"value {value!r}"
+    idx = tuple(int(i) for i in np.argwhere(~ok)[0])
+    return f"element {list(idx)} = {value[idx + (...,)]!r}"
+
+
+_FIXED_SUPPORTS = tuple(
+    c for c in (getattr(constraints, n) for n in constraints.__all__) if isinstance(c, constraints.Constraint)
+)
 
 
 class _SampleSites(handlers.trace):
@@ -157,7 +280,8 @@ def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
     if not np.isfinite(log_evidence) and log_evidence < 0:
         raise ZeroEvidenceError(
             f"all {num_particles} particles have weight zero (log weight -inf) {where}: every "
-            "sampled execution violates a constraint or has zero likelihood. Check the "
+            "sampled execution violates a constraint or has zero likelihood (e.g. an observed value "
+            "outside its distribution's support). Check the "
             "observations and conditions, or use a proposal that respects the constraints."
         )
 

@@ -35,6 +35,7 @@ __all__ = [
     "check_proposal",
 ]
 
+
 def resample_outcomes(scheme: Any, log_weights: Any) -> list[tuple[float, tuple[int, ...]]]:
     """The exact distribution of the ancestors drawn by ``scheme`` (a name or a selection) for
     ``log_weights``: a list of ``(probability, ancestors)``, from the selection's own outputs
@@ -65,8 +66,7 @@ def check_spawn(num_particles: int, log_weight: float = -0.7) -> float:
     with jax.enable_x64(True):
         pop = spawn(jnp.asarray(3.0), num_particles, log_weight)
         after = Measure(
-            (float(x), math.exp(float(w)))
-            for x, w in zip(pop.particles, pop.log_weights, strict=True)
+            (float(x), math.exp(float(w))) for x, w in zip(pop.particles, pop.log_weights, strict=True)
         )
     return after.max_abs_diff(Measure([(3.0, math.exp(log_weight))]))
 
@@ -92,7 +92,5 @@ def check_proposal(fn: Callable[..., Any], args: tuple, proposal: Callable[..., 
 
 def _cells(cuts: np.ndarray) -> list[tuple[float, float]]:
     """``(midpoint, length)`` of the cells that ``cuts`` split ``[0, 1)`` into."""
-    points = np.unique(
-        np.clip(np.concatenate([[0.0, 1.0], np.asarray(cuts, np.float64)]), 0.0, 1.0)
-    )
+    points = np.unique(np.clip(np.concatenate([[0.0, 1.0], np.asarray(cuts, np.float64)]), 0.0, 1.0))
     return [((a + b) / 2, b - a) for a, b in zip(points[:-1], points[1:], strict=True) if b - a > 0]

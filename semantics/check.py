@@ -45,6 +45,7 @@ import numpy as np
 from numpyro.primitives import Messenger
 
 from ppinfer import checks
+from ppinfer._compile import locked
 from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
@@ -92,6 +93,7 @@ class ExactReport:
     tol: float
 
 
+@locked  # NumPyro's handler stack is one per process: other threads' tracing waits
 def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> ExactReport:
     """Exact check of ``algorithm`` on ``program(*args)`` (module docstring). Works for
     :class:`~ppinfer.SMC` (any selection, a user's included; history on and off; sharded or
@@ -147,7 +149,7 @@ def selection_outcomes(
     out = []
     for sig, (vol, _) in cells.items():
         anc = np.frombuffer(sig[: 8 * n_out], np.int64)
-        new = np.frombuffer(sig[8 * n_out:], np.float64)
+        new = np.frombuffer(sig[8 * n_out :], np.float64)
         out.append((vol, tuple(int(a) for a in anc), tuple(float(w) for w in new)))
     return out
 
@@ -168,8 +170,9 @@ def _exact_loop(program, args, loop):
     n, num_steps, k = loop.num_particles, loop.num_steps, loop.extensions
     m = n * k
     args = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, args)
-    init_sites = _latent_sites(lambda: simulate(jax.random.PRNGKey(0), program.init, args,
-                                                proposal=loop.init_proposal))
+    init_sites = _latent_sites(
+        lambda: simulate(jax.random.PRNGKey(0), program.init, args, proposal=loop.init_proposal)
+    )
     state_shape = jax.eval_shape(
         lambda: simulate(jax.random.PRNGKey(0), program.init, args, proposal=loop.init_proposal)[0].value
     )
@@ -183,8 +186,9 @@ def _exact_loop(program, args, loop):
         )
     step_prop = None if loop.proposal is None else (lambda s: loop.proposal(s, t0, *args))
     step_sites = _latent_sites(
-        lambda: simulate(jax.random.PRNGKey(0), lambda s: program.step(s, t0, *args), (zero_state,),
-                         proposal=step_prop)
+        lambda: simulate(
+            jax.random.PRNGKey(0), lambda s: program.step(s, t0, *args), (zero_state,), proposal=step_prop
+        )
     )
     base, _ = parts(loop.selection)
     finder = _CellFinder(base, n)
@@ -192,8 +196,10 @@ def _exact_loop(program, args, loop):
     run = jax.jit(jax.vmap(lambda nz: run_phases(key, program, args, loop, nz)))
 
     def dummy_steps(count):
-        choices = {s: np.broadcast_to(v[0], (count, num_steps, m, *v.shape[1:])).copy()
-                   for s, v in step_sites.items()}
+        choices = {
+            s: np.broadcast_to(v[0], (count, num_steps, m, *v.shape[1:])).copy()
+            for s, v in step_sites.items()
+        }
         return choices, np.full((count, num_steps, n), 0.5)
 
     # Level "init": every combination of the N particles' init choices.
@@ -372,7 +378,7 @@ def _joint_support(support: np.ndarray, batch_shape: tuple) -> np.ndarray:
     if not batch_shape:
         return support
     size = math.prod(batch_shape)
-    event = support.shape[1 + len(batch_shape):]
+    event = support.shape[1 + len(batch_shape) :]
     per = support.reshape(support.shape[0], size, *event)[:, 0]
     combos = list(itertools.product(range(per.shape[0]), repeat=size))
     values = np.stack([per[list(c)] for c in combos])
@@ -463,7 +469,7 @@ class _CellFinder:
         def points(box, xs):
             _, lo, hi = box
             base = _inside(lo, hi, 0.5)
-            base[level + 1:] = 0.5
+            base[level + 1 :] = 0.5
             u = np.repeat(base[None], len(xs), 0)
             u[:, level] = xs
             return u
@@ -474,7 +480,7 @@ class _CellFinder:
         g = len(grid)
         pending = []  # (box index, lo, hi, sig_lo, sig_hi)
         for bi in range(len(boxes)):
-            s = sigs[bi * g:(bi + 1) * g]
+            s = sigs[bi * g : (bi + 1) * g]
             pending += [(bi, grid[j], grid[j + 1], s[j], s[j + 1]) for j in range(g - 1) if s[j] != s[j + 1]]
         cuts: list[list[float]] = [[] for _ in boxes]
         while pending:
@@ -492,7 +498,7 @@ class _CellFinder:
                     "is not piecewise constant (check_exact cannot enumerate it)"
                 )
             mids = np.array([(lo + hi) / 2 for _, lo, hi, _, _ in pending])
-            us = np.concatenate([points(boxes[p[0]], mids[j:j + 1]) for j, p in enumerate(pending)])
+            us = np.concatenate([points(boxes[p[0]], mids[j : j + 1]) for j, p in enumerate(pending)])
             ws = np.stack([weights[boxes[p[0]][0]] for p in pending])
             msigs = self._signatures(us, ws)
             nxt = []

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ppinfer._compile import locked
 from ppinfer.result import Result
 from semantics.interpret import interpret
 from semantics.measure import Measure, outcome_key
@@ -14,6 +15,7 @@ from semantics.measure import Measure, outcome_key
 __all__ = ["denote", "measure_of"]
 
 
+@locked  # NumPyro's handler stack is one per process: a thread tracing a program meanwhile would see it
 def denote(program: Any, *args: Any, proposal: Callable[..., Any] | None = None) -> Measure:
     """The exact unnormalised measure ``⟦program⟧`` over choice maps (latent and deterministic
     sites) of a program with finitely many discrete choices, by enumeration in float64.

@@ -65,9 +65,7 @@ def check_mean(samples: Any, expected: float, false_failure_rate: float = 1e-3) 
     )
 
 
-def check_unbiased_evidence(
-    log_z_hats: Any, log_z: float, false_failure_rate: float = 1e-3
-) -> CLTCheck:
+def check_unbiased_evidence(log_z_hats: Any, log_z: float, false_failure_rate: float = 1e-3) -> CLTCheck:
     """``E[Ẑ] = Z``, tested on ``Ẑ/Z = exp(log Ẑ − log Z)`` (not on ``log Ẑ``, which is biased low)."""
     ratios = np.exp(np.asarray(log_z_hats, np.float64) - log_z)
     return check_mean(ratios, 1.0, false_failure_rate)

@@ -212,3 +212,31 @@ def test_a_broken_kernel_step_fails(monkeypatch):
     monkeypatch.setattr(kernel, "extend", extend_without_split)
     report = check_exact(HMM, YS, algorithm=pp.Steer(2, 2))
     assert not report.ok and report.max_abs_error > BROKEN, report
+
+
+def test_check_exact_beside_threads_running_infer():
+    # check_exact runs NumPyro handlers of its own; it used to run them without the trace lock, so
+    # a thread tracing a program meanwhile saw its sites ("all sites must have unique names").
+    import threading
+
+    def continuous(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        with pp.plate("d", y.shape[0]):
+            pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    alone = check_exact(HMM, YS, algorithm=pp.SMC(2, ess_threshold=1.0)).max_abs_error
+    tempered = [pp.infer(continuous, YS, algorithm=pp.TemperedSMC(100), key=k).log_evidence for k in range(3)]
+    out: dict = {}
+
+    def check():
+        out["check"] = check_exact(HMM, YS, algorithm=pp.SMC(2, ess_threshold=1.0)).max_abs_error
+
+    def run(k):
+        out[k] = pp.infer(continuous, YS, algorithm=pp.TemperedSMC(100), key=k).log_evidence
+
+    threads = [threading.Thread(target=check)] + [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {"check": alone, **dict(enumerate(tempered))}

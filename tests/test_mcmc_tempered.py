@@ -73,6 +73,18 @@ def test_tempered_errors():
         TemperedSMC(10, num_moves=0)
     with pytest.raises(ConfigError):
         DataAnnealedSMC(10, num_data=0)
+    # A NaN compares false with everything: it passed the ordering check and the run returned
+    # log Ẑ = 0 after one step at temperature NaN.
+    for temps in ([float("nan"), 1.0], [0.3, float("nan"), 1.0], ["a", 1.0]):
+        with pytest.raises(ConfigError, match="temperatures"):
+            TemperedSMC(10, temperatures=temps)
+        with pytest.raises(ConfigError, match="temperatures"):
+            pp.WasteFreeSMC(10, chain_length=2, temperatures=temps)
+    for bad in (3.0, float("nan"), True):  # a float count failed inside range() at run time
+        with pytest.raises(ConfigError, match="num_data must be an integer"):
+            DataAnnealedSMC(10, num_data=bad)
+        with pytest.raises(ConfigError, match="batch_size must be an integer"):
+            DataAnnealedSMC(10, num_data=4, batch_size=bad)
 
     def discrete(y):
         pp.sample("k", dist.Bernoulli(0.5))

@@ -104,8 +104,8 @@ class DataAnnealedSMC:
 
     def __post_init__(self):
         _check_common(self, self.num_moves)
-        if int(self.num_data) < 1 or int(self.batch_size) < 1:
-            raise ConfigError("num_data and batch_size must be >= 1")
+        checks.check_int("num_data", self.num_data, 1)
+        checks.check_int("batch_size", self.batch_size, 1)
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         counts = tuple(
@@ -333,8 +333,12 @@ def _check_schedule(cfg) -> None:
     """Validate (and normalise to a tuple of floats) ``cfg.temperatures``."""
     if cfg.temperatures is None:
         return
-    temps = tuple(float(t) for t in cfg.temperatures)
-    if not temps or temps[-1] != 1.0 or any(b <= a for a, b in zip((0.0, *temps[:-1]), temps, strict=True)):
+    try:
+        temps = tuple(float(t) for t in cfg.temperatures)
+    except (TypeError, ValueError):
+        raise ConfigError(f"temperatures must be a sequence of numbers, got {cfg.temperatures!r}") from None
+    increasing = all(a < b for a, b in zip((0.0, *temps[:-1]), temps, strict=True))  # False for a NaN
+    if not temps or temps[-1] != 1.0 or not increasing:
         raise ConfigError("temperatures must increase strictly from above 0 to exactly 1")
     object.__setattr__(cfg, "temperatures", temps)
 

@@ -260,12 +260,17 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
                 # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
                 built.append(cfg.kernel.build_for(program, args, cfg.num_warmup))
             else:
-                checked = _improper_at_init(program)
-                checks.dry_run(checked, args, None, "running the program once")
+                checked = _improper_at_init(program)  # checked by the dry run below, first
                 sites = latent_sites(checked, args)
                 checks.require_latent(list(sites))
                 built.append(cfg.kernel.build(program, cfg.num_warmup, sites))
         return built[0]
+
+    if not getattr(cfg.kernel, "sequential", False):
+        # The compiled chains serve any data of these shapes, but data the program refuses (a value
+        # outside a support) must be refused on every call, not only on the one that compiled.
+        dry_run = lambda: checks.dry_run(_improper_at_init(program), args, None, "running the program once")
+        checks.once_per_data(cache_key, args, dry_run)
 
     init, _ = cached_jit((*cache_key, "init"), lambda: _init_fn(kernel(), rebuild, cfg))
     total = _total(cfg)
