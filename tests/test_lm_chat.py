@@ -647,3 +647,17 @@ def test_prompt_argument_errors(chat_lm):
     plain = dataclasses.replace(lm, tokenizer=Tokenizer(lm.tokenizer.backend))
     with pytest.raises(TokenizerError, match="no chat template"):
         tk.prompt(plain, messages=CHATS["user"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        ("{% for i in range(10**9) %}{% endfor %}x", "OverflowError"),  # the sandbox's range limit
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ messages[0].content + 1 }}", "TypeError"),
+    ],
+)
+def test_a_template_that_fails_in_python_is_a_tokenizer_error(template, error):
+    # These raised Python's own exceptions; any failing template is a TokenizerError (docs/lm.md).
+    with pytest.raises(TokenizerError, match=f"the chat template failed: {error}"):
+        render_template(template, [{"role": "user", "content": "hi"}])

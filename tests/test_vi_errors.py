@@ -116,3 +116,43 @@ def test_init_params_start_the_fit_and_unknown_ones_are_refused():
     assert float(r.extras["params"]["s"]) == pytest.approx(0.3, rel=1e-5)
     with pytest.raises(pp.ConfigError, match="init_params names 'q', which is not a param site"):
         pp.infer(model, 1.0, algorithm=VI(elbo(), scaled, optax.sgd(0.0), 2, init_params={"q": 1.0}))
+
+
+def test_init_params_of_the_wrong_shape_or_outside_the_constraint_are_refused():
+    # A (3,) start for a scalar param used to run, giving (5, 3) samples of a scalar site and a
+    # meaningless log Ẑ; a start outside the constraint reported a non-finite objective.
+    def scaled(y):
+        s = numpyro.param("s", 1.0, constraint=dist.constraints.positive)
+        pp.sample("z", dist.Normal(0.0, s))
+
+    for start, match in (
+        ({"s": jnp.ones(3)}, r"init_params\['s'\] has shape \(3,\), but the param site has shape \(\)"),
+        ({"s": -1.0}, r"init_params\['s'\] = -1.0 lies outside the param's constraint"),
+    ):
+        with pytest.raises(pp.ConfigError, match=match):
+            pp.infer(model, 1.0, algorithm=VI(elbo(), scaled, optax.sgd(0.0), 2, init_params=start))
+
+
+def test_data_outside_a_support_is_a_data_error_naming_the_site():
+    # VI never ran the program before fitting: it reported "the objective was not finite".
+    def beta_bernoulli(y):
+        p = pp.sample("p", dist.Beta(1.0, 1.0))
+        with pp.plate("d", y.shape[0]):
+            pp.observe("y", dist.Bernoulli(p), y)
+
+    def beta_guide(y):
+        a = numpyro.param("a", 1.0, constraint=dist.constraints.positive)
+        pp.sample("p", dist.Beta(a, 1.0))
+
+    vi = VI(elbo(), beta_guide, optax.adam(0.05), 5)
+    assert np.isfinite(pp.infer(beta_bernoulli, jnp.array([0.0, 1.0, 1.0]), algorithm=vi).log_evidence)
+    with pytest.raises(pp.DataError, match=r"site 'y' lies outside the support.*element \[2\]"):
+        pp.infer(beta_bernoulli, jnp.array([0.0, 1.0, 2.0]), algorithm=vi)
+
+
+def test_renyi_alpha_must_be_a_finite_number():
+    from ppinfer.vi import renyi
+
+    for alpha in (float("nan"), float("inf"), "0.5", None):
+        with pytest.raises(pp.ConfigError, match="renyi's alpha must be a finite number"):
+            renyi(alpha, 4)

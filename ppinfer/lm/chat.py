@@ -188,6 +188,8 @@ def render_template(
         )
     except jinja2.TemplateError as error:
         raise TokenizerError(f"the chat template failed: {error}") from None
+    except Exception as error:  # Python's own, from an expression (1 / 0, range(10**9), "a" + 1)
+        raise TokenizerError(f"the chat template failed: {type(error).__name__}: {error}") from None
     if final is None:
         return text
     mark = _CONTINUE_TAG.strip()

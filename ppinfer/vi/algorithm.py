@@ -113,6 +113,9 @@ class VI:
                 "use the VSMC objective with a sequential program, and a particle objective "
                 "(elbo, iwelbo, …) with a static one"
             )
+        if not sequential:  # the data, before a fit that would only report a non-finite objective
+            dry_run = lambda: checks.dry_run(program, args, None, "running the program once")
+            checks.once_per_data(("vi", program, split_args(args)[1]), args, dry_run)
         k_init, k_fit, k_draw = jax.random.split(key, 3)
         spec = _param_spec(k_init, program, self.guide, self.objective, args, self.init_params)
         if not spec.init:
@@ -321,7 +324,18 @@ def _param_spec(key, program, guide, objective, args, init_params) -> ParamSpec:
     for name, value in (init_params or {}).items():
         if name not in spec.init:
             raise ConfigError(f"init_params names {name!r}, which is not a param site")
-        spec.init[name] = unconstrain(value, spec.constraints[name])
+        constraint = spec.constraints[name]
+        shape = constrain({name: spec.init[name]}, {name: constraint})[name].shape
+        value = jnp.asarray(value, dtype=jnp.result_type(float))
+        if value.shape != shape:
+            raise ConfigError(
+                f"init_params[{name!r}] has shape {value.shape}, but the param site has shape {shape}"
+            )
+        if not bool(jnp.all(constraint(value))):
+            raise ConfigError(
+                f"init_params[{name!r}] = {value} lies outside the param's constraint {constraint}"
+            )
+        spec.init[name] = unconstrain(value, constraint)
     return spec
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from numpyro import handlers
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError
 from ppinfer.vi.density import Particles, sample_particles
 from ppinfer.vi.estimators import ENUMERATE, Estimators, choose_and_detach, enumerate_values
@@ -142,6 +143,8 @@ def iwelbo(num_particles: int) -> Objective:
 def renyi(alpha: float, num_particles: int) -> Objective:
     """Rényi-α bound (Li & Turner) ``E[1/(1−α) log (1/K) Σ_k w_k^{1−α}]``; ``α = 0`` is the IWELBO
     and ``α → 1`` the ELBO (``α = 1`` gives :func:`elbo`)."""
+    if not (checks.is_number(alpha) and math.isfinite(alpha)):
+        raise ConfigError(f"renyi's alpha must be a finite number, got {alpha!r}")
     alpha = float(alpha)
     if alpha == 1.0:
         return elbo(num_particles)
