@@ -39,7 +39,15 @@ class SequentialProgram:
 
     def steps_for(self, args: tuple) -> int:
         """The number of steps for these arguments (an ``int`` ≥ 1)."""
-        n = self.num_steps(*args) if callable(self.num_steps) else self.num_steps
+        if not callable(self.num_steps):
+            return _check_steps(self.num_steps)
+        try:
+            n = self.num_steps(*args)
+        except TypeError as e:  # e.g. a theta-first call (SMC2, PMMH) of num_steps(ys)
+            raise ModelError(
+                f"num_steps could not be called with the program's {len(args)} argument(s) (SMC2 and "
+                f"PMMH pass theta first, as to init and step): {e}"
+            ) from e
         return _check_steps(n)
 
 

@@ -932,8 +932,11 @@ def test_too_many_particles_are_refused_before_allocating(monkeypatch):
 
     monkeypatch.setattr(compile_mod, "available_memory", lambda: (2**30, "a test device"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(ConfigError, match=r"num_particles=100000000: the compiled run needs an estimated "
-                       r"[\d.]+ GiB .* only 1.0 GiB is available on a test device") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"num_particles=100000000: the compiled run needs an estimated "
+        r"[\d.]+ GiB .* only 1.0 GiB is available on a test device",
+    ) as e:
         pp.infer(normal_model, 0.5, algorithm=pp.Importance(10**8))
     assert e.value.needed > 10**8 * 8  # at least the samples and log weights
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
@@ -1106,3 +1109,36 @@ def test_checkpoint_with_non_finite_weights(tmp_path, bad):
     tensors["h.0.mlp.c_fc.weight"][3, 2] = bad
     with pytest.raises(CheckpointError, match="'h.0.mlp.c_fc.weight' .* contains NaN or infinite values"):
         load_lm(_folder(tmp_path, tensors=tensors))
+
+
+def test_an_invalid_parameter_is_a_model_error_under_every_particle_algorithm():
+    # FFBS, SMC2 and PMMH traced the program before their dry run (or had none): a negative scale was
+    # NumPyro's raw ValueError there, and a ModelError naming the step under SMC.
+    ys = jnp.array([0.3, 1.1, 0.7])
+
+    def prior(ys):
+        pp.sample("a", dist.Uniform(-1.0, 1.0))
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(x, -1.0))
+        pp.observe("y", dist.Normal(x, 0.5), ys[t])
+        return x
+
+    def step_theta(x, t, theta, ys):
+        return step(theta["a"] * x, t, ys)
+
+    plain = pp.sequential(lambda ys: jnp.zeros(()), step, lambda ys: ys.shape[0])
+    with_theta = pp.sequential(lambda theta, ys: jnp.zeros(()), step_theta, lambda theta, ys: ys.shape[0])
+    runs = [
+        (plain, pp.FFBS(20, 4)),
+        (with_theta, pp.SMC2(prior, 8, 8)),
+        (with_theta, pp.PMMH(prior, 8, num_samples=4, num_warmup=1)),
+    ]
+    for program, algorithm in runs:
+        with pytest.raises(ModelError, match="running step 0 once failed.*invalid scale"):
+            pp.infer(program, ys, algorithm=algorithm, key=0)
+    # A program without theta: num_steps(theta, ys) was a raw TypeError.
+    theta_less = pp.sequential(lambda ys: jnp.zeros(()), step, lambda ys: ys.shape[0])
+    for algorithm in (pp.SMC2(prior, 8, 8), pp.PMMH(prior, 8, num_samples=4, num_warmup=1)):
+        with pytest.raises(ModelError, match="num_steps could not be called.*theta first"):
+            pp.infer(theta_less, ys, algorithm=algorithm, key=0)

@@ -76,13 +76,13 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
-from ppinfer.algorithms.smc import SMC, Loop, check_output, run_chunked, run_loop, sample_names
+from ppinfer.algorithms.smc import SMC, Loop, check_output, run_chunked, run_loop, sample_names, stops_early
 from ppinfer.errors import ConfigError, InferenceError, ModelError
 from ppinfer.kernels.select import as_selection
 from ppinfer.population import gather
 from ppinfer.program import SequentialProgram
 from ppinfer.result import Result
-from ppinfer.suspended import can_stop, match_state
+from ppinfer.suspended import match_state
 from ppinfer.traced import assess, latent_sites
 
 __all__ = ["FFBS", "ffbs_run", "ffbs_backward", "backward_sample", "transition_log_density", "record_states"]
@@ -135,7 +135,7 @@ class FFBS:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         checks.require_sequential(program, "FFBS")
-        if can_stop(program, args, self.proposal, self.init_proposal):
+        if stops_early(program, args, self):
             raise ConfigError(
                 "FFBS needs every particle to run every step, but this program can end a particle "
                 "early (it calls ppinfer.stop): smooth it with SMC's trajectories or ParticleGibbs"

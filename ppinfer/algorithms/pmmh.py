@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer.algorithms.smc import Loop, run_loop, smc_selection
+from ppinfer.algorithms.smc import Loop, _dry_run, run_loop, smc_selection
 from ppinfer.errors import ConfigError
 from ppinfer.kernels.mh import accept
 from ppinfer.kernels.space import space_of
@@ -115,6 +115,8 @@ class PMMH:
             raise ConfigError("PMMH needs a sequential program whose init/step take theta first")
         space = space_of(self.prior, args, what="PMMH", error=ConfigError)
         num_steps = program.steps_for((None, *args))
+        # The program once, eagerly, at the prior's first θ: clear errors before anything is traced.
+        _dry_run(program, (space.constrain(space.u0)[0], *args), None, need_latent=False)
         selection = smc_selection(self.resampling, self.ess_threshold)
         loop = Loop(self.num_particles, num_steps, selection, history=False)
 

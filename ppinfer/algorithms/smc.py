@@ -28,7 +28,7 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, chunked_run, forget, split_args
-from ppinfer.errors import ConfigError
+from ppinfer.errors import ConfigError, PPInferError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
 from ppinfer.kernels.smc import _constrain, scan_while, trace_genealogy
@@ -736,17 +736,33 @@ def sample_names(init_choices: dict, step_choices: dict) -> tuple[dict, dict]:
     return samples, kinds
 
 
-def _dry_run(program: SequentialProgram, args: tuple, cfg: SMC) -> None:
-    """Run init and the first step once eagerly, one particle, to report model errors clearly."""
-    init_w, init_latent = checks.dry_run(program.init, args, cfg.init_proposal, "running init once")
+def stops_early(program: SequentialProgram, args: tuple, cfg: Any) -> bool:
+    """:func:`~ppinfer.suspended.can_stop` for ``program(*args)`` under ``cfg``'s proposals; when
+    its abstract trace fails (an invalid distribution parameter, a shape error), the eager dry run
+    says what failed, as a :class:`~ppinfer.errors.ModelError` naming the site."""
+    proposal, init_proposal = getattr(cfg, "proposal", None), getattr(cfg, "init_proposal", None)
+    try:
+        return can_stop(program, args, proposal, init_proposal)
+    except Exception as e:
+        if not isinstance(e, PPInferError):
+            _dry_run(program, args, cfg, need_latent=False)
+        raise
+
+
+def _dry_run(program: SequentialProgram, args: tuple, cfg: Any, need_latent: bool = True) -> None:
+    """Run init and the first step once eagerly, one particle, to report model errors clearly
+    (``cfg``: its ``init_proposal`` and ``proposal``; ``need_latent``: a program with no random
+    choice is an error)."""
+    init_proposal, proposal = getattr(cfg, "init_proposal", None), getattr(cfg, "proposal", None)
+    init_w, init_latent = checks.dry_run(program.init, args, init_proposal, "running init once")
     state = jax.tree.map(jnp.asarray, init_w.value)
     t0 = jnp.zeros((), jnp.int32)
     step = lambda s: program.step(s, t0, *args)
-    prop = None if cfg.proposal is None else (lambda s: cfg.proposal(s, t0, *args))
+    prop = None if proposal is None else (lambda s: proposal(s, t0, *args))
     step_w, step_latent = checks.dry_run(step, (state,), prop, "running step 0 once")
     # Drawing from the key (numpyro.prng_key, e.g. LM tokens sampled in a loop) is random too.
     keyed = lambda: checks.draws_key(program.init, args) or checks.draws_key(step, (state,))
-    if not (init_latent + step_latent or keyed()):
+    if need_latent and not (init_latent + step_latent or keyed()):
         checks.require_latent([])
     batched = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)
     match_state(batched(step_w.value), batched(state))

@@ -51,6 +51,7 @@ from numpyro.primitives import prng_key
 
 from ppinfer import checks
 from ppinfer._compile import chunked_run, split_args
+from ppinfer.algorithms.smc import stops_early
 from ppinfer.errors import ConfigError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.mh import accept
@@ -58,7 +59,6 @@ from ppinfer.kernels.select import Adaptive, as_selection
 from ppinfer.kernels.space import space_of
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
-from ppinfer.suspended import can_stop
 
 __all__ = ["SMC2"]
 
@@ -114,7 +114,7 @@ class SMC2:
         t0 = time.perf_counter()
         space = space_of(self.prior, args, what="SMC2")  # host-side: clear errors before compiling
         num_steps = program.steps_for((None, *args))
-        may_stop = can_stop(program, (space.constrain(space.u0)[0], *args))
+        may_stop = stops_early(program, (space.constrain(space.u0)[0], *args), None)
         dyn, static_key, rebuild = split_args(args)
         settings = dataclasses.replace(self, progress_bar=None)  # the bar does not change the code
         cache_key = ("smc2", program, settings, static_key, num_steps, may_stop)

@@ -110,9 +110,7 @@ class NGramLM:
             object.__setattr__(self, "vocab", vocab)
 
     @classmethod
-    def from_probs(
-        cls, probs, bos_id: int = 0, eos_id: int | None = None, vocab=None, start=None
-    ) -> NGramLM:
+    def from_probs(cls, probs, bos_id: int = 0, eos_id: int | None = None, vocab=None, start=None) -> NGramLM:
         """Build from a probability table ``probs: f[V]*n`` whose last axis sums to one.
 
         ``eos_id``, ``vocab`` (V strings or bytes): see the class. ``start: f[V]`` (optional): the
