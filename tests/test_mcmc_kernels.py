@@ -276,3 +276,9 @@ def test_mcmc_errors():
     seq = pp.sequential(lambda: 0.0, lambda s, t: s, 2)
     with pytest.raises(ConfigError, match="static program"):
         pp.infer(seq, algorithm=MCMC(NUTS(), 10, 10))
+    # A proposal drawing a site with another shape than the program's: a raw while_loop TypeError
+    # (shape (3,)) or a broadcasting ValueError (shape (2,)) from deep inside JAX before.
+    for size in (3, 2):
+        proposal = lambda y, size=size: pp.sample("mu", dist.Normal(jnp.zeros(size), 1.0))
+        with pytest.raises(ModelError, match=rf"proposal samples site 'mu' with shape \({size},\)"):
+            pp.infer(conjugate, y, algorithm=MCMC(pp.IndependenceMH(proposal), 10, 10))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.mcmc.base import Kernel, mh_kernel
@@ -52,6 +53,12 @@ def programmable_propose(
     forward, _ = generate(key, proposal, (trace.choices, *args))
     if not forward.choices:
         raise ModelError("the MH proposal program samples no site")
+    for name, value in forward.choices.items():  # shapes are known when traced: checked once
+        if name in trace.choices and jnp.shape(value) != jnp.shape(trace.choices[name]):
+            raise ModelError(
+                f"the MH proposal samples site {name!r} with shape {jnp.shape(value)}, but the "
+                f"program's {name!r} has shape {jnp.shape(trace.choices[name])}"
+            )
     new, log_ratio, discard = update(program, args, trace, forward.choices)
     reverse = assess(proposal, (new.choices, *args), discard)
     return new, log_ratio + reverse.log_prior - forward.log_prior
