@@ -195,3 +195,10 @@ def test_bad_configs_and_unsupported_programs_raise_clear_errors(data):
     )
     with pytest.raises(pp.ModelError, match="no random choice"):
         pp.infer(no_choice, ys, algorithm=pp.FFBS(16, num_paths=4))
+
+
+def test_ffbs_keeps_float64(x64):
+    # Its log weights were float32 whatever the precision, so its means came back float32.
+    ys = simulate_lgssm(0, 5, 0.9, 0.5, 1.0, 1.0)
+    r = pp.infer(lgssm(0.9, 0.5, 1.0, 1.0), ys, algorithm=pp.FFBS(16, 4), key=0)
+    assert r.log_weights.dtype == jnp.float64 and r.mean("x").dtype == jnp.float64

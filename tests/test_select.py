@@ -150,6 +150,9 @@ def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
         pp.ConfigError, match=r"selection .*raises.* failed on \(u: f32\[8\], .*ZeroDivisionError"
     ):
         pp.infer(prog, algorithm=pp.SMC(8, resampling=raises), key=0)
+    # NumPy code on the traced weights is the selection's error (it was blamed on the program).
+    with pytest.raises(pp.ConfigError, match=r"selection <ufunc 'add'> failed .*TracerArrayConversionError"):
+        pp.infer(prog, algorithm=pp.SMC(8, resampling=np.add), key=0)
 
     def nan_weights(u, lw):
         return Systematic()(u, lw)[0], jnp.full_like(lw, jnp.nan)

@@ -160,7 +160,7 @@ class FFBS:
         p = num_paths
         return Result(
             samples=samples,
-            log_weights=jnp.full((p,), log_z - np.log(p), jnp.float32),
+            log_weights=jnp.full((p,), log_z - np.log(p), forward["log_weights"].dtype),
             log_evidence=log_z,
             algorithm=self.name,
             ess=out["ess"],

@@ -413,25 +413,17 @@ def _takes_lse(selection) -> bool:
 
 def _call(selection, u, log_weights, kwargs):
     """``selection(u, log_weights, **kwargs)``; an exception it raises while the step is traced is a
-    :class:`ConfigError` naming the selection (JAX's errors about traced values pass through, so
-    that :func:`ppinfer.infer` explains them)."""
+    :class:`ConfigError` naming the selection (JAX's errors about traced values too: NumPy code in
+    a selection is the selection's error, not the program's)."""
     try:
         return selection(u, log_weights, **kwargs)
-    except _PASS_THROUGH:
+    except PPInferError:
         raise
     except Exception as e:
         raise ConfigError(
             f"the selection {selection!r} failed on (u: f32[{u.shape[0]}], log_weights: "
             f"f32[{log_weights.shape[0]}]): {type(e).__name__}: {e}"
         ) from e
-
-
-_PASS_THROUGH = (
-    PPInferError,
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerIntegerConversionError,
-    jax.errors.TracerArrayConversionError,
-)
 
 
 def _poisoned(ancestors: jax.Array, log_weights: jax.Array, n_in: int) -> jax.Array:
