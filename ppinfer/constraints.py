@@ -451,6 +451,11 @@ class Predicate(Constraint):
             incomplete character is left out. Without it, every non-EOS token is allowed and only the
             complete text is checked (a particle whose text cannot finish acceptably dies at EOS or
             at the length limit).
+
+    Both functions see every text a particle has generated so far (the empty text included),
+    whatever the other constraints of an ``&`` say about it — ``Regex("[0-9]+") & Predicate(lambda
+    t: int(t) % 2 == 0)`` calls ``int("")`` —, so they should return False, not raise, on a text
+    they do not accept: an exception stops the run as a :class:`~ppinfer.errors.ModelError` naming it.
     """
 
     def __init__(self, complete: Callable[[str], bool], prefix: Callable[[str], bool] | None = None):

@@ -159,16 +159,19 @@ def advance(
     weighted, info = jax.vmap(one)(jnp.arange(n), particles.state, values)
     new_state = match_state(weighted.value, particles.state)
     done = particles.done
-    state, increments, live = new_state, weighted.log_weight, None
+    state, increments, live, choices = new_state, weighted.log_weight, None, weighted.choices
     if may_stop:  # finished particles keep their state and weight; their flags are ignored
         state = keep_finished(done, new_state, particles.state)
         increments = jnp.where(done, 0.0, weighted.log_weight)
+        # A step a particle did not run has no choices: zeros (as Enumerate records), not the
+        # draws it made and discarded, which Result.mean would average in.
+        choices = {k: jnp.where(_expand(done, c), jnp.zeros((), c.dtype), c) for k, c in choices.items()}
         live, done = ~done, done | info.stopped
     nan_sites = {name: flag if live is None else flag & live for name, flag in info.nan_sites.items()}
     if reduce_nan:
         nan_sites = _any(nan_sites)
     pop = Population(Particle(state, done), seq.population.log_weights + increments)
-    step_info = StepInfo(weighted.choices, increments, nan_sites, info.log_prob_draws)
+    step_info = StepInfo(choices, increments, nan_sites, info.log_prob_draws)
     return Sequential(pop, t + 1), step_info
 
 

@@ -324,3 +324,22 @@ def test_filtering_means_at_every_step_match_the_kalman_filter():
     assert means[-1] == pytest.approx(last, rel=1e-4, abs=1e-5)
     with pytest.raises(pp.ConfigError, match="history"):
         pp.infer(lgssm(0.9, 0.5, 1.0, 1.0), ys, algorithm=pp.SMC(64, history=False)).filtering_mean("x")
+
+
+def test_a_step_a_particle_did_not_run_records_zeros_as_enumerate_does():
+    # Finished particles still draw at later steps (the step is vmapped) and those draws were
+    # recorded: Result.mean averaged them in, so SMC, Steer and Importance disagreed with Enumerate
+    # (E[x_1 · 1{step 1 ran}] = 0.25 here; SMC gave 0.49).
+    def step(s, t):
+        x = pp.sample("x", dist.Bernoulli(0.5))
+        pp.stop(x == 0)
+        return x
+
+    program = pp.sequential(lambda: jnp.zeros((), jnp.int32), step, 2)
+    np.testing.assert_allclose(pp.infer(program, algorithm=pp.Enumerate()).mean("x"), [0.5, 0.25])
+    for algorithm in (pp.SMC(4000), pp.Steer(1000, 4), pp.Importance(4000)):
+        r = pp.infer(program, algorithm=algorithm, key=0)
+        ran = np.asarray(r.extras["active"])
+        assert not ran.all() and np.all(np.asarray(r.samples["x"])[~ran] == 0)
+        # sd of each mean ≤ 0.5/sqrt(1000): 0.06 is over 3.5 sd (false-failure rate < 1e-3).
+        np.testing.assert_allclose(r.mean("x"), [0.5, 0.25], atol=0.06)
