@@ -185,6 +185,66 @@ def test_program_identity_is_stable_and_distinguishes_closures():
     assert program_identity(normal_model, "v1") != program_identity(normal_model, "v2")
 
 
+SCALE = 1.0
+
+
+def test_program_identity_sees_what_the_program_computes_with(tmp_path):
+    # Only numbers, strings and arrays in closures counted: a model with a Laplace prior, a
+    # distribution object or a dict in its closure, a module global or functools.partial arguments
+    # that differ all had the same identity, so load() resumed another program's posterior silently.
+    import functools
+
+    global SCALE
+
+    def uses(prior):
+        def model(y):
+            mu = pp.sample("mu", prior)
+            pp.observe("y", dist.Normal(mu, 1.0), y)
+
+        return model
+
+    def with_settings(cfg):
+        def model(y):
+            mu = pp.sample("mu", dist.Normal(0.0, cfg["sd"]))
+            pp.observe("y", dist.Normal(mu, 1.0), y)
+
+        return model
+
+    def normal(y):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    def laplace(y):
+        mu = pp.sample("mu", dist.Laplace(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    def scaled(y):
+        mu = pp.sample("mu", dist.Normal(0.0, SCALE))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    def keyword(y, sd):
+        mu = pp.sample("mu", dist.Normal(0.0, sd))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    laplace.__qualname__ = normal.__qualname__
+    ident = program_identity
+    assert ident(uses(dist.Normal(0.0, 1.0))) != ident(uses(dist.Normal(5.0, 100.0)))
+    assert ident(uses(dist.Normal(0.0, 1.0))) == ident(uses(dist.Normal(0.0, 1.0)))
+    assert ident(with_settings({"sd": 1.0})) != ident(with_settings({"sd": 100.0}))
+    assert ident(normal) != ident(laplace)
+    before = ident(scaled)
+    SCALE = 100.0
+    assert ident(scaled) != before
+    SCALE = 1.0
+    one, hundred = functools.partial(keyword, sd=1.0), functools.partial(keyword, sd=100.0)
+    assert ident(one) != ident(hundred) and ident(one) == ident(functools.partial(keyword, sd=1.0))
+    posterior = pp.infer(one, jnp.array([0.3, 1.2]), algorithm=IBIS(32, num_moves=1), key=0)
+    save(posterior, tmp_path / "p.safetensors")
+    with pytest.raises(pp.CheckpointError, match="holds a posterior of program"):
+        load(tmp_path / "p.safetensors", hundred)
+    assert load(tmp_path / "p.safetensors", one).step == posterior.step
+
+
 def test_config_and_model_errors():
     with pytest.raises(ConfigError):
         IBIS(num_moves=0)

@@ -20,6 +20,8 @@ renames it, so a process killed mid-write leaves the previous file intact.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -224,8 +226,10 @@ def _check_key(key: Any) -> None:
 
 def program_identity(program: Any, version: str = "") -> str:
     """A stable string naming ``program``: ``module.qualname@version#hash``, the hash over its
-    bytecode, constants and closure values (numbers, strings, arrays; nested functions recursively),
-    so ``beta_bernoulli(1, 1)`` and ``beta_bernoulli(2, 2)`` differ. Stable across processes."""
+    bytecode, the names it reads, its constants, closure values and the module globals it reads
+    (numbers, strings, arrays, dicts, ``functools.partial`` arguments, a distribution's parameters;
+    functions recursively), so ``beta_bernoulli(1, 1)`` and ``beta_bernoulli(2, 2)`` differ, and so
+    do a model with ``Normal`` and one with ``Laplace``. Stable across processes."""
     name = f"{getattr(program, '__module__', '?')}.{getattr(program, '__qualname__', type(program).__name__)}"
     h = hashlib.sha256()
     _hash_value(h, program, depth=0)
@@ -233,11 +237,12 @@ def program_identity(program: Any, version: str = "") -> str:
 
 
 def _hash_value(h, value: Any, depth: int) -> None:
-    if depth > 4:
+    """Feed ``value`` into ``h``: what it computes with, stably across processes (never an ``id``)."""
+    if depth > 6:
         h.update(b"<deep>")
     elif isinstance(value, types.FunctionType):
         code = value.__code__
-        h.update(code.co_code)
+        h.update(code.co_code + repr(code.co_names).encode())
         for c in code.co_consts:
             _hash_value(h, c, depth + 1)
         for cell in value.__closure__ or ():
@@ -245,21 +250,61 @@ def _hash_value(h, value: Any, depth: int) -> None:
                 _hash_value(h, cell.cell_contents, depth + 1)
             except ValueError:
                 h.update(b"<empty cell>")
+        # The module globals it reads (a constant, a helper function, a distribution object).
+        for name in code.co_names:
+            if name in value.__globals__:
+                h.update(name.encode())
+                _hash_value(h, value.__globals__[name], depth + 1)
     elif isinstance(value, types.CodeType):
-        h.update(value.co_code)
-    elif isinstance(value, bool | int | float | str | bytes | type(None)):
+        h.update(value.co_code + repr(value.co_names).encode())
+        for c in value.co_consts:
+            _hash_value(h, c, depth + 1)
+    elif isinstance(value, bool | int | float | complex | str | bytes | type(None)):
         h.update(repr(value).encode())
     elif isinstance(value, tuple | list):
+        h.update(b"(")
         for v in value:
             _hash_value(h, v, depth + 1)
+        h.update(b")")
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value, key=repr):
+            _hash_value(h, k, depth + 1)
+            _hash_value(h, value[k], depth + 1)
+        h.update(b"}")
     elif isinstance(value, np.ndarray | jax.Array | np.generic):
         arr = np.asarray(value)
-        h.update(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
+        # A large array (a language model's weights read as a global) by 2^20 evenly spaced entries.
+        step = -(-arr.size // (1 << 20)) if arr.size > (1 << 20) else 1
+        h.update(f"{arr.dtype}{arr.shape}".encode() + np.ascontiguousarray(arr.ravel()[::step]).tobytes())
+    elif isinstance(value, functools.partial):
+        h.update(b"partial")
+        for part in (value.func, value.args, value.keywords):
+            _hash_value(h, part, depth + 1)
     elif type(value).__name__ == "_KeywordProgram":  # infer(program, y=...): the program itself
         h.update(repr(value.names).encode())
         _hash_value(h, value.program, depth + 1)
+    elif isinstance(value, types.ModuleType | type):
+        h.update(getattr(value, "__name__", "").encode())  # by name: a library, a class
     else:
         h.update(type(value).__qualname__.encode())
+        _hash_object_state(h, value, depth)
+
+
+def _hash_object_state(h, value: Any, depth: int) -> None:
+    """An object's parameters: a pytree's leaves (a NumPyro distribution, a NamedTuple), else a
+    dataclass's fields (e.g. a sequential program's init and step), else nothing."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            h.update(f.name.encode())
+            _hash_value(h, getattr(value, f.name), depth + 1)
+        return
+    try:
+        leaves = jax.tree.leaves(value)
+    except Exception:  # not a pytree JAX can walk
+        return
+    if leaves and not (len(leaves) == 1 and leaves[0] is value):
+        _hash_value(h, leaves, depth + 1)
 
 
 def _read(path: Path) -> tuple[dict, dict]:
