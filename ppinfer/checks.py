@@ -53,6 +53,27 @@ def check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
+def as_key(key: Any) -> jax.Array | np.ndarray:
+    """A legacy ``uint32[2]`` key from an ``int`` (NumPy's too) seed or a ``jax.random`` key, or a
+    :class:`ConfigError`."""
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise ConfigError(f"an int seed must fit in 64 bits (-2^63 <= key < 2^63), got {key!r}")
+        if jax.config.jax_default_prng_impl == "threefry2x32":
+            # jax.random.PRNGKey's threefry key data, computed on the host (a NumPy array: the
+            # compiled run takes it in with its other arguments), not a dispatched op and a
+            # transfer before the run. Without x64 JAX keeps the seed's low 32 bits.
+            bits = int(key) & (2**64 - 1)
+            high = bits >> 32 if jax.config.jax_enable_x64 else 0
+            return np.array([high, bits & 0xFFFFFFFF], np.uint32)
+        return jax.random.PRNGKey(int(key))
+    if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == np.uint32:
+        return key
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    raise ConfigError(f"key must be an int seed or a jax.random key, got {key!r}")
+
+
 def is_number(value: Any) -> bool:
     """A real Python or NumPy number (not a bool, a string or None)."""
     return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)

@@ -7,8 +7,8 @@ import os
 from typing import Any, Protocol
 
 import jax
-import numpy as np
 
+from ppinfer import checks
 from ppinfer._bounds import check_step_indices
 from ppinfer._compile import TRACE_LOCK, MemoryEstimateError, check_data
 from ppinfer.algorithms import SMC, Importance
@@ -63,7 +63,7 @@ def infer(
             )
         program, algorithm, args = _bind_keywords(program, algorithm, args, kwargs)
     check_data(args)
-    key = _as_key(key)
+    key = checks.as_key(key)
     with TRACE_LOCK:
         if is_sequential(program):
             check_step_indices(program, args)  # num_steps longer than the data, before compiling
@@ -241,22 +241,3 @@ def _bind_keywords(program: Any, algorithm: Any, args: tuple, kwargs: dict) -> t
             )
         algorithm = dataclasses.replace(algorithm, proposal=_KeywordProgram(proposal, names))
     return _KeywordProgram(program, names), algorithm, args
-
-
-def _as_key(key: Any) -> jax.Array | np.ndarray:
-    if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        if not -(2**63) <= int(key) < 2**63:
-            raise ConfigError(f"an int seed must fit in 64 bits (-2^63 <= key < 2^63), got {key!r}")
-        if jax.config.jax_default_prng_impl == "threefry2x32":
-            # jax.random.PRNGKey's threefry key data, computed on the host (a NumPy array: the
-            # compiled run takes it in with its other arguments), not a dispatched op and a
-            # transfer before the run. Without x64 JAX keeps the seed's low 32 bits.
-            bits = int(key) & (2**64 - 1)
-            high = bits >> 32 if jax.config.jax_enable_x64 else 0
-            return np.array([high, bits & 0xFFFFFFFF], np.uint32)
-        return jax.random.PRNGKey(int(key))
-    if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == np.uint32:
-        return key
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    raise ConfigError(f"key must be an int seed or a jax.random key, got {key!r}")

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppinfer import checks
+from ppinfer.errors import ConfigError
 from ppinfer.population import Population, normalize
 from ppinfer.population import ess as _ess
 from ppinfer.resample import resample as _resample
@@ -135,8 +137,6 @@ class Filtering:
         return list(self._records["choices"])
 
     def _site(self, name: str) -> jax.Array:
-        from ppinfer.errors import ConfigError
-
         if name not in self._records["choices"]:
             raise ConfigError(f"no filtering records of step site {name!r}; recorded: {self.sites}")
         return self._records["choices"][name]
@@ -224,8 +224,6 @@ class Result:
     def mean(self, name: str) -> jax.Array:
         """Posterior mean of site ``name`` (shape of one particle's value)."""
         if name not in self.samples:
-            from ppinfer.errors import ConfigError
-
             raise ConfigError(f"no site {name!r} in this result; its sites are {sorted(self.samples)}")
         return self.expectation(lambda s: s[name])
 
@@ -243,8 +241,6 @@ class Result:
         Steer, FFBS with ``history=True``): :class:`Filtering`, with per-step ``mean``, ``var``,
         ``std`` of a step site and the per-step ``ess``. Raises :class:`~ppinfer.errors.ConfigError`
         for a result without the records."""
-        from ppinfer.errors import ConfigError
-
         records = self.extras.get("filtering") if isinstance(self.extras, dict) else None
         if records is None:
             raise ConfigError(
@@ -264,13 +260,13 @@ class Result:
         from ppinfer.checks import check_int
 
         n = self.num_particles if num_samples is None else check_int("num_samples", num_samples, 1)
-        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key = checks.as_key(key)
         idx = jax.random.categorical(key, normalize(self.log_weights), shape=(n,))
         return jax.tree.map(lambda x: x[idx], self.samples)
 
     def resampled_samples(self, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """N equally weighted draws by systematic resampling (lower variance than :meth:`sample`)."""
-        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key = checks.as_key(key)
         pop, _ = _resample(key, Population(self.samples, self.log_weights), "systematic")
         return pop.particles
 
@@ -288,15 +284,15 @@ class Result:
         ``samples`` and ``weights``. ``sample_stats`` is empty (no per-draw diagnostics)."""
         import arviz as az
 
-        from ppinfer import checks
-
         checks.check_int("num_chains", num_chains, 1)
         if num_draws is None:
             m = max(4 * num_chains, int(round(self.final_ess)))
+            m -= m % num_chains
         else:
             m = checks.check_int("num_draws", num_draws, num_chains)
-        m -= m % num_chains
-        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+            if m % num_chains:
+                raise ConfigError(f"num_draws={m} must be a multiple of num_chains={num_chains}")
+        key = checks.as_key(key)
         k_u, k_perm = jax.random.split(key)
         w = np.asarray(self.weights, np.float64)
         cdf = np.cumsum(w / w.sum())

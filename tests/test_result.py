@@ -97,3 +97,17 @@ def test_deferred_extras_read_by_many_threads_and_printed():
     assert extras == {"a": 1, "b": 2} and len(extras) == 2 and "b" in extras
     with pytest.raises(KeyError):
         extras["missing"]
+
+
+def test_numpy_integer_keys_and_explicit_num_draws(result):
+    # A NumPy integer seed (what infer accepts) was a raw JAX "invalid PRNG key" error here.
+    for seed in (np.int64(1), np.uint32(1)):
+        assert np.array_equal(result.sample(5, key=seed)["x"], result.sample(5, key=1)["x"])
+        assert np.array_equal(result.resampled_samples(key=seed)["x"], result.resampled_samples(key=1)["x"])
+        assert result.to_arviz(key=seed).posterior["x"].shape == result.to_arviz(key=1).posterior["x"].shape
+    with pytest.raises(pp.ConfigError, match="key must be an int seed"):
+        result.sample(5, key="1")
+    # num_draws draws, as the docstring says; 7 in 4 groups returned 4 without a word.
+    assert result.to_arviz(num_draws=8, num_chains=4).posterior["x"].shape[:2] == (4, 2)
+    with pytest.raises(pp.ConfigError, match="num_draws=7 must be a multiple of num_chains=4"):
+        result.to_arviz(num_draws=7, num_chains=4)

@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.distributions import biject_to
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError, ModelError
 
 __all__ = ["Space", "space_of"]
@@ -102,7 +103,7 @@ def space_of(
             ``fn`` samples no latent site, or a covered site is discrete.
         ConfigError: a name in ``sites`` is not a latent site of ``fn``.
     """
-    seed = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    seed = checks.as_key(key)
     tr = handlers.trace(handlers.seed(fn, seed)).get_trace(*args)
     latent = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
     if sites is None:

@@ -209,7 +209,7 @@ class LanguageModel:
         ends once every sequence has ended (no Python loop over tokens); ``cache="paged"`` runs it on
         a :class:`~ppinfer.lm.paged.PagedCache` instead (pool factor 1: independent sequences share
         no blocks, so this saves nothing; ``"auto"`` is ``"dense"``)."""
-        key = jax.random.key(key) if isinstance(key, int) else key
+        key = jax.random.key(int(key)) if isinstance(key, int | np.integer) else key
         eos = self.eos_ids or (-1,)
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
         if not (ok and 0.0 <= float(temperature) < float("inf")):

@@ -168,7 +168,7 @@ class NGramLM:
 
         if int(max_new_tokens) < 1 or int(num_particles) < 1:
             raise ConfigError("num_particles and max_new_tokens must be >= 1")
-        key = jax.random.key(key) if isinstance(key, int) else key
+        key = jax.random.key(int(key)) if isinstance(key, int | np.integer) else key
         logits, prompt_cache = self.prefill(self.encode(prompt))
         cache = self.init_particle_cache(prompt_cache, int(num_particles))
         eos = -1 if self.eos_id is None else self.eos_id

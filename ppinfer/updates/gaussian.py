@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro import handlers
 
+from ppinfer import checks
 from ppinfer._compile import cached_jit
 from ppinfer.errors import ConfigError
 from ppinfer.infer import infer
@@ -181,7 +182,7 @@ class ParametricPosterior:
 
     def sample(self, num_samples: int, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """``num_samples`` draws of the latent sites (constrained) from the Gaussian ``q_t``."""
-        key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+        key = checks.as_key(key)
         g = self.gaussian
         v = jax.random.multivariate_normal(key, g.mean, g.cov, (int(num_samples),))
         space = _space(self.program, self.template)

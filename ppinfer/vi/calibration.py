@@ -43,7 +43,6 @@ from scipy.stats import kstest
 from ppinfer import checks
 from ppinfer._compile import locked
 from ppinfer.errors import ConfigError, InferenceError, ModelError
-from ppinfer.infer import _as_key
 from ppinfer.program import is_sequential
 from ppinfer.vi.algorithm import build_step, init_fit_state
 from ppinfer.vi.estimators import Estimators, check_estimators
@@ -144,7 +143,7 @@ def vsbc(
         raise ConfigError(f"objective must be a ppinfer.vi Objective (elbo(), iwelbo(K)…), got {objective!r}")
     if batch_size is not None:
         batch_size = checks.check_int("batch_size", batch_size, 1)
-    key = _as_key(key)
+    key = checks.as_key(key)
     k_find, k_sims = jax.random.split(key)
 
     observed, latent, arg_sites = _sites(k_find, model, args)

@@ -54,6 +54,7 @@ import numpy as np
 import numpyro.distributions as dist
 import optax
 
+from ppinfer import checks
 from ppinfer import tokens as tk
 from ppinfer._compile import locked
 from ppinfer.constraints import TokenAutomaton
@@ -181,7 +182,7 @@ def init_token_twist(
             f"the twist features cover {features.readout.shape[0]}/{features.token.shape[0]} tokens but "
             f"the automaton's vocabulary has {vocab}"
         )
-    key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    key = checks.as_key(key)
     ks = jax.random.split(key, 5)
     h = int(hidden)
 
@@ -395,7 +396,7 @@ def fit_token_twist(
             raise ConfigError(f"{name} must be >= 1, got {value!r}")
     _check_args(p, automaton, twist, p.max_new_tokens)
     t0 = time.perf_counter()
-    key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    key = checks.as_key(key)
     opt = optax.adam(1e-2) if optimizer is None else optimizer
     draw = jax.jit(rollouts, static_argnums=4)
 
