@@ -177,6 +177,12 @@ def test_bad_batches_are_clear_errors():
     with pytest.raises(DataError):
         post.update(np.full(B, 2, np.int32))  # outside the Bernoulli's support
     assert post.update(FLIPS[2]).step == 3  # the failed updates changed nothing
+    # A first batch the program refuses is reported before the prior is drawn on it (an empty
+    # batch was NumPyro's raw AssertionError from that draw).
+    with pytest.raises(ModelError, match="running the program on the new batch failed.*plate"):
+        pp.infer(beta_bernoulli(1.0, 1.0), np.zeros(0, np.int32), algorithm=IBIS(16), key=0)
+    with pytest.raises(DataError, match="outside the support"):
+        pp.infer(beta_bernoulli(1.0, 1.0), np.full(B, 2, np.int32), algorithm=IBIS(16), key=0)
 
 
 def test_program_identity_is_stable_and_distinguishes_closures():

@@ -255,6 +255,7 @@ class IBIS:
         if is_sequential(program) or not callable(program):
             raise ConfigError("IBIS needs a static program (a callable)")
         batch = _as_batch(args)
+        _dry_run(program, self, batch)  # before the prior's draw traces the program on it
         fn = _compiled(self, program, "init", _batch_signature(batch))
         state = fn(jnp.asarray(key), batch)
         return Posterior.from_state(program, self, state).update(*args)
@@ -332,7 +333,7 @@ class Posterior(Result):
             state = state._replace(data=_grow(state.data, capacity_for(step + 1)))
         elif step == 0:
             state = state._replace(data=statistics_data(program, cfg.sufficient_statistics).empty(b))
-        _dry_run(program, cfg, state, b)
+        _dry_run(program, cfg, b)
         fn = _compiled(cfg, program, "update", _batch_signature(b))
         state, info, samples = fn(state, b)
         log_z = float(logsumexp(state.log_weights))
@@ -682,10 +683,13 @@ def _check_batch(batch: tuple, state: IBISState, cfg: IBIS) -> None:
         )
 
 
-def _dry_run(program, cfg: IBIS, state: IBISState, batch: tuple) -> None:
+def _dry_run(program, cfg: IBIS, batch: tuple) -> None:
     """Run the program once eagerly on this batch (or its statistics) with argument validation, so
-    out-of-support data is a DataError naming the site rather than a silent −inf."""
-    checks.dry_run(program, _batch_args(cfg, batch), None, "running the program on the new batch")
+    out-of-support data is a DataError naming the site rather than a silent −inf (once per batch
+    value: the first batch is checked before the prior is drawn, and not again by its update)."""
+    args = _batch_args(cfg, batch)
+    check = lambda: checks.dry_run(program, args, None, "running the program on the new batch")
+    checks.once_per_data(("ibis", program, cfg), args, check)
 
 
 def _grow(data, capacity: int):
