@@ -259,6 +259,8 @@ class Regex(Constraint):
     ):
         if not isinstance(pattern, str):
             raise ConstraintError(f"Regex needs a str pattern, got {type(pattern).__name__}")
+        if isinstance(flags, bool) or not isinstance(flags, int):  # re's flags are an int (IntFlag)
+            raise ConstraintError(f"Regex flags must be re flags (an int, e.g. re.IGNORECASE), got {flags!r}")
         self.pattern, self.flags = pattern, int(flags)
         self.max_states, self.max_table_entries, self.timeout = max_states, max_table_entries, timeout
         self._dfa: _regex.ByteDFA | None = None
@@ -772,4 +774,7 @@ def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
 
 
 def _vocab_key(vocab_bytes: Sequence[bytes]) -> int:
+    if not all(isinstance(b, bytes | bytearray) for b in vocab_bytes):
+        bad = next(b for b in vocab_bytes if not isinstance(b, bytes | bytearray))
+        raise ConfigError(f"vocab_bytes must hold each token's bytes, got a {type(bad).__name__}: {bad!r}")
     return hash(tuple(bytes(b) for b in vocab_bytes))

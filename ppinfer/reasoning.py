@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import math
 import re
 import time
@@ -274,11 +275,13 @@ class StepSpec:
     def __post_init__(self):
         if not callable(self.decode):
             raise ConfigError("decode must be a callable ids -> str")
-        if len(self.delimiters) < 1:
-            raise ConfigError("at least one step delimiter token id is needed")
+        if not isinstance(self.delimiters, tuple | list) or not self.delimiters:
+            raise ConfigError(f"delimiters must be a non-empty tuple of token ids, got {self.delimiters!r}")
+        for k, token in enumerate(self.delimiters):
+            checks.check_int(f"delimiters[{k}]", token, 0)
+        checks.check_int("eos_id", self.eos_id, 0)
         for name in ("max_chunk", "max_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            checks.check_int(name, getattr(self, name), 1)
         if self.prm is not None and not callable(self.prm):
             raise ConfigError(f"prm must be a callable (question, solution) -> float, got {self.prm!r}")
         from ppinfer.tokens import check_temperature
@@ -431,6 +434,12 @@ def question_args(
     With ``pad_to`` the prompt is right-padded to that many tokens so that questions of different
     lengths share one compiled program (needs an LM whose ``prefill`` takes ``length``, as the
     transformer's does)."""
+    vocab = getattr(lm, "vocab_size", None) or getattr(getattr(lm, "config", None), "vocab_size", None)
+    outside = [i for i in (spec.eos_id, *spec.delimiters) if vocab is not None and i >= vocab]
+    if outside:
+        raise ConfigError(f"the StepSpec's eos_id/delimiters {outside} lie outside the vocabulary of {vocab}")
+    if pad_to is not None and "length" not in inspect.signature(lm.prefill).parameters:
+        raise ConfigError(f"pad_to needs an LM whose prefill takes a length (the transformer's); got {lm!r}")
     ids = np.asarray(lm.encode(question) if isinstance(question, str) else question, np.int32)
     n = int(ids.shape[0])
     if n < 1:
@@ -679,8 +688,8 @@ class BeamSearch:
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
-        if int(self.expand) < 1:
-            raise ConfigError(f"expand must be >= 1, got {self.expand}")
+        checks.check_int("expand", self.expand, 1)
+        _check_tau(self.tau)
 
     def loop(self, program: ReasoningProgram, args: tuple) -> Loop:
         keep = max(1, self.num_particles // int(self.expand))

@@ -1061,7 +1061,7 @@ def test_seed_beyond_64_bits(key):
 def test_an_int_seed_is_jax_s_own_key(wide):
     # infer computes the threefry key of an int seed on the host: it must be PRNGKey's, bit for bit
     # (with and without x64, where JAX keeps only the low 32 bits), so a seed means the same run.
-    from ppinfer.infer import _as_key
+    from ppinfer.checks import as_key as _as_key
 
     with jax.enable_x64(wide):
         for seed in [0, 1, 7, 2**31, 2**32 - 1, 2**32, 2**40 + 5, 2**63 - 1, -1, -5, -(2**31) - 1, -(2**63)]:
@@ -1142,3 +1142,46 @@ def test_an_invalid_parameter_is_a_model_error_under_every_particle_algorithm():
     for algorithm in (pp.SMC2(prior, 8, 8), pp.PMMH(prior, 8, num_samples=4, num_warmup=1)):
         with pytest.raises(ModelError, match="num_steps could not be called.*theta first"):
             pp.infer(theta_less, ys, algorithm=algorithm, key=0)
+
+
+def test_token_ids_step_specs_and_constraint_settings_are_checked():
+    # Each of these ran silently wrong (an out-of-range id clamped to the last row; an EOS outside the
+    # vocabulary, so the solutions ran through the model's EOS; a 1.5-token chunk filling the context)
+    # or failed with a raw Python/JAX error.
+    import re
+
+    from ppinfer import reasoning as rs
+    from ppinfer import tokens as tk
+    from ppinfer.constraints import Regex
+    from ppinfer.lm import NGramLM
+
+    probs = np.full((4, 4), 0.25)
+    lm = NGramLM.from_probs(probs, bos_id=0, eos_id=0)
+    for ids in ([9], [-1]):
+        with pytest.raises(DataError, match=r"token ids must lie in \[0, 4\)"):
+            lm.prefill(jnp.array(ids))
+    with pytest.raises(ModelError, match="order n >= 2"):
+        NGramLM.from_probs(np.full(3, 1 / 3))
+    decode = lambda ids: "".join(map(str, ids))
+    for fields, match in (
+        ({"max_chunk": 1.5}, "max_chunk must be an integer >= 1"),
+        ({"delimiters": "."}, "delimiters must be a non-empty tuple"),
+        ({"delimiters": (-5,)}, r"delimiters\[0\] must be an integer >= 0"),
+        ({"eos_id": 0.5}, "eos_id must be an integer >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            rs.StepSpec(decode=decode, **{"delimiters": (3,), "eos_id": 0, **fields})
+    outside = rs.StepSpec(decode=decode, delimiters=(3,), eos_id=99)
+    with pytest.raises(ConfigError, match=r"eos_id/delimiters \[99\] lie outside the vocabulary of 4"):
+        rs.question_args(lm, outside, [0])
+    spec = rs.StepSpec(decode=decode, delimiters=(3,), eos_id=0)
+    with pytest.raises(ConfigError, match="pad_to needs an LM whose prefill takes a length"):
+        rs.question_args(lm, spec, [0], pad_to=4)
+    with pytest.raises(ConfigError, match="tau must be > 0"):
+        rs.BeamSearch(4, tau=float("nan"))
+    with pytest.raises(pp.ConstraintError, match="Regex flags must be re flags"):
+        Regex("a", flags="i")
+    assert Regex("a", flags=re.IGNORECASE).flags == re.IGNORECASE
+    p = tk.prompt(lm, [0], 3)
+    with pytest.raises(ConfigError, match="vocab_bytes must hold each token's bytes, got a str"):
+        tk.constrained(p, Regex("a"), vocab_bytes=["a", "b", "c", "d"])

@@ -117,6 +117,8 @@ class NGramLM:
         distribution of the first token, written into the row of the all-BOS context (n ≥ 2)."""
         probs = np.array(probs, dtype=np.float64)
         vocab_size = probs.shape[-1]
+        if probs.ndim < 2:
+            raise ModelError(f"an n-gram table needs order n >= 2, shape (V,)*n; got shape {probs.shape}")
         if any(size != vocab_size for size in probs.shape) or not 0 <= bos_id < vocab_size:
             raise ModelError(
                 f"an n-gram table must have shape (V,)*n with 0 <= bos_id < V, "
@@ -201,6 +203,8 @@ class NGramLM:
     def prefill(self, prompt) -> tuple[jax.Array, NGramCache]:
         """Log-probabilities f32[Lp, V] of each prompt position's next token, and the prompt's
         context (the initial context of every particle)."""
+        if not isinstance(prompt, jax.core.Tracer):  # concrete ids: checked as encode checks them
+            self.encode(np.asarray(prompt))
         prompt = jnp.asarray(prompt, jnp.int32)
         padded = jnp.concatenate([jnp.full((self.order - 1,), self.bos_id, jnp.int32), prompt])
         windows = jnp.stack([padded[i + 1 : i + 1 + prompt.shape[0]] for i in range(self.order - 1)], axis=-1)
