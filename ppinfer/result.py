@@ -257,9 +257,7 @@ class Result:
     def sample(self, num_samples: int | None = None, key: int | jax.Array = 0) -> dict[str, jax.Array]:
         """``num_samples`` (default N) draws from the normalised posterior: particles drawn with
         replacement ∝ weight (multinomial)."""
-        from ppinfer.checks import check_int
-
-        n = self.num_particles if num_samples is None else check_int("num_samples", num_samples, 1)
+        n = self.num_particles if num_samples is None else checks.check_int("num_samples", num_samples, 1)
         key = checks.as_key(key)
         idx = jax.random.categorical(key, normalize(self.log_weights), shape=(n,))
         return jax.tree.map(lambda x: x[idx], self.samples)

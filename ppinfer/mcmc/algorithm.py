@@ -254,13 +254,14 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     built: list = []
 
     def kernel() -> Any:
-        """The kernel for this program, built (and the program checked) on a compile-cache miss."""
+        """The kernel for this program, built on a compile-cache miss (a static program has passed
+        its dry run on these arguments by then: ``once_per_data`` below runs before any build)."""
         if not built:
             if getattr(cfg.kernel, "sequential", False):
                 # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
                 built.append(cfg.kernel.build_for(program, args, cfg.num_warmup))
             else:
-                checked = _improper_at_init(program)  # checked by the dry run below, first
+                checked = _improper_at_init(program)
                 sites = latent_sites(checked, args)
                 checks.require_latent(list(sites))
                 built.append(cfg.kernel.build(program, cfg.num_warmup, sites))
