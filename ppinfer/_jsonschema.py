@@ -13,8 +13,9 @@ Supported: ``type`` (one or a list), ``properties``/``required`` (``additionalPr
 ``patternProperties`` are never generated), ``items``/``prefixItems``/``minItems``/``maxItems``,
 ``minLength``/``maxLength``, ``pattern`` (fully anchored ``^…$``, and matching no character that
 JSON must escape), integer bounds (inclusive or exclusive), number bounds that are integers
-(inclusive), ``enum``, ``const``, ``anyOf``/``oneOf`` (``oneOf`` as ``anyOf``: its branches are
-assumed disjoint), a one-element ``allOf``, and local ``$ref`` (``#``, ``#/$defs/…``,
+(inclusive), ``enum``, ``const`` (with keywords beside them: the values valid under the whole schema),
+``anyOf``, ``oneOf`` (when its branches accept no common text; overlapping branches raise
+:class:`~ppinfer.errors.ConstraintError`), a one-element ``allOf``, and local ``$ref`` (``#``, ``#/$defs/…``,
 ``#/definitions/…``). A ``$ref`` that reaches itself raises :class:`NotRegular` (the caller then uses a
 grammar engine); a keyword that cannot be enforced raises :class:`~ppinfer.errors.ConstraintError`.
 """
@@ -81,6 +82,7 @@ class _Builder:
             w = rf"[ \t\n\r]{{0,{int(max_whitespace)}}}"
             self.ws, self.item_sep, self.key_sep = w, f"{w},{w}", f"{w}:{w}"
         self.flexible = whitespace != "compact"
+        self._validator = None
 
     def build(self, s: Any, refs: tuple) -> str:
         if s is True or s == {}:
@@ -109,11 +111,22 @@ class _Builder:
             if key in s:
                 rest = {k: v for k, v in s.items() if k != key}
                 alts = [self.build({**rest, **alt} if isinstance(alt, dict) else alt, refs) for alt in s[key]]
+                if key == "oneOf":
+                    _check_disjoint(alts)
                 return _alt(alts)
-        if "const" in s:
-            return self.literal(s["const"])
-        if "enum" in s:
-            return _alt([self.literal(v) for v in s["enum"]])
+        if "const" in s or "enum" in s:
+            used = "const" if "const" in s else "enum"
+            values = [s["const"]] if used == "const" else list(s["enum"])
+            if any(k != used and k not in ANNOTATIONS for k in s):
+                # The keywords beside (type, bounds, the other of enum/const) hold too: keep the
+                # values valid under the whole schema.
+                values = [v for v in values if self.valid(v, s)]
+                if not values:
+                    raise ConstraintError(
+                        f"JSONSchema: no value of {used} satisfies the keywords beside it: "
+                        f"{json.dumps(s)[:200]}"
+                    )
+            return _alt([self.literal(v) for v in values])
         types = s.get("type")
         if types is None:
             inferred = [
@@ -143,6 +156,14 @@ class _Builder:
                 raise ConstraintError(f"JSONSchema: $ref {ref!r} not found")
             node = node[part]
         return node
+
+    def valid(self, value: Any, schema: dict) -> bool:
+        """Whether ``value`` is valid under ``schema`` (a part of the root: its ``$ref`` resolve there)."""
+        import jsonschema
+
+        if self._validator is None:
+            self._validator = jsonschema.Draft202012Validator(self.root)
+        return self._validator.evolve(schema=schema).is_valid(value)
 
     def literal(self, value: Any) -> str:
         if self.flexible and isinstance(value, dict | list) and value:
@@ -287,6 +308,24 @@ class _Builder:
                 take if req else _alt([take, after_fresh[i + 1]]) if after_fresh[i + 1] else f"(?:{take})?"
             )
         return r"\{" + self.ws + f"(?:{after_fresh[0]})" + self.ws + r"\}"
+
+
+def _check_disjoint(alts: list[str]) -> None:
+    """Raise :class:`ConstraintError` if two ``oneOf`` branches (their regular expressions) accept a
+    common text: generation cannot exclude a value valid under two branches."""
+    from ppinfer._regex import common_text, compile_regex
+
+    dfas = [compile_regex(a) for a in alts]
+    for i in range(len(dfas)):
+        for j in range(i + 1, len(dfas)):
+            both = common_text(dfas[i], dfas[j])
+            if both is not None:
+                text = both.decode("utf-8", "replace")
+                raise ConstraintError(
+                    f"JSONSchema: oneOf branches {i} and {j} both accept {text!r}, "
+                    "and oneOf allows a value valid under exactly one branch, which generation cannot "
+                    "enforce: make the branches disjoint, or write anyOf if overlap is meant"
+                )
 
 
 def _alt(parts: list[str]) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ppinfer.errors import ConstraintError
 
-__all__ = ["ByteDFA", "compile_regex", "token_table", "utf8_sequences"]
+__all__ = ["ByteDFA", "common_text", "compile_regex", "token_table", "utf8_sequences"]
 
 MAX_UNICODE = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
@@ -63,6 +63,33 @@ class ByteDFA:
     def fullmatch(self, data: bytes) -> bool:
         s = self.run(data)
         return s >= 0 and bool(self.final[s])
+
+
+def common_text(a: ByteDFA, b: ByteDFA, max_pairs: int = 200_000) -> bytes | None:
+    """A shortest byte string both automata accept (breadth first over state pairs), or ``None``
+    when their languages are disjoint. Raises :class:`ConstraintError` past ``max_pairs`` pairs."""
+    start = (0, 0)
+    parent: dict = {start: None}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for pair in frontier:
+            if a.final[pair[0]] and b.final[pair[1]]:
+                out = bytearray()
+                while parent[pair] is not None:
+                    pair, byte = parent[pair]
+                    out.append(byte)
+                return bytes(reversed(out))
+            both = np.flatnonzero((a.delta[pair[0]] >= 0) & (b.delta[pair[1]] >= 0))
+            for byte in both.tolist():
+                q = (int(a.delta[pair[0], byte]), int(b.delta[pair[1], byte]))
+                if q not in parent:
+                    parent[q] = (pair, byte)
+                    nxt.append(q)
+        if len(parent) > max_pairs:
+            raise ConstraintError("comparing two regular expressions took too many automaton states")
+        frontier = nxt
+    return None
 
 
 # --- character sets: sorted disjoint inclusive code-point ranges -----------------------------------

@@ -341,6 +341,7 @@ class JSONSchema(Constraint):
         self._regex: Regex | None = None
         self._grammar: Grammar | None = None
         self._regular: bool | None = None
+        self._validator: Any = None
 
     def __repr__(self) -> str:
         return f"JSONSchema({json.dumps(self.schema)[:60]})"
@@ -389,11 +390,15 @@ class JSONSchema(Constraint):
             value = json.loads(text)
         except json.JSONDecodeError:
             return False
-        try:
-            import jsonschema
-        except ImportError:  # pragma: no cover - jsonschema is a test dependency
-            jsonschema = None
-        if jsonschema is not None and not jsonschema.Draft202012Validator(self.schema).is_valid(value):
+        import jsonschema
+
+        if self._validator is None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.schema)
+            except jsonschema.SchemaError as e:
+                raise ConstraintError(f"JSONSchema: not a valid JSON Schema: {e.message}") from None
+            self._validator = jsonschema.Draft202012Validator(self.schema)
+        if not self._validator.is_valid(value):
             return False
         self._choose()
         if self._regex is not None:
@@ -764,13 +769,38 @@ def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
         if whitespace == "flexible"
         else {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     )
-    schema = dict(schema) if isinstance(schema, dict) else schema
-    if isinstance(schema, dict):
-        schema.setdefault("additionalProperties", False)
+    schema = _closed_objects(schema)
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     except Exception as e:  # llguidance raises ValueError-like errors for bad schemas
         raise ConstraintError(f"JSONSchema: llguidance cannot compile the schema: {e}") from e
+
+
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` in which every object schema (one with ``properties``) that does not say
+    otherwise has ``additionalProperties: false`` (generation writes no properties beyond them),
+    wherever it sits: in ``$defs``, array items, ``anyOf`` branches… (walked keyword by keyword: a
+    property *named* ``properties`` is not a schema keyword)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for k in _SUBSCHEMA:
+        if k in out:
+            out[k] = _closed_objects(out[k])
+    for k in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(k), list):
+            out[k] = [_closed_objects(v) for v in out[k]]
+    for k in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(k), dict):
+            out[k] = {name: _closed_objects(v) for name, v in out[k].items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _vocab_key(vocab_bytes: Sequence[bytes]) -> int:

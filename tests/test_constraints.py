@@ -609,6 +609,79 @@ def test_json_schema_composition_keywords_agree_with_jsonschema():
     _assert_regex_agrees_with_jsonschema(schema, values, seed=5, keep=0.75)
 
 
+def test_enum_and_const_keep_only_values_valid_under_the_keywords_beside_them():
+    """``enum``/``const`` beside ``type``, bounds or each other: the regular expression holds exactly
+    the values ``jsonschema`` accepts (it used to hold every listed value: ``{"type": "string",
+    "enum": ["a", 1]}`` generated ``1``, which ``validate`` rejects)."""
+    import jsonschema
+
+    cases = [
+        ({"type": "string", "enum": ["qw", 1]}, ["qw", 1]),
+        ({"type": "integer", "enum": [1, 5, 10], "minimum": 4}, [1, 5, 10]),
+        ({"type": ["string", "null"], "enum": ["a", None, 3]}, ["a", None, 3]),
+        ({"enum": ["a", 5, 2], "minimum": 4}, ["a", 5, 2]),  # minimum: numbers only; "a" stays
+        ({"const": 2, "enum": [1, 2, 3]}, [1, 2, 3]),
+    ]
+    for schema, values in cases:
+        dfa = _regex.compile_regex(JSONSchema(schema).regex)
+        for v in values:
+            expected = jsonschema.Draft202012Validator(schema).is_valid(v)
+            assert dfa.fullmatch(json.dumps(v).encode()) == expected, (schema, v)
+    with pytest.raises(pp.ConstraintError, match="no value of const"):
+        _ = JSONSchema({"const": 3, "type": "string"}).regex
+
+
+def test_one_of_with_overlapping_branches_is_refused():
+    """``oneOf`` needs exactly one branch to hold; a regular expression of the branches' union would
+    also generate values valid under two of them (``0`` here, which ``validate`` rejects)."""
+    overlapping = {
+        "oneOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "number", "maximum": 9}]
+    }
+    with pytest.raises(pp.ConstraintError, match="oneOf branches 0 and 1 both accept '0'"):
+        _ = JSONSchema(overlapping).regex
+    disjoint = {"oneOf": [{"type": "integer"}, {"type": "string"}, {"const": None}]}
+    assert _regex.compile_regex(JSONSchema(disjoint).regex).fullmatch(b"null")
+    a, b = _regex.compile_regex("ab|c+"), _regex.compile_regex("c{2}|x")
+    assert _regex.common_text(a, b) == b"cc"
+    assert _regex.common_text(a, _regex.compile_regex("x")) is None
+
+
+def test_recursive_pydantic_schema_and_invalid_schemas():
+    """A recursive model as pydantic writes it (a root ``$ref`` into ``$defs``) compiles on
+    llguidance and closes every object, the nested ones included; an invalid schema is a
+    ConstraintError in ``validate`` too."""
+    schema = {
+        "$defs": {
+            "Node": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer"},
+                    "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]},
+                },
+                "required": ["v"],
+            }
+        },
+        "$ref": "#/$defs/Node",
+    }
+    vocab = [b"<eos>", b'{"v": 1', b"}", b', "next": ', b"null", b', "w": 2', b"{", b'"v"', b": ", b"1"]
+    c = JSONSchema(schema)
+    assert c.regex is None
+    masks = c.compile(vocab, EOS).host_masks([(), (1,), (1, 3), (1, 3, 1), (1, 2)])
+    np.testing.assert_array_equal(
+        masks,
+        [
+            [0, 1, 0, 0, 0, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0, 0, 0, 0, 1],  # no ', "w": 2'
+            [0, 1, 0, 0, 1, 0, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0, 0, 0, 0, 1],  # the nested object is closed too
+            [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+    )
+    assert c.validate('{"v": 1, "next": {"v": 1}}') and not c.validate('{"next": null}')
+    with pytest.raises(pp.ConstraintError, match="not a valid JSON Schema"):
+        JSONSchema({"type": "objct"}).validate("{}")
+
+
 def test_texts_of_a_constrained_result():
     prog, _ = program("regex-unicode", "local")
     r = pp.infer(prog, algorithm=pp.SMC(64), key=0)
