@@ -60,3 +60,22 @@ def test_importance_on_sequential_program_never_resamples():
     assert r.algorithm == "Importance"
     assert not np.any(np.asarray(r.resampled))
     assert r.samples["x"].shape == (100, 5)
+
+
+def test_data_of_new_shapes_is_checked_on_a_later_call():
+    """The dry run's shape check runs for every new argument signature, not only when the program is
+    first compiled: ``y`` of another length than ``x`` after a good call was a raw broadcasting
+    ``TypeError`` from inside JAX."""
+
+    def regression(x, y):
+        w = pp.sample("w", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(w * x, 1.0), y)
+
+    x = np.linspace(0, 1, 50).astype(np.float32)
+    y = 2 * x
+    good = pp.infer(regression, x, y, algorithm=pp.Importance(100), key=0)
+    assert np.isfinite(good.log_evidence)
+    with pytest.raises(pp.ModelError):
+        pp.infer(regression, x, y[:10], algorithm=pp.Importance(100), key=0)
+    again = pp.infer(regression, x, y, algorithm=pp.Importance(100), key=0)
+    assert again.log_evidence == good.log_evidence

@@ -59,7 +59,7 @@ class Importance:
 
         cache_key = ("importance", program, proposal, n, static_key)
         fn, new = cached_jit(cache_key, build)
-        if new:
+        if new or not fn.compiled_for(key, dyn):  # new code, or data of new shapes: check it first
             try:
                 _, latent = checks.dry_run(program, args, proposal, "running the program once")
                 checks.require_latent(latent)
