@@ -282,3 +282,7 @@ def test_mcmc_errors():
         proposal = lambda y, size=size: pp.sample("mu", dist.Normal(jnp.zeros(size), 1.0))
         with pytest.raises(ModelError, match=rf"proposal samples site 'mu' with shape \({size},\)"):
             pp.infer(conjugate, y, algorithm=MCMC(pp.IndependenceMH(proposal), 10, 10))
+    # A proposal reading a misspelled site: a raw KeyError before.
+    typo = lambda c, y: pp.sample("mu", dist.Normal(c["muu"], 0.3))
+    with pytest.raises(ModelError, match=r"reads choices\['muu'\].*latent sites: \['mu'\]"):
+        pp.infer(conjugate, y, algorithm=MCMC(pp.ProgrammableMH(typo), 10, 10))

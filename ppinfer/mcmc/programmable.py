@@ -50,7 +50,16 @@ def programmable_propose(
     key: jax.Array, trace: Trace, args: tuple, program: Callable[..., Any], proposal: Callable[..., Any]
 ) -> tuple[Trace, jax.Array]:
     """The proposal step: ``(new_trace, log_alpha)`` as in the module docstring."""
-    forward, _ = generate(key, proposal, (trace.choices, *args))
+    try:
+        forward, _ = generate(key, proposal, (trace.choices, *args))
+    except KeyError as e:  # a misspelled site: traced once, so this costs nothing per step
+        name = e.args[0] if e.args else None
+        if not isinstance(name, str) or name in trace.choices:
+            raise
+        raise ModelError(
+            f"the MH proposal reads choices[{name!r}], but the program has no latent site {name!r} "
+            f"(its latent sites: {sorted(trace.choices)})"
+        ) from None
     if not forward.choices:
         raise ModelError("the MH proposal program samples no site")
     for name, value in forward.choices.items():  # shapes are known when traced: checked once
