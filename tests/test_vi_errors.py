@@ -156,3 +156,31 @@ def test_renyi_alpha_must_be_a_finite_number():
     for alpha in (float("nan"), float("inf"), "0.5", None):
         with pytest.raises(pp.ConfigError, match="renyi's alpha must be a finite number"):
             renyi(alpha, 4)
+
+
+def test_misspelled_names_are_refused_not_ignored():
+    """A misspelled site in ``estimators`` ran with the default estimators, and ``bind_params`` with
+    a dict lacking a param (``{}``, or the whole ``extras``) silently kept the initial values."""
+    fit = pp.infer(model, 1.0, algorithm=VI(elbo(4), guide, optax.adam(0.05), 50, 10), key=0)
+    with pytest.raises(pp.ConfigError, match=r"estimators names \['zz'\], which the guide does not sample"):
+        pp.infer(
+            model, 1.0, algorithm=VI(elbo(4), guide, optax.adam(0.05), 10, estimators={"zz": "reinforce"})
+        )
+    for wrong in ({}, fit.extras):
+        with pytest.raises(pp.ModelError, match="has no value in params"):
+            pp.infer(model, 1.0, algorithm=pp.Importance(10, proposal=bind_params(guide, wrong)))
+    bound = pp.infer(
+        model, 1.0, algorithm=pp.Importance(10, proposal=bind_params(guide, fit.extras["params"]))
+    )
+    assert np.isfinite(bound.log_evidence)
+    with pytest.raises(pp.ConfigError, match="chunk_size must be an integer >= 1"):
+        VI(elbo(4), guide, optax.adam(0.05), 10, chunk_size=0)
+
+
+def test_affine_proposal_checks_its_feature_count():
+    lg = dict(a=0.9, q=1.0, c=1.0, r=0.1)
+    ys = jnp.asarray(simulate_lgssm(0, 5, **lg))
+    prop = affine_gaussian_proposal("x", lambda x, t, ys: jnp.stack([x, ys[t]]), 3)
+    vi = VI(VSMC(4), prop, optax.adam(0.1), 5, 8)
+    with pytest.raises(pp.ModelError, match=r"returned shape \(2,\), but num_features=3"):
+        pp.infer(lgssm(**lg), ys, algorithm=vi, key=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -90,7 +90,7 @@ class VI:
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ConfigError(f"VI needs num_steps >= 1, got {n!r}")
         checks.check_num_particles(self.num_particles)
-        checks.check_num_particles(self.chunk_size)
+        checks.check_int("chunk_size", self.chunk_size, 1)
         if None not in (self.progress, self.progress_bar) and self.progress != self.progress_bar:
             raise ConfigError(
                 f"progress={self.progress!r} and progress_bar={self.progress_bar!r} disagree: "
@@ -120,6 +120,8 @@ class VI:
         spec = _param_spec(k_init, program, self.guide, self.objective, args, self.init_params)
         if not spec.init:
             raise ConfigError("the guide has no numpyro.param site: nothing to optimise")
+        if isinstance(self.estimators, Mapping):
+            _check_estimator_sites(k_init, program, self.guide, args, spec, self.estimators)
         u, trace = fit(
             k_fit, program, self.guide, self.objective, self.optimizer, spec, args, self.num_steps,
             self.estimators, self.baseline_decay, self.chunk_size,
@@ -310,16 +312,38 @@ def fit(
     return state.params, np.concatenate(traces)
 
 
+def _guide_run(key, program, guide, args) -> tuple[Callable[..., Any], tuple]:
+    """``(fn, fn_args)``: one run of the guide (for a sequential program, its proposal at step 0)."""
+    if not is_sequential(program):
+        return guide, args
+    with handlers.seed(rng_seed=key):
+        state = jax.tree.map(jnp.asarray, program.init(*args))
+    t0 = jnp.zeros((), jnp.int32)
+    return lambda: guide(state, t0, *args), ()
+
+
+def _check_estimator_sites(key, program, guide, args, spec: ParamSpec, estimators: Mapping) -> None:
+    """Raise :class:`ConfigError` if ``estimators`` names a site the guide does not sample (a
+    misspelled name would leave that site on its default estimator without a word)."""
+    fn, fn_args = _guide_run(key, program, guide, args)
+    params = constrain(spec.init, spec.constraints)
+    with handlers.trace() as tr, handlers.seed(rng_seed=key), handlers.substitute(data=params):
+        fn(*fn_args)
+    sampled = sorted(n for n, s in tr.items() if s["type"] == "sample" and not s.get("is_observed"))
+    unknown = sorted(set(estimators) - set(sampled))
+    if unknown:
+        raise ConfigError(
+            f"estimators names {unknown}, which the guide does not sample (it samples {sampled})"
+        )
+
+
 def _param_spec(key, program, guide, objective, args, init_params) -> ParamSpec:
+    runs = [_guide_run(key, program, guide, args)]
     if is_sequential(program):
-        with handlers.seed(rng_seed=key):
-            state = jax.tree.map(jnp.asarray, program.init(*args))
-        t0 = jnp.zeros((), jnp.int32)
-        runs = [(lambda: guide(state, t0, *args), ())]
         if objective.init_proposal is not None:
             runs.append((objective.init_proposal, args))
     else:
-        runs = [(guide, args), (program, args)]
+        runs.append((program, args))
     spec = find_params(key, runs)
     for name, value in (init_params or {}).items():
         if name not in spec.init:

@@ -8,13 +8,15 @@ NumPyro's ``substitute`` handler, exactly as NumPyro's SVI does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
+
+from ppinfer.errors import ConfigError, ModelError
 
 __all__ = ["ParamSpec", "find_params", "constrain", "unconstrain", "bind_params"]
 
@@ -61,8 +63,23 @@ def bind_params(fn: Callable[..., Any], params: dict[str, jax.Array]) -> Callabl
     """``fn`` with its ``param`` sites fixed to the *constrained* ``params`` (e.g. a fitted
     proposal to pass to :class:`~ppinfer.SMC`)."""
 
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            f"bind_params needs a dict name -> value of param sites, got {type(params).__name__}"
+        )
+
+    def value(site: dict) -> Any:
+        if site["type"] != "param":
+            return None
+        if site["name"] not in params:  # the initial value would stand in for a fitted one
+            raise ModelError(
+                f"bind_params: the program's param site {site['name']!r} has no value in params "
+                f"(given: {sorted(params)[:8]}; a fit's values are result.extras['params'])"
+            )
+        return params[site["name"]]
+
     def bound(*args, **kwargs):
-        with handlers.substitute(data=params):
+        with handlers.substitute(substitute_fn=value):
             return fn(*args, **kwargs)
 
     return bound

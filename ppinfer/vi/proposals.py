@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
+from ppinfer.errors import ModelError
 from ppinfer.primitives import sample
 
 __all__ = ["affine_gaussian_proposal"]
@@ -27,7 +28,13 @@ def affine_gaussian_proposal(
     def proposal(state, t, *args):
         w = numpyro.param(f"{prefix}_w", jnp.zeros((2, num_features + 1)))
         v = numpyro.param(f"{prefix}_v", jnp.zeros((2, num_features + 1)).at[:, -1].set(1.0))
-        f = jnp.append(jnp.asarray(features(state, t, *args), jnp.float32), 1.0)
+        f = jnp.asarray(features(state, t, *args), jnp.float32)
+        if f.shape != (num_features,):  # known when traced: checked once
+            raise ModelError(
+                f"affine_gaussian_proposal({site!r}): features(state, t, *args) returned shape "
+                f"{f.shape}, but num_features={num_features} needs f32[{num_features}]"
+            )
+        f = jnp.append(f, 1.0)
         row = jnp.where(t == 0, 0, 1)
         scale = jax.nn.softplus(v[row] @ f) + 1e-4
         sample(site, dist.Normal(w[row] @ f, scale))
