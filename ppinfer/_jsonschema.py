@@ -18,6 +18,11 @@ JSON must escape), integer bounds (inclusive or exclusive), number bounds that a
 :class:`~ppinfer.errors.ConstraintError`), a one-element ``allOf``, and local ``$ref`` (``#``, ``#/$defs/…``,
 ``#/definitions/…``). A ``$ref`` that reaches itself raises :class:`NotRegular` (the caller then uses a
 grammar engine); a keyword that cannot be enforced raises :class:`~ppinfer.errors.ConstraintError`.
+
+Narrower than JSON Schema, on purpose (every generated text is valid; some valid texts are never
+generated): a schema without ``type`` is read as the one type its keywords name (``{"maxLength":
+1}`` generates strings only), ``prefixItems`` without ``items`` allows no items beyond the prefix,
+and objects have no properties beyond ``properties``.
 """
 
 from __future__ import annotations
@@ -109,14 +114,20 @@ class _Builder:
             return self.build(parts[0], refs)
         for key in ("anyOf", "oneOf"):
             if key in s:
+                if not isinstance(s[key], list) or not s[key]:
+                    raise ConstraintError(
+                        f"JSONSchema: {key} needs a non-empty list of schemas, got {s[key]!r}"
+                    )
                 rest = {k: v for k, v in s.items() if k != key}
-                alts = [self.build({**rest, **alt} if isinstance(alt, dict) else alt, refs) for alt in s[key]]
+                alts = [self.build(_merged(rest, alt, key), refs) for alt in s[key]]
                 if key == "oneOf":
                     _check_disjoint(alts)
                 return _alt(alts)
         if "const" in s or "enum" in s:
             used = "const" if "const" in s else "enum"
             values = [s["const"]] if used == "const" else list(s["enum"])
+            if not values:
+                raise ConstraintError("JSONSchema: an empty enum accepts nothing")
             if any(k != used and k not in ANNOTATIONS for k in s):
                 # The keywords beside (type, bounds, the other of enum/const) hold too: keep the
                 # values valid under the whole schema.
@@ -144,6 +155,8 @@ class _Builder:
             types = inferred
         if isinstance(types, str):
             types = [types]
+        if not types:
+            raise ConstraintError("JSONSchema: an empty list of types accepts nothing")
         return _alt([self.typed(t, s, refs) for t in types])
 
     def resolve(self, ref: str) -> Any:
@@ -248,23 +261,18 @@ class _Builder:
             if lo > n and (items is False or items is None):
                 raise ConstraintError("JSONSchema: minItems exceeds prefixItems with items: false")
             rest = None if (items is False or items is None) else self.build(items, refs)
-            # k items: the first min(k, n) from prefix, the rest from ``items``
+            if hi is None and lo > n:
+                raise ConstraintError("JSONSchema: minItems beyond prefixItems needs maxItems")
+            # k items: the first min(k, n) from prefix, the rest from ``items``; without maxItems,
+            # any number of ``items`` follow a whole prefix (and only a whole one)
             alts = []
             for k in range(lo, (hi if hi is not None else n) + 1):
-                if k == 0:
-                    alts.append("")
-                    continue
-                seq = [regs[i] for i in range(min(k, n))]
-                if k > n:
-                    seq += [rest] * (k - n)
-                alts.append(sep.join(f"(?:{r})" for r in seq))
-            body = _alt(alts) if alts else ""
-            if hi is None:
-                tail = f"(?:{sep}(?:{rest}))*" if rest else ""
-                body = f"(?:{body}" + (tail if lo <= n else "") + ")"
-                if lo > n:
-                    raise ConstraintError("JSONSchema: minItems beyond prefixItems needs maxItems")
-            return open_ + body + close
+                seq = [regs[i] for i in range(min(k, n))] + [rest] * max(k - n, 0)
+                piece = sep.join(f"(?:{r})" for r in seq)
+                if hi is None and k == n:
+                    piece += f"(?:{sep}(?:{rest}))*"
+                alts.append(piece)
+            return open_ + (_alt(alts) if alts else "") + close
         if items is False:
             if lo > 0:
                 raise ConstraintError("JSONSchema: items: false with minItems > 0 accepts nothing")
@@ -308,6 +316,23 @@ class _Builder:
                 take if req else _alt([take, after_fresh[i + 1]]) if after_fresh[i + 1] else f"(?:{take})?"
             )
         return r"\{" + self.ws + f"(?:{after_fresh[0]})" + self.ws + r"\}"
+
+
+def _merged(rest: dict, branch: Any, key: str) -> Any:
+    """A branch of ``anyOf``/``oneOf`` together with the keywords beside it (both must hold). A
+    keyword in both with different values would need the two combined (bounds intersected,
+    ``properties`` merged…), which is refused rather than letting one replace the other."""
+    if branch is True:
+        return rest or True
+    if not isinstance(branch, dict):
+        return branch  # false, or not a schema: build reports it
+    both = sorted(k for k in rest.keys() & branch.keys() if k not in ANNOTATIONS and rest[k] != branch[k])
+    if both:
+        raise ConstraintError(
+            f"JSONSchema: {key} branch and the schema around it both set {both}: combining them is not "
+            f"supported; move those keywords into each branch"
+        )
+    return {**rest, **branch}
 
 
 def _check_disjoint(alts: list[str]) -> None:

@@ -646,6 +646,36 @@ def test_one_of_with_overlapping_branches_is_refused():
     assert _regex.common_text(a, _regex.compile_regex("x")) is None
 
 
+def test_schemas_that_would_be_narrowed_wrongly_are_refused_or_exact():
+    """``anyOf`` beside a keyword its branch sets too (the branch used to replace it: ``minimum: 0``
+    with a branch ``minimum: -5, maximum: -1`` generated ``-3``); an empty ``enum``/``anyOf``/``type``
+    (they generated the empty text); ``prefixItems`` + ``items`` without ``maxItems`` (the tail could
+    follow a partial prefix: ``[, true]``, not JSON)."""
+    import jsonschema
+
+    for schema, match in [
+        ({"type": "integer", "minimum": 0, "anyOf": [{"minimum": -5, "maximum": -1}]}, r"set \['minimum'\]"),
+        ({"type": "object", "properties": {"a": {}}, "anyOf": [{"properties": {"b": {}}}]}, "properties"),
+        ({"enum": []}, "empty enum"),
+        ({"anyOf": []}, "non-empty list"),
+        ({"type": []}, "empty list of types"),
+    ]:
+        with pytest.raises(pp.ConstraintError, match=match):
+            _ = JSONSchema(schema).regex
+    schema = {
+        "type": "array",
+        "prefixItems": [{"type": "integer"}, {"type": "string"}],
+        "items": {"type": "boolean"},
+    }
+    dfa = _regex.compile_regex(JSONSchema(schema).regex)
+    for v in [[], [1], [1, "a"], [1, "a", True, False], [1, True], [True], [1, "a", 1]]:
+        assert dfa.fullmatch(json.dumps(v).encode()) == jsonschema.Draft202012Validator(schema).is_valid(v), v
+    assert not dfa.fullmatch(b"[, true]")
+    # The same keyword with the same value beside and inside a branch is no conflict.
+    same = {"type": "integer", "anyOf": [{"type": "integer", "maximum": 3}]}
+    assert _regex.compile_regex(JSONSchema(same).regex).fullmatch(b"3")
+
+
 def test_recursive_pydantic_schema_and_invalid_schemas():
     """A recursive model as pydantic writes it (a root ``$ref`` into ``$defs``) compiles on
     llguidance and closes every object, the nested ones included; an invalid schema is a
