@@ -150,13 +150,16 @@ _CONCRETE_VALUE_ERRORS = (
 
 def _check_state(state: Any) -> None:
     """Raise if a node of the final state reports that the run was invalid (a state node with a
-    ``raise_if_exhausted`` method: the paged KV cache whose block pool ran out)."""
+    ``raise_if_exhausted`` method: the paged KV cache whose block pool ran out, a token context
+    that overflowed)."""
     if state is None:
         return
     has_check = lambda x: callable(getattr(type(x), "raise_if_exhausted", None))
-    for node in jax.tree.leaves(state, is_leaf=has_check):
-        if has_check(node):
-            node.raise_if_exhausted()
+    if has_check(state):
+        state.raise_if_exhausted()
+    for node in jax.tree.leaves(state, is_leaf=lambda x: x is not state and has_check(x)):
+        if has_check(node):  # and the nodes inside it (a token context holds a paged cache)
+            _check_state(node)
 
 
 def _concrete_value_message(e: BaseException) -> str:

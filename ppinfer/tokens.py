@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from ppinfer.errors import ConfigError, DataError, ModelError
+from ppinfer.errors import ConfigError, DataError, InferenceError, ModelError
 from ppinfer.primitives import condition, factor, sample, stop
 from ppinfer.program import SequentialProgram
 
@@ -345,6 +345,19 @@ class Context(NamedTuple):
         at = jnp.minimum(self.length, self.tokens.shape[0] - 1)
         tokens = self.tokens.at[at].set(jnp.asarray(token).astype(self.tokens.dtype))
         return Context(tokens, self.length + 1, cache, logp)
+
+    def raise_if_exhausted(self) -> None:
+        """Raise :class:`~ppinfer.errors.InferenceError` if a particle appended more tokens than the
+        context holds (``max_new_tokens``): the last slot and the LM's cache were overwritten, so
+        the result is invalid. (:func:`ppinfer.infer` calls it on the final state.)"""
+        room, longest = self.tokens.shape[-1], int(jnp.max(self.length))
+        if longest > room:
+            raise InferenceError(
+                f"the token program appended {longest} tokens to a context that holds "
+                f"max_new_tokens={room}: the extra tokens overwrote the last one and the LM's cache, "
+                "so the result is invalid. Raise max_new_tokens in tokens.prompt(...), or end the "
+                "program sooner (fewer steps, or pp.stop at EOS)"
+            )
 
 
 def masked_next_token(ctx: Context, mask: jax.Array, temperature: float = 1.0) -> dist.Categorical:

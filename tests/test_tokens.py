@@ -162,6 +162,20 @@ def test_all_particles_ruled_out_is_a_clear_error():
         pp.infer(pp.sequential(init, impossible, T), P, algorithm=pp.SMC(64))
 
 
+def test_a_program_longer_than_its_context_is_an_error():
+    """More steps than ``max_new_tokens``: the context's last slot and the LM cache were overwritten
+    and the run returned silently (a final logp 3 nats off a prefill of the sampled tokens)."""
+
+    def step(ctx, t, p):
+        return ctx.extend(p, pp.sample("tok", ctx.next_token()))
+
+    short = tk.prompt(LM, [EOS], 3)
+    with pytest.raises(pp.InferenceError, match="appended 5 tokens to a context that holds max_new_tokens=3"):
+        pp.infer(pp.sequential(tk.Context.start, step, 5), short, algorithm=pp.SMC(8))
+    exact_fit = pp.infer(pp.sequential(tk.Context.start, step, 3), short, algorithm=pp.SMC(8))
+    assert np.all(np.asarray(exact_fit.state.length) == 3)
+
+
 def test_regex_automaton_is_the_same_in_every_process():
     """interegular numbers DFA states in set-iteration order, which follows Python's hash seed; the
     automaton's states are renumbered canonically, so the table (hence twist features and random
