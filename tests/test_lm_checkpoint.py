@@ -117,3 +117,53 @@ def test_bad_tokenizer_file(broken):
         load(broken)
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.from_file(broken / "absent.json")
+
+
+def _byte_level_tokenizer():
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=270,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["hello world abc def"] * 10, trainer)
+    return tok
+
+
+def test_padded_embedding_decodes_and_bad_settings_are_clear(tmp_path):
+    """An embedding padded past the tokenizer (as Qwen2 ships): its extra ids decode to nothing, as
+    ``vocab_bytes`` says (``complete`` raised a TokenizerError on them). An integer ``dtype`` (it
+    truncated every weight to 0), an empty prompt in ``generate`` (a raw IndexError), a tokenizer
+    path given to ``Tokenizer`` and ``vocab_bytes`` without a tokenizer (raw AttributeErrors)."""
+    tok = _byte_level_tokenizer()
+    assert tok.get_vocab_size() < 320
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=320, n_embd=16, n_layer=1, n_head=2, n_positions=32, eos_token_id=0
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path
+    )
+    lm = load(tmp_path)
+    assert len(lm.vocab_bytes) == 320 and lm.vocab_bytes[319] == b""
+    assert lm.tokenizer.decode([319, tok.token_to_id("h")]) == "h"
+    texts = lm.complete("hello", num_particles=16, max_new_tokens=8, key=1)
+    assert len(texts) == 16
+    import ppinfer as pp
+
+    for bad in (np.int8, "int32", "bogus", bool):
+        with pytest.raises(pp.ConfigError, match="floating-point dtype"):
+            load(tmp_path, dtype=bad)
+    with pytest.raises(pp.DataError, match="at least one token"):
+        lm.generate("")
+    assert Tokenizer(str(tmp_path / "tokenizer.json")).vocab_size == tok.get_vocab_size()
+    with pytest.raises(TokenizerError, match="Tokenizer takes"):
+        Tokenizer(3)
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        _ = load(tmp_path).__class__(params=lm.params, config=lm.config, tokenizer=None).vocab_bytes

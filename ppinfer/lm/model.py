@@ -23,7 +23,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,10 @@ class LanguageModel:
     def vocab_bytes(self) -> list[bytes]:
         """Bytes of every token id the logits cover (``config.vocab_size`` entries): ids past the
         tokenizer's vocabulary (embedding padding, as in Qwen2) map to ``b""``."""
+        if self.tokenizer is None:
+            raise CheckpointError(
+                "this model has no tokenizer, so its tokens have no bytes: pass vocab_bytes"
+            )
         table = self.tokenizer.vocab_bytes
         return table[: self.config.vocab_size] + [b""] * (self.config.vocab_size - len(table))
 
@@ -217,6 +221,10 @@ class LanguageModel:
         num_particles = checks.check_num_particles(num_particles)
         max_new_tokens = checks.check_int("max_new_tokens", max_new_tokens, 1)
         ids = self.encode(prompt)
+        if ids.ndim != 1 or ids.shape[0] == 0:
+            raise DataError(
+                f"generate needs a prompt of at least one token (a 1-D sequence), got shape {ids.shape}"
+            )
         self._check_room(int(ids.shape[0]), max_new_tokens)
         # The one compile cache (its lock, memory check and compile notice), keyed by the settings.
         settings = (num_particles, max_new_tokens, float(temperature), eos, _cache_kind(cache) == "paged")
@@ -252,6 +260,7 @@ def load(
     """
     if not isinstance(path, str | os.PathLike):
         raise CheckpointError(f"load() takes a checkpoint folder path, got {type(path).__name__} {path!r}")
+    _check_dtype(dtype)
     check_mode(quantize)
     path = Path(path)
     config, hf = read_config(path)
@@ -262,8 +271,30 @@ def load(
         params = quantize_params(params, quantize)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_folder(path, eos_id=config.eos_token_id, bos_id=config.bos_token_id)
+        tokenizer = Tokenizer.from_folder(
+            path, eos_id=config.eos_token_id, bos_id=config.bos_token_id, model_vocab_size=config.vocab_size
+        )
+        if tokenizer.vocab_size > config.vocab_size:
+            warnings.warn(
+                f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
+                f"{config.vocab_size}: text that encodes to ids >= {config.vocab_size} is refused",
+                stacklevel=2,
+            )
     return LanguageModel(params=params, config=config, tokenizer=tokenizer)
+
+
+def _check_dtype(dtype: Any) -> None:
+    """:class:`ConfigError` unless ``dtype`` is None or a floating-point dtype (an integer dtype
+    would truncate every weight)."""
+    try:
+        ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"dtype must be a floating-point dtype (jnp.float32, jnp.bfloat16, jnp.float16) or None "
+            f"(the checkpoint's own), got {dtype!r}"
+        )
 
 
 def _eos_ids(path: Path, hf: dict, vocab_size: int) -> tuple[int, ...]:

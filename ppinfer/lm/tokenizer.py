@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,8 +46,18 @@ class Tokenizer:
         bos_id: int | None = None,
         special_tokens: dict[str, str] | None = None,
         chat_templates: ChatTemplates | None = None,
+        model_vocab_size: int | None = None,
     ):
+        if isinstance(backend, str | os.PathLike):  # a tokenizer.json's path
+            backend = Tokenizer.from_file(backend).backend
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise TokenizerError(
+                "Tokenizer takes a tokenizers.Tokenizer or a tokenizer.json path, got "
+                f"{type(backend).__name__} (a Hugging Face folder: Tokenizer.from_folder(path))"
+            )
         self.backend = backend
+        # A model whose embedding is padded past the tokenizer (Qwen2): those ids decode to nothing.
+        self.model_vocab_size = model_vocab_size
         self.special_ids = frozenset(
             index for index, token in backend.get_added_tokens_decoder().items() if token.special
         )
@@ -74,7 +85,11 @@ class Tokenizer:
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, eos_id: int | None = None, bos_id: int | None = None
+        cls,
+        folder: str | Path,
+        eos_id: int | None = None,
+        bos_id: int | None = None,
+        model_vocab_size: int | None = None,
     ) -> Tokenizer:
         """Read a Hugging Face tokenizer folder: ``tokenizer.json``, and if present
         ``tokenizer_config.json`` and ``special_tokens_map.json`` (the named special tokens) and the
@@ -98,7 +113,12 @@ class Tokenizer:
         templates = ChatTemplates.from_folder(folder, config)
         tok = cls.from_file(folder / "tokenizer.json")
         return cls(
-            tok.backend, eos_id=eos_id, bos_id=bos_id, special_tokens=special, chat_templates=templates
+            tok.backend,
+            eos_id=eos_id,
+            bos_id=bos_id,
+            special_tokens=special,
+            chat_templates=templates,
+            model_vocab_size=model_vocab_size,
         )
 
     @property
@@ -187,10 +207,11 @@ class Tokenizer:
 
     @functools.cached_property
     def vocab_bytes(self) -> list[bytes]:
-        """``vocab_bytes[i]``: the bytes of token i, for all ``vocab_size`` ids."""
+        """``vocab_bytes[i]``: the bytes of token i, for all ``vocab_size`` ids (and ``b""`` for the
+        ids of a model's padded embedding up to ``model_vocab_size``)."""
         spec = json.loads(self.backend.to_str())
         to_bytes = _piece_decoder(spec)
-        table = [b""] * self.vocab_size
+        table = [b""] * max(self.vocab_size, self.model_vocab_size or 0)
         for piece, index in self.backend.get_vocab(with_added_tokens=True).items():
             table[index] = to_bytes(piece)
         for index, token in self.backend.get_added_tokens_decoder().items():
