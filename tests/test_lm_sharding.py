@@ -54,3 +54,17 @@ def test_indivisible_heads_are_a_config_error():
 class _FakeMesh:
     def __init__(self, size):
         self.shape = {"model": size}
+
+
+def test_a_mesh_without_the_axis_is_a_config_error():
+    """A mesh whose axis has another name: a raw KeyError before."""
+    import jax
+    import numpy as np
+
+    from ppinfer.lm import load_default
+    from ppinfer.lm.sharding import shard_params
+
+    lm = load_default()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("mdl",))
+    with pytest.raises(pp.ConfigError, match=r"no axis 'model' \(its axes: \('mdl',\)\)"):
+        shard_params(lm.params, lm.config, mesh)

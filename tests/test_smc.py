@@ -199,6 +199,13 @@ def test_smc_batch_equals_individual_runs():
     again = smc_batch(jax.random.PRNGKey(10), prog, (datasets + 1.0,), cfg)
     assert batch_entries() == [compiled] and len(compiled._compiled) == 1  # one compilation, reused
     assert np.all(np.isfinite(np.asarray(again["log_evidence"])))
+    # An int seed, as pp.infer takes (a raw "invalid PRNG key" TypeError before).
+    seeded = smc_batch(9, prog, (datasets,), cfg)
+    np.testing.assert_array_equal(
+        seeded["log_evidence"], smc_batch(jax.random.key(9), prog, (datasets,), cfg)["log_evidence"]
+    )
+    with pytest.raises(pp.ConfigError, match="the batch size B=3 must be a multiple"):
+        smc_batch(9, prog, (datasets,), cfg, devices=(jax.devices()[0],) * 2)
 
 
 def test_smc_batch_shares_shared_args_and_refuses_mismatched_batches():

@@ -683,9 +683,14 @@ def smc_batch(
 
     # The one compile cache: another batch of the same shapes reuses the compiled runs.
     run, _ = cached_jit(("smc_batch", program, loop, layout, static_key), build)
-    keys = jax.random.split(key, b)
+    keys = jax.random.split(checks.as_key(key), b)
     if devices is not None:
-        sharding = particle_sharding(devices, b)
+        try:
+            sharding = particle_sharding(devices, b)
+        except ConfigError as e:  # it speaks of particles; here the batch axis is split
+            raise ConfigError(
+                f"smc_batch: {e}".replace(f"num_particles={b}", f"the batch size B={b}")
+            ) from None
         keys = jax.device_put(keys, sharding)
         batched_args = jax.tree.map(
             lambda x, a: jax.device_put(jnp.asarray(x), sharding) if a == 0 else x, batched_args, axes

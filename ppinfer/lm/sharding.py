@@ -47,6 +47,8 @@ def param_shardings(
 
     Raises :class:`ConfigError` unless the query heads, key/value heads and MLP width divide evenly
     over the ``axis`` size."""
+    if axis not in mesh.shape:
+        raise ConfigError(f"the mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)}): pass axis=...")
     size = mesh.shape[axis]
     for what, value in (
         ("num_heads", config.num_heads),
