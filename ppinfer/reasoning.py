@@ -1114,12 +1114,16 @@ def _finish(alg, run: _Run, log_weights, log_z, rule, values, extra_calls: int =
 
 def weighted_vote(answers: Sequence[Any], log_votes: Any) -> tuple[Any, dict]:
     """The answer with the largest total vote ``Σ exp(log_votes[i])`` over the samples giving it
-    (``None`` answers do not vote; ties: the answer seen first). Returns ``(answer, tally)``."""
+    (``None`` answers do not vote; ties: the answer seen first). Returns ``(answer, tally)``, the
+    tally holding each answer's share of the normalised votes of all samples (the samples without
+    an answer hold the rest)."""
     lv = np.asarray(log_votes, np.float64)
     finite = lv[np.isfinite(lv)]
     shift = finite.max() if finite.size else 0.0
+    votes = np.exp(lv - shift)
+    votes = votes / votes.sum() if votes.sum() > 0 else votes
     tally: dict = {}
-    for a, v in zip(answers, np.exp(lv - shift), strict=True):
+    for a, v in zip(answers, votes, strict=True):
         if a is not None:
             tally[a] = tally.get(a, 0.0) + float(v)
     if not tally:

@@ -92,5 +92,5 @@ def test_reward_errors():
 
 def test_weighted_vote():
     answer, tally = rs.weighted_vote([1, 2, 2, None], np.log([0.9, 0.5, 0.5, 5.0]))
-    assert answer == 2 and tally == pytest.approx({1: 0.9 / 5.0, 2: 1.0 / 5.0})
+    assert answer == 2 and tally == pytest.approx({1: 0.9 / 6.9, 2: 1.0 / 6.9})  # shares of all votes
     assert rs.weighted_vote([None, None], [0.0, 0.0])[0] is None
