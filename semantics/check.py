@@ -50,7 +50,7 @@ from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
 from ppinfer.algorithms.steer import Steer
-from ppinfer.errors import EnumerationError
+from ppinfer.errors import EnumerationError, InferenceError
 from ppinfer.kernels.select import parts
 from ppinfer.kernels.smc import StepNoise
 from ppinfer.program import is_sequential
@@ -122,6 +122,14 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
             )
     measure, ez = expected
     measure_error = measure.max_abs_diff(reference)
+    if not (
+        np.isfinite(ez) and np.isfinite(measure_error)
+    ):  # the step poisons an invalid selection's weights
+        raise InferenceError(
+            f"check_exact: {name}'s expected Ẑ is {ez}: a log weight became NaN or +inf in some run "
+            "— a selection (resampling=…) returned one or an ancestor out of range, or a proposal "
+            "or a site's log density did"
+        )
     evidence_error = abs(ez - reference.total())
     err = max(measure_error, evidence_error)
     return ExactReport(

@@ -138,6 +138,36 @@ def test_broken_selections_fail(selection):
     assert not report.ok and report.max_abs_error > BROKEN, report
 
 
+@dataclass(frozen=True)
+class OutOfRange:
+    """Every ancestor is n_in: outside the population."""
+
+    def __call__(self, u, log_weights):
+        n = u.shape[0]
+        return jnp.full((n,), log_weights.shape[0], jnp.int32), jnp.full(
+            (n,), logsumexp(log_weights) - jnp.log(n)
+        )
+
+
+@dataclass(frozen=True)
+class FloatAncestors:
+    def __call__(self, u, log_weights):
+        n = u.shape[0]
+        return u * 1.99, jnp.full((n,), logsumexp(log_weights) - jnp.log(n))
+
+
+def test_invalid_selection_outputs_are_explained():
+    """A selection returning an ancestor outside the population gave ``ok=False,
+    max_abs_error=nan`` without a word, and float ancestors were truncated to integers."""
+    algorithm = pp.SMC(2, resampling=OutOfRange(), ess_threshold=1.0)
+    with pytest.raises(pp.InferenceError, match="ancestor out of range"):
+        check_exact(HMM, YS, algorithm=algorithm)
+    with pytest.raises(pp.InferenceError, match="ancestor out of range"):
+        pp.infer(HMM, YS, algorithm=algorithm)
+    with pytest.raises(pp.ConfigError, match="ancestors must be integers"):
+        check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=FloatAncestors(), ess_threshold=1.0))
+
+
 def test_log_evidence_off_by_log_n_fails(monkeypatch):
     import ppinfer.algorithms.smc as smc
 

@@ -444,6 +444,10 @@ def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
         ok = jnp.shape(ancestors) == (n,) and jnp.shape(new_log_weights) == (n,)
     except (TypeError, ValueError):
         ok = False
+    if ok and not jnp.issubdtype(jnp.asarray(ancestors).dtype, jnp.integer):  # a cast would truncate
+        raise ConfigError(
+            f"a selection's ancestors must be integers (i32[{n}]), got {jnp.asarray(ancestors).dtype}"
+        )
     if not ok:
         raise ConfigError(
             f"a selection must return (ancestors: i32[{n}], log_weights: f32[{n}]); got {out!r}"
