@@ -48,6 +48,11 @@ def test_sharded_checkpoint_loads_like_single_file(good, broken):
 def test_missing_folder_and_config(broken, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="is a file: load\\(\\) takes the checkpoint folder"):
+        load(broken / "config.json")
+    (broken / "model.safetensors").write_bytes(b"PK\x03\x04 a zip file, not safetensors")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load(broken)
     (broken / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         load(broken)

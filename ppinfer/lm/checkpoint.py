@@ -29,6 +29,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 def read_config(path: str | Path) -> tuple[TransformerConfig, dict[str, Any]]:
     """The :class:`TransformerConfig` and the raw dict of ``path/config.json``."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: load() takes the checkpoint folder (here {path.parent})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     file = path / "config.json"
@@ -115,7 +117,9 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{file} is truncated: no safetensors header")
     (header_size,) = struct.unpack("<Q", data[:8].tobytes())
     if 8 + header_size > data.size:
-        raise CheckpointError(f"{file} is truncated: header of {header_size} bytes does not fit")
+        first = data[8:9].tobytes()
+        what = "truncated" if first == b"{" else "not a safetensors file (its header does not start)"
+        raise CheckpointError(f"{file} is {what}: a header of {header_size} bytes does not fit in the file")
     try:
         header = json.loads(data[8 : 8 + header_size].tobytes())
     except (json.JSONDecodeError, UnicodeDecodeError):
