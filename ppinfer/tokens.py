@@ -42,6 +42,7 @@ the final target is unchanged.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -223,7 +224,9 @@ def prompt(
     else:
         ids = lm.encode(text) if isinstance(text, str) else text
     ids = check_token_ids(lm, ids, "the prompt")
-    if ids.ndim != 1 or ids.shape[0] < 1:
+    if ids.ndim != 1:
+        raise DataError(f"the prompt must be a 1-D sequence of token ids, got shape {ids.shape}")
+    if ids.shape[0] < 1:
         raise ModelError("the prompt must be at least one token (prefix it with BOS/EOS if empty)")
     if hasattr(lm, "_check_ids") and hasattr(lm, "_check_room"):  # a transformer: its context
         lm._check_ids(ids)
@@ -257,7 +260,7 @@ def _cache_choice(lm: Any, cache: str, pool_factor: float | None, max_new_tokens
             raise ConfigError("pool_factor applies to cache='paged' only")
         return "dense", None
     factor = paged.DEFAULT_POOL_FACTOR if pool_factor is None else pool_factor
-    ok = isinstance(factor, int | float) and not isinstance(factor, bool)
+    ok = isinstance(factor, numbers.Real) and not isinstance(factor, bool | np.bool_)
     if not (ok and 0 < factor < float("inf")):
         raise ConfigError(f"pool_factor must be a number > 0, got {pool_factor!r}")
     return "paged", float(factor)

@@ -291,6 +291,7 @@ def test_cache_options_are_checked_and_auto_pages_long_transformer_runs():
         tk.prompt(lm, [1], 4, cache="dense", pool_factor=0.5)
     with pytest.raises(ConfigError, match="pool_factor must be"):
         tk.prompt(lm, [1], 4, cache="paged", pool_factor=0)
+    assert tk.prompt(lm, [1], 4, cache="paged", pool_factor=np.float32(0.5)).cache == "paged"  # NumPy scalars
     with pytest.raises(ConfigError, match="cache must be"):
         lm.generate([1], max_new_tokens=2, cache="pages")
 

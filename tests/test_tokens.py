@@ -150,6 +150,8 @@ def test_bad_prompt_settings():
         tk.prompt(LM, [EOS], 0)
     with pytest.raises(pp.ModelError, match="at least one token"):
         tk.prompt(LM, [], 3)
+    with pytest.raises(pp.DataError, match=r"1-D sequence of token ids, got shape \(1, 2\)"):
+        tk.prompt(LM, [[1, 2]], 3)
 
 
 def test_all_particles_ruled_out_is_a_clear_error():

@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from ppinfer.errors import ConfigError, InferenceError
@@ -171,7 +173,7 @@ def init_paged_cache(
             f"cache='paged' does not support this model's attention ({', '.join(unsupported)}): "
             "use cache='dense'"
         )
-    ok = isinstance(pool_factor, int | float) and not isinstance(pool_factor, bool)
+    ok = isinstance(pool_factor, numbers.Real) and not isinstance(pool_factor, bool | np.bool_)
     if not (ok and 0 < pool_factor < float("inf")):
         raise ConfigError(f"pool_factor must be a number > 0, got {pool_factor!r}")
     block = tr.BLOCK_SIZE if block_size is None else int(block_size)
