@@ -135,8 +135,8 @@ class PagedCache:
             blocks = math.prod(self.pool_k.shape[:-4])
             raise InferenceError(
                 f"the paged KV cache ran out of blocks: {missing} block(s) could not be allocated "
-                f"from a pool of {blocks} (peak use {int(jnp.max(self.peak))}), so some particles "
-                "lost keys/values and the result is invalid. Raise pool_factor (tokens.prompt(..., "
+                f"from a pool of {blocks} (up to {int(jnp.max(self.peak))} were wanted at once), so some "
+                "particles lost keys/values and the result is invalid. Raise pool_factor (tokens.prompt(..., "
                 "pool_factor=...); 1.0 can never run out) or use cache='dense'"
             )
 
