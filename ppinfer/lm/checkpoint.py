@@ -118,7 +118,7 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     (header_size,) = struct.unpack("<Q", data[:8].tobytes())
     if 8 + header_size > data.size:
         first = data[8:9].tobytes()
-        what = "truncated" if first == b"{" else "not a safetensors file (its header does not start)"
+        what = "truncated" if first == b"{" else "not a safetensors file (no JSON header)"
         raise CheckpointError(f"{file} is {what}: a header of {header_size} bytes does not fit in the file")
     try:
         header = json.loads(data[8 : 8 + header_size].tobytes())
