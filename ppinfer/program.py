@@ -48,6 +48,11 @@ class SequentialProgram:
                 f"num_steps could not be called with the program's {len(args)} argument(s) (SMC2 and "
                 f"PMMH pass theta first, as to init and step): {e}"
             ) from e
+        except (IndexError, AttributeError, KeyError) as e:  # e.g. ys.shape[0] of a scalar or a list
+            raise ModelError(
+                f"num_steps({', '.join(type(a).__name__ for a in args)}) raised {type(e).__name__}: {e} "
+                "(pass the data as an array with a leading time axis)"
+            ) from e
         return _check_steps(n)
 
 

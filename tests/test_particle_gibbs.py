@@ -232,3 +232,14 @@ def test_progress_bar_is_an_option_that_changes_neither_the_draws_nor_the_compil
         err = capsys.readouterr().err
         assert make(True).name in err and "compiled" not in err  # the bar, and no recompilation
         np.testing.assert_array_equal(np.asarray(quiet.chains()["a"]), np.asarray(shown.chains()["a"]))
+
+
+def test_particle_gibbs_with_a_prior_runs_in_float64(x64):
+    """The θ step size was float32 while the chain's carry is float64 under x64: a raw while_loop
+    TypeError."""
+    prior, program = lgssm_unknown_coefficient(0.5, 1.0, 0.5)
+    ys = simulate_lgssm(0, 6, 0.7, 0.5, 1.0, 0.5).astype(np.float64)
+    r = pp.infer(
+        program, ys, algorithm=ParticleGibbs(8, num_samples=20, num_warmup=5, num_chains=1, prior=prior)
+    )
+    assert np.asarray(r.samples["a"]).dtype == np.float64 and np.all(np.isfinite(np.asarray(r.samples["a"])))

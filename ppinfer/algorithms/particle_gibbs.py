@@ -436,7 +436,7 @@ class ParticleGibbs:
             ref, info = sweep(k_sweep, u, _placeholder(program, full_args(u, args), num_steps), False, args)
             flags = {"nan_sites": info.nan_sites, "non_markov": info.non_markov}
             flags["initial_log_evidence"] = info.log_evidence
-            log_step = jnp.log(jnp.asarray(self.step_size, jnp.float32))
+            log_step = jnp.log(jnp.asarray(self.step_size, u.dtype))  # float64 under x64
             return PGState(u, ref, log_step, jnp.zeros((), jnp.int32), flags)
 
         def step(key, state, args):

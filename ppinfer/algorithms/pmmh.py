@@ -26,7 +26,7 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer.algorithms.smc import Loop, _dry_run, run_loop, smc_selection
-from ppinfer.errors import ConfigError
+from ppinfer.errors import ConfigError, ZeroEvidenceError
 from ppinfer.kernels.mh import accept
 from ppinfer.kernels.space import space_of
 from ppinfer.mcmc.algorithm import MCMC, MCMCResult
@@ -104,7 +104,17 @@ class PMMH:
         return mcmc.run(key, program, args)
 
     def extras(self, infos: dict) -> dict:
-        """The result's extras from the recorded infos (``[C, S]``)."""
+        """The result's extras from the recorded infos (``[C, S]``); a chain whose log target is
+        still −inf (or NaN) at its last draw never found a θ with Ẑ > 0: it did not move, and its
+        draws are not from the posterior (:class:`~ppinfer.errors.ZeroEvidenceError`)."""
+        last = np.asarray(infos["log_target"])[:, -1]
+        if not np.all(np.isfinite(last)):
+            chain = int(np.flatnonzero(~np.isfinite(last))[0])
+            raise ZeroEvidenceError(
+                f"PMMH: chain {chain}'s likelihood estimate Ẑ(θ) was zero (every particle impossible) "
+                f"at every θ it tried, so it never moved; check the observations (e.g. an infinite "
+                f"value or one outside a distribution's support) or use more particles"
+            )
         return {"acceptance_rate": np.mean(np.asarray(infos["accepted"], np.float32), axis=1)}
 
     def build_for(self, program: Any, args: tuple, num_warmup: int) -> Kernel:
@@ -143,7 +153,7 @@ class PMMH:
             warm = state.i < num_warmup
             adapted = state.log_step + (info.acceptance_rate - 0.25) / jnp.sqrt(state.i + 1.0)
             log_step = jnp.where(warm, adapted, state.log_step)
-            return PMMHState(u, lt, log_step, state.i + 1), {"accepted": info.accepted}
+            return PMMHState(u, lt, log_step, state.i + 1), {"accepted": info.accepted, "log_target": lt}
 
         return Kernel(init, step, lambda state, args: space.constrain(state.u)[0])
 

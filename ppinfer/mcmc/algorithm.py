@@ -26,7 +26,7 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, split_args
+from ppinfer._compile import _signature, cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
 from ppinfer.errors import ConfigError, DivergenceWarning, UndefinedDensityWarning
 from ppinfer.kernels.mh import MHInfo
@@ -249,7 +249,11 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     same key gives bit-identical draws with and without a progress bar."""
     dyn, static_key, rebuild = split_args(args)
     settings = (cfg.num_samples, cfg.num_warmup, cfg.num_chains, cfg.thinning, cfg.chain_method)
-    cache_key = ("mcmc", program, cfg.kernel, settings, static_key)
+    sequential = getattr(cfg.kernel, "sequential", False)
+    # A kernel over a sequential program (PMMH, ParticleGibbs) is built for the data's length (its
+    # SMC loop has T steps): it is cached per argument signature too.
+    shapes = _signature(dyn) if sequential else None
+    cache_key = ("mcmc", program, cfg.kernel, settings, static_key, shapes)
     what = f"MCMC({type(cfg.kernel).__name__}) of {getattr(program, '__name__', type(program).__name__)}"
     built: list = []
 
@@ -257,7 +261,7 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
         """The kernel for this program, built on a compile-cache miss (a static program has passed
         its dry run on these arguments by then: ``once_per_data`` below runs before any build)."""
         if not built:
-            if getattr(cfg.kernel, "sequential", False):
+            if sequential:
                 # A kernel over a sequential program (PMMH, ParticleGibbs) checks the program itself.
                 built.append(cfg.kernel.build_for(program, args, cfg.num_warmup))
             else:
@@ -267,11 +271,14 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
                 built.append(cfg.kernel.build(program, cfg.num_warmup, sites))
         return built[0]
 
-    if not getattr(cfg.kernel, "sequential", False):
-        # The compiled chains serve any data of these shapes, but data the program refuses (a value
-        # outside a support) must be refused on every call, not only on the one that compiled.
+    # The compiled chains serve any data of these shapes, but data the program refuses (a value
+    # outside a support) must be refused on every call, not only on the one that compiled (a PMMH
+    # chain started at Ẑ = 0 never moves).
+    if sequential:
+        dry_run = lambda: built.append(cfg.kernel.build_for(program, args, cfg.num_warmup))
+    else:
         dry_run = lambda: checks.dry_run(_improper_at_init(program), args, None, "running the program once")
-        checks.once_per_data(cache_key, args, dry_run)
+    checks.once_per_data(cache_key, args, dry_run)
 
     init, _ = cached_jit((*cache_key, "init"), lambda: _init_fn(kernel(), rebuild, cfg))
     total = _total(cfg)
