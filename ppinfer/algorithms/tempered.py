@@ -253,7 +253,8 @@ def _obs_terms(program, args, x, num_data):
         program(*args)
     whole = jnp.zeros(())
     per = jnp.zeros((num_data or 1,))
-    for site in tr.values():
+    matched, shapes = False, {}
+    for name, site in tr.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
         lp = site["fn"].log_prob(site["value"])
@@ -261,10 +262,19 @@ def _obs_terms(program, args, x, num_data):
             lp = jnp.where(site["mask"], lp, 0.0)
         if site.get("scale") is not None:
             lp = site["scale"] * lp
+        shapes[name] = tuple(jnp.shape(lp))
         if num_data and jnp.ndim(lp) >= 1 and lp.shape[-1] == num_data:
             per = per + jnp.sum(jnp.reshape(lp, (-1, num_data)), axis=0)
+            matched = True
         else:
             whole = whole + jnp.sum(lp)
+    if num_data and not matched and (num_data > 1 or any(s and s[-1] > 1 for s in shapes.values())):
+        # Nothing would be annealed: one importance step from the prior to the whole posterior.
+        raise ConfigError(
+            f"DataAnnealedSMC(num_data={num_data}): no observed site has a last dimension of length "
+            f"{num_data} (the data plate along which data is added); the observed sites' log "
+            f"densities have shapes {shapes}: set num_data to the number of observations"
+        )
     return whole, per
 
 
