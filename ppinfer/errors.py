@@ -63,3 +63,8 @@ class DivergenceWarning(PPInferWarning):
     """NUTS/HMC transitions diverged after warm-up: the sampler could not follow the posterior's
     geometry there, so its draws may be biased (reparametrise, e.g. non-centred, or raise
     ``target_accept_prob``)."""
+
+
+class ConvergenceWarning(PPInferWarning):
+    """MCMC chains disagree (split R-hat above 1.1 for some site): they have not mixed, and their
+    pooled draws may be far from the posterior (run longer, or for PMMH use more particles)."""

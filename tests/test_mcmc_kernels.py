@@ -286,3 +286,26 @@ def test_mcmc_errors():
     typo = lambda c, y: pp.sample("mu", dist.Normal(c["muu"], 0.3))
     with pytest.raises(ModelError, match=r"reads choices\['muu'\].*latent sites: \['mu'\]"):
         pp.infer(conjugate, y, algorithm=MCMC(pp.ProgrammableMH(typo), 10, 10))
+
+
+def test_chains_that_disagree_raise_a_convergence_warning():
+    """Split R-hat over the chains of every real-valued site element: chains centred 5 sds apart (a
+    PMMH chain stuck on an overestimated Ẑ gave 6) warn, chains from one law do not."""
+    import warnings
+    from types import SimpleNamespace
+
+    from ppinfer.errors import ConvergenceWarning
+    from ppinfer.mcmc.algorithm import _warn_unmixed
+
+    rng = np.random.default_rng(0)
+    mixed = rng.normal(size=(4, 200, 3))
+    stuck = mixed.copy()
+    stuck[1, :, 2] += 5.0
+    fake = lambda x: SimpleNamespace(
+        num_chains=4, chains=lambda: {"a": x, "k": np.ones((4, 200), int)}, algorithm="X"
+    )
+    with pytest.warns(ConvergenceWarning, match=r"split R-hat \d+\.\d+ for site 'a'"):
+        _warn_unmixed(fake(stuck))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unmixed(fake(mixed))

@@ -28,7 +28,7 @@ from numpyro.infer import init_to_uniform
 from ppinfer import checks
 from ppinfer._compile import _signature, cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
-from ppinfer.errors import ConfigError, DivergenceWarning, UndefinedDensityWarning
+from ppinfer.errors import ConfigError, ConvergenceWarning, DivergenceWarning, UndefinedDensityWarning
 from ppinfer.kernels.mh import MHInfo
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
@@ -104,6 +104,7 @@ class MCMC:
         )
         _warn_divergences(result)
         _warn_undefined(result)
+        _warn_unmixed(result)
         return result
 
 
@@ -220,6 +221,36 @@ def _warn_undefined(result: MCMCResult) -> None:
             "rejected, so the draws are from the posterior restricted to where the program's density "
             "is defined. Check the distribution parameters there (e.g. a negative scale).",
             UndefinedDensityWarning,
+            stacklevel=4,
+        )
+
+
+R_HAT_LIMIT = 1.1
+"""Split R-hat above which :class:`~ppinfer.errors.ConvergenceWarning` is raised."""
+
+
+def _warn_unmixed(result: MCMCResult) -> None:
+    """Warn when the chains disagree: the largest split R-hat over the elements of the real-valued
+    sites is above :data:`R_HAT_LIMIT` (e.g. a PMMH chain stuck on an overestimated Ẑ)."""
+    from numpyro.diagnostics import split_gelman_rubin
+
+    c = result.num_chains
+    worst, where = R_HAT_LIMIT, None
+    for name, value in result.chains().items() if c >= 2 else ():
+        x = np.asarray(value)
+        if x.ndim < 2 or x.shape[1] < 4 or not np.issubdtype(x.dtype, np.floating):
+            continue
+        r = np.asarray(split_gelman_rubin(x.reshape(c, x.shape[1], -1).astype(np.float64)))
+        r = r[np.isfinite(r)]  # a constant element (e.g. a fixed initial state) has no R-hat
+        if r.size and r.max() > worst:
+            worst, where = float(r.max()), name
+    if where is not None:
+        warnings.warn(
+            f"{result.algorithm}: the chains disagree (split R-hat {worst:.2f} for site {where!r}, "
+            f"above {R_HAT_LIMIT}): they have not mixed, so the pooled draws may be far from the "
+            "posterior. Run longer (num_warmup, num_samples), or for PMMH use more particles; "
+            "result.chains() shows each chain.",
+            ConvergenceWarning,
             stacklevel=4,
         )
 
