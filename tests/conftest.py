@@ -72,3 +72,21 @@ def run_on_forced_devices(script: str, num_devices: int = 4, timeout: int = 600)
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def train_byte_level_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2 style, ``<|endoftext|>`` special) trained
+    on ``texts``: built locally, no download."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import train_byte_level_bpe
 from safetensors.numpy import load_file, save_file
 
 from ppinfer.errors import CheckpointError, TokenizerError
@@ -124,28 +125,12 @@ def test_bad_tokenizer_file(broken):
         Tokenizer.from_file(broken / "absent.json")
 
 
-def _byte_level_tokenizer():
-    import tokenizers
-
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=270,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["hello world abc def"] * 10, trainer)
-    return tok
-
-
 def test_padded_embedding_decodes_and_bad_settings_are_clear(tmp_path):
     """An embedding padded past the tokenizer (as Qwen2 ships): its extra ids decode to nothing, as
     ``vocab_bytes`` says (``complete`` raised a TokenizerError on them). An integer ``dtype`` (it
     truncated every weight to 0), an empty prompt in ``generate`` (a raw IndexError), a tokenizer
     path given to ``Tokenizer`` and ``vocab_bytes`` without a tokenizer (raw AttributeErrors)."""
-    tok = _byte_level_tokenizer()
+    tok = train_byte_level_bpe(["hello world abc def"] * 10, 270)
     assert tok.get_vocab_size() < 320
     torch.manual_seed(0)
     config = transformers.GPT2Config(

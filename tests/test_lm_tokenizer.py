@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import tokenizers
+from conftest import train_byte_level_bpe
 
 from ppinfer.errors import TokenizerError
 from ppinfer.lm import Tokenizer
@@ -13,17 +14,7 @@ TEXT = "print('héllo wörld') # 🙂 naïve café\n"
 
 @pytest.fixture(scope="module")
 def byte_level() -> Tokenizer:
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["print('hello world')\n" * 50], trainer)
-    return Tokenizer(tok)
+    return Tokenizer(train_byte_level_bpe(["print('hello world')\n" * 50], 320))
 
 
 def test_round_trip_and_agreement_with_tokenizers(byte_level):
