@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_byte_level_bpe
 
 from ppinfer.lm import LanguageModel, decode, init_particle_cache, lm_step, load, prefill
 
@@ -20,16 +21,7 @@ PROMPT = "def add(a, b):\n    return a + b\n"
 
 def tiny_tokenizer() -> tokenizers.Tokenizer:
     """A byte-level BPE of exactly VOCAB tokens, trained on a few lines of Python."""
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([PROMPT * 20, "import os\nprint(os.getcwd())\n" * 20], trainer)
+    tok = train_byte_level_bpe([PROMPT * 20, "import os\nprint(os.getcwd())\n" * 20], VOCAB)
     assert tok.get_vocab_size() <= VOCAB
     return tok
 
