@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, forget, split_args
+from ppinfer._compile import _signature, cached_jit, forget, split_args
 from ppinfer.algorithms.smc import SMC, run_smc
 from ppinfer.population import log_evidence
 from ppinfer.program import is_sequential
@@ -59,14 +59,15 @@ class Importance:
 
         cache_key = ("importance", program, proposal, n, static_key)
         fn, new = cached_jit(cache_key, build)
-        if new or not fn.compiled_for(key, dyn):  # new code, or data of new shapes: check it first
+        sig = _signature((key, dyn))  # once: it selects the compiled code and says whether to check
+        if new or not fn.compiled_for(key, dyn, sig=sig):  # new code, or data of new shapes: check it
             try:
                 _, latent = checks.dry_run(program, args, proposal, "running the program once")
                 checks.require_latent(latent)
             except Exception:
                 forget(cache_key)  # a program that failed its checks must be checked again next time
                 raise
-        out = jax.block_until_ready(fn(key, dyn))
+        out = jax.block_until_ready(fn(key, dyn, sig=sig))
         checks.raise_on_nan_sites(out["nan_sites"], self.name)
         log_z = float(out["log_evidence"])
         checks.raise_if_dead(log_z, "", n)

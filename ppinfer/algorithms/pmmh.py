@@ -68,7 +68,9 @@ class PMMH:
         progress_bar: a tqdm bar over the transitions, as for :class:`~ppinfer.MCMC` (``None``:
             shown when stderr is a terminal and ppinfer is not quiet); it never changes the draws.
 
-    ``extras["acceptance_rate"]: f[C]`` is each chain's acceptance rate over the recorded draws.
+    ``extras["acceptance_rate"]: f[C]`` is each chain's acceptance rate over the recorded draws;
+    each transition's info also records the chain's ``log_target`` (``log p(u) + log Ẑ(θ(u))`` as
+    accepted, :class:`PMMHState`).
     """
 
     prior: Callable[..., Any]

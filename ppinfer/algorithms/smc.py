@@ -685,12 +685,7 @@ def smc_batch(
     run, _ = cached_jit(("smc_batch", program, loop, layout, static_key), build)
     keys = jax.random.split(checks.as_key(key), b)
     if devices is not None:
-        try:
-            sharding = particle_sharding(devices, b)
-        except ConfigError as e:  # it speaks of particles; here the batch axis is split
-            raise ConfigError(
-                f"smc_batch: {e}".replace(f"num_particles={b}", f"the batch size B={b}")
-            ) from None
+        sharding = particle_sharding(devices, b, what="smc_batch's batch size B")
         keys = jax.device_put(keys, sharding)
         batched_args = jax.tree.map(
             lambda x, a: jax.device_put(jnp.asarray(x), sharding) if a == 0 else x, batched_args, axes
@@ -699,9 +694,11 @@ def smc_batch(
     return run(keys, dyn)
 
 
-def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.NamedSharding:
+def particle_sharding(
+    devices: int | tuple, num_particles: int, what: str = "num_particles"
+) -> jax.sharding.NamedSharding:
     """A ``NamedSharding`` splitting the particle axis over ``devices`` (an int: the first that many
-    of ``jax.devices()``)."""
+    of ``jax.devices()``); ``what`` names the axis's size in errors."""
     available = jax.devices()
     if isinstance(devices, int | np.integer):
         if not 1 <= devices <= len(available):
@@ -710,7 +707,7 @@ def particle_sharding(devices: int | tuple, num_particles: int) -> jax.sharding.
     devices = tuple(devices)
     if num_particles % len(devices):
         raise ConfigError(
-            f"num_particles={num_particles} must be a multiple of the number of devices ({len(devices)})"
+            f"{what}={num_particles} must be a multiple of the number of devices ({len(devices)})"
         )
     mesh = jax.sharding.Mesh(np.array(devices), ("particles",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("particles"))

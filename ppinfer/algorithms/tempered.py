@@ -12,17 +12,18 @@ particles' variance, step size tuned between temperatures towards a target accep
 :mod:`ppinfer.kernels.anneal`.
 
 ``log_evidence = logsumexp(log_weights)`` estimates ``log p(y)``; with a fixed schedule (and fixed
-move parameters) ``Ẑ`` is unbiased. HMC/NUTS moves take their mass matrix from the population,
-so they are never fixed: their ``Ẑ`` has an ``O(1/N)`` bias (measured +3 % at N = 500 on a 2-D
+move parameters) ``Ẑ`` is unbiased. HMC/NUTS moves take their mass matrix from the population, so
+they are never fixed: their ``Ẑ`` has an ``O(1/N)`` bias (measured +3 % at N = 500 on a 2-D
 Gaussian; the random-walk move showed none).
 
-:class:`TemperedSMC` uses ``L_λ = p(y | x)^λ`` with the next ``λ`` chosen by bisection so that the incremental weights' ESS is ``ess_target · N`` (Jasra et al.
-2011; the adaptive schedule adds a small bias, negligible in the tests), or a fixed
-``temperatures`` schedule. :class:`DataAnnealedSMC` adds observations in batches: ``L_b`` includes
-the first ``n_b`` entries along the last batch dimension of every observed site whose last
-dimension has length ``num_data`` (the data plate); other observed sites are included from the
-first stage. Waste-free SMC (:class:`~ppinfer.algorithms.waste_free.WasteFreeSMC`) runs the same
-loop keeping every state of shorter chains.
+:class:`TemperedSMC` uses ``L_λ = p(y | x)^λ`` with the next ``λ`` chosen by bisection so that the
+incremental weights' ESS is ``ess_target · N`` (Jasra et al. 2011; the adaptive schedule adds a
+small bias, negligible in the tests), or a fixed ``temperatures`` schedule. :class:`DataAnnealedSMC`
+adds observations in batches: ``L_b`` includes the first ``n_b`` entries along the last batch
+dimension of every observed site whose last dimension has length ``num_data`` (the data plate);
+other observed sites are included from the first stage. Waste-free SMC
+(:class:`~ppinfer.algorithms.waste_free.WasteFreeSMC`) runs the same loop keeping every state of
+shorter chains.
 
 All latent sites must be continuous with supports that do not depend on other sites.
 """
