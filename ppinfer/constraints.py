@@ -421,6 +421,7 @@ class Grammar(Constraint):
             raise ConstraintError(f"Grammar needs the grammar text (a str), got {type(text).__name__}")
         self.text, self.max_cached_states, self._raw = text, int(max_cached_states), _raw
         self._compiled: dict = {}
+        self._parser = None  # the Lark parser validate() uses, built on its first call
 
     def __repr__(self) -> str:
         return f"Grammar({self.text[:60]!r})"
@@ -439,8 +440,10 @@ class Grammar(Constraint):
         """Whether Lark (Earley) parses ``text`` with this grammar (requires ``lark``)."""
         import lark
 
+        if self._parser is None:  # building it is most of the cost of one call (~7 ms)
+            self._parser = lark.Lark(self.text, start="start", parser="earley")
         try:
-            lark.Lark(self.text, start="start", parser="earley").parse(text)
+            self._parser.parse(text)
         except lark.exceptions.LarkError:
             return False
         return True
