@@ -499,8 +499,10 @@ class _ById:
 
 
 def _hashable(x: Any) -> Hashable:
+    """The cache key of a static value: its type and value (``True``, ``1`` and ``np.uint8(1)`` are
+    equal but trace differently), or its identity if it is unhashable."""
     try:
         hash(x)
     except TypeError:
         return _ById(x)
-    return x
+    return (type(x), x)

@@ -35,7 +35,11 @@ def infer(
     Args:
         program: a static program (any NumPyro model) or a :class:`~ppinfer.SequentialProgram`.
         *args: the program's arguments: arrays and floats are traced (new values reuse the
-            compiled code), other Python values are static.
+            compiled code), other Python values are static: part of the compiled program, keyed
+            by type and value (``True`` and ``1`` compile apart), or by identity where a value is
+            unhashable or hashes by identity (an object mutated between calls keeps the program
+            compiled for its old contents: pass a new object, as for ``jax.jit``'s static
+            arguments).
         algorithm: e.g. ``SMC(num_particles=256)``, ``Importance(1000)``, ``Enumerate()``; default
             ``SMC(1000)`` for sequential programs and ``Importance(1000)`` otherwise.
         key: an ``int`` seed or a ``jax.random`` key.

@@ -35,6 +35,28 @@ def normal_model(y):
     pp.observe("y", dist.Normal(mu, 1.0), y)
 
 
+# ------------------------------------------------------------------------------ static arguments
+
+
+@pytest.mark.parametrize("algorithm", [pp.Importance(1000), pp.SMC(1000)], ids=["importance", "smc"])
+def test_static_arguments_that_compare_equal_but_differ_in_type_compile_apart(algorithm):
+    """``True == 1`` and ``np.int64(3) == 3``: the compile cache keys a static argument by its type
+    too, so a program that reads the type gets its own compiled code for each."""
+
+    def model(k):
+        z = pp.sample("z", dist.Normal(0.0, 1.0))
+        shift = 5.0 if isinstance(k, bool) else float(isinstance(k, np.integer))
+        pp.observe("y", dist.Normal(z + shift, 1.0), 0.0)  # posterior mean −shift/2
+
+    program = model
+    if isinstance(algorithm, pp.SMC):
+        program = pp.sequential(lambda k: model(k), lambda x, t, k: x, 1)
+    means = [
+        float(pp.infer(program, k, algorithm=algorithm, key=0).mean("z")) for k in (True, 1, np.int64(1))
+    ]
+    assert means[0] < -2.0 and abs(means[1]) < 0.2 and -0.7 < means[2] < -0.3, means
+
+
 # --------------------------------------------------------------------------------------- threads
 
 
