@@ -33,8 +33,17 @@ def enable_persistent_cache() -> str | None:
     program), which a new process would otherwise compile again (``bench_first_call``: a warm
     process's first regex-constrained SMC call 4.2 s → 1.6 s; the entries add ~0.6 MB). Returns
     the folder, or ``None`` when it is off or cannot be created."""
-    if os.environ.get("PPINFER_COMPILATION_CACHE", "1").lower() in ("0", "false", "no", "off"):
+    setting = os.environ.get("PPINFER_COMPILATION_CACHE", "1").strip().lower()
+    if setting in ("0", "false", "no", "off"):
         return None
+    if setting not in ("", "1", "true", "yes", "on"):
+        import warnings
+
+        warnings.warn(
+            f"PPINFER_COMPILATION_CACHE={setting!r} is not one of 1/0, true/false, yes/no, on/off: "
+            "the persistent compilation cache stays on",
+            stacklevel=2,
+        )
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     folder = cache_dir()

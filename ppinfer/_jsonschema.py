@@ -28,6 +28,7 @@ and objects have no properties beyond ``properties``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -230,7 +231,12 @@ class _Builder:
             raise ConstraintError("JSONSchema: exclusive bounds on numbers are not supported (use integers)")
         lo, hi = s.get("minimum"), s.get("maximum")
         for b in (lo, hi):
-            if b is not None and (not isinstance(b, int | float) or float(b) != int(b)):
+            if b is not None and (
+                isinstance(b, bool)
+                or not isinstance(b, int | float)
+                or not math.isfinite(b)
+                or float(b) != int(b)
+            ):
                 raise ConstraintError("JSONSchema: number bounds must be whole numbers")
         lo = None if lo is None else int(lo)
         hi = None if hi is None else int(hi)
@@ -369,8 +375,10 @@ def _counts(lo: int, hi: int | None) -> str:
 
 
 def _int_bounds(s: dict) -> tuple[int | None, int | None]:
-    import math
-
+    for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        b = s.get(k)
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b)):
+            raise ConstraintError(f"JSONSchema: {k} must be a finite number, got {b!r}")
     lo = hi = None
     if "minimum" in s:
         lo = math.ceil(s["minimum"])

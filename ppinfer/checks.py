@@ -46,11 +46,29 @@ def check_num_particles(n: Any) -> int:
     return int(n)
 
 
-def check_int(name: str, value: Any, low: int) -> int:
-    """``value`` as an int, or :class:`ConfigError` unless it is an integer ``>= low``."""
+def check_int(name: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
+    """``value`` as an int, or :class:`ConfigError` unless it is an integer in ``[low, high]``
+    (by default at most ``2^31 − 1``: counts and indices are ``int32`` in the compiled runs)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value > high:
+        raise ConfigError(f"{name} must be at most {high}, got {value!r}")
     return int(value)
+
+
+def site_names(name: str, value: Any) -> tuple[str, ...]:
+    """Site names as a tuple: one name (a ``str``) or an iterable of names; :class:`ConfigError`
+    for anything else (``None``, a number, a name that is not a string)."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a site name or a sequence of site names, got {value!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ConfigError(f"{name} must hold site names (strings), got {bad[0]!r}")
+    return names
 
 
 def as_key(key: Any) -> jax.Array | np.ndarray:
@@ -70,7 +88,15 @@ def as_key(key: Any) -> jax.Array | np.ndarray:
     if isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == np.uint32:
         return key
     if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
+        if key.shape != ():
+            raise ConfigError(f"key must be one jax.random key, got a batch of keys of shape {key.shape}")
+        data = jax.random.key_data(key)
+        if data.shape != (2,) or data.dtype != np.uint32:
+            raise ConfigError(
+                f"key must be a threefry2x32 jax.random key (the default implementation), got one of "
+                f"{jax.random.key_impl(key)}: pass an int seed or jax.random.key(seed)"
+            )
+        return data
     raise ConfigError(f"key must be an int seed or a jax.random key, got {key!r}")
 
 
@@ -80,9 +106,9 @@ def is_number(value: Any) -> bool:
 
 
 def check_positive(name: str, value: Any) -> float:
-    """``value`` as a float, or :class:`ConfigError` unless it is a number ``> 0``."""
-    if not (is_number(value) and value > 0):
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    """``value`` as a float, or :class:`ConfigError` unless it is a finite number ``> 0``."""
+    if not (is_number(value) and 0 < value < np.inf):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -94,6 +120,10 @@ def check_fraction(name: str, value: Any) -> float:
 
 
 def check_probability(name: str, value: Any) -> float:
+    """``value`` as a float, or :class:`ConfigError` unless it is a number in ``[0, 1]`` (a bool or a
+    string is not one)."""
+    if isinstance(value, bool | np.bool_ | str | bytes):
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as e:
@@ -133,13 +163,25 @@ def dry_run(
         except UserWarning as w:
             kind = DataError if "support" in str(w).lower() else ModelError
             raise kind(f"{what}: {w} (at or after site {tracker.last!r})") from None
-        except (ValueError, TypeError, IndexError, AttributeError, AssertionError) as e:
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
             where = "before any site" if tracker.last is None else f"after site {tracker.last!r}"
             raise ModelError(f"{what} failed {where}: {type(e).__name__}: {e}") from e
+        except NotImplementedError as e:
+            raise ModelError(f"{what} failed at site {tracker.last!r}: {not_implemented_message(e)}") from e
     raise_on_nan_sites(info.nan_sites, what)
     _raise_on_data_outside_support(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
+
+
+def not_implemented_message(e: NotImplementedError) -> str:
+    """What a NumPyro ``NotImplementedError`` while running a program means: most often a latent
+    site whose distribution cannot be sampled (``ImproperUniform``)."""
+    return (
+        f"NotImplementedError({str(e)!r}): a latent site's "
+        "distribution cannot be sampled (e.g. dist.ImproperUniform, which only NUTS/HMC support: "
+        "give the site a proper prior for the other algorithms)"
+    )
 
 
 def once_per_data(key: Any, args: tuple, check: Callable[[], None]) -> None:

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppinfer import _regex
+from ppinfer import _regex, checks
 from ppinfer.errors import ConfigError, ConstraintError
 
 __all__ = [
@@ -262,6 +262,8 @@ class Regex(Constraint):
         if isinstance(flags, bool) or not isinstance(flags, int):  # re's flags are an int (IntFlag)
             raise ConstraintError(f"Regex flags must be re flags (an int, e.g. re.IGNORECASE), got {flags!r}")
         self.pattern, self.flags = pattern, int(flags)
+        if not (checks.is_number(timeout) and 0 < timeout < float("inf")):
+            raise ConstraintError(f"Regex timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.max_states, self.max_table_entries, self.timeout = max_states, max_table_entries, timeout
         self._dfa: _regex.ByteDFA | None = None
         self._compiled: dict = {}

@@ -68,3 +68,9 @@ class DivergenceWarning(PPInferWarning):
 class ConvergenceWarning(PPInferWarning):
     """MCMC chains disagree (split R-hat above 1.1 for some site): they have not mixed, and their
     pooled draws may be far from the posterior (run longer, or for PMMH use more particles)."""
+
+
+class ProposalSupportWarning(PPInferWarning):
+    """A proposal's (or guide's) distribution at a latent site does not cover the program's support
+    there: the weights target the posterior restricted to the proposal's support, which is the
+    posterior only if the program puts no mass outside it."""

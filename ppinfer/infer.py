@@ -65,6 +65,7 @@ def infer(
                 f"keyword arguments {sorted(kwargs)} cannot be passed to a sequential program: "
                 "pass its arguments positionally (init(*args), step(state, t, *args))"
             )
+        check_data(kwargs)  # by name, before binding folds them into the positional arguments
         program, algorithm, args = _bind_keywords(program, algorithm, args, kwargs)
     check_data(args)
     key = checks.as_key(key)

@@ -51,12 +51,18 @@ def plot_ess(result: Result, ax: Any = None, threshold: float | None = 0.5) -> A
     """ESS after each step (before resampling); dots mark the steps that resampled."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.gca()
     ess = np.asarray(result.ess)
+    if result.ess is None or ess.ndim != 1:
+        raise ConfigError(
+            f"this {result.algorithm} result has no ESS per step (plot_ess takes the result of a "
+            "particle algorithm: SMC, Steer, TemperedSMC, IBIS…)"
+        )
+    ax = ax or plt.gca()
     steps = np.arange(len(ess))
     ax.plot(steps, ess, label="ESS")
-    res = np.asarray(result.resampled)
-    ax.plot(steps[res], ess[res], "o", ms=3, label="resampled")
+    if result.resampled is not None:
+        res = np.asarray(result.resampled, bool)
+        ax.plot(steps[res], ess[res], "o", ms=3, label="resampled")
     if threshold is not None:
         ax.axhline(threshold * result.num_particles, color="k", ls=":", lw=0.8, label="threshold")
     ax.set_xlabel("step")

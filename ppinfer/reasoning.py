@@ -71,7 +71,7 @@ from numpyro.primitives import prng_key
 from ppinfer import checks
 from ppinfer._compile import cached_jit, split_args
 from ppinfer.algorithms.smc import Loop, run_chunked, smc_selection
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ConfigError, DataError, ModelError, ZeroEvidenceError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import (
     Adaptive,
@@ -1080,7 +1080,7 @@ def _finish(alg, run: _Run, log_weights, log_z, rule, values, extra_calls: int =
     """Decode, pick the answer by ``rule`` from ``values: f[N]`` (log vote weights for "vote",
     scores for "argmax"), and build the Result with the compute accounting."""
     question, solutions = _texts(run)
-    answers = [alg.answer_parser(s) for s in solutions]
+    answers = [_parsed(alg.answer_parser, s) for s in solutions]
     values = np.asarray(values, np.float64)
     if rule == "vote":
         answer, tally = weighted_vote(answers, values)
@@ -1112,12 +1112,34 @@ def _finish(alg, run: _Run, log_weights, log_z, rule, values, extra_calls: int =
     )
 
 
+def _parsed(parser: Callable[[str], Any], solution: str) -> Any:
+    """``parser(solution)``; an exception in it is a :class:`ModelError` naming the solution (as a
+    reward's is)."""
+    try:
+        return parser(solution)
+    except Exception as e:
+        raise ModelError(
+            f"answer_parser {getattr(parser, '__name__', parser)!r} raised {type(e).__name__}: {e} on the "
+            f"solution {solution[:200]!r}"
+        ) from e
+
+
 def weighted_vote(answers: Sequence[Any], log_votes: Any) -> tuple[Any, dict]:
     """The answer with the largest total vote ``Σ exp(log_votes[i])`` over the samples giving it
     (``None`` answers do not vote; ties: the answer seen first). Returns ``(answer, tally)``, the
     tally holding each answer's share of the normalised votes of all samples (the samples without
-    an answer hold the rest)."""
-    lv = np.asarray(log_votes, np.float64)
+    an answer hold the rest).
+
+    Raises :class:`~ppinfer.errors.DataError` for answers and votes of different lengths, or a NaN
+    or ``+inf`` log vote; :class:`~ppinfer.errors.ZeroEvidenceError` when every vote is zero
+    (``−inf``)."""
+    lv = np.asarray(log_votes, np.float64).reshape(-1)
+    if len(answers) != lv.size:
+        raise DataError(f"weighted_vote: {len(answers)} answers but {lv.size} log votes")
+    if np.any(np.isnan(lv) | (lv == np.inf)):
+        raise DataError(f"weighted_vote: a log vote is NaN or +inf: {lv.tolist()}")
+    if lv.size and np.all(lv == -np.inf):
+        raise ZeroEvidenceError("weighted_vote: every vote is zero (every log vote is -inf): no answer wins")
     finite = lv[np.isfinite(lv)]
     shift = finite.max() if finite.size else 0.0
     votes = np.exp(lv - shift)

@@ -652,7 +652,19 @@ def constrained(
     from ppinfer.constraints import TokenAutomaton
 
     compiled = constraint.compile(vocab_bytes, eos) if hasattr(constraint, "compile") else constraint
+    if not all(hasattr(compiled, m) for m in ("init", "allowed", "advance", "complete")):
+        raise ConfigError(
+            f"constraint must be a ppinfer.constraints object (Regex, JSONSchema, Grammar, Predicate, "
+            f"or several joined with &) or a compiled one, got {constraint!r}"
+        )
+    if callable(potentials):
+        potentials = (potentials,)
+    if isinstance(potentials, str) or not isinstance(potentials, Sequence):
+        raise ConfigError(f"potentials must be a sequence of functions f(ctx, tok), got {potentials!r}")
     potentials = tuple(potentials)
+    bad = [p for p in potentials if not callable(p)]
+    if bad:
+        raise ConfigError(f"potentials must be functions f(ctx, tok) -> log factor, got {bad[0]!r}")
     decoder = _Decoder(vocab_bytes, eos_ids)
     num_steps = prompt.max_new_tokens
     is_eos = jnp.isin(jnp.arange(V), jnp.asarray(eos_ids if eos_ids else (-1,)))

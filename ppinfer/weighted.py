@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions.batch_util import promote_batch_shape
@@ -136,6 +137,7 @@ def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.
             raise ModelError(f"the proposal samples site {name!r}, which the program does not have")
         if not _is_latent(p_trace[name]):
             raise ModelError(f"the proposal samples site {name!r}, which the program observes")
+        check_covers(name, p_trace[name]["fn"], q_latent[name]["fn"], p_trace[name]["value"], "proposal")
     log_weight = jnp.zeros((), dtype=jnp.result_type(float))
     nan_sites = {}
     for name, site in p_trace.items():
@@ -150,6 +152,75 @@ def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.
         nan_sites[name] = jnp.isnan(lp) | (lp == jnp.inf)  # +inf: an infinite weight, as bad
         log_weight = log_weight + lp
     return log_weight, nan_sites
+
+
+def check_covers(name: str, p_fn: Any, q_fn: Any, value: Any, what: str = "proposal") -> None:
+    """Check that a proposal's (or guide's) distribution ``q_fn`` at latent site ``name`` can stand
+    in for the program's ``p_fn`` in an importance weight ``p(x)/q(x)``.
+
+    - A discrete ``q`` for a continuous ``p`` (or the reverse) is a :class:`ModelError`: the ratio
+      of a mass to a density is not a weight (any draw's "weight" is then meaningless).
+    - A ``q`` whose support provably leaves out part of ``p``'s (``HalfNormal`` for a ``Normal``
+      site, ``Bernoulli`` for a ``Poisson`` one: support bounds compared where they are concrete)
+      gets a :class:`~ppinfer.errors.ProposalSupportWarning`: the weights then target the posterior
+      restricted to ``q``'s support, which is the posterior only when the program itself puts no
+      mass outside it (a ``condition``, a truncated likelihood). Warned once per compilation: only
+      while tracing (``value``, the site's value, is a tracer), not on eager runs such as the dry
+      run before it."""
+    p_sup, q_sup = _base_support(p_fn), _base_support(q_fn)
+    if p_sup is None or q_sup is None:
+        return
+    if bool(p_sup.is_discrete) != bool(q_sup.is_discrete):
+        kinds = {True: "discrete", False: "continuous"}
+        raise ModelError(
+            f"the {what}'s distribution at site {name!r} ({type(q_fn).__name__}) is "
+            f"{kinds[bool(q_sup.is_discrete)]} where the program's ({type(p_fn).__name__}) is "
+            f"{kinds[bool(p_sup.is_discrete)]}: the {what} must draw from the same kind of space"
+        )
+    p_lo, p_hi = _support_bounds(p_sup)
+    q_lo, q_hi = _support_bounds(q_sup)
+    try:  # NumPy, not jnp: under a trace jnp would stage even constant comparisons
+        short = bool(np.any(np.asarray(q_lo) > np.asarray(p_lo))) or bool(
+            np.any(np.asarray(q_hi) < np.asarray(p_hi))
+        )
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+        return  # bounds that depend on traced values (Uniform(0, θ)): cannot tell here
+    if short and isinstance(value, jax.core.Tracer):
+        import warnings
+
+        from ppinfer.errors import ProposalSupportWarning
+
+        warnings.warn(
+            f"the {what}'s distribution at site {name!r} ({type(q_fn).__name__}, support {q_sup}) "
+            f"does not cover the program's ({type(p_fn).__name__}, support {p_sup}): the weights "
+            f"target the posterior restricted to the {what}'s support, which is the posterior only "
+            "if the program puts no mass outside it",
+            ProposalSupportWarning,
+            stacklevel=2,
+        )
+
+
+def _base_support(fn: Any) -> Any:
+    """The support constraint of a distribution, ``Independent``/event wrappers removed (``None``
+    when the distribution has none)."""
+    try:
+        sup = fn.support
+    except (AttributeError, NotImplementedError):
+        return None
+    while hasattr(sup, "base_constraint"):
+        sup = sup.base_constraint
+    return sup
+
+
+def _support_bounds(sup: Any) -> tuple[Any, Any]:
+    """``(lower, upper)`` bounds of a one-dimensional support constraint (``±inf`` where it has
+    none; the whole line for a constraint without bounds, e.g. ``real``; ``(0, 1)`` for
+    ``boolean``). Constraints of other shapes (``simplex``…) give the whole line: never flagged."""
+    if isinstance(sup, dist.constraints._Boolean):
+        return 0, 1
+    lo = getattr(sup, "lower_bound", -jnp.inf)
+    hi = getattr(sup, "upper_bound", jnp.inf)
+    return lo, hi
 
 
 def site_log_prob(site: dict) -> jax.Array:

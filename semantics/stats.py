@@ -17,6 +17,7 @@ import numpy as np
 from scipy.stats import norm
 
 from ppinfer.algorithms.smc import SMC, run_phases
+from ppinfer.errors import ConfigError
 from ppinfer.program import SequentialProgram
 from ppinfer.weighted import simulate
 
@@ -51,6 +52,8 @@ class CLTCheck:
 
 def check_mean(samples: Any, expected: float, false_failure_rate: float = 1e-3) -> CLTCheck:
     """Is ``E[samples] = expected``? ``samples: f[R]`` i.i.d. replications."""
+    if not 0.0 < false_failure_rate < 1.0:  # 0: never fails; 1 or more: always fails
+        raise ConfigError(f"false_failure_rate must be in (0, 1), got {false_failure_rate!r}")
     x = np.asarray(samples, np.float64)
     stderr = float(np.std(x, ddof=1) / np.sqrt(x.size))
     est = float(np.mean(x))

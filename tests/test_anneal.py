@@ -171,9 +171,10 @@ class AcceptAll:
 
 
 def test_kernel_valid_and_broken_variants_caught():
-    means, variances, log_z = kernel_replicates(anneal.RWMove())
-    assert not posterior_errors(means, variances, POST_MEAN_K, POST_VAR_K)
-    assert check_unbiased_evidence(log_z, LOG_Z_K, RATE)
+    for covariance in ("full", "diagonal"):  # the walk's scale: the population's Cholesky factor, or sds
+        means, variances, log_z = kernel_replicates(anneal.RWMove(covariance=covariance))
+        assert not posterior_errors(means, variances, POST_MEAN_K, POST_VAR_K), covariance
+        assert check_unbiased_evidence(log_z, LOG_Z_K, RATE), covariance
 
     # Skipping the MH ratio: no longer π-invariant; the particles spread out (variance ×≈ 4).
     means, variances, _ = kernel_replicates(AcceptAll())

@@ -8,6 +8,7 @@ import json
 import math
 import struct
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -1207,3 +1208,291 @@ def test_token_ids_step_specs_and_constraint_settings_are_checked():
     p = tk.prompt(lm, [0], 3)
     with pytest.raises(ConfigError, match="vocab_bytes must hold each token's bytes, got a str"):
         tk.constrained(p, Regex("a"), vocab_bytes=["a", "b", "c", "d"])
+
+
+# ------------------------------------------------------------------ proposals that do not cover
+
+
+def _normal_model(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 3.0))
+    pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+def test_a_discrete_proposal_or_guide_for_a_continuous_site_is_refused():
+    coin = lambda y: pp.sample("mu", dist.Bernoulli(0.5))
+    with pytest.raises(ModelError, match="'mu'.*discrete.*continuous"):
+        pp.infer(_normal_model, 0.5, algorithm=pp.Importance(100, proposal=coin), key=0)
+    import numpyro
+    import optax
+
+    def coin_guide(y):
+        p = numpyro.param("p", 0.5, constraint=dist.constraints.unit_interval)
+        pp.sample("mu", dist.Bernoulli(p))
+
+    vi = pp.VI(pp.vi.elbo(4), coin_guide, optax.adam(0.1), num_steps=2)
+    with pytest.raises(ModelError, match="guide's distribution at site 'mu'.*discrete"):
+        pp.infer(_normal_model, 0.5, algorithm=vi, key=0)
+    with pytest.raises(ConfigError, match="objective must be an Objective"):
+        pp.VI("elbo", coin_guide, optax.adam(0.1), num_steps=2)
+
+    def nan_guide(y):
+        pp.sample("mu", dist.Normal(numpyro.param("m", jnp.nan), 1.0))
+
+    vi = pp.VI(pp.vi.elbo(4), nan_guide, optax.adam(0.1), num_steps=2)
+    with pytest.raises(ModelError, match=r"nan_guide once at its initial parameters \{'m': nan\}"):
+        pp.infer(_normal_model, 0.5, algorithm=vi, key=0)
+
+
+def test_a_proposal_that_misses_part_of_the_support_is_warned_about():
+    """HalfNormal for a Normal site: importance sampling then targets the posterior restricted to
+    μ > 0 (exact mean 0.45 unrestricted; the restricted one is ≈ 0.94), so it must say so."""
+    half = lambda y: pp.sample("mu", dist.HalfNormal(3.0))
+    with pytest.warns(pp.errors.ProposalSupportWarning, match="'mu'.*HalfNormal.*does not cover"):
+        r = pp.infer(_normal_model, 0.5, algorithm=pp.Importance(4000, proposal=half), key=0)
+    assert float(r.mean("mu")) > 0.8  # the restricted posterior, as the warning says
+    full = lambda y: pp.sample("mu", dist.Normal(0.0, 3.0))  # covers: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pp.errors.ProposalSupportWarning)
+        r = pp.infer(_normal_model, 0.5, algorithm=pp.Importance(4000, proposal=full), key=0)
+    assert abs(float(r.mean("mu")) - 0.45) < 0.05
+
+
+# ------------------------------------------------------------------------------- impossible MCMC
+
+
+def _impossible(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 3.0))
+    with pp.plate("n", y.shape[0]):
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+def _infinite_factor():
+    z = pp.sample("z", dist.Normal(0.0, 1.0))
+    pp.factor("f", jnp.where(z > 1, jnp.inf, 0.0))
+
+
+@pytest.mark.parametrize("kernel", [pp.NUTS(), pp.SingleSiteMH()], ids=["nuts", "single-site-mh"])
+def test_mcmc_refuses_an_impossible_posterior_and_an_infinite_density(kernel):
+    """Data with +inf: every θ has likelihood 0, so there are no draws to return (Importance and
+    SMC already raise ZeroEvidenceError); a +inf factor is no density at all."""
+    alg = pp.MCMC(kernel, num_samples=100, num_warmup=100, num_chains=2, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pp.errors.PPInferWarning)
+        with pytest.raises(pp.ZeroEvidenceError, match="every chain ended at a state of density zero"):
+            pp.infer(_impossible, jnp.array([1.0, jnp.inf]), algorithm=alg, key=0)
+        with pytest.raises(ModelError, match=r"\+inf or NaN"):
+            pp.infer(_infinite_factor, algorithm=alg, key=0)
+        r = pp.infer(_impossible, jnp.array([1.0, 2.0]), algorithm=alg, key=0)  # the same, possible
+    assert abs(float(r.mean("mu")) - 1.5 * 18 / 19) < 0.4
+
+
+def test_ibis_refuses_a_nan_likelihood_as_importance_and_smc_do():
+    """log(x) is NaN for x < 0 (prior mass 0.16): IBIS used to drop those particles silently and
+    return the posterior restricted to x > 0."""
+
+    def model(y):
+        x = pp.sample("x", dist.Normal(1.0, 1.0))
+        pp.observe("y", dist.Normal(jnp.log(x), 1.0), y)
+
+    for alg in (pp.IBIS(500), pp.Importance(500)):
+        with pytest.raises(ModelError, match="NaN"):
+            pp.infer(model, 0.2, algorithm=alg, key=0)
+
+
+def _log_of_normal(y):
+    x = pp.sample("x", dist.Normal(0.0, 1.0))
+    # NaN loc where x < −2.6 (prior mass 0.005; the eager runs before the compiled one draw above it)
+    pp.observe("y", dist.Normal(jnp.log(x + 2.6), 1.0), y)
+
+
+@pytest.mark.parametrize("alg", [pp.TemperedSMC(2000), pp.WasteFreeSMC(2000)], ids=["tempered", "waste-free"])
+def test_annealed_smc_refuses_a_nan_likelihood(alg):
+    """The particles where the likelihood is NaN used to get weight zero silently: the result was
+    the posterior restricted to x > 0."""
+    with pytest.raises(ModelError, match=r"NaN or \+inf for some particles"):
+        pp.infer(_log_of_normal, 0.2, algorithm=alg, key=1)
+
+
+def test_an_improper_prior_is_a_model_error_outside_gradient_mcmc():
+    def model(y):
+        mu = pp.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+    mh = pp.MCMC(pp.SingleSiteMH(), num_samples=10, num_warmup=10, progress_bar=False)
+    for alg in (pp.Importance(10), pp.TemperedSMC(10), mh):
+        with pytest.raises(ModelError, match="ImproperUniform"):
+            pp.infer(model, 0.3, algorithm=alg, key=0)
+
+
+def test_resample_move_refuses_a_program_that_fails_on_its_structure_run():
+    def step(s, t, y):
+        x = pp.sample("x", dist.Normal(1.0, 1.0))
+        pp.observe("y", dist.Normal(jnp.sqrt(x), 1.0), y[t])  # NaN loc where x < 0
+        return x
+
+    prog = pp.sequential(lambda y: jnp.zeros(()), step, lambda y: y.shape[0])
+    with pytest.raises(ModelError, match="invalid loc"):
+        pp.infer(prog, jnp.array([0.5, 0.7]), algorithm=pp.ResampleMoveSMC(50, regenerate_suffix=1), key=0)
+
+
+def test_enumerate_names_an_infinite_factor_as_a_model_error():
+    """It said "every execution has zero weight", the opposite of a +inf factor."""
+
+    def m(v):
+        z = pp.sample("z", dist.Bernoulli(0.5))
+        pp.factor("f", jnp.where(z == 1, v, 0.0))
+
+    with pytest.raises(ModelError, match=r"1 of 2 executions have a NaN or \+inf log weight"):
+        pp.infer(m, jnp.inf, algorithm=pp.Enumerate(), key=0)
+    assert pp.infer(m, 0.0, algorithm=pp.Enumerate(), key=0).log_evidence == 0.0
+
+
+# ---------------------------------------------------- settings and arguments found by a bug hunt
+
+
+def _mcmc(kernel, **kw):
+    return pp.MCMC(kernel, **({"num_samples": 10, "num_warmup": 10, "progress_bar": False} | kw))
+
+
+BAD_SETTINGS = {
+    "a batch of typed keys": (
+        lambda: pp.infer(
+            normal_model, 0.0, algorithm=pp.Importance(8), key=jax.random.split(jax.random.key(0), 3)
+        ),
+        "one jax.random key",
+    ),
+    "an rbg key": (
+        lambda: pp.infer(normal_model, 0.0, algorithm=pp.Importance(8), key=jax.random.key(0, impl="rbg")),
+        "threefry2x32",
+    ),
+    "devices=1.5": (lambda: pp.SMC(8, devices=1.5), "devices must be"),
+    "devices=()": (lambda: pp.SMC(8, devices=()), "non-empty sequence of jax devices"),
+    "devices=(1,)": (lambda: pp.SMC(8, devices=(1,)), "sequence of jax devices"),
+    "move_sites=None": (lambda: pp.ResampleMoveSMC(8, move_sites=None), "move_sites must be"),
+    "Steer N·K overflow": (lambda: pp.Steer(8, num_extensions=10**12), "num_extensions"),
+    "FFBS num_paths overflow": (lambda: pp.FFBS(8, num_paths=10**12), "num_paths must be at most"),
+    "temperatures=[]": (lambda: pp.TemperedSMC(8, temperatures=[]), "temperatures must increase"),
+    "NUTS unknown option": (lambda: pp.NUTS(options={"a": 1}), r"\['a'\] are not numpyro.infer.NUTS options"),
+    "MCMC num_samples overflow": (
+        lambda: _mcmc(pp.NUTS(), num_samples=2**30, thinning=4),
+        "transitions per chain",
+    ),
+    "RWMove covariance": (lambda: pp.TemperedSMC(8, move=_rw("dense")), "covariance must be"),
+    "ess_threshold=True": (lambda: pp.SMC(8, ess_threshold=True), "ess_threshold must be a number"),
+    "history='3'": (lambda: pp.SMC(8, history="3"), "history must be True or False"),
+    "dense_mass='3'": (lambda: pp.NUTS(dense_mass="3"), "dense_mass must be"),
+    "NUTS step_size=inf": (lambda: pp.NUTS(step_size=float("inf")), "finite number > 0"),
+    "false_failure_rate=0": (lambda: _check_evidence(0.0), "false_failure_rate must be in"),
+}
+
+
+def _check_evidence(rate):
+    from semantics import check_unbiased_evidence
+
+    return check_unbiased_evidence([0.0, 1.0], 0.0, false_failure_rate=rate)
+
+
+def test_a_nan_keyword_argument_is_named():
+    def model(y, scale):
+        mu = pp.sample("mu", dist.Normal(0.0, 1.0))
+        pp.observe("y", dist.Normal(mu, scale), y)
+
+    with pytest.raises(DataError, match=r"argument \['scale'\] contains NaN"):  # was "argument [0]"
+        pp.infer(model, y=jnp.ones(3), scale=float("nan"))
+
+
+def test_a_posterior_refuses_updates_after_x64_is_switched():
+    y = jnp.array([0.5, 1.0])
+    post = pp.infer(_plated, y, algorithm=pp.IBIS(20), key=0)
+    with jax.enable_x64(True):
+        with pytest.raises(ConfigError, match="jax_enable_x64 was switched"):
+            post.update(jnp.array([0.5, 1.0]))
+
+
+def _plated(y):
+    mu = pp.sample("mu", dist.Normal(0.0, 3.0))
+    with pp.plate("n", y.shape[0]):
+        pp.observe("y", dist.Normal(mu, 1.0), y)
+
+
+def _rw(cov):
+    from ppinfer.kernels.anneal import RWMove
+
+    return RWMove(covariance=cov)
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_bad_settings_are_config_errors(case):
+    """Each raised a raw TypeError/ValueError/OverflowError/AttributeError, or ran unbounded."""
+    fn, match = BAD_SETTINGS[case]
+    with pytest.raises(ConfigError, match=match):
+        fn()
+
+
+def test_site_names_and_nuts_options_are_taken_in_any_reasonable_form():
+    assert pp.SingleSiteMH(sites=["mu"]).sites == ("mu",)  # a list: unhashable in a cache key before
+    assert pp.SingleSiteMH(sites="mu").sites == ("mu",)  # one name, not the characters 'm', 'u'
+    assert pp.Regenerate("mu").selection == ("mu",)
+    assert pp.NUTS(options={"adapt_mass_matrix": False}).options == (("adapt_mass_matrix", False),)
+    r = pp.infer(normal_model, 0.3, algorithm=_mcmc(pp.SingleSiteMH(sites=["mu"])), key=0)
+    assert r.samples["mu"].shape == (40,)
+
+
+def test_results_helpers_refuse_what_they_cannot_show():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from ppinfer.plots import plot_ess
+
+    def coin():
+        pp.sample("z", dist.Bernoulli(0.3))
+
+    with pytest.raises(ConfigError, match="no ESS per step"):
+        plot_ess(pp.infer(coin, algorithm=pp.Enumerate(), key=0))
+    r = pp.infer(normal_model, 0.3, algorithm=_mcmc(pp.NUTS()), key=0)
+    assert r.to_arviz(num_chains=4).posterior["mu"].shape == (4, 10)  # Result.to_arviz's arguments
+    with pytest.raises(ConfigError, match="its own 4 chains"):
+        r.to_arviz(num_chains=2)
+
+
+def test_enumerate_wraps_program_errors_and_event_dimensions():
+    def raises():
+        z = pp.sample("z", dist.Bernoulli(0.5))
+        if int(z) == 0:
+            raise ValueError("bad value")
+
+    with pytest.raises(ModelError, match=r"choices \{'z': 0\}.*ValueError: bad value"):
+        pp.infer(raises, algorithm=pp.Enumerate(batched=False), key=0)
+
+    def event():
+        pp.sample("z", dist.Bernoulli(jnp.array([0.2, 0.9])).to_event(1))
+
+    with pytest.raises(EnumerationError, match="'z'.*cannot enumerate"):
+        pp.infer(event, algorithm=pp.Enumerate(), key=0)
+
+
+def test_vote_tokens_schema_and_store_inputs():
+    from ppinfer import reasoning
+    from ppinfer import tokens as tk
+    from ppinfer.constraints import JSONSchema, Regex
+    from ppinfer.lm import NGramLM
+
+    with pytest.raises(DataError, match="NaN or \\+inf"):
+        reasoning.weighted_vote([1, 2], [np.nan, 0.0])  # picked the NaN-vote answer
+    with pytest.raises(ZeroEvidenceError, match="every vote is zero"):
+        reasoning.weighted_vote([1, 2], [-np.inf, -np.inf])
+    with pytest.raises(DataError, match="2 answers but 3 log votes"):
+        reasoning.weighted_vote([1, 2], [0.0, 0.0, 0.0])
+    with pytest.raises(pp.errors.ConstraintError, match="bounds must be whole numbers"):
+        JSONSchema({"type": "number", "minimum": float("nan")}).compile([b"<eos>", b"1"], 0)
+    lm = NGramLM.from_probs(np.full((4, 4), 0.25), bos_id=0, eos_id=0)
+    with pytest.raises(ConfigError, match="key must be"):
+        lm.generate("", key="a", max_new_tokens=2)
+    p = tk.prompt(lm, [0], 3)
+    vocab = [b"<eos>", b"a", b"b", b"c"]
+    with pytest.raises(ConfigError, match="potentials must be"):
+        tk.constrained(p, Regex("a+"), potentials=5, vocab_bytes=vocab, eos_id=0)
+    with pytest.raises(ConfigError, match="constraint must be a ppinfer.constraints object"):
+        tk.constrained(p, None, vocab_bytes=vocab, eos_id=0)
+    with pytest.raises(CheckpointError, match="path of a saved posterior"):
+        pp.updates.load(None, normal_model)

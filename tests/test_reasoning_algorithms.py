@@ -310,6 +310,17 @@ def test_reward_failing_during_the_run_is_a_model_error(fixed_lengths):
         pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=0)
 
 
+def test_answer_parser_failing_is_a_model_error(fixed_lengths):
+    program, args, _ = fixed_lengths
+
+    def picky(solution):
+        raise ValueError("cannot read this")
+
+    alg = dataclasses.replace(rs.BestOfN(3), answer_parser=picky)
+    with pytest.raises(pp.ModelError, match="answer_parser 'picky' raised ValueError: cannot read this"):
+        pp.infer(program, args, algorithm=alg, key=0)
+
+
 def test_reward_errors_belong_to_the_run_that_raised_them(fixed_lengths):
     """Two threads, one reward that fails on some solutions and one that never does: every run of the
     first raises (naming its solution), no run of the second does. (With one process-wide error list

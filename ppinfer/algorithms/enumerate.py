@@ -24,7 +24,7 @@ from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from ppinfer.errors import ConfigError, EnumerationError, PPInferError, ZeroEvidenceError
+from ppinfer.errors import ConfigError, EnumerationError, ModelError, PPInferError, ZeroEvidenceError
 from ppinfer.primitives import STOP_MESSAGE, collect_stops, watch_messages
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
@@ -120,6 +120,13 @@ class Enumerate:
                 )
             else:
                 samples = _stack([b.choices for b in branches])
+        bad = np.isnan(np.asarray(log_masses)) | (np.asarray(log_masses) == np.inf)
+        if bad.any():
+            raise ModelError(
+                f"{int(bad.sum())} of {bad.size} executions have a NaN or +inf log weight (an infinite "
+                "factor, or a NaN log density: a distribution given an invalid parameter): the "
+                "measure is not defined"
+            )
         log_z = float(logsumexp(log_masses))
         from ppinfer.checks import raise_if_dead
 
@@ -237,6 +244,12 @@ def _enumerate_eager(fn, args, kwargs, max_branches, prune, max_seconds, start) 
         executions += 1
         try:
             branches.append(_run_branch(fn, args, kwargs, prefix))
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+            shown = {k: np.asarray(v).tolist() for k, v in prefix.items()}
+            raise ModelError(
+                f"Enumerate: the program failed on the execution with choices {shown} (and the first "
+                f"value of each later one): {type(e).__name__}: {e}"
+            ) from e
         except _Branching as b:
             if prune and b.dead:
                 continue
@@ -272,7 +285,7 @@ class _first_values(Messenger):
         d = msg["fn"]
         if not getattr(d, "has_enumerate_support", False):
             support_values(msg["name"], d)  # raises the EnumerationError
-        support = np.asarray(d.enumerate_support(expand=True))
+        support = np.asarray(_support(msg["name"], d))
         own_mask = msg.get("mask") is not None and not msg.get("ppinfer_stop_mask", False)
         weighted = own_mask or msg.get("scale") is not None
         self.sites.append((msg["name"], support, tuple(d.batch_shape), weighted))
@@ -316,7 +329,7 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
         return {
             "site_lp": jnp.stack([site_log_prob(s).astype(zero.dtype) for s in samples]),
             "support_lp": {n: tr[n]["fn"].log_prob(jnp.asarray(sup)) for n, sup, _, _ in sites},
-            "support": {n: tr[n]["fn"].enumerate_support(expand=True) for n, _, _, _ in sites},
+            "support": {n: _support(n, tr[n]["fn"]) for n, _, _, _ in sites},
             "log_prob": sum((site_log_prob(s) for s in samples if _latent(s)), zero),
             "log_weight": weight_from_traces(tr)[0],
             "choices": choices_of(tr),
@@ -595,6 +608,19 @@ def _partial_mass(trace: dict) -> float:
     return total
 
 
+def _support(name: str, fn) -> Any:
+    """``fn.enumerate_support(expand=True)``, or :class:`EnumerationError` where NumPyro cannot
+    enumerate it (a discrete site with an event dimension, ``.to_event``)."""
+    try:
+        return fn.enumerate_support(expand=True)
+    except NotImplementedError:
+        raise EnumerationError(
+            f"site {name!r} has distribution {type(fn).__name__} (event shape {tuple(fn.event_shape)}), "
+            "whose support NumPyro cannot enumerate: Enumerate takes discrete sites whose elements "
+            "are batch elements (a plate, or no .to_event)"
+        ) from None
+
+
 def support_values(name: str, fn) -> list:
     """Every value of site ``name``'s distribution ``fn`` (the joint values of its batch elements);
     :class:`EnumerationError` if the support is not finite or too large."""
@@ -603,7 +629,7 @@ def support_values(name: str, fn) -> list:
             f"site {name!r} has distribution {type(fn).__name__} without finite support: "
             "Enumerate needs every latent choice to be discrete and finite"
         )
-    support = np.asarray(fn.enumerate_support(expand=True))
+    support = np.asarray(_support(name, fn))
     k, batch = support.shape[0], tuple(fn.batch_shape)
     if not batch:
         return [support[i] for i in range(k)]

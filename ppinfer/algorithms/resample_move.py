@@ -92,9 +92,7 @@ class ResampleMoveSMC:
         checks.check_num_particles(self.num_particles)
         check_scheme(self.resampling)
         checks.check_probability("ess_threshold", self.ess_threshold)
-        if isinstance(self.move_sites, str):
-            raise ConfigError("ResampleMoveSMC(move_sites=...): give a tuple of init site names")
-        object.__setattr__(self, "move_sites", tuple(self.move_sites))
+        object.__setattr__(self, "move_sites", checks.site_names("move_sites", self.move_sites))
         if self.regenerate_suffix is not None:
             checks.check_int("regenerate_suffix", self.regenerate_suffix, 1)
         if not self.move_sites and self.regenerate_suffix is None:

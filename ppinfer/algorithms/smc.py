@@ -17,7 +17,7 @@ happens after the last step (it would only add variance).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
@@ -110,6 +110,8 @@ class SMC:
         checks.check_num_particles(self.num_particles)
         as_selection(self.resampling)
         checks.check_probability("ess_threshold", self.ess_threshold)
+        if not isinstance(self.history, bool | np.bool_):
+            raise ConfigError(f"history must be True or False, got {self.history!r}")
         if self.devices is not None:
             particle_sharding(self.devices, self.num_particles)
         elif self.local_resampling:
@@ -700,11 +702,20 @@ def particle_sharding(
     """A ``NamedSharding`` splitting the particle axis over ``devices`` (an int: the first that many
     of ``jax.devices()``); ``what`` names the axis's size in errors."""
     available = jax.devices()
-    if isinstance(devices, int | np.integer):
+    if isinstance(devices, int | np.integer) and not isinstance(devices, bool):
         if not 1 <= devices <= len(available):
             raise ConfigError(f"devices={devices}, but {len(available)} device(s) are available")
         devices = available[: int(devices)]
+    if isinstance(devices, str | bytes) or not isinstance(devices, Sequence | np.ndarray):
+        raise ConfigError(
+            f"devices must be a number of devices or a sequence of jax devices, got {devices!r}"
+        )
     devices = tuple(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ConfigError(
+            f"devices must be a number of devices or a non-empty sequence of jax devices (from "
+            f"jax.devices()), got {devices!r}"
+        )
     if num_particles % len(devices):
         raise ConfigError(
             f"{what}={num_particles} must be a multiple of the number of devices ({len(devices)})"

@@ -213,7 +213,7 @@ class LanguageModel:
         ends once every sequence has ended (no Python loop over tokens); ``cache="paged"`` runs it on
         a :class:`~ppinfer.lm.paged.PagedCache` instead (pool factor 1: independent sequences share
         no blocks, so this saves nothing; ``"auto"`` is ``"dense"``)."""
-        key = jax.random.key(int(key)) if isinstance(key, int | np.integer) else key
+        key = jax.random.wrap_key_data(checks.as_key(key))  # an int seed or a key; else ConfigError
         eos = self.eos_ids or (-1,)
         ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
         if not (ok and 0.0 <= float(temperature) < float("inf")):

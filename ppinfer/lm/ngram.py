@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError, DataError, ModelError, TokenizerError
 
 
@@ -170,7 +171,7 @@ class NGramLM:
 
         if int(max_new_tokens) < 1 or int(num_particles) < 1:
             raise ConfigError("num_particles and max_new_tokens must be >= 1")
-        key = jax.random.key(int(key)) if isinstance(key, int | np.integer) else key
+        key = jax.random.wrap_key_data(checks.as_key(key))  # an int seed or a key; else ConfigError
         logits, prompt_cache = self.prefill(self.encode(prompt))
         cache = self.init_particle_cache(prompt_cache, int(num_particles))
         eos = -1 if self.eos_id is None else self.eos_id

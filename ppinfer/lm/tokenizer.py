@@ -17,7 +17,9 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import tokenizers
 
 from ppinfer.errors import TokenizerError
@@ -171,6 +173,12 @@ class Tokenizer:
         """Token ids of ``text`` (no BOS/EOS unless ``add_special_tokens``)."""
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\udcff"): no UTF-8 bytes to tokenize
+            raise TokenizerError(
+                f"text is not valid Unicode: {e.reason} at position {e.start} ({text[e.start : e.end]!r})"
+            ) from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode_bytes(self, ids: Sequence[int], skip_special: bool = True) -> bytes:
@@ -178,7 +186,7 @@ class Tokenizer:
         concatenation of ``vocab_bytes``. Raises :class:`TokenizerError` for an id outside
         ``[0, vocab_size)``."""
         table = self.vocab_bytes
-        ids = [int(i) for i in ids]
+        ids = _token_ids(ids)
         bad = [i for i in ids if not 0 <= i < len(table)]
         if bad:
             size = len(table)
@@ -303,3 +311,16 @@ def _gpt2_byte_alphabet() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """``ids`` (a sequence or 1-D array of integers) as a list of ints; :class:`TokenizerError` for
+    anything else (a string, ``None``, a float id: ``1.5`` is not silently truncated to 1)."""
+    if isinstance(ids, str | bytes) or ids is None:
+        raise TokenizerError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+    arr = np.asarray(ids)
+    if arr.ndim != 1 and arr.size:
+        raise TokenizerError(f"token ids must be one sequence (1-D), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TokenizerError(f"token ids must be integers, got {arr.dtype} ({arr.reshape(-1)[:4].tolist()}…)")
+    return [int(i) for i in arr.reshape(-1)]

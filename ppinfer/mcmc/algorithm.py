@@ -26,9 +26,16 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
-from ppinfer._compile import _signature, cached_jit, split_args
+from ppinfer._compile import MemoryEstimateError, _signature, available_memory, cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
-from ppinfer.errors import ConfigError, ConvergenceWarning, DivergenceWarning, UndefinedDensityWarning
+from ppinfer.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DivergenceWarning,
+    ModelError,
+    UndefinedDensityWarning,
+    ZeroEvidenceError,
+)
 from ppinfer.kernels.mh import MHInfo
 from ppinfer.program import is_sequential
 from ppinfer.result import Result
@@ -57,8 +64,11 @@ class MCMC:
             compiled once and driven in short chunks either way, so the bar never changes the
             draws, and Ctrl-C stops the run within a chunk (about a quarter of a second).
         chain_method: ``"vectorized"`` (the chains are ``vmap``ped: one batched transition) or
-            ``"sequential"`` (``lax.map`` over the chains inside each chunk). Same draws either
-            way, up to floating-point reassociation.
+            ``"sequential"`` (``lax.map`` over the chains inside each chunk). The same chains in
+            law, not bit for bit: the two compile to different floating-point reassociations,
+            and a chain's discrete decisions (an MH accept, a NUTS tree's turn) and step-size
+            adaptation amplify a last-bit difference, so the draws of one key differ after a few
+            transitions (NUTS after 300 warm-up steps: step sizes 10–30% apart).
     """
 
     kernel: Any
@@ -81,6 +91,11 @@ class MCMC:
             ("thinning", self.thinning, 1),
         ):
             checks.check_int(what, v, low)
+        if _total(self) > 2**31 - 1:  # transition indices are int32
+            raise ConfigError(
+                f"num_warmup + num_samples · thinning = {_total(self)} transitions per chain: at most "
+                f"{2**31 - 1}"
+            )
         if self.chain_method not in ("vectorized", "sequential"):
             raise ConfigError(f"chain_method must be 'vectorized' or 'sequential', got {self.chain_method!r}")
 
@@ -150,12 +165,24 @@ class MCMCResult(Result):
         d = self.sample_stats().get("diverging")
         return None if d is None else int(np.sum(d))
 
-    def to_arviz(self, key: int | jax.Array = 0):
+    def to_arviz(self, key: int | jax.Array = 0, num_chains: int | None = None, num_draws: int | None = None):
         """An ``arviz.InferenceData`` with ``(chain, draw)`` dimensions (no resampling needed):
         ``posterior`` the draws, ``sample_stats`` :meth:`sample_stats` (``diverging``,
         ``tree_depth``, ``step_size``, ``acceptance_rate``, ``energy``, ``n_steps``, ``lp`` for
-        NUTS)."""
+        NUTS). ``key``, ``num_chains`` and ``num_draws`` are :meth:`Result.to_arviz`'s, for weighted
+        particles: the chains are the run's own, so ``num_chains`` may only be their number and
+        ``num_draws`` their total (a :class:`ConfigError` otherwise)."""
         import arviz as az
+
+        if num_chains is not None and num_chains != self.num_chains:
+            raise ConfigError(
+                f"to_arviz(num_chains={num_chains!r}): this MCMC result has its own {self.num_chains} chains"
+            )
+        if num_draws is not None and num_draws != self.num_particles:
+            raise ConfigError(
+                f"to_arviz(num_draws={num_draws!r}): this MCMC result has {self.num_particles} draws "
+                "(thin the run instead)"
+            )
 
         stats = self.sample_stats() or None
         posterior = {k: np.asarray(v) for k, v in self.chains().items()}
@@ -315,7 +342,13 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     total = _total(cfg)
     first = not init.compiled_for(key, dyn)
     with compile_notice(what) if first else nullcontext():
-        state, run_keys = init(key, dyn)
+        try:
+            state, run_keys = init(key, dyn)
+        except NotImplementedError as e:  # an MH kernel's prior draw of an ImproperUniform site
+            raise ModelError(
+                f"{what}: starting the chains failed: {checks.not_implemented_message(e)}"
+            ) from e
+        _check_draws_fit(state, cfg)
         buffer = _buffer_size(state, cfg)
         build_chunk = lambda: _chunk_fn(kernel(), rebuild, cfg, buffer)
         chunk, _ = cached_jit((*cache_key, "chunk", buffer), build_chunk)
@@ -340,8 +373,52 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
             done += length
             bar.update(length)
             length = next_chunk(length, seconds)
+    lp_fn, _ = cached_jit((*cache_key, "log_density"), lambda: _log_density_fn(kernel(), rebuild))
+    _check_final_density(np.asarray(lp_fn(state, dyn)), infos, what)
     cat = lambda *xs: jnp.asarray(np.concatenate(xs, axis=1))
     return jax.tree.map(cat, *draws), jax.tree.map(cat, *infos)
+
+
+def _log_density_fn(kernel, rebuild) -> Callable:
+    """``(state, dyn) -> f[C]``: each chain's log density at its state (0 where the kernel does not
+    expose one)."""
+
+    def log_density(state, dyn):
+        args = rebuild(dyn)
+        if kernel.log_density is None:
+            return jnp.zeros(jax.tree.leaves(state)[0].shape[:1])
+        return jax.vmap(lambda s: kernel.log_density(s, args))(state)
+
+    return log_density
+
+
+def _check_final_density(lp: np.ndarray, infos: list, what: str) -> None:
+    """Refuse chains that say nothing about the posterior: every chain's last state has density
+    zero (``ZeroEvidenceError``: the data may be impossible under the program, e.g. an infinite or
+    out-of-support observation, or no chain ever found the support), or a state or recorded draw
+    whose log density is ``+inf``/NaN (``ModelError``: an infinite factor makes the program no
+    density). Some chains (not all) at density zero: a :class:`ConvergenceWarning`."""
+    recorded = [np.asarray(x["lp"]) for x in infos if isinstance(x, dict) and "lp" in x]
+    bad = ~np.isfinite(lp) & (lp != -np.inf)
+    if bad.any() or any(np.any(np.isnan(r) | (r == np.inf)) for r in recorded):
+        raise ModelError(
+            f"{what}: the program's log density is +inf or NaN at a chain's state (an infinite factor "
+            "or likelihood?): the posterior is not defined there"
+        )
+    dead = np.flatnonzero(lp == -np.inf)
+    if dead.size == lp.size:
+        raise ZeroEvidenceError(
+            f"{what}: every chain ended at a state of density zero (log density −inf): the data may "
+            "be impossible under the program (e.g. an infinite or out-of-support observation), or no "
+            "chain found the posterior's support (set init_strategy, or check the constraints)"
+        )
+    if dead.size:
+        warnings.warn(
+            f"{what}: chain(s) {dead.tolist()} ended at a state of density zero (log density −inf): "
+            "they never reached the posterior's support, and their draws are not from it",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 FIRST_CHUNK = 8
@@ -398,6 +475,22 @@ def _buffer_size(state: Any, cfg: MCMC) -> int:
     state's size standing in for one transition's output (positions and infos)."""
     per_step = sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
     return int(min(_total(cfg), max(16, _BUFFER_BYTES // max(1, per_step))))
+
+
+def _check_draws_fit(state: Any, cfg: MCMC) -> None:
+    """Refuse (:class:`~ppinfer._compile.MemoryEstimateError`) a run whose kept draws cannot fit in
+    the host's available memory (the chains' state size standing in for one draw of every chain)."""
+    per_draw = sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(state))
+    needed = per_draw * cfg.num_samples
+    available, where = available_memory()
+    if available is not None and needed > available:
+        raise MemoryEstimateError(
+            f"MCMC keeps num_chains × num_samples = {cfg.num_chains} × {cfg.num_samples} draws: about "
+            f"{needed / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB is available on {where}: use "
+            "fewer num_samples (thinning keeps fewer of a long run)",
+            needed,
+            available,
+        )
 
 
 def _i32(x: int) -> jax.Array:

@@ -45,6 +45,10 @@ class Kernel(NamedTuple):
         position: ``position(state, args) -> dict`` of site values (latent and deterministic).
         propose: for MH kernels, the proposal step (``None`` otherwise).
         components: for a :func:`cycle`, the kernels applied in turn (empty otherwise).
+        log_density: ``log_density(state, args) -> f[]``, the target's unnormalised log density at
+            a state (``None`` if the kernel does not expose it): MCMC checks the chains' last states
+            with it (all ``−inf``: no state of non-zero density was found; ``+inf``/NaN: the program
+            is not a density there).
     """
 
     init: Callable[[jax.Array, tuple], Any]
@@ -52,6 +56,7 @@ class Kernel(NamedTuple):
     position: Callable[[Any, tuple], dict]
     propose: Propose | None = None
     components: tuple = ()
+    log_density: Callable[[Any, tuple], jax.Array] | None = None
 
 
 class MHState(NamedTuple):
@@ -77,6 +82,7 @@ def mh_kernel(program: Callable[..., Any], propose: Propose) -> Kernel:
         step=lambda key, state, args: mh_step(key, state, args, propose),
         position=lambda state, args: {**state.trace.choices, **state.trace.deterministics},
         propose=propose,
+        log_density=lambda state, args: state.trace.log_prior + state.trace.log_likelihood,
     )
 
 
@@ -101,4 +107,4 @@ def cycle(*kernels: Kernel) -> Kernel:
             infos.append(info)
         return state, tuple(infos)
 
-    return Kernel(kernels[0].init, step, kernels[0].position, None, tuple(kernels))
+    return Kernel(kernels[0].init, step, kernels[0].position, None, tuple(kernels), kernels[0].log_density)

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import numpyro.infer as ninfer
 
 from ppinfer import checks
-from ppinfer.errors import ModelError
+from ppinfer.errors import ConfigError, ModelError
 from ppinfer.mcmc.base import Kernel
 
 __all__ = ["NUTS", "HMC", "numpyro_kernel"]
@@ -41,6 +42,8 @@ class NUTS:
         checks.check_fraction("target_accept_prob", self.target_accept_prob)
         checks.check_positive("step_size", self.step_size)
         checks.check_int("max_tree_depth", self.max_tree_depth, 1)
+        object.__setattr__(self, "dense_mass", _check_dense_mass(self.dense_mass))
+        object.__setattr__(self, "options", _options(self.options))
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         check_continuous(sites, "NUTS")
@@ -48,7 +51,7 @@ class NUTS:
             program,
             target_accept_prob=self.target_accept_prob,
             max_tree_depth=self.max_tree_depth,
-            dense_mass=self.dense_mass,
+            dense_mass=list(self.dense_mass) if isinstance(self.dense_mass, tuple) else self.dense_mass,
             step_size=self.step_size,
             init_strategy=self.init_strategy,
             **dict(self.options),
@@ -71,6 +74,7 @@ class HMC:
         checks.check_fraction("target_accept_prob", self.target_accept_prob)
         checks.check_positive("step_size", self.step_size)
         checks.check_int("num_steps", self.num_steps, 1)
+        object.__setattr__(self, "dense_mass", _check_dense_mass(self.dense_mass))
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         check_continuous(sites, "HMC")
@@ -81,11 +85,47 @@ class HMC:
             # neither adapts it nor reads ``step_size``.
             trajectory_length=None,
             target_accept_prob=self.target_accept_prob,
-            dense_mass=self.dense_mass,
+            dense_mass=list(self.dense_mass) if isinstance(self.dense_mass, tuple) else self.dense_mass,
             step_size=self.step_size,
             init_strategy=self.init_strategy,
         )
         return numpyro_kernel(nk, num_warmup)
+
+
+def _check_dense_mass(dense_mass: Any) -> bool | tuple:
+    """NumPyro's ``dense_mass``: a bool, or a list of tuples of site names (dense blocks), kept as
+    a tuple (hashable: the kernel is part of a compile-cache key)."""
+    if isinstance(dense_mass, bool | np.bool_):
+        return bool(dense_mass)
+    ok = isinstance(dense_mass, list | tuple) and all(
+        isinstance(b, tuple) and all(isinstance(n, str) for n in b) for b in dense_mass
+    )
+    if not ok:
+        raise ConfigError(
+            f"dense_mass must be True, False or a list of tuples of site names, got {dense_mass!r}"
+        )
+    return tuple(dense_mass)
+
+
+def _options(options: Any) -> tuple:
+    """NUTS's extra ``numpyro.infer.NUTS`` options, a dict or ``(name, value)`` pairs, as a hashable
+    tuple of pairs (the kernel is part of a compile-cache key)."""
+    items = options.items() if isinstance(options, dict) else options
+    try:
+        pairs = tuple((k, v) for k, v in items)
+        hash(pairs)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"options must be a dict (or (name, value) pairs) of hashable numpyro.infer.NUTS options, "
+            f"got {options!r}"
+        ) from None
+    import inspect
+
+    known = set(inspect.signature(ninfer.NUTS.__init__).parameters) - {"self", "model", "potential_fn"}
+    unknown = sorted(str(k) for k, _ in pairs if k not in known)
+    if unknown:
+        raise ConfigError(f"options {unknown} are not numpyro.infer.NUTS options (it takes {sorted(known)})")
+    return pairs
 
 
 def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
@@ -121,7 +161,7 @@ def numpyro_kernel(nk: Any, num_warmup: int) -> Kernel:
     def position(state, args):
         return nk.postprocess_fn(tuple(args), {})(state.z)
 
-    return Kernel(init, step, position)
+    return Kernel(init, step, position, log_density=lambda state, args: -state.potential_energy)
 
 
 def check_continuous(sites: dict | None, what: str) -> None:

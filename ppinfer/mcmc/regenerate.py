@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError, ModelError
 from ppinfer.mcmc.base import Kernel, cycle, mh_kernel
 from ppinfer.traced import regenerate
@@ -27,9 +28,10 @@ class Regenerate:
     selection: Sequence[str]
 
     def __post_init__(self):
-        if isinstance(self.selection, str) or not self.selection:
-            raise ConfigError("Regenerate(selection): give a non-empty tuple of site names")
-        object.__setattr__(self, "selection", tuple(self.selection))
+        selection = checks.site_names("Regenerate(selection)", self.selection)
+        if not selection:
+            raise ConfigError("Regenerate(selection): give a site name or a non-empty tuple of them")
+        object.__setattr__(self, "selection", selection)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         if sites is not None:
@@ -43,6 +45,10 @@ class SingleSiteMH:
     program order)."""
 
     sites: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.sites is not None:
+            object.__setattr__(self, "sites", checks.site_names("SingleSiteMH(sites)", self.sites))
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         names = tuple(self.sites) if self.sites is not None else tuple(sites or ())

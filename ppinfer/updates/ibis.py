@@ -66,7 +66,7 @@ from ppinfer import checks
 from ppinfer._compile import cached_jit, check_data, locked
 from ppinfer._talk import interruptible
 from ppinfer._talk import progress_bar as _progress_bar
-from ppinfer.errors import ConfigError, DataError
+from ppinfer.errors import ConfigError, DataError, ModelError
 from ppinfer.kernels import smc
 from ppinfer.kernels.anneal import Position, next_temperature, rw_move
 from ppinfer.kernels.select import Systematic
@@ -121,13 +121,15 @@ class UpdateInfo(NamedTuple):
     ``ess: f32[]`` after reweighting (before resampling), ``resampled: bool[]``,
     ``acceptance_rate: f32[]`` of the moves (mean over the stages that moved; 0 when not
     resampled), ``stages: i32[]`` the number of tempering stages (1: the batch was absorbed at
-    once)."""
+    once), ``nan: bool[]`` whether the batch's log likelihood was NaN (or +inf) for some particle
+    (that particle is given weight zero; :meth:`Posterior.update` raises a ``ModelError``)."""
 
     log_evidence_increment: jax.Array
     ess: jax.Array
     resampled: jax.Array
     acceptance_rate: jax.Array
     stages: jax.Array
+    nan: jax.Array = False
 
 
 class DataModel(NamedTuple):
@@ -324,6 +326,12 @@ class Posterior(Result):
         t0 = time.perf_counter()
         check_data(batch)
         cfg, program, state = self.config, self.program, self.ibis
+        if state.log_weights.dtype != jnp.result_type(float):
+            raise ConfigError(
+                f"this posterior holds {state.log_weights.dtype} particles, but JAX now computes in "
+                f"{jnp.result_type(float)} (jax_enable_x64 was switched since it was built): switch it "
+                "back, or start the posterior again"
+            )
         b = _as_batch(batch)
         _check_batch(b, state, cfg)
         step = int(state.step)
@@ -336,6 +344,11 @@ class Posterior(Result):
         _dry_run(program, cfg, b)
         fn = _compiled(cfg, program, "update", _batch_signature(b))
         state, info, samples = fn(state, b)
+        if bool(info.nan):
+            raise ModelError(
+                f"IBIS: the log likelihood of batch {step + 1} is NaN or +inf for some particles (a "
+                "distribution given an invalid parameter there?): the posterior is not defined"
+            )
         log_z = float(logsumexp(state.log_weights))
         checks.raise_if_dead(log_z, f"after batch {step + 1}", cfg.num_particles)
         hist = {
@@ -440,9 +453,12 @@ def update_state(
     prior_args = new_data if data_model.kind == "statistics" else batch
     space = _space(program, prior_args)
 
-    def increment(v):
+    def raw_increment(v):
         x, _ = space.constrain(v)
-        out = data_model.increment(x, state.data, new_data, batch, step)
+        return data_model.increment(x, state.data, new_data, batch, step)
+
+    def increment(v):
+        out = raw_increment(v)
         return jnp.where(jnp.isnan(out), -jnp.inf, out)
 
     def log_target(v):
@@ -467,14 +483,16 @@ def update_state(
         )
         return after.particles.state, after.log_weights, info.move, after.carried
 
-    inc = jax.vmap(increment)(state.particles)
+    raw = jax.vmap(raw_increment)(state.particles)
+    nan = jnp.any(jnp.isnan(raw) | (raw == jnp.inf))
+    inc = jnp.where(jnp.isnan(raw), -jnp.inf, raw)
     lw = state.log_weights + inc
     ess_t = ess(lw)
     if tempering_ess is None:
         do = (ess_t < ess_threshold * n) | (ess_threshold >= 1.0)
         flat, lw_out, rate, _ = smc_step(k_step, state.particles, state.log_weights, lw, do, log_target)
         info = UpdateInfo(
-            logsumexp(lw) - logsumexp(state.log_weights), ess_t, do, rate, jnp.ones((), jnp.int32)
+            logsumexp(lw) - logsumexp(state.log_weights), ess_t, do, rate, jnp.ones((), jnp.int32), nan
         )
         return IBISState(flat, lw_out, key, step + 1, new_data), info
 
@@ -531,7 +549,7 @@ def update_state(
     c = jax.lax.while_loop(cond_fn, body, init)
     rate = c["rate_sum"] / jnp.maximum(c["moved"], 1)
     info = UpdateInfo(
-        logsumexp(c["lw"]) - logsumexp(state.log_weights), ess_t, c["resampled"], rate, c["stage"]
+        logsumexp(c["lw"]) - logsumexp(state.log_weights), ess_t, c["resampled"], rate, c["stage"], nan
     )
     return IBISState(c["flat"], c["lw"], key, step + 1, new_data), info
 

@@ -59,6 +59,8 @@ def save(posterior: Posterior, path: str | os.PathLike, key: bytes | None = None
             f"got {type(posterior).__name__}"
         )
     _check_key(key)
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"save needs a path to write to (a str or path), got {path!r}")
     path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"cannot save to {path}: the folder {path.parent} does not exist")
@@ -111,6 +113,8 @@ def load(
     if the file is missing, truncated or corrupt, its header is malformed or disagrees with its
     arrays, it was written for another program (identity or version), or with other settings."""
     _check_key(key)
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"load needs the path of a saved posterior (a str or path), got {path!r}")
     header, arrays = _read(Path(path))
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed header (a {type(header).__name__}, not an object)")

@@ -91,6 +91,11 @@ class VI:
             raise ConfigError(f"VI needs num_steps >= 1, got {n!r}")
         checks.check_num_particles(self.num_particles)
         checks.check_int("chunk_size", self.chunk_size, 1)
+        if not isinstance(self.objective, Objective | VSMC):
+            raise ConfigError(
+                f"objective must be an Objective (e.g. ppinfer.vi.elbo(), iwelbo(K), renyi(alpha)) or "
+                f"VSMC(...), got {self.objective!r}"
+            )
         if None not in (self.progress, self.progress_bar) and self.progress != self.progress_bar:
             raise ConfigError(
                 f"progress={self.progress!r} and progress_bar={self.progress_bar!r} disagree: "

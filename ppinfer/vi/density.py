@@ -25,7 +25,7 @@ from numpyro import handlers
 
 from ppinfer.errors import ModelError
 from ppinfer.vi.estimators import ENUMERATE, REINFORCE, Estimators, choose_and_detach
-from ppinfer.weighted import choices_of, site_log_prob
+from ppinfer.weighted import check_covers, choices_of, site_log_prob
 
 __all__ = ["Particles", "log_density_ratio", "sample_particles"]
 
@@ -125,6 +125,8 @@ def _check_sites(p_trace: dict, q_latent: dict, full_coverage: bool) -> None:
                 )
         elif p_trace[name]["type"] == "sample" and p_trace[name]["is_observed"]:
             raise ModelError(f"the guide samples site {name!r}, which the model observes")
+        elif p_trace[name]["type"] == "sample":
+            check_covers(name, p_trace[name]["fn"], site["fn"], p_trace[name]["value"], "guide")
     if full_coverage:
         missing = [
             n

@@ -16,7 +16,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from ppinfer.errors import ConfigError, ModelError
+from ppinfer.errors import ConfigError, ModelError, PPInferError
 
 __all__ = ["ParamSpec", "find_params", "constrain", "unconstrain", "bind_params"]
 
@@ -39,7 +39,16 @@ def find_params(key: jax.Array, runs: list[tuple[Callable[..., Any], tuple]]) ->
     init, cons = {}, {}
     for i, (fn, args) in enumerate(runs):
         with handlers.trace() as tr, handlers.seed(rng_seed=jax.random.fold_in(key, i)):
-            fn(*args)
+            try:
+                fn(*args)
+            except PPInferError:
+                raise
+            except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+                params = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
+                raise ModelError(
+                    f"running {getattr(fn, '__name__', 'the guide')} once at its initial parameters "
+                    f"{params} failed: {type(e).__name__}: {e}"
+                ) from e
         for name, site in tr.items():
             if site["type"] != "param" or name in init:
                 continue
