@@ -1379,6 +1379,7 @@ BAD_SETTINGS = {
     ),
     "RWMove covariance": (lambda: pp.TemperedSMC(8, move=_rw("dense")), "covariance must be"),
     "ess_threshold=True": (lambda: pp.SMC(8, ess_threshold=True), "ess_threshold must be a number"),
+    "IBIS version=nan": (lambda: pp.IBIS(8, version=float("nan")), "version must be a string"),
     "history='3'": (lambda: pp.SMC(8, history="3"), "history must be True or False"),
     "dense_mass='3'": (lambda: pp.NUTS(dense_mass="3"), "dense_mass must be"),
     "NUTS step_size=inf": (lambda: pp.NUTS(step_size=float("inf")), "finite number > 0"),
@@ -1429,6 +1430,7 @@ def test_bad_settings_are_config_errors(case):
         fn()
 
 
+@pytest.mark.filterwarnings("ignore::ppinfer.errors.ConvergenceWarning")  # 10-draw chains
 def test_site_names_and_nuts_options_are_taken_in_any_reasonable_form():
     assert pp.SingleSiteMH(sites=["mu"]).sites == ("mu",)  # a list: unhashable in a cache key before
     assert pp.SingleSiteMH(sites="mu").sites == ("mu",)  # one name, not the characters 'm', 'u'
@@ -1438,6 +1440,7 @@ def test_site_names_and_nuts_options_are_taken_in_any_reasonable_form():
     assert r.samples["mu"].shape == (40,)
 
 
+@pytest.mark.filterwarnings("ignore::ppinfer.errors.ConvergenceWarning")  # 10-draw chains
 def test_results_helpers_refuse_what_they_cannot_show():
     import matplotlib
 

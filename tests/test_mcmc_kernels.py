@@ -159,11 +159,11 @@ def conjugate(y):
         (lambda: NUTS(target_accept_prob="0.8"), "target_accept_prob must be a number in"),
         (lambda: NUTS(max_tree_depth=0), "max_tree_depth must be an integer >= 1"),
         (lambda: NUTS(max_tree_depth="10"), "max_tree_depth must be an integer >= 1"),
-        (lambda: NUTS(step_size=0.0), "step_size must be a number > 0"),
+        (lambda: NUTS(step_size=0.0), "step_size must be a finite number > 0"),
         (lambda: pp.HMC(num_steps=0), "num_steps must be an integer >= 1"),
         (lambda: pp.HMC(num_steps=2.5), "num_steps must be an integer >= 1"),
         (lambda: pp.HMC(target_accept_prob=0.0), "target_accept_prob must be a number in"),
-        (lambda: pp.HMC(step_size=None), "step_size must be a number > 0"),
+        (lambda: pp.HMC(step_size=None), "step_size must be a finite number > 0"),
     ],
 )
 def test_hmc_and_nuts_settings_are_checked(make, match):

@@ -151,7 +151,7 @@ def test_errors():
     with pytest.raises(pp.ConfigError, match="csmc needs a sequential program"):
         csmc(prior, (YS,), 4)
     for bad in (0.0, -1.0, "0.2", None, float("nan")):
-        with pytest.raises(pp.ConfigError, match="step_size must be a number > 0"):
+        with pytest.raises(pp.ConfigError, match="step_size must be a finite number > 0"):
             ParticleGibbs(4, step_size=bad)
     for bad in (0.0, 1.0, "0.3", float("nan")):
         with pytest.raises(pp.ConfigError, match=r"target_accept must be a number in \(0, 1\)"):

@@ -242,6 +242,8 @@ class IBIS:
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
         checks.check_probability("ess_threshold", self.ess_threshold)
+        if not isinstance(self.version, str):
+            raise ConfigError(f"version must be a string (recorded in saved files), got {self.version!r}")
         nm = self.num_moves
         if isinstance(nm, bool) or not isinstance(nm, int | np.integer) or nm < 1:
             raise ConfigError(f"num_moves must be an integer >= 1, got {nm!r}")
