@@ -379,6 +379,11 @@ def twist(name: str, value: jax.Array, previous: jax.Array, final: jax.Array | b
     """Apply a twist ``ψ_t = value`` and remove the previous one: adds ``ψ_t − ψ_{t−1}`` to the log
     weight (``−ψ_{t−1}`` when ``final``, so the twists telescope to zero and the target is
     unchanged). Returns the twist to carry in the state (0 after the final step)."""
+    if jnp.ndim(value) != 0:
+        raise ModelError(
+            f"the twist {name!r} must return one log value per particle (a scalar), got shape "
+            f"{jnp.shape(value)}"
+        )
     current = jnp.where(final, 0.0, value)
     factor(name, current - previous)
     return current
@@ -703,7 +708,13 @@ def constrained(
             tok = sample("tok", dist.Categorical(logits=logits))
             condition("constraint", mask[tok])
         for i, potential in enumerate(potentials):
-            factor(f"potential_{i}", potential(ctx, tok))
+            value = potential(ctx, tok)
+            if jnp.ndim(value) != 0:
+                raise ModelError(
+                    f"potential {i} must return one log factor per particle (a scalar), got shape "
+                    f"{jnp.shape(value)}"
+                )
+            factor(f"potential_{i}", value)
         done = is_eos[tok]
         new_ctx = ctx.extend(prompt, tok)
         ctok = jnp.where(done, eos, tok) if several_eos else tok  # the constraint sees one EOS id

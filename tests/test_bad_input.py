@@ -1499,3 +1499,20 @@ def test_vote_tokens_schema_and_store_inputs():
         tk.constrained(p, None, vocab_bytes=vocab, eos_id=0)
     with pytest.raises(CheckpointError, match="path of a saved posterior"):
         pp.updates.load(None, normal_model)
+
+
+def test_a_twist_or_potential_of_the_wrong_shape_is_named():
+    """A twist returning f[3] was reported as "step returned a state leaf of shape (3,)"."""
+    from ppinfer import tokens as tk
+    from ppinfer.constraints import Regex
+    from ppinfer.lm import NGramLM
+
+    lm = NGramLM.from_probs(np.full((4, 4), 0.25), bos_id=0, eos_id=0)
+    p = tk.prompt(lm, [0], 3)
+    vocab = [b"<eos>", b"a", b"b", b"c"]
+    cases = {"the twist 'twist'": {"twist": lambda ctx: jnp.zeros(3)}}
+    cases["potential 0"] = {"potentials": [lambda ctx, tok: jnp.zeros(2)]}
+    for what, kw in cases.items():
+        prog = tk.constrained(p, Regex("a+"), vocab_bytes=vocab, eos_id=0, **kw)
+        with pytest.raises(ModelError, match=f"{what} must return one log .* per particle"):
+            pp.infer(prog, algorithm=pp.SMC(4), key=0)
