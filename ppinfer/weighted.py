@@ -98,6 +98,9 @@ def simulate(
         ):
             proposal(*args, **kwargs)
         data.update({name: site["value"] for name, site in q_trace.items() if _is_latent(site)})
+        # A subsampled plate's indices (numpyro.plate(..., subsample_size=m)) too: the program
+        # weighs the proposal's local choices on the minibatch they were drawn for.
+        data.update({name: site["value"] for name, site in q_trace.items() if site["type"] == "plate"})
     stops = collect_stops()
     with (
         handlers.trace() as p_trace,

@@ -50,7 +50,7 @@ from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
 from ppinfer.algorithms.steer import Steer
-from ppinfer.errors import EnumerationError, InferenceError
+from ppinfer.errors import ConfigError, EnumerationError, InferenceError
 from ppinfer.kernels.select import parts
 from ppinfer.kernels.smc import StepNoise
 from ppinfer.program import is_sequential
@@ -72,7 +72,7 @@ class ExactReport:
 
     Attributes:
         max_abs_error: ``max(measure_error, evidence_error)``.
-        ok: ``max_abs_error <= tol``.
+        ok: ``relative_error <= tol``.
         measure_error: ``max_x |E[Σ_i w_i δ(x_i)](x) − ⟦program⟧(x)|`` over outcomes.
         evidence_error: ``|E[Ẑ] − Z|``.
         expected_evidence: ``E[Ẑ]`` under the algorithm.
@@ -80,6 +80,11 @@ class ExactReport:
         num_runs: the enumerated inputs the real code was run on (leaves of positive probability).
         algorithm: the algorithm's name.
         tol: the tolerance.
+        relative_error: ``max_abs_error / Z`` (``Z`` the program's mass; ``max_abs_error`` itself
+            when ``Z = 0``, and for the conditional SMC kernel, whose error is between
+            probabilities): the error is judged relative to the mass, so that a selection that
+            ignores the weights is not passed on a program of mass 1e-19, nor round-off failed on
+            one of mass 1e9.
     """
 
     max_abs_error: float
@@ -91,6 +96,7 @@ class ExactReport:
     num_runs: int
     algorithm: str
     tol: float
+    relative_error: float = float("nan")
 
 
 @locked  # NumPyro's handler stack is one per process: other threads' tracing waits
@@ -101,6 +107,10 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
     and :class:`~ppinfer.ParticleGibbs` (exact invariance of its conditional SMC kernel:
     ``max |πK − π|`` in ``max_abs_error``). Raises :class:`EnumerationError` for anything else, a
     continuous latent site, or an enumeration beyond two million runs."""
+    if isinstance(algorithm, type):
+        raise ConfigError(f"algorithm must be an instance, e.g. {algorithm.__name__}(2), not the class")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
+        raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
     name = getattr(algorithm, "name", type(algorithm).__name__)
     with jax.enable_x64(True):
         if isinstance(algorithm, ParticleGibbs):
@@ -112,6 +122,7 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
             if not is_sequential(program):
                 raise EnumerationError(f"{name} needs a sequential program")
             loop = _loop_of(algorithm, program, args)
+            _check_draw(loop.selection, loop.num_particles)
             expected, total_runs = _exact_loop(program, args, loop)
             reference = denote(program, *args)
             if not loop.history:
@@ -132,9 +143,10 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
         )
     evidence_error = abs(ez - reference.total())
     err = max(measure_error, evidence_error)
+    relative = err / reference.total() if reference.total() > 0 else err
     return ExactReport(
         max_abs_error=err,
-        ok=bool(err <= tol),
+        ok=bool(relative <= tol),
         measure_error=measure_error,
         evidence_error=evidence_error,
         expected_evidence=ez,
@@ -142,7 +154,37 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
         num_runs=total_runs,
         algorithm=name,
         tol=tol,
+        relative_error=relative,
     )
+
+
+def _check_draw(selection: Any, n: int, num_draws: int = 20_000) -> None:
+    """The check enumerates ``u ~ U[0, 1)^n``, but ``pp.infer`` draws a selection's uniforms with
+    its own ``draw(key, n_out, dtype)`` when it has one (:func:`~ppinfer.kernels.select.
+    draw_uniforms`). The built-in selections' draws are checked by the test suite; a user's is
+    tested here: every coordinate of ``num_draws`` draws against ``U[0, 1)`` (Kolmogorov–Smirnov, an
+    :class:`EnumerationError` at p < 1e-6, a false-failure rate of 1e-6 per coordinate), since the
+    exact verdict would otherwise be about uniforms the run never draws. (Dependence between the
+    coordinates a selection reads is not tested.)"""
+    from scipy.stats import kstest
+
+    while type(selection).__module__ == "ppinfer.kernels.select" and hasattr(selection, "base"):
+        selection = selection.base  # Adaptive, Grouped: their draw is their base's
+    draw = getattr(selection, "draw", None)
+    if draw is None or type(selection).__module__ == "ppinfer.kernels.select":
+        return
+    keys = jax.random.split(jax.random.PRNGKey(12345), num_draws)
+    u = np.asarray(jax.vmap(lambda k: draw(k, n, jnp.float64))(keys), np.float64)
+    if u.shape != (num_draws, n):
+        raise EnumerationError(f"the selection's draw(key, {n}, dtype) gave shape {u.shape[1:]}, not ({n},)")
+    for j in range(n):
+        p = kstest(u[:, j], "uniform").pvalue
+        if p < 1e-6:
+            raise EnumerationError(
+                f"the selection's own draw() does not give U[0, 1) uniforms (coordinate {j}: "
+                f"Kolmogorov–Smirnov p = {p:.1e}): check_exact enumerates U[0, 1), which pp.infer "
+                "would not draw, so it cannot give this selection an exact verdict"
+            )
 
 
 def selection_outcomes(
@@ -333,7 +375,8 @@ def _csmc_report(program, args, algorithm, tol):
     from semantics.csmc import check_csmc_invariance
 
     err = check_csmc_invariance(program, args, algorithm.num_particles, algorithm.ancestor_sampling)
-    return ExactReport(err, bool(err <= tol), err, 0.0, float("nan"), float("nan"), 0, algorithm.name, tol)
+    nan = float("nan")
+    return ExactReport(err, bool(err <= tol), err, 0.0, nan, nan, 0, algorithm.name, tol, err)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 from numpyro.primitives import Messenger
 
 from ppinfer.algorithms.enumerate import enumerate_runs, support_values
+from ppinfer.errors import EnumerationError
 from ppinfer.mcmc.base import Kernel, MHState
 from ppinfer.traced import assess, generate, latent_sites
 from semantics.denote import denote
@@ -79,8 +80,33 @@ def proposal_outcomes(
             continue
         prob = math.exp(sum(fixer.log_probs))
         new_choices = {k: np.asarray(v) for k, v in new.choices.items()}
+        _require_no_key_randomness(propose, trace, args, prefix, new_choices, float(log_alpha))
         out.append((prob, new_choices, float(log_alpha)))
     return out
+
+
+def _require_no_key_randomness(propose, trace, args, prefix, choices: dict, log_alpha: float) -> None:
+    """Run the same enumerated outcome with another key: a proposal step that draws from its key
+    (``jax.random``) instead of DSL ``sample`` sites would be enumerated as if that draw were fixed,
+    and the verdict would be about a kernel that is not the one that runs. An
+    :class:`EnumerationError` instead."""
+    from jax._src.interpreters.partial_eval import dce_jaxpr
+
+    message = (
+        "the proposal step draws randomness from its key (jax.random) rather than from DSL sample "
+        "sites: check_invariance enumerates sample sites only, so it cannot give this kernel an "
+        "exact verdict (draw the randomness with pp.sample)"
+    )
+    # With every sample site fixed to its enumerated value, the step's output must not depend on
+    # the key at all: dead-code elimination of its jaxpr tells whether the key is still used.
+    try:
+        with _fix_drawn(prefix):
+            closed = jax.make_jaxpr(lambda k: propose(k, trace, args))(jax.random.PRNGKey(0))
+    except _Branching:
+        raise EnumerationError(message) from None
+    _, used = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    if used[0]:
+        raise EnumerationError(message)
 
 
 def check_joint_invariance(
@@ -160,4 +186,6 @@ class _fix_drawn(Messenger):
         if i not in self.prefix:
             raise _Branching(i, support_values(msg["name"], msg["fn"]))
         msg["value"] = jnp.asarray(self.prefix[i])
-        self.log_probs.append(float(jnp.sum(msg["fn"].log_prob(msg["value"]))))
+        lp = jnp.sum(msg["fn"].log_prob(msg["value"]))
+        if not isinstance(lp, jax.core.Tracer):  # (traced by the key-dependence check: not needed)
+            self.log_probs.append(float(lp))

@@ -270,3 +270,42 @@ def test_check_exact_beside_threads_running_infer():
     for t in threads:
         t.join()
     assert out == {"check": alone, **dict(enumerate(tempered))}
+
+
+def test_the_verdict_is_relative_to_the_mass():
+    """An absolute tolerance passed a selection that ignores the weights on a program of mass 3e-19
+    (33 % off) and failed valid SMC on one of mass 2.6e9 (round-off 7e-6)."""
+    tiny = check_exact(
+        HMM, jnp.array([5.0, 6.0, 7.0]), algorithm=pp.SMC(2, resampling=IgnoresWeights(), ess_threshold=1.0)
+    )
+    assert tiny.evidence < 1e-18 and tiny.relative_error > 0.1 and not tiny.ok, tiny
+
+    def heavy(z, t, ys):
+        pp.factor("big", 12.0)
+        return _step(z, t, ys)
+
+    big = check_exact(
+        pp.sequential(_init, heavy, lambda ys: len(ys)), YS, algorithm=pp.SMC(2, ess_threshold=1.0)
+    )
+    assert big.evidence > 1e9 and big.ok and big.relative_error < 1e-13, big
+
+
+@dataclass(frozen=True)
+class SquaredDraw:
+    """Multinomial with its own draw() of u², not U[0, 1): pp.infer uses the draw, so the check must
+    not pass it on the strength of the uniforms it enumerates itself."""
+
+    def __call__(self, u, log_weights):
+        return Multinomial()(u, log_weights)
+
+    def draw(self, key, n_out, dtype):
+        return jax.random.uniform(key, (n_out,), dtype) ** 2
+
+
+def test_a_selection_whose_own_draw_is_not_uniform_is_refused():
+    with pytest.raises(pp.EnumerationError, match="own draw\\(\\) does not give U\\[0, 1\\)"):
+        check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=SquaredDraw(), ess_threshold=1.0))
+    with pytest.raises(pp.ConfigError, match="an instance"):
+        check_exact(HMM, YS, algorithm=pp.SMC)
+    with pytest.raises(pp.ConfigError, match="tol must be"):
+        check_exact(HMM, YS, algorithm=pp.SMC(2), tol=-1.0)

@@ -309,3 +309,23 @@ def test_chains_that_disagree_raise_a_convergence_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_unmixed(fake(mixed))
+
+
+def test_check_invariance_refuses_a_proposal_that_draws_from_its_key():
+    """Randomness drawn with jax.random instead of DSL sample sites was enumerated as if fixed
+    (PRNGKey(0)): a kernel that jumps to a = 0 with probability 0.1 and always accepts (true
+    max|πK − π| = 0.09) passed at 1e-16."""
+    from ppinfer.mcmc.base import mh_kernel
+
+    def model():
+        a = pp.sample("a", dist.Categorical(probs=jnp.array([0.2, 0.5, 0.3])))
+        pp.observe("y", dist.Normal(a * 1.0, 1.0), 1.7)
+
+    def sneaky(key, trace, args):
+        bad = ~jax.random.bernoulli(key, 0.9)
+        new, log_ratio, _ = update(model, args, trace, {"a": jnp.where(bad, 0, trace.choices["a"])})
+        return new, jnp.where(bad, 0.0, log_ratio)
+
+    with jax.enable_x64(True):
+        with pytest.raises(pp.EnumerationError, match="draws randomness from its key"):
+            check_invariance(model, (), mh_kernel(model, sneaky))

@@ -11,9 +11,10 @@ deterministic given its uniforms ``u`` (each ``U[0, 1)``, independent); ``n_out 
     E[ Σ_j exp(log_weights'[j]) δ(x[ancestors[j]]) ] = Σ_i exp(log_weights[i]) δ(x[i])
 
 (the expected measure, total mass Ẑ included, is unchanged; a particle of weight zero is never
-copied). ``semantics.check_exact`` verifies this exactly for any selection — a user's too — by
-splitting each uniform at the points where the output changes, and SMC built on a valid selection
-is valid.
+copied). ``semantics.check_exact`` verifies SMC built on any selection — a user's too — exactly on
+the weight vectors a given program produces, by splitting each uniform at the points where the
+output changes (``semantics.check_resample`` checks the selection itself on chosen weight
+vectors), and SMC built on a valid selection is valid.
 
 Optional members a selection may define (the kernel uses them when present):
 

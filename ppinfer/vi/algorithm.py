@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import optax
 from numpyro import handlers
 
@@ -168,7 +169,29 @@ class VI:
         checks.raise_if_dead(float(log_z), "under the fitted guide", n)
         if self.weighting == "equal":
             log_w = jnp.full_like(log_w, log_z - math.log(n))
-        return Result(samples=ps.choices, log_weights=log_w, log_evidence=float(log_z), algorithm=self.name)
+        point = _point_mass_sites(key, self.guide, params, args)
+        # A point-mass (Delta, AutoDelta) guide has no density: log p − log q is log p(x̂, y), not an
+        # importance weight, and its log-mean-exp no estimate of log Z (MAP, not evidence).
+        result = Result(
+            samples=ps.choices,
+            log_weights=log_w,
+            log_evidence=None if point else float(log_z),
+            algorithm=self.name,
+        )
+        if point:
+            result.extras["point_mass_sites"] = point
+        return result
+
+
+def _point_mass_sites(key: jax.Array, guide: Callable[..., Any], params: dict, args: tuple) -> list[str]:
+    """The latent sites the fitted guide draws from a point mass (``dist.Delta``)."""
+    with handlers.trace() as tr, handlers.seed(rng_seed=key), handlers.substitute(data=params):
+        guide(*args)
+    return sorted(
+        n
+        for n, s in tr.items()
+        if s["type"] == "sample" and not s["is_observed"] and isinstance(s["fn"], dist.Delta)
+    )
 
 
 class FitState(NamedTuple):

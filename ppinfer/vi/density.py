@@ -76,10 +76,13 @@ def log_density_ratio(
         guide(*args)
     q_latent = {n: s for n, s in q_trace.items() if s["type"] == "sample" and not s["is_observed"]}
     values = {n: s["value"] for n, s in q_latent.items()}
+    # A subsampled plate's indices too (numpyro.plate(..., subsample_size=m)): the model must score
+    # the guide's local latents against the same minibatch the guide drew them for.
+    subsample = {n: s["value"] for n, s in q_trace.items() if s["type"] == "plate"}
     with (
         handlers.trace() as p_trace,
         handlers.seed(rng_seed=k_p),
-        handlers.substitute(data={**params, **values}),
+        handlers.substitute(data={**params, **subsample, **values}),
     ):
         model(*args)
     _check_sites(p_trace, q_latent, full_coverage)
