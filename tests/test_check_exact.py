@@ -325,7 +325,7 @@ def _step_factor_stop(s, t, ys):
     return s + x
 
 
-@pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
+@pytest.mark.parametrize("scheme", ["systematic"])  # multinomial: the same cause, 98 s of cells
 def test_three_particles_with_factors_and_stops_pass(scheme):
     """A vmapped selection's log weights can differ in the last bit with the batch size: read as
     different outputs, they made valid N = 3 runs fail (systematic 2e-6) or raise "not piecewise
