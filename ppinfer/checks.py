@@ -7,10 +7,11 @@ the site they happened at, instead of as NaN weights or a traceback from deep in
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -163,7 +164,7 @@ def dry_run(
         except UserWarning as w:
             kind = DataError if "support" in str(w).lower() else ModelError
             raise kind(f"{what}: {w} (at or after site {tracker.last!r})") from None
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+        except PROGRAM_ERRORS as e:
             where = "before any site" if tracker.last is None else f"after site {tracker.last!r}"
             raise ModelError(f"{what} failed {where}: {type(e).__name__}: {e}") from e
         except NotImplementedError as e:
@@ -172,6 +173,25 @@ def dry_run(
     _raise_on_data_outside_support(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
+
+
+PROGRAM_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError)
+"""What a failing user program raises (a bad parameter, shape, index or name): a ``ModelError``."""
+
+
+@contextlib.contextmanager
+def program_errors(what: str) -> Iterator[None]:
+    """Run a user program's code inside: its :data:`PROGRAM_ERRORS` (and NumPyro's
+    ``NotImplementedError`` for a site it cannot sample) become a :class:`ModelError` starting with
+    ``what``; ppinfer's own errors pass through."""
+    try:
+        yield
+    except PPInferError:
+        raise
+    except PROGRAM_ERRORS as e:
+        raise ModelError(f"{what}: {type(e).__name__}: {e}") from e
+    except NotImplementedError as e:
+        raise ModelError(f"{what}: {not_implemented_message(e)}") from e
 
 
 def not_implemented_message(e: NotImplementedError) -> str:

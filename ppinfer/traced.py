@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from numpyro import handlers
 
-from ppinfer.errors import ModelError, PPInferError
+from ppinfer.errors import ModelError
 from ppinfer.weighted import seed, site_log_prob
 
 __all__ = ["Trace", "generate", "assess", "update", "regenerate", "latent_sites"]
@@ -117,15 +117,12 @@ def latent_sites(program: Callable[..., Any], args: tuple) -> dict[str, Any]:
     on a program's structure (e.g. which sites are discrete)."""
     from ppinfer import checks  # (checks imports this module)
 
-    with handlers.trace() as tr, handlers.seed(rng_seed=0):
-        try:
-            program(*args)
-        except PPInferError:
-            raise
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
-            raise ModelError(f"running the program once failed: {type(e).__name__}: {e}") from e
-        except NotImplementedError as e:
-            raise ModelError(f"running the program once failed: {checks.not_implemented_message(e)}") from e
+    with (
+        handlers.trace() as tr,
+        handlers.seed(rng_seed=0),
+        checks.program_errors("running the program once failed"),
+    ):
+        program(*args)
     return {n: s["fn"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
 
 

@@ -230,6 +230,8 @@ def _enumerate(fn, args, kwargs, max_branches, prune, max_seconds, batched):
 
 
 def _enumerate_eager(fn, args, kwargs, max_branches, prune, max_seconds, start) -> _Eager:
+    from ppinfer.checks import PROGRAM_ERRORS
+
     branches: list[Branch] = []
     pending: list[dict] = [{}]
     executions = 0
@@ -244,7 +246,7 @@ def _enumerate_eager(fn, args, kwargs, max_branches, prune, max_seconds, start) 
         executions += 1
         try:
             branches.append(_run_branch(fn, args, kwargs, prefix))
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+        except PROGRAM_ERRORS as e:
             shown = {k: np.asarray(v).tolist() for k, v in prefix.items()}
             raise ModelError(
                 f"Enumerate: the program failed on the execution with choices {shown} (and the first "

@@ -33,7 +33,7 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 
 from ppinfer import checks
-from ppinfer.errors import ConfigError, ModelError, PPInferError
+from ppinfer.errors import ConfigError, ModelError
 
 __all__ = ["Space", "space_of"]
 
@@ -104,16 +104,8 @@ def space_of(
         ConfigError: a name in ``sites`` is not a latent site of ``fn``.
     """
     seed = checks.as_key(key)
-    try:
+    with checks.program_errors(f"{what}: running the program once failed"):
         tr = handlers.trace(handlers.seed(fn, seed)).get_trace(*args)
-    except PPInferError:
-        raise
-    except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
-        raise ModelError(f"{what}: running the program once failed: {type(e).__name__}: {e}") from e
-    except NotImplementedError as e:
-        raise ModelError(
-            f"{what}: running the program once failed: {checks.not_implemented_message(e)}"
-        ) from e
     latent = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
     if sites is None:
         names = tuple(latent)

@@ -16,6 +16,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
+from ppinfer.checks import PROGRAM_ERRORS
 from ppinfer.errors import ConfigError, ModelError, PPInferError
 
 __all__ = ["ParamSpec", "find_params", "constrain", "unconstrain", "bind_params"]
@@ -43,7 +44,7 @@ def find_params(key: jax.Array, runs: list[tuple[Callable[..., Any], tuple]]) ->
                 fn(*args)
             except PPInferError:
                 raise
-            except (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+            except PROGRAM_ERRORS as e:
                 params = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
                 raise ModelError(
                     f"running {getattr(fn, '__name__', 'the guide')} once at its initial parameters "
