@@ -80,16 +80,16 @@ def proposal_outcomes(
             continue
         prob = math.exp(sum(fixer.log_probs))
         new_choices = {k: np.asarray(v) for k, v in new.choices.items()}
-        _require_no_key_randomness(propose, trace, args, prefix, new_choices, float(log_alpha))
+        _require_no_key_randomness(propose, trace, args, prefix)
         out.append((prob, new_choices, float(log_alpha)))
     return out
 
 
-def _require_no_key_randomness(propose, trace, args, prefix, choices: dict, log_alpha: float) -> None:
-    """Run the same enumerated outcome with another key: a proposal step that draws from its key
-    (``jax.random``) instead of DSL ``sample`` sites would be enumerated as if that draw were fixed,
-    and the verdict would be about a kernel that is not the one that runs. An
-    :class:`EnumerationError` instead."""
+def _require_no_key_randomness(propose, trace, args, prefix: dict) -> None:
+    """Raise :class:`EnumerationError` if the proposal step, its sample sites fixed to ``prefix``,
+    still uses its key: a step that draws from it (``jax.random``) instead of DSL ``sample`` sites
+    would be enumerated as if that draw were fixed, and the verdict would be about a kernel that is
+    not the one that runs."""
     from jax._src.interpreters.partial_eval import dce_jaxpr
 
     message = (
