@@ -76,8 +76,8 @@ def infer(
             result = algorithm.run(key, program, args)
             _check_state(getattr(result, "state", None))
             return result
-        except _CONCRETE_VALUE_ERRORS as e:
-            raise ModelError(_concrete_value_message(e)) from e
+        except CONCRETE_VALUE_ERRORS as e:
+            raise ModelError(concrete_value_message(e)) from e
         except MemoryEstimateError as e:
             n = getattr(algorithm, "num_particles", None)
             what = f" with num_particles={n}" if n is not None else ""
@@ -146,7 +146,7 @@ logging.getLogger("jax._src.callback").addFilter(_QuietOwnErrors())
 
 
 # JAX's errors for Python control flow or conversions on a traced value inside a program.
-_CONCRETE_VALUE_ERRORS = (
+CONCRETE_VALUE_ERRORS = (
     jax.errors.ConcretizationTypeError,  # includes TracerBoolConversionError
     jax.errors.TracerIntegerConversionError,
     jax.errors.TracerArrayConversionError,
@@ -167,14 +167,17 @@ def _check_state(state: Any) -> None:
             _check_state(node)
 
 
-def _concrete_value_message(e: BaseException) -> str:
+def concrete_value_message(e: BaseException) -> str:
+    """The :class:`ModelError` message for one of :data:`CONCRETE_VALUE_ERRORS` raised while
+    tracing a program: where in the user's code, and how to write it instead."""
     where = _user_frame(e.__traceback__)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return (
-        f"the program uses a random (traced) value where Python needs a concrete one{where}: "
-        f"{type(e).__name__}: {first} The program runs compiled, for all particles at once, so a "
-        "Python `if`/`while`, `int()`/`float()` or a NumPy call cannot look at a sampled value: use "
-        "jnp.where(cond, a, b) or jax.lax.cond for branches, jnp functions for arithmetic."
+        f"the program uses a traced value (a sampled value, or a step's index t) where Python needs "
+        f"a concrete one{where}: {type(e).__name__}: {first} The program runs compiled, for all "
+        "particles at once, so a Python `if`/`while`, `int()`/`float()`, a NumPy call or indexing a "
+        "Python list cannot look at such a value: use jnp.where(cond, a, b) or jax.lax.cond for "
+        "branches, jnp functions for arithmetic, and pass data as arrays (jnp.asarray(ys))."
     )
 
 

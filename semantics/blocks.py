@@ -50,11 +50,14 @@ def check_resample(scheme: Any, log_weights: Any) -> float:
     """Exact check of ``E[⟦resample(pop)⟧] = ⟦pop⟧`` for a population whose particles are their own
     indices and whose weights are ``log_weights``, with ``scheme`` (a name or a selection): the
     ancestors AND the new weights the selection returns, on every cell of its uniforms. Returns the
-    max abs error of the expected measure."""
+    max abs error of the expected measure relative to the population's total mass ``Z = Σ exp(w)``
+    (both measures are divided by ``Z`` in log space, so weights of any scale, e.g. ``[800, 799]``,
+    check without overflow)."""
     lw = np.asarray(log_weights, np.float64)
-    before = Measure.from_log(enumerate(lw))
+    log_z = float(logsumexp(lw)) if np.isfinite(lw).any() else 0.0
+    before = Measure.from_log(enumerate(lw - log_z))
     after = Measure(
-        (a, p * math.exp(w))
+        (a, p * math.exp(w - log_z))
         for p, ancestors, new in selection_outcomes(as_selection(scheme), lw)
         for a, w in zip(ancestors, new, strict=True)
     )

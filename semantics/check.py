@@ -50,7 +50,8 @@ from ppinfer.algorithms.importance import Importance, importance_run
 from ppinfer.algorithms.particle_gibbs import ParticleGibbs
 from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
 from ppinfer.algorithms.steer import Steer
-from ppinfer.errors import ConfigError, EnumerationError, InferenceError
+from ppinfer.errors import ConfigError, EnumerationError, InferenceError, ModelError
+from ppinfer.infer import CONCRETE_VALUE_ERRORS, concrete_value_message
 from ppinfer.kernels.select import parts
 from ppinfer.kernels.smc import StepNoise
 from ppinfer.program import is_sequential
@@ -112,6 +113,13 @@ def check_exact(program: Any, *args: Any, algorithm: Any, tol: float = 1e-8) -> 
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
         raise ConfigError(f"tol must be a number >= 0, got {tol!r}")
     name = getattr(algorithm, "name", type(algorithm).__name__)
+    try:
+        return _check_exact(program, args, algorithm, tol, name)
+    except CONCRETE_VALUE_ERRORS as e:  # as pp.infer says it: a ModelError naming the line
+        raise ModelError(concrete_value_message(e)) from e
+
+
+def _check_exact(program: Any, args: tuple, algorithm: Any, tol: float, name: str) -> ExactReport:
     with jax.enable_x64(True):
         # float32 data in float64: the run and the reference then compute the same program (mixed
         # float32 data and float64 parameters were promoted at different points: 4e-8 apart).

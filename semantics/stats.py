@@ -51,10 +51,16 @@ class CLTCheck:
 
 
 def check_mean(samples: Any, expected: float, false_failure_rate: float = 1e-3) -> CLTCheck:
-    """Is ``E[samples] = expected``? ``samples: f[R]`` i.i.d. replications."""
+    """Is ``E[samples] = expected``? ``samples: f[R]`` i.i.d. replications, ``R ≥ 2`` (the standard
+    error is estimated from them). A NaN sample makes the check fail (``z`` is NaN)."""
     if not 0.0 < false_failure_rate < 1.0:  # 0: never fails; 1 or more: always fails
         raise ConfigError(f"false_failure_rate must be in (0, 1), got {false_failure_rate!r}")
     x = np.asarray(samples, np.float64)
+    if x.ndim != 1 or x.size < 2:
+        raise ConfigError(
+            f"samples must be a 1-D array of at least 2 replications (the standard error is estimated "
+            f"from them), got shape {x.shape}"
+        )
     stderr = float(np.std(x, ddof=1) / np.sqrt(x.size))
     est = float(np.mean(x))
     z = (est - expected) / stderr if stderr > 0 else (0.0 if est == expected else np.inf)

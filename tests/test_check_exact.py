@@ -191,6 +191,23 @@ def test_selection_outcomes_are_the_exact_law():
     assert all(sys_law[a] == pytest.approx(p, abs=1e-12) for a, p in expected.items())
 
 
+def test_a_program_indexing_a_python_list_by_t_is_a_model_error_naming_the_line():
+    # As pp.infer says it; check_exact raised JAX's raw TracerIntegerConversionError.
+    def step(z, t, ys):
+        x = pp.sample("x", dist.Bernoulli(0.4))
+        pp.observe("y", dist.Normal(x * 1.0, 0.5), ys[t])
+        return x
+
+    program = pp.sequential(_init, step, num_steps=lambda ys: len(ys))
+    for run in (
+        lambda: check_exact(program, [0.3, 1.1], algorithm=pp.SMC(2)),
+        lambda: pp.infer(program, [0.3, 1.1], algorithm=pp.SMC(2)),
+    ):
+        with pytest.raises(pp.ModelError, match=r"test_check_exact.py:\d+ \(in step\).*pass data as arrays"):
+            run()
+    assert check_exact(program, jnp.array([0.3, 1.1]), algorithm=pp.SMC(2)).ok
+
+
 def test_what_cannot_be_enumerated_is_an_enumeration_error():
     def continuous(y):
         mu = pp.sample("mu", dist.Normal(0.0, 1.0))

@@ -287,6 +287,15 @@ def test_mcmc_errors():
     with pytest.raises(ModelError, match=r"reads choices\['muu'\].*latent sites: \['mu'\]"):
         pp.infer(conjugate, y, algorithm=MCMC(pp.ProgrammableMH(typo), 10, 10))
 
+    # A proposal with an auxiliary site: "update: site(s) ['step'] are not latent sites" before,
+    # which did not say that the proposal drew it.
+    def auxiliary(c, y):
+        step = pp.sample("step", dist.Normal(0.0, 1.0))
+        pp.sample("mu", dist.Normal(c["mu"] + step, 0.3))
+
+    with pytest.raises(ModelError, match=r"proposal samples site\(s\) \['step'\].*latent sites: \['mu'\]"):
+        pp.infer(conjugate, y, algorithm=MCMC(pp.ProgrammableMH(auxiliary), 10, 10))
+
 
 def test_chains_that_disagree_raise_a_convergence_warning():
     """Split R-hat over the chains of every real-valued site element: chains centred 5 sds apart (a

@@ -32,6 +32,13 @@ def test_outcome_probabilities_sum_to_one(x64, scheme):
     assert math.fsum(p for p, _ in outcomes) == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_check_resample_takes_weights_of_any_scale(x64, scheme):
+    # exp(800) overflowed (a raw OverflowError); the error is now relative to the total mass.
+    assert check_resample(scheme, [800.0, 799.0, -5.0]) < 1e-12
+    assert check_resample(scheme, [-800.0, -801.0]) < 1e-12
+
+
 def test_a_biased_resampler_fails_the_check(x64):
     from ppinfer.kernels.select import Systematic
 

@@ -21,15 +21,11 @@ from semantics import (
     smc_log_evidence_replicates,
 )
 
-HMM2 = dict(
-    init_probs=[0.6, 0.4], transition=[[0.7, 0.3], [0.2, 0.8]], means=[-1.0, 1.0], scale=1.0
-)
+HMM2 = dict(init_probs=[0.6, 0.4], transition=[[0.7, 0.3], [0.2, 0.8]], means=[-1.0, 1.0], scale=1.0)
 
 
 def hmm2():
-    return discrete_hmm(
-        **{k: np.asarray(v, np.float64) if k != "scale" else v for k, v in HMM2.items()}
-    )
+    return discrete_hmm(**{k: np.asarray(v, np.float64) if k != "scale" else v for k, v in HMM2.items()})
 
 
 def sprinkler_steps():
@@ -150,6 +146,16 @@ def test_static_importance_evidence_unbiased():
     log_z = float(dist.Normal(0.0, np.sqrt(1.25)).log_prob(1.3))
     lz = importance_log_evidence_replicates(model, (1.3,), 2000, 8)
     assert check_unbiased_evidence(lz, log_z)
+
+
+def test_check_mean_needs_two_replications_and_fails_on_nan():
+    # One sample gave stderr NaN and a "failed" check with z = inf (and NumPy warnings); no samples
+    # gave a NaN estimate. A NaN replication fails the check.
+    for bad in ([1.0], [], [[1.0, 2.0], [3.0, 4.0]]):
+        with pytest.raises(pp.ConfigError, match="at least 2 replications"):
+            check_mean(bad, 0.0)
+    assert not check_mean([1.0, np.nan, 2.0], 1.5)
+    assert check_mean([1.0, 2.0, 1.5], 1.5)
 
 
 def test_the_statistical_check_has_power():

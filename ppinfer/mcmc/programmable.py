@@ -62,6 +62,14 @@ def programmable_propose(
         ) from None
     if not forward.choices:
         raise ModelError("the MH proposal program samples no site")
+    extra = sorted(set(forward.choices) - set(trace.choices))
+    if extra:  # an auxiliary variable would need its own reverse move: not part of this kernel
+        raise ModelError(
+            f"the MH proposal samples site(s) {extra} that the program does not have (its latent "
+            f"sites: {sorted(trace.choices)}): a proposal samples new values for the program's own "
+            "sites only (the reverse move assesses them): integrate auxiliary randomness into the "
+            "proposal's distribution, e.g. a mixture (dist.MixtureSameFamily)"
+        )
     for name, value in forward.choices.items():  # shapes are known when traced: checked once
         if name in trace.choices and jnp.shape(value) != jnp.shape(trace.choices[name]):
             raise ModelError(
