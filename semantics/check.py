@@ -339,10 +339,12 @@ def _measure(out, nodes, loop):
     else:
         init = jax.tree.map(np.asarray, out["init_choices"])
         final = jax.tree.map(np.asarray, out["final_choices"])
+        stepped = np.ones(log_w.shape, bool) if out["stepped"] is None else np.asarray(out["stepped"])
         for b, p in enumerate(probs):
             for i in range(log_w.shape[1]):
                 choices = {f"init/{s}": v[b, i] for s, v in init.items()}
-                choices.update({f"last/{s}": v[b, i] for s, v in final.items()})
+                if stepped[b, i]:  # a particle that stopped in init has no last step
+                    choices.update({f"last/{s}": v[b, i] for s, v in final.items()})
                 items.append((outcome_key(choices), p * math.exp(log_w[b, i])))
     return Measure(items), ez
 

@@ -308,7 +308,11 @@ def test_history_false_is_the_same_filter_without_records(stops):
         assert (last < active.shape[1] - 1).any()  # some particles did stop early
         np.testing.assert_allclose(filt.samples["z"], full.samples["z"], rtol=1e-6)
     np.testing.assert_allclose(x_filt, x_full[np.arange(len(last)), last], rtol=1e-6)
-    assert filt.ancestors is None and filt.extras["active"] is None
+    assert filt.ancestors is None
+    if stops:  # whether each particle ran a step at all: here every one did (none stops in init)
+        np.testing.assert_array_equal(filt.extras["active"], active.any(axis=1))
+    else:
+        assert filt.extras["active"] is None
     with pytest.raises(pp.errors.ConfigError, match="history=True"):
         lineages(filt)
 

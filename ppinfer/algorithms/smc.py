@@ -87,7 +87,9 @@ class SMC:
             ``False`` records no per-step particle data (as ``particles``' ``store_history=False``): a
             pure filter, cheaper per step; ``samples`` then hold each particle's latest choices
             ``[N, …]`` (the filtering distribution of the last step) and ``init``'s choices carried
-            through resampling; ``ancestors`` and ``extras["active"]`` are ``None``. ``log_weights``,
+            through resampling; ``ancestors`` is ``None``, and ``extras["active"]`` is ``None`` or,
+            for a program that can stop, ``bool[N]``: whether the particle ran a step at all (where it
+            did not, stopping in ``init``, its step sites hold zeros, not draws). ``log_weights``,
             ``log_evidence``, the ESS / resampling / log Ẑ histories and ``state`` are the same.
         progress_bar: a tqdm bar on stderr over the steps; ``None`` (default): shown on a terminal
             for a run expected to last over a second. The steps run in compiled chunks either way
@@ -179,7 +181,7 @@ def run_sequential(
         samples, site_kinds = sample_names(
             out["init_choices"], out["trajectories" if moved else "final_choices"]
         )
-        extras_ = {"site_kinds": site_kinds, "active": out["active"] if moved else None, **more}
+        extras_ = {"site_kinds": site_kinds, "active": out["active" if moved else "stepped"], **more}
         wall_time = time.perf_counter() - t0
         return Result(samples=samples, ancestors=None, wall_time=wall_time, extras=extras_, **common)
     _, site_kinds = sample_names(out["init_choices"], out["history"]["choices"])
@@ -415,7 +417,8 @@ def _loop_fns(program: Any, args: tuple, loop: Loop) -> _LoopFns:
     elif not loop.history and may_stop:
 
         def update_carried(carried, choices, active, t):
-            return {**carried, "step": keep_finished(~active, choices, carried["step"])}
+            step = keep_finished(~active, choices, carried["step"])
+            return {**carried, "step": step, "stepped": carried["stepped"] | active}
 
     def body(carry, xs):
         state, last = carry
@@ -472,8 +475,8 @@ def loop_start(
         carried = {"init": init_info.choices}
         shapes = jax.eval_shape(lambda s, k_: fns.step(k_, s, None)[1].choices, state, k_loop)
         zeros = jax.tree.map(lambda a: jnp.zeros((n, *a.shape[1:]), a.dtype), shapes)
-        if fns.may_stop:
-            carried["step"] = zeros
+        if fns.may_stop:  # and whether a particle ran a step at all (else "step" is a placeholder)
+            carried["step"], carried["stepped"] = zeros, jnp.zeros((n,), bool)
         else:
             last = zeros
         state = state._replace(carried=carried)
@@ -556,7 +559,8 @@ def loop_output(run: LoopRun, program: Any, args: tuple, loop: Loop) -> dict:
         return {**out, "move": records["move"], **loop.move.output(state.carried["move"])}
     if not loop.history:
         final = state.carried["step"] if last is None else last
-        return {**out, "init_choices": state.carried["init"], "final_choices": final}
+        stepped = state.carried["stepped"] if last is None else None  # None: every particle did
+        return {**out, "init_choices": state.carried["init"], "final_choices": final, "stepped": stepped}
     choices, active, ancestors = records["choices"], records["active"], records["ancestors"]
     if active is None:
         active = jnp.ones((num_steps, n * k), bool)
@@ -588,8 +592,10 @@ def run_loop(key: jax.Array, program: Any, args: tuple, loop: Loop, noise: LoopN
       "active": bool[T, M]}`` for :func:`trace_history`; and ``filtering``: each step's choices,
       pre-selection ``log_weights: f32[T, M]`` and ``active`` — the filtering approximation of
       every step from one run;
-    - without: ``final_choices`` (each particle's latest step choices ``[N, …]``) and
-      ``init_choices`` carried through the selections.
+    - without: ``final_choices`` (each particle's latest step choices ``[N, …]``),
+      ``init_choices`` carried through the selections, and ``stepped: bool[N]``, whether the
+      particle ran a step at all (for a program that can stop; else ``None``: every particle did) —
+      where it did not, ``final_choices`` holds zeros, not choices.
 
     Steps not run (early exit) are recorded as inactive, not selected, identity ancestors. With
     ``noise`` the run uses the injected randomness and also returns ``log_prob_draws_init: f32[N]``,
