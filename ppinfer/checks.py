@@ -357,8 +357,9 @@ def raise_if_dead(log_evidence: float, where: str, num_particles: int) -> None:
     if np.isnan(log_evidence) or log_evidence == np.inf:
         raise InferenceError(
             f"log Ẑ is {log_evidence} {where}".rstrip() + ": a log weight became NaN or +inf — a "
-            "selection (resampling=…) returned one or an ancestor out of range, or a move, a "
-            "proposal or a site's log density did"
+            "selection (resampling=…) returned one, an ancestor out of range (or out of its group) "
+            "or only zero weights from a live population, or a move, a proposal or a site's log "
+            "density gave a NaN or +inf"
         )
     if not np.isfinite(log_evidence) and log_evidence < 0:
         raise ZeroEvidenceError(

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -226,10 +226,10 @@ def selection_outcomes(
 
 
 def _loop_of(algorithm, program, args):
+    """The loop ``pp.infer`` runs (without per-step NaN flags: a healthy run, as enumerated here)."""
     if isinstance(algorithm, Importance):
-        smc = SMC(algorithm.num_particles, ess_threshold=0.0, proposal=algorithm.proposal)
-        return smc.loop(program, args)
-    return algorithm.loop(program, args)
+        algorithm = SMC(algorithm.num_particles, ess_threshold=0.0, proposal=algorithm.proposal)
+    return replace(algorithm.loop(program, args), nan_sites=False)
 
 
 def _exact_loop(program, args, loop):

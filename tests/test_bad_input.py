@@ -211,6 +211,34 @@ def test_nan_or_infinite_site_for_a_few_particles_of_a_later_step_is_named(value
         pp.infer(pp.sequential(init, step, 6), algorithm=pp.SMC(4096), key=3)
 
 
+def test_a_nan_site_is_named_even_when_a_selection_drops_the_nan_particle():
+    # pp.infer runs SMC without per-step NaN flags and runs again with them when log Ẑ went NaN or
+    # +inf at any step: here the user's selection turns the NaN weight into −inf, so the final log
+    # Ẑ is finite and only the step's recorded log-sum-exp shows the NaN.
+    from ppinfer.kernels.select import Systematic
+
+    def drop_nan(u, log_weights):
+        return Systematic()(u, jnp.where(jnp.isnan(log_weights), -jnp.inf, log_weights))
+
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.factor("tail", jnp.where((t == 2) & (x > 1.5), jnp.nan, 0.0))
+        return x
+
+    program = pp.sequential(lambda: jnp.zeros(()), step, 5)
+    with pytest.raises(ModelError, match="'tail'"):
+        pp.infer(program, algorithm=pp.SMC(256, resampling=drop_nan, ess_threshold=1.0), key=3)
+
+
+def test_a_healthy_run_compiles_no_nan_flags():
+    from ppinfer import _compile
+
+    program = pp.sequential(lambda: jnp.zeros(()), lambda x, t: pp.sample("x", dist.Normal(x, 1.0)), 4)
+    pp.infer(program, algorithm=pp.SMC(16), key=0)
+    loops = [k[2] for k in _compile._CACHE if k[:2] == ("loop", program)]
+    assert loops and not any(loop.nan_sites for loop in loops)
+
+
 def test_minus_infinity_drops_the_particle():
     def m():
         x = pp.sample("x", dist.Normal(0.0, 1.0))

@@ -163,10 +163,104 @@ def test_a_user_selection_runs_in_smc_and_a_malformed_one_is_a_clear_error():
     def plus_inf(u, lw):
         return Systematic()(u, lw)[0], jnp.full_like(lw, jnp.inf)
 
-    expected = r"log Ẑ is nan after step \d+: .* a selection \(resampling=…\) returned one or an ancestor"
+    expected = r"log Ẑ is nan after step \d+: .* a selection \(resampling=…\) returned one, an ancestor"
     for broken in (nan_weights, out_of_range, plus_inf):
         with pytest.raises(pp.InferenceError, match=expected):
             pp.infer(prog, algorithm=pp.SMC(8, resampling=broken, ess_threshold=1.0), key=0)
     # The check costs the built-in selections nothing and passes a valid user selection.
     c = pp.infer(prog, algorithm=pp.SMC(64, resampling=lambda u, lw: Stratified()(u, lw)), key=2)
     assert np.array_equal(np.asarray(a.log_weights), np.asarray(c.log_weights))
+
+
+def _walk():
+    def step(x, t):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.observe("y", dist.Normal(x, 1.0), 0.5)
+        return x
+
+    return pp.sequential(lambda: jnp.zeros(()), step, 4)
+
+
+def test_a_selection_that_loses_every_weight_or_wraps_an_index_is_reported():
+    # All new weights −inf from a live population: a ZeroEvidenceError blamed the model before.
+    def kills(u, lw):
+        return Systematic()(u, lw)[0], jnp.full_like(lw, -jnp.inf)
+
+    with pytest.raises(pp.InferenceError, match="only zero weights from a live population"):
+        pp.infer(_walk(), algorithm=pp.SMC(8, resampling=kills, ess_threshold=1.0), key=0)
+
+    # 64-bit ancestors past int32 wrapped into range (a valid-looking run) before.
+    def wraps(u, lw):
+        return Systematic()(u, lw)[0].astype(jnp.int64) + 2**32, lw
+
+    with jax.enable_x64(True):
+        with pytest.raises(pp.InferenceError, match="ancestor out of range"):
+            pp.infer(_walk(), algorithm=pp.SMC(8, resampling=wraps, ess_threshold=1.0), key=0)
+
+    # A selection declaring num_groups that moves a particle to another group.
+    @dataclass(frozen=True)
+    class Leaky:
+        num_groups: int = 2
+
+        def __call__(self, u, lw):
+            return jnp.zeros(u.shape[0], jnp.int32), jnp.full_like(lw, jax.nn.logsumexp(lw) - jnp.log(8.0))
+
+    with pytest.raises(pp.InferenceError, match="out of its group"):
+        pp.infer(_walk(), algorithm=pp.SMC(8, resampling=Leaky(), ess_threshold=1.0), key=0)
+
+
+def test_a_selections_optional_members_and_groups_are_checked():
+    sysm = Systematic()
+
+    @dataclass(frozen=True)
+    class VectorTrigger:
+        def trigger(self, lw, ess):
+            return lw > 0  # bool[N], not bool[]: a raw "Pred must be a scalar" before
+
+        def __call__(self, u, lw):
+            return sysm(u, lw)
+
+    @dataclass(frozen=True)
+    class RaisingTrigger:
+        def trigger(self, lw, ess):
+            raise RuntimeError("boom")
+
+        def __call__(self, u, lw):
+            return sysm(u, lw)
+
+    @dataclass(frozen=True)
+    class ShortDraw:
+        def draw(self, key, n, dtype):
+            return jax.random.uniform(key, (1,), dtype)  # blamed on the selection's return before
+
+        def __call__(self, u, lw):
+            return sysm(u, lw)
+
+    @dataclass(frozen=True)
+    class IntegerWeights:
+        def __call__(self, u, lw):
+            return sysm(u, lw)[0], jnp.zeros(u.shape[0], jnp.int32)
+
+    cases = [
+        (VectorTrigger(), r"trigger of the selection .* must return one boolean"),
+        (RaisingTrigger(), r"trigger of the selection .* failed .*RuntimeError: boom"),
+        (ShortDraw(), r"draw\(key, 8, dtype\) must return f\[8\], got shape \(1,\)"),
+        (IntegerWeights(), "log weights must be floats"),
+        (Grouped(sysm, 3), "multiples of the number of groups"),
+    ]
+    for selection, message in cases:
+        with pytest.raises(pp.ConfigError, match=message):
+            pp.infer(_walk(), algorithm=pp.SMC(8, resampling=selection, ess_threshold=1.0), key=0)
+    # Called directly: a raw reshape TypeError, ZeroDivisionError or cond type error before.
+    u, lw = jnp.full(6, 0.5), jnp.zeros(6)
+    with pytest.raises(pp.ConfigError, match="num_groups"):
+        Grouped(sysm, 0)
+    with pytest.raises(pp.ConfigError, match="multiples"):
+        Grouped(sysm, 4)(u, lw)
+    with pytest.raises(pp.ConfigError, match="as many outputs as inputs"):
+        Adaptive(sysm, 0.5)(u[:3], lw)
+    from ppinfer.population import Population
+    from ppinfer.resample import resample_groups
+
+    with pytest.raises(pp.ConfigError, match="multiples"):
+        resample_groups(jax.random.PRNGKey(0), Population(jnp.arange(6.0), lw), "systematic", 4)

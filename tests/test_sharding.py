@@ -10,6 +10,7 @@ import ppinfer as pp
 SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np
+    import jax.numpy as jnp
     import ppinfer as pp
     from ppinfer import tokens as tk
     from ppinfer.lm import NGramLM
@@ -41,6 +42,31 @@ SCRIPT = textwrap.dedent(
     anc = np.asarray(c.ancestors)
     assert np.all(anc // 256 == np.arange(1024) // 256)
     assert np.isfinite(c.log_evidence)
+
+    # Groups spanning devices (2 groups on 4): their weights are gathered as for a global selection,
+    # so the run is bit-identical too (it diverged from step 2 before: a partitioned cumsum).
+    from ppinfer.kernels.select import Grouped, Systematic
+
+    two = lambda **kw: pp.SMC(1024, resampling=Grouped(Systematic(), 2), ess_threshold=1.0, **kw)
+    a = pp.infer(model, ys, algorithm=two(), key=3)
+    b = pp.infer(model, ys, algorithm=two(devices=4), key=3)
+    assert np.array_equal(np.asarray(a.log_weights), np.asarray(b.log_weights))
+    assert np.array_equal(np.asarray(a.ancestors), np.asarray(b.ancestors))
+
+    # A user's island base whose ancestor leaves its group is reported, not clamped per device.
+    def shifted(u, lw):
+        a, w = Systematic()(u, lw)
+        return jnp.minimum(a + 1, lw.shape[0]), w
+
+    for island_alg in (
+        pp.SMC(8, resampling=shifted, ess_threshold=1.0, devices=4, local_resampling=True),
+        pp.SMC(8, resampling=Grouped(shifted, 4), ess_threshold=1.0),
+    ):
+        try:
+            pp.infer(model, ys, algorithm=island_alg, key=0)
+            raise AssertionError("an ancestor out of its group was not reported")
+        except pp.InferenceError as e:
+            assert "out of its group" in str(e)
 
     # A token-level program: the per-particle LM caches are gathered across devices.
     lm = NGramLM.from_probs(np.full((5, 5), 0.2))

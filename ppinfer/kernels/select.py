@@ -4,7 +4,9 @@ A **selection** is a callable
 
     select(u: f32[n_out], log_weights: f32[n_in]) -> (ancestors: i32[n_out], log_weights: f32[n_out])
 
-deterministic given its uniforms ``u`` (each ``U[0, 1)``, independent); ``n_out = u.shape[0]``. Slot
+deterministic given its uniforms ``u`` (each ``U[0, 1)``, independent) and written with JAX
+operations (it is traced once: host randomness such as ``numpy.random`` would become a constant,
+which no check can see); ``n_out = u.shape[0]``. Slot
 ``j`` of the new population is a copy of particle ``ancestors[j]`` with log weight
 ``log_weights'[j]``. It is **valid** when, for ``u ~ U[0, 1)^{n_out}`` and every population ``x``,
 
@@ -25,7 +27,9 @@ Optional members a selection may define (the kernel uses them when present):
   select only when true, else keep the population as it is (:class:`Adaptive`); the kernel then
   skips the particle gather when it does not select. ``ess_value`` is the ESS the kernel computed.
 - ``num_groups``: the selection never moves a particle out of its contiguous group of
-  ``n_in / num_groups`` (:class:`Grouped`); a sharded kernel then gathers within each device.
+  ``n_in / num_groups`` (:class:`Grouped`); a sharded kernel whose devices each hold whole groups
+  then selects and gathers within each device. A user's selection that breaks this is reported
+  (its weights are poisoned, as for an ancestor out of range), never clamped.
 
 Selections here: :class:`Multinomial`, :class:`Stratified`, :class:`Systematic`, :class:`Residual`
 (inverse-CDF schemes; equal new weights ``log Ẑ − log n_out``), :class:`Adaptive` (ESS-triggered),
@@ -47,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from ppinfer.checks import check_int
 from ppinfer.errors import ConfigError
 from ppinfer.population import ess, normalized_weights
 from ppinfer.resample import SCHEMES, inverse_cdf, residual_ancestors
@@ -82,9 +87,14 @@ class Selection(Protocol):
 def draw_uniforms(selection: Callable, key: jax.Array, n_out: int, dtype: Any) -> jax.Array:
     """``f32[n_out]`` uniforms for ``selection`` (its own ``draw`` if it has one)."""
     draw = getattr(selection, "draw", None)
-    if draw is not None:
-        return draw(key, n_out, dtype)
-    return jax.random.uniform(key, (n_out,), dtype)
+    if draw is None:
+        return jax.random.uniform(key, (n_out,), dtype)
+    u = draw(key, n_out, dtype)
+    if jnp.shape(u) != (n_out,):
+        raise ConfigError(
+            f"{selection!r}.draw(key, {n_out}, dtype) must return f[{n_out}], got shape {jnp.shape(u)}"
+        )
+    return u
 
 
 def parts(selection: Callable) -> tuple[Callable, Callable | None]:
@@ -229,6 +239,11 @@ class Adaptive:
         return value < self.threshold * log_weights.shape[0]
 
     def __call__(self, u, log_weights):
+        if u.shape[0] != log_weights.shape[0]:
+            raise ConfigError(
+                f"Adaptive keeps every particle when it does not select: it needs as many outputs as "
+                f"inputs, got {u.shape[0]} uniforms for {log_weights.shape[0]} weights"
+            )
         keep = lambda u, lw: (jnp.arange(lw.shape[0], dtype=jnp.int32), lw)
         return jax.lax.cond(self.trigger(log_weights), self.base, keep, u, log_weights)
 
@@ -246,15 +261,32 @@ class Grouped:
     base: Callable
     num_groups: int
 
+    def __post_init__(self):
+        check_int("Grouped(num_groups)", self.num_groups, low=1)
+
+    def _check(self, n_in: int, n_out: int) -> None:
+        if n_in % self.num_groups or n_out % self.num_groups:
+            raise ConfigError(
+                f"Grouped({self.num_groups} groups) needs the particle counts to be multiples of the "
+                f"number of groups, got {n_in} in and {n_out} out"
+            )
+
     def __call__(self, u, log_weights):
         g = self.num_groups
+        self._check(log_weights.shape[0], u.shape[0])
         m_in, m_out = log_weights.shape[0] // g, u.shape[0] // g
         anc, lw = jax.vmap(self.base)(u.reshape(g, m_out), log_weights.reshape(g, m_in))
+        if not built_in(self.base):
+            # An ancestor outside its group would be another group's particle (and clamped on a
+            # device's islands): the weights are poisoned, and the step reports the selection.
+            outside = jnp.any((anc < 0) | (anc >= m_in))
+            lw = jnp.where(outside, jnp.nan, jnp.asarray(lw, log_weights.dtype))
         offsets = (jnp.arange(g, dtype=jnp.int32) * m_in)[:, None]
         return (anc + offsets).reshape(-1), lw.reshape(-1)
 
     def draw(self, key, n_out, dtype):
         g = self.num_groups
+        self._check(n_out, n_out)
         keys = jax.random.split(key, g)
         return jax.vmap(lambda k: draw_uniforms(self.base, k, n_out // g, dtype))(keys).reshape(-1)
 

@@ -206,10 +206,11 @@ def step(
         carried = update_carried(carried, info.choices, active, state.t)
     base, trigger = parts(selection)
     log_weights = seq.population.log_weights
-    if sharding is not None and getattr(base, "num_groups", 1) == 1:
-        # A global selection reads ALL weights: they are gathered to every device (N floats) so
-        # that the ancestors are computed exactly as on one device; particles move only where an
-        # ancestor crosses devices.
+    if sharding is not None and getattr(base, "num_groups", 1) % sharding.mesh.size:
+        # A global selection (or groups that span devices) reads weights of several devices: they
+        # are gathered to every device (N floats) so that the ancestors are computed exactly as on
+        # one device; particles move only where an ancestor crosses devices. Islands that each lie
+        # on one device select from their own weights.
         log_weights = _constrain(_replicated(sharding), log_weights)
     lse, ess_t = log_evidence_and_ess(log_weights)
     nan_sites = _nan_sites(info.nan_sites, lse)
@@ -234,7 +235,8 @@ def step(
         u = draw_uniforms(chosen, k_sel, m, log_weights.dtype) if noise is None else noise.uniforms
         ancestors, new_log_weights = _checked(_call(chosen, u, log_weights, kwargs), m, log_weights.dtype)
         if not built_in(chosen):
-            new_log_weights = _poisoned(ancestors, new_log_weights, log_weights.shape[0])
+            groups = getattr(chosen, "num_groups", 1)
+            new_log_weights = _poisoned(ancestors, new_log_weights, log_weights.shape[0], lse, groups)
         moved = _gather(sharding, chosen, (particles, carried), ancestors)
         return (moved, new_log_weights, ancestors), selection_info
 
@@ -250,7 +252,9 @@ def step(
     else:
         if m != n:
             raise ConfigError(f"a step that may skip its selection keeps N = {n} particles: num_selected={m}")
-        selected = jnp.asarray(select_now) & (True if trigger is None else trigger(log_weights, ess_t))
+        selected = jnp.asarray(select_now) & (
+            True if trigger is None else _triggered(selection, log_weights, ess_t)
+        )
         selected_out = jax.lax.cond(selected, select, keep, operand)
         ((particles, carried), new_log_weights, ancestors), selection_info = selected_out
     if done_fixed:
@@ -426,15 +430,45 @@ def _call(selection, u, log_weights, kwargs):
         ) from e
 
 
-def _poisoned(ancestors: jax.Array, log_weights: jax.Array, n_in: int) -> jax.Array:
+def _poisoned(
+    ancestors: jax.Array, log_weights: jax.Array, n_in: int, lse_in: jax.Array, groups: int = 1
+) -> jax.Array:
     """A user's selection's new log weights, all NaN when it returned an ancestor outside
-    ``[0, n_in)`` or a NaN or +inf log weight: a gather would silently clamp the index, so the run's
-    log Ẑ is made NaN instead and the run wrapper reports the selection (one pass over N, paid only
-    by selections that are not :func:`~ppinfer.kernels.select.built_in`)."""
+    ``[0, n_in)`` (or, declaring ``num_groups``, outside its slot's group), a NaN or +inf log
+    weight, or only −inf weights from a population of positive mass (``lse_in`` finite: the
+    selection lost Ẑ): a gather would silently clamp the index, and the dead population would be
+    blamed on the model, so the run's log Ẑ is made NaN instead and the run wrapper reports the
+    selection (one pass over N, paid only by selections that are not
+    :func:`~ppinfer.kernels.select.built_in`)."""
     bad = jnp.any((ancestors < 0) | (ancestors >= n_in)) | jnp.any(
         jnp.isnan(log_weights) | (log_weights == jnp.inf)
     )
+    bad = bad | (jnp.all(log_weights == -jnp.inf) & jnp.isfinite(lse_in))
+    if groups > 1:
+        n_out = ancestors.shape[0]
+        slot_group = jnp.arange(n_out) // (n_out // groups)
+        bad = bad | jnp.any(ancestors // (n_in // groups) != slot_group)
     return jnp.where(bad, jnp.nan, log_weights)
+
+
+def _triggered(selection, log_weights: jax.Array, ess_value: jax.Array) -> jax.Array:
+    """``bool[]``: whether ``selection``'s trigger holds; a trigger that raises while the step is
+    traced, or returns anything but one boolean, is a :class:`ConfigError` naming the selection."""
+    try:
+        out = parts(selection)[1](log_weights, ess_value)
+    except PPInferError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"the trigger of the selection {selection!r} failed on (log_weights: "
+            f"f32[{log_weights.shape[0]}], ess: f32[]): {type(e).__name__}: {e}"
+        ) from e
+    if jnp.shape(out) != () or not jnp.issubdtype(jnp.asarray(out).dtype, jnp.bool_):
+        raise ConfigError(
+            f"the trigger of the selection {selection!r} must return one boolean (bool[]), got "
+            f"{jnp.asarray(out).dtype}{list(jnp.shape(out))}"
+        )
+    return out
 
 
 def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -452,7 +486,14 @@ def _checked(out, n: int, dtype) -> tuple[jax.Array, jax.Array]:
         raise ConfigError(
             f"a selection must return (ancestors: i32[{n}], log_weights: f32[{n}]); got {out!r}"
         )
-    return jnp.asarray(ancestors).astype(jnp.int32), jnp.asarray(new_log_weights).astype(dtype)
+    if not jnp.issubdtype(jnp.asarray(new_log_weights).dtype, jnp.floating):
+        raise ConfigError(
+            f"a selection's log weights must be floats (f32[{n}]), got {jnp.asarray(new_log_weights).dtype}"
+        )
+    ancestors = jnp.asarray(ancestors)
+    if ancestors.dtype.itemsize > 4:  # a 64-bit index past int32 would wrap into range: made −1
+        ancestors = jnp.where((ancestors < 0) | (ancestors > jnp.iinfo(jnp.int32).max), -1, ancestors)
+    return ancestors.astype(jnp.int32), jnp.asarray(new_log_weights).astype(dtype)
 
 
 def _gather(sharding, selection, tree, ancestors):
