@@ -464,7 +464,11 @@ def check_data(args: Any) -> None:
             continue  # strings and bytes: static values, the program decides what they mean
         arr = np.asarray(leaf)
         if arr.dtype.kind == "f" and np.isnan(arr).any():
-            raise DataError(f"program argument {where} contains NaN")
+            raise DataError(
+                f"program argument {where} contains NaN: for missing data, put any value of the "
+                "support there (jnp.where(observed, y, 0.0)) and leave those entries out with "
+                "fn.mask(observed); NaN data would make every weight NaN"
+            )
 
 
 class _Where:

@@ -53,10 +53,11 @@ ANNOTATIONS = {
     "$defs",
     "definitions",
     "additionalProperties",
-    "patternProperties",
     "unevaluatedProperties",
-    "propertyNames",
 }
+"""Keywords that constrain nothing this compiler generates (it writes only the listed properties, so
+``additionalProperties`` and ``unevaluatedProperties`` always hold). ``patternProperties`` and
+``propertyNames`` do constrain listed properties: :meth:`_Builder.t_object` checks them."""
 
 # One character of a JSON string: raw (not '"', '\\' or a control character), an escape, or the \u
 # escapes of a surrogate pair (one code point, as json.loads decodes it); a lone surrogate escape is
@@ -68,6 +69,7 @@ STRING_CHAR = (
 SAFE_CHARS = r'[^"\\\x00-\x1f]*'
 INTEGER = r"-?(?:0|[1-9][0-9]*)"
 NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+NON_INTEGER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+[eE][+-]?[0-9]+|\.[0-9]+|[eE][+-]?[0-9]+)"
 
 
 class NotRegular(Exception):
@@ -186,7 +188,7 @@ class _Builder:
 
     def typed(self, t: str, s: dict, refs: tuple) -> str:
         known = {
-            "object": {"type", "properties", "required"},
+            "object": {"type", "properties", "required", "patternProperties", "propertyNames"},
             "array": {"type", "items", "prefixItems", "minItems", "maxItems"},
             "string": {"type", "minLength", "maxLength", "pattern"},
             "integer": {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"},
@@ -209,6 +211,10 @@ class _Builder:
         return "(?:true|false)"
 
     def t_string(self, s, refs):
+        for k in ("minLength", "maxLength"):
+            v = s.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConstraintError(f"JSONSchema: {k} must be an integer >= 0, got {v!r}")
         lo, hi = int(s.get("minLength", 0)), s.get("maxLength")
         if "pattern" in s:
             if "minLength" in s or "maxLength" in s:
@@ -300,6 +306,15 @@ class _Builder:
             raise ConstraintError(
                 f"JSONSchema: required properties without a schema in 'properties': {sorted(missing)}"
             )
+        for k in props:  # they constrain the listed properties (else they hold: nothing else is written)
+            if "propertyNames" in s and not self.valid(k, s["propertyNames"]):
+                raise ConstraintError(f"JSONSchema: property {k!r} is not allowed by propertyNames")
+            for pattern in s.get("patternProperties", {}):
+                if re.search(pattern, k):
+                    raise ConstraintError(
+                        f"JSONSchema: patternProperties {pattern!r} applies to property {k!r}, which is "
+                        f"not supported: put its constraints in properties[{k!r}]"
+                    )
         entries = [
             (
                 re.escape(json.dumps(k, ensure_ascii=False)) + self.key_sep + f"(?:{self.build(v, refs)})",
@@ -357,6 +372,18 @@ def _check_disjoint(alts: list[str]) -> None:
                     "and oneOf allows a value valid under exactly one branch, which generation cannot "
                     "enforce: make the branches disjoint, or write anyOf if overlap is meant"
                 )
+    # Texts apart are values apart, except numbers: 1 and 1.0 are one JSON value. Canonical integers
+    # (one spelling each) are safe; a branch that also writes fractions or exponents is refused.
+    number, spelled = compile_regex(NUMBER), compile_regex(NON_INTEGER)
+    numeric = [i for i, d in enumerate(dfas) if common_text(d, number) is not None]
+    for i in numeric if len(numeric) > 1 else ():
+        text = common_text(dfas[i], spelled)
+        if text is not None:
+            raise ConstraintError(
+                f"JSONSchema: oneOf branches {numeric} accept numbers, and branch {i} writes "
+                f"{text.decode()!r}: JSON compares numbers by value (1 equals 1.0), so the branches may "
+                "overlap in a way this check cannot rule out — use anyOf, or integer-only branches"
+            )
 
 
 def _alt(parts: list[str]) -> str:
@@ -435,6 +462,8 @@ def _same_length(lo: str, hi: str) -> list[str]:
         return [re.escape(lo)]
     if len(lo) == 1:
         return [f"[{lo}-{hi}]"]
+    if lo == "0" * len(lo) and hi == "9" * len(hi):  # every digit string: without this the two
+        return [f"[0-9]{{{len(lo)}}}"]  # recursions below each split it again (2^digits terms)
     if lo[0] == hi[0]:
         return [lo[0] + r for r in _same_length(lo[1:], hi[1:])]
     n = len(lo) - 1

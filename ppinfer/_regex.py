@@ -225,8 +225,8 @@ class _NFA:
     def new(self) -> int:
         if len(self.eps) >= self.max_states:
             raise ConstraintError(
-                f"regular expression {self.pattern!r} is too large: its byte automaton needs more than "
-                f"{self.max_states} NFA states (raise max_nfa_states, or bound the repetitions)"
+                f"regular expression {_short(self.pattern)} is too large: its byte automaton needs more "
+                f"than {self.max_states} NFA states (bound the repetitions, or split the constraint)"
             )
         self.eps.append([])
         self.edges.append([])
@@ -257,9 +257,10 @@ class _NFA:
                 leading = top and i == 0 and av in (C.AT_BEGINNING, C.AT_BEGINNING_STRING)
                 trailing = top and i == len(items) - 1 and av in (C.AT_END, C.AT_END_STRING)
                 if not (leading or trailing):
+                    kind = {C.AT_BOUNDARY: r"\b", C.AT_NON_BOUNDARY: r"\B"}.get(av, "an inner anchor")
                     raise ConstraintError(
-                        f"regular expression {self.pattern!r}: only a leading ^ and a trailing $ are "
-                        f"supported as anchors (the whole text is matched), not {av}"
+                        f"regular expression {_short(self.pattern)}: only a leading ^ and a trailing $ "
+                        f"are supported as anchors (the whole text is matched), not {kind}"
                     )
                 continue
             s, e = self.item(op, av, flags)
@@ -291,7 +292,9 @@ class _NFA:
             C.POSSESSIVE_REPEAT: "possessive repeats",
             C.ATOMIC_GROUP: "atomic groups",
         }.get(op, str(op))
-        raise ConstraintError(f"regular expression {self.pattern!r}: {what} are not supported (not regular)")
+        raise ConstraintError(
+            f"regular expression {_short(self.pattern)}: {what} are not supported (not regular)"
+        )
 
     def repeat(self, lo: int, hi, sub, flags: int) -> tuple[int, int]:
         start = cur = self.new()
@@ -348,7 +351,7 @@ def _determinize(nfa: _NFA, start: int, accept: int, max_states: int, deadline: 
     while i < len(sets):
         if time.monotonic() > deadline:
             raise ConstraintError(
-                f"regular expression {pattern!r}: compiling took longer than the time limit "
+                f"regular expression {_short(pattern)}: compiling took longer than the time limit "
                 f"({len(sets)} DFA states so far; raise timeout, or simplify the pattern)"
             )
         edges = [e for s in sorted(sets[i]) for e in nfa.edges[s]]
@@ -364,7 +367,7 @@ def _determinize(nfa: _NFA, start: int, accept: int, max_states: int, deadline: 
                 if j is None:
                     if len(sets) >= max_states:
                         raise ConstraintError(
-                            f"regular expression {pattern!r} needs more than {max_states} automaton "
+                            f"regular expression {_short(pattern)} needs more than {max_states} automaton "
                             f"states (its deterministic automaton blows up; e.g. '(a|b)*a(a|b){{20}}' "
                             f"needs 2^21). Raise max_states, or rewrite the pattern"
                         )
@@ -422,6 +425,12 @@ def _minimize(delta: np.ndarray, final: np.ndarray) -> ByteDFA:
     return ByteDFA(out.astype(np.int32), cfinal[order].astype(bool) if order else np.zeros(0, bool))
 
 
+def _short(pattern: str, limit: int = 200) -> str:
+    """``pattern`` quoted for a message, cut to ``limit`` characters (a generated one can be MBs)."""
+    text = repr(pattern)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(pattern):,} characters)"
+
+
 def compile_regex(
     pattern: str,
     flags: int = 0,
@@ -436,12 +445,13 @@ def compile_regex(
     needs more than ``max_states`` deterministic states, more than ``max_nfa_states`` NFA states, or
     more than ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
+    for name, value in (("max_states", max_states), ("max_nfa_states", max_nfa_states)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConstraintError(f"{name} must be an integer >= 1, got {value!r}")
     try:
         parsed = _parser.parse(pattern, flags)
-    except re.error as e:
-        raise ConstraintError(f"cannot compile regular expression {pattern!r}: {e}") from e
-    except (TypeError, OverflowError) as e:
-        raise ConstraintError(f"cannot compile regular expression {pattern!r}: {e}") from e
+    except (re.error, TypeError, OverflowError, ValueError) as e:  # ValueError: LOCALE with a str
+        raise ConstraintError(f"cannot compile regular expression {_short(pattern)}: {e}") from e
     if parsed.state.flags & C.SRE_FLAG_LOCALE:
         raise ConstraintError("regular expression: the LOCALE flag is not supported")
     nfa = _NFA(max_nfa_states, pattern)
@@ -449,7 +459,7 @@ def compile_regex(
     delta, final = _determinize(nfa, start, accept, max_states, deadline, pattern)
     dfa = _minimize(delta, final)
     if dfa.num_states == 0:
-        raise ConstraintError(f"regular expression {pattern!r} matches no UTF-8 text")
+        raise ConstraintError(f"regular expression {_short(pattern)} matches no UTF-8 text")
     return dfa
 
 

@@ -135,13 +135,19 @@ def check_probability(name: str, value: Any) -> float:
 
 
 def dry_run(
-    fn: Callable[..., Any], args: tuple, proposal: Callable[..., Any] | None, what: str
+    fn: Callable[..., Any],
+    args: tuple,
+    proposal: Callable[..., Any] | None,
+    what: str,
+    subsampling: bool = False,
 ) -> tuple[Any, list[str]]:
     """Run ``fn(*args)`` once eagerly (one particle, NumPyro's argument validation on) under
     ``proposal``; return its :class:`~ppinfer.weighted.Weighted` and the names of its latent sites.
 
     Invalid parameters, out-of-support data, shape errors and NaN log densities become
-    :class:`ModelError`/:class:`DataError` naming the site."""
+    :class:`ModelError`/:class:`DataError` naming the site; so does a subsampled plate unless
+    ``subsampling`` (VI's stochastic objectives): a minibatch's rescaled likelihood is not an
+    unbiased likelihood, so weights and MCMC targets built on it are wrong."""
     from ppinfer.weighted import simulate
 
     key = jax.random.PRNGKey(0)
@@ -157,7 +163,7 @@ def dry_run(
         try:
             # One eager run (the outer trace sees the program's sites, and the proposal's of the
             # same names): an eager LM step compiles every op it meets, so it is not run twice.
-            with validation_enabled(), tracker, _SampleSites() as trace:
+            with validation_enabled(), tracker, (sites := _SampleSites()) as trace:
                 weighted, info = simulate(key, fn, args, proposal=proposal)
         except PPInferError:
             raise
@@ -169,6 +175,13 @@ def dry_run(
             raise ModelError(f"{what} failed {where}: {type(e).__name__}: {e}") from e
         except NotImplementedError as e:
             raise ModelError(f"{what} failed at site {tracker.last!r}: {not_implemented_message(e)}") from e
+    if sites.subsampled and not subsampling:
+        raise ModelError(
+            f"{what}: plate(s) {sites.subsampled} are subsampled (subsample_size): a minibatch's "
+            "rescaled likelihood is an unbiased estimate of the log-likelihood, not of the "
+            "likelihood, so weights, evidence and MCMC targets built on it are wrong — subsample "
+            "with VI only, or use the whole plate"
+        )
     raise_on_nan_sites(info.nan_sites, what)
     _raise_on_data_outside_support(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
@@ -320,11 +333,20 @@ _FIXED_SUPPORTS = tuple(
 
 class _SampleSites(handlers.trace):
     """The sample sites of a run, by name; a proposal's site is replaced by the program's site of
-    the same name (which comes after it), where NumPyro's ``trace`` refuses the repeated name."""
+    the same name (which comes after it), where NumPyro's ``trace`` refuses the repeated name. The
+    names of subsampled plates (``subsample_size`` below the size) are in ``subsampled``."""
+
+    def __enter__(self):
+        self.subsampled = []
+        return super().__enter__()
 
     def postprocess_message(self, msg):
         if msg["type"] == "sample":
             self.trace[msg["name"]] = msg.copy()
+        elif msg["type"] == "plate" and len(msg["args"]) == 2:
+            size, subsample_size = msg["args"]
+            if subsample_size is not None and subsample_size < size:
+                self.subsampled.append(msg["name"])
 
 
 def raise_on_nan_sites(nan_sites: dict[str, Any], what: str) -> None:

@@ -337,6 +337,8 @@ class JSONSchema(Constraint):
             raise ConstraintError(f"whitespace must be 'compact' or 'flexible', got {whitespace!r}")
         if engine not in ("auto", "regex", "llguidance"):
             raise ConstraintError(f"engine must be 'auto', 'regex' or 'llguidance', got {engine!r}")
+        if isinstance(max_whitespace, bool) or not isinstance(max_whitespace, int) or max_whitespace < 0:
+            raise ConstraintError(f"max_whitespace must be an integer >= 0, got {max_whitespace!r}")
         self.schema, self.whitespace, self.engine = schema, whitespace, engine
         self.max_whitespace = int(max_whitespace)
         self._limits = limits
@@ -762,8 +764,15 @@ class _LLGuidance:
             return self._by_prefix(toks, lens)
 
 
+# llguidance forces a byte string the grammar fixes as its canonical tokenisation, so its mask drops
+# every other token that spells those bytes: with tokens "a", "b", "ab" and the grammar "ab", only
+# "ab" was allowed first — the "a", "b" path lost, and log Z off by log 2. The exact mask (every token
+# whose bytes can continue the text) is what weighting by allowed mass needs.
+_EXACT_MASKS = '%llguidance {"no_forcing": true}\n'
+
+
 def _llg_lark_grammar(text: str) -> str:
-    return text
+    return _EXACT_MASKS + text
 
 
 def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
@@ -776,9 +785,11 @@ def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
     )
     schema = _closed_objects(schema)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+        top = json.loads(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options))
     except Exception as e:  # llguidance raises ValueError-like errors for bad schemas
         raise ConstraintError(f"JSONSchema: llguidance cannot compile the schema: {e}") from e
+    # The same schema (with its options) as a Lark grammar, for the grammar options line.
+    return _EXACT_MASKS + "start: %json " + json.dumps(top["grammars"][0]["json_schema"])
 
 
 _SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "unevaluatedItems")

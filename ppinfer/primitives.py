@@ -35,12 +35,23 @@ def observe(name: str, fn: Any, value: Any) -> Any:
     weight and returns ``value``.
 
     A concrete ``value`` containing NaN raises :class:`~ppinfer.errors.DataError` (NaN data would
-    otherwise turn every weight into NaN silently).
+    otherwise turn every weight into NaN silently: replace missing entries by any value in the
+    support and leave them out with ``fn.mask(observed)``); ``value=None`` raises
+    :class:`~ppinfer.errors.ModelError` (NumPyro's ``sample(name, fn, obs=None)`` would sample the
+    site instead, silently turning the model into its prior).
     """
-    if not isinstance(value, jax.core.Tracer) and value is not None:
+    if value is None:
+        raise ModelError(
+            f"observe({name!r}): the observed value is None — pass the data (a model(x, y=None) called "
+            f"without y?), or use pp.sample({name!r}, ...) for a latent site"
+        )
+    if not isinstance(value, jax.core.Tracer):
         arr = np.asarray(value)
         if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
-            raise DataError(f"observe({name!r}): the observed value contains NaN")
+            raise DataError(
+                f"observe({name!r}): the observed value contains NaN — for missing data, put any "
+                "value of the support there and leave those entries out with fn.mask(observed)"
+            )
     return sample(name, fn, obs=value)
 
 

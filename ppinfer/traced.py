@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from numpyro import handlers
 
 from ppinfer.errors import ModelError
-from ppinfer.weighted import seed, site_log_prob
+from ppinfer.weighted import drawn_log_prob, reweighted, seed, site_log_prob
 
 __all__ = ["Trace", "generate", "assess", "update", "regenerate", "latent_sites"]
 
@@ -45,6 +45,9 @@ class Trace(NamedTuple):
         log_prior: ``f32[]``, Σ of the latent sites' log densities.
         log_likelihood: ``f32[]``, Σ of the observed sites' (and factors') log densities.
         value: the program's return value.
+        drawn_log_probs: latent sites, name → ``f32[]``: the log density of the distribution a
+            fresh draw comes from (neither masked nor scaled; ``log_probs`` has the site's term
+            in the joint, which ``numpyro.handlers.mask``/``scale`` change).
     """
 
     choices: dict[str, jax.Array]
@@ -53,6 +56,7 @@ class Trace(NamedTuple):
     log_prior: jax.Array
     log_likelihood: jax.Array
     value: Any
+    drawn_log_probs: dict[str, jax.Array]
 
     @property
     def score(self) -> jax.Array:
@@ -72,7 +76,7 @@ def generate(
     constraints = dict(constraints or {})
     trace = _run(key, program, args, constraints)
     _check_names(constraints, trace.choices, "generate")
-    drawn = sum((trace.log_probs[n] for n in trace.choices if n not in constraints), jnp.zeros(()))
+    drawn = sum((trace.drawn_log_probs[n] for n in trace.choices if n not in constraints), jnp.zeros(()))
     return trace, trace.score - drawn
 
 
@@ -109,6 +113,10 @@ def regenerate(
     new = _run(key, program, args, kept)
     not_selected = [n for n in new.log_probs if n not in selection]
     log_weight = sum((new.log_probs[n] - trace.log_probs[n] for n in not_selected), jnp.zeros(()))
+    # A redrawn site whose term in the joint is masked or scaled: that term over the density drawn
+    # from (0 for a plain site).
+    adjust = lambda tr, n: tr.log_probs[n] - tr.drawn_log_probs[n]
+    log_weight = log_weight + sum((adjust(new, n) - adjust(trace, n) for n in selection), jnp.zeros(()))
     return new, log_weight
 
 
@@ -129,7 +137,7 @@ def latent_sites(program: Callable[..., Any], args: tuple) -> dict[str, Any]:
 def _run(key: jax.Array, program: Callable[..., Any], args: tuple, fixed: dict) -> Trace:
     with handlers.trace() as tr, seed(rng_seed=key), handlers.substitute(data=fixed):
         value = program(*args)
-    choices, log_probs, dets = {}, {}, {}
+    choices, log_probs, dets, drawn = {}, {}, {}, {}
     log_prior = log_lik = jnp.zeros((), jnp.result_type(float))
     for name, site in tr.items():
         if site["type"] == "deterministic":
@@ -143,7 +151,8 @@ def _run(key: jax.Array, program: Callable[..., Any], args: tuple, fixed: dict) 
         else:
             choices[name] = site["value"]
             log_prior = log_prior + lp
-    return Trace(choices, log_probs, dets, log_prior, log_lik, value)
+            drawn[name] = drawn_log_prob(site) if reweighted(site) else lp
+    return Trace(choices, log_probs, dets, log_prior, log_lik, value, drawn)
 
 
 def _check_names(names: Iterable[str], choices: dict, what: str) -> None:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions import MaskedDistribution
 from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.primitives import Messenger
 
@@ -150,6 +151,10 @@ def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.
             lp = site_log_prob(site)
         elif name in q_latent:
             lp = site_log_prob(site) - site_log_prob(q_latent[name])
+        elif reweighted(site):
+            # Drawn from its prior p, but its term in the joint is masked or scaled (numpyro.handlers
+            # .mask/.scale on a latent site, as NUTS and VI read it): weight by that term over p.
+            lp = site_log_prob(site) - drawn_log_prob(site)
         else:
             continue
         nan_sites[name] = jnp.isnan(lp) | (lp == jnp.inf)  # +inf: an infinite weight, as bad
@@ -224,6 +229,25 @@ def _support_bounds(sup: Any) -> tuple[Any, Any]:
     lo = getattr(sup, "lower_bound", -jnp.inf)
     hi = getattr(sup, "upper_bound", jnp.inf)
     return lo, hi
+
+
+def reweighted(site: dict) -> bool:
+    """Whether a latent site's term in the joint differs from the density its draws come from:
+    the site is masked or scaled (``numpyro.handlers.mask``/``scale``, a site's ``mask``/``scale``,
+    or a ``MaskedDistribution``)."""
+    masked = isinstance(site["fn"], MaskedDistribution)
+    return masked or site.get("mask") is not None or site.get("scale") is not None
+
+
+def drawn_log_prob(site: dict) -> jax.Array:
+    """``f32[]``: the log density of a latent site's value under the distribution a fresh draw comes
+    from (masks unwrapped, no scale); its :func:`site_log_prob` where it is not :func:`reweighted`."""
+    if not reweighted(site):
+        return site_log_prob(site)
+    fn = site["fn"]
+    while isinstance(fn, MaskedDistribution):
+        fn = fn.base_dist
+    return jnp.sum(fn.log_prob(site["value"]))
 
 
 def site_log_prob(site: dict) -> jax.Array:

@@ -737,3 +737,90 @@ def test_potentials_and_twist_keep_the_target():
     exact = Measure(exact.items())
     r = pp.infer(prog, algorithm=pp.SMC(N_TV), key=3)
     assert sequence_measure(r).tv(exact.normalized()) < TV_BOUND
+
+
+def test_llguidance_masks_allow_every_tokenisation_of_forced_bytes():
+    """llguidance forced a byte string the grammar fixes as its canonical tokenisation: with tokens
+    "a", "b", "ab" and ``start: "ab"`` only "ab" was allowed first, so SMC's log Ẑ was log 0.25
+    where the exact value is log 0.5 (the "a", "b" path lost); a grammar whose lexemes overlap
+    (``A: /a+/ B: /a/``) never returned its first mask. Masks against brute force, for a Lark grammar
+    and a JSON schema on llguidance."""
+    vocab = [b"<eos>", b"a", b"b", b"ab", b"c"]
+    grammar = Grammar('start: "ab" "c"*')
+    ok = lambda text: re.fullmatch("abc*", text) is not None
+    viable, _ = viable_prefixes(vocab, ok, 5)
+    prefixes = [seq for n in range(3) for seq in itertools.product(range(1, len(vocab)), repeat=n)]
+    masks = grammar.compile(vocab, EOS).host_masks(prefixes)
+    for p, m in zip(prefixes, masks, strict=True):
+        expect = [(p + (v,)) in viable for v in range(len(vocab))]
+        expect[EOS] = decode(vocab, p) is not None and ok(decode(vocab, p))
+        assert list(m) == expect, (p, m)
+
+    schema = JSONSchema(
+        {"type": "object", "properties": {"a": {"type": "null"}}, "required": ["a"]}, engine="llguidance"
+    )
+    json_vocab = [b"<eos>", b"{", b'"', b'"a', b'"a"', b"a", b":", b": ", b" ", b"null", b"}"]
+    first = schema.compile(json_vocab, EOS).host_masks([[1]])[0]
+    assert {json_vocab[v] for v in np.flatnonzero(first)} == {b'"', b'"a', b'"a"'}
+
+    # log Ẑ exactly: P("ab") + P("a")P("b" | "a") = 0.25 + 0.5 · 0.5.
+    probs = np.array(
+        [[0, 0.5, 0.25, 0.25, 0], [0.5, 0, 0.5, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
+    )
+    lm = NGramLM.from_probs(probs, bos_id=EOS)
+    prog = tk.constrained(tk.prompt(lm, [EOS], 3), Grammar('start: "ab"'), vocab_bytes=vocab, eos_id=EOS)
+    assert check_exact(prog, algorithm=pp.SMC(1), tol=1e-6).ok
+
+    hang = Grammar("start: A B\nA: /a+/\nB: /a/").compile([b"<eos>", b"a", b"b"], EOS)
+    assert hang.host_masks([[]])[0].tolist() == [False, True, False]
+
+
+def test_schema_keywords_that_constrain_listed_properties_are_checked():
+    # propertyNames and patternProperties were ignored as annotations: 32 of 32 SMC particles wrote
+    # {"a": …, "B": …} under propertyNames ^[a-z]+$ (and a string for an integer pattern property).
+    names = {"type": "object", "properties": {"a": {"type": "integer"}, "B": {"type": "integer"}}}
+    with pytest.raises(pp.ConstraintError, match="property 'B' is not allowed by propertyNames"):
+        _ = JSONSchema({**names, "propertyNames": {"pattern": "^[a-z]+$"}}).regex
+    pattern = {
+        "type": "object",
+        "properties": {"ab": {"type": "string"}},
+        "patternProperties": {"^a": {"type": "integer"}},
+    }
+    with pytest.raises(pp.ConstraintError, match="patternProperties '\\^a' applies to property 'ab'"):
+        _ = JSONSchema(pattern).regex
+    fine = {**names, "propertyNames": {"maxLength": 1}, "patternProperties": {"^x": {"type": "string"}}}
+    assert JSONSchema(fine).validate('{"a": 1, "B": 2}')
+    assert _regex.compile_regex(JSONSchema(fine).regex).fullmatch(b'{"a": 1, "B": 2}')
+    # oneOf branches apart as texts but not as values (1 and 1.0): both texts were generated, and
+    # both are invalid under oneOf.
+    for branches in ([{"const": 1.0}, {"type": "integer"}], [{"const": 1}, {"const": 1.0}]):
+        with pytest.raises(pp.ConstraintError, match="JSON compares numbers by value"):
+            _ = JSONSchema({"oneOf": branches}).regex
+    assert JSONSchema({"oneOf": [{"const": 1}, {"const": 2}, {"type": "string"}]}).regex
+    # A negative max_whitespace built [ \t\n\r]{0,-1}, which re reads as literal text.
+    with pytest.raises(pp.ConstraintError, match="max_whitespace must be an integer >= 0"):
+        JSONSchema({"type": "null"}, whitespace="flexible", max_whitespace=-1)
+    with pytest.raises(pp.ConstraintError, match="maxLength must be an integer >= 0, got 1.5"):
+        _ = JSONSchema({"type": "string", "maxLength": 1.5}).regex
+
+
+def test_integer_bounds_of_many_digits_compile_fast():
+    # The digit-range regex doubled per digit: int64 bounds took 32 s to fail with a 23.7 MB message,
+    # 10^25 did not return. Now linear in the digits; the automaton is checked on the edges.
+    for lo, hi in ((0, 9_200_000_000_000_000_000), (-(10**25), 10**25 + 7), (10**15, None)):
+        schema = {"type": "integer", "minimum": lo} | ({} if hi is None else {"maximum": hi})
+        start = time.perf_counter()
+        dfa = _regex.compile_regex(JSONSchema(schema).regex)
+        assert time.perf_counter() - start < 5.0
+        for n in (lo, lo + 1, lo - 1) + (() if hi is None else (hi, hi - 1, hi + 1)):
+            inside = n >= lo and (hi is None or n <= hi)
+            assert dfa.fullmatch(str(n).encode()) == inside, n
+
+
+def test_regex_argument_and_anchor_messages():
+    with pytest.raises(pp.ConstraintError, match="LOCALE"):
+        _ = Regex("a", re.LOCALE).dfa
+    with pytest.raises(pp.ConstraintError, match="max_states must be an integer"):
+        _ = Regex("a", max_states="x").dfa
+    with pytest.raises(pp.ConstraintError, match=r"not \\b"):
+        _ = Regex(r"a\bb").dfa

@@ -70,6 +70,8 @@ class Importance:
         out = jax.block_until_ready(fn(key, dyn, sig=sig))
         checks.raise_on_nan_sites(out["nan_sites"], self.name)
         log_z = float(out["log_evidence"])
+        if log_z == -float("inf"):  # new data of old shapes is not dry-run: out of a support?
+            checks.dry_run(program, args, proposal, "running the program once")
         checks.raise_if_dead(log_z, "", n)
         return Result(
             samples=out["choices"],

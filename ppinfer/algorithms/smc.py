@@ -28,7 +28,7 @@ import numpy as np
 
 from ppinfer import checks
 from ppinfer._compile import cached_jit, chunked_run, forget, split_args
-from ppinfer.errors import ConfigError, PPInferError
+from ppinfer.errors import ConfigError, PPInferError, ZeroEvidenceError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
 from ppinfer.kernels.smc import _constrain, scan_while, trace_genealogy
@@ -170,7 +170,11 @@ def run_sequential(
     out = run(replace(loop, nan_sites=False))
     if loop.nan_sites and went_invalid(out):
         out = run(loop)
-    log_z = check_output(out, cfg, name)
+    try:
+        log_z = check_output(out, cfg, name)
+    except ZeroEvidenceError:  # new data of old shapes is not dry-run: out of a support?
+        _dry_run(program, args, cfg)
+        raise
     out, more = (out, {}) if post is None else post(out)
     common = {
         "log_weights": out["log_weights"],

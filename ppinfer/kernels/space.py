@@ -34,6 +34,7 @@ from numpyro.distributions import biject_to
 
 from ppinfer import checks
 from ppinfer.errors import ConfigError, ModelError
+from ppinfer.weighted import reweighted
 
 __all__ = ["Space", "space_of"]
 
@@ -121,6 +122,13 @@ def space_of(
     discrete = sorted(n for n in names if latent[n]["fn"].support.is_discrete)
     if discrete:
         raise error(f"{what}: site(s) {discrete} are discrete; only continuous sites can be moved")
+    weighted = sorted(n for n in names if reweighted(latent[n]))
+    if weighted:  # the moves' prior and its initial draws would disagree: not silently ignored
+        raise error(
+            f"{what}: latent site(s) {weighted} are masked or scaled (numpyro.handlers.mask/scale, or "
+            "a subsampled plate); the parameter-space moves need each site's plain prior — use "
+            "Importance, SMC, MCMC or VI for such a program"
+        )
     names = tuple(sorted(names))  # the ravel order of a dict
     transforms = {n: biject_to(latent[n]["fn"].support) for n in names}
     u_tree = {n: transforms[n].inv(jnp.asarray(latent[n]["value"])) for n in names}

@@ -120,7 +120,8 @@ class VI:
                 "(elbo, iwelbo, …) with a static one"
             )
         if not sequential:  # the data, before a fit that would only report a non-finite objective
-            dry_run = lambda: checks.dry_run(program, args, None, "running the program once")
+            what = "running the program once"
+            dry_run = lambda: checks.dry_run(program, args, None, what, subsampling=True)
             checks.once_per_data(("vi", program, split_args(args)[1]), args, dry_run)
         k_init, k_fit, k_draw = jax.random.split(key, 3)
         spec = _param_spec(k_init, program, self.guide, self.objective, args, self.init_params)
