@@ -16,6 +16,9 @@ Weights are in log space throughout: every effect adds to the particle's log wei
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,6 +33,23 @@ __all__ = ["sample", "factor", "deterministic", "plate", "observe", "condition",
 STOP_MESSAGE = "ppinfer_stop"
 
 
+_PRIOR_PREDICTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ppinfer_prior_predictive", default=False
+)
+
+
+@contextlib.contextmanager
+def prior_predictive() -> Iterator[None]:
+    """Inside, ``observe(name, fn, None)`` samples the site from ``fn`` (the program's prior
+    predictive, as NumPyro's ``obs=None``) instead of raising: for checks that simulate data from
+    the program, e.g. :func:`semantics.mcmc.check_joint_invariance`."""
+    token = _PRIOR_PREDICTIVE.set(True)
+    try:
+        yield
+    finally:
+        _PRIOR_PREDICTIVE.reset(token)
+
+
 def observe(name: str, fn: Any, value: Any) -> Any:
     """Observe ``value`` from distribution ``fn``: adds ``fn.log_prob(value)`` (summed) to the log
     weight and returns ``value``.
@@ -40,7 +60,7 @@ def observe(name: str, fn: Any, value: Any) -> Any:
     :class:`~ppinfer.errors.ModelError` (NumPyro's ``sample(name, fn, obs=None)`` would sample the
     site instead, silently turning the model into its prior).
     """
-    if value is None:
+    if value is None and not _PRIOR_PREDICTIVE.get():
         raise ModelError(
             f"observe({name!r}): the observed value is None — pass the data (a model(x, y=None) called "
             f"without y?), or use pp.sample({name!r}, ...) for a latent site"

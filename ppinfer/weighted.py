@@ -129,9 +129,14 @@ def _log_prob_draws(p_trace: dict, q_trace: dict | None) -> jax.Array:
     return total
 
 
-def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.Array, dict]:
+def weight_from_traces(
+    p_trace: dict, q_trace: dict | None = None, drawn_from_prior: bool = True
+) -> tuple[jax.Array, dict]:
     """The log weight of a program trace ``p_trace`` whose latent values were proposed by
     ``q_trace`` (``None``: all drawn from the prior). See the module docstring for the formula.
+    A latent site drawn from its prior whose term in the joint is masked or scaled adds that term
+    over the prior, unless ``drawn_from_prior=False`` (a caller that weights each choice by its
+    term itself, as :mod:`~ppinfer.algorithms.enumerate` does, whose stopped steps are masked).
 
     Raises :class:`ModelError` if the proposal makes a choice the program does not have, or proposes
     an observed site."""
@@ -151,7 +156,7 @@ def weight_from_traces(p_trace: dict, q_trace: dict | None = None) -> tuple[jax.
             lp = site_log_prob(site)
         elif name in q_latent:
             lp = site_log_prob(site) - site_log_prob(q_latent[name])
-        elif reweighted(site):
+        elif drawn_from_prior and reweighted(site):
             # Drawn from its prior p, but its term in the joint is masked or scaled (numpyro.handlers
             # .mask/.scale on a latent site, as NUTS and VI read it): weight by that term over p.
             lp = site_log_prob(site) - drawn_log_prob(site)

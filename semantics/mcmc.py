@@ -30,6 +30,7 @@ from numpyro.primitives import Messenger
 from ppinfer.algorithms.enumerate import enumerate_runs, support_values
 from ppinfer.errors import EnumerationError
 from ppinfer.mcmc.base import Kernel, MHState
+from ppinfer.primitives import prior_predictive
 from ppinfer.traced import assess, generate, latent_sites
 from semantics.denote import denote
 from semantics.measure import outcome_key
@@ -138,7 +139,8 @@ def check_joint_invariance(
         theta_k = state.trace.choices
         return {name: f(theta_k, y) - f(theta0, y) for name, f in statistics.items()}
 
-    diffs = jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(key), num_replicates))
+    with prior_predictive():  # program(None): its observe(data_site, fn, None) samples the data
+        diffs = jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(key), num_replicates))
     rate = false_failure_rate / len(statistics)
     return {name: check_mean(np.asarray(d), 0.0, rate) for name, d in diffs.items()}
 

@@ -28,7 +28,7 @@ from ppinfer.errors import ConfigError, EnumerationError, ModelError, PPInferErr
 from ppinfer.primitives import STOP_MESSAGE, collect_stops, watch_messages
 from ppinfer.program import SequentialProgram, is_sequential
 from ppinfer.result import Result
-from ppinfer.weighted import choices_of, drawn_log_prob, site_log_prob, weight_from_traces
+from ppinfer.weighted import choices_of, site_log_prob, weight_from_traces
 
 __all__ = ["Enumerate", "Branch", "enumerate_runs", "unroll", "support_values"]
 
@@ -332,9 +332,8 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
             "site_lp": jnp.stack([site_log_prob(s).astype(zero.dtype) for s in samples]),
             "support_lp": {n: tr[n]["fn"].log_prob(jnp.asarray(sup)) for n, sup, _, _ in sites},
             "support": {n: _support(n, tr[n]["fn"]) for n, _, _, _ in sites},
-            # The prior the choices come from (a masked or scaled latent site's term is in the weight).
-            "log_prob": sum((drawn_log_prob(s) for s in samples if _latent(s)), zero),
-            "log_weight": weight_from_traces(tr)[0],
+            "log_prob": sum((site_log_prob(s) for s in samples if _latent(s)), zero),
+            "log_weight": weight_from_traces(tr, drawn_from_prior=False)[0],
             "choices": choices_of(tr),
             "value": value,
             "stopped": jnp.asarray(stops.stopped if seen.seen else False),
@@ -595,8 +594,8 @@ def _run_branch(fn, args, kwargs, prefix) -> Branch:
     except _Branching as b:
         b.dead = _partial_mass(p_trace) == -np.inf
         raise
-    log_prob = sum((float(drawn_log_prob(s)) for s in p_trace.values() if _latent(s)), 0.0)
-    log_weight = float(weight_from_traces(p_trace, None)[0])
+    log_prob = sum((float(site_log_prob(s)) for s in p_trace.values() if _latent(s)), 0.0)
+    log_weight = float(weight_from_traces(p_trace, None, drawn_from_prior=False)[0])
     choices = {k: np.asarray(v) for k, v in choices_of(p_trace).items()}
     return Branch(choices, log_prob, log_weight, value, bool(stops.stopped))
 
