@@ -23,7 +23,15 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.primitives import Messenger
 
-from ppinfer.errors import ConfigError, DataError, InferenceError, ModelError, PPInferError, ZeroEvidenceError
+from ppinfer.errors import (
+    BroadcastWarning,
+    ConfigError,
+    DataError,
+    InferenceError,
+    ModelError,
+    PPInferError,
+    ZeroEvidenceError,
+)
 from ppinfer.program import is_sequential
 
 __all__ = [
@@ -184,6 +192,7 @@ def dry_run(
         )
     raise_on_nan_sites(info.nan_sites, what)
     _raise_on_data_outside_support(trace, what)
+    _warn_on_broadcast_observations(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
 
@@ -280,6 +289,38 @@ def _raise_on_data_outside_support(trace: dict, what: str) -> None:
             raise DataError(
                 f"{what}: the observed value of site {name!r} lies outside the support of "
                 f"{type(fn).__name__} ({fn.support}): e.g. {_first_outside(site['value'], ok)}"
+            )
+
+
+def _warn_on_broadcast_observations(trace: dict, what: str) -> None:
+    """:class:`BroadcastWarning` for an observed site whose likelihood terms (the shape of its log
+    density, with its mask) outnumber both the value's batch elements and the distribution's
+    batch: value and distribution (or mask) broadcast against each other, as ``(5, 1)`` data under
+    a ``(5,)`` batch does (25 terms). Observing a vector under a scalar distribution, or one value
+    under a batch of distributions, is not flagged."""
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn, value = site["fn"], site["value"]
+        event = len(fn.event_shape)
+        value_batch = tuple(jnp.shape(value)[: max(jnp.ndim(value) - event, 0)])
+        try:
+            terms = tuple(jnp.shape(fn.log_prob(value)))
+            if site.get("mask") is not None:
+                terms = tuple(np.broadcast_shapes(terms, jnp.shape(site["mask"])))
+        except Exception:  # the run reported what it could not compute
+            continue
+        base = fn
+        while isinstance(base, dist.MaskedDistribution):  # a mask's shape is part of the terms
+            base = base.base_dist
+        if terms not in (value_batch, tuple(base.batch_shape)):
+            warnings.warn(
+                f"{what}: observed site {name!r} has {int(np.prod(terms))} likelihood terms of shape "
+                f"{terms}: its value {value_batch} (mask included) and its distribution's batch "
+                f"{tuple(base.batch_shape)} broadcast against each other — each observation is scored "
+                "under every distribution. Reshape the data (e.g. y.reshape(-1)) unless this is meant.",
+                BroadcastWarning,
+                stacklevel=2,
             )
 
 

@@ -74,3 +74,9 @@ class ProposalSupportWarning(PPInferWarning):
     """A proposal's (or guide's) distribution at a latent site does not cover the program's support
     there: the weights target the posterior restricted to the proposal's support, which is the
     posterior only if the program puts no mass outside it."""
+
+
+class BroadcastWarning(PPInferWarning):
+    """An observed site's value (or mask) broadcast against its distribution into more likelihood
+    terms than either has — e.g. data of shape ``(5, 1)`` under a plate of 5 gives ``5 × 5`` terms,
+    each observation scored under every distribution: a silently wrong likelihood unless meant."""

@@ -349,8 +349,8 @@ class Loop:
         nan_sites: flag, per step, each site whose log density was NaN or +inf (``nan_sites`` in
             the output). Without them a NaN still shows in log Ẑ, and the per-child flags cost
             nothing: :func:`run_sequential` runs without them and, only when log Ẑ went NaN or
-            +inf, runs again with them to name the site (a bootstrap filter spent ~8 % of its time
-            on the flags' pass over the particles).
+            +inf, runs again with them to name the site (their pass over the particles cost a
+            bootstrap filter 0.3–1.4 % of its time: ``benchmarks/bench_nan_flags.py``).
     """
 
     num_particles: int
