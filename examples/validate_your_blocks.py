@@ -44,10 +44,10 @@ def main() -> dict:
         weights = [0.3, -0.4, -1.5]
         for scheme in ("multinomial", "systematic", "stratified", "residual"):
             err = semantics.check_resample(scheme, weights)
-            print(f"{scheme:>12} resampling: max |E[measure after] - measure before| = {err:.1e}")
+            print(f"{scheme:>12} resampling: max |E[measure after] - measure before| / Z = {err:.1e}")
             out["resample_errors"][scheme] = float(err)
         err = semantics.check_resample(keep_the_best, weights)
-        print(f"{'keep-best':>12} resampling: max |E[after] - before| = {err:.1e}  <- invalid")
+        print(f"{'keep-best':>12} resampling: max |E[after] - before| / Z = {err:.1e}  <- invalid")
         out["resample_errors"]["keep-best"] = float(err)
 
         hmm = discrete_hmm(

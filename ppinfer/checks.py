@@ -293,32 +293,29 @@ def _raise_on_data_outside_support(trace: dict, what: str) -> None:
 
 
 def _warn_on_broadcast_observations(trace: dict, what: str) -> None:
-    """:class:`BroadcastWarning` for an observed site whose likelihood terms (the shape of its log
-    density, with its mask) outnumber both the value's batch elements and the distribution's
-    batch: value and distribution (or mask) broadcast against each other, as ``(5, 1)`` data under
-    a ``(5,)`` batch does (25 terms). Observing a vector under a scalar distribution, or one value
-    under a batch of distributions, is not flagged."""
+    """:class:`BroadcastWarning` for an observed site with more likelihood terms (the shape of its
+    log density, mask and plates included) than its value has observations: value and
+    distribution (or mask) broadcast against each other, as ``(5, 1)`` data under a plate of 5 does
+    (25 terms: each observation scored under every distribution). A vector observed under a scalar
+    distribution, or one scalar value under a batch of distributions, is not flagged."""
     for name, site in trace.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
         fn, value = site["fn"], site["value"]
-        event = len(fn.event_shape)
-        value_batch = tuple(jnp.shape(value)[: max(jnp.ndim(value) - event, 0)])
+        value_batch = tuple(jnp.shape(value)[: max(jnp.ndim(value) - len(fn.event_shape), 0)])
         try:
             terms = tuple(jnp.shape(fn.log_prob(value)))
             if site.get("mask") is not None:
                 terms = tuple(np.broadcast_shapes(terms, jnp.shape(site["mask"])))
         except Exception:  # the run reported what it could not compute
             continue
-        base = fn
-        while isinstance(base, dist.MaskedDistribution):  # a mask's shape is part of the terms
-            base = base.base_dist
-        if terms not in (value_batch, tuple(base.batch_shape)):
+        if value_batch and int(np.prod(terms)) > int(np.prod(value_batch)):
             warnings.warn(
                 f"{what}: observed site {name!r} has {int(np.prod(terms))} likelihood terms of shape "
-                f"{terms}: its value {value_batch} (mask included) and its distribution's batch "
-                f"{tuple(base.batch_shape)} broadcast against each other — each observation is scored "
-                "under every distribution. Reshape the data (e.g. y.reshape(-1)) unless this is meant.",
+                f"{terms} for {int(np.prod(value_batch))} observations of shape {value_batch}: value "
+                f"and distribution (or its mask) broadcast against each other, so each observation "
+                "is scored more than once. Reshape the data or the mask (e.g. y.reshape(-1)) unless "
+                "this is meant.",
                 BroadcastWarning,
                 stacklevel=2,
             )

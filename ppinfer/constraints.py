@@ -410,10 +410,16 @@ class JSONSchema(Constraint):
         return True
 
 
+_BYTE_VOCAB = [b"<eos>"] + [bytes([b]) for b in range(256)]
+
+
 class Grammar(Constraint):
     """The text must be in the language of a context-free grammar in Lark syntax (llguidance's
     Lark dialect: ``start: …`` rules, ``UPPER: …`` terminals, ``%import common.NUMBER``, regex
-    terminals ``/…/``), run on the host by llguidance.
+    terminals ``/…/``), run on the host by llguidance with exact masks (every token whose bytes can
+    continue the text). Generation follows llguidance's reading: a terminal named in ``%ignore`` is
+    allowed between lexemes, not before the first or after the last (``validate``, by Lark, accepts
+    it there too).
 
     Args:
         text: the grammar.
@@ -441,16 +447,31 @@ class Grammar(Constraint):
         return self._compiled[key]
 
     def validate(self, text: str) -> bool:
-        """Whether Lark (Earley) parses ``text`` with this grammar (requires ``lark``)."""
+        """Whether Lark (Earley) parses ``text`` with this grammar (requires ``lark``); for a
+        grammar Lark cannot build (an empty terminal ``""``, a zero-width regex, llguidance-only
+        syntax), whether the engine's own masks spell ``text`` byte by byte and then allow EOS."""
         import lark
 
         if self._parser is None:  # building it is most of the cost of one call (~7 ms)
-            self._parser = lark.Lark(self.text, start="start", parser="earley")
+            try:
+                self._parser = lark.Lark(self.text, start="start", parser="earley")
+            except lark.exceptions.LarkError:
+                self._parser = False
+        if self._parser is False:
+            return self._spelled_by_masks(text.encode("utf-8"))
         try:
             self._parser.parse(text)
         except lark.exceptions.LarkError:
             return False
         return True
+
+    def _spelled_by_masks(self, data: bytes) -> bool:
+        """Whether the engine, on a vocabulary of EOS and the 256 single bytes, allows ``data``
+        byte by byte and then EOS (the language generation samples from)."""
+        engine = self.compile(_BYTE_VOCAB, 0)
+        tokens = [1 + b for b in data]
+        masks = engine.host_masks([tokens[:i] for i in range(len(tokens) + 1)])
+        return all(masks[i][t] for i, t in enumerate(tokens)) and bool(masks[len(tokens)][0])
 
 
 class Predicate(Constraint):
@@ -772,24 +793,61 @@ _EXACT_MASKS = '%llguidance {"no_forcing": true}\n'
 
 
 def _llg_lark_grammar(text: str) -> str:
-    return _EXACT_MASKS + text
+    return text + "\n" + _EXACT_MASKS  # last: the user's line numbers stay, and it overrides theirs
 
 
 def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
     import llguidance
 
-    options = (
-        {"whitespace_flexible": True}
-        if whitespace == "flexible"
-        else {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    )
+    # The regex engine's language: compact ", " and ": ", or up to max_whitespace JSON whitespace
+    # characters wherever JSON allows them; \uXXXX escapes in strings (not \/, which llguidance
+    # has no option for).
+    if whitespace == "compact":
+        options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    elif max_whitespace == 0:
+        options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+    else:
+        options = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{max_whitespace}}}"}
+    options["json_allow_general_unicode_escapes"] = True
+    _refuse_number_exclusive_bounds(schema)
     schema = _closed_objects(schema)
     try:
         top = json.loads(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options))
     except Exception as e:  # llguidance raises ValueError-like errors for bad schemas
         raise ConstraintError(f"JSONSchema: llguidance cannot compile the schema: {e}") from e
     # The same schema (with its options) as a Lark grammar, for the grammar options line.
-    return _EXACT_MASKS + "start: %json " + json.dumps(top["grammars"][0]["json_schema"])
+    return "start: %json " + json.dumps(top["grammars"][0]["json_schema"]) + "\n" + _EXACT_MASKS
+
+
+def _refuse_number_exclusive_bounds(schema: Any) -> None:
+    """:class:`ConstraintError` for ``exclusiveMinimum``/``exclusiveMaximum`` on a ``number`` (as
+    the regex engine refuses them): a text just inside the bound, ``0.99999999999999999`` under
+    ``exclusiveMaximum: 1``, is a float on the bound, which ``validate`` (and any JSON reader)
+    rejects."""
+    for sub in _subschemas(schema):
+        types = sub.get("type")
+        number = types == "number" or (isinstance(types, list) and "number" in types)
+        if number and ("exclusiveMinimum" in sub or "exclusiveMaximum" in sub):
+            raise ConstraintError(
+                "JSONSchema: exclusiveMinimum/exclusiveMaximum on a number is not supported (a text "
+                "just inside the bound reads as a float on it); use minimum/maximum"
+            )
+
+
+def _subschemas(schema: Any):
+    """``schema`` and every schema inside it (dicts only), keyword by keyword."""
+    if not isinstance(schema, dict):
+        return
+    yield schema
+    for k in _SUBSCHEMA + ("additionalProperties",):
+        yield from _subschemas(schema.get(k))
+    for k in _SUBSCHEMA_LISTS:
+        for sub in schema.get(k, []) if isinstance(schema.get(k), list) else []:
+            yield from _subschemas(sub)
+    for k in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(k), dict):
+            for sub in schema[k].values():
+                yield from _subschemas(sub)
 
 
 _SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "unevaluatedItems")
@@ -798,10 +856,11 @@ _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "d
 
 
 def _closed_objects(schema: Any) -> Any:
-    """A copy of ``schema`` in which every object schema (one with ``properties``) that does not say
-    otherwise has ``additionalProperties: false`` (generation writes no properties beyond them),
-    wherever it sits: in ``$defs``, array items, ``anyOf`` branches… (walked keyword by keyword: a
-    property *named* ``properties`` is not a schema keyword)."""
+    """A copy of ``schema`` narrowed as the regex engine generates: every object schema (one with
+    ``properties``, ``additionalProperties`` or type ``object``) has ``additionalProperties: false``
+    (no properties beyond ``properties``) and an array with ``prefixItems`` but no ``items`` has
+    ``items: false``, wherever it sits: in ``$defs``, array items, ``anyOf`` branches… (walked
+    keyword by keyword: a property *named* ``properties`` is not a schema keyword)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -814,8 +873,14 @@ def _closed_objects(schema: Any) -> Any:
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), dict):
             out[k] = {name: _closed_objects(v) for name, v in out[k].items()}
-    if "properties" in out and "additionalProperties" not in out:
+    types = out.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types)
+    if "properties" in out or "additionalProperties" in out or is_object:
+        # As the regex engine writes them: no property beyond ``properties`` (an object reached
+        # through ``additionalProperties`` is then never written, as there).
         out["additionalProperties"] = False
+    if "prefixItems" in out and "items" not in out:
+        out["items"] = False  # no array items beyond prefixItems unless items allows them
     return out
 
 

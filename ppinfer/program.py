@@ -21,9 +21,11 @@ from ppinfer.errors import ModelError
 __all__ = ["SequentialProgram", "sequential", "is_sequential"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class SequentialProgram:
-    """A program suspended at each step boundary.
+    """A program suspended at each step boundary. Two programs of the same ``init``, ``step`` and
+    ``num_steps`` are equal (and hash alike), so ``pp.sequential(init, step, T)`` rebuilt for each
+    call reuses the compiled run (it compiled on every call when programs compared by identity).
 
     Attributes:
         init: ``init(*args) -> state``; may sample and observe.

@@ -824,3 +824,63 @@ def test_regex_argument_and_anchor_messages():
         _ = Regex("a", max_states="x").dfa
     with pytest.raises(pp.ConstraintError, match=r"not \\b"):
         _ = Regex(r"a\bb").dfa
+
+
+BYTE_VOCAB = [b"<eos>"] + [bytes([b]) for b in range(256)]
+
+
+def _spells(constraint, text):
+    """Whether ``constraint``'s masks on a byte vocabulary allow ``text`` and then EOS."""
+    compiled, tokens = constraint.compile(BYTE_VOCAB, 0), [1 + b for b in text.encode()]
+    if isinstance(compiled, TokenAutomaton):
+        table, s = np.asarray(compiled.next_state), int(compiled.initial)
+        for t in tokens:
+            s = int(table[s, t]) if s >= 0 else -1
+        return bool(s >= 0 and np.asarray(compiled.final)[s])
+    masks = compiled.host_masks([tokens[:i] for i in range(len(tokens) + 1)])
+    return all(masks[i][t] for i, t in enumerate(tokens)) and bool(masks[-1][0])
+
+
+def test_llguidance_json_path_generates_the_regex_engines_language():
+    """Hunt 13, on the host engine: max_whitespace was ignored (7.7 % of an SMC posterior on texts
+    with spaces under max_whitespace=0), objects reached through additionalProperties and items
+    beyond prefixItems were written, \\u escapes refused, and a number just under an exclusive bound
+    (0.99999999999999999 < 1) was generated though it reads as 1.0, which validate rejects."""
+    obj = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    cases = [
+        (obj, {"whitespace": "flexible", "max_whitespace": 0}, ['{"a":1}'], ['{"a": 1}', '{"a":\n1}']),
+        (obj, {"whitespace": "flexible", "max_whitespace": 2}, ['{ "a":\t1}'], ['{"a":   1}']),
+        (obj, {}, ['{"a": 1}'], ['{"a":1}', '{"a": 1, "b": 2}']),
+        (
+            {
+                "type": "object",
+                "additionalProperties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            },
+            {},
+            ["{}"],
+            ['{"k": {"x": 1}}'],
+        ),
+        ({"type": "array", "prefixItems": [{"type": "integer"}]}, {}, ["[1]", "[]"], ["[1, 2]"]),
+        ({"type": "string"}, {}, ['"\\u0041"', '"\\u00e9"', '"a"'], ['"\\ud800"']),
+    ]
+    for schema, options, accepted, refused in cases:
+        regex = JSONSchema(schema, engine="regex", **options)
+        host = JSONSchema(schema, engine="llguidance", **options)
+        for text in accepted + refused:
+            assert _spells(regex, text) == _spells(host, text) == (text in accepted), (schema, options, text)
+    with pytest.raises(pp.ConstraintError, match="exclusiveMinimum/exclusiveMaximum on a number"):
+        JSONSchema({"type": "number", "exclusiveMaximum": 1}, engine="llguidance").compile(BYTE_VOCAB, 0)
+
+
+def test_grammar_validate_and_messages_for_grammars_lark_cannot_build():
+    # The tutorial's grammar (an empty alternative) raised Lark's raw GrammarError from validate;
+    # such a grammar is now checked by the engine's own masks. Errors keep the user's line numbers.
+    balanced = Grammar('start: "(" start ")" start | ""')
+    assert balanced.validate("(()())") and balanced.validate("")
+    assert not balanced.validate("(()") and not balanced.validate(")(")
+    with pytest.raises(pp.ConstraintError, match=r"at 2\(\d+\): unknown name"):
+        Grammar('start: x\nx: "a" y').compile(BYTE_VOCAB, 0)
+    # A user's own %llguidance line cannot turn the exact masks off.
+    vocab = [b"<eos>", b"a", b"b", b"ab"]
+    first = Grammar('%llguidance {"no_forcing": false}\nstart: "ab"').compile(vocab, 0).host_masks([[]])[0]
+    assert first.tolist() == [False, True, False, True]

@@ -16,7 +16,9 @@ happens after the last step (it would only add variance).
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppinfer import checks
-from ppinfer._compile import cached_jit, chunked_run, forget, split_args
+from ppinfer._compile import _signature, cached_jit, chunked_run, forget, split_args
 from ppinfer.errors import ConfigError, PPInferError, ZeroEvidenceError
 from ppinfer.kernels import smc as kernel
 from ppinfer.kernels.select import Adaptive, Grouped, as_selection
@@ -796,12 +798,32 @@ def stops_early(program: SequentialProgram, args: tuple, cfg: Any) -> bool:
     its abstract trace fails (an invalid distribution parameter, a shape error), the eager dry run
     says what failed, as a :class:`~ppinfer.errors.ModelError` naming the site."""
     proposal, init_proposal = getattr(cfg, "proposal", None), getattr(cfg, "init_proposal", None)
+    dyn, static_key, _ = split_args(args)
+    sig = _signature(dyn)
+    memo = None if sig is None else (program, proposal, init_proposal, static_key, sig)
+    with _STOPS_LOCK:
+        if memo is not None and memo in _STOPS:  # traced once per program and shapes, not per call
+            _STOPS.move_to_end(memo)
+            return _STOPS[memo]
     try:
-        return can_stop(program, args, proposal, init_proposal)
+        stops = can_stop(program, args, proposal, init_proposal)
     except Exception as e:
         if not isinstance(e, PPInferError):
             _dry_run(program, args, cfg, need_latent=False)
         raise
+    if memo is not None:
+        with _STOPS_LOCK:
+            _STOPS[memo] = stops
+            if len(_STOPS) > 256:
+                _STOPS.popitem(last=False)
+    return stops
+
+
+_STOPS: OrderedDict = OrderedDict()
+"""(program, proposals, static arguments, argument signature) → :func:`stops_early`'s answer: an
+abstract trace of init and step, which FFBS and SMC² asked for on every call (82 % of a warm FFBS
+call's 12 ms)."""
+_STOPS_LOCK = threading.Lock()
 
 
 def _dry_run(program: SequentialProgram, args: tuple, cfg: Any, need_latent: bool = True) -> None:

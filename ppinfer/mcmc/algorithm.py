@@ -26,7 +26,7 @@ from numpyro import handlers
 from numpyro.infer import init_to_uniform
 
 from ppinfer import checks
-from ppinfer._compile import MemoryEstimateError, _signature, available_memory, cached_jit, split_args
+from ppinfer._compile import MemoryEstimateError, available_memory, cached_jit, split_args
 from ppinfer._talk import compile_notice, interruptible, next_chunk, progress_bar
 from ppinfer.errors import (
     ConfigError,
@@ -310,7 +310,7 @@ def run_chains(key: jax.Array, program: Callable[..., Any], args: tuple, cfg: MC
     sequential = getattr(cfg.kernel, "sequential", False)
     # A kernel over a sequential program (PMMH, ParticleGibbs) is built for the data's length (its
     # SMC loop has T steps): it is cached per argument signature too.
-    shapes = _signature(dyn) if sequential else None
+    shapes = _shapes(dyn) if sequential else None
     cache_key = ("mcmc", program, cfg.kernel, settings, static_key, shapes)
     what = f"MCMC({type(cfg.kernel).__name__}) of {getattr(program, '__name__', type(program).__name__)}"
     built: list = []
@@ -514,6 +514,15 @@ def _recorded(cfg: MCMC, offset: int, length: int) -> np.ndarray:
     """``bool[length]``: which of the iterations ``offset … offset + length − 1`` are kept draws."""
     i = np.arange(offset, offset + length)
     return (i >= cfg.num_warmup) & ((i - cfg.num_warmup) % cfg.thinning == 0)
+
+
+def _shapes(dyn: Any) -> tuple:
+    """The data's structure, shapes and canonical dtypes (what a kernel over a sequential program is
+    built for): NumPy and JAX arrays of one shape alike, and float64 data as JAX reads it without
+    x64 (a signature that told them apart rebuilt and recompiled PMMH for NumPy data)."""
+    leaves, treedef = jax.tree.flatten(dyn)
+    canonical = lambda x: (np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
+    return (treedef, *(canonical(x) if hasattr(x, "dtype") else type(x) for x in leaves))
 
 
 def _improper_at_init(program: Callable[..., Any]) -> Callable[..., Any]:

@@ -48,7 +48,9 @@ class VI:
             the SMC proposal ``guide(state, t, *args)``).
         guide: a program with the model's arguments (NumPyro guides and autoguides work).
         optimizer: an ``optax.GradientTransformation``; it *minimises* ``−objective`` over the
-            unconstrained parameters.
+            unconstrained parameters. Build the objective, the optimizer and the ``VI`` once and
+            reuse them: each new ``optax.adam(…)`` or ``elbo(…)`` object is a new configuration,
+            compiled again (about 1 s here), as equal-looking closures cannot be told apart.
         num_steps: optimisation steps ≥ 1.
         num_particles: N draws in the returned :class:`~ppinfer.Result`.
         estimators: per-site gradient estimators (``None``: reparam where possible, else reinforce).
