@@ -239,7 +239,7 @@ def test_observations_that_broadcast_into_more_terms_warn():
         pp.observe("y", dist.Normal(mu, 1.0), y)  # a vector under a scalar distribution: fine
 
     for args in ((y.reshape(5, 1),), (y, jnp.ones((5, 1), bool))):
-        with pytest.warns(BroadcastWarning, match=r"25 likelihood terms of shape \(5, 5\) for 5 observations"):
+        with pytest.warns(BroadcastWarning, match=r"25 likelihood terms of shape \(5, 5\) for 5 obs"):
             pp.infer(plated, *args, algorithm=pp.Importance(10), key=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", BroadcastWarning)
