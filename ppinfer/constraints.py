@@ -386,7 +386,12 @@ class JSONSchema(Constraint):
         self._choose()
         if self._regex is not None:
             return self._regex.compile(vocab_bytes, eos_id)
-        return self._grammar.compile(vocab_bytes, eos_id)
+        try:
+            return self._grammar.compile(vocab_bytes, eos_id)
+        except ConstraintError as e:  # said as the schema's error, not the internal grammar's
+            message = str(e).splitlines()[0].removeprefix("invalid grammar: ")
+            message = message.split("failed to compile JSON schema: ", 1)[-1]
+            raise ConstraintError(f"JSONSchema: llguidance cannot compile the schema: {message}") from None
 
     def validate(self, text: str) -> bool:
         """Valid JSON, valid under the schema (``jsonschema``), and in the output format."""

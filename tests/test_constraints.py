@@ -870,6 +870,13 @@ def test_llguidance_json_path_generates_the_regex_engines_language():
             assert _spells(regex, text) == _spells(host, text) == (text in accepted), (schema, options, text)
     with pytest.raises(pp.ConstraintError, match="exclusiveMinimum/exclusiveMaximum on a number"):
         JSONSchema({"type": "number", "exclusiveMaximum": 1}, engine="llguidance").compile(BYTE_VOCAB, 0)
+    # A keyword llguidance lacks is said as the schema's error (it was "invalid grammar: at 2(8): …"
+    # with the internal %json grammar dumped).
+    unique = JSONSchema({"type": "array", "uniqueItems": True, "items": {"$ref": "#"}}, engine="llguidance")
+    with pytest.raises(
+        pp.ConstraintError, match=r"^JSONSchema: llguidance cannot compile the schema: .*uniqueItems"
+    ):
+        unique.compile(BYTE_VOCAB, 0)
 
 
 def test_grammar_validate_and_messages_for_grammars_lark_cannot_build():
