@@ -310,7 +310,11 @@ class _Builder:
             if "propertyNames" in s and not self.valid(k, s["propertyNames"]):
                 raise ConstraintError(f"JSONSchema: property {k!r} is not allowed by propertyNames")
             for pattern in s.get("patternProperties", {}):
-                if re.search(pattern, k):
+                try:
+                    applies = re.search(pattern, k) is not None
+                except re.error as e:
+                    raise ConstraintError(f"JSONSchema: patternProperties {pattern!r}: {e}") from e
+                if applies:
                     raise ConstraintError(
                         f"JSONSchema: patternProperties {pattern!r} applies to property {k!r}, which is "
                         f"not supported: put its constraints in properties[{k!r}]"

@@ -452,8 +452,6 @@ def compile_regex(
         parsed = _parser.parse(pattern, flags)
     except (re.error, TypeError, OverflowError, ValueError) as e:  # ValueError: LOCALE with a str
         raise ConstraintError(f"cannot compile regular expression {_short(pattern)}: {e}") from e
-    if parsed.state.flags & C.SRE_FLAG_LOCALE:
-        raise ConstraintError("regular expression: the LOCALE flag is not supported")
     nfa = _NFA(max_nfa_states, pattern)
     start, accept = nfa.seq(parsed.data, parsed.state.flags | flags, top=True)
     delta, final = _determinize(nfa, start, accept, max_states, deadline, pattern)

@@ -814,8 +814,7 @@ def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
     else:
         options = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{max_whitespace}}}"}
     options["json_allow_general_unicode_escapes"] = True
-    _refuse_number_exclusive_bounds(schema)
-    schema = _closed_objects(schema)
+    schema = _narrowed(schema)
     try:
         top = json.loads(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options))
     except Exception as e:  # llguidance raises ValueError-like errors for bad schemas
@@ -824,61 +823,39 @@ def _llg_json_grammar(schema: Any, whitespace: str, max_whitespace: int) -> str:
     return "start: %json " + json.dumps(top["grammars"][0]["json_schema"]) + "\n" + _EXACT_MASKS
 
 
-def _refuse_number_exclusive_bounds(schema: Any) -> None:
-    """:class:`ConstraintError` for ``exclusiveMinimum``/``exclusiveMaximum`` on a ``number`` (as
-    the regex engine refuses them): a text just inside the bound, ``0.99999999999999999`` under
-    ``exclusiveMaximum: 1``, is a float on the bound, which ``validate`` (and any JSON reader)
-    rejects."""
-    for sub in _subschemas(schema):
-        types = sub.get("type")
-        number = types == "number" or (isinstance(types, list) and "number" in types)
-        if number and ("exclusiveMinimum" in sub or "exclusiveMaximum" in sub):
-            raise ConstraintError(
-                "JSONSchema: exclusiveMinimum/exclusiveMaximum on a number is not supported (a text "
-                "just inside the bound reads as a float on it); use minimum/maximum"
-            )
-
-
-def _subschemas(schema: Any):
-    """``schema`` and every schema inside it (dicts only), keyword by keyword."""
-    if not isinstance(schema, dict):
-        return
-    yield schema
-    for k in _SUBSCHEMA + ("additionalProperties",):
-        yield from _subschemas(schema.get(k))
-    for k in _SUBSCHEMA_LISTS:
-        for sub in schema.get(k, []) if isinstance(schema.get(k), list) else []:
-            yield from _subschemas(sub)
-    for k in _SUBSCHEMA_MAPS:
-        if isinstance(schema.get(k), dict):
-            for sub in schema[k].values():
-                yield from _subschemas(sub)
-
-
 _SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "unevaluatedItems")
 _SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def _closed_objects(schema: Any) -> Any:
-    """A copy of ``schema`` narrowed as the regex engine generates: every object schema (one with
-    ``properties``, ``additionalProperties`` or type ``object``) has ``additionalProperties: false``
-    (no properties beyond ``properties``) and an array with ``prefixItems`` but no ``items`` has
-    ``items: false``, wherever it sits: in ``$defs``, array items, ``anyOf`` branches… (walked
-    keyword by keyword: a property *named* ``properties`` is not a schema keyword)."""
+def _narrowed(schema: Any) -> Any:
+    """A copy of ``schema`` narrowed as the regex engine generates, and refused where it refuses a
+    number's exclusive bounds: every object schema (one with ``properties``,
+    ``additionalProperties`` or type ``object``) has ``additionalProperties: false`` (no properties
+    beyond ``properties``) and an array with ``prefixItems`` but no ``items`` has ``items: false``,
+    wherever it sits: in ``$defs``, array items, ``anyOf`` branches… (walked keyword by keyword: a
+    property *named* ``properties`` is not a schema keyword)."""
     if not isinstance(schema, dict):
         return schema
+    types = schema.get("type")
+    is_number = types == "number" or (isinstance(types, list) and "number" in types)
+    if is_number and ("exclusiveMinimum" in schema or "exclusiveMaximum" in schema):
+        # As the regex engine: a text just inside the bound (0.99999999999999999 under
+        # exclusiveMaximum 1) is a float on it, which validate (and any JSON reader) rejects.
+        raise ConstraintError(
+            "JSONSchema: exclusiveMinimum/exclusiveMaximum on a number is not supported (a text just "
+            "inside the bound reads as a float on it); use minimum/maximum"
+        )
     out = dict(schema)
     for k in _SUBSCHEMA:
         if k in out:
-            out[k] = _closed_objects(out[k])
+            out[k] = _narrowed(out[k])
     for k in _SUBSCHEMA_LISTS:
         if isinstance(out.get(k), list):
-            out[k] = [_closed_objects(v) for v in out[k]]
+            out[k] = [_narrowed(v) for v in out[k]]
     for k in _SUBSCHEMA_MAPS:
         if isinstance(out.get(k), dict):
-            out[k] = {name: _closed_objects(v) for name, v in out[k].items()}
-    types = out.get("type")
+            out[k] = {name: _narrowed(v) for name, v in out[k].items()}
     is_object = types == "object" or (isinstance(types, list) and "object" in types)
     if "properties" in out or "additionalProperties" in out or is_object:
         # As the regex engine writes them: no property beyond ``properties`` (an object reached

@@ -52,7 +52,7 @@ from ppinfer.algorithms.smc import SMC, LoopNoise, run_phases, trace_history
 from ppinfer.algorithms.steer import Steer
 from ppinfer.errors import ConfigError, EnumerationError, InferenceError, ModelError
 from ppinfer.infer import CONCRETE_VALUE_ERRORS, concrete_value_message
-from ppinfer.kernels.select import parts
+from ppinfer.kernels.select import built_in, parts
 from ppinfer.kernels.smc import StepNoise
 from ppinfer.program import is_sequential
 from ppinfer.weighted import simulate
@@ -185,10 +185,8 @@ def _check_draw(selection: Any, n: int, num_draws: int = 20_000) -> None:
     coordinates a selection reads is not tested.)"""
     from scipy.stats import kstest
 
-    while type(selection).__module__ == "ppinfer.kernels.select" and hasattr(selection, "base"):
-        selection = selection.base  # Adaptive, Grouped: their draw is their base's
     draw = getattr(selection, "draw", None)
-    if draw is None or type(selection).__module__ == "ppinfer.kernels.select":
+    if draw is None or built_in(selection):  # a wrapper of a user's selection draws with its base's
         return
     keys = jax.random.split(jax.random.PRNGKey(12345), num_draws)
     u = np.asarray(jax.vmap(lambda k: draw(k, n, jnp.float64))(keys), np.float64)

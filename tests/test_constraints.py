@@ -788,6 +788,8 @@ def test_schema_keywords_that_constrain_listed_properties_are_checked():
     }
     with pytest.raises(pp.ConstraintError, match="patternProperties '\\^a' applies to property 'ab'"):
         _ = JSONSchema(pattern).regex
+    with pytest.raises(pp.ConstraintError, match="patternProperties '\\(': missing \\)"):
+        _ = JSONSchema({**names, "patternProperties": {"(": {}}}).regex  # a raw re.error before
     fine = {**names, "propertyNames": {"maxLength": 1}, "patternProperties": {"^x": {"type": "string"}}}
     assert JSONSchema(fine).validate('{"a": 1, "B": 2}')
     assert _regex.compile_regex(JSONSchema(fine).regex).fullmatch(b'{"a": 1, "B": 2}')

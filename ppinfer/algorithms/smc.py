@@ -170,10 +170,11 @@ def run_sequential(
         return run_chunked(("loop", program, lp, static_key), key, dyn, rebuild, program, args, lp, cfg, name)
 
     out = run(replace(loop, nan_sites=False))
-    if loop.nan_sites and went_invalid(out):
-        out = run(loop)
+    path = _log_z_path(out)
+    if loop.nan_sites and _invalid(path).any():
+        out, path = run(loop), None
     try:
-        log_z = check_output(out, cfg, name)
+        log_z = check_output(out, cfg, name, path)
     except ZeroEvidenceError:  # new data of old shapes is not dry-run: out of a support?
         _dry_run(program, args, cfg)
         raise
@@ -232,23 +233,19 @@ def _log_z_path(out: dict) -> np.ndarray:
 
 
 def _invalid(values: np.ndarray) -> np.ndarray:
+    """Where a log Ẑ is NaN or +inf (what a NaN or +inf log density at some site makes it)."""
     return np.isnan(values) | (values == np.inf)
 
 
-def went_invalid(out: dict) -> bool:
-    """Whether a run's log Ẑ, after init, any step or at the end, was NaN or +inf (what a NaN or
-    +inf log density at some site makes it)."""
-    return bool(_invalid(_log_z_path(out)).any())
-
-
-def check_output(out: dict, cfg: Any, name: str) -> float:
+def check_output(out: dict, cfg: Any, name: str, path: np.ndarray | None = None) -> float:
     """The checks after a particle run: NaN sites, a log Ẑ that was NaN or +inf at some point (a
     selection may turn a NaN weight into −inf after it: still an error), and a dead population
-    (log Ẑ = −inf), each reported with the step where it happened. Returns log Ẑ."""
+    (log Ẑ = −inf), each reported with the step where it happened. ``path``: the run's
+    :func:`_log_z_path`, if the caller has it. Returns log Ẑ."""
     # Fetched flag by flag (no tree walks: this runs after every run); a site's flag is bool[].
     if any(np.asarray(flag).any() for flag in out["nan_sites"].values()):
         checks.raise_on_nan_sites(out["nan_sites"], name)
-    path = _log_z_path(out)
+    path = _log_z_path(out) if path is None else path
     log_z = float(path[-1])
     bad = _invalid(path)
     if not bad.any() and np.isfinite(log_z):

@@ -276,11 +276,8 @@ class Grouped:
         self._check(log_weights.shape[0], u.shape[0])
         m_in, m_out = log_weights.shape[0] // g, u.shape[0] // g
         anc, lw = jax.vmap(self.base)(u.reshape(g, m_out), log_weights.reshape(g, m_in))
-        if not built_in(self.base):
-            # An ancestor outside its group would be another group's particle (and clamped on a
-            # device's islands): the weights are poisoned, and the step reports the selection.
-            outside = jnp.any((anc < 0) | (anc >= m_in))
-            lw = jnp.where(outside, jnp.nan, jnp.asarray(lw, log_weights.dtype))
+        # A user's base whose ancestor leaves its group is caught by the SMC step (it checks every
+        # selection that is not built in against its num_groups).
         offsets = (jnp.arange(g, dtype=jnp.int32) * m_in)[:, None]
         return (anc + offsets).reshape(-1), lw.reshape(-1)
 

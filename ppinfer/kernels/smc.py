@@ -416,18 +416,24 @@ def _takes_lse(selection) -> bool:
 
 
 def _call(selection, u, log_weights, kwargs):
-    """``selection(u, log_weights, **kwargs)``; an exception it raises while the step is traced is a
-    :class:`ConfigError` naming the selection (JAX's errors about traced values too: NumPy code in
-    a selection is the selection's error, not the program's)."""
+    """``selection(u, log_weights, **kwargs)`` (:func:`_selection_code`)."""
+    return _selection_code(
+        lambda: selection(u, log_weights, **kwargs),
+        f"the selection {selection!r}",
+        f"(u: f32[{u.shape[0]}], log_weights: f32[{log_weights.shape[0]}])",
+    )
+
+
+def _selection_code(run: Callable[[], Any], what: str, inputs: str) -> Any:
+    """``run()``, a selection's code, traced inside the step; an exception it raises is a
+    :class:`ConfigError` naming ``what`` and its ``inputs`` (JAX's errors about traced values too:
+    NumPy code in a selection is the selection's error, not the program's)."""
     try:
-        return selection(u, log_weights, **kwargs)
+        return run()
     except PPInferError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"the selection {selection!r} failed on (u: f32[{u.shape[0]}], log_weights: "
-            f"f32[{log_weights.shape[0]}]): {type(e).__name__}: {e}"
-        ) from e
+        raise ConfigError(f"{what} failed on {inputs}: {type(e).__name__}: {e}") from e
 
 
 def _poisoned(
@@ -454,15 +460,11 @@ def _poisoned(
 def _triggered(selection, log_weights: jax.Array, ess_value: jax.Array) -> jax.Array:
     """``bool[]``: whether ``selection``'s trigger holds; a trigger that raises while the step is
     traced, or returns anything but one boolean, is a :class:`ConfigError` naming the selection."""
-    try:
-        out = parts(selection)[1](log_weights, ess_value)
-    except PPInferError:
-        raise
-    except Exception as e:
-        raise ConfigError(
-            f"the trigger of the selection {selection!r} failed on (log_weights: "
-            f"f32[{log_weights.shape[0]}], ess: f32[]): {type(e).__name__}: {e}"
-        ) from e
+    out = _selection_code(
+        lambda: parts(selection)[1](log_weights, ess_value),
+        f"the trigger of the selection {selection!r}",
+        f"(log_weights: f32[{log_weights.shape[0]}], ess: f32[])",
+    )
     if jnp.shape(out) != () or not jnp.issubdtype(jnp.asarray(out).dtype, jnp.bool_):
         raise ConfigError(
             f"the trigger of the selection {selection!r} must return one boolean (bool[]), got "
