@@ -460,10 +460,11 @@ def check_data(args: Any) -> None:
             raise DataError(
                 f"program argument {where} has complex dtype {dtype}: complex data is not supported"
             )
-        if dtype.kind in "USV":
-            continue  # strings and bytes: static values, the program decides what they mean
-        arr = np.asarray(leaf)
-        if arr.dtype.kind == "f" and np.isnan(arr).any():
+        # bfloat16 and the other ml_dtypes floats are kind "V" to NumPy: floats by JAX's reckoning.
+        floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
+        if not floating:
+            continue  # ints and bools hold no NaN; strings and bytes are static values
+        if np.isnan(np.asarray(leaf).astype(np.float32 if dtype.itemsize < 4 else dtype)).any():
             raise DataError(
                 f"program argument {where} contains NaN: for missing data, put any value of the "
                 "support there (jnp.where(observed, y, 0.0)) and leave those entries out with "

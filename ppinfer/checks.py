@@ -190,11 +190,24 @@ def dry_run(
             "likelihood, so weights, evidence and MCMC targets built on it are wrong — subsample "
             "with VI only, or use the whole plate"
         )
+    _check_returned(weighted.value, what)
     raise_on_nan_sites(info.nan_sites, what)
     _raise_on_data_outside_support(trace, what)
     _warn_on_broadcast_observations(trace, what)
     latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     return weighted, latent
+
+
+def _check_returned(value: Any, what: str) -> None:
+    """A program returns arrays (a pytree of them, or nothing): its value is batched over particles."""
+    for leaf in jax.tree.leaves(value):
+        try:
+            jnp.asarray(leaf)
+        except TypeError:
+            raise ModelError(
+                f"{what}: the program returned {leaf!r} ({type(leaf).__name__}); a program returns "
+                "arrays or numbers (or a pytree of them, or None): its value is batched over particles"
+            ) from None
 
 
 PROGRAM_ERRORS = (ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError)

@@ -39,6 +39,13 @@ class SequentialProgram:
     step: Callable[..., Any]
     num_steps: int | Callable[..., int]
 
+    def __post_init__(self):
+        if not callable(self.init) or not callable(self.step):
+            raise ModelError("sequential(init, step, num_steps): init and step must be callables")
+        if not callable(self.num_steps):
+            # Kept as a Python int: it keys the compile cache (a JAX array cannot be hashed).
+            object.__setattr__(self, "num_steps", _check_steps(self.num_steps))
+
     def steps_for(self, args: tuple) -> int:
         """The number of steps for these arguments (an ``int`` ≥ 1)."""
         if not callable(self.num_steps):
@@ -81,10 +88,6 @@ def sequential(
     init: Callable[..., Any], step: Callable[..., Any], num_steps: int | Callable[..., int]
 ) -> SequentialProgram:
     """Build a :class:`SequentialProgram` from its ``init`` and ``step`` functions."""
-    if not callable(init) or not callable(step):
-        raise ModelError("sequential(init, step, num_steps): init and step must be callables")
-    if not callable(num_steps):
-        _check_steps(num_steps)
     return SequentialProgram(init, step, num_steps)
 
 

@@ -164,6 +164,16 @@ class Filtering:
         return f"Filtering({self.num_steps} steps, sites {self.sites}, min ESS {low:.1f})"
 
 
+def _returned_array(value: Any) -> jax.Array:
+    """A value of ``expectation``'s function as an array, or :class:`ConfigError` (a string, …)."""
+    try:
+        return jnp.asarray(value)
+    except TypeError:
+        raise ConfigError(
+            f"expectation(fn): fn must return arrays or numbers (or a pytree of them), got {value!r}"
+        ) from None
+
+
 @dataclass
 class Result:
     """Weighted particles and what the algorithm recorded.
@@ -217,7 +227,7 @@ class Result:
     def expectation(self, fn: Callable[[dict[str, jax.Array]], Any]) -> Any:
         """``Σ_i w_i fn(particle_i)`` under the normalised weights; ``fn`` takes one particle's sample
         dict and returns a pytree of arrays."""
-        values = jax.vmap(fn)(self.samples)
+        values = jax.vmap(lambda sample: jax.tree.map(_returned_array, fn(sample)))(self.samples)
         w = self.weights
         return jax.tree.map(lambda v: jnp.tensordot(w, v.astype(w.dtype), axes=1), values)
 

@@ -1544,3 +1544,73 @@ def test_a_twist_or_potential_of_the_wrong_shape_is_named():
         prog = tk.constrained(p, Regex("a+"), vocab_bytes=vocab, eos_id=0, **kw)
         with pytest.raises(ModelError, match=f"{what} must return one log .* per particle"):
             pp.infer(prog, algorithm=pp.SMC(4), key=0)
+
+
+# ------------------------------------------------------------------------------ hunt 15
+
+
+def test_nan_in_bfloat16_data_is_a_data_error():
+    """NumPy calls bfloat16 kind "V": its NaN slipped past the data check into a ZeroEvidenceError
+    that blamed the model."""
+    y = jnp.array([float("nan"), 1.0], jnp.bfloat16)
+    with pytest.raises(DataError, match=r"argument \[0\] contains NaN"):
+        pp.infer(normal_model, y, algorithm=pp.Importance(10), key=0)
+    ok = pp.infer(normal_model, jnp.array([0.5, 1.0], jnp.bfloat16), algorithm=pp.Importance(10), key=0)
+    assert np.isfinite(ok.log_evidence)
+
+
+def test_a_program_returning_a_non_array_is_a_model_error():
+    def model(y):
+        normal_model(y)
+        return "done"
+
+    with pytest.raises(ModelError, match="the program returned 'done' \\(str\\)"):
+        pp.infer(model, jnp.array([0.1, 0.5]), algorithm=pp.Importance(10), key=0)
+
+
+def test_num_steps_given_as_an_array_is_an_int():
+    """``num_steps=jnp.array(3)`` was accepted, then failed to key the compile cache (unhashable)."""
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(x, 1.0))
+        pp.observe("y", dist.Normal(x, 0.5), ys[t])
+        return x
+
+    ys = jnp.array([0.3, 1.1, 0.7])
+    init = lambda ys: jnp.zeros(())
+    runs = [pp.sequential(init, step, n) for n in (jnp.array(3), np.int64(3), 3)]
+    runs.append(pp.SequentialProgram(init, step, jnp.array(3)))
+    assert all(type(p.num_steps) is int and p == runs[-1] for p in runs)
+    z = {pp.infer(p, ys, algorithm=pp.SMC(20), key=0).log_evidence for p in runs}
+    assert len(z) == 1 and np.isfinite(z.pop())
+    with pytest.raises(ModelError, match="num_steps must be an int"):
+        pp.sequential(init, step, jnp.array([3, 4]))
+
+
+def test_algorithm_settings_checked_at_construction():
+    """Each was accepted, then crashed inside JAX/MLIR or NumPyro (or was silently ignored)."""
+    cases = {
+        "num_moves must be at most": lambda: pp.IBIS(20, num_moves=10**20),
+        "max_stages must be at most": lambda: pp.IBIS(20, max_stages=10**20),
+        "sufficient_statistics must be None or a function": lambda: pp.IBIS(20, sufficient_statistics="sum"),
+        "combine merges sufficient statistics": lambda: pp.IBIS(20, combine=lambda a, b: a),
+        "init_strategy must be a NumPyro init strategy": lambda: pp.NUTS(init_strategy="median"),
+        "init_strategy must be a NumPyro": lambda: pp.HMC(init_strategy="median"),
+    }
+    for message, make in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            make()
+    import optax
+    from numpyro.infer.autoguide import AutoNormal
+
+    from ppinfer.vi import elbo
+
+    with pytest.raises(ConfigError, match="init_params must be a dict"):
+        pp.VI(elbo(), AutoNormal(normal_model), optax.adam(0.1), 2, init_params=0)
+
+
+def test_expectation_of_a_non_array_is_a_config_error():
+    r = pp.infer(normal_model, jnp.array([0.1, 0.5]), algorithm=pp.Importance(10), key=0)
+    with pytest.raises(ConfigError, match="fn must return arrays"):
+        r.expectation(lambda s: "mu")
+    assert float(r.expectation(lambda s: 2 * s["mu"])) == pytest.approx(2 * float(r.mean("mu")), rel=1e-5)

@@ -43,6 +43,7 @@ class NUTS:
         checks.check_positive("step_size", self.step_size)
         checks.check_int("max_tree_depth", self.max_tree_depth, 1)
         object.__setattr__(self, "dense_mass", _check_dense_mass(self.dense_mass))
+        _check_init_strategy(self.init_strategy)
         object.__setattr__(self, "options", _options(self.options))
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
@@ -75,6 +76,7 @@ class HMC:
         checks.check_positive("step_size", self.step_size)
         checks.check_int("num_steps", self.num_steps, 1)
         object.__setattr__(self, "dense_mass", _check_dense_mass(self.dense_mass))
+        _check_init_strategy(self.init_strategy)
 
     def build(self, program: Callable[..., Any], num_warmup: int = 0, sites=None) -> Kernel:
         check_continuous(sites, "HMC")
@@ -90,6 +92,14 @@ class HMC:
             init_strategy=self.init_strategy,
         )
         return numpyro_kernel(nk, num_warmup)
+
+
+def _check_init_strategy(strategy: Any) -> None:
+    if not callable(strategy):
+        raise ConfigError(
+            f"init_strategy must be a NumPyro init strategy (e.g. numpyro.infer.init_to_median), "
+            f"got {strategy!r}"
+        )
 
 
 def _check_dense_mass(dense_mass: Any) -> bool | tuple:

@@ -244,15 +244,17 @@ class IBIS:
         checks.check_probability("ess_threshold", self.ess_threshold)
         if not isinstance(self.version, str):
             raise ConfigError(f"version must be a string (recorded in saved files), got {self.version!r}")
-        nm = self.num_moves
-        if isinstance(nm, bool) or not isinstance(nm, int | np.integer) or nm < 1:
-            raise ConfigError(f"num_moves must be an integer >= 1, got {nm!r}")
+        checks.check_int("num_moves", self.num_moves, 1)
+        checks.check_int("max_stages", self.max_stages, 1)
+        for name in ("sufficient_statistics", "combine"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name} must be None or a function, got {fn!r}")
+        if self.combine is not None and self.sufficient_statistics is None:
+            raise ConfigError("combine merges sufficient statistics: give sufficient_statistics too")
         te = self.tempering_ess
         if te is not None and (isinstance(te, bool) or not isinstance(te, int | float) or not 0 < te < 1):
             raise ConfigError(f"tempering_ess must be None or a fraction in (0, 1), got {te!r}")
-        ms = self.max_stages
-        if isinstance(ms, bool) or not isinstance(ms, int | np.integer) or ms < 1:
-            raise ConfigError(f"max_stages must be an integer >= 1, got {ms!r}")
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Posterior:
         """Draw N particles from the prior, then absorb ``args`` (the first batch)."""

@@ -110,6 +110,8 @@ class VI:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not callable(self.guide):
             raise ConfigError(f"guide must be a program (a callable), got {self.guide!r}")
+        if self.init_params is not None and not isinstance(self.init_params, Mapping):
+            raise ConfigError(f"init_params must be a dict of param name → value, got {self.init_params!r}")
         if not hasattr(self.optimizer, "update"):
             raise ConfigError(f"optimizer must be an optax GradientTransformation, got {self.optimizer!r}")
 
