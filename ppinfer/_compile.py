@@ -461,10 +461,10 @@ def check_data(args: Any) -> None:
                 f"program argument {where} has complex dtype {dtype}: complex data is not supported"
             )
         # bfloat16 and the other ml_dtypes floats are kind "V" to NumPy: floats by JAX's reckoning.
-        floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
-        if not floating:
+        if dtype.kind != "f" and not (dtype.kind == "V" and jax.numpy.issubdtype(dtype, jax.numpy.floating)):
             continue  # ints and bools hold no NaN; strings and bytes are static values
-        if np.isnan(np.asarray(leaf).astype(np.float32 if dtype.itemsize < 4 else dtype)).any():
+        arr = np.asarray(leaf)
+        if np.isnan(arr if dtype.kind == "f" else arr.astype(np.float32)).any():
             raise DataError(
                 f"program argument {where} contains NaN: for missing data, put any value of the "
                 "support there (jnp.where(observed, y, 0.0)) and leave those entries out with "
