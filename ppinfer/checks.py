@@ -11,7 +11,7 @@ import contextlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,41 @@ def check_int(name: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
     if value > high:
         raise ConfigError(f"{name} must be at most {high}, got {value!r}")
     return int(value)
+
+
+def check_proposals(config: Any, names: tuple[str, ...] = ("proposal", "init_proposal")) -> None:
+    """:class:`ConfigError` unless each of ``config``'s ``names`` is ``None`` or a program."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None and not callable(value):
+            raise ConfigError(
+                f"{type(config).__name__}({name}=...): a proposal is None or a program (a callable), "
+                f"got {value!r}"
+            )
+
+
+def device_tuple(devices: Any) -> tuple:
+    """``devices`` (a number: the first that many of ``jax.devices()``; or a sequence of distinct
+    jax devices) as a tuple, or :class:`ConfigError`."""
+    available = jax.devices()
+    if isinstance(devices, int | np.integer) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ConfigError(f"devices={devices}, but {len(available)} device(s) are available")
+        return tuple(available[: int(devices)])
+    if isinstance(devices, str | bytes) or not isinstance(devices, Sequence | np.ndarray):
+        raise ConfigError(
+            f"devices must be a number of devices or a sequence of jax devices, got {devices!r}"
+        )
+    devices = tuple(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ConfigError(
+            f"devices must be a number of devices or a non-empty sequence of jax devices (from "
+            f"jax.devices()), got {devices!r}"
+        )
+    repeated = sorted({str(d) for d in devices if devices.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"devices lists {', '.join(repeated)} more than once: each device holds one share")
+    return devices
 
 
 def site_names(name: str, value: Any) -> tuple[str, ...]:

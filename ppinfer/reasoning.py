@@ -508,9 +508,10 @@ def reward_values(
 ) -> jax.Array:
     """``f32[]``: ``reward(question_text, solution_text)`` of ONE particle, computed on the host where
     ``when`` holds (1.0 elsewhere, without a call). Under ``vmap`` the host receives the whole batch:
-    one call per step. A value outside [0, 1] is clipped into it and NaN counts as 0; an exception
-    stops the run, and :func:`ppinfer.infer` raises it as a :class:`ModelError` naming the solution
-    (from the run that called the reward: two runs in two threads never see each other's errors)."""
+    one call per step. A reward that raises, or returns anything but a number in [0, 1] (NaN, a
+    string, an array; round-off past the ends is clipped), stops the run, and
+    :func:`ppinfer.infer` raises a :class:`ModelError` naming the solution (from the run that
+    called the reward: two runs in two threads never see each other's errors)."""
 
     def host(q, qlen, toks, lens, whens):
         q, qlen, toks, lens, whens = (np.asarray(x) for x in (q, qlen, toks, lens, whens))
@@ -522,12 +523,7 @@ def reward_values(
         for j in np.flatnonzero(ws):
             question_text = decode([int(x) for x in qs[j][: qls[j]]])
             solution = decode([int(x) for x in ts[j][: ls[j]] if x != eos_id])
-            try:
-                out[j] = _as_score(reward(question_text, solution))
-            except Exception as e:  # stops the run; infer raises it as a ModelError
-                raise ModelError(
-                    f"the process reward failed on solution {solution!r}: {type(e).__name__}: {e}"
-                ) from e
+            out[j] = score(reward, "process reward", question_text, solution)  # an error stops the run
         return out.reshape(shape)
 
     when = jnp.asarray(when, bool)
@@ -561,12 +557,22 @@ def check_reward(reward: Reward, name: str) -> None:
         raise ModelError(f"the {name} must return a score in [0, 1], got {value}")
 
 
-def _as_score(value: Any) -> float:
+def score(reward: Reward, what: str, question: str, solution: str) -> float:
+    """``reward(question, solution)`` as a score in [0, 1] (round-off past the ends clipped); a
+    :class:`ModelError` naming the solution if the reward raises or returns anything else."""
+    try:
+        value = reward(question, solution)
+    except Exception as e:
+        raise ModelError(f"the {what} failed on solution {solution!r}: {type(e).__name__}: {e}") from e
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return 0.0
-    return 0.0 if math.isnan(v) else min(max(v, 0.0), 1.0)
+        v = math.nan
+    if not -1e-6 <= v <= 1.0 + 1e-6:  # NaN too
+        raise ModelError(
+            f"the {what} returned {value!r} on solution {solution!r}: a reward is a number in [0, 1]"
+        )
+    return min(max(v, 0.0), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1056,10 +1062,7 @@ def _sampled(alg: Any, key: jax.Array, program: Any, args: tuple, reward: Reward
     if reward is None:
         return _finish(alg, run, lw, 0.0, rule, jnp.zeros_like(lw))
     question, solutions = _texts(run)
-    try:
-        scores = np.asarray([_as_score(reward(question, s)) for s in solutions], np.float32)
-    except Exception as e:
-        raise ModelError(f"the {alg.name} reward failed: {type(e).__name__}: {e}") from e
+    scores = np.asarray([score(reward, f"{alg.name} reward", question, s) for s in solutions], np.float32)
     with np.errstate(divide="ignore"):
         votes = np.log(scores) if rule == "vote" else scores
     return _finish(alg, run, lw, 0.0, rule, votes, len(solutions))
@@ -1115,13 +1118,21 @@ def _finish(alg, run: _Run, log_weights, log_z, rule, values, extra_calls: int =
 def _parsed(parser: Callable[[str], Any], solution: str) -> Any:
     """``parser(solution)``; an exception in it is a :class:`ModelError` naming the solution (as a
     reward's is)."""
+    name = getattr(parser, "__name__", parser)
     try:
-        return parser(solution)
+        answer = parser(solution)
     except Exception as e:
         raise ModelError(
-            f"answer_parser {getattr(parser, '__name__', parser)!r} raised {type(e).__name__}: {e} on the "
-            f"solution {solution[:200]!r}"
+            f"answer_parser {name!r} raised {type(e).__name__}: {e} on the solution {solution[:200]!r}"
         ) from e
+    try:
+        hash(answer)
+    except TypeError:
+        raise ModelError(
+            f"answer_parser {name!r} returned {answer!r} on the solution {solution[:200]!r}: an answer "
+            "must be hashable (answers are tallied in a vote), e.g. a number, a string or a tuple"
+        ) from None
+    return answer
 
 
 def weighted_vote(answers: Sequence[Any], log_votes: Any) -> tuple[Any, dict]:

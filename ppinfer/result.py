@@ -335,9 +335,12 @@ class Result:
         lines = [f"{head}, final ESS={self.final_ess:.1f})"]
         if self.resampled is not None:
             n_res = int(np.sum(np.asarray(self.resampled)))
+            # FFBS: the per-step records are its forward filter's, a population of another size.
+            forward = self.extras.get("filter_log_weights") if isinstance(self.extras, dict) else None
+            of = "" if forward is None else f" of the forward filter's {np.shape(forward)[0]} particles"
             lines.append(
                 f"  steps={len(self.resampled)}, resampled {n_res} times, "
-                f"min ESS={float(np.min(np.asarray(self.ess))):.1f}"
+                f"min ESS={float(np.min(np.asarray(self.ess))):.1f}{of}"
             )
         for name, value in self.samples.items():
             shape = tuple(value.shape[1:])

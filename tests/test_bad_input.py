@@ -1596,6 +1596,9 @@ def test_algorithm_settings_checked_at_construction():
         "combine merges sufficient statistics": lambda: pp.IBIS(20, combine=lambda a, b: a),
         "init_strategy must be a NumPyro init strategy": lambda: pp.NUTS(init_strategy="median"),
         "init_strategy must be a NumPyro": lambda: pp.HMC(init_strategy="median"),
+        r"Steer\(proposal=...\): a proposal is None or a program": lambda: pp.Steer(4, 2, proposal=3),
+        r"SMC\(init_proposal=...\)": lambda: pp.SMC(4, init_proposal="q"),
+        r"Importance\(proposal=...\)": lambda: pp.Importance(4, proposal=1.0),
     }
     for message, make in cases.items():
         with pytest.raises(ConfigError, match=message):

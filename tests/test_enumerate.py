@@ -131,3 +131,30 @@ def test_impossible_program_is_an_error():
 
     with pytest.raises(pp.ZeroEvidenceError):
         pp.infer(m, algorithm=pp.Enumerate())
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_a_support_that_depends_on_an_earlier_choice(batched):
+    """``DiscreteUniform(0, n + 1)`` after ``n``: NumPyro cannot enumerate it under the batch's
+    trace, so the batched paths run eagerly (the default raised an EnumerationError blaming an
+    event dimension)."""
+    probs = np.array([0.1, 0.1, 0.1, 0.1, 0.1, 0.5])
+
+    def model():
+        n = pp.sample("n", dist.Categorical(jnp.asarray(probs)))
+        a = pp.sample("a", dist.Bernoulli(0.5))
+        b = pp.sample("b", dist.Bernoulli(0.5))
+        k = pp.sample("k", dist.DiscreteUniform(0, n + 1))
+        pp.observe("y", dist.Normal(k + a + b, 1.0), 2.0)
+
+    from scipy.stats import norm as normal
+
+    z = sum(
+        probs[n] / (n + 2) * 0.25 * normal.pdf(2.0, k + a + b, 1.0)
+        for n in range(6)
+        for k in range(n + 2)
+        for a in (0, 1)
+        for b in (0, 1)
+    )
+    r = pp.infer(model, algorithm=pp.Enumerate(batched=batched), key=0)
+    assert r.log_evidence == pytest.approx(np.log(z), abs=1e-5)

@@ -164,6 +164,11 @@ def test_bad_configs_and_unsupported_programs_raise_clear_errors(data):
 
     with pytest.raises(pp.ConfigError, match="sequential program"):
         pp.infer(lambda: pp.sample("z", dist.Normal(0.0, 1.0)), algorithm=pp.FFBS(10))
+    with pytest.raises(pp.ModelError, match="needs num_steps >= 1, got 0"):  # was an IndexError's
+        pp.infer(lgssm(A, 1.0, 1.0, 1.0), ys[:0], algorithm=pp.FFBS(10, num_paths=5))
+    # Its printout says whose per-step ESS it shows (the filter's 10, not the 5 paths': 7.3 > 5).
+    text = repr(pp.infer(lgssm(A, Q, C, R), ys, algorithm=pp.FFBS(10, num_paths=5), key=0))
+    assert "N=5," in text and "of the forward filter's 10 particles" in text
 
     def stopping_step(x, t, ys):
         x = pp.sample("x", dist.Normal(A * x, 1.0))

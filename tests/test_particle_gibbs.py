@@ -243,3 +243,28 @@ def test_particle_gibbs_with_a_prior_runs_in_float64(x64):
         program, ys, algorithm=ParticleGibbs(8, num_samples=20, num_warmup=5, num_chains=1, prior=prior)
     )
     assert np.asarray(r.samples["a"]).dtype == np.float64 and np.all(np.isfinite(np.asarray(r.samples["a"])))
+
+
+def test_particle_gibbs_says_which_steps_each_draw_ran():
+    """A program that stops: each draw's unrun steps hold zeros, and ``extras["active"]`` (as for
+    SMC) says which ran; it was missing, so a zero could not be told from a draw of 0 (hunt 14)."""
+    ys = jnp.array([-0.9, 0.8, -0.3, -1.0, -1.5, -0.7])
+
+    def step(x, t, ys):
+        x = pp.sample("x", dist.Normal(jnp.where(t == 0, 0.0, 0.8 * x), 0.7))
+        pp.observe("y", dist.Normal(x, 0.55), ys[t])
+        pp.stop(pp.sample("d", dist.Bernoulli(0.3)) == 1)
+        return x
+
+    prog = pp.sequential(lambda ys: jnp.zeros(()), step, num_steps=lambda ys: ys.shape[0])
+    alg = ParticleGibbs(10, num_samples=50, num_warmup=10, num_chains=2)
+    r = pp.infer(prog, ys, algorithm=alg, key=0)
+    active = np.asarray(r.extras["active"])
+    assert active.shape == (100, 6) and active.dtype == bool
+    assert active[:, 0].all() and not active.all()  # the first step always runs; some draws stop
+    assert np.all(active[:, 1:] <= active[:, :-1])  # once stopped, stopped
+    assert np.all(np.asarray(r.samples["x"])[~active] == 0)
+    stops = np.asarray(r.samples["d"]) == 1
+    last = active.sum(1) - 1  # a draw ran up to the step whose d stopped it (or to the end)
+    ran_to_end = last == 5
+    assert np.all(stops[np.arange(100), last] | ran_to_end)

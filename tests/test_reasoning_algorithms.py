@@ -310,6 +310,27 @@ def test_reward_failing_during_the_run_is_a_model_error(fixed_lengths):
         pp.infer(rs.reasoning_program(spec), args, algorithm=rs.FeynmanKacFilter(5), key=0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), "oops", 2.0, np.array([0.3, 0.4])], ids=repr)
+def test_reward_returning_a_non_score_mid_run_is_a_model_error(fixed_lengths, bad):
+    """Fine on the probe (an empty solution), then NaN, a string, 2.0 or an array: these were read
+    as 0 (or clipped) and the run answered silently (hunt 16)."""
+    program, args, _ = fixed_lengths
+    reward = lambda question, solution: 0.5 if solution == "" else bad
+    spec = rs.StepSpec(decode=decode, delimiters=(DOT,), eos_id=EOS, max_chunk=3, max_steps=4, prm=reward)
+    message = "the process reward returned .* on solution '.+': a reward is a number in \\[0, 1\\]"
+    with pytest.raises(pp.ModelError, match=message):
+        pp.infer(rs.reasoning_program(spec), args, algorithm=rs.ParticleFilter(4), key=0)
+    with pytest.raises(pp.ModelError, match="the MajorityVote reward returned"):
+        pp.infer(program, args, algorithm=rs.MajorityVote(4, reward=reward), key=0)
+
+
+def test_an_unhashable_answer_is_a_model_error(fixed_lengths):
+    program, args, _ = fixed_lengths
+    alg = rs.MajorityVote(4, answer_parser=lambda s: [len(s)])
+    with pytest.raises(pp.ModelError, match="returned \\[12\\] on the solution .*must be hashable"):
+        pp.infer(program, args, algorithm=alg, key=0)
+
+
 def test_answer_parser_failing_is_a_model_error(fixed_lengths):
     program, args, _ = fixed_lengths
 

@@ -2,6 +2,7 @@
 
 import textwrap
 
+import jax
 import pytest
 from conftest import run_on_forced_devices
 
@@ -96,6 +97,13 @@ def test_device_settings_are_checked():
         pp.SMC(64, devices=1000)
     with pytest.raises(pp.ConfigError, match="local_resampling"):
         pp.SMC(64, local_resampling=True)
+    # A device listed twice crashed inside XLA ("Device 0 not unique in DeviceAssignment").
+    from ppinfer.lm.sharding import model_mesh
+
+    twice = (jax.devices()[0],) * 2
+    for make in (lambda: pp.SMC(64, devices=twice), lambda: model_mesh(list(twice))):
+        with pytest.raises(pp.ConfigError, match="more than once"):
+            make()
 
 
 ISLAND = textwrap.dedent(

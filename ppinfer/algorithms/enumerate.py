@@ -331,7 +331,7 @@ def _full_run(fn, args, kwargs, sites) -> Callable:
         return {
             "site_lp": jnp.stack([site_log_prob(s).astype(zero.dtype) for s in samples]),
             "support_lp": {n: tr[n]["fn"].log_prob(jnp.asarray(sup)) for n, sup, _, _ in sites},
-            "support": {n: _support(n, tr[n]["fn"]) for n, _, _, _ in sites},
+            "support": {n: _traced_support(tr[n]["fn"]) for n, _, _, _ in sites},
             "log_prob": sum((site_log_prob(s) for s in samples if _latent(s)), zero),
             "log_weight": weight_from_traces(tr, drawn_from_prior=False)[0],
             "choices": choices_of(tr),
@@ -621,6 +621,16 @@ def _support(name: str, fn) -> Any:
             "whose support NumPyro cannot enumerate: Enumerate takes discrete sites whose elements "
             "are batch elements (a plate, or no .to_event)"
         ) from None
+
+
+def _traced_support(fn) -> Any:
+    """The support in the batched run: where NumPyro cannot enumerate it there, its parameters
+    come from earlier choices (``DiscreteUniform(0, n)``; the eager structure run found it
+    enumerable): the program runs eagerly instead (:class:`_NotBatchable`)."""
+    try:
+        return fn.enumerate_support(expand=True)
+    except NotImplementedError:
+        raise _NotBatchable from None
 
 
 def support_values(name: str, fn) -> list:

@@ -135,6 +135,7 @@ class FFBS:
 
     def run(self, key: jax.Array, program: Any, args: tuple) -> Result:
         checks.require_sequential(program, "FFBS")
+        program.steps_for(args)  # its own error for no steps (empty data), before any run
         if stops_early(program, args, self):
             raise ConfigError(
                 "FFBS needs every particle to run every step, but this program can end a particle "

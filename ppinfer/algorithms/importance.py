@@ -43,6 +43,7 @@ class Importance:
 
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
+        checks.check_proposals(self)
 
     name = "Importance"
 

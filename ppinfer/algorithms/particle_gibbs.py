@@ -317,7 +317,9 @@ class ParticleGibbs:
             shown when stderr is a terminal and ppinfer is not quiet); it never changes the draws.
 
     The result's ``extras``: ``acceptance_rate: f[C]`` (θ moves), ``update_rate: f[C, T]`` (fraction
-    of sweeps in which step ``t``'s choices changed).
+    of sweeps in which step ``t``'s choices changed) and ``active: bool[C·S, T]``, the steps each
+    draw's trajectory ran (``False`` after a :func:`~ppinfer.stop`: those steps' values are zeros),
+    as for SMC.
     """
 
     num_particles: int = 20
@@ -372,9 +374,11 @@ class ParticleGibbs:
                 "particle may stop; here some step's state depended on its ancestor's state or a "
                 "particle stopped. Use ancestor_sampling=False."
             )
+        active = np.asarray(infos["active"])  # [C, S, T]: the steps each draw's trajectory ran
         return {
             "acceptance_rate": np.mean(np.asarray(infos["accepted"], np.float32), axis=1),
             "update_rate": np.mean(np.asarray(infos["changed"], np.float32), axis=1),
+            "active": active.reshape(-1, active.shape[-1]),
         }
 
     def build_for(self, program: Any, args: tuple, num_warmup: int) -> Kernel:
@@ -455,7 +459,7 @@ class ParticleGibbs:
                 "initial_log_evidence": old["initial_log_evidence"],
             }
             new = PGState(u, ref, log_step, state.i + 1, flags)
-            return new, {"changed": info.changed, "accepted": accepted, "flags": flags}
+            return new, {"changed": info.changed, "accepted": accepted, "flags": flags, "active": ref.active}
 
         def position(state, args):
             theta = {} if space is None else space.constrain(state.u)[0]

@@ -99,8 +99,7 @@ class ResampleMoveSMC:
             raise ConfigError(
                 "ResampleMoveSMC has no move: give move_sites (init sites) and/or regenerate_suffix=L"
             )
-        if self.proposal is not None and not callable(self.proposal):
-            raise ConfigError("ResampleMoveSMC(proposal=...): the proposal must be a callable program")
+        checks.check_proposals(self)
         if int(self.num_moves) < 1:
             raise ConfigError(f"num_moves must be >= 1, got {self.num_moves}")
 

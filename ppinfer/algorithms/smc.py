@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, NamedTuple
@@ -113,6 +113,7 @@ class SMC:
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
         as_selection(self.resampling)
+        checks.check_proposals(self)
         checks.check_probability("ess_threshold", self.ess_threshold)
         if not isinstance(self.history, bool | np.bool_):
             raise ConfigError(f"history must be True or False, got {self.history!r}")
@@ -742,21 +743,7 @@ def particle_sharding(
 ) -> jax.sharding.NamedSharding:
     """A ``NamedSharding`` splitting the particle axis over ``devices`` (an int: the first that many
     of ``jax.devices()``); ``what`` names the axis's size in errors."""
-    available = jax.devices()
-    if isinstance(devices, int | np.integer) and not isinstance(devices, bool):
-        if not 1 <= devices <= len(available):
-            raise ConfigError(f"devices={devices}, but {len(available)} device(s) are available")
-        devices = available[: int(devices)]
-    if isinstance(devices, str | bytes) or not isinstance(devices, Sequence | np.ndarray):
-        raise ConfigError(
-            f"devices must be a number of devices or a sequence of jax devices, got {devices!r}"
-        )
-    devices = tuple(devices)
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ConfigError(
-            f"devices must be a number of devices or a non-empty sequence of jax devices (from "
-            f"jax.devices()), got {devices!r}"
-        )
+    devices = checks.device_tuple(devices)
     if num_particles % len(devices):
         raise ConfigError(
             f"{what}={num_particles} must be a multiple of the number of devices ({len(devices)})"

@@ -101,6 +101,7 @@ class Steer:
     def __post_init__(self):
         checks.check_num_particles(self.num_particles)
         checks.check_int("num_extensions", self.num_extensions, 1)
+        checks.check_proposals(self)
         checks.check_int("num_particles · num_extensions", self.num_particles * self.num_extensions, 1)
         check_selection_scheme(self.resampling)
 

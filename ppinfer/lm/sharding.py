@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ppinfer import checks
 from ppinfer.errors import ConfigError
 from ppinfer.lm.config import TransformerConfig
 
@@ -30,13 +31,7 @@ _ROW = ("o", "down")
 
 def model_mesh(devices: int | list | None = None, axis: str = "model") -> jax.sharding.Mesh:
     """A 1-D mesh over ``devices`` (an int: the first that many; default: all) named ``axis``."""
-    available = jax.devices()
-    if devices is None:
-        devices = available
-    elif isinstance(devices, int):
-        if not 1 <= devices <= len(available):
-            raise ConfigError(f"devices={devices}, but {len(available)} device(s) are available")
-        devices = available[:devices]
+    devices = jax.devices() if devices is None else checks.device_tuple(devices)
     return jax.sharding.Mesh(np.array(devices), (axis,))
 
 
