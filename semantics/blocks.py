@@ -23,8 +23,7 @@ from scipy.special import logsumexp
 
 from ppinfer.kernels.select import as_selection
 from ppinfer.population import Population, collapse_from_uniform, spawn
-from semantics.check import selection_outcomes
-from semantics.denote import denote
+from semantics.check import check_exact, selection_outcomes
 from semantics.measure import Measure
 
 __all__ = [
@@ -89,8 +88,14 @@ def check_collapse(log_weights: Any) -> float:
 
 
 def check_proposal(fn: Callable[..., Any], args: tuple, proposal: Callable[..., Any]) -> float:
-    """Validity of weighting by ``p/q``: ``E_q[⟦run under q⟧] = ⟦fn⟧`` (exact, by enumeration)."""
-    return denote(fn, *args, proposal=proposal).max_abs_diff(denote(fn, *args))
+    """Validity of weighting by ``p/q``: ``E_q[⟦run under q⟧] = ⟦fn⟧`` (exact, by enumeration):
+    ppinfer's own engine (``simulate``, or a sequential program's ``advance``) runs ``fn`` under
+    ``proposal`` — as ``pp.Importance(1, proposal=proposal)`` takes it — on every value of every
+    choice (:func:`~semantics.check.check_exact`), against the reference :func:`denote` of
+    ``fn``. Returns the largest absolute difference of the two measures."""
+    from ppinfer.algorithms.importance import Importance
+
+    return check_exact(fn, *args, algorithm=Importance(1, proposal=proposal)).max_abs_error
 
 
 def _cells(cuts: np.ndarray) -> list[tuple[float, float]]:

@@ -26,10 +26,13 @@ How the randomness is enumerated (stated assumptions):
 - **Selections.** The check reads nothing of a selection but its outputs: for each weight vector
   it meets, it locates the points where ``select(u, log_weights)`` changes along each coordinate of
   ``u`` (a grid of 65 points, then bisection down to adjacent floats), coordinate after coordinate
-  with the earlier ones fixed in their cell and the later ones at 0.5, and tests every resulting box at random
-  interior points; a selection that is not piecewise constant on such boxes raises
-  :class:`~ppinfer.errors.EnumerationError`. Two changes of the output within one grid interval
-  that return to the same output are not seen.
+  with the earlier ones fixed in their cell and the later ones at 0.5, and tests every resulting box at
+  16 random points; a selection that is not piecewise constant on such boxes raises
+  :class:`~ppinfer.errors.EnumerationError`. What this search cannot see, the verdict does not
+  cover: two changes of the output within one grid interval that return to the same output (a
+  selection wrong on an interval narrower than 1/64 of a uniform), and a change confined to a
+  corner of several uniforms away from where the later ones are held (found only if a random point
+  lands there).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from semantics.measure import Measure, outcome_key
 __all__ = ["ExactReport", "check_exact", "selection_outcomes"]
 
 _GRID = 65
+_PROBES = 16
 _MAX_RUNS = 2_000_000
 _MAX_CUTS = 256
 _CHUNK = 256
@@ -179,11 +183,12 @@ def _check_draw(selection: Any, n: int, num_draws: int = 20_000) -> None:
     """The check enumerates ``u ~ U[0, 1)^n``, but ``pp.infer`` draws a selection's uniforms with
     its own ``draw(key, n_out, dtype)`` when it has one (:func:`~ppinfer.kernels.select.
     draw_uniforms`). The built-in selections' draws are checked by the test suite; a user's is
-    tested here: every coordinate of ``num_draws`` draws against ``U[0, 1)`` (Kolmogorov–Smirnov, an
-    :class:`EnumerationError` at p < 1e-6, a false-failure rate of 1e-6 per coordinate), since the
-    exact verdict would otherwise be about uniforms the run never draws. (Dependence between the
-    coordinates a selection reads is not tested.)"""
-    from scipy.stats import kstest
+    tested here, statistically: every coordinate of ``num_draws`` draws against ``U[0, 1)``
+    (Kolmogorov–Smirnov, χ² on 100 bins and the range, each an :class:`EnumerationError` at
+    p < 1e-6), since the exact verdict would otherwise be about uniforms the run never draws. A draw
+    wrong on a stretch narrower than these tests resolve (about 1e-3 of [0, 1)), and dependence
+    between the coordinates a selection reads, are not detected."""
+    from scipy.stats import chisquare, kstest
 
     draw = getattr(selection, "draw", None)
     if draw is None or built_in(selection):  # a wrapper of a user's selection draws with its base's
@@ -192,13 +197,27 @@ def _check_draw(selection: Any, n: int, num_draws: int = 20_000) -> None:
     u = np.asarray(jax.vmap(lambda k: draw(k, n, jnp.float64))(keys), np.float64)
     if u.shape != (num_draws, n):
         raise EnumerationError(f"the selection's draw(key, {n}, dtype) gave shape {u.shape[1:]}, not ({n},)")
+    # Each coordinate: Kolmogorov–Smirnov (a shifted or squeezed law), χ² on 100 equal bins (a
+    # missing or doubled stretch: a draw that never reaches [0.99, 1) gives p ~ 1e-40), and the
+    # range (the smallest and largest draws lie within ``edge`` of 0 and 1 but with probability
+    # 1e-6 each: a draw that stops short of an end by more than that is refused).
+    edge = -np.log(1e-6) / num_draws
     for j in range(n):
-        p = kstest(u[:, j], "uniform").pvalue
-        if p < 1e-6:
+        x = u[:, j]
+        bins = np.clip((x * 100).astype(int), 0, 99)
+        tests = {
+            "Kolmogorov–Smirnov": kstest(x, "uniform").pvalue,
+            "χ² on 100 bins": chisquare(np.bincount(bins, minlength=100)).pvalue,
+            "range": 0.0 if x.min() > edge or x.max() < 1 - edge or x.min() < 0 or x.max() >= 1 else 1.0,
+        }
+        failed = {name: p for name, p in tests.items() if p < 1e-6}
+        if failed:
+            name, p = next(iter(failed.items()))
+            detail = f"[{x.min():.4g}, {x.max():.4g}]" if name == "range" else f"p = {p:.1e}"
             raise EnumerationError(
-                f"the selection's own draw() does not give U[0, 1) uniforms (coordinate {j}: "
-                f"Kolmogorov–Smirnov p = {p:.1e}): check_exact enumerates U[0, 1), which pp.infer "
-                "would not draw, so it cannot give this selection an exact verdict"
+                f"the selection's own draw() does not give U[0, 1) uniforms (coordinate {j}, {name}: "
+                f"{detail}): check_exact enumerates U[0, 1), which pp.infer would not draw, so it "
+                "cannot give this selection an exact verdict"
             )
 
 
@@ -520,14 +539,16 @@ class _CellFinder:
         mids = np.stack([_inside(lo, hi, 0.5) for _, lo, hi in boxes])
         ws = np.stack([weights[i] for i, _, _ in boxes])
         sigs = self._signatures(mids, ws)
-        # Every box must be constant: test random interior points against its midpoint.
-        for _ in range(2):
-            pts = np.stack([_inside(lo, hi, self.rng.uniform(0.05, 0.95, n)) for _, lo, hi in boxes])
-            if self._signatures(pts, ws) != sigs:
-                raise EnumerationError(
-                    "the selection is not piecewise constant on boxes found coordinate by coordinate "
-                    "(check_exact cannot enumerate it)"
-                )
+        # Every box must be constant: test random points across it against its midpoint (in one
+        # batch; they find a change the coordinate-wise search missed with probability about
+        # 1 − (1 − v)^PROBES for a region of volume fraction v of its box).
+        draw = lambda: self.rng.uniform(1e-3, 1 - 1e-3, n)
+        pts = np.stack([_inside(lo, hi, draw()) for _ in range(_PROBES) for _, lo, hi in boxes])
+        if self._signatures(pts, np.tile(ws, (_PROBES, 1))) != sigs * _PROBES:
+            raise EnumerationError(
+                "the selection is not piecewise constant on boxes found coordinate by coordinate "
+                "(check_exact cannot enumerate it)"
+            )
         results = [dict() for _ in weights]
         for (i, lo, hi), sig, mid in zip(boxes, sigs, mids, strict=True):
             vol = float(np.prod(hi - lo))

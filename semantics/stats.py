@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import norm
 
+from ppinfer.algorithms.importance import importance_run
 from ppinfer.algorithms.smc import SMC, run_phases
 from ppinfer.errors import ConfigError
 from ppinfer.program import SequentialProgram
-from ppinfer.weighted import simulate
 
 __all__ = [
     "CLTCheck",
@@ -122,16 +122,14 @@ def importance_log_evidence_replicates(
     key: int = 0,
     proposal: Callable[..., Any] | None = None,
 ) -> np.ndarray:
-    """``f32[R]``: ``log Ẑ`` of ``R`` independent importance-sampling runs of a static program."""
+    """``f32[R]``: ``log Ẑ`` of ``R`` independent importance-sampling runs of a static program: the
+    pure sampler :func:`~ppinfer.algorithms.importance.importance_run` that ``pp.infer`` compiles for
+    ``pp.Importance(num_particles, proposal)``, vmapped over keys."""
     args = _as_jax(args)
 
     @jax.jit
     def run(keys):
-        def one(k):
-            run = lambda i: simulate(k, program, args, proposal=proposal, particle=i)
-            w, _ = jax.vmap(run)(jnp.arange(num_particles))
-            return jax.scipy.special.logsumexp(w.log_weight) - jnp.log(num_particles)
-
+        one = lambda k: importance_run(k, program, args, num_particles, proposal)["log_evidence"]
         return jax.vmap(one)(keys)
 
     return np.asarray(run(jax.random.split(jax.random.PRNGKey(key), num_replicates)))

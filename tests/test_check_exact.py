@@ -329,9 +329,37 @@ class SquaredDraw:
         return jax.random.uniform(key, (n_out,), dtype) ** 2
 
 
+@dataclass(frozen=True)
+class Lottery:
+    """Valid under U[0, 1) (weights ×0.5 below 0.99, ×50.5 above), but its draw never reaches
+    [0.99, 1): pp.infer's Ẑ is half of Z. Kolmogorov–Smirnov alone passed this draw (hunt 17)."""
+
+    def __call__(self, u, log_weights):
+        factor = jnp.where(u < 0.99, 0.5, 50.5)
+        return jnp.arange(u.shape[0], dtype=jnp.int32), log_weights + jnp.log(factor)
+
+    def draw(self, key, n_out, dtype):
+        return 0.99 * jax.random.uniform(key, (n_out,), dtype)
+
+
+@dataclass(frozen=True)
+class Corner:
+    """Identity ancestors, weights ×20 only where u₀ < 0.2 and u₁ > 0.9: E[Ẑ] = 1.38 Z. The
+    coordinate-by-coordinate search holds u₁ at 0.5 while it splits u₀ and sees no change; two
+    random points per box missed it and the verdict was ok (hunt 17); sixteen find it."""
+
+    def __call__(self, u, log_weights):
+        bad = (u[0] < 0.2) & (u[1] > 0.9)
+        weights = jnp.where(bad, log_weights + jnp.log(20.0), log_weights)
+        return jnp.arange(u.shape[0], dtype=jnp.int32), weights
+
+
 def test_a_selection_whose_own_draw_is_not_uniform_is_refused():
-    with pytest.raises(pp.EnumerationError, match="own draw\\(\\) does not give U\\[0, 1\\)"):
-        check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=SquaredDraw(), ess_threshold=1.0))
+    for selection in (SquaredDraw(), Lottery()):
+        with pytest.raises(pp.EnumerationError, match="own draw\\(\\) does not give U\\[0, 1\\)"):
+            check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=selection, ess_threshold=1.0))
+    with pytest.raises(pp.EnumerationError, match="not piecewise constant on boxes"):
+        check_exact(HMM, YS, algorithm=pp.SMC(2, resampling=Corner(), ess_threshold=1.0))
     with pytest.raises(pp.ConfigError, match="an instance"):
         check_exact(HMM, YS, algorithm=pp.SMC)
     with pytest.raises(pp.ConfigError, match="tol must be"):

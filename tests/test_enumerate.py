@@ -49,6 +49,22 @@ def test_proposal_weights_are_valid_exactly(x64):
     assert check_proposal(m, (), q) < 1e-12
 
 
+def test_check_proposal_runs_the_engine(x64, monkeypatch):
+    """An engine that drops q from the weight fails: check_proposal ran only the reference
+    interpreter, under q and without, and passed it (hunt 17)."""
+    import ppinfer.weighted as weighted
+
+    def m(y):
+        a = pp.sample("a", dist.Bernoulli(0.3))
+        pp.observe("y", dist.Normal(1.0 * a, 1.0), y)
+
+    q = lambda y: pp.sample("a", dist.Bernoulli(0.8))
+    assert check_proposal(m, (0.4,), q) < 1e-12
+    right = weighted.weight_from_traces
+    monkeypatch.setattr(weighted, "weight_from_traces", lambda p, q=None, **kw: right(p, **kw))
+    assert check_proposal(m, (0.4,), q) > 0.1
+
+
 def test_sequential_program_with_stop(x64):
     def init():
         return jnp.zeros((), jnp.int32)

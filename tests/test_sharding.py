@@ -146,3 +146,50 @@ def test_island_resampling_on_devices_is_unbiased_and_a_broken_one_is_caught():
     # island selection that ignores the weights fails the same check (600 runs each: z = 9.4 against the
     # bound 3.3; the valid one z = −1.0).
     assert "ISLAND OK" in run_on_forced_devices(ISLAND)
+
+
+CHECK_EXACT_SHARDED = textwrap.dedent(
+    """
+    from dataclasses import dataclass
+
+    import jax, jax.numpy as jnp
+    import numpyro.distributions as dist
+    from jax.scipy.special import logsumexp
+    import ppinfer as pp
+    from semantics import check_exact
+
+    assert jax.device_count() == 2
+
+    def init(ys):
+        return pp.sample("z", dist.Bernoulli(0.6))
+
+    def step(z, t, ys):
+        x = pp.sample("x", dist.Bernoulli(jnp.where(z == 1, 0.7, 0.2)))
+        pp.observe("y", dist.Normal(1.0 * x, 1.0), ys[t])
+        return x
+
+    hmm = pp.sequential(init, step, lambda ys: len(ys))
+    ys = jnp.array([0.3, 1.2])
+
+    @dataclass(frozen=True)
+    class IgnoresWeights:
+        def __call__(self, u, lw):
+            n = u.shape[0]
+            anc = jnp.minimum(jnp.floor(u * lw.shape[0]), lw.shape[0] - 1).astype(jnp.int32)
+            return anc, jnp.full((n,), logsumexp(lw) - jnp.log(n))
+
+    for alg in (pp.SMC(2, devices=2, ess_threshold=1.0), pp.SMC(4, devices=2, local_resampling=True)):
+        report = check_exact(hmm, ys, algorithm=alg)
+        assert report.ok and report.max_abs_error < 1e-12, report
+    broken = pp.SMC(4, devices=2, local_resampling=True, resampling=IgnoresWeights(), ess_threshold=1.0)
+    report = check_exact(hmm, ys, algorithm=broken)
+    assert not report.ok and report.max_abs_error > 1e-3, report
+    print("EXACT SHARDED OK")
+    """
+)
+
+
+def test_check_exact_runs_the_sharded_step():
+    """check_exact enumerates SMC with its particle axis split over two devices (global and island
+    selections), and an island selection that ignores the weights fails it exactly."""
+    assert "EXACT SHARDED OK" in run_on_forced_devices(CHECK_EXACT_SHARDED, num_devices=2)

@@ -48,7 +48,7 @@ from ppinfer.constraints import regex_automaton
 from ppinfer.lm import NGramLM
 from ppinfer.primitives import factor
 from ppinfer.vi import token_twist as tt
-from semantics import check_exact, denote
+from semantics import check_exact, check_unbiased_evidence, denote, smc_log_evidence_replicates
 
 EOS, V, T = 0, 3, 3
 PROBS = np.array(
@@ -310,6 +310,21 @@ def lying_proposal(ctx, t, p):
 def test_proposal_whose_sampler_disagrees_with_its_log_prob_is_caught():
     report = timed_check(target(T), pp.SMC(2, ess_threshold=1.0, proposal=lying_proposal), P[T])
     assert report.max_abs_error > BROKEN, report  # measured: 1.1e-16 (ok)
+
+
+def test_proposal_whose_sampler_disagrees_with_its_log_prob_fails_the_evidence_check():
+    """What check_exact cannot see (above), E[Ẑ] = Z over replicates of the loop pp.infer runs can:
+    the honest proposal passes, the lying one fails (false-failure rate 1e-3 each)."""
+    with jax.enable_x64(True):
+        log_z = float(np.log(denote(target(T), P[T]).total()))
+    honest = smc_log_evidence_replicates(target(T), (P[T],), 2000, 8, proposal=constrained_proposal_f32)
+    assert check_unbiased_evidence(honest, log_z)
+    lying = smc_log_evidence_replicates(target(T), (P[T],), 2000, 8, proposal=lying_proposal_f32)
+    assert not check_unbiased_evidence(lying, log_z)
+
+
+def lying_proposal_f32(ctx, t, p):
+    pp.sample("tok", MaskedDrawUnmaskedDensity(ctx.logp, allowed(ctx)))
 
 
 @pytest.mark.parametrize("broken", [no_predecessor_twist, never_final_twist])
