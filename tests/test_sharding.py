@@ -184,6 +184,13 @@ CHECK_EXACT_SHARDED = textwrap.dedent(
     broken = pp.SMC(4, devices=2, local_resampling=True, resampling=IgnoresWeights(), ess_threshold=1.0)
     report = check_exact(hmm, ys, algorithm=broken)
     assert not report.ok and report.max_abs_error > 1e-3, report
+    from ppinfer.algorithms.smc import smc_batch
+
+    try:
+        smc_batch(9, hmm, (jnp.stack([ys] * 3),), pp.SMC(4), devices=2)
+        raise AssertionError("a batch of 3 on 2 devices ran")
+    except pp.ConfigError as e:
+        assert "batch size B=3 must be a multiple" in str(e), e
     print("EXACT SHARDED OK")
     """
 )

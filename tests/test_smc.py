@@ -204,7 +204,7 @@ def test_smc_batch_equals_individual_runs():
     np.testing.assert_array_equal(
         seeded["log_evidence"], smc_batch(jax.random.key(9), prog, (datasets,), cfg)["log_evidence"]
     )
-    with pytest.raises(pp.ConfigError, match="batch size B=3 must be a multiple"):
+    with pytest.raises(pp.ConfigError, match="more than once"):  # B not a multiple: test_sharding
         smc_batch(9, prog, (datasets,), cfg, devices=(jax.devices()[0],) * 2)
 
 

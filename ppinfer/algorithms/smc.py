@@ -227,6 +227,8 @@ def dry_run_once(cache_keys: tuple, program: SequentialProgram, args: tuple, cfg
 def _log_z_path(out: dict) -> np.ndarray:
     """``f[T + 2]``: a run's log Ẑ after init, after each step (before its selection) and at the end
     (one transfer)."""
+    if "log_z_path" in out:  # computed in the compiled output (one transfer, not three)
+        return np.asarray(out["log_z_path"], np.float64)
     log_z, init, history = jax.device_get(
         (out["log_evidence"], out["log_evidence_init"], out["log_evidence_history"])
     )
@@ -572,11 +574,14 @@ def loop_output(run: LoopRun, program: Any, args: tuple, loop: Loop) -> dict:
         ess_h = jnp.where(ran, ess_h, ess(state.log_weights, final_lse))
         log_z_h = jnp.where(ran, log_z_h, final_lse)
     nan_sites = {**init["nan_sites"], **{s: jnp.any(v) for s, v in records["nan"].items()}}
+    log_z = log_evidence(state.log_weights)
     out = {
         "log_weights": state.log_weights,
-        "log_evidence": log_evidence(state.log_weights),
+        "log_evidence": log_z,
         "log_evidence_init": init["log_z"],
         "log_evidence_history": log_z_h,
+        # f[T + 2], read on the host after every run (one transfer): see _log_z_path.
+        "log_z_path": jnp.concatenate([init["log_z"][None], log_z_h.astype(log_z.dtype), log_z[None]]),
         "ess": ess_h,
         "resampled": records["resampled"],
         "state": state.particles.state,
