@@ -349,6 +349,39 @@ def test_legacy_and_sparse_configs_read_like_transformers(family):
         assert len(set(config.rope_tables)) == 2
 
 
+def test_configs_that_rely_on_transformers_fill_ins():
+    """Hunt 18: what transformers fills in, or ignores, in a sparse or hand-edited config.json."""
+    # Qwen2/Qwen3 with use_sliding_window and no sliding_window key: the class default 4096, from
+    # max_window_layers on (it loaded with no window, logits 1.1 off past 4096 tokens).
+    for family in ("Qwen2", "Qwen3"):
+        cls = getattr(transformers, f"{family}Config")
+        kwargs = dict(use_sliding_window=True, max_window_layers=1)
+        sparse = {**COMMON, "model_type": cls.model_type, **kwargs}
+        normalised = cls(**COMMON, **kwargs).to_dict()
+        assert config_from_hf(sparse) == config_from_hf(normalised)
+        assert config_from_hf(sparse).layer_window == (0, 4096)
+    # Gemma 3 per-layer-type rope_parameters without rope_theta: the top-level rope_theta fills the
+    # full-attention entry, rope_local_base_freq the sliding one (it used 1e6 and 1e4).
+    rope = {"full_attention": {"rope_type": "default"}, "sliding_attention": {"rope_type": "default"}}
+    kwargs = dict(rope_parameters=rope, rope_theta=777.0, rope_local_base_freq=50.0, sliding_window=16)
+    kwargs = {**COMMON, **kwargs, "num_hidden_layers": 2, "sliding_window_pattern": 2}
+    sparse = {"model_type": "gemma3_text", **copy.deepcopy(kwargs)}
+    normalised = transformers.Gemma3TextConfig(**copy.deepcopy(kwargs)).to_dict()
+    assert normalised["rope_parameters"]["full_attention"]["rope_theta"] == 777.0
+    config = config_from_hf(sparse)
+    assert config == config_from_hf(normalised)
+    full, sliding = config.rope_table(config.layer_rope[1])[0], config.rope_table(config.layer_rope[0])[0]
+    head_dim = config.head_dim
+    assert full[1] == pytest.approx(777.0 ** (-2 / head_dim), rel=1e-5)
+    assert sliding[1] == pytest.approx(50.0 ** (-2 / head_dim), rel=1e-5)
+    # Mistral's attention has no biases whatever attention_bias says (transformers hard-codes
+    # bias=False): they were required, or loaded and added (logits 6.3 off).
+    config = config_from_hf(hf_config("mistral-window", attention_bias=True))
+    assert not config.qkv_bias and not config.o_bias
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**COMMON, attention_bias=True))
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+
+
 # --- CheckpointErrors for what is not supported ---------------------------------------------------
 
 

@@ -257,8 +257,9 @@ _GEMMA3_DEFAULTS = {
     "max_position_embeddings": 131072,
 }
 _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen2": {"max_position_embeddings": 32768},
-    "qwen3": {"head_dim": 128, "max_position_embeddings": 32768},
+    # The window transformers applies (from max_window_layers on) when use_sliding_window is set.
+    "qwen2": {"max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen3": {"head_dim": 128, "max_position_embeddings": 32768, "sliding_window": 4096},
     "mistral": {"sliding_window": 4096, "max_position_embeddings": 131072},
     "mixtral": {
         "rope_theta": 1_000_000.0,
@@ -302,10 +303,11 @@ def _llama_config(hf: dict[str, Any]) -> TransformerConfig:
     window = _window(hf, model_type) if SLIDING in layer_types else None
     tables, scalings, layer_rope = _rope(hf, model_type, head_dim, layer_types)
     attention_bias = bool(hf.get("attention_bias", False))
-    # Qwen2 always has q/k/v biases and none on o_proj; Mixtral and Phi-3 have none; the others
-    # follow attention_bias.
-    qkv_bias = {"qwen2": True, "mixtral": False, "phi3": False}.get(model_type, attention_bias)
-    o_bias = {"qwen2": False, "mixtral": False, "phi3": False}.get(model_type, attention_bias)
+    # Qwen2 always has q/k/v biases and none on o_proj; Mistral, Mixtral and Phi-3 have none
+    # (transformers ignores their attention_bias); the others follow attention_bias.
+    none = (False, False)
+    fixed = {"mistral": none, "mixtral": none, "phi3": none, "qwen2": (True, False)}
+    qkv_bias, o_bias = fixed.get(model_type, (attention_bias, attention_bias))
     num_experts = experts_per_token = 0
     if model_type == "mixtral":
         num_experts = _count(hf, "num_local_experts")
@@ -418,9 +420,13 @@ def _rope(
         raise CheckpointError(f"{model_type} partial_rotary_factor={partial} is not supported (only phi3)")
     if model_type in ("gemma3_text", "gemma3"):
         if FULL in rope or SLIDING in rope:  # transformers 5: one dict per layer type
+            # An entry without rope_theta takes the top-level rope_theta (full attention) or
+            # rope_local_base_freq (sliding), else the class defaults, as transformers fills them.
+            full_theta = hf.get("rope_theta", 1_000_000.0)
+            local_theta = hf.get("rope_local_base_freq", 10_000.0)
             specs = {
-                FULL: {"rope_theta": 1_000_000.0, **(rope.get(FULL) or {})},
-                SLIDING: {"rope_theta": 10_000.0, **(rope.get(SLIDING) or {})},
+                FULL: {"rope_theta": full_theta, **(rope.get(FULL) or {})},
+                SLIDING: {"rope_theta": local_theta, **(rope.get(SLIDING) or {})},
             }
         else:  # transformers 4: rope_theta (global), rope_local_base_freq, rope_scaling (global only)
             specs = {

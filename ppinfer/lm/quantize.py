@@ -42,12 +42,20 @@ def is_quantized(params: Params) -> bool:
 
 def quantize_linear(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(w_int8, scale)`` of a float weight ``w: [..., in, out]``: int8 of the same shape and
-    per-output-channel scales ``[..., out]`` in ``w``'s dtype (an all-zero column gets scale 1)."""
+    per-output-channel scales ``[..., out]`` in ``w``'s dtype (an all-zero column gets scale 1).
+    The int8 values are rounded against the scale as stored (``amax / 127`` rounded up in ``w``'s
+    dtype, so no value needs more than ±127): ``|w − q · scale| ≤ scale / 2`` per entry in bfloat16
+    too (rounded against the float32 scale, a bfloat16 scale's own rounding added up to about
+    ``scale / 2`` more)."""
     w32 = jnp.asarray(w, jnp.float32)
     amax = jnp.max(jnp.abs(w32), axis=-2)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w32 / scale[..., None, :]), -127, 127).astype(jnp.int8)
-    return q, scale.astype(w.dtype)
+    exact = jnp.where(amax > 0, amax / 127.0, 1.0)
+    scale = exact.astype(w.dtype)
+    scale = jnp.where(
+        scale.astype(jnp.float32) < exact, jnp.nextafter(scale, jnp.asarray(jnp.inf, w.dtype)), scale
+    )
+    q = jnp.clip(jnp.round(w32 / scale.astype(jnp.float32)[..., None, :]), -127, 127).astype(jnp.int8)
+    return q, scale
 
 
 def dequantize_linear(q: jax.Array, scale: jax.Array) -> jax.Array:
