@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions.distribution import MaskedDistribution
 from numpyro.primitives import Messenger
 
 from ppinfer.algorithms.enumerate import enumerate_runs, support_values
@@ -164,6 +165,13 @@ def _matrix(program, args, kernel, choice_maps, index) -> np.ndarray:
                 j = i
             k[i, j] += prob * accept
             k[i, i] += prob * (1.0 - accept)
+    sums = k.sum(1)
+    if not np.allclose(sums, 1.0, rtol=0, atol=1e-9):
+        raise EnumerationError(
+            f"the enumerated proposal outcomes of state {int(np.argmax(np.abs(sums - 1)))} have total "
+            f"probability {float(sums[np.argmax(np.abs(sums - 1))]):.6g}, not 1: the proposal's draws "
+            "are not read at the law they come from, so no verdict can be given"
+        )
     return k
 
 
@@ -188,6 +196,11 @@ class _fix_drawn(Messenger):
         if i not in self.prefix:
             raise _Branching(i, support_values(msg["name"], msg["fn"]))
         msg["value"] = jnp.asarray(self.prefix[i])
-        lp = jnp.sum(msg["fn"].log_prob(msg["value"]))
+        # The law the value is drawn from: a masked site draws from its base distribution (its
+        # log_prob, masked, is 0: every outcome had probability 1 and K's rows summed to 2).
+        fn = msg["fn"]
+        while isinstance(fn, MaskedDistribution):
+            fn = fn.base_dist
+        lp = jnp.sum(fn.log_prob(msg["value"]))
         if not isinstance(lp, jax.core.Tracer):  # (traced by the key-dependence check: not needed)
             self.log_probs.append(float(lp))

@@ -106,6 +106,24 @@ def test_exact_invariance_sprinkler_and_independence(x64):
     assert check_invariance(model, (), IndependenceMH(independent).build(model)) < 1e-12
 
 
+def test_exact_invariance_with_a_masked_latent_site(x64):
+    """A masked latent draws from its base law: the checker read the masked log_prob (0), every
+    proposal outcome got probability 1 and a valid kernel failed (K's rows summed to 2; hunt 19)."""
+    from numpyro import handlers
+
+    from semantics.mcmc import transition_matrix
+
+    def model():
+        with handlers.mask(mask=False):
+            z = pp.sample("z", dist.Bernoulli(0.1))
+        pp.observe("y", dist.Normal(z * 1.0, 1.0), 0.8)
+
+    kernel = SingleSiteMH().build(model, 0, {"z": None})
+    _, k = transition_matrix(model, (), kernel)
+    np.testing.assert_allclose(k.sum(1), 1.0, atol=1e-12)
+    assert check_invariance(model, (), kernel) < 1e-12
+
+
 def test_exact_check_catches_missing_reverse_term(x64):
     wrong = mh_kernel(discrete_model, without_reverse(discrete_model, neighbour_proposal))
     assert check_invariance(discrete_model, (), wrong) > 1e-3
