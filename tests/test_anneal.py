@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import multivariate_normal, norm
 
 import ppinfer as pp
-from ppinfer.errors import ConfigError
+from ppinfer.errors import ConfigError, ConvergenceWarning
 from ppinfer.kernels import anneal
 from ppinfer.kernels.anneal import HMCMove, NUTSMove, Position
 from semantics import check_unbiased_evidence
@@ -304,7 +304,6 @@ def test_a_rejected_whitened_move_leaves_the_particle_exactly():
 
 def test_stuck_temperatures_warn():
     from ppinfer.algorithms.tempered import _warn_if_stuck
-    from ppinfer.errors import ConvergenceWarning
 
     with pytest.warns(ConvergenceWarning, match="at 3 of 10 steps the moves accepted under 1%"):
         _warn_if_stuck("TemperedSMC", np.array([0.9, 0.8, 0.0, 0.7, 0.005, 0.6, 0.0, 0.7, 0.6, 0.5]))
@@ -338,3 +337,38 @@ def test_config_errors():
     move = HMCMove(target_acceptance=None, inverse_mass=(1.0, 1.0, 1.0))
     with pytest.raises(ConfigError, match="inverse_mass has 3 values, but the space has 2"):
         kernel_replicates(move, num_replicates=2, n=8)
+
+
+def test_default_hmc_on_a_peaked_badly_scaled_regression():
+    """Correlated columns scaled 100 apart, noise sd 0.01: the default move (the full mass here,
+    ``inverse_mass="auto"`` at N ≥ 10 d) finds the exact posterior; the diagonal mass that was the
+    default left the mean thousands of posterior sds off, with a sixth of the temperatures stuck
+    (it now warns)."""
+    rng = np.random.default_rng(0)
+    mix = np.array([[1, 0.9, 0], [0, 1, 0.9], [0, 0, 1.0]])
+    x = rng.standard_normal((200, 3)) @ np.diag([1e2, 1.0, 1e-1]) @ mix
+    y = x @ np.array([0.001, 1.0, 50.0]) + 0.01 * np.random.default_rng(1).standard_normal(200)
+    cov = np.linalg.inv(x.T @ x / 1e-4 + np.eye(3) / 1e4)
+    mean = cov @ x.T @ y / 1e-4
+
+    def regression(x, y):
+        b = pp.sample("b", dist.Normal(jnp.zeros(3), 100.0).to_event(1))
+        pp.observe("y", dist.Normal(x @ b, 0.01).to_event(1), y)
+
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    r = pp.infer(regression, *args, algorithm=pp.TemperedSMC(1000, move="hmc"), key=0)
+    sd = np.sqrt(np.diag(cov))
+    assert np.all(np.abs(np.asarray(r.mean("b")) - mean) < 0.3 * sd)
+    with pytest.warns(ConvergenceWarning, match="moves accepted under 1%"):
+        pp.infer(
+            regression, *args, algorithm=pp.TemperedSMC(1000, move=HMCMove(inverse_mass="population")), key=0
+        )
+
+
+def test_too_few_particles_per_dimension_warn():
+    def regression(y):
+        b = pp.sample("b", dist.Normal(jnp.zeros(20), 1.0).to_event(1))
+        pp.observe("y", dist.Normal(jnp.sum(b), 1.0), y)
+
+    with pytest.warns(ConvergenceWarning, match=r"TemperedSMC\(16\) on 20 dimensions"):
+        pp.infer(regression, 0.5, algorithm=pp.TemperedSMC(16), key=0)

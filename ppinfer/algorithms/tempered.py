@@ -295,7 +295,8 @@ def _run(
     dyn, static_key, rebuild = split_args(args)
     _, latent = checks.dry_run(program, args, None, "running the program once")
     checks.require_latent(latent)
-    space_of(program, args, what=cfg.name)  # raises ModelError for a discrete site
+    space = space_of(program, args, what=cfg.name)  # raises ModelError for a discrete site
+    _warn_if_few_particles(cfg.name, cfg.num_particles, space.dim)
     settings = (cfg.num_particles, num_moves, path, schedule, cfg.move, num_selected, keep_chain)
 
     options = {"move": cfg.move, "num_selected": num_selected, "keep_chain": keep_chain, "reweight_fn": None}
@@ -350,15 +351,36 @@ LOW_ACCEPTANCE = 0.1
 """Median acceptance rate of the moves below which :func:`_warn_if_stuck` warns."""
 
 
+FEW_PARTICLES = 5
+"""Particles per dimension below which :func:`_warn_if_few_particles` warns."""
+
+
+def _warn_if_few_particles(name: str, n: int, d: int) -> None:
+    """Warn (:class:`~ppinfer.errors.ConvergenceWarning`) when N < :data:`FEW_PARTICLES` · d: the
+    moves adapt to the population's spread (its covariance for the random walk and, from 10 d
+    particles, for HMC/NUTS), which so few particles cannot estimate; the population then collapses
+    onto a subspace (measured at d = 20, a correlated regression: N = 16 left means 4–7 posterior sds
+    off and log Ẑ 24–100 nats low; N = 512 within 0.3 sd)."""
+    if n < FEW_PARTICLES * d:
+        warnings.warn(
+            f"{name}({n}) on {d} dimensions: the moves adapt to the population's spread, which fewer "
+            f"than {FEW_PARTICLES} particles per dimension cannot estimate (the population may "
+            f"collapse onto a subspace and the answer be far off): use num_particles >= {10 * d}",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+
+
 STUCK_ACCEPTANCE = 0.01
 """Acceptance rate below which a step's moves count as stuck (:func:`_warn_if_stuck`)."""
 
 
 def _warn_if_stuck(name: str, rates: np.ndarray) -> None:
-    """Warn (:class:`~ppinfer.errors.ConvergenceWarning`) when at a fifth of the annealing steps (at
-    least two) the moves accepted under :data:`STUCK_ACCEPTANCE` (``TemperedSMC(1000, move="hmc")``
-    on a correlated 5-D regression: 3–4 of 10 steps with the step-size rule before, about 2 with
-    today's, none with ``inverse_mass="full"``: ``benchmarks/bench_tempered_tuning.py``), or when
+    """Warn (:class:`~ppinfer.errors.ConvergenceWarning`) when at a tenth of the annealing steps (at
+    least two) the moves accepted under :data:`STUCK_ACCEPTANCE` (``TemperedSMC(1000,
+    move=HMCMove(inverse_mass="population"))`` on a correlated 5-D regression: 3–4 of 10 steps with
+    the step-size rule before, about 2 with today's, none with the full mass:
+    ``benchmarks/bench_tempered_tuning.py``; on a peaked one, 9 of 64 and means 482 sds off), or when
     the moves' median acceptance rate
     over the annealing steps is below :data:`LOW_ACCEPTANCE`: the particles then barely move away
     from their resampled copies, and the population can be far wider or narrower than the target
@@ -366,12 +388,13 @@ def _warn_if_stuck(name: str, rates: np.ndarray) -> None:
     about 5 %, posterior sds up to 1.85× the reference; ``benchmarks/bench_tempered_move.py``)."""
     rates = rates[np.isfinite(rates)]
     stuck = int(np.sum(rates < STUCK_ACCEPTANCE))
-    if rates.size and float(np.median(rates)) >= LOW_ACCEPTANCE and stuck >= max(2, 0.2 * rates.size):
+    if rates.size and float(np.median(rates)) >= LOW_ACCEPTANCE and stuck >= max(2, 0.1 * rates.size):
         warnings.warn(
             f"{name}: at {stuck} of {rates.size} steps the moves accepted under "
             f"{100 * STUCK_ACCEPTANCE:.0f}% of proposals, so the particles did not move there (a step "
             "size tuned past the target's narrowing; HMC's acceptance drops off a cliff past its "
-            "stable step). For a correlated posterior use HMCMove/NUTSMove(inverse_mass='full'); "
+            "stable step). For a correlated posterior use HMCMove/NUTSMove(inverse_mass='full') (the "
+            "default 'auto' does from 10 particles per dimension); "
             "result.extras['acceptance_rate'] has each step's rate.",
             ConvergenceWarning,
             stacklevel=4,
