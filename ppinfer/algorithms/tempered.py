@@ -7,14 +7,14 @@ Both move N particles through a path of targets from the prior to the posterior,
 with the one annealing step :func:`ppinfer.kernels.anneal.anneal_step` (reweight by
 ``L_λ'/L_λ`` → resample, systematic → ``num_moves`` ``π_λ'``-invariant moves per particle, in the
 unconstrained space of :func:`ppinfer.kernels.space.space_of`). The move is a random walk (scale
-``2.38/√d`` × the particles' per-coordinate spread), HMC or NUTS (diagonal mass matrix from the
-particles' variance, step size tuned between temperatures towards a target acceptance rate); see
-:mod:`ppinfer.kernels.anneal`.
+``2.38/√d`` × a Cholesky factor of the particles' covariance), HMC or NUTS (mass matrix from the
+particles' covariance, or their variance below 10 particles per dimension; step size tuned between
+temperatures towards a target acceptance rate); see :mod:`ppinfer.kernels.anneal`.
 
 ``log_evidence = logsumexp(log_weights)`` estimates ``log p(y)``; with a fixed schedule (and fixed
-move parameters) ``Ẑ`` is unbiased. HMC/NUTS moves take their mass matrix from the population, so
-they are never fixed: their ``Ẑ`` has an ``O(1/N)`` bias (measured +3 % at N = 500 on a 2-D
-Gaussian; the random-walk move showed none).
+move parameters) ``Ẑ`` is unbiased. HMC/NUTS moves take their mass matrix from the population by
+default (``inverse_mass="identity"`` or given values fix it), so their ``Ẑ`` has an ``O(1/N)`` bias
+(measured +3 % at N = 500 on a 2-D Gaussian; the random-walk move showed none).
 
 :class:`TemperedSMC` uses ``L_λ = p(y | x)^λ`` with the next ``λ`` chosen by bisection so that the
 incremental weights' ESS is ``ess_target · N`` (Jasra et al. 2011; the adaptive schedule adds a
@@ -380,7 +380,8 @@ def _warn_if_stuck(name: str, rates: np.ndarray) -> None:
     least two) the moves accepted under :data:`STUCK_ACCEPTANCE` (``TemperedSMC(1000,
     move=HMCMove(inverse_mass="population"))`` on a correlated 5-D regression: 3–4 of 10 steps with
     the step-size rule before, about 2 with today's, none with the full mass:
-    ``benchmarks/bench_tempered_tuning.py``; on a peaked one, 9 of 64 and means 482 sds off), or when
+    ``benchmarks/bench_tempered_tuning.py``; on a peaked one, about a sixth and means hundreds of
+    sds off), or when
     the moves' median acceptance rate
     over the annealing steps is below :data:`LOW_ACCEPTANCE`: the particles then barely move away
     from their resampled copies, and the population can be far wider or narrower than the target

@@ -40,9 +40,10 @@ a fixed ``inverse_mass``) make ``E[Ẑ] = Z`` exact.
 
 Kernels here are pure and jit/vmap-able, in BlackJAX's form: ``(key, state, …) -> (state, info)``
 with :class:`AnnealState` and :class:`AnnealInfo`. Moves: :class:`RWMove` (Gaussian random walk,
-scale ``2.38/√d`` × the population's per-coordinate spread), :class:`HMCMove` (leapfrog HMC,
-:func:`ppinfer.kernels.mh.accept`) and :class:`NUTSMove` (NumPyro's ``build_tree``), the last two
-with a diagonal mass matrix from the population's variance.
+scale ``2.38/√d`` × a Cholesky factor of the population's covariance, or its per-coordinate
+spread), :class:`HMCMove` (leapfrog HMC, :func:`ppinfer.kernels.mh.accept`) and :class:`NUTSMove`
+(NumPyro's ``build_tree``), the last two with a mass matrix from the population's covariance
+(:func:`whitened`), or its variance below :data:`FULL_MASS_PARTICLES` particles per dimension.
 """
 
 from __future__ import annotations
