@@ -538,13 +538,15 @@ class _CellFinder:
             boxes = self._split(boxes, weights, level)
         mids = np.stack([_inside(lo, hi, 0.5) for _, lo, hi in boxes])
         ws = np.stack([weights[i] for i, _, _ in boxes])
-        sigs = self._signatures(mids, ws)
-        # Every box must be constant: test random points across it against its midpoint (in one
-        # batch; they find a change the coordinate-wise search missed with probability about
-        # 1 − (1 − v)^PROBES for a region of volume fraction v of its box).
+        # Every box must be constant: test random points across it against its midpoint (they find
+        # a change the coordinate-wise search missed with probability about 1 − (1 − v)^PROBES for
+        # a region of volume fraction v of its box). Midpoints and probes go in ONE batch: a
+        # vmapped float32 selection's last bits can depend on the batch size.
         draw = lambda: self.rng.uniform(1e-3, 1 - 1e-3, n)
-        pts = np.stack([_inside(lo, hi, draw()) for _ in range(_PROBES) for _, lo, hi in boxes])
-        if self._signatures(pts, np.tile(ws, (_PROBES, 1))) != sigs * _PROBES:
+        probes = [_inside(lo, hi, draw()) for _ in range(_PROBES) for _, lo, hi in boxes]
+        every = self._signatures(np.concatenate([mids, np.stack(probes)]), np.tile(ws, (1 + _PROBES, 1)))
+        sigs = every[: len(boxes)]
+        if every[len(boxes) :] != sigs * _PROBES:
             raise EnumerationError(
                 "the selection is not piecewise constant on boxes found coordinate by coordinate "
                 "(check_exact cannot enumerate it)"

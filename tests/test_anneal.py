@@ -373,3 +373,13 @@ def test_too_few_particles_per_dimension_warn():
 
     with pytest.warns(ConvergenceWarning, match=r"TemperedSMC\(16\) on 20 dimensions"):
         pp.infer(regression, 0.5, algorithm=pp.TemperedSMC(16), key=0)
+
+
+def test_a_full_mass_move_without_a_covariance_factor_is_a_config_error():
+    lt = lambda u: -0.5 * jnp.sum(u**2)
+    u = jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+    position = Position(u, jax.vmap(lt)(u), jax.vmap(jax.grad(lt))(u))
+    params = anneal.MoveParams(jnp.float32(0.3), jnp.zeros(2), jnp.ones(2))  # no chol
+    for move in (HMCMove(inverse_mass="full"), NUTSMove(inverse_mass="full")):
+        with pytest.raises(ConfigError, match="needs MoveParams.chol"):
+            move(jax.random.PRNGKey(1), position, lt, params)

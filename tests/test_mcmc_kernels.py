@@ -124,6 +124,22 @@ def test_exact_invariance_with_a_masked_latent_site(x64):
     assert check_invariance(model, (), kernel) < 1e-12
 
 
+def test_exact_invariance_of_a_proposal_with_float32_parameters(x64):
+    """Its outcome probabilities sum to 1 within float32 round-off (1 + 4e-8), which the row-sum
+    check refused (hunt 22)."""
+
+    def model(logits):
+        a = pp.sample("a", dist.Categorical(probs=jnp.array([0.2, 0.5, 0.3])))
+        pp.observe("y", dist.Normal(a, 1.0), 1.7)
+
+    def proposal(choices, logits):
+        pp.sample("a", dist.Categorical(logits=logits))
+
+    logits = jnp.log(jnp.array([0.1, 0.6, 0.3], jnp.float32))
+    kernel = ProgrammableMH(proposal).build(model, 0, {"a": None})
+    assert check_invariance(model, (logits,), kernel) < 1e-6
+
+
 def test_exact_check_catches_missing_reverse_term(x64):
     wrong = mh_kernel(discrete_model, without_reverse(discrete_model, neighbour_proposal))
     assert check_invariance(discrete_model, (), wrong) > 1e-3

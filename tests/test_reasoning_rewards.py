@@ -94,3 +94,14 @@ def test_weighted_vote():
     answer, tally = rs.weighted_vote([1, 2, 2, None], np.log([0.9, 0.5, 0.5, 5.0]))
     assert answer == 2 and tally == pytest.approx({1: 0.9 / 6.9, 2: 1.0 / 6.9})  # shares of all votes
     assert rs.weighted_vote([None, None], [0.0, 0.0])[0] is None
+
+
+def test_the_probe_and_the_run_accept_the_same_round_off():
+    """1 + 1e-7 (a probability with round-off) passed mid-run but was refused by the probe."""
+    from ppinfer.reasoning import check_reward, score
+
+    reward = lambda question, solution: 1 + 1e-7
+    check_reward(reward, "vote reward")
+    assert score(reward, "vote reward", "q", "s") == 1.0
+    with pytest.raises(ModelError, match=r"a reward is a number in \[0, 1\]"):
+        check_reward(lambda question, solution: 1.01, "vote reward")

@@ -148,8 +148,9 @@ class Position(NamedTuple):
 class MoveParams(NamedTuple):
     """A move's parameters, fixed while it runs: ``step_size: f[]``; ``mean``, ``var: f[d]`` the
     reweighted population's mean and per-coordinate variance (before selection); ``chol: f[d, d]``
-    a Cholesky factor of its covariance (regularised), for moves whose ``covariance`` is
-    ``"full"`` (``None`` otherwise)."""
+    a Cholesky factor of its covariance (regularised, :func:`weighted_chol`), for moves whose
+    ``covariance`` or ``inverse_mass`` is ``"full"``, and ``"auto"`` from
+    :data:`FULL_MASS_PARTICLES` particles per dimension (``None`` otherwise)."""
 
     step_size: jax.Array
     mean: jax.Array
@@ -667,6 +668,11 @@ def whitened(
     is affine and fixed while the move runs, so invariance for ``log_target`` (``u ↦ log π(u)``)
     carries over: the target in ``z`` is ``log π(mean + L z)`` (its constant Jacobian omitted)."""
     chol, mean = params.chol, params.mean
+    if chol is None:
+        raise ConfigError(
+            "a move with inverse_mass='full' needs MoveParams.chol, a Cholesky factor of the "
+            "population's covariance (weighted_chol(particles, log_weights, mean, var))"
+        )
     # Rows throughout (u, z, gradients: f[M, d]), by matrix products: L⁻¹ is formed once (d × d),
     # as XLA's CPU triangular solves and per-particle matrix-vector products are slow.
     inverse = jax.scipy.linalg.solve_triangular(chol, jnp.eye(chol.shape[0], dtype=chol.dtype), lower=True)
